@@ -1,0 +1,29 @@
+# nbdmover: see README.md. Everything here runs as root on Debian 12.
+GO ?= go
+export PATH := $(PATH):/usr/local/go/bin
+
+.PHONY: all build test demo bench fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o bin/nbdmover ./cmd/nbdmover
+
+# Installs what is missing, starts libvirtd and MinIO, runs every test.
+test:
+	scripts/test.sh
+
+# The main job on the embedded default (a local repository).
+demo:
+	scripts/demo.sh
+
+# NBD read benchmark next to nbdcopy (see bench/README.md).
+bench:
+	bench/run.sh
+
+# A short run of every fuzz target.
+fuzz:
+	scripts/fuzz.sh
+
+clean:
+	rm -rf bin bench/out

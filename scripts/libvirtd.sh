@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Make sure a libvirt daemon answers on qemu:///system. A running daemon is
+# left alone; otherwise virtlogd and libvirtd are started the way a fresh
+# machine without systemd needs. Prints "started" when it started them.
+. "$(dirname "$0")/lib.sh"
+
+virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+[ "$(id -u)" = 0 ] || die "libvirtd is not running and starting it needs root"
+mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
+pgrep -x virtlogd >/dev/null || /usr/sbin/virtlogd -d
+pgrep -x libvirtd >/dev/null || /usr/sbin/libvirtd -d
+wait_for 30 libvirtd virsh -c qemu:///system version
+echo started
