@@ -1,0 +1,222 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Local is a store in a directory of the local filesystem. Objects are
+// files; a Put writes a temporary file, fsyncs it, renames it into place
+// and fsyncs the directory, so an object is either absent or whole, even
+// after a crash. Temporary files (".tmp-*") left by a crash are invisible to
+// List and Get.
+type Local struct {
+	root string
+}
+
+var _ Store = (*Local)(nil)
+
+// NewLocal returns the store rooted at dir (made absolute). The directory
+// is created on the first Put.
+func NewLocal(dir string) (*Local, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, &Error{Op: "open", Location: dir, Err: err}
+	}
+	return &Local{root: abs}, nil
+}
+
+func (l *Local) Location() string { return l.root }
+
+func (l *Local) fail(op, key string, err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		err = ErrNotFound
+	}
+	return &Error{Op: op, Key: key, Location: l.root, Err: err}
+}
+
+func (l *Local) path(op, key string) (string, error) {
+	if err := ValidKey(key); err != nil {
+		return "", &Error{Op: op, Key: key, Location: l.root, Err: err}
+	}
+	return filepath.Join(l.root, filepath.FromSlash(key)), nil
+}
+
+func (l *Local) Put(ctx context.Context, key string, data []byte) error {
+	path, err := l.path("put", key)
+	if err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return l.fail("put", key, err)
+	}
+	dir := filepath.Dir(path)
+	if err := l.mkdirs(dir); err != nil {
+		return l.fail("put", key, err)
+	}
+	f, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return l.fail("put", key, err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return l.fail("put", key, err)
+	}
+	if err := syncDir(dir); err != nil {
+		return l.fail("put", key, err)
+	}
+	return nil
+}
+
+// mkdirs creates dir and its missing parents, and makes the new entries
+// durable by syncing each parent up to the root.
+func (l *Local) mkdirs(dir string) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	for d := dir; d != l.root && strings.HasPrefix(d, l.root); d = filepath.Dir(d) {
+		if err := syncDir(filepath.Dir(d)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+func (l *Local) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+	path, err := l.path("get", key)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, l.fail("get", key, err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, l.fail("get", key, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, l.fail("get", key, err)
+	}
+	if !st.Mode().IsRegular() {
+		return nil, l.fail("get", key, ErrNotFound)
+	}
+	buf = append(buf[:0], make([]byte, st.Size())...)
+	if _, err := io.ReadFull(f, buf); err != nil {
+		return nil, l.fail("get", key, err)
+	}
+	return buf, nil
+}
+
+func (l *Local) Stat(ctx context.Context, key string) (ObjectInfo, error) {
+	path, err := l.path("stat", key)
+	if err != nil {
+		return ObjectInfo{}, err
+	}
+	st, err := os.Stat(path)
+	if err == nil && !st.Mode().IsRegular() {
+		err = ErrNotFound
+	}
+	if err != nil {
+		return ObjectInfo{}, l.fail("stat", key, err)
+	}
+	return ObjectInfo{Key: key, Size: st.Size()}, nil
+}
+
+func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error {
+	if err := validPrefix(prefix); err != nil {
+		return &Error{Op: "list", Key: prefix, Location: l.root, Err: err}
+	}
+	// Walk the deepest directory the prefix names; filter the rest.
+	start := l.root
+	if i := strings.LastIndex(prefix, "/"); i >= 0 {
+		start = filepath.Join(l.root, filepath.FromSlash(prefix[:i]))
+	}
+	err := filepath.WalkDir(start, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if strings.HasPrefix(d.Name(), ".tmp-") || !d.Type().IsRegular() {
+			return nil
+		}
+		key := filepath.ToSlash(strings.TrimPrefix(path, l.root+string(filepath.Separator)))
+		if !strings.HasPrefix(key, prefix) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if err := fn(ObjectInfo{Key: key, Size: info.Size()}); err != nil {
+			return callerError{err}
+		}
+		return nil
+	})
+	var ce callerError
+	if errors.As(err, &ce) {
+		return ce.err
+	}
+	if err != nil {
+		return l.fail("list", prefix, err)
+	}
+	return nil
+}
+
+// callerError carries an error of List's callback through a walk unchanged.
+type callerError struct{ err error }
+
+func (e callerError) Error() string { return e.err.Error() }
+
+func (l *Local) Delete(ctx context.Context, key string) error {
+	path, err := l.path("delete", key)
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return l.fail("delete", key, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return l.fail("delete", key, err)
+	}
+	return nil
+}

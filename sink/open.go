@@ -1,0 +1,86 @@
+package sink
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"strings"
+)
+
+// Options for Open.
+type Options struct {
+	S3Endpoint  string // required for s3:// locations
+	S3Region    string
+	S3PathStyle bool
+	// MaxConcurrent bounds operations in flight (default 32).
+	MaxConcurrent int
+	// Retry is the retry policy (default DefaultRetry).
+	Retry RetryPolicy
+}
+
+// Open returns the store at location, wrapped with Limit and Retry:
+//
+//	/path or file:///path     a directory on the local filesystem
+//	s3://BUCKET[/PREFIX]      a bucket (and key prefix) at o.S3Endpoint
+//	null:                     the benchmark store that discards chunks
+func Open(location string, o Options) (Store, error) {
+	var base Store
+	var err error
+	switch {
+	case location == "null:":
+		base = NewNull()
+	case strings.HasPrefix(location, "s3://"):
+		base, err = openS3(location, o)
+	case strings.HasPrefix(location, "file://"):
+		u, perr := url.Parse(location)
+		if perr != nil || (u.Host != "" && u.Host != "localhost") || u.Path == "" {
+			return nil, fmt.Errorf("repository %q: want file:///absolute/path", location)
+		}
+		base, err = NewLocal(u.Path)
+	case strings.Contains(location, "://") || location == "":
+		return nil, fmt.Errorf("repository %q: want a path, file:///path or s3://bucket[/prefix]", location)
+	default:
+		base, err = NewLocal(location)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if o.MaxConcurrent <= 0 {
+		o.MaxConcurrent = 32
+	}
+	if o.Retry.Attempts == 0 {
+		o.Retry = DefaultRetry
+	}
+	return Retry(Limit(base, o.MaxConcurrent), o.Retry), nil
+}
+
+func openS3(location string, o Options) (*S3, error) {
+	rest := strings.TrimPrefix(location, "s3://")
+	bucket, prefix, _ := strings.Cut(rest, "/")
+	if bucket == "" {
+		return nil, fmt.Errorf("repository %q: no bucket", location)
+	}
+	if prefix = strings.Trim(prefix, "/"); prefix != "" {
+		prefix += "/"
+	}
+	if o.S3Endpoint == "" {
+		return nil, fmt.Errorf("repository %s: no S3 endpoint (--s3-endpoint or NBDMOVER_S3_ENDPOINT)", location)
+	}
+	return NewS3(S3Options{Endpoint: o.S3Endpoint, Bucket: bucket, Prefix: prefix, Region: o.S3Region,
+		PathStyle: o.S3PathStyle, MaxConns: max(o.MaxConcurrent, 32)})
+}
+
+// CreateBucket creates the bucket of an S3 store (looking through
+// wrappers) when it is missing; for other stores it does nothing.
+func CreateBucket(ctx context.Context, s Store) error {
+	for {
+		switch x := s.(type) {
+		case *S3:
+			return x.CreateBucket(ctx)
+		case interface{ Unwrap() Store }:
+			s = x.Unwrap()
+		default:
+			return nil
+		}
+	}
+}

@@ -1,0 +1,260 @@
+package sink
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+)
+
+// S3Options configure an S3 store.
+type S3Options struct {
+	Endpoint string // http(s)://host[:port]
+	Bucket   string
+	Prefix   string // key prefix inside the bucket, "" or ending in "/"
+	Region   string // "" lets the client discover it
+	// PathStyle forces path-style requests (http://host/bucket/key); by
+	// default the client picks (path style for non-AWS endpoints).
+	PathStyle bool
+	// AccessKey and SecretKey; when both are empty they come from
+	// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN).
+	AccessKey, SecretKey string
+	// MaxConns is the largest number of connections kept to the endpoint.
+	MaxConns int
+}
+
+// S3 is a store in a bucket of an S3-compatible service. Puts are single
+// requests of exactly the object's size (never multipart, never a size of
+// -1), so a put is atomic: an object is either absent or whole.
+type S3 struct {
+	client   *minio.Client
+	bucket   string
+	prefix   string
+	location string
+}
+
+var _ Store = (*S3)(nil)
+
+// NewS3 returns the store. It does not contact the endpoint.
+func NewS3(o S3Options) (*S3, error) {
+	u, err := url.Parse(o.Endpoint)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("S3 endpoint %q: want http(s)://host[:port]", redactURL(o.Endpoint))
+	}
+	if u.User != nil {
+		return nil, fmt.Errorf("S3 endpoint %s: credentials belong in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, not the URL", redactURL(o.Endpoint))
+	}
+	if o.Bucket == "" {
+		return nil, errors.New("S3 location: no bucket given")
+	}
+	if o.Prefix != "" {
+		if err := ValidKey(strings.TrimSuffix(o.Prefix, "/")); err != nil || !strings.HasSuffix(o.Prefix, "/") {
+			return nil, fmt.Errorf("S3 prefix %q: invalid", o.Prefix)
+		}
+	}
+	location := fmt.Sprintf("s3://%s/%s at %s", o.Bucket, o.Prefix, u.Scheme+"://"+u.Host)
+
+	secure := u.Scheme == "https"
+	tr, err := minio.DefaultTransport(secure)
+	if err != nil {
+		return nil, err
+	}
+	maxConns := o.MaxConns
+	if maxConns <= 0 {
+		maxConns = 128
+	}
+	tr.MaxIdleConns = maxConns
+	tr.MaxIdleConnsPerHost = maxConns
+	tr.MaxConnsPerHost = maxConns
+	tr.DialContext = (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	tr.ResponseHeaderTimeout = 2 * time.Minute
+	tr.WriteBufferSize = 256 << 10
+	tr.ReadBufferSize = 256 << 10
+
+	var creds *credentials.Credentials
+	if o.AccessKey == "" && o.SecretKey == "" {
+		creds = credentials.NewEnvAWS()
+	} else {
+		creds = credentials.NewStaticV4(o.AccessKey, o.SecretKey, "")
+	}
+	lookup := minio.BucketLookupAuto
+	if o.PathStyle {
+		lookup = minio.BucketLookupPath
+	}
+	client, err := minio.New(u.Host, &minio.Options{
+		Creds:        creds,
+		Secure:       secure,
+		Transport:    tr,
+		Region:       o.Region,
+		BucketLookup: lookup,
+		MaxRetries:   1, // Retry wraps the store: one policy, not two
+	})
+	if err != nil {
+		return nil, fmt.Errorf("S3 %s: %w", location, err)
+	}
+	return &S3{client: client, bucket: o.Bucket, prefix: o.Prefix, location: location}, nil
+}
+
+// redactURL drops user information from a URL for messages.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparseable URL)"
+	}
+	u.User = nil
+	return u.String()
+}
+
+func (s *S3) Location() string { return s.location }
+
+// CreateBucket creates the bucket when it does not exist.
+func (s *S3) CreateBucket(ctx context.Context) error {
+	ok, err := s.client.BucketExists(ctx, s.bucket)
+	if err == nil && !ok {
+		err = s.client.MakeBucket(ctx, s.bucket, minio.MakeBucketOptions{})
+		if minio.ToErrorResponse(err).Code == "BucketAlreadyOwnedByYou" {
+			err = nil
+		}
+	}
+	if err != nil {
+		return s.fail(ctx, "create bucket", "", err)
+	}
+	return nil
+}
+
+// fail classifies a client error: missing objects match ErrNotFound;
+// throttling, server errors, timeouts and broken connections are transient;
+// denied access, bad credentials and a missing bucket are permanent and say
+// what to check.
+func (s *S3) fail(ctx context.Context, op, key string, err error) error {
+	e := &Error{Op: op, Key: key, Location: s.location, Err: err}
+	if ctx.Err() != nil {
+		return e // the caller gave up: nothing to retry
+	}
+	resp := minio.ToErrorResponse(err)
+	switch resp.Code {
+	case "NoSuchKey", "NotFound":
+		e.Err = ErrNotFound
+		return e
+	case "NoSuchBucket":
+		e.Err = fmt.Errorf("bucket %q does not exist (nbdmover init creates it)", s.bucket)
+		return e
+	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken":
+		e.Err = fmt.Errorf("%s: %s (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", resp.Code, resp.Message)
+		return e
+	case "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "XMinioServerNotInitialized":
+		e.Transient = true
+		return e
+	}
+	if resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests {
+		e.Transient = true
+		return e
+	}
+	if resp.StatusCode == http.StatusNotFound && op != "list" {
+		e.Err = ErrNotFound
+		return e
+	}
+	var ne net.Error
+	if errors.As(err, &ne) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EPIPE) {
+		e.Transient = true
+	}
+	return e
+}
+
+func (s *S3) key(op, key string) (string, error) {
+	if err := ValidKey(key); err != nil {
+		return "", &Error{Op: op, Key: key, Location: s.location, Err: err}
+	}
+	return s.prefix + key, nil
+}
+
+func (s *S3) Put(ctx context.Context, key string, data []byte) error {
+	k, err := s.key("put", key)
+	if err != nil {
+		return err
+	}
+	_, err = s.client.PutObject(ctx, s.bucket, k, bytes.NewReader(data), int64(len(data)), minio.PutObjectOptions{
+		ContentType:          "application/octet-stream",
+		DisableMultipart:     true,
+		DisableContentSha256: true, // the blob carries its own CRC32C; the client adds a CRC32C checksum
+	})
+	if err != nil {
+		return s.fail(ctx, "put", key, err)
+	}
+	return nil
+}
+
+func (s *S3) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+	k, err := s.key("get", key)
+	if err != nil {
+		return nil, err
+	}
+	obj, err := s.client.GetObject(ctx, s.bucket, k, minio.GetObjectOptions{})
+	if err != nil {
+		return nil, s.fail(ctx, "get", key, err)
+	}
+	defer obj.Close()
+	st, err := obj.Stat()
+	if err != nil {
+		return nil, s.fail(ctx, "get", key, err)
+	}
+	buf = append(buf[:0], make([]byte, st.Size)...)
+	if _, err := io.ReadFull(obj, buf); err != nil {
+		return nil, s.fail(ctx, "get", key, err)
+	}
+	return buf, nil
+}
+
+func (s *S3) Stat(ctx context.Context, key string) (ObjectInfo, error) {
+	k, err := s.key("stat", key)
+	if err != nil {
+		return ObjectInfo{}, err
+	}
+	st, err := s.client.StatObject(ctx, s.bucket, k, minio.StatObjectOptions{})
+	if err != nil {
+		return ObjectInfo{}, s.fail(ctx, "stat", key, err)
+	}
+	return ObjectInfo{Key: key, Size: st.Size}, nil
+}
+
+func (s *S3) List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error {
+	if err := validPrefix(prefix); err != nil {
+		return &Error{Op: "list", Key: prefix, Location: s.location, Err: err}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // stops the listing goroutine when fn fails
+	for obj := range s.client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: s.prefix + prefix, Recursive: true}) {
+		if obj.Err != nil {
+			return s.fail(ctx, "list", prefix, obj.Err)
+		}
+		if err := fn(ObjectInfo{Key: strings.TrimPrefix(obj.Key, s.prefix), Size: obj.Size}); err != nil {
+			return err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return s.fail(ctx, "list", prefix, err)
+	}
+	return nil
+}
+
+func (s *S3) Delete(ctx context.Context, key string) error {
+	k, err := s.key("delete", key)
+	if err != nil {
+		return err
+	}
+	if err := s.client.RemoveObject(ctx, s.bucket, k, minio.RemoveObjectOptions{}); err != nil {
+		return s.fail(ctx, "delete", key, err)
+	}
+	return nil
+}

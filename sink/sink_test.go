@@ -1,0 +1,283 @@
+package sink_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/sink"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
+	"golang.org/x/sync/errgroup"
+)
+
+func newLocal(t *testing.T) sink.Store {
+	s, err := sink.NewLocal(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestLocalConformance(t *testing.T) { sinktest.TestStore(t, newLocal) }
+
+func TestS3Conformance(t *testing.T) {
+	sinktest.TestStore(t, func(t *testing.T) sink.Store { return sinktest.NewS3(t, "") })
+}
+
+func TestS3PrefixConformance(t *testing.T) {
+	sinktest.TestStore(t, func(t *testing.T) sink.Store { return sinktest.NewS3(t, "site-a/repo/") })
+}
+
+func TestWrappedConformance(t *testing.T) {
+	sinktest.TestStore(t, func(t *testing.T) sink.Store {
+		return sink.Retry(sink.Limit(newLocal(t), 4), sink.DefaultRetry)
+	})
+}
+
+func TestLocalHidesCrashLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := sink.NewLocal(dir)
+	if err := s.Put(t.Context(), "chunks/ab/good", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	// What a crash between CreateTemp and rename leaves behind.
+	os.WriteFile(filepath.Join(dir, "chunks/ab/.tmp-123456"), []byte("partial"), 0o600)
+	var keys []string
+	s.List(t.Context(), "", func(o sink.ObjectInfo) error { keys = append(keys, o.Key); return nil })
+	if strings.Join(keys, ",") != "chunks/ab/good" {
+		t.Fatalf("listed %v", keys)
+	}
+	if _, err := s.Get(t.Context(), "chunks/ab/.tmp-123456", nil); err == nil {
+		t.Fatal("a temporary file is readable as an object")
+	}
+}
+
+func TestLocalFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs here (needs root): %v %s", err, out)
+	}
+	defer exec.Command("umount", dir).Run()
+	s, _ := sink.NewLocal(dir)
+	ctx := t.Context()
+	if err := s.Put(ctx, "backups/vm/manifest.json", []byte("old")); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Put(ctx, "backups/vm/manifest.json", make([]byte, 2<<20))
+	if err == nil || !strings.Contains(err.Error(), "no space left on device") ||
+		!strings.Contains(err.Error(), "backups/vm/manifest.json") || sink.IsTransient(err) {
+		t.Fatalf("got %v, want a permanent ENOSPC error naming the key", err)
+	}
+	t.Log(err)
+	if got, _ := s.Get(ctx, "backups/vm/manifest.json", nil); string(got) != "old" {
+		t.Fatalf("the old object was damaged: %q", got)
+	}
+	ents, _ := os.ReadDir(filepath.Join(dir, "backups/vm"))
+	if len(ents) != 1 {
+		t.Fatalf("a failed put left %d files", len(ents))
+	}
+}
+
+func TestS3Errors(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	good := sinktest.NewS3(t, "")
+	bucket := strings.TrimPrefix(strings.Fields(good.Location())[0], "s3://")
+	bucket = strings.TrimSuffix(bucket, "/")
+	secret := os.Getenv("AWS_SECRET_ACCESS_KEY")
+	ctx := t.Context()
+
+	t.Run("wrong credentials", func(t *testing.T) {
+		s, _ := sink.NewS3(sink.S3Options{Endpoint: ep, Bucket: bucket, AccessKey: os.Getenv("AWS_ACCESS_KEY_ID"), SecretKey: "wrong-secret-1234"})
+		err := s.Put(ctx, "config", []byte("x"))
+		t.Log(err)
+		if err == nil || sink.IsTransient(err) || !strings.Contains(err.Error(), "AWS_SECRET_ACCESS_KEY") ||
+			!strings.Contains(err.Error(), bucket) || !strings.Contains(err.Error(), ep) {
+			t.Fatalf("got %v, want a permanent error naming the endpoint and bucket", err)
+		}
+		if strings.Contains(err.Error(), "wrong-secret-1234") || (secret != "" && strings.Contains(err.Error(), secret)) {
+			t.Fatal("the error contains a secret")
+		}
+	})
+	t.Run("missing bucket", func(t *testing.T) {
+		s, _ := sink.NewS3(sink.S3Options{Endpoint: ep, Bucket: "no-such-bucket-nbdmover"})
+		err := s.Put(ctx, "config", []byte("x"))
+		t.Log(err)
+		if err == nil || sink.IsTransient(err) || !strings.Contains(err.Error(), "no-such-bucket-nbdmover") {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("unreachable", func(t *testing.T) {
+		l, _ := net.Listen("tcp", "127.0.0.1:0")
+		addr := l.Addr().String()
+		l.Close() // nothing listens there now
+		s, _ := sink.NewS3(sink.S3Options{Endpoint: "http://" + addr, Bucket: "bkt"})
+		err := s.Put(ctx, "config", []byte("x"))
+		if !sink.IsTransient(err) {
+			t.Fatalf("connection refused should be transient: %v", err)
+		}
+		r := sink.Retry(s, sink.RetryPolicy{Attempts: 3, Base: time.Millisecond, Cap: time.Millisecond})
+		err = r.Put(ctx, "config", []byte("x"))
+		t.Log(err)
+		if err == nil || !strings.Contains(err.Error(), "gave up after 3 attempts") || !strings.Contains(err.Error(), addr) {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("credentials in the endpoint URL", func(t *testing.T) {
+		_, err := sink.NewS3(sink.S3Options{Endpoint: "http://user:hunter2@127.0.0.1:9000", Bucket: "b"})
+		if err == nil || strings.Contains(err.Error(), "hunter2") {
+			t.Fatalf("got %v", err)
+		}
+	})
+}
+
+func TestRetry(t *testing.T) {
+	var slept []time.Duration
+	var mu sync.Mutex
+	policy := sink.RetryPolicy{Attempts: 4, Base: 100 * time.Millisecond, Cap: 300 * time.Millisecond,
+		Sleep: func(ctx context.Context, d time.Duration) error {
+			mu.Lock()
+			slept = append(slept, d)
+			mu.Unlock()
+			return ctx.Err()
+		}}
+	ctx := t.Context()
+
+	t.Run("transient then success", func(t *testing.T) {
+		slept = nil
+		f := &sinktest.Faulty{Store: newLocal(t), Fail: func(op, key string, n int) error {
+			if n <= 3 {
+				return sinktest.Transient(op, key)
+			}
+			return nil
+		}}
+		if err := sink.Retry(f, policy).Put(ctx, "k", []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+		if f.Calls("put", "k") != 4 || len(slept) != 3 {
+			t.Fatalf("%d calls, %d sleeps", f.Calls("put", "k"), len(slept))
+		}
+		for i, d := range slept {
+			want := min(300*time.Millisecond, 100*time.Millisecond<<i)
+			if d < want/2 || d > want {
+				t.Errorf("backoff %d = %v, want within [%v, %v]", i, d, want/2, want)
+			}
+		}
+	})
+	t.Run("gives up", func(t *testing.T) {
+		f := &sinktest.Faulty{Store: newLocal(t), Fail: func(op, key string, n int) error { return sinktest.Transient(op, key) }}
+		err := sink.Retry(f, policy).Put(ctx, "k", []byte("v"))
+		if !sink.IsTransient(err) || !strings.Contains(err.Error(), "after 4 attempts") || f.Calls("put", "k") != 4 {
+			t.Fatalf("%v after %d calls", err, f.Calls("put", "k"))
+		}
+	})
+	t.Run("permanent fails fast", func(t *testing.T) {
+		f := &sinktest.Faulty{Store: newLocal(t), Fail: func(op, key string, n int) error { return sinktest.Permanent(op, key) }}
+		if err := sink.Retry(f, policy).Put(ctx, "k", []byte("v")); err == nil || f.Calls("put", "k") != 1 {
+			t.Fatalf("%v after %d calls", err, f.Calls("put", "k"))
+		}
+	})
+	t.Run("not found is final", func(t *testing.T) {
+		f := &sinktest.Faulty{Store: newLocal(t)}
+		if _, err := sink.Retry(f, policy).Get(ctx, "k", nil); !errors.Is(err, sink.ErrNotFound) || f.Calls("get", "k") != 1 {
+			t.Fatalf("%v after %d calls", err, f.Calls("get", "k"))
+		}
+	})
+	t.Run("cancel during backoff", func(t *testing.T) {
+		f := &sinktest.Faulty{Store: newLocal(t), Fail: func(op, key string, n int) error { return sinktest.Transient(op, key) }}
+		cctx, cancel := context.WithCancel(ctx)
+		go func() { time.Sleep(100 * time.Millisecond); cancel() }()
+		start := time.Now()
+		err := sink.Retry(f, sink.RetryPolicy{Attempts: 100, Base: time.Hour, Cap: time.Hour}).Put(cctx, "k", nil)
+		if err == nil || time.Since(start) > 10*time.Second {
+			t.Fatalf("%v after %v", err, time.Since(start))
+		}
+	})
+	t.Run("list retried only before the first object", func(t *testing.T) {
+		base := newLocal(t)
+		base.Put(ctx, "a/1", nil)
+		f := &sinktest.Faulty{Store: base, Fail: func(op, key string, n int) error {
+			if n == 1 {
+				return sinktest.Transient(op, key)
+			}
+			return nil
+		}}
+		n := 0
+		if err := sink.Retry(f, policy).List(ctx, "a/", func(sink.ObjectInfo) error { n++; return nil }); err != nil || n != 1 {
+			t.Fatalf("%v, %d objects", err, n)
+		}
+	})
+}
+
+func TestLimit(t *testing.T) {
+	var inFlight, peak atomic.Int32
+	f := &sinktest.Faulty{Store: newLocal(t), Fail: func(op, key string, n int) error {
+		v := inFlight.Add(1)
+		for {
+			p := peak.Load()
+			if v <= p || peak.CompareAndSwap(p, v) {
+				break
+			}
+		}
+		time.Sleep(30 * time.Millisecond)
+		inFlight.Add(-1)
+		return nil
+	}}
+	s := sink.Limit(f, 3)
+	g, ctx := errgroup.WithContext(t.Context())
+	for i := range 12 {
+		g.Go(func() error { return s.Put(ctx, "k"+string(rune('a'+i)), []byte("x")) })
+	}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if peak.Load() != 3 {
+		t.Fatalf("peak concurrency %d, want 3", peak.Load())
+	}
+}
+
+func TestOpen(t *testing.T) {
+	dir := t.TempDir()
+	for _, tt := range []struct {
+		loc, endpoint, want string // want: substring of Location, or "error"
+	}{
+		{dir, "", dir},
+		{"file://" + dir, "", dir},
+		{"file://host/x", "", "error"},
+		{"s3://bucket/pre/fix", "http://127.0.0.1:9", "s3://bucket/pre/fix/ at http://127.0.0.1:9"},
+		{"s3://bucket", "", "error"},
+		{"s3://", "http://127.0.0.1:9", "error"},
+		{"s3://b/../x", "http://127.0.0.1:9", "error"},
+		{"http://x/y", "", "error"},
+		{"null:", "", "null:"},
+	} {
+		s, err := sink.Open(tt.loc, sink.Options{S3Endpoint: tt.endpoint})
+		switch {
+		case tt.want == "error" && err == nil:
+			t.Errorf("%q: accepted as %s", tt.loc, s.Location())
+		case tt.want != "error" && (err != nil || !strings.Contains(s.Location(), tt.want)):
+			t.Errorf("%q: %v %v", tt.loc, s, err)
+		}
+	}
+}
+
+func TestNull(t *testing.T) {
+	n := sink.NewNull()
+	ctx := t.Context()
+	n.Put(ctx, "chunks/ab/x", make([]byte, 100))
+	n.Put(ctx, "config", []byte("c"))
+	if _, err := n.Get(ctx, "chunks/ab/x", nil); !errors.Is(err, sink.ErrNotFound) || n.Discarded.Load() != 100 {
+		t.Fatal("chunks must be discarded and counted")
+	}
+	if got, _ := n.Get(ctx, "config", nil); !bytes.Equal(got, []byte("c")) {
+		t.Fatal("metadata must be kept")
+	}
+}

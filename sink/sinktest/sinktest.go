@@ -1,0 +1,307 @@
+// Package sinktest holds what tests of stores and of their users share: the
+// conformance suite every sink.Store passes, and Faulty, a store wrapper
+// that injects failures no real peer produces on demand.
+package sinktest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/sink"
+	"golang.org/x/sync/errgroup"
+)
+
+// RequirePeers reports whether a test whose real peer (MinIO, libvirtd) is
+// missing must fail rather than skip: make test sets it.
+func RequirePeers() bool { return os.Getenv("NBDMOVER_TEST_REQUIRE_PEERS") != "" }
+
+// S3Endpoint returns the test MinIO endpoint, skipping (or failing, under
+// RequirePeers) when there is none.
+func S3Endpoint(t testing.TB) string {
+	t.Helper()
+	ep := os.Getenv("NBDMOVER_TEST_S3_ENDPOINT")
+	if ep == "" {
+		if RequirePeers() {
+			t.Fatal("NBDMOVER_TEST_S3_ENDPOINT is not set: run the tests with make test")
+		}
+		t.Skip("no MinIO: NBDMOVER_TEST_S3_ENDPOINT is not set (make test starts one)")
+	}
+	return ep
+}
+
+// NewS3 returns a store in a new, empty bucket of the test MinIO.
+func NewS3(t testing.TB, prefix string) *sink.S3 {
+	t.Helper()
+	ep := S3Endpoint(t)
+	bucket := fmt.Sprintf("test-%d-%08x", time.Now().UnixNano()%1e9, rand.Uint32())
+	s, err := sink.NewS3(sink.S3Options{Endpoint: ep, Bucket: bucket, Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateBucket(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func fill(n int, seed uint64) []byte {
+	r := rand.New(rand.NewPCG(seed, 1))
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte(r.Uint32())
+	}
+	return p
+}
+
+func listKeys(t *testing.T, s sink.Store, prefix string) []string {
+	t.Helper()
+	var keys []string
+	if err := s.List(t.Context(), prefix, func(o sink.ObjectInfo) error {
+		keys = append(keys, o.Key)
+		return nil
+	}); err != nil {
+		t.Fatalf("list %q: %v", prefix, err)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// TestStore runs the conformance suite on an empty store from newStore.
+func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
+	t.Run("PutGetStat", func(t *testing.T) {
+		s := newStore(t)
+		ctx := t.Context()
+		for _, n := range []int{0, 1, 4097, 4 << 20, 16<<20 + 20} {
+			key := fmt.Sprintf("chunks/ab/obj-%d", n)
+			data := fill(n, uint64(n))
+			if err := s.Put(ctx, key, data); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 10, 100)
+			got, err := s.Get(ctx, key, buf)
+			if err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("get %s: %v (%d bytes, want %d)", key, err, len(got), n)
+			}
+			info, err := s.Stat(ctx, key)
+			if err != nil || info.Size != int64(n) || info.Key != key {
+				t.Fatalf("stat %s: %+v %v", key, info, err)
+			}
+		}
+	})
+	t.Run("Overwrite", func(t *testing.T) {
+		s := newStore(t)
+		ctx := t.Context()
+		for _, v := range []string{"first, longer version", "second"} {
+			if err := s.Put(ctx, "backups/vm/manifest.json", []byte(v)); err != nil {
+				t.Fatal(err)
+			}
+			got, err := s.Get(ctx, "backups/vm/manifest.json", nil)
+			if err != nil || string(got) != v {
+				t.Fatalf("got %q %v, want %q", got, err, v)
+			}
+		}
+	})
+	t.Run("Missing", func(t *testing.T) {
+		s := newStore(t)
+		ctx := t.Context()
+		if _, err := s.Get(ctx, "nope/x", nil); !errors.Is(err, sink.ErrNotFound) {
+			t.Errorf("get missing: %v", err)
+		}
+		if _, err := s.Stat(ctx, "nope/x"); !errors.Is(err, sink.ErrNotFound) {
+			t.Errorf("stat missing: %v", err)
+		}
+		if err := s.Delete(ctx, "nope/x"); err != nil {
+			t.Errorf("delete missing: %v", err)
+		}
+		s.Put(ctx, "a/b", []byte("x"))
+		if err := s.Delete(ctx, "a/b"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Get(ctx, "a/b", nil); !errors.Is(err, sink.ErrNotFound) {
+			t.Errorf("get deleted: %v", err)
+		}
+		if _, err := s.Stat(ctx, "a"); !errors.Is(err, sink.ErrNotFound) {
+			t.Errorf("stat of a key prefix: %v", err)
+		}
+	})
+	t.Run("List", func(t *testing.T) {
+		s := newStore(t)
+		ctx := t.Context()
+		keys := []string{"config", "backups/vm1/1/manifest.json", "backups/vm1/1/vda.index",
+			"backups/vm10/1/manifest.json", "chunks/00/aa", "chunks/ff/bb"}
+		for _, k := range keys {
+			if err := s.Put(ctx, k, []byte(k)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for prefix, want := range map[string][]string{
+			"":             keys,
+			"backups/vm1/": {"backups/vm1/1/manifest.json", "backups/vm1/1/vda.index"},
+			"backups/vm1":  {"backups/vm1/1/manifest.json", "backups/vm1/1/vda.index", "backups/vm10/1/manifest.json"},
+			"chunks/":      {"chunks/00/aa", "chunks/ff/bb"},
+			"chunks/f":     {"chunks/ff/bb"},
+			"nothing/":     nil,
+		} {
+			want = append([]string(nil), want...)
+			sort.Strings(want)
+			if got := listKeys(t, s, prefix); strings.Join(got, " ") != strings.Join(want, " ") {
+				t.Errorf("list %q: got %v, want %v", prefix, got, want)
+			}
+		}
+		stop := errors.New("stop")
+		n := 0
+		err := s.List(ctx, "", func(sink.ObjectInfo) error { n++; return stop })
+		if err != stop || n != 1 {
+			t.Errorf("a callback error must stop the listing and come back unchanged: %v after %d", err, n)
+		}
+	})
+	t.Run("InvalidKeys", func(t *testing.T) {
+		s := newStore(t)
+		for _, k := range []string{"", "/abs", "../up", "a/../b", "a//b", "a/./b", "a/", ".tmp-x", "a b", "a\\b", "é"} {
+			if err := s.Put(t.Context(), k, []byte("x")); err == nil {
+				t.Errorf("put %q accepted", k)
+			}
+			if _, err := s.Get(t.Context(), k, nil); err == nil || errors.Is(err, sink.ErrNotFound) {
+				t.Errorf("get %q: %v, want a validation error", k, err)
+			}
+		}
+	})
+	t.Run("Concurrent", func(t *testing.T) {
+		s := newStore(t)
+		g, ctx := errgroup.WithContext(t.Context())
+		for i := range 64 {
+			g.Go(func() error {
+				key := fmt.Sprintf("chunks/%02x/obj-%d", i%4, i)
+				if err := s.Put(ctx, key, fill(64<<10, uint64(i))); err != nil {
+					return err
+				}
+				got, err := s.Get(ctx, key, nil)
+				if err == nil && !bytes.Equal(got, fill(64<<10, uint64(i))) {
+					err = fmt.Errorf("%s: wrong bytes", key)
+				}
+				return err
+			})
+		}
+		if err := g.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(listKeys(t, s, "chunks/")); n != 64 {
+			t.Fatalf("listed %d objects, want 64", n)
+		}
+	})
+	t.Run("Cancelled", func(t *testing.T) {
+		s := newStore(t)
+		ctx, cancel := context.WithCancel(t.Context())
+		cancel()
+		if err := s.Put(ctx, "x", []byte("x")); err == nil {
+			t.Error("put with a cancelled context succeeded")
+		}
+		if _, err := s.Get(ctx, "x", nil); err == nil {
+			t.Error("get with a cancelled context succeeded")
+		}
+	})
+}
+
+// Faulty wraps a store and injects failures. Its fields may be set before
+// use; it is safe for concurrent use.
+type Faulty struct {
+	sink.Store
+	// Fail, when set, is asked before each operation (op is "put", "get",
+	// "stat", "list", "delete"; n counts calls for that op and key from 1)
+	// and injects the error it returns.
+	Fail func(op, key string, n int) error
+	// Truncate, when set, says how many bytes to cut from the end of what a
+	// Get returns, without an error: a short read.
+	Truncate func(key string) int
+	// Delay is added to every operation.
+	Delay time.Duration
+
+	mu    sync.Mutex
+	calls map[string]int
+}
+
+func (f *Faulty) before(ctx context.Context, op, key string) error {
+	f.mu.Lock()
+	if f.calls == nil {
+		f.calls = map[string]int{}
+	}
+	f.calls[op+" "+key]++
+	n := f.calls[op+" "+key]
+	f.mu.Unlock()
+	if f.Delay > 0 {
+		select {
+		case <-time.After(f.Delay):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if f.Fail != nil {
+		return f.Fail(op, key, n)
+	}
+	return nil
+}
+
+// Calls returns how often op was called on key.
+func (f *Faulty) Calls(op, key string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls[op+" "+key]
+}
+
+func (f *Faulty) Put(ctx context.Context, key string, data []byte) error {
+	if err := f.before(ctx, "put", key); err != nil {
+		return err
+	}
+	return f.Store.Put(ctx, key, data)
+}
+
+func (f *Faulty) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+	if err := f.before(ctx, "get", key); err != nil {
+		return nil, err
+	}
+	out, err := f.Store.Get(ctx, key, buf)
+	if err == nil && f.Truncate != nil {
+		out = out[:max(0, len(out)-f.Truncate(key))]
+	}
+	return out, err
+}
+
+func (f *Faulty) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
+	if err := f.before(ctx, "stat", key); err != nil {
+		return sink.ObjectInfo{}, err
+	}
+	return f.Store.Stat(ctx, key)
+}
+
+func (f *Faulty) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {
+	if err := f.before(ctx, "list", prefix); err != nil {
+		return err
+	}
+	return f.Store.List(ctx, prefix, fn)
+}
+
+func (f *Faulty) Delete(ctx context.Context, key string) error {
+	if err := f.before(ctx, "delete", key); err != nil {
+		return err
+	}
+	return f.Store.Delete(ctx, key)
+}
+
+// Transient returns an injected transient store error.
+func Transient(op, key string) error {
+	return &sink.Error{Op: op, Key: key, Location: "faulty", Transient: true, Err: errors.New("injected transient failure")}
+}
+
+// Permanent returns an injected permanent store error.
+func Permanent(op, key string) error {
+	return &sink.Error{Op: op, Key: key, Location: "faulty", Err: errors.New("injected permanent failure")}
+}

@@ -1,0 +1,98 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// Store is an object store. Every method may be called concurrently from
+// any number of goroutines.
+type Store interface {
+	// Put stores data under key. When Put returns nil the object is whole
+	// and durable; readers never see a partial object, even after a crash.
+	// Put replaces an existing object and is idempotent. data is not
+	// retained after Put returns.
+	Put(ctx context.Context, key string, data []byte) error
+	// Get appends the whole object to buf[:0] and returns it. A missing
+	// object is an error matching ErrNotFound.
+	Get(ctx context.Context, key string, buf []byte) ([]byte, error)
+	// Stat returns the object's size; ErrNotFound when it is missing.
+	Stat(ctx context.Context, key string) (ObjectInfo, error)
+	// List calls fn for every object whose key starts with prefix, in
+	// lexical key order; an error from fn stops the listing and is returned.
+	List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error
+	// Delete removes the object. Deleting a missing object is not an error.
+	Delete(ctx context.Context, key string) error
+	// Location names the store in messages (a path, or s3://bucket/prefix
+	// at an endpoint). It never contains credentials.
+	Location() string
+}
+
+// ObjectInfo describes a stored object.
+type ObjectInfo struct {
+	Key  string
+	Size int64
+}
+
+// ErrNotFound is matched by the error for a missing object.
+var ErrNotFound = errors.New("object not found")
+
+// Error is a failed store operation.
+type Error struct {
+	Op        string // "put", "get", "stat", "list", "delete", "open"
+	Key       string
+	Location  string
+	Transient bool // worth retrying
+	Err       error
+}
+
+func (e *Error) Error() string {
+	s := e.Op
+	if e.Key != "" {
+		s += " " + e.Key
+	}
+	return fmt.Sprintf("%s in %s: %v", s, e.Location, e.Err)
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// IsTransient reports whether err is a store failure worth retrying.
+func IsTransient(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Transient
+}
+
+// ValidKey says why key may not name an object, or returns nil: keys are
+// non-empty, relative, use only [A-Za-z0-9._-] between single slashes, and
+// have no "." or ".." segment and no segment starting with ".tmp-" (the
+// local store's temporary files).
+func ValidKey(key string) error {
+	if key == "" {
+		return errors.New("empty object key")
+	}
+	for _, seg := range strings.Split(key, "/") {
+		if seg == "" || seg == "." || seg == ".." || strings.HasPrefix(seg, ".tmp-") {
+			return fmt.Errorf("object key %q: bad segment %q", key, seg)
+		}
+		for _, r := range seg {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+				return fmt.Errorf("object key %q: character %q is not allowed", key, r)
+			}
+		}
+	}
+	return nil
+}
+
+// validPrefix accepts "" and prefixes of valid keys (which may end in "/").
+func validPrefix(prefix string) error {
+	p := strings.TrimSuffix(prefix, "/")
+	if p == "" {
+		if prefix != "" {
+			return fmt.Errorf("list prefix %q: bad", prefix)
+		}
+		return nil
+	}
+	return ValidKey(p)
+}
