@@ -39,7 +39,7 @@ func BenchmarkRead(b *testing.B) {
 	b.Run("nbdcopy", func(b *testing.B) {
 		b.SetBytes(size)
 		for b.Loop() {
-			if out, err := exec.Command("nbdcopy", srv.uri, "null:").CombinedOutput(); err != nil {
+			if out, err := exec.Command("nbdcopy", srv.URI, "null:").CombinedOutput(); err != nil {
 				b.Fatalf("nbdcopy: %v: %s", err, out)
 			}
 		}
@@ -51,7 +51,7 @@ func BenchmarkRead(b *testing.B) {
 		for _, req := range []int{256 * KiB, 1 * MiB, 4 * MiB} {
 			name := fmt.Sprintf("conns=%d/req=%dKiB", conns, req/KiB)
 			b.Run(name, func(b *testing.B) {
-				p, err := DialPool(b.Context(), Config{URI: srv.uri, RequestSize: req}, conns)
+				p, err := DialPool(b.Context(), Config{URI: srv.URI, RequestSize: req}, conns)
 				if err != nil {
 					b.Fatal(err)
 				}

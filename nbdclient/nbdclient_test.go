@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -96,15 +97,15 @@ func TestExtentsMatchNbdinfo(t *testing.T) {
 	const size = 256*MiB + 192*KiB
 	img := patternImage(t, size, 1)
 	srv := serve(t, img, "-B", "b0")
-	wantAlloc := nbdinfoMap(t, srv.uri, ContextAllocation)
-	wantDirty := nbdinfoMap(t, srv.uri, BitmapContext("b0"))
+	wantAlloc := nbdinfoMap(t, srv.URI, ContextAllocation)
+	wantDirty := nbdinfoMap(t, srv.URI, BitmapContext("b0"))
 	if len(wantAlloc) < 50 || len(wantDirty) < 50 {
 		t.Fatalf("test image too simple: %d allocation and %d dirty extents", len(wantAlloc), len(wantDirty))
 	}
 
 	for _, window := range []int64{DefaultExtentWindow, 3*MiB + 64*KiB, 64 * KiB} {
 		t.Run(fmt.Sprintf("window=%d", window), func(t *testing.T) {
-			c := dial(t, Config{URI: srv.uri, Bitmap: "b0", ExtentWindow: window})
+			c := dial(t, Config{URI: srv.URI, Bitmap: "b0", ExtentWindow: window})
 			if !c.Info().HasContext(ContextAllocation) || !c.Info().HasContext(BitmapContext("b0")) {
 				t.Fatalf("contexts granted: %v", c.Info().Contexts)
 			}
@@ -116,7 +117,7 @@ func TestExtentsMatchNbdinfo(t *testing.T) {
 	}
 
 	t.Run("pool/allocation-only/sub-range", func(t *testing.T) {
-		p, err := DialPool(t.Context(), Config{URI: srv.uri, ExtentWindow: 5 * MiB}, 3)
+		p, err := DialPool(t.Context(), Config{URI: srv.URI, ExtentWindow: 5 * MiB}, 3)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -165,7 +166,7 @@ func TestReadAtReturnsExactBytes(t *testing.T) {
 	img := patternImage(t, size, 2)
 	want := rawCopy(t, img)
 	srv := serve(t, img)
-	c := dial(t, Config{URI: srv.uri, RequestSize: 64 * KiB, MaxInFlight: 8})
+	c := dial(t, Config{URI: srv.URI, RequestSize: 64 * KiB, MaxInFlight: 8})
 
 	got := make([]byte, size)
 	if err := c.ReadAt(t.Context(), got, 0); err != nil {
@@ -198,7 +199,7 @@ func TestReadSplitsAboveServerMaximum(t *testing.T) {
 	qemuIO(t, img, "write -P 0x11 0 16M", "write -P 0x22 16M 16M", "write -P 0x33 32M 16M")
 	want := rawCopy(t, img)
 	srv := serve(t, img)
-	c := dial(t, Config{URI: srv.uri, RequestSize: 64 * MiB})
+	c := dial(t, Config{URI: srv.URI, RequestSize: 64 * MiB})
 	if c.Info().MaxBlock != 32*MiB {
 		t.Fatalf("qemu-nbd's maximum block size: got %d, want 32 MiB", c.Info().MaxBlock)
 	}
@@ -215,8 +216,8 @@ func TestWriteAtThenFlush(t *testing.T) {
 	const size = 40*MiB + 512
 	dir := t.TempDir()
 	img := newImage(t, dir, size)
-	srv := serveArgs(t, img, []string{"--cache=writeback"})
-	p, err := DialPool(t.Context(), Config{URI: srv.uri, RequestSize: 256 * KiB}, 3)
+	srv := qemutest.Serve(t, img, "--cache=writeback")
+	p, err := DialPool(t.Context(), Config{URI: srv.URI, RequestSize: 256 * KiB}, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -239,7 +240,7 @@ func TestWriteAtThenFlush(t *testing.T) {
 		t.Errorf("write past the end: got %v, want EINVAL", err)
 	}
 	p.Close()
-	srv.kill()
+	srv.Kill()
 	if got := rawCopy(t, img); !bytes.Equal(got, want) {
 		t.Fatal("the image does not hold the bytes written")
 	}
@@ -251,7 +252,7 @@ func TestPoolReadersReproduceImage(t *testing.T) {
 	img := patternImage(t, size, 3)
 	want := sha256.Sum256(rawCopy(t, img))
 	srv := serve(t, img)
-	p, err := DialPool(t.Context(), Config{URI: srv.uri}, 4)
+	p, err := DialPool(t.Context(), Config{URI: srv.URI}, 4)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,8 +309,8 @@ func TestDialErrors(t *testing.T) {
 		{"bad scheme", Config{URI: "http://127.0.0.1/x"}, nil, []string{"http://127.0.0.1/x"}},
 		{"missing socket", Config{URI: "nbd+unix:///vda?socket=" + missing}, os.ErrNotExist, []string{missing}},
 		{"missing socket by path", Config{Socket: missing, Export: "vda"}, os.ErrNotExist, []string{missing}},
-		{"missing export", Config{URI: "nbd+unix:///vdb?socket=" + srv.sock}, nil, []string{"vdb"}},
-		{"missing bitmap", Config{Socket: srv.sock, Export: "vda", Bitmap: "nope"}, ErrNoContext,
+		{"missing export", Config{URI: "nbd+unix:///vdb?socket=" + srv.Sock}, nil, []string{"vdb"}},
+		{"missing bitmap", Config{Socket: srv.Sock, Export: "vda", Bitmap: "nope"}, ErrNoContext,
 			[]string{`"nope"`, "qemu:dirty-bitmap:nope"}},
 	}
 	before := openFDs(t)
@@ -336,7 +337,7 @@ func TestDialErrors(t *testing.T) {
 		})
 	}
 	// The export and bitmap that do exist work, and failed dials leaked nothing.
-	c := dial(t, Config{Socket: srv.sock, Export: "vda", Bitmap: "b0"})
+	c := dial(t, Config{Socket: srv.Sock, Export: "vda", Bitmap: "b0"})
 	c.Close()
 	if after := openFDs(t); after != before {
 		t.Errorf("open file descriptors: %d before, %d after", before, after)
@@ -349,7 +350,7 @@ func TestNoHandleLeaks(t *testing.T) {
 	before := openFDs(t)
 	buf := make([]byte, MiB)
 	for range 20 {
-		p, err := DialPool(t.Context(), Config{URI: srv.uri, Bitmap: "b0"}, 3)
+		p, err := DialPool(t.Context(), Config{URI: srv.URI, Bitmap: "b0"}, 3)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -387,12 +388,12 @@ func TestServerFailuresEndReads(t *testing.T) {
 
 	t.Run("killed", func(t *testing.T) {
 		srv := serve(t, img)
-		c := dial(t, Config{URI: srv.uri, IOTimeout: 5 * time.Second})
+		c := dial(t, Config{URI: srv.URI, IOTimeout: 5 * time.Second})
 		started := make(chan struct{})
 		done := make(chan error, 1)
 		go func() { err, _ := readUntilError(t.Context(), c, started); done <- err }()
 		<-started
-		srv.cmd.Process.Kill()
+		srv.Cmd.Process.Kill()
 		select {
 		case err := <-done:
 			t.Log(err)
@@ -411,7 +412,7 @@ func TestServerFailuresEndReads(t *testing.T) {
 	// A stopped server keeps its socket open and answers nothing.
 	stalled := func(t *testing.T, cfg Config, interrupt func(*Conn), want error) {
 		srv := serve(t, img)
-		cfg.URI = srv.uri
+		cfg.URI = srv.URI
 		c := dial(t, cfg)
 		started := make(chan struct{})
 		type result struct {
@@ -421,7 +422,7 @@ func TestServerFailuresEndReads(t *testing.T) {
 		done := make(chan result, 1)
 		go func() { err, at := readUntilError(t.Context(), c, started); done <- result{err, at} }()
 		<-started
-		srv.cmd.Process.Signal(syscall.SIGSTOP)
+		srv.Cmd.Process.Signal(syscall.SIGSTOP)
 		time.Sleep(200 * time.Millisecond)
 		t0 := time.Now()
 		interrupt(c)
@@ -446,13 +447,13 @@ func TestServerFailuresEndReads(t *testing.T) {
 func TestContextCancelStopsRead(t *testing.T) {
 	img := patternImage(t, 64*MiB, 6)
 	srv := serve(t, img)
-	c := dial(t, Config{URI: srv.uri, IOTimeout: time.Hour})
+	c := dial(t, Config{URI: srv.URI, IOTimeout: time.Hour})
 	ctx, cancel := context.WithCancel(t.Context())
 	started := make(chan struct{})
 	done := make(chan error, 1)
 	go func() { err, _ := readUntilError(ctx, c, started); done <- err }()
 	<-started
-	srv.cmd.Process.Signal(syscall.SIGSTOP)
+	srv.Cmd.Process.Signal(syscall.SIGSTOP)
 	time.Sleep(200 * time.Millisecond)
 	cancel()
 	select {

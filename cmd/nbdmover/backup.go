@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/urfave/cli/v2"
+)
+
+func backupCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "backup",
+		Usage: "back up a running libvirt domain (--domain) or any NBD export (--nbd with --name)",
+		Flags: append(repoFlags(),
+			&cli.StringFlag{Name: "domain", Usage: "libvirt domain to back up"},
+			&cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"},
+			&cli.StringFlag{Name: "nbd", Usage: "NBD URI of an export to back up instead of a domain"},
+			&cli.StringFlag{Name: "name", Usage: "with --nbd: the name to list and restore the backup by"},
+			&cli.StringFlag{Name: "bitmap", Usage: "with --nbd: dirty bitmap for incremental backups"},
+			&cli.StringFlag{Name: "mode", Value: "auto", Usage: "auto, full or incremental"},
+			&cli.StringSliceFlag{Name: "disk", Usage: "back up only this disk (repeatable); with --nbd, the disk's name"},
+			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections (parallel readers) per disk"},
+			&cli.StringFlag{Name: "compression", Usage: "zstd, zstd:1..4 or none (default: the repository's)"},
+			&cli.StringFlag{Name: "chunk-size", Value: "4MiB", Usage: "chunk size of a repository this backup creates"},
+			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent"},
+			&cli.StringFlag{Name: "scratch-dir", Value: "/var/lib/nbdmover/scratch", Usage: "directory for the backup job's scratch files"},
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+		),
+		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
+			if (c.String("domain") == "") == (c.String("nbd") == "") {
+				return usagef("backup: give --domain NAME, or --nbd URI with --name NAME")
+			}
+			chunk, err := parseSize(c.String("chunk-size"))
+			if err != nil {
+				return usagef("--chunk-size: %v", err)
+			}
+			log, err := newLogger(c)
+			if err != nil {
+				return err
+			}
+			progress := &mover.Progress{W: os.Stderr, Terminal: isTerminal(os.Stderr)}
+			ctx, stopProgress := context.WithCancel(c.Context)
+			done := make(chan struct{})
+			go func() { progress.Run(ctx); close(done) }()
+			res, err := mover.Backup(c.Context, mover.BackupOptions{
+				Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
+				Disks: c.StringSlice("disk"), Tuning: mover.Tuning{Readers: c.Int("readers")},
+				Domain: c.String("domain"), Connect: c.String("connect"), Quiesce: c.Bool("quiesce"), ScratchDir: c.String("scratch-dir"),
+				NBD: c.String("nbd"), Name: c.String("name"), Bitmap: c.String("bitmap"),
+				Log: log, Progress: progress.Add,
+			})
+			stopProgress()
+			<-done
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, res)
+			}
+			fmt.Fprintf(c.App.Writer, "committed %s backup %s/%s in %.1fs: read %s, stored %s, deduplicated %s, zero %s\n",
+				res.Mode, res.Domain, res.ID, res.Seconds, mover.HumanBytes(res.BytesRead), mover.HumanBytes(res.BytesWritten),
+				mover.HumanBytes(res.BytesDedup), mover.HumanBytes(res.BytesZero))
+			if res.Fallback != "" {
+				fmt.Fprintf(c.App.Writer, "full instead of incremental: %s\n", res.Fallback)
+			}
+			return nil
+		},
+	}
+}

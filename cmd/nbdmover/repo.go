@@ -1,0 +1,198 @@
+package main
+
+import (
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/repo"
+	"github.com/urfave/cli/v2"
+)
+
+const defaultRepo = "/var/lib/nbdmover/repo"
+
+func repoFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "repo", Value: defaultRepo, EnvVars: []string{"NBDMOVER_REPO"},
+			Usage: "repository: a path, file:///path or s3://BUCKET[/PREFIX]"},
+		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"NBDMOVER_S3_ENDPOINT"},
+			Usage: "S3 endpoint URL for s3:// repositories (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"},
+		&cli.StringFlag{Name: "s3-region", EnvVars: []string{"AWS_REGION"}, Usage: "S3 region"},
+		&cli.BoolFlag{Name: "s3-path-style", Usage: "force path-style S3 requests"},
+	}
+}
+
+func repoOptions(c *cli.Context) mover.RepoOptions {
+	return mover.RepoOptions{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
+		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
+}
+
+func initCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "init",
+		Usage: "create a repository (backup creates one with defaults on first use)",
+		Flags: append(repoFlags(),
+			&cli.StringFlag{Name: "chunk-size", Value: "4MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
+			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "default compression: zstd, zstd:1..4 or none"},
+		),
+		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
+			size, err := parseSize(c.String("chunk-size"))
+			if err != nil {
+				return usagef("--chunk-size: %v", err)
+			}
+			cfg, err := mover.Init(c.Context, mover.InitOptions{Repo: repoOptions(c), ChunkSize: size, Compression: c.String("compression")})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c.App.Writer, "created repository %s (chunk size %d, compression %s)\n", c.String("repo"), cfg.ChunkSize, cfg.Compression)
+			return nil
+		},
+	}
+}
+
+func listCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "list",
+		Usage: "list committed backups, oldest first",
+		Flags: append(repoFlags(),
+			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+		),
+		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
+			ms, err := mover.List(c.Context, repoOptions(c), c.String("domain"))
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				type disk struct {
+					Name string `json:"name"`
+					Size int64  `json:"size"`
+				}
+				type backup struct {
+					ID          string    `json:"id"`
+					Domain      string    `json:"domain"`
+					Mode        string    `json:"mode"`
+					Created     time.Time `json:"created"`
+					Parent      string    `json:"parent,omitempty"`
+					Consistency string    `json:"consistency"`
+					Disks       []disk    `json:"disks"`
+				}
+				out := struct {
+					Backups []backup `json:"backups"`
+				}{Backups: []backup{}}
+				for _, m := range ms {
+					b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency}
+					for _, d := range m.Disks {
+						b.Disks = append(b.Disks, disk{d.Name, d.Size})
+					}
+					out.Backups = append(out.Backups, b)
+				}
+				return printJSON(c.App.Writer, out)
+			}
+			if len(ms) == 0 {
+				fmt.Fprintln(c.App.Writer, "no backups")
+				return nil
+			}
+			tw := tabwriter.NewWriter(c.App.Writer, 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tDISKS")
+			for _, m := range ms {
+				disks := ""
+				for i, d := range m.Disks {
+					if i > 0 {
+						disks += " "
+					}
+					disks += fmt.Sprintf("%s:%s", d.Name, mover.HumanBytes(d.Size))
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, disks)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func restoreCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "restore",
+		Usage: "write the disks of a backup to new image files",
+		Flags: append(repoFlags(),
+			&cli.StringFlag{Name: "domain", Usage: "domain (or --nbd backup name) to restore", Required: true},
+			&cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"},
+			&cli.StringFlag{Name: "disk", Usage: "restore only this disk, to the file --output"},
+			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory", Required: true},
+			&cli.StringFlag{Name: "format", Value: "raw", Usage: "raw or qcow2"},
+			&cli.IntFlag{Name: "parallel", Value: 8, Usage: "chunks fetched at once"},
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+		),
+		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
+			m, disks, err := mover.Restore(c.Context, mover.RestoreOptions{Repo: repoOptions(c), Domain: c.String("domain"),
+				Backup: c.String("backup"), Disk: c.String("disk"), Output: c.String("output"),
+				Format: c.String("format"), Parallel: c.Int("parallel")})
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, map[string]any{"domain": m.Domain, "id": m.ID, "disks": disks})
+			}
+			for _, d := range disks {
+				fmt.Fprintf(c.App.Writer, "restored %s/%s disk %s to %s (%s)\n", m.Domain, m.ID, d.Name, d.Path, mover.HumanBytes(d.Size))
+			}
+			return nil
+		},
+	}
+}
+
+func verifyCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "verify",
+		Usage: "check that backups are complete (and with --read-data, intact)",
+		Flags: append(repoFlags(),
+			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
+			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
+			&cli.BoolFlag{Name: "read-data", Usage: "also read, decode and re-hash every chunk"},
+			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+		),
+		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
+			if c.String("backup") != "" && c.String("domain") == "" {
+				return usagef("verify --backup needs --domain")
+			}
+			problems := []repo.Problem{}
+			stats, err := mover.Verify(c.Context, mover.VerifyOptions{Repo: repoOptions(c), VerifyOptions: repo.VerifyOptions{
+				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data")}},
+				func(p repo.Problem) {
+					problems = append(problems, p)
+					if !c.Bool("json") {
+						fmt.Fprintf(c.App.Writer, "BAD %s: %s (backup %s)\n", p.Object, p.Problem, p.Backup)
+					}
+				})
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				if err := printJSON(c.App.Writer, map[string]any{"backups": stats.Backups, "chunks": stats.Chunks,
+					"bytes": stats.Bytes, "read_data": c.Bool("read-data"), "problems": problems}); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintf(c.App.Writer, "checked %d backups, %d chunks (%s)%s: %d problems\n", stats.Backups, stats.Chunks,
+					mover.HumanBytes(stats.Bytes), map[bool]string{true: " with their data", false: ""}[c.Bool("read-data")], len(problems))
+			}
+			if len(problems) > 0 {
+				return fmt.Errorf("verify found %d problems", len(problems))
+			}
+			return nil
+		},
+	}
+}

@@ -1,0 +1,214 @@
+package repo
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+)
+
+// FormatVersion is the repository format this code reads and writes.
+const FormatVersion = 1
+
+const configKey = "config"
+
+// Config is the repository's parameters, stored as JSON under "config".
+type Config struct {
+	Version     int       `json:"version"`
+	ID          string    `json:"id"`
+	Created     time.Time `json:"created"`
+	ChunkSize   int64     `json:"chunk_size"`
+	Digest      string    `json:"digest"`      // "sha256"
+	Compression string    `json:"compression"` // default for new chunks: "zstd", "zstd:N", "none"
+	Encryption  *struct{} `json:"encryption"`  // null: chunks are not encrypted
+}
+
+// InitOptions choose a new repository's parameters.
+type InitOptions struct {
+	ChunkSize   int64               // 0 = chunker.DefaultChunkSize
+	Compression chunker.Compression // zero = zstd
+}
+
+// ErrNoRepository: the store holds no repository config.
+var ErrNoRepository = errors.New("no nbdmover repository here")
+
+// ErrExists: Init found a repository already.
+var ErrExists = errors.New("a repository already exists here")
+
+// Repo is an open repository. It is safe for concurrent use.
+type Repo struct {
+	store sink.Store
+	cfg   Config
+	codec *chunker.Codec
+}
+
+// Init creates a repository in store (and its bucket, for S3). It refuses
+// to touch a store that already has a config.
+func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
+	if o.ChunkSize == 0 {
+		o.ChunkSize = chunker.DefaultChunkSize
+	}
+	if err := chunker.CheckChunkSize(o.ChunkSize); err != nil {
+		return nil, err
+	}
+	if o.Compression.Algorithm == "" {
+		o.Compression = chunker.Compression{Algorithm: "zstd", Level: 1}
+	}
+	if err := sink.CreateBucket(ctx, store); err != nil {
+		return nil, err
+	}
+	if _, err := store.Stat(ctx, configKey); err == nil {
+		return nil, fmt.Errorf("init %s: %w", store.Location(), ErrExists)
+	} else if !errors.Is(err, sink.ErrNotFound) {
+		return nil, err
+	}
+	id := make([]byte, 16)
+	rand.Read(id)
+	cfg := Config{Version: FormatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
+		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String()}
+	b, _ := json.MarshalIndent(cfg, "", "  ")
+	if err := store.Put(ctx, configKey, append(b, '\n')); err != nil {
+		return nil, err
+	}
+	return newRepo(store, cfg)
+}
+
+// Open opens the repository in store.
+func Open(ctx context.Context, store sink.Store) (*Repo, error) {
+	b, err := store.Get(ctx, configKey, nil)
+	if errors.Is(err, sink.ErrNotFound) {
+		return nil, fmt.Errorf("%s: %w (run nbdmover init, or back up once to create it)", store.Location(), ErrNoRepository)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var cfg Config
+	if err := strictUnmarshal(b, &cfg); err != nil {
+		return nil, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
+	}
+	if cfg.Version != FormatVersion {
+		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads format %d", store.Location(), cfg.Version, FormatVersion)
+	}
+	if cfg.Encryption != nil {
+		return nil, fmt.Errorf("%s: the repository is encrypted, which this nbdmover does not support", store.Location())
+	}
+	return newRepo(store, cfg)
+}
+
+// OpenOrInit opens the repository, creating it (and its bucket) with o
+// when the store has none.
+func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
+	if err := sink.CreateBucket(ctx, store); err != nil {
+		return nil, err
+	}
+	r, err := Open(ctx, store)
+	if errors.Is(err, ErrNoRepository) {
+		r, err = Init(ctx, store, o)
+		if errors.Is(err, ErrExists) { // created concurrently
+			r, err = Open(ctx, store)
+		}
+	}
+	return r, err
+}
+
+func newRepo(store sink.Store, cfg Config) (*Repo, error) {
+	if err := chunker.CheckChunkSize(cfg.ChunkSize); err != nil {
+		return nil, fmt.Errorf("%s: repository config: %w", store.Location(), err)
+	}
+	if cfg.Digest != "sha256" {
+		return nil, fmt.Errorf("%s: repository digest %q is not supported", store.Location(), cfg.Digest)
+	}
+	comp, err := chunker.ParseCompression(cfg.Compression)
+	if err != nil {
+		return nil, fmt.Errorf("%s: repository config: %w", store.Location(), err)
+	}
+	codec, err := chunker.NewCodec(comp)
+	if err != nil {
+		return nil, err
+	}
+	return &Repo{store: store, cfg: cfg, codec: codec}, nil
+}
+
+func strictUnmarshal(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if dec.More() {
+		return errors.New("trailing data after the JSON document")
+	}
+	return nil
+}
+
+// Config returns the repository's parameters.
+func (r *Repo) Config() Config { return r.cfg }
+
+// Store returns the store the repository lives in.
+func (r *Repo) Store() sink.Store { return r.store }
+
+// Location names the repository in messages.
+func (r *Repo) Location() string { return r.store.Location() }
+
+// WithCompression returns a view of r that compresses new chunks as c says
+// (reading is unaffected).
+func (r *Repo) WithCompression(c chunker.Compression) (*Repo, error) {
+	codec, err := chunker.NewCodec(c)
+	if err != nil {
+		return nil, err
+	}
+	v := *r
+	v.codec = codec
+	return &v, nil
+}
+
+// ChunkKey is the object key of a chunk.
+func ChunkKey(d chunker.Digest) string {
+	h := d.String()
+	return "chunks/" + h[:2] + "/" + h
+}
+
+// HasChunk reports whether the chunk is stored.
+func (r *Repo) HasChunk(ctx context.Context, d chunker.Digest) (bool, error) {
+	_, err := r.store.Stat(ctx, ChunkKey(d))
+	if errors.Is(err, sink.ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Encode appends the blob of a chunk's plaintext to dst[:0] with the
+// repository's codec; store it under ChunkKey of the plaintext's digest.
+func (r *Repo) Encode(dst, plain []byte) []byte { return r.codec.Encode(dst, plain) }
+
+// ChunkError is a chunk that cannot be read back intact.
+type ChunkError struct {
+	Key string
+	Err error
+}
+
+func (e *ChunkError) Error() string { return fmt.Sprintf("chunk %s: %v", e.Key, e.Err) }
+func (e *ChunkError) Unwrap() error { return e.Err }
+
+// GetChunk fetches and decodes chunk d, appending its plaintext to
+// plain[:0]; blob is scratch space. Both buffers are returned for reuse.
+// A missing or damaged chunk is a *ChunkError naming its key.
+func (r *Repo) GetChunk(ctx context.Context, d chunker.Digest, plain, blob []byte) ([]byte, []byte, error) {
+	key := ChunkKey(d)
+	blob, err := r.store.Get(ctx, key, blob)
+	if err != nil {
+		return plain, blob, &ChunkError{Key: key, Err: err}
+	}
+	out, err := r.codec.Decode(plain, blob, d)
+	if err != nil {
+		return plain, blob, &ChunkError{Key: key, Err: err}
+	}
+	return out, blob, nil
+}

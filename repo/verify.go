@@ -1,0 +1,187 @@
+package repo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+	"golang.org/x/sync/errgroup"
+)
+
+// Problem is one bad object found by Verify.
+type Problem struct {
+	Object  string `json:"object"`  // object key
+	Backup  string `json:"backup"`  // domain/id of a backup that needs it
+	Disk    string `json:"disk,omitempty"`
+	Problem string `json:"problem"` // what is wrong
+}
+
+// VerifyOptions select what Verify checks.
+type VerifyOptions struct {
+	Domain   string // "" = every domain
+	Backup   string // "" = every backup of Domain
+	ReadData bool   // also fetch, decode and re-hash every chunk
+	Parallel int    // chunk fetches in flight (default 16)
+}
+
+// VerifyStats counts what Verify looked at.
+type VerifyStats struct {
+	Backups int   `json:"backups"`
+	Chunks  int   `json:"chunks"` // distinct chunks referenced
+	Bytes   int64 `json:"bytes"`  // stored bytes of those chunks
+}
+
+type chunkRef struct {
+	backup, disk string
+	index        int64
+}
+
+// Verify checks the selected backups: every manifest and index decodes and
+// matches its checksum, and every chunk they reference is stored (and with
+// ReadData, decodes to bytes that hash to its name). It reports every
+// problem through report, not only the first, and returns an error only
+// when it could not check (the store failed).
+func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)) (VerifyStats, error) {
+	var stats VerifyStats
+	var ms []*Manifest
+	if o.Backup != "" {
+		m, err := r.Backup(ctx, o.Domain, o.Backup)
+		if err != nil {
+			return stats, err
+		}
+		ms = []*Manifest{m}
+	} else {
+		var err error
+		if ms, err = r.listForVerify(ctx, o.Domain, report); err != nil {
+			return stats, err
+		}
+	}
+	stats.Backups = len(ms)
+
+	refs := map[chunker.Digest]chunkRef{}
+	for _, m := range ms {
+		name := m.Domain + "/" + m.ID
+		for _, d := range m.Disks {
+			ix, err := r.LoadIndex(ctx, m, d.Name)
+			if err != nil {
+				if isStoreFailure(err) {
+					return stats, err
+				}
+				report(Problem{Object: m.Key(d.Index), Backup: name, Disk: d.Name, Problem: err.Error()})
+				continue
+			}
+			for i, dg := range ix.Digests {
+				if _, seen := refs[dg]; !seen && !dg.IsZeroChunk() {
+					refs[dg] = chunkRef{backup: name, disk: d.Name, index: int64(i)}
+				}
+			}
+		}
+		for f := range m.Files {
+			if _, err := r.ReadFile(ctx, m, f); err != nil {
+				if isStoreFailure(err) {
+					return stats, err
+				}
+				report(Problem{Object: m.Key(f), Backup: name, Problem: err.Error()})
+			}
+		}
+	}
+	stats.Chunks = len(refs)
+
+	// One listing tells which chunks exist, instead of a request per chunk.
+	sizes := map[string]int64{}
+	if err := r.store.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
+		sizes[o.Key] = o.Size
+		return nil
+	}); err != nil {
+		return stats, err
+	}
+	digests := make([]chunker.Digest, 0, len(refs))
+	for dg := range refs {
+		digests = append(digests, dg)
+	}
+	sort.Slice(digests, func(i, j int) bool { return refs[digests[i]].index < refs[digests[j]].index })
+	var present []chunker.Digest
+	for _, dg := range digests {
+		key, ref := ChunkKey(dg), refs[dg]
+		size, ok := sizes[key]
+		switch {
+		case !ok:
+			report(Problem{Object: key, Backup: ref.backup, Disk: ref.disk,
+				Problem: fmt.Sprintf("missing (chunk %d of the disk)", ref.index)})
+		case size < chunker.HeaderSize:
+			report(Problem{Object: key, Backup: ref.backup, Disk: ref.disk,
+				Problem: fmt.Sprintf("truncated to %d bytes (chunk %d of the disk)", size, ref.index)})
+		default:
+			stats.Bytes += size
+			present = append(present, dg)
+		}
+	}
+	if !o.ReadData {
+		return stats, nil
+	}
+
+	var mu sync.Mutex
+	var next atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	for range max(o.Parallel, 16) {
+		g.Go(func() error {
+			var plain, blob []byte
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(len(present)) {
+					return nil
+				}
+				dg := present[i]
+				var err error
+				plain, blob, err = r.GetChunk(gctx, dg, plain, blob)
+				if err == nil {
+					continue
+				}
+				var ce *chunker.CorruptError
+				if !errors.As(err, &ce) && !errors.Is(err, sink.ErrNotFound) {
+					return err
+				}
+				ref := refs[dg]
+				mu.Lock()
+				report(Problem{Object: ChunkKey(dg), Backup: ref.backup, Disk: ref.disk,
+					Problem: fmt.Sprintf("%v (chunk %d of the disk)", errors.Unwrap(err), ref.index)})
+				mu.Unlock()
+			}
+		})
+	}
+	return stats, g.Wait()
+}
+
+// listForVerify lists backups like Backups, but reports a damaged manifest
+// as a problem instead of failing.
+func (r *Repo) listForVerify(ctx context.Context, domain string, report func(Problem)) ([]*Manifest, error) {
+	keys, err := r.manifestKeys(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	var ms []*Manifest
+	for _, k := range keys {
+		m, err := r.loadManifest(ctx, k)
+		if err != nil {
+			if isStoreFailure(err) {
+				return nil, err
+			}
+			report(Problem{Object: k, Problem: err.Error()})
+			continue
+		}
+		ms = append(ms, m)
+	}
+	return ms, nil
+}
+
+// isStoreFailure tells a failing store (stop: we cannot check) from a bad
+// or missing object (a problem to report).
+func isStoreFailure(err error) bool {
+	var se *sink.Error
+	return errors.As(err, &se) && !errors.Is(err, sink.ErrNotFound)
+}
