@@ -30,4 +30,6 @@ require (
 	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/text v0.42.0 // indirect
 	gopkg.in/ini.v1 v1.67.3 // indirect
+	libvirt.org/go/libvirt v1.9000.0 // indirect
+	libvirt.org/go/libvirtxml v1.12008.0 // indirect
 )

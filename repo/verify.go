@@ -15,8 +15,8 @@ import (
 
 // Problem is one bad object found by Verify.
 type Problem struct {
-	Object  string `json:"object"`  // object key
-	Backup  string `json:"backup"`  // domain/id of a backup that needs it
+	Object  string `json:"object"` // object key
+	Backup  string `json:"backup"` // domain/id of a backup that needs it
 	Disk    string `json:"disk,omitempty"`
 	Problem string `json:"problem"` // what is wrong
 }
