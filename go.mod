@@ -5,7 +5,10 @@ go 1.26.0
 require (
 	github.com/klauspost/compress v1.20.4
 	github.com/minio/minio-go/v7 v7.4.1
+	github.com/urfave/cli/v2 v2.27.7
 	golang.org/x/sync v0.25.0
+	libvirt.org/go/libvirt v1.9000.0
+	libvirt.org/go/libvirtxml v1.12008.0
 )
 
 require (
@@ -21,7 +24,6 @@ require (
 	github.com/rs/xid v1.6.0 // indirect
 	github.com/russross/blackfriday/v2 v2.1.0 // indirect
 	github.com/tinylib/msgp v1.6.4 // indirect
-	github.com/urfave/cli/v2 v2.27.7 // indirect
 	github.com/xrash/smetrics v0.0.0-20240521201337-686a1a2994c1 // indirect
 	github.com/zeebo/xxh3 v1.1.0 // indirect
 	go.yaml.in/yaml/v3 v3.0.5 // indirect
@@ -30,6 +32,4 @@ require (
 	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/text v0.42.0 // indirect
 	gopkg.in/ini.v1 v1.67.3 // indirect
-	libvirt.org/go/libvirt v1.9000.0 // indirect
-	libvirt.org/go/libvirtxml v1.12008.0 // indirect
 )

@@ -32,10 +32,13 @@ type BackupOptions struct {
 	Tuning      Tuning
 
 	// A libvirt domain.
-	Domain     string
-	Connect    string // libvirt URI
-	Quiesce    bool
-	ScratchDir string
+	Domain  string
+	Connect string // libvirt URI
+	// Quiesce freezes the guest's filesystems (guest agent) and fails when
+	// it cannot; QuiesceOptional tries and continues crash-consistent.
+	Quiesce, QuiesceOptional bool
+	ScratchDir               string // scratch images (default DefaultScratchDir)
+	RunDir                   string // locks and sockets (default DefaultRunDir)
 
 	// Any NBD export, stored as domain Name with one disk (Disks[0], or
 	// "nbd"); Bitmap names the dirty bitmap for incrementals.
@@ -43,10 +46,10 @@ type BackupOptions struct {
 	Name   string
 	Bitmap string
 
-	Log *slog.Logger
+	Log *slog.Logger `json:"-"`
 	// Progress, if set, is called as each disk starts with the counters
 	// that the disk's backup updates.
-	Progress func(disk string, st *DiskStats)
+	Progress func(disk string, st *DiskStats) `json:"-"`
 }
 
 // BackupResult is what a committed backup did.
@@ -295,9 +298,4 @@ func nbdIncrementalBlocker(o BackupOptions, last *repo.Manifest, disk string) st
 		return fmt.Sprintf("the last backup (%s) has no disk %s", last.ID, disk)
 	}
 	return ""
-}
-
-// backupDomain backs up a libvirt domain (see domain.go).
-func backupDomain(ctx context.Context, o BackupOptions) (*BackupResult, error) {
-	return nil, errors.New("backup --domain: live libvirt backups are not built yet (issue 4); use --nbd")
 }

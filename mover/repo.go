@@ -15,10 +15,13 @@ type RepoOptions struct {
 	S3Endpoint  string
 	S3Region    string
 	S3PathStyle bool
+	// Retry is the store's retry policy (zero: sink.DefaultRetry).
+	Retry sink.RetryPolicy
 }
 
 func (o RepoOptions) store() (sink.Store, error) {
-	return sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region, S3PathStyle: o.S3PathStyle})
+	return sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region,
+		S3PathStyle: o.S3PathStyle, Retry: o.Retry})
 }
 
 func (o RepoOptions) open(ctx context.Context) (*repo.Repo, error) {

@@ -4,6 +4,14 @@
 # machine without systemd needs. Prints "started" when it started them.
 . "$(dirname "$0")/lib.sh"
 
+# Without udev (containers, minimal machines) /dev/kvm stays root-only and
+# QEMU, running as libvirt-qemu, cannot use it: set what Debian's udev
+# rules set.
+if [ -c /dev/kvm ] && [ "$(id -u)" = 0 ] && getent group kvm >/dev/null &&
+	[ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ]; then
+	chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
 virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
 [ "$(id -u)" = 0 ] || die "libvirtd is not running and starting it needs root"
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images

@@ -13,7 +13,7 @@ type RetryPolicy struct {
 	Base     time.Duration // backoff before the second attempt
 	Cap      time.Duration // longest backoff
 	// Sleep waits d or until ctx is done; tests inject a fake clock.
-	Sleep func(ctx context.Context, d time.Duration) error
+	Sleep func(ctx context.Context, d time.Duration) error `json:"-"`
 }
 
 // DefaultRetry retries for about a minute in all.

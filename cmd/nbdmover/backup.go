@@ -24,8 +24,9 @@ func backupCommand() *cli.Command {
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections (parallel readers) per disk"},
 			&cli.StringFlag{Name: "compression", Usage: "zstd, zstd:1..4 or none (default: the repository's)"},
 			&cli.StringFlag{Name: "chunk-size", Value: "4MiB", Usage: "chunk size of a repository this backup creates"},
-			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent"},
-			&cli.StringFlag{Name: "scratch-dir", Value: "/var/lib/nbdmover/scratch", Usage: "directory for the backup job's scratch files"},
+			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent; fail if that is impossible"},
+			&cli.BoolFlag{Name: "quiesce-optional", Usage: "like --quiesce, but continue crash-consistent without a guest agent"},
+			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for the backup job's scratch files"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
 		Action: func(c *cli.Context) error {
@@ -50,7 +51,7 @@ func backupCommand() *cli.Command {
 			res, err := mover.Backup(c.Context, mover.BackupOptions{
 				Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
 				Disks: c.StringSlice("disk"), Tuning: mover.Tuning{Readers: c.Int("readers")},
-				Domain: c.String("domain"), Connect: c.String("connect"), Quiesce: c.Bool("quiesce"), ScratchDir: c.String("scratch-dir"),
+				Domain: c.String("domain"), Connect: c.String("connect"), Quiesce: c.Bool("quiesce"), QuiesceOptional: c.Bool("quiesce-optional"), ScratchDir: c.String("scratch-dir"),
 				NBD: c.String("nbd"), Name: c.String("name"), Bitmap: c.String("bitmap"),
 				Log: log, Progress: progress.Add,
 			})

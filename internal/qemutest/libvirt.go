@@ -1,0 +1,156 @@
+package qemutest
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// NeedLibvirt fails the test (or skips it, when the run does not require
+// every peer) unless a libvirt daemon answers on qemu:///system.
+func NeedLibvirt(tb testing.TB) {
+	tb.Helper()
+	Need(tb, "virsh", "qemu-img")
+	if err := exec.Command("virsh", "-c", "qemu:///system", "version").Run(); err != nil {
+		if os.Getenv("NBDMOVER_TEST_REQUIRE_PEERS") != "" {
+			tb.Fatal("libvirtd does not answer on qemu:///system: run the tests with make test")
+		}
+		tb.Skip("no libvirtd on qemu:///system (make test starts one)")
+	}
+}
+
+// Virsh runs virsh on qemu:///system and returns its output.
+func Virsh(tb testing.TB, args ...string) string {
+	tb.Helper()
+	return Run(tb, "virsh", append([]string{"-c", "qemu:///system"}, args...)...)
+}
+
+// DiskSpec is a disk of a test domain.
+type DiskSpec struct {
+	Dev    string // target: vda, vdb, ...
+	Format string // qcow2 or raw
+	Size   int64
+}
+
+// Domain is a throwaway running libvirt domain with no guest OS (the BIOS
+// idles), which is all a backup needs.
+type Domain struct {
+	Name  string
+	Dir   string
+	Disks []DiskSpec
+	tb    testing.TB
+}
+
+// Path is the image file of a disk.
+func (d *Domain) Path(dev string) string {
+	for _, s := range d.Disks {
+		if s.Dev == dev {
+			return filepath.Join(d.Dir, dev+"."+s.Format)
+		}
+	}
+	d.tb.Fatalf("no disk %s", dev)
+	return ""
+}
+
+// NewDomain creates the disks and starts the domain; persistent domains are
+// defined first (their checkpoints survive a restart). Everything is removed
+// when the test ends.
+func NewDomain(tb testing.TB, persistent bool, disks ...DiskSpec) *Domain {
+	tb.Helper()
+	NeedLibvirt(tb)
+	dir := tb.TempDir()
+	os.Chmod(dir, 0o755) // QEMU runs as libvirt-qemu and must reach the images
+	for p := filepath.Dir(dir); p != "/"; p = filepath.Dir(p) {
+		if st, err := os.Stat(p); err == nil && st.Mode().Perm()&0o001 == 0 {
+			os.Chmod(p, st.Mode().Perm()|0o011)
+		}
+	}
+	d := &Domain{Name: fmt.Sprintf("nbdmover-test-%08x", rand.Uint32()), Dir: dir, Disks: disks, tb: tb}
+	var devs strings.Builder
+	for i, s := range disks {
+		img := filepath.Join(dir, s.Dev+"."+s.Format)
+		Run(tb, "qemu-img", "create", "-q", "-f", s.Format, img, strconv.FormatInt(s.Size, 10))
+		fmt.Fprintf(&devs, `<disk type='file' device='disk'><driver name='qemu' type='%s'/><source file='%s'/><target dev='%s' bus='virtio'/><alias name='ua-disk%d'/></disk>`,
+			s.Format, img, s.Dev, i)
+	}
+	virtType := "kvm"
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		virtType = "qemu"
+	}
+	xml := fmt.Sprintf(`<domain type='%s'><name>%s</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>%s
+<disk type='file' device='cdrom'><target dev='hdc' bus='ide'/><readonly/></disk></devices></domain>`, virtType, d.Name, devs.String())
+	xmlPath := filepath.Join(dir, "domain.xml")
+	os.WriteFile(xmlPath, []byte(xml), 0o644)
+	tb.Cleanup(d.remove)
+	if persistent {
+		Virsh(tb, "define", xmlPath)
+		Virsh(tb, "start", d.Name)
+	} else {
+		Virsh(tb, "create", xmlPath)
+	}
+	return d
+}
+
+func (d *Domain) remove() {
+	exec.Command("virsh", "-c", "qemu:///system", "destroy", d.Name).Run()
+	exec.Command("virsh", "-c", "qemu:///system", "undefine", d.Name, "--checkpoints-metadata").Run()
+}
+
+// Write runs qemu-io commands on a disk through QEMU's block layer, so the
+// dirty bitmaps see them, and flushes.
+func (d *Domain) Write(dev string, cmds ...string) {
+	d.tb.Helper()
+	idx := -1
+	for i, s := range d.Disks {
+		if s.Dev == dev {
+			idx = i
+		}
+	}
+	for _, c := range append(cmds, "flush") {
+		out := Virsh(d.tb, "qemu-monitor-command", d.Name, "--hmp",
+			fmt.Sprintf(`qemu-io -d /machine/peripheral/ua-disk%d/virtio-backend "%s"`, idx, c))
+		if strings.Contains(out, "rror") || strings.Contains(out, "failed") {
+			d.tb.Fatalf("qemu-io %s on %s: %s", c, dev, out)
+		}
+	}
+}
+
+// Snapshot returns raw reference copies of every disk as they are now,
+// taken with the domain paused after a flush.
+func (d *Domain) Snapshot() map[string]string {
+	d.tb.Helper()
+	for _, s := range d.Disks {
+		d.Write(s.Dev) // flush
+	}
+	Virsh(d.tb, "suspend", d.Name)
+	defer Virsh(d.tb, "resume", d.Name)
+	refs := map[string]string{}
+	for _, s := range d.Disks {
+		raw := filepath.Join(d.tb.TempDir(), s.Dev+".raw")
+		Run(d.tb, "qemu-img", "convert", "-U", "-f", s.Format, "-O", "raw", d.Path(s.Dev), raw)
+		refs[s.Dev] = raw
+	}
+	return refs
+}
+
+// Checkpoints lists the domain's checkpoint names.
+func (d *Domain) Checkpoints() []string {
+	d.tb.Helper()
+	return strings.Fields(Virsh(d.tb, "checkpoint-list", d.Name, "--name"))
+}
+
+// JobActive reports whether a backup job runs on the domain.
+func (d *Domain) JobActive() bool {
+	d.tb.Helper()
+	out, err := exec.Command("virsh", "-c", "qemu:///system", "backup-dumpxml", d.Name).CombinedOutput()
+	if err != nil && !strings.Contains(string(out), "no domain backup job") {
+		d.tb.Fatalf("virsh backup-dumpxml %s: %v: %s", d.Name, err, out)
+	}
+	return err == nil
+}

@@ -1,0 +1,343 @@
+package mover_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/sink"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
+)
+
+// TestMain doubles as a helper process: with NBDMOVER_HELPER_BACKUP set to
+// a JSON BackupOptions, the test binary runs that backup the way the
+// command does (signals cancel it) and exits, so tests can kill a backup.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv("NBDMOVER_HELPER_BACKUP"); spec != "" {
+		var o mover.BackupOptions
+		if err := json.Unmarshal([]byte(spec), &o); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		_, err := mover.Backup(ctx, o)
+		stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+var quickRetry = sink.RetryPolicy{Attempts: 2, Base: time.Millisecond, Cap: time.Millisecond}
+
+// threeDisks: two qcow2 disks and one raw disk (plus the fixture's cdrom).
+func threeDisks() []qemutest.DiskSpec {
+	return []qemutest.DiskSpec{{Dev: "vda", Format: "qcow2", Size: 96 * MiB}, {Dev: "vdb", Format: "qcow2", Size: 40*MiB + 512},
+		{Dev: "vdc", Format: "raw", Size: 24 * MiB}}
+}
+
+func domainBackup(t *testing.T, ro mover.RepoOptions, dom *qemutest.Domain, mode string) *mover.BackupResult {
+	t.Helper()
+	res, err := mover.Backup(t.Context(), mover.BackupOptions{Repo: ro, Domain: dom.Name, Mode: mode,
+		ScratchDir: filepath.Join(t.TempDir(), "scratch"), Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkNoLeftovers(t, dom)
+	return res
+}
+
+// checkNoLeftovers: no job on the domain and at most one (our newest)
+// checkpoint.
+func checkNoLeftovers(t *testing.T, dom *qemutest.Domain) {
+	t.Helper()
+	if dom.JobActive() {
+		t.Fatal("a libvirt job is left running")
+	}
+	if cps := dom.Checkpoints(); len(cps) > 1 {
+		t.Fatalf("checkpoints left: %v", cps)
+	}
+	if left, _ := filepath.Glob(filepath.Join(mover.DefaultRunDir, "job-"+dom.Name+"-*")); len(left) > 0 {
+		t.Fatalf("run directories left: %v", left)
+	}
+}
+
+type domainPoint struct {
+	id   string
+	refs map[string]string
+}
+
+func checkDomainRestores(t *testing.T, ro mover.RepoOptions, domain string, points []domainPoint) {
+	t.Helper()
+	for i, p := range points {
+		format := []string{"raw", "qcow2"}[i%2]
+		out := filepath.Join(t.TempDir(), "restore")
+		_, disks, err := mover.Restore(t.Context(), mover.RestoreOptions{Repo: ro, Domain: domain, Backup: p.id, Output: out, Format: format})
+		if err != nil {
+			t.Fatalf("restore %s: %v", p.id, err)
+		}
+		if len(disks) != len(p.refs) {
+			t.Fatalf("restored %d disks, want %d", len(disks), len(p.refs))
+		}
+		for _, d := range disks {
+			qemutest.Compare(t, p.refs[d.Name], "raw", d.Path, format)
+		}
+	}
+}
+
+func domainChain(t *testing.T, ro mover.RepoOptions) {
+	dom := qemutest.NewDomain(t, false, threeDisks()...)
+	dom.Write("vda", "write -P 0x5a 1M 20M", "write -P 0x5b 50M 3M")
+	dom.Write("vdb", "write -P 0x11 0 1M", "write -P 0x12 40M 512")
+	dom.Write("vdc", "write -P 0x21 2M 2M")
+	var points []domainPoint
+
+	full := domainBackup(t, ro, dom, "auto")
+	if full.Mode != "full" || len(full.Disks) != 3 {
+		t.Fatalf("full: %+v", full)
+	}
+	points = append(points, domainPoint{full.ID, dom.Snapshot()})
+
+	dom.Write("vda", "write -P 0x61 4M 64k", "write -z 10M 2M", "discard 50M 1M")
+	dom.Write("vdb", "write -P 0x62 39M 1M")
+	dom.Write("vdc", "write -P 0x63 0 4k")
+	inc := domainBackup(t, ro, dom, "auto")
+	byName := map[string]mover.DiskResult{}
+	for _, d := range inc.Disks {
+		byName[d.Name] = d
+	}
+	if inc.Mode != "incremental" || inc.Parent != full.ID || byName["vda"].Mode != "incremental" ||
+		byName["vdb"].Mode != "incremental" || byName["vdc"].Mode != "full" {
+		t.Fatalf("incremental: %+v", inc)
+	}
+	// Only the chunks the writes touched are read from the qcow2 disks.
+	if byName["vda"].BytesRead > 16*MiB || byName["vdb"].BytesRead > 4*MiB {
+		t.Errorf("incremental read too much: vda %d, vdb %d", byName["vda"].BytesRead, byName["vdb"].BytesRead)
+	}
+	points = append(points, domainPoint{inc.ID, dom.Snapshot()})
+
+	dom.Write("vda", "write -P 0x71 95M 1M")
+	dom.Write("vdb", "write -z 0 1M")
+	inc2 := domainBackup(t, ro, dom, "incremental")
+	if inc2.Mode != "incremental" || inc2.Parent != inc.ID {
+		t.Fatalf("second incremental: %+v", inc2)
+	}
+	points = append(points, domainPoint{inc2.ID, dom.Snapshot()})
+	if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != "nbdmover-"+inc2.ID {
+		t.Fatalf("checkpoints: %v", cps)
+	}
+	checkDomainRestores(t, ro, dom.Name, points)
+}
+
+func TestDomainChainLocal(t *testing.T) {
+	domainChain(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")})
+}
+
+func TestDomainChainS3(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	domainChain(t, mover.RepoOptions{Location: fmt.Sprintf("s3://domain-%08x", rand.Uint32()), S3Endpoint: ep})
+}
+
+// runHelper starts a backup in a helper process and returns it once the
+// backup job is running on the domain.
+func runHelper(t *testing.T, o mover.BackupOptions, dom *qemutest.Domain) *exec.Cmd {
+	t.Helper()
+	spec, _ := json.Marshal(o)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "NBDMOVER_HELPER_BACKUP="+string(spec))
+	cmd.Stderr = t.Output()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for !dom.JobActive() {
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			t.Fatal("the helper's backup job never started")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // let it read and store a little
+	return cmd
+}
+
+func TestDomainInterrupted(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 1024 * MiB})
+	for off := 0; off < 768; off += 128 {
+		dom.Write("vda", fmt.Sprintf("write -P 0x%02x %dM 128M", 0x30+off/128, off))
+	}
+	full := domainBackup(t, ro, dom, "full")
+	dom.Write("vda", "write -P 0x77 700M 64M", "write -P 0x78 100M 1M")
+	refs := dom.Snapshot()
+
+	// A slow backup (one reader, the slowest compression, everything
+	// re-read) so that it is surely killed mid-way.
+	slow := mover.BackupOptions{Repo: ro, Domain: dom.Name, Mode: "full", Compression: "zstd:4",
+		Tuning: mover.Tuning{Readers: 1, Workers: 1, Uploads: 1}, ScratchDir: filepath.Join(t.TempDir(), "scratch")}
+
+	t.Run("SIGTERM", func(t *testing.T) {
+		cmd := runHelper(t, slow, dom)
+		cmd.Process.Signal(syscall.SIGTERM)
+		err := cmd.Wait()
+		if err == nil {
+			t.Fatal("the interrupted backup reported success")
+		}
+		// A clean stop: the job is ended and the uncommitted checkpoint
+		// dropped by the process itself.
+		checkNoLeftovers(t, dom)
+		if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != "nbdmover-"+full.ID {
+			t.Fatalf("checkpoints after SIGTERM: %v", cps)
+		}
+	})
+	t.Run("SIGKILL", func(t *testing.T) {
+		cmd := runHelper(t, slow, dom)
+		cmd.Process.Kill()
+		cmd.Wait()
+		if !dom.JobActive() || len(dom.Checkpoints()) != 2 {
+			t.Fatalf("expected a killed run to leave its job and checkpoint behind (job %v, checkpoints %v)", dom.JobActive(), dom.Checkpoints())
+		}
+	})
+	ms, err := mover.List(t.Context(), ro, dom.Name)
+	if err != nil || len(ms) != 1 {
+		t.Fatalf("interrupted backups were committed: %d backups, %v", len(ms), err)
+	}
+	// The next run cleans up after the killed one and is incremental from
+	// the last committed backup: the killed run's changes are not lost.
+	next := domainBackup(t, ro, dom, "auto")
+	if next.Mode != "incremental" || next.Parent != full.ID {
+		t.Fatalf("after the kill: %+v", next)
+	}
+	checkDomainRestores(t, ro, dom.Name, []domainPoint{{next.ID, refs}})
+}
+
+func TestDomainCheckpointLost(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 32 * MiB})
+	dom.Write("vda", "write -P 0x41 0 8M")
+	full := domainBackup(t, ro, dom, "auto")
+	dom.Write("vda", "write -P 0x42 20M 1M")
+	// libvirt forgets the checkpoint; the bitmap stays in the image.
+	qemutest.Virsh(t, "checkpoint-delete", dom.Name, "nbdmover-"+full.ID, "--metadata")
+	refs := dom.Snapshot()
+	inc := domainBackup(t, ro, dom, "incremental")
+	if inc.Mode != "incremental" || inc.Disks[0].BytesRead > 4*MiB {
+		t.Fatalf("after redefining the checkpoint: %+v", inc)
+	}
+	checkDomainRestores(t, ro, dom.Name, []domainPoint{{inc.ID, refs}})
+}
+
+func TestDomainBitmapRemoved(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, true, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 32 * MiB})
+	dom.Write("vda", "write -P 0x41 0 8M")
+	full := domainBackup(t, ro, dom, "auto")
+	// Stop the domain, remove the checkpoint's bitmap from the image behind
+	// libvirt's back, start it again.
+	qemutest.Virsh(t, "destroy", dom.Name)
+	qemutest.Run(t, "qemu-img", "bitmap", "--remove", dom.Path("vda"), "nbdmover-"+full.ID)
+	qemutest.Virsh(t, "start", dom.Name)
+	dom.Write("vda", "write -P 0x43 24M 1M")
+	refs := dom.Snapshot()
+	if _, err := mover.Backup(t.Context(), mover.BackupOptions{Repo: ro, Domain: dom.Name, Mode: "incremental",
+		ScratchDir: filepath.Join(t.TempDir(), "scratch")}); err == nil {
+		t.Fatal("a forced incremental without its bitmap succeeded")
+	}
+	checkNoLeftovers(t, dom)
+	next := domainBackup(t, ro, dom, "auto")
+	if next.Mode != "full" || next.Fallback == "" {
+		t.Fatalf("without the bitmap: %+v", next)
+	}
+	t.Log("fallback:", next.Fallback)
+	checkDomainRestores(t, ro, dom.Name, []domainPoint{{next.ID, refs}})
+	after := domainBackup(t, ro, dom, "auto") // the new chain works
+	if after.Mode != "incremental" {
+		t.Fatalf("after the fallback: %+v", after)
+	}
+}
+
+func TestDomainOutcomes(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	scratch := filepath.Join(t.TempDir(), "scratch")
+	backup := func(o mover.BackupOptions) (*mover.BackupResult, error) {
+		o.Repo, o.ScratchDir = ro, scratch
+		return mover.Backup(t.Context(), o)
+	}
+	expect := func(t *testing.T, err error, says ...string) {
+		t.Helper()
+		if err == nil {
+			t.Fatal("succeeded")
+		}
+		t.Log(err)
+		for _, s := range says {
+			if !strings.Contains(err.Error(), s) {
+				t.Errorf("error does not say %q", s)
+			}
+		}
+	}
+	qemutest.NeedLibvirt(t)
+
+	t.Run("unknown domain", func(t *testing.T) {
+		_, err := backup(mover.BackupOptions{Domain: "no-such-domain-x"})
+		expect(t, err, "no-such-domain-x", "not found")
+	})
+	t.Run("invalid name", func(t *testing.T) {
+		_, err := backup(mover.BackupOptions{Domain: "../etc"})
+		expect(t, err, "../etc")
+	})
+	t.Run("shut off", func(t *testing.T) {
+		dom := qemutest.NewDomain(t, true, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 8 * MiB})
+		qemutest.Virsh(t, "destroy", dom.Name)
+		_, err := backup(mover.BackupOptions{Domain: dom.Name})
+		expect(t, err, dom.Name, "shut off", "--nbd")
+	})
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "raw", Size: 8 * MiB},
+		qemutest.DiskSpec{Dev: "vdb", Format: "raw", Size: 4 * MiB})
+	dom.Write("vda", "write -P 0x55 1M 1M")
+	t.Run("only raw disks", func(t *testing.T) {
+		for i := range 2 {
+			res, err := backup(mover.BackupOptions{Domain: dom.Name})
+			if err != nil || res.Mode != "full" {
+				t.Fatalf("backup %d: %+v %v", i, res, err)
+			}
+			if cps := dom.Checkpoints(); len(cps) != 0 {
+				t.Fatalf("checkpoints on a raw-only domain: %v", cps)
+			}
+		}
+		_, err := backup(mover.BackupOptions{Domain: dom.Name, Mode: "incremental"})
+		expect(t, err, "incremental")
+	})
+	t.Run("unknown disk", func(t *testing.T) {
+		_, err := backup(mover.BackupOptions{Domain: dom.Name, Disks: []string{"vdz"}})
+		expect(t, err, "vdz", "vda")
+	})
+	t.Run("quiesce without an agent", func(t *testing.T) {
+		_, err := backup(mover.BackupOptions{Domain: dom.Name, Quiesce: true})
+		expect(t, err, "guest agent", "--quiesce-optional")
+		checkNoLeftovers(t, dom)
+		res, err := backup(mover.BackupOptions{Domain: dom.Name, QuiesceOptional: true})
+		if err != nil || res.Consistency != "crash-consistent" {
+			t.Fatalf("%+v %v", res, err)
+		}
+	})
+	t.Run("unreachable repository", func(t *testing.T) {
+		_, err := mover.Backup(t.Context(), mover.BackupOptions{Domain: dom.Name, ScratchDir: scratch,
+			Repo: mover.RepoOptions{Location: "s3://bkt", S3Endpoint: "http://127.0.0.1:9", Retry: quickRetry}})
+		expect(t, err, "127.0.0.1:9")
+		checkNoLeftovers(t, dom)
+	})
+}

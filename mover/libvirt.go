@@ -1,0 +1,303 @@
+package mover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"libvirt.org/go/libvirt"
+	"libvirt.org/go/libvirtxml"
+)
+
+var eventLoop sync.Once
+
+// connectLibvirt opens a libvirt connection with the event loop running
+// (job-completed events need it).
+func connectLibvirt(uri string) (*libvirt.Connect, error) {
+	var loopErr error
+	eventLoop.Do(func() {
+		if loopErr = libvirt.EventRegisterDefaultImpl(); loopErr == nil {
+			go func() {
+				for libvirt.EventRunDefaultImpl() == nil {
+				}
+			}()
+		}
+	})
+	if loopErr != nil {
+		return nil, fmt.Errorf("libvirt event loop: %w", loopErr)
+	}
+	conn, err := libvirt.NewConnect(uri)
+	if err != nil {
+		return nil, fmt.Errorf("connect to libvirt at %s: %w (is libvirtd running?)", uri, err)
+	}
+	return conn, nil
+}
+
+func libvirtCode(err error) libvirt.ErrorNumber {
+	var lerr libvirt.Error
+	if errors.As(err, &lerr) {
+		return lerr.Code
+	}
+	return libvirt.ERR_OK
+}
+
+// lookupRunning finds the domain and checks that it runs.
+func lookupRunning(conn *libvirt.Connect, name, uri string) (*libvirt.Domain, error) {
+	dom, err := conn.LookupDomainByName(name)
+	if libvirtCode(err) == libvirt.ERR_NO_DOMAIN {
+		return nil, fmt.Errorf("domain %s not found on %s (virsh -c %s list --all shows the domains)", name, uri, uri)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: %w", name, err)
+	}
+	state, _, err := dom.GetState()
+	if err != nil {
+		dom.Free()
+		return nil, fmt.Errorf("domain %s: %w", name, err)
+	}
+	switch state {
+	case libvirt.DOMAIN_RUNNING, libvirt.DOMAIN_PAUSED, libvirt.DOMAIN_BLOCKED:
+		return dom, nil
+	}
+	dom.Free()
+	return nil, fmt.Errorf("domain %s is %s: live backups need a running domain; "+
+		"back up a stopped domain's disks with qemu-nbd and nbdmover backup --nbd", name, stateName(state))
+}
+
+func stateName(s libvirt.DomainState) string {
+	switch s {
+	case libvirt.DOMAIN_SHUTOFF:
+		return "shut off"
+	case libvirt.DOMAIN_SHUTDOWN:
+		return "shutting down"
+	case libvirt.DOMAIN_CRASHED:
+		return "crashed"
+	case libvirt.DOMAIN_PMSUSPENDED:
+		return "suspended"
+	}
+	return fmt.Sprintf("in state %d", s)
+}
+
+// activeBackupJob reports whether a backup job runs on the domain. (The
+// backup's XML is the reliable sign: job statistics of a pull-mode backup
+// can fail with "backup job data missing".)
+func activeBackupJob(dom *libvirt.Domain) (bool, error) {
+	_, err := dom.BackupGetXMLDesc(0)
+	switch libvirtCode(err) {
+	case libvirt.ERR_OK:
+		return true, nil
+	case libvirt.ERR_NO_DOMAIN_BACKUP:
+		return false, nil
+	}
+	return false, err
+}
+
+// endBackupJob ends the domain's pull-mode backup job (virDomainAbortJob:
+// there is no public BackupEnd) and waits until libvirt reports it gone.
+func endBackupJob(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain) error {
+	completed := make(chan struct{}, 1)
+	id, err := conn.DomainEventJobCompletedRegister(dom, func(*libvirt.Connect, *libvirt.Domain, *libvirt.DomainEventJobCompleted) {
+		select {
+		case completed <- struct{}{}:
+		default:
+		}
+	})
+	if err == nil {
+		defer conn.DomainEventDeregister(id)
+	}
+	if err := dom.AbortJob(); err != nil && libvirtCode(err) != libvirt.ERR_OPERATION_INVALID {
+		return fmt.Errorf("end backup job: %w", err)
+	}
+	// The event usually arrives at once; polling covers a lost event.
+	deadline := time.After(2 * time.Minute)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-completed:
+			return nil
+		case <-tick.C:
+			if active, err := activeBackupJob(dom); err == nil && !active {
+				return nil
+			}
+		case <-deadline:
+			return errors.New("the backup job did not end within 2 minutes of being aborted")
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+}
+
+// checkpointPrefix marks the checkpoints nbdmover creates; no other
+// checkpoint is ever touched.
+const checkpointPrefix = "nbdmover-"
+
+// ourCheckpoints lists the names of nbdmover's checkpoints on the domain.
+func ourCheckpoints(dom *libvirt.Domain) ([]string, error) {
+	cps, err := dom.ListAllCheckpoints(0)
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for _, cp := range cps {
+		if name, err := cp.GetName(); err == nil && strings.HasPrefix(name, checkpointPrefix) {
+			names = append(names, name)
+		}
+		cp.Free()
+	}
+	return names, nil
+}
+
+// deleteCheckpoint deletes one of our checkpoints. libvirt merges the
+// changes it recorded into its parent, so dirty tracking of the checkpoints
+// that remain stays complete. When its bitmaps are gone, only the metadata
+// is removed.
+func deleteCheckpoint(dom *libvirt.Domain, name string) error {
+	cp, err := dom.CheckpointLookupByName(name, 0)
+	if libvirtCode(err) == libvirt.ERR_NO_DOMAIN_CHECKPOINT {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer cp.Free()
+	if err := cp.Delete(0); err != nil {
+		if merr := cp.Delete(libvirt.DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY); merr != nil {
+			return fmt.Errorf("delete checkpoint %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// checkpointDisks returns the disks a checkpoint tracks with a bitmap.
+func checkpointDisks(dom *libvirt.Domain, name string) (map[string]bool, error) {
+	cp, err := dom.CheckpointLookupByName(name, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer cp.Free()
+	x, err := cp.GetXMLDesc(libvirt.DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+	if err != nil {
+		return nil, err
+	}
+	var def libvirtxml.DomainCheckpoint
+	if err := def.Unmarshal(x); err != nil {
+		return nil, err
+	}
+	disks := map[string]bool{}
+	if def.Disks != nil {
+		for _, d := range def.Disks.Disks {
+			if d.Checkpoint == "bitmap" {
+				disks[d.Name] = true
+			}
+		}
+	}
+	return disks, nil
+}
+
+// redefineCheckpoint recreates a checkpoint libvirt lost from the XML stored
+// with the backup, validating that its bitmaps are still in the images. The
+// parent link is dropped: older checkpoints are gone by design.
+func redefineCheckpoint(dom *libvirt.Domain, xml []byte) error {
+	var def libvirtxml.DomainCheckpoint
+	if err := def.Unmarshal(string(xml)); err != nil {
+		return fmt.Errorf("stored checkpoint XML: %w", err)
+	}
+	def.Parent = nil
+	out, err := def.Marshal()
+	if err != nil {
+		return err
+	}
+	cp, err := dom.CreateCheckpointXML(out, libvirt.DOMAIN_CHECKPOINT_CREATE_REDEFINE|libvirt.DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE)
+	if err != nil {
+		return err
+	}
+	cp.Free()
+	return nil
+}
+
+// domainDisk is a disk of the domain definition.
+type domainDisk struct {
+	name   string // target dev, e.g. vda
+	format string // driver type: qcow2, raw, ...
+	source string
+}
+
+// diskSelection splits the domain's disks into those to back up and those
+// skipped (with why).
+func diskSelection(def *libvirtxml.Domain, only []string) (disks []domainDisk, skipped []string, err error) {
+	want := map[string]bool{}
+	for _, n := range only {
+		want[n] = true
+	}
+	var all []string
+	if def.Devices != nil {
+		for _, d := range def.Devices.Disks {
+			if d.Target == nil {
+				continue
+			}
+			name := d.Target.Dev
+			all = append(all, name)
+			if len(want) > 0 && !want[name] {
+				continue
+			}
+			delete(want, name)
+			switch {
+			case d.Device != "" && d.Device != "disk":
+				skipped = append(skipped, fmt.Sprintf("%s (%s)", name, d.Device))
+				continue
+			case d.ReadOnly != nil:
+				skipped = append(skipped, name+" (read-only)")
+				continue
+			case d.Shareable != nil:
+				skipped = append(skipped, name+" (shareable)")
+				continue
+			case d.Source == nil:
+				skipped = append(skipped, name+" (no medium)")
+				continue
+			}
+			dd := domainDisk{name: name, format: "raw"}
+			if d.Driver != nil && d.Driver.Type != "" {
+				dd.format = d.Driver.Type
+			}
+			if d.Source.File != nil {
+				dd.source = d.Source.File.File
+			} else if d.Source.Block != nil {
+				dd.source = d.Source.Block.Dev
+			}
+			disks = append(disks, dd)
+		}
+	}
+	if len(want) > 0 {
+		var missing []string
+		for n := range want {
+			missing = append(missing, n)
+		}
+		return nil, nil, fmt.Errorf("domain %s has no disk %s (it has %s)", def.Name, strings.Join(missing, ", "), strings.Join(all, ", "))
+	}
+	return disks, skipped, nil
+}
+
+// qemuOwner returns the uid and gid QEMU runs as (from the DAC security
+// label of the live definition), or -1 when unknown.
+func qemuOwner(def *libvirtxml.Domain) (uid, gid int) {
+	for _, l := range def.SecLabel {
+		if l.Model != "dac" || l.Label == "" {
+			continue
+		}
+		u, g, ok := strings.Cut(l.Label, ":")
+		if !ok {
+			continue
+		}
+		uid, err1 := strconv.Atoi(strings.TrimPrefix(u, "+"))
+		gid, err2 := strconv.Atoi(strings.TrimPrefix(g, "+"))
+		if err1 == nil && err2 == nil {
+			return uid, gid
+		}
+	}
+	return -1, -1
+}
