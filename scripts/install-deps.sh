@@ -8,7 +8,7 @@ pkgs=(
 	libnbd-dev libnbd-bin nbdkit
 	libvirt-dev libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 	qemu-system-x86 qemu-utils e2fsprogs
-	virtnbdbackup hyperfine
+	virtnbdbackup hyperfine time bc
 )
 missing=()
 for p in "${pkgs[@]}"; do
