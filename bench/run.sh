@@ -52,41 +52,53 @@ chmod 755 "$work"
 dom="nbdmover-bench-$(basename "$work" | cut -d. -f2 | tr 'A-Z' 'a-z')"
 cleanup() {
 	virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
+	virsh -q -c qemu:///system destroy "$dom-peer" >/dev/null 2>&1 || true
 	rm -rf "$work"
 	if [ "$started" = started ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-cp "$base" "$work/vda.qcow2"
+# a directory QEMU (libvirt-qemu) may write, for the harness's own export
+install -d -m 0700 "$work/qemu"
+if id libvirt-qemu >/dev/null 2>&1; then chown libvirt-qemu:kvm "$work/qemu"; fi
+# Two domains on identical copies: virtnbdbackup refuses to work next to
+# another tool's checkpoints, so nbdmover ($dom) and the peers ($vdom) each
+# have their own. Both get the same writes.
+vdom="$dom-peer"
 virt=kvm; [ -c /dev/kvm ] || virt=qemu
-cat >"$work/domain.xml" <<EOT
-<domain type='$virt'><name>$dom</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+for d in "$dom" "$vdom"; do
+	cp "$base" "$work/$d.qcow2"
+	cat >"$work/$d.xml" <<EOT
+<domain type='$virt'><name>$d</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/vda.qcow2'/>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/$d.qcow2'/>
 <target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk></devices></domain>
 EOT
-virsh -q -c qemu:///system create "$work/domain.xml" >/dev/null
-disk_bytes=$(qemu-img info --output=json -U "$work/vda.qcow2" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
-data_bytes=$(qemu-img map --output=json -U "$work/vda.qcow2" | grep '"data": true' |
+	virsh -q -c qemu:///system create "$work/$d.xml" >/dev/null
+done
+disk_bytes=$(qemu-img info --output=json -U "$work/$dom.qcow2" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
+data_bytes=$(qemu-img map --output=json -U "$work/$dom.qcow2" | grep '"data": true' |
 	sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)
 say "disk: $disk_bytes bytes, $data_bytes allocated; $ROUNDS rounds"
 
 virsh_() { virsh -q -c qemu:///system "$@"; }
-hmp() { virsh_ qemu-monitor-command "$dom" --hmp "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"$1\"" >/dev/null; }
+hmp() { # hmp DOMAIN QEMU-IO-COMMAND
+	virsh_ qemu-monitor-command "$1" --hmp "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"$2\"" >/dev/null
+}
 
 # pull_export CMD...: run CMD with $SOCK set while a full pull-mode export of
 # vda runs (no checkpoint), then end the job.
 pull_export() {
-	local sock="$work/pull.sock"
+	local sock="$work/qemu/pull.sock"
 	cat >"$work/pull.xml" <<EOT
 <domainbackup mode='pull'><server transport='unix' socket='$sock'/>
-<disks><disk name='vda' backup='yes' type='file'><scratch file='$work/pull-scratch.qcow2'/></disk></disks></domainbackup>
+<disks><disk name='vda' backup='yes' type='file'><scratch file='$work/qemu/pull-scratch.qcow2'/></disk></disks></domainbackup>
 EOT
-	virsh_ backup-begin "$dom" "$work/pull.xml" >/dev/null
+	virsh_ backup-begin "$vdom" "$work/pull.xml" >/dev/null
 	SOCK=$sock "$@"
 	local rc=$?
-	virsh_ domjobabort "$dom" >/dev/null
-	while virsh_ backup-dumpxml "$dom" >/dev/null 2>&1; do sleep 0.1; done
+	virsh_ domjobabort "$vdom" >/dev/null
+	while virsh_ backup-dumpxml "$vdom" >/dev/null 2>&1; do sleep 0.1; done
 	return $rc
 }
 
@@ -100,7 +112,7 @@ measure() {
 	local tf="$work/time.$$"
 	sync
 	echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-	if ! /usr/bin/time -f '%e %U %S %M' -o "$tf" "$@" >"$work/last.log" 2>&1; then
+	if ! /usr/bin/time -f '%e %U %S %M' -o "$tf" bash -c '"$@"' _ "$@" >"$work/last.log" 2>&1; then
 		cat "$work/last.log" >&2
 		die "$name failed"
 	fi
@@ -112,12 +124,15 @@ measure() {
 	printf '  %-28s %7.2fs  rss %6d MiB  out %s\n' "$name" "$wall" $((rss / 1024)) "$(numfmt --to=iec "$size")" >&2
 }
 
-dirty() { # dirty DIRTY_PCT% of the disk in 1 MiB writes spread over it
-	local n=$((disk_bytes / 1048576 * DIRTY_PCT / 100)) i
+dirty() { # dirty DIRTY_PCT% of both disks in the same 1 MiB writes spread over them
+	local n=$((disk_bytes / 1048576 * DIRTY_PCT / 100)) i w
 	for ((i = 0; i < n; i++)); do
-		hmp "write -P 0x$(printf %02x $((i % 250 + 1))) $(((RANDOM * 32768 + RANDOM) % (disk_bytes / 1048576)))M 1M"
+		w="write -P 0x$(printf %02x $((i % 250 + 1))) $(((RANDOM * 32768 + RANDOM) % (disk_bytes / 1048576)))M 1M"
+		hmp "$dom" "$w"
+		hmp "$vdom" "$w"
 	done
-	hmp flush
+	hmp "$dom" flush
+	hmp "$vdom" flush
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -126,12 +141,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	mkdir -p "$r"
 	nbdcopy_null() { nbdcopy "nbd+unix:///vda?socket=$SOCK" null:; }
 	nbdcopy_file() { nbdcopy "nbd+unix:///vda?socket=$SOCK" "$r/nbdcopy.raw"; }
+	export -f pull_export nbdcopy_null nbdcopy_file virsh_
+	export work dom vdom r
 	measure nbdcopy-null "" pull_export nbdcopy_null
 	measure nbdcopy-to-file "$r/nbdcopy.raw" pull_export nbdcopy_file
 	rm -f "$r/nbdcopy.raw"
-	measure virtnbdbackup-full "$r/vnb" virtnbdbackup -q -d "$dom" -l full -o "$r/vnb"
-	measure virtnbdbackup-full-z "$r/vnbz" virtnbdbackup -q -d "$dom" -l full -z -o "$r/vnbz"
+	measure virtnbdbackup-full-z "$r/vnbz" virtnbdbackup -q -d "$vdom" -l full -z -o "$r/vnbz"
 	rm -rf "$r/vnbz"
+	measure virtnbdbackup-full "$r/vnb" virtnbdbackup -q -d "$vdom" -l full -o "$r/vnb"
 	measure nbdmover-full-null "" "$nbdmover" --log-level warn backup --domain "$dom" --repo null: --mode full --scratch-dir "$work/scratch"
 	measure nbdmover-full-null-nocomp "" "$nbdmover" --log-level warn backup --domain "$dom" --repo null: --mode full --compression none --scratch-dir "$work/scratch"
 	measure nbdmover-full-local "$r/repo" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo" --mode full --scratch-dir "$work/scratch"
@@ -139,7 +156,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	rm -f "$r/restore.raw"
 	dirty
 	measure nbdmover-incremental "$r/repo" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo" --mode incremental --scratch-dir "$work/scratch"
-	measure virtnbdbackup-inc "$r/vnb" virtnbdbackup -q -d "$dom" -l inc -o "$r/vnb"
+	measure virtnbdbackup-inc "$r/vnb" virtnbdbackup -q -d "$vdom" -l inc -o "$r/vnb"
 	rm -rf "$r"
 done
 

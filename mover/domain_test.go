@@ -21,9 +21,25 @@ import (
 )
 
 // TestMain doubles as a helper process: with NBDMOVER_HELPER_BACKUP set to
-// a JSON BackupOptions, the test binary runs that backup the way the
-// command does (signals cancel it) and exits, so tests can kill a backup.
+// a JSON BackupOptions (NBDMOVER_HELPER_SERVE: ServeOptions), the test
+// binary runs that backup (daemon) the way the command does (signals cancel
+// it) and exits, so tests can signal or kill it.
 func TestMain(m *testing.M) {
+	if spec := os.Getenv("NBDMOVER_HELPER_SERVE"); spec != "" {
+		var o mover.ServeOptions
+		if err := json.Unmarshal([]byte(spec), &o); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		err := mover.Serve(ctx, o)
+		stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	if spec := os.Getenv("NBDMOVER_HELPER_BACKUP"); spec != "" {
 		var o mover.BackupOptions
 		if err := json.Unmarshal([]byte(spec), &o); err != nil {

@@ -45,7 +45,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json (logs go to stderr)"},
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), serveCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {

@@ -1,0 +1,401 @@
+package mover
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/nbdmover/nbdmover/repo"
+)
+
+// Job states.
+const (
+	JobQueued    = "queued"
+	JobRunning   = "running"
+	JobSucceeded = "succeeded"
+	JobFailed    = "failed"
+	JobCancelled = "cancelled"
+)
+
+// JobRequest is a backup a scheduler asks the daemon for. The repository
+// and host settings are the daemon's; a request only chooses what and how.
+type JobRequest struct {
+	Domain          string   `json:"domain"`
+	Mode            string   `json:"mode,omitempty"`
+	Disks           []string `json:"disks,omitempty"`
+	Compression     string   `json:"compression,omitempty"`
+	Readers         int      `json:"readers,omitempty"`
+	Quiesce         bool     `json:"quiesce,omitempty"`
+	QuiesceOptional bool     `json:"quiesce_optional,omitempty"`
+}
+
+// RequestError is a request the runner refuses; Status is the HTTP status
+// that fits it.
+type RequestError struct {
+	Status int
+	Err    error
+}
+
+func (e *RequestError) Error() string { return e.Err.Error() }
+func (e *RequestError) Unwrap() error { return e.Err }
+
+func badRequest(status int, format string, args ...any) error {
+	return &RequestError{Status: status, Err: fmt.Errorf(format, args...)}
+}
+
+// JobView is a job as the API shows it.
+type JobView struct {
+	ID         string        `json:"id"`
+	Domain     string        `json:"domain"`
+	State      string        `json:"state"`
+	Request    JobRequest    `json:"request"`
+	Created    time.Time     `json:"created"`
+	Started    *time.Time    `json:"started,omitempty"`
+	Finished   *time.Time    `json:"finished,omitempty"`
+	Seconds    float64       `json:"seconds"`
+	BytesDone  int64         `json:"bytes_done"`
+	BytesTotal int64         `json:"bytes_total"`
+	RateMBps   float64       `json:"rate_mb_per_s"`
+	Disks      []JobDisk     `json:"disks"`
+	BackupID   string        `json:"backup_id,omitempty"`
+	Error      string        `json:"error,omitempty"`
+	Result     *BackupResult `json:"result,omitempty"`
+}
+
+// JobDisk is one disk's progress.
+type JobDisk struct {
+	Name         string `json:"name"`
+	BytesDone    int64  `json:"bytes_done"`
+	BytesTotal   int64  `json:"bytes_total"`
+	BytesRead    int64  `json:"bytes_read"`
+	BytesWritten int64  `json:"bytes_written"`
+}
+
+type job struct {
+	id      string
+	req     JobRequest
+	created time.Time
+	cancel  context.CancelCauseFunc
+
+	mu       sync.Mutex
+	state    string
+	started  time.Time
+	finished time.Time
+	disks    []string
+	stats    []*DiskStats
+	result   *BackupResult
+	err      error
+}
+
+func (j *job) view() JobView {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	v := JobView{ID: j.id, Domain: j.req.Domain, State: j.state, Request: j.req, Created: j.created,
+		Result: j.result, Disks: []JobDisk{}}
+	end := time.Now()
+	if !j.finished.IsZero() {
+		end = j.finished
+		v.Finished = &j.finished
+	}
+	if !j.started.IsZero() {
+		v.Started = &j.started
+		v.Seconds = end.Sub(j.started).Seconds()
+	}
+	var read int64
+	for i, st := range j.stats {
+		d := JobDisk{Name: j.disks[i], BytesDone: st.Done.Load(), BytesTotal: st.Total.Load(),
+			BytesRead: st.BytesRead.Load(), BytesWritten: st.BytesWritten.Load()}
+		v.Disks = append(v.Disks, d)
+		v.BytesDone += d.BytesDone
+		v.BytesTotal += d.BytesTotal
+		read += d.BytesRead
+	}
+	if v.Seconds > 0 {
+		v.RateMBps = float64(read) / v.Seconds / 1e6
+	}
+	if j.result != nil {
+		v.BackupID = j.result.ID
+	}
+	if j.err != nil {
+		v.Error = j.err.Error()
+	}
+	return v
+}
+
+// RunnerOptions configure the daemon's job runner.
+type RunnerOptions struct {
+	// Backup is the template of every job's options (repository, libvirt
+	// URI, directories, tuning); requests fill in the rest.
+	Backup BackupOptions
+	// MaxJobs is the host-wide limit on running jobs (default 2); more
+	// jobs queue.
+	MaxJobs int
+	// Keep finished jobs for KeepFor (default 24h), at most KeepMax (1000).
+	KeepFor time.Duration
+	KeepMax int
+	// CheckDomain, if set, is asked at submission whether the domain
+	// exists, so that an unknown domain is a 404, not a failed job.
+	CheckDomain func(ctx context.Context, name string) error `json:"-"`
+	Log         *slog.Logger                                 `json:"-"`
+	// Observe, if set, is told of each finished job (for metrics).
+	Observe func(v JobView, err error) `json:"-"`
+}
+
+// Runner queues and runs backup jobs: one per domain at a time, at most
+// MaxJobs at once. It is safe for concurrent use.
+type Runner struct {
+	o   RunnerOptions
+	ctx context.Context // the runner's life; cancelled by Shutdown
+	end context.CancelCauseFunc
+	sem chan struct{}
+	wg  sync.WaitGroup
+
+	mu       sync.Mutex
+	jobs     map[string]*job
+	byDomain map[string]*job // the domain's queued or running job
+	closed   bool
+}
+
+// ErrShuttingDown: the runner takes no more jobs.
+var ErrShuttingDown = errors.New("the daemon is shutting down")
+
+// NewRunner returns a runner whose jobs live until ctx is done or
+// Shutdown.
+func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
+	if o.MaxJobs <= 0 {
+		o.MaxJobs = 2
+	}
+	if o.KeepFor <= 0 {
+		o.KeepFor = 24 * time.Hour
+	}
+	if o.KeepMax <= 0 {
+		o.KeepMax = 1000
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	rctx, end := context.WithCancelCause(ctx)
+	return &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs),
+		jobs: map[string]*job{}, byDomain: map[string]*job{}}
+}
+
+func newJobID() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Submit validates a request and queues its job.
+func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
+	if err := repo.ValidName("domain", req.Domain); err != nil {
+		return JobView{}, badRequest(422, "%w", err)
+	}
+	for _, d := range req.Disks {
+		if err := repo.ValidName("disk", d); err != nil {
+			return JobView{}, badRequest(422, "%w", err)
+		}
+	}
+	switch req.Mode {
+	case "", ModeAuto, ModeFull, ModeIncremental:
+	default:
+		return JobView{}, badRequest(422, "mode %q: want auto, full or incremental", req.Mode)
+	}
+	if req.Readers < 0 || req.Readers > 64 {
+		return JobView{}, badRequest(422, "readers %d: want 1 to 64", req.Readers)
+	}
+	if req.Compression != "" {
+		if _, err := (InitOptions{Compression: req.Compression}).repoInit(); err != nil {
+			return JobView{}, badRequest(422, "%w", err)
+		}
+	}
+	if r.o.CheckDomain != nil {
+		if err := r.o.CheckDomain(ctx, req.Domain); err != nil {
+			return JobView{}, err
+		}
+	}
+
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return JobView{}, &RequestError{Status: 503, Err: ErrShuttingDown}
+	}
+	if cur := r.byDomain[req.Domain]; cur != nil {
+		return JobView{}, badRequest(409, "domain %s already has job %s (%s)", req.Domain, cur.id, cur.view().State)
+	}
+	r.prune()
+	jctx, cancel := context.WithCancelCause(r.ctx)
+	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: JobQueued}
+	r.jobs[j.id] = j
+	r.byDomain[req.Domain] = j
+	r.wg.Add(1)
+	go r.run(jctx, j)
+	return j.view(), nil
+}
+
+// errCancelled is the cause of a job cancelled through the API.
+var errCancelled = errors.New("cancelled by request")
+
+func (r *Runner) run(ctx context.Context, j *job) {
+	defer r.wg.Done()
+	log := r.o.Log.With("job", j.id, "domain", j.req.Domain)
+	finish := func(state string, res *BackupResult, err error) {
+		j.mu.Lock()
+		j.state, j.result, j.err, j.finished = state, res, err, time.Now().UTC()
+		j.mu.Unlock()
+		r.mu.Lock()
+		if r.byDomain[j.req.Domain] == j {
+			delete(r.byDomain, j.req.Domain)
+		}
+		r.mu.Unlock()
+		j.cancel(nil)
+		if err != nil {
+			log.Warn("job ended", "state", state, "error", err)
+		} else {
+			log.Info("job ended", "state", state, "backup", res.ID, "seconds", res.Seconds)
+		}
+		if r.o.Observe != nil {
+			r.o.Observe(j.view(), err)
+		}
+	}
+	select {
+	case r.sem <- struct{}{}:
+		defer func() { <-r.sem }()
+	case <-ctx.Done():
+		finish(JobCancelled, nil, context.Cause(ctx))
+		return
+	}
+	j.mu.Lock()
+	j.state, j.started = JobRunning, time.Now().UTC()
+	j.mu.Unlock()
+	log.Info("job started")
+
+	o := r.o.Backup
+	o.Domain, o.Mode, o.Disks = j.req.Domain, j.req.Mode, j.req.Disks
+	o.Quiesce, o.QuiesceOptional = j.req.Quiesce, j.req.QuiesceOptional
+	if j.req.Compression != "" {
+		o.Compression = j.req.Compression
+	}
+	if j.req.Readers > 0 {
+		o.Tuning.Readers = j.req.Readers
+	}
+	o.Log = log
+	o.Progress = func(disk string, st *DiskStats) {
+		j.mu.Lock()
+		j.disks = append(j.disks, disk)
+		j.stats = append(j.stats, st)
+		j.mu.Unlock()
+	}
+	res, err := Backup(ctx, o)
+	switch {
+	case err == nil:
+		finish(JobSucceeded, res, nil)
+	case ctx.Err() != nil:
+		finish(JobCancelled, nil, fmt.Errorf("%w: %v", context.Cause(ctx), err))
+	default:
+		finish(JobFailed, nil, err)
+	}
+}
+
+// prune forgets finished jobs past their retention. Called with r.mu held.
+func (r *Runner) prune() {
+	var done []*job
+	for _, j := range r.jobs {
+		j.mu.Lock()
+		if !j.finished.IsZero() {
+			if time.Since(j.finished) > r.o.KeepFor {
+				delete(r.jobs, j.id)
+			} else {
+				done = append(done, j)
+			}
+		}
+		j.mu.Unlock()
+	}
+	if extra := len(done) - r.o.KeepMax; extra > 0 {
+		sort.Slice(done, func(a, b int) bool { return done[a].finished.Before(done[b].finished) })
+		for _, j := range done[:extra] {
+			delete(r.jobs, j.id)
+		}
+	}
+}
+
+// Jobs returns every job, newest first.
+func (r *Runner) Jobs() []JobView {
+	r.mu.Lock()
+	r.prune()
+	jobs := make([]*job, 0, len(r.jobs))
+	for _, j := range r.jobs {
+		jobs = append(jobs, j)
+	}
+	r.mu.Unlock()
+	views := make([]JobView, len(jobs))
+	for i, j := range jobs {
+		views[i] = j.view()
+	}
+	sort.Slice(views, func(a, b int) bool { return views[a].Created.After(views[b].Created) })
+	return views
+}
+
+// Job returns one job.
+func (r *Runner) Job(id string) (JobView, bool) {
+	r.mu.Lock()
+	j, ok := r.jobs[id]
+	r.mu.Unlock()
+	if !ok {
+		return JobView{}, false
+	}
+	return j.view(), true
+}
+
+// Cancel asks a queued or running job to stop: its libvirt job is ended
+// and nothing is committed.
+func (r *Runner) Cancel(id string) (JobView, error) {
+	r.mu.Lock()
+	j, ok := r.jobs[id]
+	r.mu.Unlock()
+	if !ok {
+		return JobView{}, badRequest(404, "no job %s", id)
+	}
+	v := j.view()
+	if v.State != JobQueued && v.State != JobRunning {
+		return v, badRequest(409, "job %s already %s", id, v.State)
+	}
+	j.cancel(errCancelled)
+	return v, nil
+}
+
+// Counts returns how many jobs are queued and running.
+func (r *Runner) Counts() (queued, running int) {
+	for _, v := range r.Jobs() {
+		switch v.State {
+		case JobQueued:
+			queued++
+		case JobRunning:
+			running++
+		}
+	}
+	return queued, running
+}
+
+// Shutdown takes no more jobs, cancels the ones queued and running, and
+// waits for them to end cleanly (libvirt jobs ended, nothing half
+// committed) or for ctx.
+func (r *Runner) Shutdown(ctx context.Context) error {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	r.end(ErrShuttingDown)
+	done := make(chan struct{})
+	go func() { r.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("jobs still ending: %w", context.Cause(ctx))
+	}
+}

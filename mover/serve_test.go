@@ -1,0 +1,361 @@
+package mover_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
+)
+
+// daemon is a running nbdmover serve and a client for it.
+type daemon struct {
+	t      *testing.T
+	client *http.Client
+	base   string
+	token  string
+}
+
+func unixClient(sock string) *http.Client {
+	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+		}}}
+}
+
+// startDaemon runs Serve in-process on a unix socket until the test ends.
+func startDaemon(t *testing.T, ro mover.RepoOptions, maxJobs int) *daemon {
+	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	ready := make(chan struct{})
+	go func() {
+		done <- mover.Serve(ctx, mover.ServeOptions{Listen: "unix://" + sock, Log: testLog(t),
+			Ready: func(string) { close(ready) },
+			Runner: mover.RunnerOptions{MaxJobs: maxJobs,
+				Backup: mover.BackupOptions{Repo: ro, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("serve: %v", err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	})
+	st, err := os.Stat(sock)
+	if err != nil || st.Mode().Perm() != 0o600 || st.Mode()&os.ModeSocket == 0 {
+		t.Fatalf("the socket must be mode 0600: %v %v", st.Mode(), err)
+	}
+	return &daemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
+}
+
+// do sends a request and decodes the JSON answer into out (if not nil).
+func (d *daemon) do(method, path, body string, out any) int {
+	d.t.Helper()
+	req, _ := http.NewRequest(method, d.base+path, strings.NewReader(body))
+	if d.token != "" {
+		req.Header.Set("Authorization", "Bearer "+d.token)
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		d.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			d.t.Fatalf("%s %s: %d %s: %v", method, path, resp.StatusCode, b, err)
+		}
+	}
+	return resp.StatusCode
+}
+
+func (d *daemon) submit(body string) (string, int, string) {
+	d.t.Helper()
+	var out map[string]string
+	code := d.do("POST", "/v1/jobs", body, &out)
+	return out["id"], code, out["error"]
+}
+
+// wait polls a job until it is in one of the states.
+func (d *daemon) wait(id string, states ...string) mover.JobView {
+	d.t.Helper()
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		var v mover.JobView
+		if code := d.do("GET", "/v1/jobs/"+id, "", &v); code != 200 {
+			d.t.Fatalf("GET job %s: %d", id, code)
+		}
+		for _, s := range states {
+			if v.State == s {
+				return v
+			}
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("job %s stuck in %s", id, v.State)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (d *daemon) metrics() string {
+	d.t.Helper()
+	resp, err := d.client.Get(d.base + "/metrics")
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func daemonBackupAndRestore(t *testing.T, ro mover.RepoOptions) {
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 64 * MiB})
+	dom.Write("vda", "write -P 0x5a 1M 20M")
+	d := startDaemon(t, ro, 2)
+	id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
+	if code != 202 {
+		t.Fatalf("submit: %d %s", code, msg)
+	}
+	v := d.wait(id, mover.JobSucceeded, mover.JobFailed)
+	if v.State != mover.JobSucceeded || v.BackupID == "" || v.BytesDone != v.BytesTotal || v.BytesTotal != 64*MiB {
+		t.Fatalf("job: %+v", v)
+	}
+	refs := dom.Snapshot()
+	checkNoLeftovers(t, dom)
+	checkDomainRestores(t, ro, dom.Name, []domainPoint{{v.BackupID, refs}})
+
+	var backups struct{ Backups []map[string]any }
+	if code := d.do("GET", "/v1/backups?domain="+dom.Name, "", &backups); code != 200 || len(backups.Backups) != 1 {
+		t.Fatalf("backups: %d %+v", code, backups)
+	}
+	m := d.metrics()
+	for _, want := range []string{`nbdmover_jobs_finished_total{state="succeeded"} 1`, `nbdmover_jobs_running 0`,
+		`nbdmover_job_duration_seconds_count{state="succeeded"} 1`} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if !strings.Contains(m, `nbdmover_bytes_total{kind="read"} 2.097152e+07`) {
+		t.Errorf("metrics do not count the 20 MiB read:\n%s", grepLines(m, "nbdmover_bytes"))
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+func TestDaemonLocal(t *testing.T) {
+	daemonBackupAndRestore(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")})
+}
+
+func TestDaemonS3(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	daemonBackupAndRestore(t, mover.RepoOptions{Location: fmt.Sprintf("s3://daemon-%08x", rand.Uint32()), S3Endpoint: ep})
+}
+
+// slowDomain holds enough data that a backup with slowJob settings runs for
+// seconds, long enough to cancel or interrupt it.
+func slowDomain(t *testing.T) *qemutest.Domain {
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 1024 * MiB})
+	for off := 0; off < 768; off += 128 {
+		dom.Write("vda", fmt.Sprintf("write -P 0x%02x %dM 128M", 0x30+off/128, off))
+	}
+	return dom
+}
+
+const slowJob = `, "compression": "zstd:4", "readers": 1`
+
+func TestDaemonConcurrencyAndCancel(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	slow := slowDomain(t)
+	quick := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	quick.Write("vda", "write -P 0x21 0 1M")
+	d := startDaemon(t, ro, 1) // one job at a time on this host
+
+	a, code, msg := d.submit(fmt.Sprintf(`{"domain": %q%s}`, slow.Name, slowJob))
+	if code != 202 {
+		t.Fatalf("submit: %d %s", code, msg)
+	}
+	d.wait(a, mover.JobRunning)
+	_, code, msg = d.submit(fmt.Sprintf(`{"domain": %q}`, slow.Name))
+	if code != 409 || !strings.Contains(msg, a) {
+		t.Fatalf("a second job for the same domain: %d %q, want 409 naming %s", code, msg, a)
+	}
+	b, code, _ := d.submit(fmt.Sprintf(`{"domain": %q}`, quick.Name))
+	if code != 202 {
+		t.Fatalf("another domain: %d", code)
+	}
+	if v := d.wait(b, mover.JobQueued, mover.JobRunning, mover.JobSucceeded); v.State != mover.JobQueued {
+		t.Fatalf("with max-jobs 1 the second job must queue, it is %s", v.State)
+	}
+	var cancelled map[string]string
+	if code := d.do("DELETE", "/v1/jobs/"+a, "", &cancelled); code != 202 {
+		t.Fatalf("cancel: %d %v", code, cancelled)
+	}
+	if v := d.wait(a, mover.JobCancelled, mover.JobSucceeded, mover.JobFailed); v.State != mover.JobCancelled {
+		t.Fatalf("cancelled job: %+v", v)
+	}
+	checkNoLeftovers(t, slow)
+	if cps := slow.Checkpoints(); len(cps) != 0 {
+		t.Fatalf("a cancelled first backup left checkpoints %v", cps)
+	}
+	if ms, err := mover.List(t.Context(), ro, slow.Name); err != nil || len(ms) != 0 {
+		t.Fatalf("a cancelled job committed: %v %v", ms, err)
+	}
+	if v := d.wait(b, mover.JobSucceeded, mover.JobFailed); v.State != mover.JobSucceeded {
+		t.Fatalf("queued job: %+v", v)
+	}
+	if code := d.do("DELETE", "/v1/jobs/"+b, "", nil); code != 409 {
+		t.Fatalf("cancel of a finished job: %d, want 409", code)
+	}
+	var list struct{ Jobs []mover.JobView }
+	if d.do("GET", "/v1/jobs", "", &list); len(list.Jobs) != 2 || list.Jobs[0].ID != b {
+		t.Fatalf("jobs: %+v", list.Jobs)
+	}
+	if m := d.metrics(); !strings.Contains(m, `nbdmover_jobs_finished_total{state="cancelled"} 1`) ||
+		!strings.Contains(m, `nbdmover_job_errors_total{kind="cancelled"} 1`) {
+		t.Errorf("metrics:\n%s", grepLines(m, "nbdmover_job"))
+	}
+}
+
+func TestDaemonBadRequests(t *testing.T) {
+	qemutest.NeedLibvirt(t)
+	d := startDaemon(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}, 1)
+	for _, tt := range []struct {
+		method, path, body string
+		code               int
+	}{
+		{"POST", "/v1/jobs", `{"domain":`, 400},
+		{"POST", "/v1/jobs", `{"domain": "x", "color": "red"}`, 400},
+		{"POST", "/v1/jobs", `{"domain": "x"} {"domain": "y"}`, 400},
+		{"POST", "/v1/jobs", `{"domain": "../../etc"}`, 422},
+		{"POST", "/v1/jobs", `{"domain": "vm1", "disks": ["vda/../x"]}`, 422},
+		{"POST", "/v1/jobs", `{"domain": "vm1", "mode": "sideways"}`, 422},
+		{"POST", "/v1/jobs", `{"domain": "vm1", "compression": "lz4"}`, 422},
+		{"POST", "/v1/jobs", `{"domain": "no-such-domain-x"}`, 404},
+		{"GET", "/v1/jobs/nope", "", 404},
+		{"DELETE", "/v1/jobs/nope", "", 404},
+		{"GET", "/v1/backups?domain=../x", "", 422},
+		{"GET", "/v1/backups?domain=never-backed-up", "", 200},
+		{"GET", "/v2/anything", "", 404},
+		{"PUT", "/v1/jobs", "", 405},
+	} {
+		var out map[string]any
+		code := d.do(tt.method, tt.path, tt.body, &out)
+		if code == 200 && tt.code == 200 {
+			if b, ok := out["backups"].([]any); !ok || len(b) != 0 {
+				t.Errorf("backups of an empty repository: %v", out)
+			}
+			continue
+		}
+		if code != tt.code || out["error"] == nil {
+			t.Errorf("%s %s %s: %d %v, want %d with an error", tt.method, tt.path, tt.body, code, out, tt.code)
+		}
+	}
+	var health map[string]any
+	if code := d.do("GET", "/healthz", "", &health); code != 200 || health["status"] != "ok" {
+		t.Fatalf("health after bad requests: %d %v", code, health)
+	}
+}
+
+func TestDaemonTCPNeedsToken(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	if err := mover.Serve(t.Context(), mover.ServeOptions{Listen: "127.0.0.1:0",
+		Runner: mover.RunnerOptions{Backup: mover.BackupOptions{Repo: ro}}}); err == nil || !strings.Contains(err.Error(), "token") {
+		t.Fatalf("TCP without a token: %v", err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	addr := make(chan string, 1)
+	go mover.Serve(ctx, mover.ServeOptions{Listen: "127.0.0.1:0", Token: "s3cret-token",
+		Ready:  func(a string) { addr <- a },
+		Runner: mover.RunnerOptions{Backup: mover.BackupOptions{Repo: ro}}})
+	d := &daemon{t: t, client: &http.Client{Timeout: 10 * time.Second}, base: "http://" + <-addr}
+	for _, tok := range []string{"", "wrong", "s3cret-token-longer"} {
+		d.token = tok
+		var out map[string]any
+		if code := d.do("GET", "/v1/jobs", "", &out); code != 401 || out["error"] == nil {
+			t.Errorf("token %q: %d %v, want 401", tok, code, out)
+		}
+	}
+	d.token = "s3cret-token"
+	if code := d.do("GET", "/v1/jobs", "", nil); code != 200 {
+		t.Fatalf("right token: %d", code)
+	}
+}
+
+// A SIGTERM during a job ends the job cleanly and the daemon exits.
+func TestDaemonSIGTERM(t *testing.T) {
+	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := slowDomain(t)
+	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
+	spec, _ := json.Marshal(mover.ServeOptions{Listen: "unix://" + sock,
+		Runner: mover.RunnerOptions{Backup: mover.BackupOptions{Repo: ro, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "NBDMOVER_HELPER_SERVE="+string(spec))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the daemon did not start: %s", stderr.String())
+		}
+	}
+	d := &daemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
+	id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q%s}`, dom.Name, slowJob))
+	if code != 202 {
+		t.Fatalf("submit: %d %s", code, msg)
+	}
+	d.wait(id, mover.JobRunning)
+	for !dom.JobActive() {
+		time.Sleep(20 * time.Millisecond)
+	}
+	start := time.Now()
+	cmd.Process.Signal(syscall.SIGTERM)
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		t.Logf("daemon exited after %v: %v", time.Since(start), err)
+	case <-time.After(60 * time.Second):
+		t.Fatalf("the daemon did not exit within 60s of SIGTERM: %s", stderr.String())
+	}
+	checkNoLeftovers(t, dom)
+	if ms, err := mover.List(t.Context(), ro, dom.Name); err != nil || len(ms) != 0 {
+		t.Fatalf("an interrupted job committed: %v %v", ms, err)
+	}
+	if _, err := os.Stat(sock); err == nil {
+		t.Error("the socket was left behind")
+	}
+}
