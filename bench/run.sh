@@ -151,6 +151,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	measure virtnbdbackup-full "$r/vnb" virtnbdbackup -q -d "$vdom" -l full -o "$r/vnb"
 	measure nbdmover-full-null "" "$nbdmover" --log-level warn backup --domain "$dom" --repo null: --mode full --scratch-dir "$work/scratch"
 	measure nbdmover-full-null-nocomp "" "$nbdmover" --log-level warn backup --domain "$dom" --repo null: --mode full --compression none --scratch-dir "$work/scratch"
+	measure nbdmover-full-local-s2 "$r/repo-s2" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo-s2" --mode full --compression s2 --scratch-dir "$work/scratch"
+	rm -rf "$r/repo-s2"
 	measure nbdmover-full-local "$r/repo" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo" --mode full --scratch-dir "$work/scratch"
 	measure nbdmover-restore-raw "$r/restore.raw" "$nbdmover" restore --repo "$r/repo" --domain "$dom" --disk vda --output "$r/restore.raw"
 	rm -f "$r/restore.raw"

@@ -34,7 +34,7 @@ func vmData(b *testing.B) []byte {
 //	go test -run '^$' -bench Pipeline ./chunker
 func BenchmarkPipeline(b *testing.B) {
 	data := vmData(b)
-	for _, comp := range []string{"none", "zstd", "zstd:2", "zstd:3"} {
+	for _, comp := range []string{"none", "s2", "zstd", "zstd:2"} {
 		b.Run(comp, func(b *testing.B) {
 			c, _ := ParseCompression(comp)
 			codec, _ := NewCodec(c)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -49,13 +50,13 @@ func TestGrid(t *testing.T) {
 }
 
 func TestParseCompression(t *testing.T) {
-	for in, want := range map[string]string{"none": "none", "zstd": "zstd", "zstd:1": "zstd", "zstd:4": "zstd:4"} {
+	for in, want := range map[string]string{"none": "none", "zstd": "zstd", "zstd:1": "zstd", "zstd:4": "zstd:4", "s2": "s2"} {
 		c, err := ParseCompression(in)
 		if err != nil || c.String() != want {
 			t.Errorf("%q -> %v, %v", in, c, err)
 		}
 	}
-	for _, in := range []string{"", "lz4", "zstd:0", "zstd:5", "none:1", "zstd:x"} {
+	for _, in := range []string{"", "lz4", "zstd:0", "zstd:5", "none:1", "zstd:x", "s2:2"} {
 		if _, err := ParseCompression(in); err == nil {
 			t.Errorf("%q accepted", in)
 		}
@@ -101,7 +102,7 @@ func TestBlobRoundTrip(t *testing.T) {
 		"short odd":      randomBytes(4097, 2),
 		"max size":       randomBytes(MaxChunkSize, 3),
 	}
-	for _, comp := range []string{"zstd", "zstd:4", "none"} {
+	for _, comp := range []string{"zstd", "zstd:4", "s2", "none"} {
 		c, _ := ParseCompression(comp)
 		codec, err := NewCodec(c)
 		if err != nil {
@@ -119,7 +120,7 @@ func TestBlobRoundTrip(t *testing.T) {
 					t.Errorf("%s/%s: want raw storage, got codec %d, %d bytes", comp, name, blob[5], len(blob))
 				}
 			case name == "compressible":
-				if blob[5] != codecZstd || len(blob) > len(plain)/20 {
+				if want := map[string]byte{"zstd": codecZstd, "zstd:4": codecZstd, "s2": codecS2}[comp]; blob[5] != want || len(blob) > len(plain)/10 {
 					t.Errorf("%s/%s: want zstd, got codec %d, %d bytes", comp, name, blob[5], len(blob))
 				}
 			}
@@ -164,10 +165,29 @@ func TestBlobCorruption(t *testing.T) {
 	}
 }
 
+func TestS2Corruption(t *testing.T) {
+	codec, _ := NewCodec(Compression{Algorithm: "s2"})
+	plain := bytes.Repeat([]byte("nbdmover "), 100000)
+	good := codec.Encode(nil, plain)
+	if good[5] != codecS2 {
+		t.Fatalf("codec %d", good[5])
+	}
+	// A payload that passes the CRC but does not decode: re-sign garbage.
+	bad := append(bytes.Clone(good[:HeaderSize]), 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3)
+	binary.LittleEndian.PutUint32(bad[12:], uint32(len(bad)-HeaderSize))
+	binary.LittleEndian.PutUint32(bad[16:], crc32.Checksum(bad[HeaderSize:], castagnoli))
+	var ce *CorruptError
+	if _, err := codec.Decode(nil, bad, Sum(plain)); !errors.As(err, &ce) || ce.Check != "decompress" {
+		t.Fatalf("got %v, want a decompress CorruptError", err)
+	}
+}
+
 func FuzzDecode(f *testing.F) {
 	codec, _ := NewCodec(Compression{Algorithm: "zstd"})
+	s2codec, _ := NewCodec(Compression{Algorithm: "s2"})
 	for _, p := range [][]byte{[]byte("hello"), bytes.Repeat([]byte{1, 2, 3}, 5000), randomBytes(300, 9)} {
 		f.Add(codec.Encode(nil, p), Sum(p).String())
+		f.Add(s2codec.Encode(nil, p), Sum(p).String())
 	}
 	f.Fuzz(func(t *testing.T, blob []byte, digest string) {
 		d, err := ParseDigest(digest)

@@ -65,7 +65,7 @@ func (t Tuning) withDefaults(cpus int) Tuning {
 func newBuffers(t Tuning, disks int, chunkSize int64) *buffers {
 	return &buffers{
 		plain: newBufPool(t.Readers*disks+t.Workers+2, chunkSize),
-		blob:  newBufPool(t.Workers+t.Uploads+2, chunkSize+chunker.HeaderSize+chunkSize/64+1024),
+		blob:  newBufPool(t.Workers+t.Uploads+2, int64(chunker.MaxBlobLen(int(chunkSize)))),
 	}
 }
 

@@ -73,10 +73,15 @@ type point struct {
 
 func backupNBD(t *testing.T, ro mover.RepoOptions, img, mode string) *mover.BackupResult {
 	t.Helper()
+	return backupNBDWith(t, ro, img, mode, "")
+}
+
+func backupNBDWith(t *testing.T, ro mover.RepoOptions, img, mode, compression string) *mover.BackupResult {
+	t.Helper()
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	defer srv.Kill()
 	res, err := mover.Backup(t.Context(), mover.BackupOptions{Repo: ro, NBD: srv.URI, Name: "offline-vm", Bitmap: "b0",
-		Mode: mode, ChunkSize: 256 << 10, Disks: []string{"vda"}, Log: testLog(t)})
+		Mode: mode, ChunkSize: 256 << 10, Disks: []string{"vda"}, Compression: compression, Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,12 +109,12 @@ func checkRestores(t *testing.T, ro mover.RepoOptions, points []point) {
 	}
 }
 
-func roundTrip(t *testing.T, ro mover.RepoOptions) {
+func roundTrip(t *testing.T, ro mover.RepoOptions, compression string) {
 	const size = 37*MiB + 3*512
 	img := testImage(t, size)
 	var points []point
 
-	full := backupNBD(t, ro, img, "auto")
+	full := backupNBDWith(t, ro, img, "auto", compression)
 	if full.Mode != "full" || full.Fallback != "" || full.BytesRead == 0 || full.BytesRead > 20*MiB {
 		t.Fatalf("first backup: %+v", full)
 	}
@@ -123,7 +128,7 @@ func roundTrip(t *testing.T, ro mover.RepoOptions) {
 		"discard 1M 1M",
 		"write -P 0x77 30M 4k",
 	)
-	inc := backupNBD(t, ro, img, "auto")
+	inc := backupNBDWith(t, ro, img, "auto", compression)
 	if inc.Mode != "incremental" || inc.Parent != full.ID {
 		t.Fatalf("second backup: %+v", inc)
 	}
@@ -145,13 +150,19 @@ func roundTrip(t *testing.T, ro mover.RepoOptions) {
 }
 
 func TestRoundTripLocal(t *testing.T) {
-	roundTrip(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")})
+	roundTrip(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}, "")
+}
+
+// The same with the s2 codec for new chunks; the last backup switches back
+// to the repository's zstd, so one backup mixes both.
+func TestRoundTripS2(t *testing.T) {
+	roundTrip(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}, "s2")
 }
 
 func TestRoundTripS3(t *testing.T) {
 	ep := sinktest.S3Endpoint(t)
 	bucket := fmt.Sprintf("roundtrip-%08x", rand.Uint32())
-	roundTrip(t, mover.RepoOptions{Location: "s3://" + bucket + "/nbdmover", S3Endpoint: ep})
+	roundTrip(t, mover.RepoOptions{Location: "s3://" + bucket + "/nbdmover", S3Endpoint: ep}, "")
 }
 
 func TestModeDecisions(t *testing.T) {

@@ -22,7 +22,7 @@ func backupCommand() *cli.Command {
 			&cli.StringFlag{Name: "mode", Value: "auto", Usage: "auto, full or incremental"},
 			&cli.StringSliceFlag{Name: "disk", Usage: "back up only this disk (repeatable); with --nbd, the disk's name"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections (parallel readers) per disk"},
-			&cli.StringFlag{Name: "compression", Usage: "zstd, zstd:1..4 or none (default: the repository's)"},
+			&cli.StringFlag{Name: "compression", Usage: "zstd, zstd:1..4, s2 (fastest, larger) or none (default: the repository's)"},
 			&cli.StringFlag{Name: "chunk-size", Value: "4MiB", Usage: "chunk size of a repository this backup creates"},
 			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent; fail if that is impossible"},
 			&cli.BoolFlag{Name: "quiesce-optional", Usage: "like --quiesce, but continue crash-consistent without a guest agent"},
