@@ -299,19 +299,24 @@ func (j *diskJob) plan(ctx context.Context, g chunker.Grid, out chan<- chunkPlan
 	return flush()
 }
 
-// read fills buf with the chunk: the planned spans from the server, zeroes
-// elsewhere (holes and zero extents are never requested).
+// read fills buf with the chunk: the planned spans from the server, all
+// in flight together, zeroes elsewhere (holes and zero extents are never
+// requested).
 func (j *diskJob) read(ctx context.Context, p chunkPlan, buf []byte) error {
+	segs := make([]nbdclient.Segment, len(p.reads))
 	pos := int64(0)
-	for _, s := range p.reads {
+	var n int64
+	for i, s := range p.reads {
 		clear(buf[pos:s.off])
-		if err := j.pool.ReadAt(ctx, buf[s.off:s.off+s.n], p.off+s.off); err != nil {
-			return fmt.Errorf("disk %s: %w", j.name, err)
-		}
-		j.stats.BytesRead.Add(s.n)
+		segs[i] = nbdclient.Segment{BufOffset: s.off, Offset: p.off + s.off, Length: s.n}
 		pos = s.off + s.n
+		n += s.n
 	}
 	clear(buf[pos:])
+	if err := j.pool.ReadSegments(ctx, buf, segs); err != nil {
+		return fmt.Errorf("disk %s: %w", j.name, err)
+	}
+	j.stats.BytesRead.Add(n)
 	j.stats.ChunksRead.Add(1)
 	return nil
 }

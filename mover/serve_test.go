@@ -24,7 +24,7 @@ import (
 
 // daemon is a running nbdmover serve and a client for it.
 type daemon struct {
-	t      *testing.T
+	t      testing.TB
 	client *http.Client
 	base   string
 	token  string
@@ -38,7 +38,7 @@ func unixClient(sock string) *http.Client {
 }
 
 // startDaemon runs Serve in-process on a unix socket until the test ends.
-func startDaemon(t *testing.T, ro mover.RepoOptions, maxJobs int) *daemon {
+func startDaemon(t testing.TB, ro mover.RepoOptions, maxJobs int) *daemon {
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -180,7 +180,7 @@ func TestDaemonS3(t *testing.T) {
 
 // slowDomain holds enough data that a backup with slowJob settings runs for
 // seconds, long enough to cancel or interrupt it.
-func slowDomain(t *testing.T) *qemutest.Domain {
+func slowDomain(t testing.TB) *qemutest.Domain {
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 1024 * MiB})
 	for off := 0; off < 768; off += 128 {
 		dom.Write("vda", fmt.Sprintf("write -P 0x%02x %dM 128M", 0x30+off/128, off))

@@ -218,28 +218,53 @@ func (c *Conn) Info() Info { return c.info }
 // Config.MaxInFlight in flight. The data lands directly in p. A short export
 // is an error: off+len(p) must not pass the export size.
 func (c *Conn) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return c.rw(ctx, "read", 0, p, off)
+	return c.rw(ctx, "read", 0, p, []Segment{{Offset: off, Length: int64(len(p))}})
+}
+
+// Segment is one range of a scattered read: Length bytes of the export at
+// Offset, into p[BufOffset:].
+type Segment struct {
+	BufOffset, Offset, Length int64
+}
+
+// ReadSegments reads every segment into p, with the requests of all of
+// them in flight together (up to Config.MaxInFlight): one round trip's
+// latency for many small ranges, as a chunk's data extents are.
+func (c *Conn) ReadSegments(ctx context.Context, p []byte, segs []Segment) error {
+	return c.rw(ctx, "read", 0, p, segs)
 }
 
 // WriteAt writes p at off, split like ReadAt. The export must be writable;
 // call Flush before relying on the data being stable.
 func (c *Conn) WriteAt(ctx context.Context, p []byte, off int64) error {
-	return c.rw(ctx, "write", 1, p, off)
+	return c.rw(ctx, "write", 1, p, []Segment{{Offset: off, Length: int64(len(p))}})
 }
 
-func (c *Conn) rw(ctx context.Context, op string, write C.int, p []byte, off int64) error {
-	if len(p) == 0 {
-		return nil
+func (c *Conn) rw(ctx context.Context, op string, write C.int, p []byte, segs []Segment) error {
+	cs := make([]C.struct_nbdm_seg, 0, len(segs))
+	var first, total int64 = -1, 0
+	for _, sg := range segs {
+		if sg.Length == 0 {
+			continue
+		}
+		if sg.Offset < 0 || sg.Length < 0 || sg.Offset+sg.Length > c.info.Size ||
+			sg.BufOffset < 0 || sg.BufOffset+sg.Length > int64(len(p)) {
+			return &Error{Op: op, Target: c.cfg.target(), Offset: sg.Offset, Length: sg.Length, Errno: syscall.EINVAL,
+				Msg: fmt.Sprintf("range is outside the export (size %d) or the buffer (%d bytes)", c.info.Size, len(p))}
+		}
+		if first < 0 {
+			first = sg.Offset
+		}
+		total += sg.Length
+		cs = append(cs, C.struct_nbdm_seg{buf_off: C.uint64_t(sg.BufOffset), disk_off: C.uint64_t(sg.Offset), len: C.uint64_t(sg.Length)})
 	}
-	n := int64(len(p))
-	if off < 0 || off+n > c.info.Size {
-		return &Error{Op: op, Target: c.cfg.target(), Offset: off, Length: n, Errno: syscall.EINVAL,
-			Msg: fmt.Sprintf("range is outside the export (size %d)", c.info.Size)}
+	if len(cs) == 0 {
+		return nil
 	}
 	piece := min(int64(c.cfg.RequestSize), c.info.MaxBlock)
 	buf := unsafe.Pointer(unsafe.SliceData(p))
-	return c.call(ctx, op, off, n, func(e *C.struct_nbdm_err, timeoutMs C.int) C.int {
-		return C.nbdm_rw(&c.h, write, buf, C.uint64_t(n), C.uint64_t(off), C.uint64_t(piece),
+	return c.call(ctx, op, first, total, func(e *C.struct_nbdm_err, timeoutMs C.int) C.int {
+		return C.nbdm_rw(&c.h, write, buf, unsafe.SliceData(cs), C.int(len(cs)), C.uint64_t(piece),
 			C.int(c.cfg.MaxInFlight), C.int(c.efd), timeoutMs, e)
 	})
 }

@@ -147,39 +147,47 @@ int nbdm_info(struct nbd_handle *h, struct nbdm_info *info, struct nbdm_err *e)
 	return NBDM_OK;
 }
 
-int nbdm_rw(struct nbd_handle **hp, int write, void *buf, uint64_t count,
-            uint64_t offset, uint64_t piece, int max_inflight,
+int nbdm_rw(struct nbd_handle **hp, int write, void *buf, const struct nbdm_seg *segs,
+            int nsegs, uint64_t piece, int max_inflight,
             int cancel_fd, int timeout_ms, struct nbdm_err *e)
 {
 	struct nbd_handle *h = *hp;
 	int64_t cookies[MAX_INFLIGHT];
 	uint64_t offs[MAX_INFLIGHT];
 	int n = 0, failed = 0;
-	uint64_t next = 0;
+	int seg = 0;       /* segment being issued */
+	uint64_t done = 0; /* bytes of segs[seg] issued */
 	int64_t last = now_ms();
 
 	if (max_inflight < 1)
 		max_inflight = 1;
 	if (max_inflight > MAX_INFLIGHT)
 		max_inflight = MAX_INFLIGHT;
-	if (piece == 0)
-		piece = count;
 
 	for (;;) {
-		while (!failed && next < count && n < max_inflight) {
-			uint64_t len = count - next < piece ? count - next : piece;
+		while (!failed && seg < nsegs && n < max_inflight) {
+			const struct nbdm_seg *sg = &segs[seg];
+			uint64_t len = sg->len - done;
+			if (piece && len > piece)
+				len = piece;
+			char *p = (char *)buf + sg->buf_off + done;
+			uint64_t off = sg->disk_off + done;
 			int64_t c = write
-				? nbd_aio_pwrite(h, (char *)buf + next, len, offset + next, NBD_NULL_COMPLETION, 0)
-				: nbd_aio_pread(h, (char *)buf + next, len, offset + next, NBD_NULL_COMPLETION, 0);
+				? nbd_aio_pwrite(h, p, len, off, NBD_NULL_COMPLETION, 0)
+				: nbd_aio_pread(h, p, len, off, NBD_NULL_COMPLETION, 0);
 			if (c == -1) {
-				set_nbd_err(e, offset + next);
+				set_nbd_err(e, off);
 				failed = 1;
 				break;
 			}
 			cookies[n] = c;
-			offs[n] = offset + next;
+			offs[n] = off;
 			n++;
-			next += len;
+			done += len;
+			if (done == sg->len) {
+				seg++;
+				done = 0;
+			}
 		}
 		for (int i = 0; i < n;) {
 			int r = nbd_aio_command_completed(h, cookies[i]);
@@ -195,7 +203,7 @@ int nbdm_rw(struct nbd_handle **hp, int write, void *buf, uint64_t count,
 			cookies[i] = cookies[n];
 			offs[i] = offs[n];
 		}
-		if (n == 0 && (failed || next >= count))
+		if (n == 0 && (failed || seg >= nsegs))
 			return failed ? NBDM_ERR : NBDM_OK;
 		if (n == 0)
 			continue;

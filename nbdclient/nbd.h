@@ -54,10 +54,19 @@ int nbdm_connect(struct nbd_handle *h, const char *uri, const char *sock,
                  const char *export_name, int cancel_fd, int timeout_ms,
                  struct nbdm_err *e);
 
-/* Read (write=0) or write (write=1) count bytes at offset in pieces of at
- * most piece bytes, with up to max_inflight requests in flight. */
-int nbdm_rw(struct nbd_handle **hp, int write, void *buf, uint64_t count,
-            uint64_t offset, uint64_t piece, int max_inflight,
+/* One contiguous range of a read or write: len bytes at disk_off, to or
+ * from buf + buf_off. */
+struct nbdm_seg {
+	uint64_t buf_off;
+	uint64_t disk_off;
+	uint64_t len;
+};
+
+/* Read (write=0) or write (write=1) the segments, each split in pieces of
+ * at most piece bytes, with up to max_inflight requests in flight across
+ * all of them. */
+int nbdm_rw(struct nbd_handle **hp, int write, void *buf, const struct nbdm_seg *segs,
+            int nsegs, uint64_t piece, int max_inflight,
             int cancel_fd, int timeout_ms, struct nbdm_err *e);
 
 int nbdm_flush(struct nbd_handle **hp, int cancel_fd, int timeout_ms, struct nbdm_err *e);

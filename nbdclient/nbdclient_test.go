@@ -184,6 +184,24 @@ func TestReadAtReturnsExactBytes(t *testing.T) {
 			t.Fatalf("read %d+%d differs", r.off, r.n)
 		}
 	}
+	// Scattered segments land where asked; the gaps are left alone.
+	buf := bytes.Repeat([]byte{0xee}, 3*MiB)
+	segs := []Segment{{BufOffset: 0, Offset: 100, Length: 4096}, {BufOffset: MiB, Offset: 40 * MiB, Length: MiB + 7},
+		{BufOffset: 2*MiB + 100, Offset: size - 1000, Length: 1000}, {BufOffset: 5, Offset: 5, Length: 0}}
+	if err := c.ReadSegments(t.Context(), buf, segs); err != nil {
+		t.Fatal(err)
+	}
+	for _, sg := range segs {
+		if !bytes.Equal(buf[sg.BufOffset:sg.BufOffset+sg.Length], want[sg.Offset:sg.Offset+sg.Length]) {
+			t.Fatalf("segment %+v differs", sg)
+		}
+	}
+	if buf[4096] != 0xee || buf[2*MiB+99] != 0xee {
+		t.Fatal("ReadSegments wrote outside its segments")
+	}
+	if err := c.ReadSegments(t.Context(), buf[:10], []Segment{{BufOffset: 5, Offset: 0, Length: 6}}); !errors.Is(err, syscall.EINVAL) {
+		t.Errorf("segment past the buffer: %v", err)
+	}
 	for _, r := range []struct{ off, n int64 }{{size - 100, 200}, {-1, 10}, {size, 1}} {
 		err := c.ReadAt(t.Context(), make([]byte, r.n), r.off)
 		var nerr *Error

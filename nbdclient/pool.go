@@ -77,6 +77,12 @@ func (p *Pool) ReadAt(ctx context.Context, buf []byte, off int64) error {
 	return p.with(ctx, func(c *Conn) error { return c.ReadAt(ctx, buf, off) })
 }
 
+// ReadSegments reads scattered ranges into buf on a free connection; see
+// Conn.ReadSegments.
+func (p *Pool) ReadSegments(ctx context.Context, buf []byte, segs []Segment) error {
+	return p.with(ctx, func(c *Conn) error { return c.ReadSegments(ctx, buf, segs) })
+}
+
 // WriteAt writes buf at off on a free connection; see Conn.WriteAt.
 func (p *Pool) WriteAt(ctx context.Context, buf []byte, off int64) error {
 	return p.with(ctx, func(c *Conn) error { return c.WriteAt(ctx, buf, off) })

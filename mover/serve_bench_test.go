@@ -1,0 +1,75 @@
+package mover_test
+
+import (
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/mover"
+)
+
+// BenchmarkDaemonStatusLoad runs the same full backup through the daemon
+// with and without a client asking for the job's status 200 times a
+// second, alternating, and reports the median wall time of each and their
+// ratio (goal: the load slows the backup by at most 5%).
+//
+//	go test -run '^$' -bench DaemonStatusLoad -benchtime 5x ./mover
+func BenchmarkDaemonStatusLoad(b *testing.B) {
+	dom := slowDomain(b)
+	d := startDaemon(b, mover.RepoOptions{Location: filepath.Join(b.TempDir(), "repo")}, 1)
+	run := func(load bool) (time.Duration, int64) {
+		start := time.Now()
+		id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q, "mode": "full"}`, dom.Name))
+		if code != 202 {
+			b.Fatalf("submit: %d %s", code, msg)
+		}
+		var requests atomic.Int64
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		if load {
+			go func() {
+				defer close(done)
+				tick := time.NewTicker(5 * time.Millisecond) // 200/s
+				defer tick.Stop()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-tick.C:
+						d.do("GET", "/v1/jobs/"+id, "", nil)
+						requests.Add(1)
+					}
+				}
+			}()
+		} else {
+			close(done)
+		}
+		v := d.wait(id, mover.JobSucceeded, mover.JobFailed)
+		close(stop)
+		<-done
+		if v.State != mover.JobSucceeded {
+			b.Fatalf("job: %+v", v)
+		}
+		return time.Since(start), requests.Load()
+	}
+	var quiet, loaded []time.Duration
+	var reqs int64
+	for b.Loop() {
+		q, _ := run(false)
+		l, n := run(true)
+		quiet, loaded = append(quiet, q), append(loaded, l)
+		reqs += n
+		b.Logf("quiet %v, under load %v (%d requests, %.0f/s)", q, l, n, float64(n)/l.Seconds())
+	}
+	slices.Sort(quiet)
+	slices.Sort(loaded)
+	mq, ml := quiet[len(quiet)/2], loaded[len(loaded)/2]
+	b.ReportMetric(mq.Seconds(), "quiet-s")
+	b.ReportMetric(ml.Seconds(), "loaded-s")
+	b.ReportMetric(ml.Seconds()/mq.Seconds(), "ratio")
+	fmt.Printf("ratio: status load 200/s: median %.2fs under load vs %.2fs quiet = %.3fx (%d runs each, %d status requests)\n",
+		ml.Seconds(), mq.Seconds(), ml.Seconds()/mq.Seconds(), len(quiet), reqs)
+}
