@@ -2,8 +2,10 @@ package mover_test
 
 import (
 	"fmt"
+	"io"
 	"path/filepath"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -22,7 +24,7 @@ func BenchmarkDaemonStatusLoad(b *testing.B) {
 	d := startDaemon(b, mover.RepoOptions{Location: filepath.Join(b.TempDir(), "repo")}, 1)
 	run := func(load bool) (time.Duration, int64) {
 		start := time.Now()
-		id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q, "mode": "full"}`, dom.Name))
+		id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q, "mode": "full"%s}`, dom.Name, slowJob))
 		if code != 202 {
 			b.Fatalf("submit: %d %s", code, msg)
 		}
@@ -32,15 +34,27 @@ func BenchmarkDaemonStatusLoad(b *testing.B) {
 		if load {
 			go func() {
 				defer close(done)
-				tick := time.NewTicker(5 * time.Millisecond) // 200/s
+				tick := time.NewTicker(5 * time.Millisecond) // 200/s, each request on its own
 				defer tick.Stop()
+				var wg sync.WaitGroup
+				defer wg.Wait()
 				for {
 					select {
 					case <-stop:
 						return
 					case <-tick.C:
-						d.do("GET", "/v1/jobs/"+id, "", nil)
-						requests.Add(1)
+						wg.Add(1)
+						go func() {
+							defer wg.Done()
+							resp, err := d.client.Get(d.base + "/v1/jobs/" + id)
+							if err == nil {
+								io.Copy(io.Discard, resp.Body)
+								resp.Body.Close()
+								if resp.StatusCode == 200 {
+									requests.Add(1)
+								}
+							}
+						}()
 					}
 				}
 			}()
@@ -62,7 +76,7 @@ func BenchmarkDaemonStatusLoad(b *testing.B) {
 		l, n := run(true)
 		quiet, loaded = append(quiet, q), append(loaded, l)
 		reqs += n
-		b.Logf("quiet %v, under load %v (%d requests, %.0f/s)", q, l, n, float64(n)/l.Seconds())
+		fmt.Printf("quiet %v, under load %v (%d status requests, %.0f/s)\n", q, l, n, float64(n)/l.Seconds())
 	}
 	slices.Sort(quiet)
 	slices.Sort(loaded)
