@@ -65,16 +65,9 @@ if id libvirt-qemu >/dev/null 2>&1; then chown libvirt-qemu:kvm "$work/qemu"; fi
 # another tool's checkpoints, so nbdmover ($dom) and the peers ($vdom) each
 # have their own. Both get the same writes.
 vdom="$dom-peer"
-virt=kvm; [ -c /dev/kvm ] || virt=qemu
 for d in "$dom" "$vdom"; do
 	cp "$base" "$work/$d.qcow2"
-	cat >"$work/$d.xml" <<EOT
-<domain type='$virt'><name>$d</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/$d.qcow2'/>
-<target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk></devices></domain>
-EOT
-	virsh -q -c qemu:///system create "$work/$d.xml" >/dev/null
+	start_domain "$d" "$work/$d.qcow2"
 done
 disk_bytes=$(qemu-img info --output=json -U "$work/$dom.qcow2" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
 data_bytes=$(qemu-img map --output=json -U "$work/$dom.qcow2" | grep '"data": true' |
@@ -82,9 +75,7 @@ data_bytes=$(qemu-img map --output=json -U "$work/$dom.qcow2" | grep '"data": tr
 say "disk: $disk_bytes bytes, $data_bytes allocated; $ROUNDS rounds"
 
 virsh_() { virsh -q -c qemu:///system "$@"; }
-hmp() { # hmp DOMAIN QEMU-IO-COMMAND
-	virsh_ qemu-monitor-command "$1" --hmp "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"$2\"" >/dev/null
-}
+
 
 # pull_export CMD...: run CMD with $SOCK set while a full pull-mode export of
 # vda runs (no checkpoint), then end the job.
@@ -128,11 +119,11 @@ dirty() { # dirty DIRTY_PCT% of both disks in the same 1 MiB writes spread over 
 	local n=$((disk_bytes / 1048576 * DIRTY_PCT / 100)) i w
 	for ((i = 0; i < n; i++)); do
 		w="write -P 0x$(printf %02x $((i % 250 + 1))) $(((RANDOM * 32768 + RANDOM) % (disk_bytes / 1048576)))M 1M"
-		hmp "$dom" "$w"
-		hmp "$vdom" "$w"
+		qemu_io "$dom" "$w"
+		qemu_io "$vdom" "$w"
 	done
-	hmp "$dom" flush
-	hmp "$vdom" flush
+	qemu_io "$dom" flush
+	qemu_io "$vdom" flush
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do

@@ -37,17 +37,10 @@ mkfs.ext4 -q -F -b 4096 -d /usr/include "$work/fs.raw" 1G >/dev/null
 qemu-img convert -f raw -O qcow2 "$work/fs.raw" "$work/vda.qcow2" && rm "$work/fs.raw"
 done_ "$(du -sh /usr/include | cut -f1) of files"
 
-virt=kvm; [ -c /dev/kvm ] || virt=qemu
-cat >"$work/domain.xml" <<EOT
-<domain type='$virt'><name>$dom</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$work/vda.qcow2'/>
-<target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk></devices></domain>
-EOT
-step "starting domain $dom"; virsh -q -c qemu:///system create "$work/domain.xml" >/dev/null; done_
+step "starting domain $dom"; start_domain "$dom" "$work/vda.qcow2"; done_
 
 snapshot() { # raw reference copy of vda as it is now
-	virsh -q -c qemu:///system qemu-monitor-command "$dom" --hmp 'qemu-io -d /machine/peripheral/ua-vda/virtio-backend "flush"' >/dev/null
+	qemu_io "$dom" flush
 	virsh -q -c qemu:///system suspend "$dom" >/dev/null
 	qemu-img convert -U -f qcow2 -O raw "$work/vda.qcow2" "$1"
 	virsh -q -c qemu:///system resume "$dom" >/dev/null
@@ -60,7 +53,7 @@ snapshot "$work/ref1.raw"
 
 step "writing 24 MiB through QEMU (3 places)"
 for w in "write -P 0x11 100M 16M" "write -P 0x22 600M 4M" "write -z 900M 4M"; do
-	virsh -q -c qemu:///system qemu-monitor-command "$dom" --hmp "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"$w\"" >/dev/null
+	qemu_io "$dom" "$w"
 done
 done_
 snapshot "$work/ref2.raw"

@@ -21,3 +21,26 @@ wait_for() {
 	done
 	die "$what did not come up within ${secs}s"
 }
+
+# start_domain NAME IMAGE: start a transient, guest-less domain (the BIOS
+# idles, which is all a backup needs) with IMAGE (qcow2) as vda, reachable
+# by qemu_io below. KVM when /dev/kvm exists, TCG otherwise.
+start_domain() {
+	local name=$1 image=$2 virt=kvm xml
+	[ -c /dev/kvm ] || virt=qemu
+	xml="$(dirname "$image")/$name.xml"
+	cat >"$xml" <<EOT
+<domain type='$virt'><name>$name</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$image'/>
+<target dev='vda' bus='virtio'/><alias name='ua-vda'/></disk></devices></domain>
+EOT
+	virsh -q -c qemu:///system create "$xml" >/dev/null
+}
+
+# qemu_io DOMAIN COMMAND: a qemu-io command on the domain's vda through
+# QEMU's block layer (so dirty bitmaps see it), e.g. "write -P 0x11 1M 4M".
+qemu_io() {
+	virsh -q -c qemu:///system qemu-monitor-command "$1" --hmp \
+		"qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"$2\"" >/dev/null
+}
