@@ -78,7 +78,6 @@ type DiskStats struct {
 	BytesWritten atomic.Int64 // bytes stored (blobs)
 	BytesDedup   atomic.Int64 // chunk bytes already in the repository
 	BytesZero    atomic.Int64 // bytes of all-zero chunks
-	ChunksRead   atomic.Int64 // chunks read (touched)
 }
 
 // span is a range of the disk, relative to a chunk's start.
@@ -110,9 +109,9 @@ type diskJob struct {
 	repo   *repo.Repo
 	bufs   *buffers
 	tuning Tuning
-	// parent is the index to start from on an incremental run (already
-	// resized to the disk); nil means full. stale chunks must be read even
-	// if not dirty.
+	// parent is the index to start from on an incremental run, resized to
+	// the disk; run updates it in place and returns it. nil means full.
+	// stale chunks must be read even if not dirty.
 	parent *repo.Index
 	stale  []int64
 	// known are digests already stored, that need no upload or check.
@@ -123,12 +122,9 @@ type diskJob struct {
 // run backs the disk up and returns its new index.
 func (j *diskJob) run(ctx context.Context) (*repo.Index, error) {
 	size := j.pool.Info().Size
-	chunkSize := j.repo.Config().ChunkSize
-	var ix *repo.Index
-	if j.parent != nil {
-		ix = &repo.Index{ChunkSize: chunkSize, Size: size, Digests: append([]chunker.Digest(nil), j.parent.Digests...)}
-	} else {
-		ix = repo.NewIndex(chunkSize, size)
+	ix := j.parent // already a private copy, resized to the disk
+	if ix == nil {
+		ix = repo.NewIndex(j.repo.Config().ChunkSize, size)
 	}
 	j.stats.Total.Store(size)
 
@@ -317,7 +313,6 @@ func (j *diskJob) read(ctx context.Context, p chunkPlan, buf []byte) error {
 		return fmt.Errorf("disk %s: %w", j.name, err)
 	}
 	j.stats.BytesRead.Add(n)
-	j.stats.ChunksRead.Add(1)
 	return nil
 }
 
