@@ -38,7 +38,7 @@ func main() {
 }
 
 func newApp() *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:  "nbdmover",
 		Usage: "back up libvirt/QEMU virtual machines over NBD into a deduplicating repository",
 		Flags: []cli.Flag{
@@ -47,6 +47,9 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "cpuprofile", Usage: "write a CPU profile (pprof) of the run to this file", Hidden: true},
 		},
 		Before: func(c *cli.Context) error {
+			if name := c.Args().First(); name != "" && c.App.Command(name) == nil {
+				return usagef("unknown command %q (nbdmover --help lists them)", name)
+			}
 			if path := c.String("cpuprofile"); path != "" {
 				f, err := os.Create(path)
 				if err != nil {
@@ -70,6 +73,10 @@ func newApp() *cli.App {
 			// main prints errors and picks the exit status.
 		},
 	}
+	for _, c := range app.Commands {
+		c.OnUsageError = app.OnUsageError
+	}
+	return app
 }
 
 // newLogger builds the logger from the global flags.

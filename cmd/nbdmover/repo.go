@@ -122,10 +122,10 @@ func restoreCommand() *cli.Command {
 		Name:  "restore",
 		Usage: "write the disks of a backup to new image files",
 		Flags: append(repoFlags(),
-			&cli.StringFlag{Name: "domain", Usage: "domain (or --nbd backup name) to restore", Required: true},
+			&cli.StringFlag{Name: "domain", Usage: "domain (or --nbd backup name) to restore (required)"},
 			&cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"},
 			&cli.StringFlag{Name: "disk", Usage: "restore only this disk, to the file --output"},
-			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory", Required: true},
+			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory (required)"},
 			&cli.StringFlag{Name: "format", Value: "raw", Usage: "raw or qcow2"},
 			&cli.IntFlag{Name: "parallel", Value: 8, Usage: "chunks fetched at once"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
@@ -133,6 +133,9 @@ func restoreCommand() *cli.Command {
 		Action: func(c *cli.Context) error {
 			if err := noArgs(c); err != nil {
 				return err
+			}
+			if c.String("domain") == "" || c.String("output") == "" {
+				return usagef("restore needs --domain NAME and --output PATH")
 			}
 			m, disks, err := mover.Restore(c.Context, mover.RestoreOptions{Repo: repoOptions(c), Domain: c.String("domain"),
 				Backup: c.String("backup"), Disk: c.String("disk"), Output: c.String("output"),

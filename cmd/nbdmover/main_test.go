@@ -1,0 +1,126 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nbdmover/nbdmover/internal/qemutest"
+)
+
+// TestMain runs the real main in a helper process when NBDMOVER_MAIN_ARGS
+// holds its arguments (a JSON list), so tests see real exit statuses.
+func TestMain(m *testing.M) {
+	if args := os.Getenv("NBDMOVER_MAIN_ARGS"); args != "" {
+		if err := json.Unmarshal([]byte(args), &os.Args); err != nil {
+			panic(err)
+		}
+		os.Args = append([]string{"nbdmover"}, os.Args...)
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// nbdmover runs the command and returns stdout, stderr and exit status.
+func nbdmover(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	spec, _ := json.Marshal(args)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "NBDMOVER_MAIN_ARGS="+string(spec), "NBDMOVER_REPO=")
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+func TestUsageErrorsExit2(t *testing.T) {
+	for _, args := range [][]string{
+		{"backup"},
+		{"backup", "--domain", "a", "--nbd", "nbd://x"},
+		{"backup", "--bogus"},
+		{"restore", "--domain", "vm1"},
+		{"list", "extra-argument"},
+		{"verify", "--backup", "20261128T000000.000Z"},
+		{"init", "--chunk-size", "lots"},
+		{"nosuchcommand"},
+	} {
+		_, stderr, code := nbdmover(t, args...)
+		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {
+			t.Errorf("%v: exit %d, stderr %q; want 2 and a message", args, code, stderr)
+		}
+	}
+}
+
+func TestCommandsAndJSON(t *testing.T) {
+	repo := filepath.Join(t.TempDir(), "repo")
+	if _, stderr, code := nbdmover(t, "list", "--repo", repo); code != 1 || !strings.Contains(stderr, "nbdmover init") {
+		t.Fatalf("list of a missing repository: %d %q", code, stderr)
+	}
+	if out, _, code := nbdmover(t, "init", "--repo", repo, "--chunk-size", "256KiB"); code != 0 || !strings.Contains(out, "262144") {
+		t.Fatalf("init: %d %q", code, out)
+	}
+	if _, _, code := nbdmover(t, "init", "--repo", repo); code != 1 {
+		t.Fatalf("a second init must fail: %d", code)
+	}
+	var empty struct{ Backups []any }
+	out, _, code := nbdmover(t, "list", "--repo", repo, "--json")
+	if code != 0 || json.Unmarshal([]byte(out), &empty) != nil || empty.Backups == nil || len(empty.Backups) != 0 {
+		t.Fatalf("empty list --json: %d %q", code, out)
+	}
+
+	img := qemutest.NewImage(t, t.TempDir(), 8<<20)
+	qemutest.IO(t, img, "write -P 0x42 1M 2M")
+	srv := qemutest.Serve(t, img, "-r")
+	out, stderr, code := nbdmover(t, "backup", "--repo", repo, "--nbd", srv.URI, "--name", "disk1", "--disk", "vdb", "--json")
+	var res struct {
+		ID, Domain, Mode string
+		Disks            []struct {
+			Name         string
+			BytesRead    int64 `json:"bytes_read"`
+			BytesWritten int64 `json:"bytes_written"`
+		}
+	}
+	if code != 0 || json.Unmarshal([]byte(out), &res) != nil || res.ID == "" || res.Domain != "disk1" || res.Mode != "full" ||
+		len(res.Disks) != 1 || res.Disks[0].Name != "vdb" || res.Disks[0].BytesRead != 2<<20 || res.Disks[0].BytesWritten == 0 {
+		t.Fatalf("backup --json: %d %q %q", code, out, stderr)
+	}
+	var list struct {
+		Backups []struct {
+			ID, Domain, Mode, Created string
+			Disks                     []struct {
+				Name string
+				Size int64
+			}
+		}
+	}
+	out, _, _ = nbdmover(t, "list", "--repo", repo, "--json")
+	if json.Unmarshal([]byte(out), &list) != nil || len(list.Backups) != 1 || list.Backups[0].ID != res.ID ||
+		list.Backups[0].Created == "" || list.Backups[0].Disks[0].Size != 8<<20 {
+		t.Fatalf("list --json: %q", out)
+	}
+	dest := filepath.Join(t.TempDir(), "vdb.raw")
+	if _, stderr, code := nbdmover(t, "restore", "--repo", repo, "--domain", "disk1", "--disk", "vdb", "--output", dest); code != 0 {
+		t.Fatalf("restore: %d %q", code, stderr)
+	}
+	qemutest.Compare(t, img, "qcow2", dest, "raw")
+	if _, _, code := nbdmover(t, "verify", "--repo", repo, "--read-data"); code != 0 {
+		t.Fatalf("verify of a good repository: %d", code)
+	}
+	chunks, _ := filepath.Glob(filepath.Join(repo, "chunks", "*", "*"))
+	os.Remove(chunks[0])
+	out, _, code = nbdmover(t, "verify", "--repo", repo, "--json")
+	var v struct{ Problems []struct{ Object string } }
+	if code != 1 || json.Unmarshal([]byte(out), &v) != nil || len(v.Problems) != 1 || !strings.HasSuffix(chunks[0], v.Problems[0].Object) {
+		t.Fatalf("verify of a damaged repository: %d %q", code, out)
+	}
+}
