@@ -15,7 +15,12 @@ fi
 virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
 [ "$(id -u)" = 0 ] || die "libvirtd is not running and starting it needs root"
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/images
-pgrep -x virtlogd >/dev/null || /usr/sbin/virtlogd -d
-pgrep -x libvirtd >/dev/null || /usr/sbin/libvirtd -d
-wait_for 30 libvirtd virsh -c qemu:///system version
+# Checked again on every retry: a daemon that is still exiting is left to
+# go, and a new one starts once it has.
+start() {
+	pgrep -x virtlogd >/dev/null || /usr/sbin/virtlogd -d || true
+	pgrep -x libvirtd >/dev/null || /usr/sbin/libvirtd -d || true
+	virsh -c qemu:///system version
+}
+wait_for 30 libvirtd start
 echo started
