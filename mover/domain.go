@@ -131,6 +131,8 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("backup of domain %s: %w", name, fmt.Errorf(format, args...))
 	}
+	phase := func(what string) { o.Log.Debug(what, "domain", name, "elapsed", time.Since(start)) }
+	phase("connected to libvirt")
 
 	// A backup job on the domain while we hold its lock was left by a
 	// crashed run: end it.
@@ -174,6 +176,7 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 	if err != nil {
 		return nil, fail("%w", err)
 	}
+	phase("planned")
 	if plan.hasBitmaps() {
 		plan.checkpoint = checkpointPrefix + id
 	}
@@ -204,6 +207,7 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 	if err != nil {
 		return nil, fail("%w", err)
 	}
+	phase("backup job started")
 	// From here the job runs: end it on every path, and on failure drop
 	// the checkpoint this uncommitted backup created (its changes merge
 	// into the parent checkpoint, so the chain stays complete).
@@ -253,10 +257,12 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 		}
 		sources = append(sources, diskSource{name: d.name, pool: pool, parent: parent})
 	}
+	phase("connected to the exports")
 	indexes, results, err := runDisks(ctx, o, r, sources)
 	if err != nil {
 		return nil, fail("%w", err)
 	}
+	phase("disks read")
 
 	files := map[string][]byte{}
 	if x, err := domainXML(dom); err == nil {
@@ -289,6 +295,7 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 		return nil, err
 	}
 	committed = true
+	phase("committed")
 	// Checkpoints older than the one just committed are of no more use.
 	if names, err := ourCheckpoints(dom); err == nil {
 		for _, n := range names {
