@@ -125,6 +125,22 @@ func openForBackup(ctx context.Context, o BackupOptions) (*repo.Repo, error) {
 	return r.WithCompression(init.Compression)
 }
 
+// newManifest starts the manifest of a full backup of domain taken at
+// start: its id sorts after the last backup's, and it records the
+// compression new chunks get.
+func newManifest(r *repo.Repo, o BackupOptions, domain, source string, last *repo.Manifest, start time.Time) *repo.Manifest {
+	lastID := ""
+	if last != nil {
+		lastID = last.ID
+	}
+	m := &repo.Manifest{ID: repo.NewBackupID(start, lastID), Domain: domain, Created: start.UTC(), Source: source,
+		Compression: r.Config().Compression, Mode: ModeFull}
+	if o.Compression != "" {
+		m.Compression = o.Compression
+	}
+	return m
+}
+
 // lastBackup returns the newest committed backup of domain, or nil.
 func lastBackup(ctx context.Context, r *repo.Repo, domain string) (*repo.Manifest, error) {
 	m, err := r.Backup(ctx, domain, "latest")
@@ -244,16 +260,8 @@ func backupNBD(ctx context.Context, o BackupOptions) (*BackupResult, error) {
 		return nil, err
 	}
 
-	m := &repo.Manifest{Domain: o.Name, Created: start.UTC(), Source: "nbd", Consistency: "crash-consistent",
-		Checkpoint: o.Bitmap, Compression: r.Config().Compression, Mode: ModeFull}
-	if o.Compression != "" {
-		m.Compression = o.Compression
-	}
-	if last != nil {
-		m.ID = repo.NewBackupID(start, last.ID)
-	} else {
-		m.ID = repo.NewBackupID(start, "")
-	}
+	m := newManifest(r, o, o.Name, "nbd", last, start)
+	m.Consistency, m.Checkpoint = "crash-consistent", o.Bitmap
 	var parent *repo.Index
 	switch reason := nbdIncrementalBlocker(o, last, disk); {
 	case o.Mode == ModeFull:

@@ -168,10 +168,8 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 	if err != nil {
 		return nil, err
 	}
-	id := repo.NewBackupID(start, "")
-	if last != nil {
-		id = repo.NewBackupID(start, last.ID)
-	}
+	m := newManifest(r, o, name, "libvirt", last, start)
+	id := m.ID
 	plan, err := planDomain(ctx, r, dom, o, disks, last)
 	if err != nil {
 		return nil, fail("%w", err)
@@ -282,11 +280,7 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 		}
 		files["checkpoint.xml"] = []byte(x)
 	}
-	m := &repo.Manifest{ID: id, Domain: name, Created: start.UTC(), Source: "libvirt", Consistency: consistency,
-		Checkpoint: plan.checkpoint, Compression: r.Config().Compression, Mode: ModeFull, Fallback: plan.fallback}
-	if o.Compression != "" {
-		m.Compression = o.Compression
-	}
+	m.Consistency, m.Checkpoint, m.Fallback = consistency, plan.checkpoint, plan.fallback
 	if len(plan.incr) > 0 {
 		m.Mode, m.Parent = ModeIncremental, last.ID
 	}
@@ -297,15 +291,7 @@ func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err 
 	committed = true
 	phase("committed")
 	// Checkpoints older than the one just committed are of no more use.
-	if names, err := ourCheckpoints(dom); err == nil {
-		for _, n := range names {
-			if n != plan.checkpoint {
-				if err := deleteCheckpoint(dom, n); err != nil {
-					o.Log.Warn("could not delete an old checkpoint", "domain", name, "checkpoint", n, "error", err)
-				}
-			}
-		}
-	}
+	deleteCheckpointsExcept(dom, plan.checkpoint, o.Log.With("domain", name))
 	return res, nil
 }
 
@@ -324,15 +310,11 @@ func (p *domainPlan) hasBitmaps() bool {
 // did not commit) are deleted first, which merges their changes into it.
 func planDomain(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, o BackupOptions, disks []domainDisk, last *repo.Manifest) (*domainPlan, error) {
 	plan := &domainPlan{disks: disks, incr: map[string]bool{}}
-	if names, err := ourCheckpoints(dom); err == nil {
-		for _, n := range names {
-			if last == nil || n != last.Checkpoint {
-				if err := deleteCheckpoint(dom, n); err != nil {
-					o.Log.Warn("could not delete a stale checkpoint", "checkpoint", n, "error", err)
-				}
-			}
-		}
+	keep := ""
+	if last != nil {
+		keep = last.Checkpoint
 	}
+	deleteCheckpointsExcept(dom, keep, o.Log.With("domain", o.Domain))
 	if o.Mode == ModeFull {
 		return plan, nil
 	}

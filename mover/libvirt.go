@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
@@ -171,6 +172,25 @@ func deleteCheckpoint(dom *libvirt.Domain, name string) error {
 		}
 	}
 	return nil
+}
+
+// deleteCheckpointsExcept deletes every checkpoint of ours but keep
+// ("" keeps none); a failure is logged, not fatal: the chain stays correct,
+// only a bitmap is kept longer than needed.
+func deleteCheckpointsExcept(dom *libvirt.Domain, keep string, log *slog.Logger) {
+	names, err := ourCheckpoints(dom)
+	if err != nil {
+		log.Warn("could not list checkpoints", "error", err)
+		return
+	}
+	for _, n := range names {
+		if n == keep {
+			continue
+		}
+		if err := deleteCheckpoint(dom, n); err != nil {
+			log.Warn("could not delete a checkpoint", "checkpoint", n, "error", err)
+		}
+	}
 }
 
 // checkpointDisks returns the disks a checkpoint tracks with a bitmap.

@@ -35,6 +35,16 @@ func (p bufPool) get(ctx context.Context) ([]byte, error) {
 
 func (p bufPool) put(b []byte) { p <- b[:cap(b)] }
 
+// send delivers v on ch unless ctx ends first.
+func send[T any](ctx context.Context, ch chan<- T, v T) error {
+	select {
+	case ch <- v:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
 // buffers are shared by the disks of one backup.
 type buffers struct {
 	plain bufPool // chunk plaintext: readers and workers
@@ -157,11 +167,9 @@ func (j *diskJob) run(ctx context.Context) (*repo.Index, error) {
 					j.bufs.plain.put(buf)
 					return err
 				}
-				select {
-				case reads <- readChunk{p, buf}:
-				case <-ctx.Done():
+				if err := send(ctx, reads, readChunk{p, buf}); err != nil {
 					j.bufs.plain.put(buf)
-					return context.Cause(ctx)
+					return err
 				}
 			}
 			return nil
@@ -185,11 +193,9 @@ func (j *diskJob) run(ctx context.Context) (*repo.Index, error) {
 					j.stats.Done.Add(rc.n)
 					continue
 				}
-				select {
-				case uploads <- u:
-				case <-ctx.Done():
+				if err := send(ctx, uploads, u); err != nil {
 					j.bufs.blob.put(u.blob)
-					return context.Cause(ctx)
+					return err
 				}
 			}
 			return nil
@@ -256,12 +262,7 @@ func (j *diskJob) plan(ctx context.Context, g chunker.Grid, out chan<- chunkPlan
 		for _, s := range p.reads {
 			planReads.Add(s.n)
 		}
-		select {
-		case out <- p:
-			return nil
-		case <-ctx.Done():
-			return context.Cause(ctx)
-		}
+		return send(ctx, out, p)
 	}
 	for e, err := range j.pool.Extents(ctx, 0, g.Size) {
 		if err != nil {

@@ -121,7 +121,7 @@ func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d RestoredD
 	if err := f.Truncate(d.Size); err != nil {
 		return err
 	}
-	if err := r.RestoreDisk(ctx, m, d.Name, fileTarget{f}, parallel, nil); err != nil {
+	if err := r.RestoreDisk(ctx, m, d.Name, fileTarget{f}, parallel); err != nil {
 		return err
 	}
 	return f.Sync()
@@ -163,7 +163,7 @@ func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Restore
 		return err
 	}
 	defer pool.Close()
-	if err := r.RestoreDisk(ctx, m, d.Name, poolTarget{pool}, parallel, nil); err != nil {
+	if err := r.RestoreDisk(ctx, m, d.Name, poolTarget{pool}, parallel); err != nil {
 		return err
 	}
 	return pool.Flush(ctx)

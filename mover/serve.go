@@ -219,6 +219,17 @@ func writeError(w http.ResponseWriter, status int, err error) {
 	writeJSON(w, status, map[string]string{"error": err.Error()})
 }
 
+// writeRunnerError answers with the status a *RequestError carries, 500
+// for anything else.
+func writeRunnerError(w http.ResponseWriter, err error) {
+	status := http.StatusInternalServerError
+	var re *RequestError
+	if errors.As(err, &re) {
+		status = re.Status
+	}
+	writeError(w, status, err)
+}
+
 func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 	var req JobRequest
 	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
@@ -233,12 +244,7 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 	}
 	v, err := a.runner.Submit(r.Context(), req)
 	if err != nil {
-		var re *RequestError
-		if errors.As(err, &re) {
-			writeError(w, re.Status, err)
-		} else {
-			writeError(w, http.StatusInternalServerError, err)
-		}
+		writeRunnerError(w, err)
 		return
 	}
 	w.Header().Set("Location", "/v1/jobs/"+v.ID)
@@ -261,12 +267,7 @@ func (a *api) get(w http.ResponseWriter, r *http.Request) {
 func (a *api) cancel(w http.ResponseWriter, r *http.Request) {
 	v, err := a.runner.Cancel(r.PathValue("id"))
 	if err != nil {
-		var re *RequestError
-		if errors.As(err, &re) {
-			writeError(w, re.Status, err)
-			return
-		}
-		writeError(w, http.StatusInternalServerError, err)
+		writeRunnerError(w, err)
 		return
 	}
 	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": "cancelling"})

@@ -204,7 +204,7 @@ func TestVerifyAndRestoreFaults(t *testing.T) {
 		return 0
 	}}
 	rf, _ := Open(ctx, f)
-	err := rf.RestoreDisk(ctx, m, "vda", discard{}, 2, nil)
+	err := rf.RestoreDisk(ctx, m, "vda", discard{}, 2)
 	var ce *ChunkError
 	if !errors.As(err, &ce) || ce.Key != key || !errors.Is(err, chunker.ErrCorrupt) {
 		t.Fatalf("restore over a short read: %v", err)

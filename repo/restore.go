@@ -20,10 +20,9 @@ const sparseBlock = 64 << 10
 
 // RestoreDisk writes one disk of a backup to t, which must read as zeroes
 // where nothing is written (a new sparse file or a new qcow2 image): zero
-// chunks and zero runs are not written. parallel chunks are fetched at once;
-// done, if set, is told the bytes of each finished chunk. A missing or
-// damaged chunk stops the restore with a *ChunkError naming it.
-func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Target, parallel int, done func(n int64)) error {
+// chunks and zero runs are not written. parallel chunks are fetched at once.
+// A missing or damaged chunk stops the restore with a *ChunkError naming it.
+func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Target, parallel int) error {
 	ix, err := r.LoadIndex(ctx, m, disk)
 	if err != nil {
 		return err
@@ -39,7 +38,7 @@ func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Targ
 				if i >= g.Count() {
 					return nil
 				}
-				off, n := g.Chunk(i)
+				off, _ := g.Chunk(i)
 				if dg := ix.Digests[i]; !dg.IsZeroChunk() {
 					var err error
 					if plain, blob, err = r.GetChunk(ctx, dg, plain, blob); err != nil {
@@ -48,9 +47,6 @@ func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Targ
 					if err := writeNonZero(ctx, t, plain, off); err != nil {
 						return err
 					}
-				}
-				if done != nil {
-					done(n)
 				}
 			}
 		})
