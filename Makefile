@@ -17,7 +17,7 @@ test:
 demo:
 	scripts/demo.sh
 
-# NBD read benchmark next to nbdcopy (see bench/README.md).
+# nbdmover next to nbdcopy and virtnbdbackup (bench/run.sh; docs/performance.md).
 bench:
 	bench/run.sh
 

@@ -2,22 +2,31 @@
 # make bench: nbdmover against nbdcopy (the read ceiling) and virtnbdbackup
 # (the peer), side by side, interleaved, on one realistic disk: a qcow2
 # holding an ext4 filesystem filled from system directories (default 4 GiB
-# with ~2.4 GB of files), attached to a throwaway libvirt domain.
+# with ~2.4 GB of files), attached to throwaway libvirt domains.
 #
 #   bench/run.sh [ROUNDS]        (env: BENCH_SIZE=4G, BENCH_OUT=bench/out)
 #
+# Each round: nbdcopy from a pull-mode export to null: and to a file;
+# virtnbdbackup full with and without -z, virtnbdrestore; nbdmover full
+# backups to the null store (zstd, none), the local store (zstd, s2, and a
+# 4 MiB-chunk repository) and MinIO on 127.0.0.1; nbdmover restores to raw
+# and qcow2; then 1% and 10% of the disk dirtied through QEMU's block layer
+# (1 MiB writes of real file data at random 4 KiB-aligned offsets) and an
+# incremental of each tool after each. Page cache dropped before every
+# command.
+#
 # Prints a Markdown table (median, min, max wall seconds; MB/s of the disk's
-# data; CPU seconds; peak RSS; output size; ratios) and writes the raw
-# samples as JSON to $BENCH_OUT/results.json. Everything it creates (domain,
-# checkpoints, files) is removed at the end, also when interrupted; the
-# test disk is cached in $NBDMOVER_CACHE/bench for the next run.
+# data; CPU seconds; peak RSS; output size; ratios) and the issue's goals,
+# and writes report.md, results.json and chart.svg to $BENCH_OUT.
+# Everything it creates (domains, checkpoints, MinIO, files) is removed at
+# the end, also when interrupted; the test disk is cached in
+# $NBDMOVER_CACHE/bench for the next run.
 . "$(dirname "$0")/../scripts/lib.sh"
 cd "$(dirname "$0")/.."
 
 ROUNDS=${1:-3}
 SIZE=${BENCH_SIZE:-4G}
 OUT=${BENCH_OUT:-$PWD/bench/out}
-DIRTY_PCT=${BENCH_DIRTY_PCT:-1}
 
 scripts/install-deps.sh
 started=$(scripts/libvirtd.sh)
@@ -47,43 +56,62 @@ if [ ! -f "$base" ]; then
 	mkfs.ext4 -q -F -b 4096 -d "$stage" "$cache/disk.raw" "$SIZE" >/dev/null
 	qemu-img convert -f raw -O qcow2 "$cache/disk.raw" "$base.tmp"
 	mv "$base.tmp" "$base"
-	rm -rf "$stage"
+	rm -rf "$stage" "$cache/disk.raw"
 	trap - EXIT
 fi
 
-# --- a domain on a copy of it --------------------------------------------
+# --- domains on copies of it, and MinIO ------------------------------------
 work=$(mktemp -d /var/tmp/nbdmover-bench.XXXXXX)
 chmod 755 "$work"
 dom="nbdmover-bench-$(basename "$work" | cut -d. -f2 | tr 'A-Z' 'a-z')"
+# Three domains on identical copies, given the same writes: one per
+# checkpoint chain. virtnbdbackup refuses to work next to another tool's
+# checkpoints ($vdom), and an nbdmover domain follows one repository
+# ($dom: 1 MiB chunks, the default; $mdom: a 4 MiB-chunk repository).
+vdom="$dom-peer"
+mdom="$dom-4m"
+domains="$dom $mdom $vdom"
 cleanup() {
-	virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
-	virsh -q -c qemu:///system destroy "$dom-peer" >/dev/null 2>&1 || true
+	for d in $domains; do virsh -q -c qemu:///system destroy "$d" >/dev/null 2>&1 || true; done
+	scripts/minio.sh stop "$work/minio" || true
 	rm -rf "$work"
 	if [ "$started" = started ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# a directory QEMU (libvirt-qemu) may write, for the harness's own export
+# a directory QEMU (libvirt-qemu) may read and write: the harness's own
+# export, and the data the dirtying writes copy into the disks
 install -d -m 0700 "$work/qemu"
-if id libvirt-qemu >/dev/null 2>&1; then chown libvirt-qemu:kvm "$work/qemu"; fi
-# Two domains on identical copies: virtnbdbackup refuses to work next to
-# another tool's checkpoints, so nbdmover ($dom) and the peers ($vdom) each
-# have their own. Both get the same writes.
-vdom="$dom-peer"
-for d in "$dom" "$vdom"; do
-	cp "$base" "$work/$d.qcow2"
-	start_domain "$d" "$work/$d.qcow2"
+i=0
+for f in $(find /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -name '*.so*' -size +1M | sort | sed -n 1,32p); do
+	head -c 1M "$f" >"$work/qemu/src.$(printf %02d $i)"
+	i=$((i + 1))
 done
-disk_bytes=$(qemu-img info --output=json -U "$work/$dom.qcow2" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
-data_bytes=$(qemu-img map --output=json -U "$work/$dom.qcow2" | grep '"data": true' |
+[ "$i" -eq 32 ] || die "need 32 shared libraries over 1 MiB for the dirtying writes, found $i"
+if id libvirt-qemu >/dev/null 2>&1; then chown -R libvirt-qemu:kvm "$work/qemu"; fi
+# fresh_domains: (re)start every domain on a fresh copy of the test disk,
+# so that every round starts from the same disk and no checkpoints.
+fresh_domains() {
+	local d
+	for d in $domains; do
+		virsh -q -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+		cp "$base" "$work/$d.qcow2"
+		start_domain "$d" "$work/$d.qcow2"
+	done
+}
+scripts/minio.sh start "$work/minio"
+set -a
+. "$work/minio/minio.env"
+set +a
+disk_bytes=$(qemu-img info --output=json "$base" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
+data_bytes=$(qemu-img map --output=json "$base" | grep '"data": true' |
 	sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)
 say "disk: $disk_bytes bytes, $data_bytes allocated; $ROUNDS rounds"
 
 virsh_() { virsh -q -c qemu:///system "$@"; }
 
-
 # pull_export CMD...: run CMD with $SOCK set while a full pull-mode export of
-# vda runs (no checkpoint), then end the job.
+# the peer's vda runs (no checkpoint), then end the job.
 pull_export() {
 	local sock="$work/qemu/pull.sock"
 	cat >"$work/pull.xml" <<EOT
@@ -98,8 +126,8 @@ EOT
 	return $rc
 }
 
-RESULTS="$OUT/results.jsonl"
-: >"$RESULTS"
+SAMPLES="$work/samples.jsonl"
+: >"$SAMPLES"
 # measure NAME OUTPUT_PATH CMD...: time CMD (wall, CPU, peak RSS) and record
 # the size of OUTPUT_PATH ("" for none).
 measure() {
@@ -116,28 +144,37 @@ measure() {
 	local size=0
 	[ -n "$output" ] && [ -e "$output" ] && size=$(du -sb "$output" | cut -f1)
 	printf '{"name":"%s","round":%d,"wall":%s,"cpu":%s,"rss_kib":%s,"output_bytes":%s}\n' \
-		"$name" "$round" "$wall" "$(echo "$user + $sys" | bc)" "$rss" "$size" >>"$RESULTS"
+		"$name" "$round" "$wall" "$(echo "$user $sys" | awk '{printf "%.2f", $1 + $2}')" "$rss" "$size" >>"$SAMPLES"
 	printf '  %-28s %7.2fs  rss %6d MiB  out %s\n' "$name" "$wall" $((rss / 1024)) "$(numfmt --to=iec "$size")" >&2
 }
 
-dirty() { # dirty DIRTY_PCT% of both disks in the same 1 MiB writes spread over them
-	local n=$((disk_bytes / 1048576 * DIRTY_PCT / 100)) i w
+# dirty PCT: PCT% of the disk in 1 MiB writes of real file data at random
+# 4 KiB-aligned offsets, the same on every domain, through QEMU's block layer
+# (so the dirty bitmaps see them), then a flush; one virsh session.
+dirty() {
+	local n=$((disk_bytes / 1048576 * $1 / 100)) pages=$((disk_bytes / 4096 - 256)) i d cmds=()
 	for ((i = 0; i < n; i++)); do
-		w="write -P 0x$(printf %02x $((i % 250 + 1))) $(((RANDOM * 32768 + RANDOM) % (disk_bytes / 1048576)))M 1M"
-		qemu_io "$dom" "$w"
-		qemu_io "$vdom" "$w"
+		cmds+=("write -s $work/qemu/src.$(printf %02d $((i % 32))) $((((RANDOM << 15 | RANDOM) % pages) * 4096)) 1M")
 	done
-	qemu_io "$dom" flush
-	qemu_io "$vdom" flush
+	cmds+=(flush)
+	for d in $domains; do
+		for c in "${cmds[@]}"; do
+			printf 'qemu-monitor-command %s --hmp "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \\"%s\\""\n' "$d" "$c"
+		done
+	done | virsh -q -c qemu:///system >/dev/null
 }
 
+nbdmover() { "$PWD/bin/nbdmover" --log-level warn "$@"; }
+backup() { nbdmover backup --scratch-dir "$work/scratch" "$@"; }
+s3=(--s3-endpoint "$NBDMOVER_TEST_S3_ENDPOINT")
 for ((round = 1; round <= ROUNDS; round++)); do
 	say "round $round"
+	fresh_domains
 	r="$work/r$round"
 	mkdir -p "$r"
 	nbdcopy_null() { nbdcopy "nbd+unix:///vda?socket=$SOCK" null:; }
 	nbdcopy_file() { nbdcopy "nbd+unix:///vda?socket=$SOCK" "$r/nbdcopy.raw"; }
-	export -f pull_export nbdcopy_null nbdcopy_file virsh_
+	export -f pull_export nbdcopy_null nbdcopy_file virsh_ nbdmover backup
 	export work dom vdom r
 	measure nbdcopy-null "" pull_export nbdcopy_null
 	measure nbdcopy-to-file "$r/nbdcopy.raw" pull_export nbdcopy_file
@@ -145,47 +182,29 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	measure virtnbdbackup-full-z "$r/vnbz" virtnbdbackup -q -d "$vdom" -l full -z -o "$r/vnbz"
 	rm -rf "$r/vnbz"
 	measure virtnbdbackup-full "$r/vnb" virtnbdbackup -q -d "$vdom" -l full -o "$r/vnb"
-	measure nbdmover-full-null "" "$nbdmover" --log-level warn backup --domain "$dom" --repo null: --mode full --scratch-dir "$work/scratch"
-	measure nbdmover-full-null-nocomp "" "$nbdmover" --log-level warn backup --domain "$dom" --repo null: --mode full --compression none --scratch-dir "$work/scratch"
-	measure nbdmover-full-local-s2 "$r/repo-s2" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo-s2" --mode full --compression s2 --scratch-dir "$work/scratch"
+	measure virtnbdrestore "$r/vnbrestore" virtnbdrestore -n -i "$r/vnb" -o "$r/vnbrestore"
+	rm -rf "$r/vnbrestore"
+	measure nbdmover-full-null "" backup --domain "$dom" --repo null: --mode full
+	measure nbdmover-full-null-nocomp "" backup --domain "$dom" --repo null: --mode full --compression none
+	measure nbdmover-full-minio "" backup --domain "$dom" --repo "s3://bench/r$round" "${s3[@]}" --mode full
+	measure nbdmover-full-local-s2 "$r/repo-s2" backup --domain "$dom" --repo "$r/repo-s2" --mode full --compression s2
 	rm -rf "$r/repo-s2"
-	measure nbdmover-full-local "$r/repo" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo" --mode full --scratch-dir "$work/scratch"
-	measure nbdmover-restore-raw "$r/restore.raw" "$nbdmover" restore --repo "$r/repo" --domain "$dom" --disk vda --output "$r/restore.raw"
+	measure nbdmover-full-local "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode full
+	nbdmover init --repo "$r/repo-4m" --chunk-size 4MiB >/dev/null
+	measure nbdmover-4m-full-local "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode full
+	measure nbdmover-restore-raw "$r/restore.raw" nbdmover restore --repo "$r/repo" --domain "$dom" --disk vda --output "$r/restore.raw"
 	rm -f "$r/restore.raw"
-	dirty
-	measure nbdmover-incremental "$r/repo" "$nbdmover" --log-level warn backup --domain "$dom" --repo "$r/repo" --mode incremental --scratch-dir "$work/scratch"
-	measure virtnbdbackup-inc "$r/vnb" virtnbdbackup -q -d "$vdom" -l inc -o "$r/vnb"
+	measure nbdmover-restore-qcow2 "$r/restore.qcow2" nbdmover restore --repo "$r/repo" --domain "$dom" --disk vda --format qcow2 --output "$r/restore.qcow2"
+	rm -f "$r/restore.qcow2"
+	for pct in 1 10; do
+		dirty "$pct"
+		measure "nbdmover-inc-${pct}pct" "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode incremental
+		measure "nbdmover-4m-inc-${pct}pct" "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode incremental
+		measure "virtnbdbackup-inc-${pct}pct" "$r/vnb" virtnbdbackup -q -d "$vdom" -l inc -o "$r/vnb"
+	done
 	rm -rf "$r"
 done
 
 # --- report ----------------------------------------------------------------
-python_free_report() {
-	local names
-	names=$(sed -n 's/.*"name":"\([^"]*\)".*/\1/p' "$RESULTS" | awk '!seen[$0]++')
-	stat() { # stat NAME FIELD -> median min max
-		sed -n "s/.*\"name\":\"$1\".*\"$2\":\([0-9.]*\).*/\1/p" "$RESULTS" | sort -g |
-			awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%s %s %s", m, a[1], a[NR]}'
-	}
-	read -r base_nbdcopy _ _ <<<"$(stat nbdcopy-null wall)"
-	read -r base_vnbz _ _ <<<"$(stat virtnbdbackup-full-z wall)"
-	echo "| tool | median s | min s | max s | MB/s (data) | CPU s | peak RSS MiB | output | vs nbdcopy | vs virtnbdbackup -z |"
-	echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-	for n in $names; do
-		read -r med lo hi <<<"$(stat "$n" wall)"
-		read -r cpu _ _ <<<"$(stat "$n" cpu)"
-		read -r rss _ _ <<<"$(stat "$n" rss_kib)"
-		read -r outb _ _ <<<"$(stat "$n" output_bytes)"
-		awk -v n="$n" -v med="$med" -v lo="$lo" -v hi="$hi" -v cpu="$cpu" -v rss="$rss" -v out="$outb" \
-			-v data="$data_bytes" -v b1="$base_nbdcopy" -v b2="$base_vnbz" 'BEGIN {
-			printf "| %s | %.2f | %.2f | %.2f | %.0f | %.1f | %.0f | %s | %.2fx time | %.2fx time |\n",
-				n, med, lo, hi, data/med/1e6, cpu, rss/1024, (out>0? sprintf("%.0f MB", out/1e6) : "-"), med/b1, med/b2 }'
-	done
-}
-report=$(python_free_report)
-{
-	echo "nbdmover benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB;"
-	echo "disk $SIZE ($data_bytes bytes allocated), $ROUNDS rounds, incremental after dirtying $DIRTY_PCT%"
-	echo
-	echo "$report"
-} | tee "$OUT/report.md"
-sed 's/$/,/' "$RESULTS" | sed '$ s/,$//' | { echo "["; cat; echo "]"; } >"$OUT/results.json"
+go run ./bench/report -in "$SAMPLES" -out "$OUT" -data "$data_bytes" \
+	-title "nbdmover benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; disk $SIZE ($data_bytes bytes allocated), $ROUNDS rounds"

@@ -6,7 +6,7 @@ import "fmt"
 const (
 	MinChunkSize     = 256 << 10
 	MaxChunkSize     = 16 << 20
-	DefaultChunkSize = 4 << 20
+	DefaultChunkSize = 1 << 20
 	// ChunkAlign is QEMU's default dirty-bitmap granularity: chunk
 	// boundaries fall on bitmap granule boundaries.
 	ChunkAlign = 64 << 10

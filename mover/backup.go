@@ -160,6 +160,7 @@ type diskSource struct {
 // runDisks backs up every disk in parallel, sharing one buffer budget. On
 // any error the others stop and nothing is returned.
 func runDisks(ctx context.Context, o BackupOptions, r *repo.Repo, disks []diskSource) ([]*repo.Index, []DiskResult, error) {
+	o.Tuning = o.Tuning.forChunks(r.Config().ChunkSize)
 	bufs := newBuffers(o.Tuning, len(disks), r.Config().ChunkSize)
 	indexes := make([]*repo.Index, len(disks))
 	results := make([]DiskResult, len(disks))

@@ -56,18 +56,28 @@ type buffers struct {
 type Tuning struct {
 	Readers int // NBD connections and reader goroutines per disk
 	Workers int // digest/compress goroutines per disk
-	Uploads int // concurrent puts per disk
+	Uploads int // concurrent puts per disk; default: 32 MiB of chunks, at least 8
 }
+
+// uploadBytes is what the default number of uploads keeps in flight: with
+// small chunks, more puts at once hide an object store's per-request
+// latency.
+const uploadBytes = 32 << 20
 
 func (t Tuning) withDefaults(cpus int) Tuning {
 	if t.Readers <= 0 {
-		t.Readers = 4
+		t.Readers = 8
 	}
 	if t.Workers <= 0 {
 		t.Workers = cpus
 	}
+	return t
+}
+
+// forChunks sets the default number of uploads for a chunk size.
+func (t Tuning) forChunks(chunkSize int64) Tuning {
 	if t.Uploads <= 0 {
-		t.Uploads = 8
+		t.Uploads = int(max(8, uploadBytes/chunkSize))
 	}
 	return t
 }
@@ -206,11 +216,10 @@ func (j *diskJob) run(ctx context.Context) (*repo.Index, error) {
 	for range j.tuning.Uploads {
 		g.Go(func() error {
 			for u := range uploads {
-				err := j.repo.Store().Put(ctx, repo.ChunkKey(ix.Digests[u.index]), u.blob)
-				j.stats.BytesWritten.Add(int64(len(u.blob)))
+				err := j.store(ctx, u, ix.Digests[u.index])
 				j.bufs.blob.put(u.blob)
 				if err != nil {
-					return fmt.Errorf("disk %s: store chunk %d: %w", j.name, u.index, err)
+					return err
 				}
 				j.stats.Done.Add(u.plain)
 			}
@@ -318,7 +327,10 @@ func (j *diskJob) read(ctx context.Context, p chunkPlan, buf []byte) error {
 }
 
 // digest names a built chunk, records it in the index and returns the
-// upload it needs (blob nil when none: zero, known or already stored).
+// upload it needs (blob nil when none: zero, known, or already being
+// uploaded by this run). Whether the store holds the chunk from elsewhere
+// is the uploader's question: asked here, a round trip to S3 would stall
+// the compressing workers.
 func (j *diskJob) digest(ctx context.Context, rc readChunk, ix *repo.Index, uploading *sync.Map) (upload, error) {
 	if chunker.IsZero(rc.buf) {
 		ix.Digests[rc.index] = chunker.ZeroChunk
@@ -335,17 +347,28 @@ func (j *diskJob) digest(ctx context.Context, rc readChunk, ix *repo.Index, uplo
 		j.stats.BytesDedup.Add(rc.n)
 		return upload{}, nil
 	}
-	stored, err := j.repo.HasChunk(ctx, d)
-	if err != nil {
-		return upload{}, fmt.Errorf("disk %s: %w", j.name, err)
-	}
-	if stored {
-		j.stats.BytesDedup.Add(rc.n)
-		return upload{}, nil
-	}
 	blob, err := j.bufs.blob.get(ctx)
 	if err != nil {
 		return upload{}, err
 	}
 	return upload{index: rc.index, plain: rc.n, blob: j.repo.Encode(blob, rc.buf)}, nil
+}
+
+// store puts an upload's blob unless the store already holds the chunk
+// (stored by a backup other than the parent, or by one that failed before
+// its commit).
+func (j *diskJob) store(ctx context.Context, u upload, d chunker.Digest) error {
+	stored, err := j.repo.HasChunk(ctx, d)
+	if err != nil {
+		return fmt.Errorf("disk %s: chunk %d: %w", j.name, u.index, err)
+	}
+	if stored {
+		j.stats.BytesDedup.Add(u.plain)
+		return nil
+	}
+	if err := j.repo.Store().Put(ctx, repo.ChunkKey(d), u.blob); err != nil {
+		return fmt.Errorf("disk %s: store chunk %d: %w", j.name, u.index, err)
+	}
+	j.stats.BytesWritten.Add(int64(len(u.blob)))
+	return nil
 }

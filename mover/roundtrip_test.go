@@ -147,6 +147,25 @@ func roundTrip(t *testing.T, ro mover.RepoOptions, compression string) {
 		t.Errorf("third backup read %d (full read %d), stored %d", inc2.BytesRead, full.BytesRead, inc2.BytesWritten)
 	}
 	checkRestores(t, ro, points)
+
+	// A full of the same disk under another name has no parent whose
+	// digests it may trust: every chunk goes through the uploaders' check
+	// of the store, and none is stored again.
+	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
+	defer srv.Kill()
+	dup, err := mover.Backup(t.Context(), mover.BackupOptions{Repo: ro, NBD: srv.URI, Name: "offline-copy", Bitmap: "b0",
+		Mode: "full", Disks: []string{"vda"}, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dup.BytesWritten != 0 || dup.BytesDedup+dup.BytesZero != size || dup.BytesDedup == 0 {
+		t.Errorf("backup of an already stored disk: %+v", dup)
+	}
+	out := filepath.Join(t.TempDir(), "copy.raw")
+	if _, _, err := mover.Restore(t.Context(), mover.RestoreOptions{Repo: ro, Domain: "offline-copy", Disk: "vda", Output: out}); err != nil {
+		t.Fatal(err)
+	}
+	qemutest.Compare(t, points[len(points)-1].ref, "raw", out, "raw")
 }
 
 func TestRoundTripLocal(t *testing.T) {

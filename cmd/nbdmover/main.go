@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime/pprof"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -44,24 +43,24 @@ func newApp() *cli.App {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json (logs go to stderr)"},
-			&cli.StringFlag{Name: "cpuprofile", Usage: "write a CPU profile (pprof) of the run to this file", Hidden: true},
+			&cli.StringFlag{Name: "profile-dir", Usage: "write pprof profiles of the run (cpu, allocs, heap, block, mutex) into this directory", Hidden: true},
 		},
 		Before: func(c *cli.Context) error {
 			if name := c.Args().First(); name != "" && c.App.Command(name) == nil {
 				return usagef("unknown command %q (nbdmover --help lists them)", name)
 			}
-			if path := c.String("cpuprofile"); path != "" {
-				f, err := os.Create(path)
+			if dir := c.String("profile-dir"); dir != "" {
+				p, err := startProfiles(dir)
 				if err != nil {
-					return err
+					return fmt.Errorf("--profile-dir: %w", err)
 				}
-				return pprof.StartCPUProfile(f)
+				c.App.Metadata = map[string]any{"profiler": p}
 			}
 			return nil
 		},
 		After: func(c *cli.Context) error {
-			if c.String("cpuprofile") != "" {
-				pprof.StopCPUProfile()
+			if p, ok := c.App.Metadata["profiler"].(*profiler); ok {
+				return p.stop()
 			}
 			return nil
 		},

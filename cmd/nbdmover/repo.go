@@ -33,7 +33,7 @@ func initCommand() *cli.Command {
 		Name:  "init",
 		Usage: "create a repository (backup creates one with defaults on first use)",
 		Flags: append(repoFlags(),
-			&cli.StringFlag{Name: "chunk-size", Value: "4MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
+			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
 			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "default compression: zstd, zstd:1..4, s2 (fastest, larger) or none"},
 		),
 		Action: func(c *cli.Context) error {

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"encoding/json"
+	"encoding/xml"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestMedian(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{
+		{[]float64{3}, 3},
+		{[]float64{5, 1, 3}, 3},
+		{[]float64{4, 1, 3, 2}, 2.5},
+	} {
+		if got := median(c.in); got != c.want {
+			t.Errorf("median(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+}
+
+// TestReport feeds samples of three rounds through the whole report and
+// checks the summary, the goals and the files.
+func TestReport(t *testing.T) {
+	dir := t.TempDir()
+	var lines []string
+	add := func(name string, round int, wall float64, rss, out int64) {
+		b, _ := json.Marshal(sample{Name: name, Round: round, Wall: wall, CPU: wall / 2, RSSKiB: rss, OutputBytes: out})
+		lines = append(lines, string(b))
+	}
+	for round, f := range []float64{1, 1.1, 0.9} {
+		add("nbdcopy-null", round+1, 4*f, 40<<10, 0)
+		add("nbdcopy-to-file", round+1, 6*f, 40<<10, 4<<30)
+		add("virtnbdbackup-full-z", round+1, 20*f, 200<<10, 1000)
+		add("nbdmover-full-null-nocomp", round+1, 5*f, 100<<10, 0)
+		add("nbdmover-full-local", round+1, 10*f, 120<<10, 900)
+		add("nbdmover-restore-raw", round+1, 10*f, 350<<10, 4<<30)
+		add("nbdmover-inc-1pct", round+1, 0.4*f, 90<<10, 900)
+	}
+	in := filepath.Join(dir, "samples.jsonl")
+	if err := os.WriteFile(in, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stdout := os.Stdout
+	devnull, _ := os.Open(os.DevNull)
+	os.Stdout = devnull
+	err := run(in, dir, 2e9, "test")
+	os.Stdout = stdout
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	var doc struct {
+		Rows  []row  `json:"rows"`
+		Goals []goal `json:"goals"`
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	local := doc.Rows[4]
+	if local.Name != "nbdmover-full-local" || local.Rounds != 3 || local.Median != 10 || local.Min != 9 || local.Max != 11 {
+		t.Errorf("row %+v", local)
+	}
+	want := map[string]bool{ // what -> met
+		"full backup to the local store, time vs virtnbdbackup -l full -z": false, // 0.5
+		"full backup output size vs virtnbdbackup -z (lz4)":                true,  // 0.9
+		"full backup to null, no compression: rate vs nbdcopy":             true,  // 0.8
+		"1%-dirty incremental time vs the full":                            true,  // 0.04
+		"restore to raw: rate vs nbdcopy writing a file":                   false, // 0.6
+		"peak RSS of any nbdmover command, MiB":                            false, // 350
+	}
+	if len(doc.Goals) != len(want) {
+		t.Fatalf("%d goals, want %d: %+v", len(doc.Goals), len(want), doc.Goals)
+	}
+	for _, g := range doc.Goals {
+		if met, ok := want[g.What]; !ok || met != g.Met {
+			t.Errorf("goal %q: met=%v value=%v, want met=%v", g.What, g.Met, g.Value, met)
+		}
+	}
+
+	md, _ := os.ReadFile(filepath.Join(dir, "report.md"))
+	if !strings.Contains(string(md), "| nbdmover-full-local | 10.00 | 9.00 | 11.00 | 200 |") {
+		t.Errorf("report.md lacks the local row:\n%s", md)
+	}
+	svg, _ := os.ReadFile(filepath.Join(dir, "chart.svg"))
+	dec := xml.NewDecoder(strings.NewReader(string(svg)))
+	bars := 0
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("chart.svg is not well-formed: %v", err)
+		}
+		if se, ok := tok.(xml.StartElement); ok && se.Name.Local == "rect" {
+			bars++
+		}
+	}
+	if bars != 1+7 { // background + one bar per row
+		t.Errorf("chart has %d rects, want 8", bars)
+	}
+}
