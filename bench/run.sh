@@ -71,8 +71,9 @@ dom="nbdmover-bench-$(basename "$work" | cut -d. -f2 | tr 'A-Z' 'a-z')"
 vdom="$dom-peer"
 mdom="$dom-4m"
 domains="$dom $mdom $vdom"
+virsh_() { virsh -q -c qemu:///system "$@"; }
 cleanup() {
-	for d in $domains; do virsh -q -c qemu:///system destroy "$d" >/dev/null 2>&1 || true; done
+	for d in $domains; do virsh_ destroy "$d" >/dev/null 2>&1 || true; done
 	scripts/minio.sh stop "$work/minio" || true
 	rm -rf "$work"
 	if [ "$started" = started ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
@@ -94,7 +95,7 @@ if id libvirt-qemu >/dev/null 2>&1; then chown -R libvirt-qemu:kvm "$work/qemu";
 fresh_domains() {
 	local d
 	for d in $domains; do
-		virsh -q -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+		virsh_ destroy "$d" >/dev/null 2>&1 || true
 		cp "$base" "$work/$d.qcow2"
 		start_domain "$d" "$work/$d.qcow2"
 	done
@@ -108,7 +109,6 @@ data_bytes=$(qemu-img map --output=json "$base" | grep '"data": true' |
 	sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)
 say "disk: $disk_bytes bytes, $data_bytes allocated; $ROUNDS rounds"
 
-virsh_() { virsh -q -c qemu:///system "$@"; }
 
 # pull_export CMD...: run CMD with $SOCK set while a full pull-mode export of
 # the peer's vda runs (no checkpoint), then end the job.
@@ -157,11 +157,7 @@ dirty() {
 		cmds+=("write -s $work/qemu/src.$(printf %02d $((i % 32))) $((((RANDOM << 15 | RANDOM) % pages) * 4096)) 1M")
 	done
 	cmds+=(flush)
-	for d in $domains; do
-		for c in "${cmds[@]}"; do
-			printf 'qemu-monitor-command %s --hmp "qemu-io -d /machine/peripheral/ua-vda/virtio-backend \\"%s\\""\n' "$d" "$c"
-		done
-	done | virsh -q -c qemu:///system >/dev/null
+	for d in $domains; do qemu_io_lines "$d" "${cmds[@]}"; done | virsh_ >/dev/null
 }
 
 nbdmover() { "$PWD/bin/nbdmover" --log-level warn "$@"; }

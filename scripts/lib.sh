@@ -42,5 +42,17 @@ EOT
 # QEMU's block layer (so dirty bitmaps see it), e.g. "write -P 0x11 1M 4M".
 qemu_io() {
 	virsh -q -c qemu:///system qemu-monitor-command "$1" --hmp \
-		"qemu-io -d /machine/peripheral/ua-vda/virtio-backend \"$2\"" >/dev/null
+		"qemu-io -d $qemu_io_dev \"$2\"" >/dev/null
+}
+# vda's block backend in a start_domain domain, as qemu-io names it
+qemu_io_dev=/machine/peripheral/ua-vda/virtio-backend
+
+# qemu_io_lines DOMAIN COMMAND...: the qemu_io calls for COMMANDs as lines
+# of virsh's shell, to pipe into one virsh session (many writes at once).
+qemu_io_lines() {
+	local dom=$1 c
+	shift
+	for c in "$@"; do
+		printf 'qemu-monitor-command %s --hmp "qemu-io -d %s \\"%s\\""\n' "$dom" "$qemu_io_dev" "$c"
+	done
 }
