@@ -8,8 +8,7 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/nbdmover/nbdmover/chunker"
-	"github.com/nbdmover/nbdmover/nbdclient"
+	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 	"golang.org/x/sync/errgroup"
 )
@@ -21,35 +20,68 @@ const (
 	ModeIncremental = "incremental"
 )
 
-// BackupOptions describe one backup. Either Domain (a libvirt domain) or
-// NBD and Name (any NBD export) say what to back up.
-type BackupOptions struct {
-	Repo        RepoOptions
+// DefaultRunDir holds the per-name locks and each job's private socket
+// directory.
+const DefaultRunDir = "/run/nbdmover"
+
+// ErrInvalid is matched by the errors for options that can never work:
+// bad usage, not a failure of the backup.
+var ErrInvalid = errors.New("invalid option")
+
+type invalidError struct{ err error }
+
+func (e invalidError) Error() string        { return e.err.Error() }
+func (e invalidError) Unwrap() error        { return e.err }
+func (e invalidError) Is(target error) bool { return target == ErrInvalid }
+
+// invalidf returns an error that matches ErrInvalid.
+func invalidf(format string, args ...any) error {
+	return invalidError{fmt.Errorf(format, args...)}
+}
+
+// Options describe a backup, whatever its source.
+type Options struct {
+	Repo        repo.Options
 	ChunkSize   int64  // for a repository this backup creates
 	Compression string // for new chunks; "" = the repository's default
 	Mode        string // auto (default), full, incremental
-	Disks       []string
-	Tuning      Tuning
-
-	// A libvirt domain.
-	Domain  string
-	Connect string // libvirt URI
-	// Quiesce freezes the guest's filesystems (guest agent) and fails when
-	// it cannot; QuiesceOptional tries and continues crash-consistent.
-	Quiesce, QuiesceOptional bool
-	ScratchDir               string // scratch images (default DefaultScratchDir)
-	RunDir                   string // locks and sockets (default DefaultRunDir)
-
-	// Any NBD export, stored as domain Name with one disk (Disks[0], or
-	// "nbd"); Bitmap names the dirty bitmap for incrementals.
-	NBD    string
-	Name   string
-	Bitmap string
+	Tuning      pipeline.Tuning
+	RunDir      string // locks and job sockets (default DefaultRunDir)
 
 	Log *slog.Logger `json:"-"`
 	// Progress, if set, is called as each disk starts with the counters
 	// that the disk's backup updates.
-	Progress func(disk string, st *DiskStats) `json:"-"`
+	Progress func(disk string, st *pipeline.Stats) `json:"-"`
+}
+
+// Validate checks the options without touching anything; its errors
+// match ErrInvalid.
+func (o Options) Validate() error {
+	switch o.Mode {
+	case "", ModeAuto, ModeFull, ModeIncremental:
+	default:
+		return invalidf("backup mode %q: want auto, full or incremental", o.Mode)
+	}
+	if _, err := repo.ParseInit(o.ChunkSize, o.Compression); err != nil {
+		return invalidf("%w", err)
+	}
+	if r := o.Tuning.Readers; r < 0 || r > 64 {
+		return invalidf("readers %d: want 1 to 64", r)
+	}
+	return nil
+}
+
+func (o Options) withDefaults() Options {
+	if o.Mode == "" {
+		o.Mode = ModeAuto
+	}
+	if o.RunDir == "" {
+		o.RunDir = DefaultRunDir
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	return o
 }
 
 // BackupResult is what a committed backup did.
@@ -83,57 +115,78 @@ type DiskResult struct {
 	Seconds      float64 `json:"seconds"`
 }
 
-// Backup takes one backup and commits it, or commits nothing and says why.
-func Backup(ctx context.Context, o BackupOptions) (*BackupResult, error) {
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
+// Backup takes one backup of src and commits it, or commits nothing and
+// says why. The steps are the same for every source: lock the name, find
+// the last committed backup, start the source's session, read every disk
+// (incrementally where the source allows), commit, end the session.
+func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
+	start := time.Now()
+	o = o.withDefaults()
+	if err := o.Validate(); err != nil {
+		return nil, err
 	}
-	switch o.Mode {
-	case "":
-		o.Mode = ModeAuto
-	case ModeAuto, ModeFull, ModeIncremental:
-	default:
-		return nil, fmt.Errorf("backup mode %q: want auto, full or incremental", o.Mode)
+	if err := src.Validate(); err != nil {
+		return nil, err
 	}
-	o.Tuning = o.Tuning.withDefaults(runtime.NumCPU())
-	switch {
-	case o.NBD != "" && o.Domain != "":
-		return nil, errors.New("backup: give either --domain or --nbd, not both")
-	case o.NBD != "":
-		return backupNBD(ctx, o)
-	case o.Domain != "":
-		return backupDomain(ctx, o)
+	lock, err := lockName(o.RunDir, src.Name())
+	if err != nil {
+		return nil, err
 	}
-	return nil, errors.New("backup: give --domain NAME, or --nbd URI with --name NAME")
+	defer lock.Close()
+	r, err := openForBackup(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	last, err := lastBackup(ctx, r, src.Name())
+	if err != nil {
+		return nil, err
+	}
+	m := newManifest(r, o, src.Name(), last, start)
+	sess, err := src.Start(ctx, StartRequest{Repo: r, ID: m.ID, Last: last, Mode: o.Mode,
+		Readers: o.Tuning.Readers, RunDir: o.RunDir, Log: o.Log})
+	if err != nil {
+		return nil, err
+	}
+	b := &backup{o: o, r: r, m: m, last: last, sess: sess, start: start}
+	res, err := b.run(ctx)
+	// From here on the session is ended on every path, also when ctx is
+	// done: the job must not outlive the backup.
+	endErr := sess.End(context.WithoutCancel(ctx), err == nil)
+	if err != nil {
+		if endErr != nil {
+			err = fmt.Errorf("%w; also: %v", err, endErr)
+		}
+		return nil, err
+	}
+	if endErr != nil {
+		o.Log.Error("backup committed, but ending the session failed", "name", src.Name(), "error", endErr)
+	}
+	return res, nil
 }
 
 // openForBackup opens (creating on first use) the repository, with the
 // chosen compression for new chunks.
-func openForBackup(ctx context.Context, o BackupOptions) (*repo.Repo, error) {
-	init, err := InitOptions{ChunkSize: o.ChunkSize, Compression: o.Compression}.repoInit()
+func openForBackup(ctx context.Context, o Options) (*repo.Repo, error) {
+	init, err := repo.ParseInit(o.ChunkSize, o.Compression)
 	if err != nil {
 		return nil, err
 	}
-	s, err := o.Repo.store()
-	if err != nil {
-		return nil, err
-	}
-	r, err := repo.OpenOrInit(ctx, s, init)
+	r, err := o.Repo.OpenOrInit(ctx, init)
 	if err != nil || o.Compression == "" {
 		return r, err
 	}
 	return r.WithCompression(init.Compression)
 }
 
-// newManifest starts the manifest of a full backup of domain taken at
+// newManifest starts the manifest of a full backup of name taken at
 // start: its id sorts after the last backup's, and it records the
 // compression new chunks get.
-func newManifest(r *repo.Repo, o BackupOptions, domain, source string, last *repo.Manifest, start time.Time) *repo.Manifest {
+func newManifest(r *repo.Repo, o Options, name string, last *repo.Manifest, start time.Time) *repo.Manifest {
 	lastID := ""
 	if last != nil {
 		lastID = last.ID
 	}
-	m := &repo.Manifest{ID: repo.NewBackupID(start, lastID), Domain: domain, Created: start.UTC(), Source: source,
+	m := &repo.Manifest{ID: repo.NewBackupID(start, lastID), Domain: name, Created: start.UTC(),
 		Compression: r.Config().Compression, Mode: ModeFull}
 	if o.Compression != "" {
 		m.Compression = o.Compression
@@ -141,78 +194,123 @@ func newManifest(r *repo.Repo, o BackupOptions, domain, source string, last *rep
 	return m
 }
 
-// lastBackup returns the newest committed backup of domain, or nil.
-func lastBackup(ctx context.Context, r *repo.Repo, domain string) (*repo.Manifest, error) {
-	m, err := r.Backup(ctx, domain, "latest")
+// lastBackup returns the newest committed backup of name, or nil.
+func lastBackup(ctx context.Context, r *repo.Repo, name string) (*repo.Manifest, error) {
+	m, err := r.Backup(ctx, name, "latest")
 	if errors.Is(err, repo.ErrNoBackup) {
 		return nil, nil
 	}
 	return m, err
 }
 
-// diskSource is one disk ready to back up.
-type diskSource struct {
-	name   string
-	pool   *nbdclient.Pool
-	parent *repo.Index // nil: full
+// backup is one Backup between the session's start and end.
+type backup struct {
+	o     Options
+	r     *repo.Repo
+	m     *repo.Manifest
+	last  *repo.Manifest
+	sess  Session
+	start time.Time
 }
 
-// runDisks backs up every disk in parallel, sharing one buffer budget. On
+// run reads the disks and commits the backup.
+func (b *backup) run(ctx context.Context) (*BackupResult, error) {
+	disks := b.sess.Disks()
+	info := b.sess.Info()
+	parents, err := b.parents(ctx, disks)
+	if err != nil {
+		return nil, err
+	}
+	indexes, results, err := b.readDisks(ctx, disks, parents)
+	if err != nil {
+		return nil, err
+	}
+	files, err := b.sess.Files(ctx)
+	if err != nil {
+		return nil, err
+	}
+	b.m.Source, b.m.Consistency, b.m.Checkpoint, b.m.Fallback = info.Source, info.Consistency, info.Checkpoint, info.Fallback
+	for _, p := range parents {
+		if p != nil {
+			b.m.Mode, b.m.Parent = ModeIncremental, b.last.ID
+		}
+	}
+	return b.commit(ctx, disks, indexes, results, files)
+}
+
+// parents loads the last backup's index of each disk the session reads
+// incrementally (nil for the others).
+func (b *backup) parents(ctx context.Context, disks []SourceDisk) ([]*repo.Index, error) {
+	parents := make([]*repo.Index, len(disks))
+	for i, d := range disks {
+		if !d.Incremental {
+			continue
+		}
+		ix, err := b.r.LoadIndex(ctx, b.last, d.Name)
+		if err != nil {
+			return nil, fmt.Errorf("backup %s: parent backup %s: %w", b.m.Domain, b.last.ID, err)
+		}
+		parents[i] = ix
+	}
+	return parents, nil
+}
+
+// readDisks backs up every disk in parallel, sharing one buffer budget. On
 // any error the others stop and nothing is returned.
-func runDisks(ctx context.Context, o BackupOptions, r *repo.Repo, disks []diskSource) ([]*repo.Index, []DiskResult, error) {
-	o.Tuning = o.Tuning.forChunks(r.Config().ChunkSize)
-	bufs := newBuffers(o.Tuning, len(disks), r.Config().ChunkSize)
+func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*repo.Index) ([]*repo.Index, []DiskResult, error) {
+	chunkSize := b.r.Config().ChunkSize
+	tuning := b.o.Tuning.WithDefaults(runtime.NumCPU(), chunkSize)
+	bufs := pipeline.NewBuffers(tuning, len(disks), chunkSize)
 	indexes := make([]*repo.Index, len(disks))
 	results := make([]DiskResult, len(disks))
 	g, gctx := errgroup.WithContext(ctx)
 	for i, d := range disks {
 		g.Go(func() error {
 			start := time.Now()
-			job := &diskJob{name: d.name, pool: d.pool, repo: r, bufs: bufs, tuning: o.Tuning, stats: &DiskStats{}}
-			mode := ModeFull
-			if d.parent != nil {
-				mode = ModeIncremental
-				job.parent, job.stale = d.parent.Resized(d.pool.Info().Size)
-				job.known = make(map[chunker.Digest]bool, len(d.parent.Digests))
-				for _, dg := range d.parent.Digests {
-					job.known[dg] = true
-				}
+			job := &pipeline.Job{Name: d.Name, Disk: d.Disk, Repo: b.r, Buffers: bufs, Tuning: tuning,
+				Stats: &pipeline.Stats{}, Parent: parents[i]}
+			if b.o.Progress != nil {
+				b.o.Progress(d.Name, job.Stats)
 			}
-			if o.Progress != nil {
-				o.Progress(d.name, job.stats)
-			}
-			ix, err := job.run(gctx)
+			ix, err := job.Run(gctx)
 			if err != nil {
 				return err
 			}
 			indexes[i] = ix
-			st := job.stats
-			results[i] = DiskResult{Name: d.name, Size: ix.Size, Mode: mode,
-				BytesRead: st.BytesRead.Load(), BytesWritten: st.BytesWritten.Load(),
-				BytesDedup: st.BytesDedup.Load(), BytesZero: st.BytesZero.Load(),
-				Seconds: time.Since(start).Seconds()}
-			o.Log.Info("disk done", "disk", d.name, "mode", mode, "size", ix.Size,
+			results[i] = diskResult(d.Name, ix.Size, parents[i] != nil, job.Stats, time.Since(start))
+			b.o.Log.Info("disk done", "disk", d.Name, "mode", results[i].Mode, "size", ix.Size,
 				"read", results[i].BytesRead, "written", results[i].BytesWritten, "seconds", results[i].Seconds)
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("backup %s: %w", b.m.Domain, err)
 	}
 	return indexes, results, nil
 }
 
+func diskResult(name string, size int64, incremental bool, st *pipeline.Stats, took time.Duration) DiskResult {
+	mode := ModeFull
+	if incremental {
+		mode = ModeIncremental
+	}
+	return DiskResult{Name: name, Size: size, Mode: mode,
+		BytesRead: st.BytesRead.Load(), BytesWritten: st.BytesWritten.Load(),
+		BytesDedup: st.BytesDedup.Load(), BytesZero: st.BytesZero.Load(), Seconds: took.Seconds()}
+}
+
 // commit writes the backup's indexes, files and manifest.
-func commit(ctx context.Context, r *repo.Repo, m *repo.Manifest, disks []diskSource, indexes []*repo.Index,
-	results []DiskResult, files map[string][]byte, start time.Time) (*BackupResult, error) {
+func (b *backup) commit(ctx context.Context, disks []SourceDisk, indexes []*repo.Index,
+	results []DiskResult, files map[string][]byte) (*BackupResult, error) {
+	m := b.m
 	ixs := map[string]*repo.Index{}
 	res := &BackupResult{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Parent: m.Parent, Fallback: m.Fallback,
-		Consistency: m.Consistency, Repository: r.Location(), Disks: results}
+		Consistency: m.Consistency, Repository: b.r.Location(), Disks: results}
 	var covered int64
 	for i, d := range disks {
-		ixs[d.name] = indexes[i]
+		ixs[d.Name] = indexes[i]
 		dr := results[i]
-		m.Disks = append(m.Disks, repo.DiskManifest{Name: d.name, Size: dr.Size, Mode: dr.Mode,
+		m.Disks = append(m.Disks, repo.DiskManifest{Name: d.Name, Size: dr.Size, Mode: dr.Mode,
 			BytesRead: dr.BytesRead, BytesWritten: dr.BytesWritten, BytesDedup: dr.BytesDedup, BytesZero: dr.BytesZero})
 		res.BytesRead += dr.BytesRead
 		res.BytesWritten += dr.BytesWritten
@@ -221,90 +319,12 @@ func commit(ctx context.Context, r *repo.Repo, m *repo.Manifest, disks []diskSou
 		covered += dr.Size
 	}
 	m.Completed = time.Now().UTC()
-	if err := r.Commit(ctx, m, ixs, files); err != nil {
+	if err := b.r.Commit(ctx, m, ixs, files); err != nil {
 		return nil, fmt.Errorf("commit backup %s/%s: %w", m.Domain, m.ID, err)
 	}
-	res.Seconds = time.Since(start).Seconds()
+	res.Seconds = time.Since(b.start).Seconds()
 	if res.Seconds > 0 {
 		res.RateMBps = float64(covered) / res.Seconds / 1e6
 	}
 	return res, nil
-}
-
-// backupNBD backs up one NBD export as domain o.Name. With o.Bitmap, and a
-// last backup taken at the same bitmap, only the chunks the bitmap marks
-// are read: the bitmap must have been recording since before that backup
-// (a persistent bitmap that is never cleared does).
-func backupNBD(ctx context.Context, o BackupOptions) (*BackupResult, error) {
-	start := time.Now()
-	if o.Name == "" {
-		return nil, errors.New("backup --nbd: --name NAME is required (the name the backup is listed and restored by)")
-	}
-	if err := repo.ValidName("backup", o.Name); err != nil {
-		return nil, err
-	}
-	disk := "nbd"
-	if len(o.Disks) > 1 {
-		return nil, errors.New("backup --nbd: an NBD export is one disk; give at most one --disk name")
-	} else if len(o.Disks) == 1 {
-		disk = o.Disks[0]
-	}
-	if err := repo.ValidName("disk", disk); err != nil {
-		return nil, err
-	}
-	r, err := openForBackup(ctx, o)
-	if err != nil {
-		return nil, err
-	}
-	last, err := lastBackup(ctx, r, o.Name)
-	if err != nil {
-		return nil, err
-	}
-
-	m := newManifest(r, o, o.Name, "nbd", last, start)
-	m.Consistency, m.Checkpoint = "crash-consistent", o.Bitmap
-	var parent *repo.Index
-	switch reason := nbdIncrementalBlocker(o, last, disk); {
-	case o.Mode == ModeFull:
-	case reason == "":
-		if parent, err = r.LoadIndex(ctx, last, disk); err != nil {
-			return nil, fmt.Errorf("backup %s: parent backup %s: %w", o.Name, last.ID, err)
-		}
-		m.Mode, m.Parent = ModeIncremental, last.ID
-	case o.Mode == ModeIncremental:
-		return nil, fmt.Errorf("backup %s: cannot take an incremental: %s", o.Name, reason)
-	case last == nil: // the first backup is full; nothing fell back
-	default:
-		m.Fallback = reason
-		o.Log.Info("taking a full backup", "name", o.Name, "reason", reason)
-	}
-
-	pool, err := nbdclient.DialPool(ctx, nbdclient.Config{URI: o.NBD, Bitmap: o.Bitmap}, o.Tuning.Readers)
-	if err != nil {
-		return nil, fmt.Errorf("backup %s disk %s: %w", o.Name, disk, err)
-	}
-	defer pool.Close()
-	disks := []diskSource{{name: disk, pool: pool, parent: parent}}
-	indexes, results, err := runDisks(ctx, o, r, disks)
-	if err != nil {
-		return nil, fmt.Errorf("backup %s: %w", o.Name, err)
-	}
-	return commit(ctx, r, m, disks, indexes, results, nil, start)
-}
-
-// nbdIncrementalBlocker says why an NBD backup cannot be incremental, or
-// returns "".
-func nbdIncrementalBlocker(o BackupOptions, last *repo.Manifest, disk string) string {
-	switch {
-	case o.Bitmap == "":
-		return "no --bitmap given"
-	case last == nil:
-		return "no earlier backup of " + o.Name
-	case last.Checkpoint != o.Bitmap:
-		return fmt.Sprintf("the last backup (%s) was not taken at bitmap %s", last.ID, o.Bitmap)
-	}
-	if _, err := last.Disk(disk); err != nil {
-		return fmt.Sprintf("the last backup (%s) has no disk %s", last.ID, disk)
-	}
-	return ""
 }

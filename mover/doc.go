@@ -1,17 +1,18 @@
-// Package mover orchestrates nbdmover's jobs: backups (the libvirt session,
-// the checkpoint chain, the per-disk pipeline from NBD into the
-// repository), restores, listing and verification. The command line and
-// the daemon call one function here per job.
+// Package mover takes backups: it drives a Source (a running libvirt
+// domain, or any NBD export) through one flow written once in Backup:
+// lock the name, find the last committed backup, start the source's
+// session (for a domain: the checkpoint chain and a pull-mode backup
+// job), read every disk through package pipeline, commit the manifest,
+// end the session.
 //
 // Words used here:
 //
-//   - The pipeline of one disk: a planner walks the disk's extents one
-//     window at a time and plans each chunk to build; readers fill chunk
-//     buffers from N NBD connections (holes and zero extents are never
-//     requested, only zero-filled); workers detect zero chunks, digest and
-//     compress; uploaders store the blobs. Every stage is bounded and the
-//     buffers come from fixed pools, so memory does not grow with the disk.
+//   - A source is what is backed up; its name is the repository's domain
+//     name. A session is one backup's hold on it: for a domain, the libvirt
+//     job that exports the disks over NBD and the checkpoint it creates.
 //   - A full backup builds every chunk that holds data; an incremental one
-//     builds only the chunks the dirty bitmap touches and takes every other
+//     builds only the chunks the dirty bitmap marks and takes every other
 //     digest from the parent's index, so each index is a synthetic full.
+//   - The parent is the last committed backup of the same name; a chain is
+//     never based on a checkpoint whose backup did not commit.
 package mover

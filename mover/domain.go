@@ -4,11 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
-	"time"
 
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
@@ -16,36 +15,368 @@ import (
 	"libvirt.org/go/libvirtxml"
 )
 
-// Default directories: RunDir holds the per-domain locks and each job's
-// private socket directory; ScratchDir the job's scratch images.
-const (
-	DefaultRunDir     = "/run/nbdmover"
-	DefaultScratchDir = "/var/lib/nbdmover/scratch"
-)
+// DefaultScratchDir holds the backup jobs' scratch images.
+const DefaultScratchDir = "/var/lib/nbdmover/scratch"
 
-// lockDomain takes the host-wide lock of a domain's backups. Holding it
-// proves that no other nbdmover on this host works on the domain, so a
-// backup job or files found on it were left by a crashed run.
-func lockDomain(runDir, domain string) (*os.File, error) {
-	if err := traversableDir(runDir); err != nil {
-		return nil, err
+// DomainOptions say which libvirt domain to back up and how.
+type DomainOptions struct {
+	Name    string
+	Connect string   // libvirt URI (default qemu:///system)
+	Disks   []string // back up only these disks (default: every disk)
+	// Quiesce freezes the guest's filesystems (guest agent) and fails when
+	// it cannot; QuiesceOptional tries and continues crash-consistent.
+	Quiesce, QuiesceOptional bool
+	ScratchDir               string // scratch images (default DefaultScratchDir)
+}
+
+// NewDomain returns the source that backs up a running libvirt domain
+// through a pull-mode backup job; see docs/design.md for the steps and
+// what each failure leaves behind.
+func NewDomain(o DomainOptions) Source {
+	if o.Connect == "" {
+		o.Connect = "qemu:///system"
 	}
-	dir := filepath.Join(runDir, "locks")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
+	if o.ScratchDir == "" {
+		o.ScratchDir = DefaultScratchDir
 	}
-	f, err := os.OpenFile(filepath.Join(dir, domain+".lock"), os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
+	return &domainSource{o: o}
+}
+
+type domainSource struct{ o DomainOptions }
+
+func (s *domainSource) Name() string { return s.o.Name }
+
+func (s *domainSource) Validate() error {
+	if err := repo.ValidName("domain", s.o.Name); err != nil {
+		return invalidf("%w", err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("domain %s: another nbdmover backup of this domain is running", domain)
+	for _, d := range s.o.Disks {
+		if err := repo.ValidName("disk", d); err != nil {
+			return invalidf("%w", err)
 		}
+	}
+	return nil
+}
+
+// domainSession is a running pull-mode backup job of a domain.
+type domainSession struct {
+	o     DomainOptions
+	req   StartRequest
+	log   *slog.Logger
+	conn  *libvirt.Connect
+	dom   *libvirt.Domain
+	def   libvirtxml.Domain
+	plan  *domainPlan
+	info  SessionInfo
+	dirs  []string // the job's run and scratch directories
+	sock  string
+	job   bool // the libvirt job runs
+	disks []SourceDisk
+	pools []*nbdclient.Pool
+}
+
+func (s *domainSource) Start(ctx context.Context, req StartRequest) (_ Session, err error) {
+	ds := &domainSession{o: s.o, req: req, log: req.Log.With("domain", s.o.Name),
+		info: SessionInfo{Source: "libvirt"}}
+	defer func() {
+		if err != nil {
+			ds.End(context.WithoutCancel(ctx), false)
+			err = fmt.Errorf("backup of domain %s: %w", s.o.Name, err)
+		}
+	}()
+	if err := ds.connect(ctx); err != nil {
 		return nil, err
 	}
-	return f, nil
+	if err := ds.planDisks(ctx); err != nil {
+		return nil, err
+	}
+	if err := ds.begin(ctx); err != nil {
+		return nil, err
+	}
+	if err := ds.dialExports(ctx); err != nil {
+		return nil, err
+	}
+	return ds, nil
+}
+
+// connect finds the running domain and ends a backup job a crashed run
+// left on it (we hold the domain's lock, so no live run owns it).
+func (ds *domainSession) connect(ctx context.Context) error {
+	conn, err := connectLibvirt(ds.o.Connect)
+	if err != nil {
+		return err
+	}
+	ds.conn = conn
+	if ds.dom, err = lookupRunning(conn, ds.o.Name, ds.o.Connect); err != nil {
+		return err
+	}
+	if active, err := activeBackupJob(ds.dom); err != nil {
+		return err
+	} else if active {
+		ds.log.Warn("ending a backup job left by an earlier run")
+		if err := endBackupJob(ctx, conn, ds.dom); err != nil {
+			return fmt.Errorf("leftover backup job: %w", err)
+		}
+	}
+	xmlDesc, err := ds.dom.GetXMLDesc(0)
+	if err != nil {
+		return err
+	}
+	if err := ds.def.Unmarshal(xmlDesc); err != nil {
+		return fmt.Errorf("domain XML: %w", err)
+	}
+	return nil
+}
+
+// planDisks selects the disks and decides which go incremental.
+func (ds *domainSession) planDisks(ctx context.Context) error {
+	disks, skipped, err := diskSelection(&ds.def, ds.o.Disks)
+	if err != nil {
+		return err
+	}
+	for _, s := range skipped {
+		ds.log.Info("skipping disk", "disk", s)
+	}
+	if len(disks) == 0 {
+		return fmt.Errorf("no disk to back up (skipped: %s)", strings.Join(skipped, ", "))
+	}
+	if ds.plan, err = planDomain(ctx, ds.req, ds.dom, ds.log, disks); err != nil {
+		return err
+	}
+	if ds.plan.hasBitmaps() {
+		ds.plan.checkpoint = checkpointPrefix + ds.req.ID
+	}
+	return nil
+}
+
+// begin makes the job's private directories and starts the pull-mode job;
+// when libvirt refuses an incremental, it starts a full one instead.
+func (ds *domainSession) begin(ctx context.Context) error {
+	uid, gid := qemuOwner(&ds.def)
+	runDir, err := jobDir(ds.req.RunDir, ds.o.Name, ds.req.ID, uid, gid)
+	if err != nil {
+		return fmt.Errorf("run directory: %w", err)
+	}
+	ds.dirs = append(ds.dirs, runDir)
+	scratchDir, err := jobDir(ds.o.ScratchDir, ds.o.Name, ds.req.ID, uid, gid)
+	if err != nil {
+		return fmt.Errorf("scratch directory: %w", err)
+	}
+	ds.dirs = append(ds.dirs, scratchDir)
+	ds.sock = filepath.Join(runDir, "nbd.sock")
+
+	plan := ds.plan
+	consistency, err := beginBackup(ds.dom, ds.o, ds.log, plan, ds.sock, scratchDir)
+	if err != nil && len(plan.incr) > 0 && ds.req.Mode == ModeAuto {
+		// libvirt refuses an incremental whose bitmaps are missing or
+		// broken: start over as a full backup from a fresh chain.
+		ds.log.Warn("incremental backup refused, taking a full one", "error", err)
+		deleteCheckpoint(ds.dom, plan.base)
+		plan.fallback = fmt.Sprintf("libvirt refused the incremental from checkpoint %s: %v", plan.base, err)
+		plan.incr, plan.base = map[string]bool{}, ""
+		consistency, err = beginBackup(ds.dom, ds.o, ds.log, plan, ds.sock, scratchDir)
+	}
+	if err != nil {
+		return err
+	}
+	ds.job = true
+	ds.info.Consistency, ds.info.Checkpoint, ds.info.Fallback = consistency, plan.checkpoint, plan.fallback
+	return nil
+}
+
+// dialExports connects to the job's NBD exports.
+func (ds *domainSession) dialExports(ctx context.Context) error {
+	exports, err := backupExports(ds.dom)
+	if err != nil {
+		return err
+	}
+	for _, d := range ds.plan.disks {
+		ex := exports[d.name]
+		cfg := nbdclient.Config{Socket: ds.sock, Export: ex.ExportName}
+		if cfg.Export == "" {
+			cfg.Export = d.name
+		}
+		incr := ds.plan.incr[d.name]
+		if incr {
+			cfg.Bitmap = ex.ExportBitmap
+		}
+		pool, err := nbdclient.DialPool(ctx, cfg, ds.req.Readers)
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", d.name, err)
+		}
+		ds.pools = append(ds.pools, pool)
+		ds.disks = append(ds.disks, SourceDisk{Name: d.name, Disk: pool, Incremental: incr, Bitmap: cfg.Bitmap})
+	}
+	return nil
+}
+
+func (ds *domainSession) Disks() []SourceDisk { return ds.disks }
+func (ds *domainSession) Info() SessionInfo   { return ds.info }
+
+// Files returns the domain's definition (without secrets) and the new
+// checkpoint's, for redefining it later.
+func (ds *domainSession) Files(context.Context) (map[string][]byte, error) {
+	files := map[string][]byte{}
+	x, err := domainXML(ds.dom)
+	if err != nil {
+		return nil, fmt.Errorf("domain %s: domain XML: %w", ds.o.Name, err)
+	}
+	files["domain.xml"] = []byte(x)
+	if cp := ds.plan.checkpoint; cp != "" {
+		x, err := checkpointXML(ds.dom, cp)
+		if err != nil {
+			return nil, fmt.Errorf("domain %s: checkpoint %s: %w", ds.o.Name, cp, err)
+		}
+		files["checkpoint.xml"] = []byte(x)
+	}
+	return files, nil
+}
+
+// End ends the job and closes everything. An uncommitted backup's
+// checkpoint is deleted (its changes merge into the parent checkpoint, so
+// the chain stays complete); after a commit, the older checkpoints are of
+// no more use.
+func (ds *domainSession) End(ctx context.Context, committed bool) error {
+	var errs []error
+	for _, p := range ds.pools {
+		p.Close()
+	}
+	if ds.job {
+		if err := endBackupJob(ctx, ds.conn, ds.dom); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if ds.plan != nil && ds.plan.checkpoint != "" && ds.job {
+		if committed {
+			deleteCheckpointsExcept(ds.dom, ds.plan.checkpoint, ds.log)
+		} else if err := deleteCheckpoint(ds.dom, ds.plan.checkpoint); err != nil {
+			ds.log.Warn("could not delete the uncommitted checkpoint", "checkpoint", ds.plan.checkpoint, "error", err)
+		}
+	}
+	for _, d := range ds.dirs {
+		os.RemoveAll(d)
+	}
+	if ds.dom != nil {
+		ds.dom.Free()
+	}
+	if ds.conn != nil {
+		ds.conn.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// domainPlan is what one domain backup will do.
+type domainPlan struct {
+	disks      []domainDisk
+	incr       map[string]bool // disks read incrementally from base
+	base       string          // checkpoint the incrementals start from
+	fallback   string
+	checkpoint string // the checkpoint this backup creates, "" when none
+}
+
+func (p *domainPlan) hasBitmaps() bool {
+	for _, d := range p.disks {
+		if d.format == "qcow2" {
+			return true
+		}
+	}
+	return false
+}
+
+// planDomain decides which disks go incremental, from which checkpoint. The
+// base is always the checkpoint of the last committed backup, never
+// libvirt's newest; checkpoints of ours that are not it (left by runs that
+// did not commit) are deleted first, which merges their changes into it.
+func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, log *slog.Logger, disks []domainDisk) (*domainPlan, error) {
+	plan := &domainPlan{disks: disks, incr: map[string]bool{}}
+	last := req.Last
+	keep := ""
+	if last != nil {
+		keep = last.Checkpoint
+	}
+	deleteCheckpointsExcept(dom, keep, log)
+	if req.Mode == ModeFull {
+		return plan, nil
+	}
+	if last == nil {
+		if req.Mode == ModeIncremental {
+			return nil, errors.New("cannot take an incremental: no committed backup in the repository")
+		}
+		return plan, nil
+	}
+	reason, err := incrementalDisks(ctx, req, dom, log, plan)
+	if err != nil || reason == "" {
+		return plan, err
+	}
+	if req.Mode == ModeIncremental {
+		return nil, fmt.Errorf("cannot take an incremental: %s", reason)
+	}
+	log.Info("taking a full backup", "reason", reason)
+	plan.fallback = reason
+	plan.incr = map[string]bool{}
+	return plan, nil
+}
+
+// incrementalDisks marks the disks that can go incremental from the last
+// backup's checkpoint, or says why none can.
+func incrementalDisks(ctx context.Context, req StartRequest, dom *libvirt.Domain, log *slog.Logger, plan *domainPlan) (string, error) {
+	last := req.Last
+	if last.Checkpoint == "" {
+		return fmt.Sprintf("the last backup (%s) has no checkpoint", last.ID), nil
+	}
+	if reason := ensureCheckpoint(ctx, req.Repo, dom, last, log); reason != "" {
+		return reason, nil
+	}
+	tracked, err := checkpointDisks(dom, last.Checkpoint)
+	if err != nil {
+		return fmt.Sprintf("checkpoint %s: %v", last.Checkpoint, err), nil
+	}
+	// Disks without bitmaps (raw) are read in full every time; a qcow2
+	// disk new since the last backup gets a full.
+	var notIncr []string
+	for _, d := range plan.disks {
+		_, lastErr := last.Disk(d.name)
+		inLast := lastErr == nil
+		switch {
+		case d.format != "qcow2":
+		case tracked[d.name] && inLast:
+			plan.incr[d.name] = true
+		default:
+			notIncr = append(notIncr, d.name)
+		}
+	}
+	if len(notIncr) > 0 && req.Mode == ModeIncremental {
+		return "", fmt.Errorf("cannot take an incremental of disks %s (new, or not in checkpoint %s); "+
+			"leave them out with --disk or use --mode auto", strings.Join(notIncr, ", "), last.Checkpoint)
+	}
+	if len(plan.incr) == 0 {
+		return "no disk can be read incrementally", nil
+	}
+	plan.base = last.Checkpoint
+	return "", nil
+}
+
+// ensureCheckpoint makes sure libvirt has the last backup's checkpoint,
+// redefining it from the repository's copy when libvirt lost it. It returns
+// why an incremental is impossible, or "".
+func ensureCheckpoint(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, last *repo.Manifest, log *slog.Logger) string {
+	cp, err := dom.CheckpointLookupByName(last.Checkpoint, 0)
+	if err == nil {
+		cp.Free()
+		return ""
+	}
+	if libvirtCode(err) != libvirt.ERR_NO_DOMAIN_CHECKPOINT {
+		return fmt.Sprintf("checkpoint %s: %v", last.Checkpoint, err)
+	}
+	x, err := r.ReadFile(ctx, last, "checkpoint.xml")
+	if err != nil {
+		return fmt.Sprintf("libvirt lost checkpoint %s and the repository's copy is unreadable: %v", last.Checkpoint, err)
+	}
+	if err := redefineCheckpoint(dom, x); err != nil {
+		return fmt.Sprintf("libvirt lost checkpoint %s and it could not be redefined: %v", last.Checkpoint, err)
+	}
+	log.Info("redefined a checkpoint libvirt had lost", "checkpoint", last.Checkpoint)
+	return ""
 }
 
 // jobDir makes a directory private to root and QEMU (mode 0700, owned by
@@ -72,328 +403,9 @@ func jobDir(parent, domain, id string, uid, gid int) (string, error) {
 	return dir, nil
 }
 
-// traversableDir creates dir (and missing parents) with mode 0711, so that
-// QEMU, running as another user, can reach the private directories inside
-// it without listing them.
-func traversableDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o711); err != nil {
-		return err
-	}
-	return os.Chmod(dir, 0o711)
-}
-
-// domainPlan is what one domain backup will do.
-type domainPlan struct {
-	disks      []domainDisk
-	incr       map[string]bool // disks read incrementally from base
-	base       string          // checkpoint the incrementals start from
-	fallback   string
-	checkpoint string // the checkpoint this backup creates, "" when none
-}
-
-// backupDomain takes a pull-mode backup of a running libvirt domain; see
-// docs/design.md for the steps and what each failure leaves behind.
-func backupDomain(ctx context.Context, o BackupOptions) (res *BackupResult, err error) {
-	start := time.Now()
-	name := o.Domain
-	if err := repo.ValidName("domain", name); err != nil {
-		return nil, err
-	}
-	if o.Connect == "" {
-		o.Connect = "qemu:///system"
-	}
-	if o.RunDir == "" {
-		o.RunDir = DefaultRunDir
-	}
-	if o.ScratchDir == "" {
-		o.ScratchDir = DefaultScratchDir
-	}
-	lock, err := lockDomain(o.RunDir, name)
-	if err != nil {
-		return nil, err
-	}
-	defer lock.Close()
-
-	r, err := openForBackup(ctx, o)
-	if err != nil {
-		return nil, err
-	}
-	conn, err := connectLibvirt(o.Connect)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	dom, err := lookupRunning(conn, name, o.Connect)
-	if err != nil {
-		return nil, err
-	}
-	defer dom.Free()
-	fail := func(format string, args ...any) error {
-		return fmt.Errorf("backup of domain %s: %w", name, fmt.Errorf(format, args...))
-	}
-	phase := func(what string) { o.Log.Debug(what, "domain", name, "elapsed", time.Since(start)) }
-	phase("connected to libvirt")
-
-	// A backup job on the domain while we hold its lock was left by a
-	// crashed run: end it.
-	if active, err := activeBackupJob(dom); err != nil {
-		return nil, fail("%w", err)
-	} else if active {
-		o.Log.Warn("ending a backup job left by an earlier run", "domain", name)
-		if err := endBackupJob(ctx, conn, dom); err != nil {
-			return nil, fail("leftover backup job: %w", err)
-		}
-	}
-
-	xmlDesc, err := dom.GetXMLDesc(0)
-	if err != nil {
-		return nil, fail("%w", err)
-	}
-	var def libvirtxml.Domain
-	if err := def.Unmarshal(xmlDesc); err != nil {
-		return nil, fail("domain XML: %w", err)
-	}
-	disks, skipped, err := diskSelection(&def, o.Disks)
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range skipped {
-		o.Log.Info("skipping disk", "domain", name, "disk", s)
-	}
-	if len(disks) == 0 {
-		return nil, fail("no disk to back up (skipped: %s)", strings.Join(skipped, ", "))
-	}
-
-	last, err := lastBackup(ctx, r, name)
-	if err != nil {
-		return nil, err
-	}
-	m := newManifest(r, o, name, "libvirt", last, start)
-	id := m.ID
-	plan, err := planDomain(ctx, r, dom, o, disks, last)
-	if err != nil {
-		return nil, fail("%w", err)
-	}
-	phase("planned")
-	if plan.hasBitmaps() {
-		plan.checkpoint = checkpointPrefix + id
-	}
-
-	uid, gid := qemuOwner(&def)
-	runDir, err := jobDir(o.RunDir, name, id, uid, gid)
-	if err != nil {
-		return nil, fail("run directory: %w", err)
-	}
-	defer os.RemoveAll(runDir)
-	scratchDir, err := jobDir(o.ScratchDir, name, id, uid, gid)
-	if err != nil {
-		return nil, fail("scratch directory: %w", err)
-	}
-	defer os.RemoveAll(scratchDir)
-	sock := filepath.Join(runDir, "nbd.sock")
-
-	consistency, err := beginBackup(ctx, conn, dom, o, plan, sock, scratchDir)
-	if err != nil && len(plan.incr) > 0 && o.Mode == ModeAuto {
-		// libvirt refuses an incremental whose bitmaps are missing or
-		// broken: start over as a full backup from a fresh chain.
-		o.Log.Warn("incremental backup refused, taking a full one", "domain", name, "error", err)
-		deleteCheckpoint(dom, plan.base)
-		plan.fallback = fmt.Sprintf("libvirt refused the incremental from checkpoint %s: %v", plan.base, err)
-		plan.incr, plan.base = map[string]bool{}, ""
-		consistency, err = beginBackup(ctx, conn, dom, o, plan, sock, scratchDir)
-	}
-	if err != nil {
-		return nil, fail("%w", err)
-	}
-	phase("backup job started")
-	// From here the job runs: end it on every path, and on failure drop
-	// the checkpoint this uncommitted backup created (its changes merge
-	// into the parent checkpoint, so the chain stays complete).
-	cleanupCtx := context.WithoutCancel(ctx)
-	committed := false
-	defer func() {
-		if jerr := endBackupJob(cleanupCtx, conn, dom); jerr != nil {
-			if err == nil {
-				o.Log.Error("backup committed, but ending the libvirt job failed", "domain", name, "error", jerr)
-			} else {
-				err = fmt.Errorf("%w; also: %v", err, jerr)
-			}
-		}
-		if !committed && plan.checkpoint != "" {
-			if cerr := deleteCheckpoint(dom, plan.checkpoint); cerr != nil {
-				o.Log.Warn("could not delete the uncommitted checkpoint", "domain", name, "checkpoint", plan.checkpoint, "error", cerr)
-			}
-		}
-	}()
-
-	exports, err := backupExports(dom)
-	if err != nil {
-		return nil, fail("%w", err)
-	}
-	var sources []diskSource
-	defer func() {
-		for _, s := range sources {
-			s.pool.Close()
-		}
-	}()
-	for _, d := range plan.disks {
-		ex := exports[d.name]
-		cfg := nbdclient.Config{Socket: sock, Export: ex.ExportName}
-		if cfg.Export == "" {
-			cfg.Export = d.name
-		}
-		var parent *repo.Index
-		if plan.incr[d.name] {
-			cfg.Bitmap = ex.ExportBitmap
-			if parent, err = r.LoadIndex(ctx, last, d.name); err != nil {
-				return nil, fail("parent backup %s: %w", last.ID, err)
-			}
-		}
-		pool, err := nbdclient.DialPool(ctx, cfg, o.Tuning.Readers)
-		if err != nil {
-			return nil, fail("disk %s: %w", d.name, err)
-		}
-		sources = append(sources, diskSource{name: d.name, pool: pool, parent: parent})
-	}
-	phase("connected to the exports")
-	indexes, results, err := runDisks(ctx, o, r, sources)
-	if err != nil {
-		return nil, fail("%w", err)
-	}
-	phase("disks read")
-
-	files := map[string][]byte{}
-	if x, err := domainXML(dom); err == nil {
-		files["domain.xml"] = []byte(x)
-	} else {
-		return nil, fail("domain XML: %w", err)
-	}
-	if plan.checkpoint != "" {
-		cp, err := dom.CheckpointLookupByName(plan.checkpoint, 0)
-		if err != nil {
-			return nil, fail("checkpoint %s: %w", plan.checkpoint, err)
-		}
-		x, err := cp.GetXMLDesc(0)
-		cp.Free()
-		if err != nil {
-			return nil, fail("checkpoint %s: %w", plan.checkpoint, err)
-		}
-		files["checkpoint.xml"] = []byte(x)
-	}
-	m.Consistency, m.Checkpoint, m.Fallback = consistency, plan.checkpoint, plan.fallback
-	if len(plan.incr) > 0 {
-		m.Mode, m.Parent = ModeIncremental, last.ID
-	}
-	res, err = commit(ctx, r, m, sources, indexes, results, files, start)
-	if err != nil {
-		return nil, err
-	}
-	committed = true
-	phase("committed")
-	// Checkpoints older than the one just committed are of no more use.
-	deleteCheckpointsExcept(dom, plan.checkpoint, o.Log.With("domain", name))
-	return res, nil
-}
-
-func (p *domainPlan) hasBitmaps() bool {
-	for _, d := range p.disks {
-		if d.format == "qcow2" {
-			return true
-		}
-	}
-	return false
-}
-
-// planDomain decides which disks go incremental, from which checkpoint. The
-// base is always the checkpoint of the last committed backup, never
-// libvirt's newest; checkpoints of ours that are not it (left by runs that
-// did not commit) are deleted first, which merges their changes into it.
-func planDomain(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, o BackupOptions, disks []domainDisk, last *repo.Manifest) (*domainPlan, error) {
-	plan := &domainPlan{disks: disks, incr: map[string]bool{}}
-	keep := ""
-	if last != nil {
-		keep = last.Checkpoint
-	}
-	deleteCheckpointsExcept(dom, keep, o.Log.With("domain", o.Domain))
-	if o.Mode == ModeFull {
-		return plan, nil
-	}
-	reason := ""
-	switch {
-	case last == nil:
-		if o.Mode == ModeIncremental {
-			return nil, errors.New("cannot take an incremental: no committed backup in the repository")
-		}
-		return plan, nil
-	case last.Checkpoint == "":
-		reason = fmt.Sprintf("the last backup (%s) has no checkpoint", last.ID)
-	default:
-		reason = ensureCheckpoint(ctx, r, dom, last, o)
-	}
-	if reason == "" {
-		tracked, err := checkpointDisks(dom, last.Checkpoint)
-		if err != nil {
-			reason = fmt.Sprintf("checkpoint %s: %v", last.Checkpoint, err)
-		} else {
-			// Disks without bitmaps (raw) are read in full every time;
-			// a qcow2 disk new since the last backup gets a full.
-			var notIncr []string
-			for _, d := range disks {
-				_, notInLast := last.Disk(d.name)
-				switch {
-				case d.format != "qcow2":
-				case tracked[d.name] && notInLast == nil:
-					plan.incr[d.name] = true
-				default:
-					notIncr = append(notIncr, d.name)
-				}
-			}
-			if len(notIncr) > 0 && o.Mode == ModeIncremental {
-				return nil, fmt.Errorf("cannot take an incremental of disks %s (new, or not in checkpoint %s); "+
-					"leave them out with --disk or use --mode auto", strings.Join(notIncr, ", "), last.Checkpoint)
-			}
-			if len(plan.incr) > 0 {
-				plan.base = last.Checkpoint
-				return plan, nil
-			}
-			reason = "no disk can be read incrementally"
-		}
-	}
-	if o.Mode == ModeIncremental {
-		return nil, fmt.Errorf("cannot take an incremental: %s", reason)
-	}
-	o.Log.Info("taking a full backup", "domain", o.Domain, "reason", reason)
-	plan.fallback = reason
-	plan.incr = map[string]bool{}
-	return plan, nil
-}
-
-// ensureCheckpoint makes sure libvirt has the last backup's checkpoint,
-// redefining it from the repository's copy when libvirt lost it. It returns
-// why an incremental is impossible, or "".
-func ensureCheckpoint(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, last *repo.Manifest, o BackupOptions) string {
-	cp, err := dom.CheckpointLookupByName(last.Checkpoint, 0)
-	if err == nil {
-		cp.Free()
-		return ""
-	}
-	if libvirtCode(err) != libvirt.ERR_NO_DOMAIN_CHECKPOINT {
-		return fmt.Sprintf("checkpoint %s: %v", last.Checkpoint, err)
-	}
-	x, err := r.ReadFile(ctx, last, "checkpoint.xml")
-	if err != nil {
-		return fmt.Sprintf("libvirt lost checkpoint %s and the repository's copy is unreadable: %v", last.Checkpoint, err)
-	}
-	if err := redefineCheckpoint(dom, x); err != nil {
-		return fmt.Sprintf("libvirt lost checkpoint %s and it could not be redefined: %v", last.Checkpoint, err)
-	}
-	o.Log.Info("redefined a checkpoint libvirt had lost", "domain", o.Domain, "checkpoint", last.Checkpoint)
-	return ""
-}
-
 // beginBackup starts the pull-mode job, freezing the guest's filesystems
 // around it when asked. It returns the consistency the backup will have.
-func beginBackup(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain, o BackupOptions, plan *domainPlan, sock, scratchDir string) (string, error) {
+func beginBackup(dom *libvirt.Domain, o DomainOptions, log *slog.Logger, plan *domainPlan, sock, scratchDir string) (string, error) {
 	backupXML, checkpointXML, err := jobXML(plan, sock, scratchDir)
 	if err != nil {
 		return "", err
@@ -405,12 +417,12 @@ func beginBackup(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain
 				return "", fmt.Errorf("cannot freeze the guest's filesystems (is the QEMU guest agent installed and running?): %w; "+
 					"use --quiesce-optional to continue crash-consistent", err)
 			}
-			o.Log.Warn("guest filesystems not frozen: the backup is crash-consistent", "domain", o.Domain, "error", err)
+			log.Warn("guest filesystems not frozen: the backup is crash-consistent", "error", err)
 		} else {
 			consistency = "quiesced"
 			defer func() {
 				if err := dom.FSThaw(nil, 0); err != nil {
-					o.Log.Error("thawing the guest's filesystems failed", "domain", o.Domain, "error", err)
+					log.Error("thawing the guest's filesystems failed", "error", err)
 				}
 			}()
 		}
@@ -480,4 +492,14 @@ func domainXML(dom *libvirt.Domain) (string, error) {
 		return dom.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
 	}
 	return dom.GetXMLDesc(0)
+}
+
+// checkpointXML is a checkpoint's definition.
+func checkpointXML(dom *libvirt.Domain, name string) (string, error) {
+	cp, err := dom.CheckpointLookupByName(name, 0)
+	if err != nil {
+		return "", err
+	}
+	defer cp.Free()
+	return cp.GetXMLDesc(0)
 }

@@ -14,40 +14,33 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/pipeline"
+	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
 
+// helperSpec is a backup for the helper process to run.
+type helperSpec struct {
+	Options mover.Options
+	Domain  mover.DomainOptions
+}
+
 // TestMain doubles as a helper process: with NBDMOVER_HELPER_BACKUP set to
-// a JSON BackupOptions (NBDMOVER_HELPER_SERVE: ServeOptions), the test
-// binary runs that backup (daemon) the way the command does (signals cancel
-// it) and exits, so tests can signal or kill it.
+// a JSON helperSpec, the test binary runs that backup the way the command
+// does (signals cancel it) and exits, so tests can signal or kill it.
 func TestMain(m *testing.M) {
-	if spec := os.Getenv("NBDMOVER_HELPER_SERVE"); spec != "" {
-		var o mover.ServeOptions
-		if err := json.Unmarshal([]byte(spec), &o); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(2)
-		}
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		err := mover.Serve(ctx, o)
-		stop()
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
 	if spec := os.Getenv("NBDMOVER_HELPER_BACKUP"); spec != "" {
-		var o mover.BackupOptions
+		var o helperSpec
 		if err := json.Unmarshal([]byte(spec), &o); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		_, err := mover.Backup(ctx, o)
+		_, err := mover.Backup(ctx, mover.NewDomain(o.Domain), o.Options)
 		stop()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -66,10 +59,18 @@ func threeDisks() []qemutest.DiskSpec {
 		{Dev: "vdc", Format: "raw", Size: 24 * MiB}}
 }
 
-func domainBackup(t *testing.T, ro mover.RepoOptions, dom *qemutest.Domain, mode string) *mover.BackupResult {
+// backupDomain backs the domain up.
+func backupDomain(t *testing.T, ro repo.Options, o mover.DomainOptions, mode string) (*mover.BackupResult, error) {
 	t.Helper()
-	res, err := mover.Backup(t.Context(), mover.BackupOptions{Repo: ro, Domain: dom.Name, Mode: mode,
-		ScratchDir: filepath.Join(t.TempDir(), "scratch"), Log: testLog(t)})
+	if o.ScratchDir == "" {
+		o.ScratchDir = filepath.Join(t.TempDir(), "scratch")
+	}
+	return mover.Backup(t.Context(), mover.NewDomain(o), mover.Options{Repo: ro, Mode: mode, Log: testLog(t)})
+}
+
+func domainBackup(t *testing.T, ro repo.Options, dom *qemutest.Domain, mode string) *mover.BackupResult {
+	t.Helper()
+	res, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, mode)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,56 +78,25 @@ func domainBackup(t *testing.T, ro mover.RepoOptions, dom *qemutest.Domain, mode
 	return res
 }
 
-// checkNoLeftovers: no job on the domain and at most one (our newest)
-// checkpoint.
 func checkNoLeftovers(t *testing.T, dom *qemutest.Domain) {
 	t.Helper()
-	if dom.JobActive() {
-		t.Fatal("a libvirt job is left running")
-	}
-	if cps := dom.Checkpoints(); len(cps) > 1 {
-		t.Fatalf("checkpoints left: %v", cps)
-	}
-	if left, _ := filepath.Glob(filepath.Join(mover.DefaultRunDir, "job-"+dom.Name+"-*")); len(left) > 0 {
-		t.Fatalf("run directories left: %v", left)
-	}
+	backuptest.CheckNoLeftovers(t, dom, mover.DefaultRunDir)
 }
 
-type domainPoint struct {
-	id   string
-	refs map[string]string
-}
+var checkDomainRestores = backuptest.CheckRestores
 
-func checkDomainRestores(t *testing.T, ro mover.RepoOptions, domain string, points []domainPoint) {
-	t.Helper()
-	for i, p := range points {
-		format := []string{"raw", "qcow2"}[i%2]
-		out := filepath.Join(t.TempDir(), "restore")
-		_, disks, err := mover.Restore(t.Context(), mover.RestoreOptions{Repo: ro, Domain: domain, Backup: p.id, Output: out, Format: format})
-		if err != nil {
-			t.Fatalf("restore %s: %v", p.id, err)
-		}
-		if len(disks) != len(p.refs) {
-			t.Fatalf("restored %d disks, want %d", len(disks), len(p.refs))
-		}
-		for _, d := range disks {
-			qemutest.Compare(t, p.refs[d.Name], "raw", d.Path, format)
-		}
-	}
-}
-
-func domainChain(t *testing.T, ro mover.RepoOptions) {
+func domainChain(t *testing.T, ro repo.Options) {
 	dom := qemutest.NewDomain(t, false, threeDisks()...)
 	dom.Write("vda", "write -P 0x5a 1M 20M", "write -P 0x5b 50M 3M")
 	dom.Write("vdb", "write -P 0x11 0 1M", "write -P 0x12 40M 512")
 	dom.Write("vdc", "write -P 0x21 2M 2M")
-	var points []domainPoint
+	var points []backuptest.Point
 
 	full := domainBackup(t, ro, dom, "auto")
 	if full.Mode != "full" || len(full.Disks) != 3 {
 		t.Fatalf("full: %+v", full)
 	}
-	points = append(points, domainPoint{full.ID, dom.Snapshot()})
+	points = append(points, backuptest.Point{ID: full.ID, Refs: dom.Snapshot()})
 
 	dom.Write("vda", "write -P 0x61 4M 64k", "write -z 10M 2M", "discard 50M 1M")
 	dom.Write("vdb", "write -P 0x62 39M 1M")
@@ -144,7 +114,7 @@ func domainChain(t *testing.T, ro mover.RepoOptions) {
 	if byName["vda"].BytesRead > 16*MiB || byName["vdb"].BytesRead > 4*MiB {
 		t.Errorf("incremental read too much: vda %d, vdb %d", byName["vda"].BytesRead, byName["vdb"].BytesRead)
 	}
-	points = append(points, domainPoint{inc.ID, dom.Snapshot()})
+	points = append(points, backuptest.Point{ID: inc.ID, Refs: dom.Snapshot()})
 
 	dom.Write("vda", "write -P 0x71 95M 1M")
 	dom.Write("vdb", "write -z 0 1M")
@@ -152,7 +122,7 @@ func domainChain(t *testing.T, ro mover.RepoOptions) {
 	if inc2.Mode != "incremental" || inc2.Parent != inc.ID {
 		t.Fatalf("second incremental: %+v", inc2)
 	}
-	points = append(points, domainPoint{inc2.ID, dom.Snapshot()})
+	points = append(points, backuptest.Point{ID: inc2.ID, Refs: dom.Snapshot()})
 	if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != "nbdmover-"+inc2.ID {
 		t.Fatalf("checkpoints: %v", cps)
 	}
@@ -160,17 +130,17 @@ func domainChain(t *testing.T, ro mover.RepoOptions) {
 }
 
 func TestDomainChainLocal(t *testing.T) {
-	domainChain(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")})
+	domainChain(t, repo.Options{Location: filepath.Join(t.TempDir(), "repo")})
 }
 
 func TestDomainChainS3(t *testing.T) {
 	ep := sinktest.S3Endpoint(t)
-	domainChain(t, mover.RepoOptions{Location: fmt.Sprintf("s3://domain-%08x", rand.Uint32()), S3Endpoint: ep})
+	domainChain(t, repo.Options{Location: fmt.Sprintf("s3://domain-%08x", rand.Uint32()), S3Endpoint: ep})
 }
 
 // runHelper starts a backup in a helper process and returns it once the
 // backup job is running on the domain.
-func runHelper(t *testing.T, o mover.BackupOptions, dom *qemutest.Domain) *exec.Cmd {
+func runHelper(t *testing.T, o helperSpec, dom *qemutest.Domain) *exec.Cmd {
 	t.Helper()
 	spec, _ := json.Marshal(o)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -192,7 +162,7 @@ func runHelper(t *testing.T, o mover.BackupOptions, dom *qemutest.Domain) *exec.
 }
 
 func TestDomainInterrupted(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 1024 * MiB})
 	for off := 0; off < 768; off += 128 {
 		dom.Write("vda", fmt.Sprintf("write -P 0x%02x %dM 128M", 0x30+off/128, off))
@@ -203,8 +173,9 @@ func TestDomainInterrupted(t *testing.T) {
 
 	// A slow backup (one reader, the slowest compression, everything
 	// re-read) so that it is surely killed mid-way.
-	slow := mover.BackupOptions{Repo: ro, Domain: dom.Name, Mode: "full", Compression: "zstd:4",
-		Tuning: mover.Tuning{Readers: 1, Workers: 1, Uploads: 1}, ScratchDir: filepath.Join(t.TempDir(), "scratch")}
+	slow := helperSpec{Options: mover.Options{Repo: ro, Mode: "full", Compression: "zstd:4",
+		Tuning: pipeline.Tuning{Readers: 1, Workers: 1, Uploads: 1}},
+		Domain: mover.DomainOptions{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
 
 	t.Run("SIGTERM", func(t *testing.T) {
 		cmd := runHelper(t, slow, dom)
@@ -228,7 +199,7 @@ func TestDomainInterrupted(t *testing.T) {
 			t.Fatalf("expected a killed run to leave its job and checkpoint behind (job %v, checkpoints %v)", dom.JobActive(), dom.Checkpoints())
 		}
 	})
-	ms, err := mover.List(t.Context(), ro, dom.Name)
+	ms, err := list(t, ro, dom.Name)
 	if err != nil || len(ms) != 1 {
 		t.Fatalf("interrupted backups were committed: %d backups, %v", len(ms), err)
 	}
@@ -238,11 +209,11 @@ func TestDomainInterrupted(t *testing.T) {
 	if next.Mode != "incremental" || next.Parent != full.ID {
 		t.Fatalf("after the kill: %+v", next)
 	}
-	checkDomainRestores(t, ro, dom.Name, []domainPoint{{next.ID, refs}})
+	checkDomainRestores(t, ro, dom.Name, []backuptest.Point{{ID: next.ID, Refs: refs}})
 }
 
 func TestDomainCheckpointLost(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 32 * MiB})
 	dom.Write("vda", "write -P 0x41 0 8M")
 	full := domainBackup(t, ro, dom, "auto")
@@ -254,11 +225,11 @@ func TestDomainCheckpointLost(t *testing.T) {
 	if inc.Mode != "incremental" || inc.Disks[0].BytesRead > 4*MiB {
 		t.Fatalf("after redefining the checkpoint: %+v", inc)
 	}
-	checkDomainRestores(t, ro, dom.Name, []domainPoint{{inc.ID, refs}})
+	checkDomainRestores(t, ro, dom.Name, []backuptest.Point{{ID: inc.ID, Refs: refs}})
 }
 
 func TestDomainBitmapRemoved(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	dom := qemutest.NewDomain(t, true, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 32 * MiB})
 	dom.Write("vda", "write -P 0x41 0 8M")
 	full := domainBackup(t, ro, dom, "auto")
@@ -269,8 +240,7 @@ func TestDomainBitmapRemoved(t *testing.T) {
 	qemutest.Virsh(t, "start", dom.Name)
 	dom.Write("vda", "write -P 0x43 24M 1M")
 	refs := dom.Snapshot()
-	if _, err := mover.Backup(t.Context(), mover.BackupOptions{Repo: ro, Domain: dom.Name, Mode: "incremental",
-		ScratchDir: filepath.Join(t.TempDir(), "scratch")}); err == nil {
+	if _, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "incremental"); err == nil {
 		t.Fatal("a forced incremental without its bitmap succeeded")
 	}
 	checkNoLeftovers(t, dom)
@@ -279,7 +249,7 @@ func TestDomainBitmapRemoved(t *testing.T) {
 		t.Fatalf("without the bitmap: %+v", next)
 	}
 	t.Log("fallback:", next.Fallback)
-	checkDomainRestores(t, ro, dom.Name, []domainPoint{{next.ID, refs}})
+	checkDomainRestores(t, ro, dom.Name, []backuptest.Point{{ID: next.ID, Refs: refs}})
 	after := domainBackup(t, ro, dom, "auto") // the new chain works
 	if after.Mode != "incremental" {
 		t.Fatalf("after the fallback: %+v", after)
@@ -287,11 +257,11 @@ func TestDomainBitmapRemoved(t *testing.T) {
 }
 
 func TestDomainOutcomes(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	scratch := filepath.Join(t.TempDir(), "scratch")
-	backup := func(o mover.BackupOptions) (*mover.BackupResult, error) {
-		o.Repo, o.ScratchDir = ro, scratch
-		return mover.Backup(t.Context(), o)
+	backup := func(o mover.DomainOptions, mode string) (*mover.BackupResult, error) {
+		o.ScratchDir = scratch
+		return backupDomain(t, ro, o, mode)
 	}
 	expect := func(t *testing.T, err error, says ...string) {
 		t.Helper()
@@ -308,17 +278,17 @@ func TestDomainOutcomes(t *testing.T) {
 	qemutest.NeedLibvirt(t)
 
 	t.Run("unknown domain", func(t *testing.T) {
-		_, err := backup(mover.BackupOptions{Domain: "no-such-domain-x"})
+		_, err := backup(mover.DomainOptions{Name: "no-such-domain-x"}, "")
 		expect(t, err, "no-such-domain-x", "not found")
 	})
 	t.Run("invalid name", func(t *testing.T) {
-		_, err := backup(mover.BackupOptions{Domain: "../etc"})
+		_, err := backup(mover.DomainOptions{Name: "../etc"}, "")
 		expect(t, err, "../etc")
 	})
 	t.Run("shut off", func(t *testing.T) {
 		dom := qemutest.NewDomain(t, true, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 8 * MiB})
 		qemutest.Virsh(t, "destroy", dom.Name)
-		_, err := backup(mover.BackupOptions{Domain: dom.Name})
+		_, err := backup(mover.DomainOptions{Name: dom.Name}, "")
 		expect(t, err, dom.Name, "shut off", "--nbd")
 	})
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "raw", Size: 8 * MiB},
@@ -326,7 +296,7 @@ func TestDomainOutcomes(t *testing.T) {
 	dom.Write("vda", "write -P 0x55 1M 1M")
 	t.Run("only raw disks", func(t *testing.T) {
 		for i := range 2 {
-			res, err := backup(mover.BackupOptions{Domain: dom.Name})
+			res, err := backup(mover.DomainOptions{Name: dom.Name}, "")
 			if err != nil || res.Mode != "full" {
 				t.Fatalf("backup %d: %+v %v", i, res, err)
 			}
@@ -334,26 +304,36 @@ func TestDomainOutcomes(t *testing.T) {
 				t.Fatalf("checkpoints on a raw-only domain: %v", cps)
 			}
 		}
-		_, err := backup(mover.BackupOptions{Domain: dom.Name, Mode: "incremental"})
+		_, err := backup(mover.DomainOptions{Name: dom.Name}, "incremental")
 		expect(t, err, "incremental")
 	})
 	t.Run("unknown disk", func(t *testing.T) {
-		_, err := backup(mover.BackupOptions{Domain: dom.Name, Disks: []string{"vdz"}})
+		_, err := backup(mover.DomainOptions{Name: dom.Name, Disks: []string{"vdz"}}, "")
 		expect(t, err, "vdz", "vda")
 	})
 	t.Run("quiesce without an agent", func(t *testing.T) {
-		_, err := backup(mover.BackupOptions{Domain: dom.Name, Quiesce: true})
+		_, err := backup(mover.DomainOptions{Name: dom.Name, Quiesce: true}, "")
 		expect(t, err, "guest agent", "--quiesce-optional")
 		checkNoLeftovers(t, dom)
-		res, err := backup(mover.BackupOptions{Domain: dom.Name, QuiesceOptional: true})
+		res, err := backup(mover.DomainOptions{Name: dom.Name, QuiesceOptional: true}, "")
 		if err != nil || res.Consistency != "crash-consistent" {
 			t.Fatalf("%+v %v", res, err)
 		}
 	})
 	t.Run("unreachable repository", func(t *testing.T) {
-		_, err := mover.Backup(t.Context(), mover.BackupOptions{Domain: dom.Name, ScratchDir: scratch,
-			Repo: mover.RepoOptions{Location: "s3://bkt", S3Endpoint: "http://127.0.0.1:9", Retry: quickRetry}})
+		_, err := backupDomain(t, repo.Options{Location: "s3://bkt", S3Endpoint: "http://127.0.0.1:9", Retry: quickRetry},
+			mover.DomainOptions{Name: dom.Name, ScratchDir: scratch}, "")
 		expect(t, err, "127.0.0.1:9")
 		checkNoLeftovers(t, dom)
 	})
+}
+
+// list lists the committed backups of domain.
+func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error) {
+	t.Helper()
+	r, err := ro.Open(t.Context())
+	if err != nil {
+		return nil, err
+	}
+	return r.Backups(t.Context(), domain)
 }

@@ -46,14 +46,45 @@ func libvirtCode(err error) libvirt.ErrorNumber {
 	return libvirt.ERR_OK
 }
 
-// lookupRunning finds the domain and checks that it runs.
-func lookupRunning(conn *libvirt.Connect, name, uri string) (*libvirt.Domain, error) {
+// ErrNoDomain is matched by the error for a domain libvirt does not know.
+var ErrNoDomain = errors.New("no such domain")
+
+// CheckDomain tells whether libvirt at uri knows the domain: nil, an error
+// matching ErrNoDomain, or why libvirt could not be asked.
+func CheckDomain(uri, name string) error {
+	if uri == "" {
+		uri = "qemu:///system"
+	}
+	conn, err := connectLibvirt(uri)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	dom, err := lookupDomain(conn, name, uri)
+	if err != nil {
+		return err
+	}
+	dom.Free()
+	return nil
+}
+
+// lookupDomain finds a domain by name.
+func lookupDomain(conn *libvirt.Connect, name, uri string) (*libvirt.Domain, error) {
 	dom, err := conn.LookupDomainByName(name)
 	if libvirtCode(err) == libvirt.ERR_NO_DOMAIN {
-		return nil, fmt.Errorf("domain %s not found on %s (virsh -c %s list --all shows the domains)", name, uri, uri)
+		return nil, fmt.Errorf("domain %s not found on %s (virsh -c %s list --all shows the domains): %w", name, uri, uri, ErrNoDomain)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("domain %s: %w", name, err)
+	}
+	return dom, nil
+}
+
+// lookupRunning finds the domain and checks that it runs.
+func lookupRunning(conn *libvirt.Connect, name, uri string) (*libvirt.Domain, error) {
+	dom, err := lookupDomain(conn, name, uri)
+	if err != nil {
+		return nil, err
 	}
 	state, _, err := dom.GetState()
 	if err != nil {

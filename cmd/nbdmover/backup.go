@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/urfave/cli/v2"
 )
 
@@ -44,16 +45,17 @@ func backupCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			progress := &mover.Progress{W: os.Stderr, Terminal: isTerminal(os.Stderr)}
+			src, err := backupSource(c)
+			if err != nil {
+				return err
+			}
+			progress := &Progress{W: os.Stderr, Terminal: isTerminal(os.Stderr)}
 			ctx, stopProgress := context.WithCancel(c.Context)
 			done := make(chan struct{})
 			go func() { progress.Run(ctx); close(done) }()
-			res, err := mover.Backup(c.Context, mover.BackupOptions{
+			res, err := mover.Backup(c.Context, src, mover.Options{
 				Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
-				Disks: c.StringSlice("disk"), Tuning: mover.Tuning{Readers: c.Int("readers")},
-				Domain: c.String("domain"), Connect: c.String("connect"), Quiesce: c.Bool("quiesce"), QuiesceOptional: c.Bool("quiesce-optional"), ScratchDir: c.String("scratch-dir"),
-				NBD: c.String("nbd"), Name: c.String("name"), Bitmap: c.String("bitmap"),
-				Log: log, Progress: progress.Add,
+				Tuning: pipeline.Tuning{Readers: c.Int("readers")}, Log: log, Progress: progress.Add,
 			})
 			stopProgress()
 			<-done
@@ -64,12 +66,30 @@ func backupCommand() *cli.Command {
 				return printJSON(c.App.Writer, res)
 			}
 			fmt.Fprintf(c.App.Writer, "committed %s backup %s/%s in %.1fs: read %s, stored %s, deduplicated %s, zero %s\n",
-				res.Mode, res.Domain, res.ID, res.Seconds, mover.HumanBytes(res.BytesRead), mover.HumanBytes(res.BytesWritten),
-				mover.HumanBytes(res.BytesDedup), mover.HumanBytes(res.BytesZero))
+				res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), humanBytes(res.BytesWritten),
+				humanBytes(res.BytesDedup), humanBytes(res.BytesZero))
 			if res.Fallback != "" {
 				fmt.Fprintf(c.App.Writer, "full instead of incremental: %s\n", res.Fallback)
 			}
 			return nil
 		},
 	}
+}
+
+// backupSource is the domain or NBD export the flags name.
+func backupSource(c *cli.Context) (mover.Source, error) {
+	if c.String("domain") != "" {
+		return mover.NewDomain(mover.DomainOptions{Name: c.String("domain"), Connect: c.String("connect"),
+			Disks: c.StringSlice("disk"), Quiesce: c.Bool("quiesce"), QuiesceOptional: c.Bool("quiesce-optional"),
+			ScratchDir: c.String("scratch-dir")}), nil
+	}
+	disks := c.StringSlice("disk")
+	if len(disks) > 1 {
+		return nil, usagef("backup --nbd: an NBD export is one disk; give at most one --disk name")
+	}
+	o := mover.NBDOptions{URI: c.String("nbd"), Name: c.String("name"), Bitmap: c.String("bitmap")}
+	if len(disks) == 1 {
+		o.Disk = disks[0]
+	}
+	return mover.NewNBDExport(o), nil
 }

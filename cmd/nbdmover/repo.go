@@ -5,8 +5,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/restore"
 	"github.com/urfave/cli/v2"
 )
 
@@ -23,8 +23,8 @@ func repoFlags() []cli.Flag {
 	}
 }
 
-func repoOptions(c *cli.Context) mover.RepoOptions {
-	return mover.RepoOptions{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
+func repoOptions(c *cli.Context) repo.Options {
+	return repo.Options{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
 		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
 }
 
@@ -44,10 +44,15 @@ func initCommand() *cli.Command {
 			if err != nil {
 				return usagef("--chunk-size: %v", err)
 			}
-			cfg, err := mover.Init(c.Context, mover.InitOptions{Repo: repoOptions(c), ChunkSize: size, Compression: c.String("compression")})
+			io, err := repo.ParseInit(size, c.String("compression"))
+			if err != nil {
+				return usagef("%v", err)
+			}
+			r, err := repoOptions(c).Init(c.Context, io)
 			if err != nil {
 				return err
 			}
+			cfg := r.Config()
 			fmt.Fprintf(c.App.Writer, "created repository %s (chunk size %d, compression %s)\n", c.String("repo"), cfg.ChunkSize, cfg.Compression)
 			return nil
 		},
@@ -66,7 +71,11 @@ func listCommand() *cli.Command {
 			if err := noArgs(c); err != nil {
 				return err
 			}
-			ms, err := mover.List(c.Context, repoOptions(c), c.String("domain"))
+			r, err := repoOptions(c).Open(c.Context)
+			if err != nil {
+				return err
+			}
+			ms, err := r.Backups(c.Context, c.String("domain"))
 			if err != nil {
 				return err
 			}
@@ -108,7 +117,7 @@ func listCommand() *cli.Command {
 					if i > 0 {
 						disks += " "
 					}
-					disks += fmt.Sprintf("%s:%s", d.Name, mover.HumanBytes(d.Size))
+					disks += fmt.Sprintf("%s:%s", d.Name, humanBytes(d.Size))
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, disks)
 			}
@@ -137,7 +146,7 @@ func restoreCommand() *cli.Command {
 			if c.String("domain") == "" || c.String("output") == "" {
 				return usagef("restore needs --domain NAME and --output PATH")
 			}
-			m, disks, err := mover.Restore(c.Context, mover.RestoreOptions{Repo: repoOptions(c), Domain: c.String("domain"),
+			m, disks, err := restore.Restore(c.Context, restore.Options{Repo: repoOptions(c), Domain: c.String("domain"),
 				Backup: c.String("backup"), Disk: c.String("disk"), Output: c.String("output"),
 				Format: c.String("format"), Parallel: c.Int("parallel")})
 			if err != nil {
@@ -147,7 +156,7 @@ func restoreCommand() *cli.Command {
 				return printJSON(c.App.Writer, map[string]any{"domain": m.Domain, "id": m.ID, "disks": disks})
 			}
 			for _, d := range disks {
-				fmt.Fprintf(c.App.Writer, "restored %s/%s disk %s to %s (%s)\n", m.Domain, m.ID, d.Name, d.Path, mover.HumanBytes(d.Size))
+				fmt.Fprintf(c.App.Writer, "restored %s/%s disk %s to %s (%s)\n", m.Domain, m.ID, d.Name, d.Path, humanBytes(d.Size))
 			}
 			return nil
 		},
@@ -172,8 +181,12 @@ func verifyCommand() *cli.Command {
 				return usagef("verify --backup needs --domain")
 			}
 			problems := []repo.Problem{}
-			stats, err := mover.Verify(c.Context, mover.VerifyOptions{Repo: repoOptions(c), VerifyOptions: repo.VerifyOptions{
-				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data")}},
+			r, err := repoOptions(c).Open(c.Context)
+			if err != nil {
+				return err
+			}
+			stats, err := r.Verify(c.Context, repo.VerifyOptions{
+				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data")},
 				func(p repo.Problem) {
 					problems = append(problems, p)
 					if !c.Bool("json") {
@@ -190,7 +203,7 @@ func verifyCommand() *cli.Command {
 				}
 			} else {
 				fmt.Fprintf(c.App.Writer, "checked %d backups, %d chunks (%s)%s: %d problems\n", stats.Backups, stats.Chunks,
-					mover.HumanBytes(stats.Bytes), map[bool]string{true: " with their data", false: ""}[c.Bool("read-data")], len(problems))
+					humanBytes(stats.Bytes), map[bool]string{true: " with their data", false: ""}[c.Bool("read-data")], len(problems))
 			}
 			if len(problems) > 0 {
 				return fmt.Errorf("verify found %d problems", len(problems))

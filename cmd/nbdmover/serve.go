@@ -1,7 +1,9 @@
 package main
 
 import (
+	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/urfave/cli/v2"
 )
 
@@ -10,7 +12,7 @@ func serveCommand() *cli.Command {
 		Name:  "serve",
 		Usage: "run the host agent: an HTTP/JSON API for schedulers (see docs/api.md)",
 		Flags: append(repoFlags(),
-			&cli.StringFlag{Name: "listen", Value: mover.DefaultListen, EnvVars: []string{"NBDMOVER_LISTEN"},
+			&cli.StringFlag{Name: "listen", Value: daemon.DefaultListen, EnvVars: []string{"NBDMOVER_LISTEN"},
 				Usage: "unix:///path (a 0600 socket) or host:port (TCP, needs --token)"},
 			&cli.StringFlag{Name: "token", EnvVars: []string{"NBDMOVER_TOKEN"}, Usage: "bearer token clients must send (required on TCP)"},
 			&cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"},
@@ -29,13 +31,13 @@ func serveCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			return mover.Serve(c.Context, mover.ServeOptions{
+			return daemon.Serve(c.Context, daemon.ServeOptions{
 				Listen: c.String("listen"), Token: c.String("token"), Log: log,
 				ShutdownTimeout: c.Duration("shutdown-timeout"),
-				Runner: mover.RunnerOptions{
+				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
-					Backup: mover.BackupOptions{Repo: repoOptions(c), Connect: c.String("connect"),
-						ScratchDir: c.String("scratch-dir"), Tuning: mover.Tuning{Readers: c.Int("readers")}},
+					Backup: mover.Options{Repo: repoOptions(c), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
+					Domain: mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})
 		},

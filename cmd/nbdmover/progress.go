@@ -1,4 +1,4 @@
-package mover
+package main
 
 import (
 	"context"
@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/nbdmover/nbdmover/pipeline"
 )
 
 // Progress prints the progress of a backup's disks from their counters:
@@ -19,12 +21,12 @@ type Progress struct {
 
 	mu    sync.Mutex
 	names []string
-	stats []*DiskStats
+	stats []*pipeline.Stats
 	start time.Time
 }
 
-// Add registers a disk; pass it as BackupOptions.Progress.
-func (p *Progress) Add(name string, st *DiskStats) {
+// Add registers a disk; pass it as mover.Options.Progress.
+func (p *Progress) Add(name string, st *pipeline.Stats) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.start.IsZero() {
@@ -71,7 +73,7 @@ func (p *Progress) print() {
 		}
 		rate := float64(st.BytesRead.Load()) / max(secs, 1e-9) / 1e6
 		line := fmt.Sprintf("%s %5.1f%% of %s, read %s (%.0f MB/s), stored %s",
-			p.names[i], pct, HumanBytes(total), HumanBytes(st.BytesRead.Load()), rate, HumanBytes(st.BytesWritten.Load()))
+			p.names[i], pct, humanBytes(total), humanBytes(st.BytesRead.Load()), rate, humanBytes(st.BytesWritten.Load()))
 		if p.Terminal {
 			parts = append(parts, fmt.Sprintf("%s %s %3.0f%%", p.names[i], bar(pct, 20), pct))
 		} else {
@@ -88,8 +90,8 @@ func bar(pct float64, width int) string {
 	return "[" + strings.Repeat("#", n) + strings.Repeat(".", width-n) + "]"
 }
 
-// HumanBytes formats a byte count with binary units (1.5 GiB).
-func HumanBytes(n int64) string {
+// humanBytes formats a byte count with binary units (1.5 GiB).
+func humanBytes(n int64) string {
 	const unit = 1024
 	if n < unit {
 		return fmt.Sprintf("%d B", n)

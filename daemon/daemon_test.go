@@ -1,4 +1,4 @@
-package mover_test
+package daemon_test
 
 import (
 	"bytes"
@@ -11,19 +11,23 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nbdmover/nbdmover/daemon"
+	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
 
 // daemon is a running nbdmover serve and a client for it.
-type daemon struct {
+type testDaemon struct {
 	t      testing.TB
 	client *http.Client
 	base   string
@@ -37,17 +41,51 @@ func unixClient(sock string) *http.Client {
 		}}}
 }
 
+const MiB = backuptest.MiB
+
+// TestMain doubles as a helper process: with NBDMOVER_HELPER_SERVE set to
+// a JSON ServeOptions, the test binary runs the daemon the way the command
+// does (signals stop it) and exits, so tests can signal it.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv("NBDMOVER_HELPER_SERVE"); spec != "" {
+		var o daemon.ServeOptions
+		if err := json.Unmarshal([]byte(spec), &o); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		err := daemon.Serve(ctx, o)
+		stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// list lists the committed backups of domain.
+func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error) {
+	t.Helper()
+	r, err := ro.Open(t.Context())
+	if err != nil {
+		return nil, err
+	}
+	return r.Backups(t.Context(), domain)
+}
+
 // startDaemon runs Serve in-process on a unix socket until the test ends.
-func startDaemon(t testing.TB, ro mover.RepoOptions, maxJobs int) *daemon {
+func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	ready := make(chan struct{})
 	go func() {
-		done <- mover.Serve(ctx, mover.ServeOptions{Listen: "unix://" + sock, Log: testLog(t),
+		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t),
 			Ready: func(string) { close(ready) },
-			Runner: mover.RunnerOptions{MaxJobs: maxJobs,
-				Backup: mover.BackupOptions{Repo: ro, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+			Runner: daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro},
+				Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	}()
 	select {
 	case <-ready:
@@ -64,11 +102,11 @@ func startDaemon(t testing.TB, ro mover.RepoOptions, maxJobs int) *daemon {
 	if err != nil || st.Mode().Perm() != 0o600 || st.Mode()&os.ModeSocket == 0 {
 		t.Fatalf("the socket must be mode 0600: %v %v", st.Mode(), err)
 	}
-	return &daemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
+	return &testDaemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
 }
 
 // do sends a request and decodes the JSON answer into out (if not nil).
-func (d *daemon) do(method, path, body string, out any) int {
+func (d *testDaemon) do(method, path, body string, out any) int {
 	d.t.Helper()
 	req, _ := http.NewRequest(method, d.base+path, strings.NewReader(body))
 	if d.token != "" {
@@ -88,7 +126,7 @@ func (d *daemon) do(method, path, body string, out any) int {
 	return resp.StatusCode
 }
 
-func (d *daemon) submit(body string) (string, int, string) {
+func (d *testDaemon) submit(body string) (string, int, string) {
 	d.t.Helper()
 	var out map[string]string
 	code := d.do("POST", "/v1/jobs", body, &out)
@@ -96,11 +134,11 @@ func (d *daemon) submit(body string) (string, int, string) {
 }
 
 // wait polls a job until it is in one of the states.
-func (d *daemon) wait(id string, states ...string) mover.JobView {
+func (d *testDaemon) wait(id string, states ...string) daemon.JobView {
 	d.t.Helper()
 	deadline := time.Now().Add(3 * time.Minute)
 	for {
-		var v mover.JobView
+		var v daemon.JobView
 		if code := d.do("GET", "/v1/jobs/"+id, "", &v); code != 200 {
 			d.t.Fatalf("GET job %s: %d", id, code)
 		}
@@ -116,7 +154,7 @@ func (d *daemon) wait(id string, states ...string) mover.JobView {
 	}
 }
 
-func (d *daemon) metrics() string {
+func (d *testDaemon) metrics() string {
 	d.t.Helper()
 	resp, err := d.client.Get(d.base + "/metrics")
 	if err != nil {
@@ -127,21 +165,21 @@ func (d *daemon) metrics() string {
 	return string(b)
 }
 
-func daemonBackupAndRestore(t *testing.T, ro mover.RepoOptions) {
-	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 64 * MiB})
+func daemonBackupAndRestore(t *testing.T, ro repo.Options) {
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 64 * backuptest.MiB})
 	dom.Write("vda", "write -P 0x5a 1M 20M")
 	d := startDaemon(t, ro, 2)
 	id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
 	if code != 202 {
 		t.Fatalf("submit: %d %s", code, msg)
 	}
-	v := d.wait(id, mover.JobSucceeded, mover.JobFailed)
-	if v.State != mover.JobSucceeded || v.BackupID == "" || v.BytesDone != v.BytesTotal || v.BytesTotal != 64*MiB {
+	v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
+	if v.State != daemon.JobSucceeded || v.BackupID == "" || v.BytesDone != v.BytesTotal || v.BytesTotal != 64*backuptest.MiB {
 		t.Fatalf("job: %+v", v)
 	}
 	refs := dom.Snapshot()
-	checkNoLeftovers(t, dom)
-	checkDomainRestores(t, ro, dom.Name, []domainPoint{{v.BackupID, refs}})
+	backuptest.CheckNoLeftovers(t, dom, mover.DefaultRunDir)
+	backuptest.CheckRestores(t, ro, dom.Name, []backuptest.Point{{ID: v.BackupID, Refs: refs}})
 
 	var backups struct{ Backups []map[string]any }
 	if code := d.do("GET", "/v1/backups?domain="+dom.Name, "", &backups); code != 200 || len(backups.Backups) != 1 {
@@ -170,18 +208,18 @@ func grepLines(s, sub string) string {
 }
 
 func TestDaemonLocal(t *testing.T) {
-	daemonBackupAndRestore(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")})
+	daemonBackupAndRestore(t, repo.Options{Location: filepath.Join(t.TempDir(), "repo")})
 }
 
 func TestDaemonS3(t *testing.T) {
 	ep := sinktest.S3Endpoint(t)
-	daemonBackupAndRestore(t, mover.RepoOptions{Location: fmt.Sprintf("s3://daemon-%08x", rand.Uint32()), S3Endpoint: ep})
+	daemonBackupAndRestore(t, repo.Options{Location: fmt.Sprintf("s3://daemon-%08x", rand.Uint32()), S3Endpoint: ep})
 }
 
 // slowDomain holds enough data that a backup with slowJob settings runs for
 // seconds, long enough to cancel or interrupt it.
 func slowDomain(t testing.TB) *qemutest.Domain {
-	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 1024 * MiB})
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 1024 * backuptest.MiB})
 	for off := 0; off < 768; off += 128 {
 		dom.Write("vda", fmt.Sprintf("write -P 0x%02x %dM 128M", 0x30+off/128, off))
 	}
@@ -191,9 +229,9 @@ func slowDomain(t testing.TB) *qemutest.Domain {
 const slowJob = `, "compression": "zstd:4", "readers": 1`
 
 func TestDaemonConcurrencyAndCancel(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	slow := slowDomain(t)
-	quick := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	quick := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * backuptest.MiB})
 	quick.Write("vda", "write -P 0x21 0 1M")
 	d := startDaemon(t, ro, 1) // one job at a time on this host
 
@@ -201,7 +239,7 @@ func TestDaemonConcurrencyAndCancel(t *testing.T) {
 	if code != 202 {
 		t.Fatalf("submit: %d %s", code, msg)
 	}
-	d.wait(a, mover.JobRunning)
+	d.wait(a, daemon.JobRunning)
 	_, code, msg = d.submit(fmt.Sprintf(`{"domain": %q}`, slow.Name))
 	if code != 409 || !strings.Contains(msg, a) {
 		t.Fatalf("a second job for the same domain: %d %q, want 409 naming %s", code, msg, a)
@@ -210,30 +248,30 @@ func TestDaemonConcurrencyAndCancel(t *testing.T) {
 	if code != 202 {
 		t.Fatalf("another domain: %d", code)
 	}
-	if v := d.wait(b, mover.JobQueued, mover.JobRunning, mover.JobSucceeded); v.State != mover.JobQueued {
+	if v := d.wait(b, daemon.JobQueued, daemon.JobRunning, daemon.JobSucceeded); v.State != daemon.JobQueued {
 		t.Fatalf("with max-jobs 1 the second job must queue, it is %s", v.State)
 	}
 	var cancelled map[string]string
 	if code := d.do("DELETE", "/v1/jobs/"+a, "", &cancelled); code != 202 {
 		t.Fatalf("cancel: %d %v", code, cancelled)
 	}
-	if v := d.wait(a, mover.JobCancelled, mover.JobSucceeded, mover.JobFailed); v.State != mover.JobCancelled {
+	if v := d.wait(a, daemon.JobCancelled, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobCancelled {
 		t.Fatalf("cancelled job: %+v", v)
 	}
-	checkNoLeftovers(t, slow)
+	backuptest.CheckNoLeftovers(t, slow, mover.DefaultRunDir)
 	if cps := slow.Checkpoints(); len(cps) != 0 {
 		t.Fatalf("a cancelled first backup left checkpoints %v", cps)
 	}
-	if ms, err := mover.List(t.Context(), ro, slow.Name); err != nil || len(ms) != 0 {
+	if ms, err := list(t, ro, slow.Name); err != nil || len(ms) != 0 {
 		t.Fatalf("a cancelled job committed: %v %v", ms, err)
 	}
-	if v := d.wait(b, mover.JobSucceeded, mover.JobFailed); v.State != mover.JobSucceeded {
+	if v := d.wait(b, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobSucceeded {
 		t.Fatalf("queued job: %+v", v)
 	}
 	if code := d.do("DELETE", "/v1/jobs/"+b, "", nil); code != 409 {
 		t.Fatalf("cancel of a finished job: %d, want 409", code)
 	}
-	var list struct{ Jobs []mover.JobView }
+	var list struct{ Jobs []daemon.JobView }
 	if d.do("GET", "/v1/jobs", "", &list); len(list.Jobs) != 2 || list.Jobs[0].ID != b {
 		t.Fatalf("jobs: %+v", list.Jobs)
 	}
@@ -245,7 +283,7 @@ func TestDaemonConcurrencyAndCancel(t *testing.T) {
 
 func TestDaemonBadRequests(t *testing.T) {
 	qemutest.NeedLibvirt(t)
-	d := startDaemon(t, mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}, 1)
+	d := startDaemon(t, repo.Options{Location: filepath.Join(t.TempDir(), "repo")}, 1)
 	for _, tt := range []struct {
 		method, path, body string
 		code               int
@@ -284,18 +322,18 @@ func TestDaemonBadRequests(t *testing.T) {
 }
 
 func TestDaemonTCPNeedsToken(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
-	if err := mover.Serve(t.Context(), mover.ServeOptions{Listen: "127.0.0.1:0",
-		Runner: mover.RunnerOptions{Backup: mover.BackupOptions{Repo: ro}}}); err == nil || !strings.Contains(err.Error(), "token") {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	if err := daemon.Serve(t.Context(), daemon.ServeOptions{Listen: "127.0.0.1:0",
+		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro}}}); err == nil || !strings.Contains(err.Error(), "token") {
 		t.Fatalf("TCP without a token: %v", err)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	addr := make(chan string, 1)
-	go mover.Serve(ctx, mover.ServeOptions{Listen: "127.0.0.1:0", Token: "s3cret-token",
+	go daemon.Serve(ctx, daemon.ServeOptions{Listen: "127.0.0.1:0", Token: "s3cret-token",
 		Ready:  func(a string) { addr <- a },
-		Runner: mover.RunnerOptions{Backup: mover.BackupOptions{Repo: ro}}})
-	d := &daemon{t: t, client: &http.Client{Timeout: 10 * time.Second}, base: "http://" + <-addr}
+		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro}}})
+	d := &testDaemon{t: t, client: &http.Client{Timeout: 10 * time.Second}, base: "http://" + <-addr}
 	for _, tok := range []string{"", "wrong", "s3cret-token-longer"} {
 		d.token = tok
 		var out map[string]any
@@ -311,11 +349,12 @@ func TestDaemonTCPNeedsToken(t *testing.T) {
 
 // A SIGTERM during a job ends the job cleanly and the daemon exits.
 func TestDaemonSIGTERM(t *testing.T) {
-	ro := mover.RepoOptions{Location: filepath.Join(t.TempDir(), "repo")}
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	dom := slowDomain(t)
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
-	spec, _ := json.Marshal(mover.ServeOptions{Listen: "unix://" + sock,
-		Runner: mover.RunnerOptions{Backup: mover.BackupOptions{Repo: ro, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+	spec, _ := json.Marshal(daemon.ServeOptions{Listen: "unix://" + sock,
+		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro},
+			Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "NBDMOVER_HELPER_SERVE="+string(spec))
 	var stderr bytes.Buffer
@@ -332,12 +371,12 @@ func TestDaemonSIGTERM(t *testing.T) {
 			t.Fatalf("the daemon did not start: %s", stderr.String())
 		}
 	}
-	d := &daemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
+	d := &testDaemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
 	id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q%s}`, dom.Name, slowJob))
 	if code != 202 {
 		t.Fatalf("submit: %d %s", code, msg)
 	}
-	d.wait(id, mover.JobRunning)
+	d.wait(id, daemon.JobRunning)
 	for !dom.JobActive() {
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -351,8 +390,8 @@ func TestDaemonSIGTERM(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatalf("the daemon did not exit within 60s of SIGTERM: %s", stderr.String())
 	}
-	checkNoLeftovers(t, dom)
-	if ms, err := mover.List(t.Context(), ro, dom.Name); err != nil || len(ms) != 0 {
+	backuptest.CheckNoLeftovers(t, dom, mover.DefaultRunDir)
+	if ms, err := list(t, ro, dom.Name); err != nil || len(ms) != 0 {
 		t.Fatalf("an interrupted job committed: %v %v", ms, err)
 	}
 	if _, err := os.Stat(sock); err == nil {

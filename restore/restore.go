@@ -1,4 +1,4 @@
-package mover
+package restore
 
 import (
 	"bytes"
@@ -16,9 +16,9 @@ import (
 	"github.com/nbdmover/nbdmover/repo"
 )
 
-// RestoreOptions say what to restore where.
-type RestoreOptions struct {
-	Repo   RepoOptions
+// Options say what to restore where.
+type Options struct {
+	Repo   repo.Options
 	Domain string
 	Backup string // id, or "" / "latest"
 	// Disk selects one disk, written to the file Output. Without it every
@@ -29,8 +29,8 @@ type RestoreOptions struct {
 	Parallel int    // chunks in flight (default 8)
 }
 
-// RestoredDisk is one file a restore wrote.
-type RestoredDisk struct {
+// Disk is one file a restore wrote.
+type Disk struct {
 	Name string `json:"name"`
 	Path string `json:"path"`
 	Size int64  `json:"size"`
@@ -39,7 +39,7 @@ type RestoredDisk struct {
 // Restore writes disks of a backup to new files. It never overwrites: an
 // existing output file is an error. A restore that fails removes the file
 // it was writing, so no partial image is left looking whole.
-func Restore(ctx context.Context, o RestoreOptions) (*repo.Manifest, []RestoredDisk, error) {
+func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if o.Format == "" {
 		o.Format = "raw"
 	}
@@ -52,7 +52,7 @@ func Restore(ctx context.Context, o RestoreOptions) (*repo.Manifest, []RestoredD
 	if o.Parallel <= 0 {
 		o.Parallel = 8
 	}
-	r, err := o.Repo.open(ctx)
+	r, err := o.Repo.Open(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -60,22 +60,22 @@ func Restore(ctx context.Context, o RestoreOptions) (*repo.Manifest, []RestoredD
 	if err != nil {
 		return nil, nil, err
 	}
-	var todo []RestoredDisk
+	var todo []Disk
 	if o.Disk != "" {
 		d, err := m.Disk(o.Disk)
 		if err != nil {
 			return nil, nil, err
 		}
-		todo = append(todo, RestoredDisk{Name: d.Name, Path: o.Output, Size: d.Size})
+		todo = append(todo, Disk{Name: d.Name, Path: o.Output, Size: d.Size})
 	} else {
 		if err := os.MkdirAll(o.Output, 0o700); err != nil {
 			return nil, nil, fmt.Errorf("restore: %w", err)
 		}
 		for _, d := range m.Disks {
-			todo = append(todo, RestoredDisk{Name: d.Name, Path: filepath.Join(o.Output, d.Name+"."+o.Format), Size: d.Size})
+			todo = append(todo, Disk{Name: d.Name, Path: filepath.Join(o.Output, d.Name+"."+o.Format), Size: d.Size})
 		}
 	}
-	var done []RestoredDisk
+	var done []Disk
 	for _, d := range todo {
 		restore := restoreRaw
 		if o.Format == "qcow2" {
@@ -105,7 +105,7 @@ func (t fileTarget) WriteAt(_ context.Context, p []byte, off int64) error {
 	return err
 }
 
-func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d RestoredDisk, parallel int) (err error) {
+func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, parallel int) (err error) {
 	f, err := createExclusive(d.Path)
 	if err != nil {
 		return err
@@ -135,7 +135,7 @@ func (t poolTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 
 // restoreQcow2 creates a qcow2 image with qemu-img, serves it with qemu-nbd
 // on a private socket and writes the disk through NBD.
-func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d RestoredDisk, parallel int) (err error) {
+func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, parallel int) (err error) {
 	f, err := createExclusive(d.Path)
 	if err != nil {
 		return err

@@ -1,4 +1,4 @@
-package mover_test
+package daemon_test
 
 import (
 	"fmt"
@@ -10,7 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/daemon"
+	"github.com/nbdmover/nbdmover/repo"
 )
 
 // BenchmarkDaemonStatusLoad runs the same full backup through the daemon
@@ -18,10 +19,10 @@ import (
 // second, alternating, and reports the median wall time of each and their
 // ratio (goal: the load slows the backup by at most 5%).
 //
-//	go test -run '^$' -bench DaemonStatusLoad -benchtime 5x ./mover
+//	go test -run '^$' -bench DaemonStatusLoad -benchtime 5x ./daemon
 func BenchmarkDaemonStatusLoad(b *testing.B) {
 	dom := slowDomain(b)
-	d := startDaemon(b, mover.RepoOptions{Location: filepath.Join(b.TempDir(), "repo")}, 1)
+	d := startDaemon(b, repo.Options{Location: filepath.Join(b.TempDir(), "repo")}, 1)
 	run := func(load bool) (time.Duration, int64) {
 		start := time.Now()
 		id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q, "mode": "full"%s}`, dom.Name, slowJob))
@@ -61,10 +62,10 @@ func BenchmarkDaemonStatusLoad(b *testing.B) {
 		} else {
 			close(done)
 		}
-		v := d.wait(id, mover.JobSucceeded, mover.JobFailed)
+		v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
 		close(stop)
 		<-done
-		if v.State != mover.JobSucceeded {
+		if v.State != daemon.JobSucceeded {
 			b.Fatalf("job: %+v", v)
 		}
 		return time.Since(start), requests.Load()

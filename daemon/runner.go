@@ -1,4 +1,4 @@
-package mover
+package daemon
 
 import (
 	"context"
@@ -11,7 +11,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/pipeline"
 )
 
 // Job states.
@@ -35,37 +36,52 @@ type JobRequest struct {
 	QuiesceOptional bool     `json:"quiesce_optional,omitempty"`
 }
 
-// RequestError is a request the runner refuses; Status is the HTTP status
-// that fits it.
-type RequestError struct {
-	Status int
-	Err    error
+// The runner's refusals; the HTTP layer maps them to statuses.
+var (
+	// ErrInvalid: the request can never work (bad names, mode, ...).
+	ErrInvalid = errors.New("invalid request")
+	// ErrNotFound: no such job, or libvirt does not know the domain.
+	ErrNotFound = errors.New("not found")
+	// ErrConflict: the domain has a job already, or the job has ended.
+	ErrConflict = errors.New("conflict")
+	// ErrUnavailable: the runner cannot take jobs now (shutting down,
+	// libvirt unreachable).
+	ErrUnavailable = errors.New("unavailable")
+	// ErrShuttingDown: the runner takes no more jobs.
+	ErrShuttingDown = fmt.Errorf("%w: the daemon is shutting down", ErrUnavailable)
+)
+
+// refusal is a request refused with one of the errors above.
+type refusal struct {
+	kind error
+	err  error
 }
 
-func (e *RequestError) Error() string { return e.Err.Error() }
-func (e *RequestError) Unwrap() error { return e.Err }
+func (e *refusal) Error() string        { return e.err.Error() }
+func (e *refusal) Unwrap() error        { return e.err }
+func (e *refusal) Is(target error) bool { return target == e.kind }
 
-func badRequest(status int, format string, args ...any) error {
-	return &RequestError{Status: status, Err: fmt.Errorf(format, args...)}
+func refuse(kind error, format string, args ...any) error {
+	return &refusal{kind: kind, err: fmt.Errorf(format, args...)}
 }
 
 // JobView is a job as the API shows it.
 type JobView struct {
-	ID         string        `json:"id"`
-	Domain     string        `json:"domain"`
-	State      string        `json:"state"`
-	Request    JobRequest    `json:"request"`
-	Created    time.Time     `json:"created"`
-	Started    *time.Time    `json:"started,omitempty"`
-	Finished   *time.Time    `json:"finished,omitempty"`
-	Seconds    float64       `json:"seconds"`
-	BytesDone  int64         `json:"bytes_done"`
-	BytesTotal int64         `json:"bytes_total"`
-	RateMBps   float64       `json:"rate_mb_per_s"`
-	Disks      []JobDisk     `json:"disks"`
-	BackupID   string        `json:"backup_id,omitempty"`
-	Error      string        `json:"error,omitempty"`
-	Result     *BackupResult `json:"result,omitempty"`
+	ID         string              `json:"id"`
+	Domain     string              `json:"domain"`
+	State      string              `json:"state"`
+	Request    JobRequest          `json:"request"`
+	Created    time.Time           `json:"created"`
+	Started    *time.Time          `json:"started,omitempty"`
+	Finished   *time.Time          `json:"finished,omitempty"`
+	Seconds    float64             `json:"seconds"`
+	BytesDone  int64               `json:"bytes_done"`
+	BytesTotal int64               `json:"bytes_total"`
+	RateMBps   float64             `json:"rate_mb_per_s"`
+	Disks      []JobDisk           `json:"disks"`
+	BackupID   string              `json:"backup_id,omitempty"`
+	Error      string              `json:"error,omitempty"`
+	Result     *mover.BackupResult `json:"result,omitempty"`
 }
 
 // JobDisk is one disk's progress.
@@ -88,8 +104,8 @@ type job struct {
 	started  time.Time
 	finished time.Time
 	disks    []string
-	stats    []*DiskStats
-	result   *BackupResult
+	stats    []*pipeline.Stats
+	result   *mover.BackupResult
 	err      error
 }
 
@@ -130,9 +146,11 @@ func (j *job) view() JobView {
 
 // RunnerOptions configure the daemon's job runner.
 type RunnerOptions struct {
-	// Backup is the template of every job's options (repository, libvirt
-	// URI, directories, tuning); requests fill in the rest.
-	Backup BackupOptions
+	// Backup and Domain are the templates of every job's options
+	// (repository, tuning, libvirt URI, directories); requests fill in the
+	// rest.
+	Backup mover.Options
+	Domain mover.DomainOptions
 	// MaxJobs is the host-wide limit on running jobs (default 2); more
 	// jobs queue.
 	MaxJobs int
@@ -140,7 +158,8 @@ type RunnerOptions struct {
 	KeepFor time.Duration
 	KeepMax int
 	// CheckDomain, if set, is asked at submission whether the domain
-	// exists, so that an unknown domain is a 404, not a failed job.
+	// exists (an error matching mover.ErrNoDomain when it does not), so
+	// that an unknown domain is refused, not a failed job.
 	CheckDomain func(ctx context.Context, name string) error `json:"-"`
 	Log         *slog.Logger                                 `json:"-"`
 	// Observe, if set, is told of each finished job (for metrics).
@@ -161,9 +180,6 @@ type Runner struct {
 	byDomain map[string]*job // the domain's queued or running job
 	closed   bool
 }
-
-// ErrShuttingDown: the runner takes no more jobs.
-var ErrShuttingDown = errors.New("the daemon is shutting down")
 
 // NewRunner returns a runner whose jobs live until ctx is done or
 // Shutdown.
@@ -193,40 +209,27 @@ func newJobID() string {
 
 // Submit validates a request and queues its job.
 func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
-	if err := repo.ValidName("domain", req.Domain); err != nil {
-		return JobView{}, badRequest(422, "%w", err)
-	}
-	for _, d := range req.Disks {
-		if err := repo.ValidName("disk", d); err != nil {
-			return JobView{}, badRequest(422, "%w", err)
-		}
-	}
-	switch req.Mode {
-	case "", ModeAuto, ModeFull, ModeIncremental:
-	default:
-		return JobView{}, badRequest(422, "mode %q: want auto, full or incremental", req.Mode)
-	}
-	if req.Readers < 0 || req.Readers > 64 {
-		return JobView{}, badRequest(422, "readers %d: want 1 to 64", req.Readers)
-	}
-	if req.Compression != "" {
-		if _, err := (InitOptions{Compression: req.Compression}).repoInit(); err != nil {
-			return JobView{}, badRequest(422, "%w", err)
+	src, o := r.backup(req)
+	for _, err := range []error{src.Validate(), o.Validate()} {
+		if err != nil {
+			return JobView{}, &refusal{kind: ErrInvalid, err: err}
 		}
 	}
 	if r.o.CheckDomain != nil {
-		if err := r.o.CheckDomain(ctx, req.Domain); err != nil {
-			return JobView{}, err
+		if err := r.o.CheckDomain(ctx, req.Domain); errors.Is(err, mover.ErrNoDomain) {
+			return JobView{}, &refusal{kind: ErrNotFound, err: err}
+		} else if err != nil {
+			return JobView{}, &refusal{kind: ErrUnavailable, err: err}
 		}
 	}
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
-		return JobView{}, &RequestError{Status: 503, Err: ErrShuttingDown}
+		return JobView{}, ErrShuttingDown
 	}
 	if cur := r.byDomain[req.Domain]; cur != nil {
-		return JobView{}, badRequest(409, "domain %s already has job %s (%s)", req.Domain, cur.id, cur.view().State)
+		return JobView{}, refuse(ErrConflict, "domain %s already has job %s (%s)", req.Domain, cur.id, cur.view().State)
 	}
 	r.prune()
 	jctx, cancel := context.WithCancelCause(r.ctx)
@@ -244,7 +247,7 @@ var errCancelled = errors.New("cancelled by request")
 func (r *Runner) run(ctx context.Context, j *job) {
 	defer r.wg.Done()
 	log := r.o.Log.With("job", j.id, "domain", j.req.Domain)
-	finish := func(state string, res *BackupResult, err error) {
+	finish := func(state string, res *mover.BackupResult, err error) {
 		j.mu.Lock()
 		j.state, j.result, j.err, j.finished = state, res, err, time.Now().UTC()
 		j.mu.Unlock()
@@ -275,23 +278,15 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	j.mu.Unlock()
 	log.Info("job started")
 
-	o := r.o.Backup
-	o.Domain, o.Mode, o.Disks = j.req.Domain, j.req.Mode, j.req.Disks
-	o.Quiesce, o.QuiesceOptional = j.req.Quiesce, j.req.QuiesceOptional
-	if j.req.Compression != "" {
-		o.Compression = j.req.Compression
-	}
-	if j.req.Readers > 0 {
-		o.Tuning.Readers = j.req.Readers
-	}
+	src, o := r.backup(j.req)
 	o.Log = log
-	o.Progress = func(disk string, st *DiskStats) {
+	o.Progress = func(disk string, st *pipeline.Stats) {
 		j.mu.Lock()
 		j.disks = append(j.disks, disk)
 		j.stats = append(j.stats, st)
 		j.mu.Unlock()
 	}
-	res, err := Backup(ctx, o)
+	res, err := mover.Backup(ctx, src, o)
 	switch {
 	case err == nil:
 		finish(JobSucceeded, res, nil)
@@ -300,6 +295,21 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	default:
 		finish(JobFailed, nil, err)
 	}
+}
+
+// backup is the source and options of a request's backup.
+func (r *Runner) backup(req JobRequest) (mover.Source, mover.Options) {
+	d := r.o.Domain
+	d.Name, d.Disks, d.Quiesce, d.QuiesceOptional = req.Domain, req.Disks, req.Quiesce, req.QuiesceOptional
+	o := r.o.Backup
+	o.Mode = req.Mode
+	if req.Compression != "" {
+		o.Compression = req.Compression
+	}
+	if req.Readers != 0 {
+		o.Tuning.Readers = req.Readers
+	}
+	return mover.NewDomain(d), o
 }
 
 // prune forgets finished jobs past their retention. Called with r.mu held.
@@ -359,11 +369,11 @@ func (r *Runner) Cancel(id string) (JobView, error) {
 	j, ok := r.jobs[id]
 	r.mu.Unlock()
 	if !ok {
-		return JobView{}, badRequest(404, "no job %s", id)
+		return JobView{}, refuse(ErrNotFound, "no job %s", id)
 	}
 	v := j.view()
 	if v.State != JobQueued && v.State != JobRunning {
-		return v, badRequest(409, "job %s already %s", id, v.State)
+		return v, refuse(ErrConflict, "job %s already %s", id, v.State)
 	}
 	j.cancel(errCancelled)
 	return v, nil

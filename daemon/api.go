@@ -1,0 +1,188 @@
+package daemon
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+
+	"github.com/nbdmover/nbdmover/repo"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+type api struct {
+	runner *Runner
+	repo   repo.Options
+	token  []byte
+	m      *metrics
+	log    *slog.Logger
+}
+
+func newAPI(r *Runner, repo repo.Options, token string, m *metrics, log *slog.Logger) http.Handler {
+	a := &api{runner: r, repo: repo, token: []byte(token), m: m, log: log}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/jobs", a.submit)
+	mux.HandleFunc("GET /v1/jobs", a.list)
+	mux.HandleFunc("GET /v1/jobs/{id}", a.get)
+	mux.HandleFunc("DELETE /v1/jobs/{id}", a.cancel)
+	mux.HandleFunc("GET /v1/backups", a.backups)
+	mux.HandleFunc("GET /healthz", a.health)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	return a.auth(jsonErrors(mux))
+}
+
+// jsonErrors answers requests no route takes (404, or 405 with Allow) with
+// a JSON error body like every other error.
+func jsonErrors(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern != "" {
+			mux.ServeHTTP(w, r)
+			return
+		}
+		rec := &statusRecorder{header: w.Header(), status: http.StatusNotFound}
+		mux.ServeHTTP(rec, r) // sets the status and, for 405, Allow
+		writeError(w, rec.status, fmt.Errorf("%s %s: %s", r.Method, r.URL.Path, strings.ToLower(http.StatusText(rec.status))))
+	})
+}
+
+type statusRecorder struct {
+	header http.Header
+	status int
+}
+
+func (s *statusRecorder) Header() http.Header         { return s.header }
+func (s *statusRecorder) Write(b []byte) (int, error) { return len(b), nil }
+func (s *statusRecorder) WriteHeader(code int)        { s.status = code }
+
+// auth checks the bearer token (constant time) when one is configured.
+func (a *api) auth(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(a.token) > 0 {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), a.token) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="nbdmover"`)
+				writeError(w, http.StatusUnauthorized, errors.New("missing or wrong bearer token"))
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, err error) {
+	writeJSON(w, status, map[string]string{"error": err.Error()})
+}
+
+// writeRunnerError answers with the status that fits the runner's
+// refusal, 500 for anything else.
+func writeRunnerError(w http.ResponseWriter, err error) {
+	status := http.StatusInternalServerError
+	for _, m := range []struct {
+		kind   error
+		status int
+	}{
+		{ErrInvalid, http.StatusUnprocessableEntity},
+		{ErrNotFound, http.StatusNotFound},
+		{ErrConflict, http.StatusConflict},
+		{ErrUnavailable, http.StatusServiceUnavailable},
+	} {
+		if errors.Is(err, m.kind) {
+			status = m.status
+			break
+		}
+	}
+	writeError(w, status, err)
+}
+
+func (a *api) submit(w http.ResponseWriter, r *http.Request) {
+	var req JobRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("request body: %w", err))
+		return
+	}
+	if dec.More() {
+		writeError(w, http.StatusBadRequest, errors.New("request body: trailing data after the JSON object"))
+		return
+	}
+	v, err := a.runner.Submit(r.Context(), req)
+	if err != nil {
+		writeRunnerError(w, err)
+		return
+	}
+	w.Header().Set("Location", "/v1/jobs/"+v.ID)
+	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": v.State})
+}
+
+func (a *api) list(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"jobs": a.runner.Jobs()})
+}
+
+func (a *api) get(w http.ResponseWriter, r *http.Request) {
+	v, ok := a.runner.Job(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Errorf("no job %s", r.PathValue("id")))
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (a *api) cancel(w http.ResponseWriter, r *http.Request) {
+	v, err := a.runner.Cancel(r.PathValue("id"))
+	if err != nil {
+		writeRunnerError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": "cancelling"})
+}
+
+func (a *api) backups(w http.ResponseWriter, r *http.Request) {
+	domain := r.URL.Query().Get("domain")
+	if domain != "" {
+		if err := repo.ValidName("domain", domain); err != nil {
+			writeError(w, http.StatusUnprocessableEntity, err)
+			return
+		}
+	}
+	ms, err := listBackups(r.Context(), a.repo, domain)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, err)
+		return
+	}
+	if ms == nil {
+		ms = []*repo.Manifest{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"backups": ms})
+}
+
+func (a *api) health(w http.ResponseWriter, r *http.Request) {
+	queued, running := a.runner.Counts()
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "jobs_queued": queued, "jobs_running": running})
+}
+
+// listBackups lists the committed backups of domain ("" = all); a
+// repository that does not exist yet has none.
+func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Manifest, error) {
+	r, err := o.Open(ctx)
+	if errors.Is(err, repo.ErrNoRepository) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return r.Backups(ctx, domain)
+}

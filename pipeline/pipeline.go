@@ -1,0 +1,351 @@
+package pipeline
+
+import (
+	"context"
+	"fmt"
+	"iter"
+	"sync"
+	"sync/atomic"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/nbdclient"
+	"github.com/nbdmover/nbdmover/repo"
+	"golang.org/x/sync/errgroup"
+)
+
+// Disk is what the pipeline reads one disk from. *nbdclient.Pool is one;
+// its methods may be called from any number of goroutines.
+type Disk interface {
+	Info() nbdclient.Info
+	Extents(ctx context.Context, off, length int64) iter.Seq2[nbdclient.Extent, error]
+	ReadSegments(ctx context.Context, buf []byte, segs []nbdclient.Segment) error
+}
+
+var _ Disk = (*nbdclient.Pool)(nil)
+
+// bufPool is a fixed set of equal buffers: the pipeline's memory budget.
+// get blocks until a buffer is free.
+type bufPool chan []byte
+
+func newBufPool(n int, size int64) bufPool {
+	p := make(bufPool, n)
+	for range n {
+		p <- make([]byte, size)
+	}
+	return p
+}
+
+func (p bufPool) get(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-p:
+		return b, nil
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
+func (p bufPool) put(b []byte) { p <- b[:cap(b)] }
+
+// send delivers v on ch unless ctx ends first.
+func send[T any](ctx context.Context, ch chan<- T, v T) error {
+	select {
+	case ch <- v:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+// Buffers are the chunk buffers shared by the disks of one backup.
+type Buffers struct {
+	plain bufPool // chunk plaintext: readers and workers
+	blob  bufPool // encoded chunks: workers and uploaders
+}
+
+// Tuning sizes the pipeline. Memory is about
+// (Readers*disks + 2*Workers + Uploads + 4) x chunk size.
+type Tuning struct {
+	Readers int // NBD connections and reader goroutines per disk
+	Workers int // digest/compress goroutines per disk
+	Uploads int // concurrent puts per disk; default: 32 MiB of chunks, at least 8
+}
+
+// uploadBytes is what the default number of uploads keeps in flight: with
+// small chunks, more puts at once hide an object store's per-request
+// latency.
+const uploadBytes = 32 << 20
+
+// WithDefaults fills in the zero fields for a backup of chunkSize-byte
+// chunks on a machine with cpus processors.
+func (t Tuning) WithDefaults(cpus int, chunkSize int64) Tuning {
+	if t.Readers <= 0 {
+		t.Readers = 8
+	}
+	if t.Workers <= 0 {
+		t.Workers = cpus
+	}
+	if t.Uploads <= 0 {
+		t.Uploads = int(max(8, uploadBytes/chunkSize))
+	}
+	return t
+}
+
+// NewBuffers allocates the buffers of a backup of disks disks.
+func NewBuffers(t Tuning, disks int, chunkSize int64) *Buffers {
+	return &Buffers{
+		plain: newBufPool(t.Readers*disks+t.Workers+2, chunkSize),
+		blob:  newBufPool(t.Workers+t.Uploads+2, int64(chunker.MaxBlobLen(int(chunkSize)))),
+	}
+}
+
+// Stats are what one disk's backup moved. Fields are updated atomically
+// while the backup runs; Done/Total drive progress.
+type Stats struct {
+	Total        atomic.Int64 // disk bytes to account for (the disk size)
+	Done         atomic.Int64 // disk bytes accounted for so far
+	BytesRead    atomic.Int64 // bytes read from the NBD server
+	BytesWritten atomic.Int64 // bytes stored (blobs)
+	BytesDedup   atomic.Int64 // chunk bytes already in the repository
+	BytesZero    atomic.Int64 // bytes of all-zero chunks
+}
+
+type readChunk struct {
+	chunkPlan
+	buf []byte
+}
+
+type upload struct {
+	index int64
+	plain int64 // plaintext length, for the dedup count
+	blob  []byte
+}
+
+// Job is the backup of one disk.
+type Job struct {
+	Name    string // the disk's name, for messages
+	Disk    Disk
+	Repo    *repo.Repo
+	Buffers *Buffers
+	Tuning  Tuning // with defaults filled in
+	Stats   *Stats
+	// Parent is the disk's index in the backup this one is incremental
+	// from; nil for a full backup. It is not modified.
+	Parent *repo.Index
+}
+
+// run is the state of one Job.Run.
+type run struct {
+	*Job
+	ix    *repo.Index
+	known map[chunker.Digest]bool // digests the parent references: stored, no upload or check
+	// uploading holds the digests this run is uploading or has uploaded.
+	uploading sync.Map
+	// planned, planReads: chunks and bytes the planner sent; built:
+	// chunks whose digest was set.
+	planned, planReads, built atomic.Int64
+}
+
+// Run backs the disk up and returns its new index: the parent's digests
+// with every built chunk's digest written in (a synthetic full), or, on a
+// full run, the digest of every chunk.
+func (j *Job) Run(ctx context.Context) (*repo.Index, error) {
+	size := j.Disk.Info().Size
+	r := &run{Job: j}
+	var stale []int64
+	if j.Parent != nil {
+		if j.Parent.ChunkSize != j.Repo.Config().ChunkSize {
+			return nil, fmt.Errorf("disk %s: the parent's index has %d-byte chunks, the repository %d-byte ones",
+				j.Name, j.Parent.ChunkSize, j.Repo.Config().ChunkSize)
+		}
+		r.ix, stale = j.Parent.Resized(size)
+		r.known = make(map[chunker.Digest]bool, len(j.Parent.Digests))
+		for _, d := range j.Parent.Digests {
+			r.known[d] = true
+		}
+	} else {
+		r.ix = repo.NewIndex(j.Repo.Config().ChunkSize, size)
+	}
+	j.Stats.Total.Store(size)
+	p := &planner{grid: r.ix.Grid()}
+	if j.Parent != nil {
+		p.parent = r.ix.Digests
+		p.stale = map[int64]bool{}
+		for _, i := range stale {
+			p.stale[i] = true
+		}
+	}
+	if err := r.pipe(ctx, p); err != nil {
+		return nil, err
+	}
+	// Never commit a partial result: every planned chunk was built and
+	// every planned byte was read.
+	if r.built.Load() != r.planned.Load() || j.Stats.BytesRead.Load() != r.planReads.Load() {
+		return nil, fmt.Errorf("disk %s: internal error: planned %d chunks (%d bytes to read), built %d (%d bytes read)",
+			j.Name, r.planned.Load(), r.planReads.Load(), r.built.Load(), j.Stats.BytesRead.Load())
+	}
+	return r.ix, nil
+}
+
+// pipe runs the stages: planner -> readers -> workers -> uploaders.
+func (r *run) pipe(ctx context.Context, p *planner) error {
+	plans := make(chan chunkPlan, r.Tuning.Readers)
+	reads := make(chan readChunk, r.Tuning.Workers)
+	uploads := make(chan upload, r.Tuning.Uploads)
+	g, ctx := errgroup.WithContext(ctx)
+
+	g.Go(func() error {
+		defer close(plans)
+		err := p.run(ctx, r.Disk.Extents(ctx, 0, p.grid.Size), func(c chunkPlan) error {
+			r.planned.Add(1)
+			r.planReads.Add(c.readBytes())
+			return send(ctx, plans, c)
+		}, r.skip)
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", r.Name, err)
+		}
+		return nil
+	})
+	stage(g, r.Tuning.Readers, func() { close(reads) }, func() error { return r.readAll(ctx, plans, reads) })
+	stage(g, r.Tuning.Workers, func() { close(uploads) }, func() error { return r.digestAll(ctx, reads, uploads) })
+	stage(g, r.Tuning.Uploads, func() {}, func() error { return r.storeAll(ctx, uploads) })
+	return g.Wait()
+}
+
+// stage runs n copies of f in g and calls done once all have returned.
+func stage(g *errgroup.Group, n int, done func(), f func() error) {
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		g.Go(func() error { defer wg.Done(); return f() })
+	}
+	g.Go(func() error { wg.Wait(); done(); return nil })
+}
+
+// skip accounts for a chunk the planner does not build: a zero chunk on a
+// full run, the parent's digest on an incremental one.
+func (r *run) skip(_, n int64) {
+	if r.Parent == nil {
+		r.Stats.BytesZero.Add(n)
+	}
+	r.Stats.Done.Add(n)
+}
+
+// readAll fills a buffer for each plan and passes it on.
+func (r *run) readAll(ctx context.Context, plans <-chan chunkPlan, out chan<- readChunk) error {
+	for p := range plans {
+		buf, err := r.Buffers.plain.get(ctx)
+		if err != nil {
+			return err
+		}
+		buf = buf[:p.n]
+		if err := r.read(ctx, p, buf); err != nil {
+			r.Buffers.plain.put(buf)
+			return err
+		}
+		if err := send(ctx, out, readChunk{p, buf}); err != nil {
+			r.Buffers.plain.put(buf)
+			return err
+		}
+	}
+	return nil
+}
+
+// read fills buf with the chunk: the planned spans from the server, all
+// in flight together, zeroes elsewhere (holes and zero extents are never
+// requested).
+func (r *run) read(ctx context.Context, p chunkPlan, buf []byte) error {
+	segs := make([]nbdclient.Segment, len(p.reads))
+	pos := int64(0)
+	for i, s := range p.reads {
+		clear(buf[pos:s.off])
+		segs[i] = nbdclient.Segment{BufOffset: s.off, Offset: p.off + s.off, Length: s.n}
+		pos = s.off + s.n
+	}
+	clear(buf[pos:])
+	if err := r.Disk.ReadSegments(ctx, buf, segs); err != nil {
+		return fmt.Errorf("disk %s: %w", r.Name, err)
+	}
+	r.Stats.BytesRead.Add(p.readBytes())
+	return nil
+}
+
+// digestAll names each read chunk and passes on the uploads it needs.
+func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upload) error {
+	for rc := range in {
+		u, err := r.digest(ctx, rc)
+		r.Buffers.plain.put(rc.buf)
+		r.built.Add(1)
+		if err != nil {
+			return err
+		}
+		if u.blob == nil {
+			r.Stats.Done.Add(rc.n)
+			continue
+		}
+		if err := send(ctx, out, u); err != nil {
+			r.Buffers.blob.put(u.blob)
+			return err
+		}
+	}
+	return nil
+}
+
+// digest names a built chunk, records it in the index and returns the
+// upload it needs (blob nil when none: zero, known, or already being
+// uploaded by this run). Whether the store holds the chunk from elsewhere
+// is the uploader's question: asked here, a round trip to S3 would stall
+// the compressing workers.
+func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
+	if chunker.IsZero(rc.buf) {
+		r.ix.Digests[rc.index] = chunker.ZeroChunk
+		r.Stats.BytesZero.Add(rc.n)
+		return upload{}, nil
+	}
+	d := chunker.Sum(rc.buf)
+	r.ix.Digests[rc.index] = d
+	if r.known[d] {
+		r.Stats.BytesDedup.Add(rc.n)
+		return upload{}, nil
+	}
+	if _, dup := r.uploading.LoadOrStore(d, true); dup {
+		r.Stats.BytesDedup.Add(rc.n)
+		return upload{}, nil
+	}
+	blob, err := r.Buffers.blob.get(ctx)
+	if err != nil {
+		return upload{}, err
+	}
+	return upload{index: rc.index, plain: rc.n, blob: r.Repo.Encode(blob, rc.buf)}, nil
+}
+
+// storeAll stores the uploads.
+func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
+	for u := range in {
+		err := r.store(ctx, u, r.ix.Digests[u.index])
+		r.Buffers.blob.put(u.blob)
+		if err != nil {
+			return err
+		}
+		r.Stats.Done.Add(u.plain)
+	}
+	return nil
+}
+
+// store puts an upload's blob unless the store already holds the chunk
+// (stored by a backup other than the parent, or by one that failed before
+// its commit).
+func (r *run) store(ctx context.Context, u upload, d chunker.Digest) error {
+	stored, err := r.Repo.HasChunk(ctx, d)
+	if err != nil {
+		return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
+	}
+	if stored {
+		r.Stats.BytesDedup.Add(u.plain)
+		return nil
+	}
+	if err := r.Repo.Store().Put(ctx, repo.ChunkKey(d), u.blob); err != nil {
+		return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
+	}
+	r.Stats.BytesWritten.Add(int64(len(u.blob)))
+	return nil
+}

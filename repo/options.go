@@ -1,0 +1,71 @@
+package repo
+
+import (
+	"context"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+)
+
+// Options say where a repository is and how to reach it.
+type Options struct {
+	// Location is a path, file:///path, s3://BUCKET[/PREFIX] or null:.
+	Location    string
+	S3Endpoint  string
+	S3Region    string
+	S3PathStyle bool
+	// Retry is the store's retry policy (zero: sink.DefaultRetry).
+	Retry sink.RetryPolicy
+}
+
+// Store opens the store the repository lives in (without contacting it).
+func (o Options) Store() (sink.Store, error) {
+	return sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region,
+		S3PathStyle: o.S3PathStyle, Retry: o.Retry})
+}
+
+// Open opens the repository; ErrNoRepository when there is none.
+func (o Options) Open(ctx context.Context) (*Repo, error) {
+	s, err := o.Store()
+	if err != nil {
+		return nil, err
+	}
+	return Open(ctx, s)
+}
+
+// Init creates the repository; it refuses to overwrite one.
+func (o Options) Init(ctx context.Context, io InitOptions) (*Repo, error) {
+	s, err := o.Store()
+	if err != nil {
+		return nil, err
+	}
+	return Init(ctx, s, io)
+}
+
+// OpenOrInit opens the repository, creating it with io on first use.
+func (o Options) OpenOrInit(ctx context.Context, io InitOptions) (*Repo, error) {
+	s, err := o.Store()
+	if err != nil {
+		return nil, err
+	}
+	return OpenOrInit(ctx, s, io)
+}
+
+// ParseInit turns the command line's chunk size and compression ("" for
+// the defaults) into InitOptions.
+func ParseInit(chunkSize int64, compression string) (InitOptions, error) {
+	io := InitOptions{ChunkSize: chunkSize}
+	if compression != "" {
+		c, err := chunker.ParseCompression(compression)
+		if err != nil {
+			return io, err
+		}
+		io.Compression = c
+	}
+	if io.ChunkSize != 0 {
+		if err := chunker.CheckChunkSize(io.ChunkSize); err != nil {
+			return io, err
+		}
+	}
+	return io, nil
+}
