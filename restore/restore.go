@@ -36,18 +36,32 @@ type Disk struct {
 	Size int64  `json:"size"`
 }
 
+// ErrInvalid is matched by the errors for options that can never work.
+var ErrInvalid = errors.New("invalid restore option")
+
+// ValidFormat says why format is not an output format, or returns nil.
+func ValidFormat(format string) error {
+	if format != "" && format != "raw" && format != "qcow2" {
+		return fmt.Errorf("%w: restore format %q: want raw or qcow2", ErrInvalid, format)
+	}
+	return nil
+}
+
 // Restore writes disks of a backup to new files. It never overwrites: an
-// existing output file is an error. A restore that fails removes the file
-// it was writing, so no partial image is left looking whole.
+// existing output file is an error. Each image is written as
+// <output>.partial and linked to its name only once complete, so a failed
+// or killed restore never leaves a file that looks whole (a failed one
+// removes its .partial; a killed one leaves it, which the next restore to
+// the same output reports).
 func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if o.Format == "" {
 		o.Format = "raw"
 	}
-	if o.Format != "raw" && o.Format != "qcow2" {
-		return nil, nil, fmt.Errorf("restore format %q: want raw or qcow2", o.Format)
+	if err := ValidFormat(o.Format); err != nil {
+		return nil, nil, err
 	}
 	if o.Output == "" {
-		return nil, nil, errors.New("restore: no --output given")
+		return nil, nil, fmt.Errorf("%w: restore: no --output given", ErrInvalid)
 	}
 	if o.Parallel <= 0 {
 		o.Parallel = 8
@@ -77,11 +91,11 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	}
 	var done []Disk
 	for _, d := range todo {
-		restore := restoreRaw
+		write := restoreRaw
 		if o.Format == "qcow2" {
-			restore = restoreQcow2
+			write = restoreQcow2
 		}
-		if err := restore(ctx, r, m, d, o.Parallel); err != nil {
+		if err := restoreFile(ctx, d, func(tmp string) error { return write(ctx, r, m, d, tmp, o.Parallel) }); err != nil {
 			return m, done, fmt.Errorf("restore %s/%s disk %s to %s: %w", m.Domain, m.ID, d.Name, d.Path, err)
 		}
 		done = append(done, d)
@@ -89,13 +103,45 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	return m, done, nil
 }
 
-// createExclusive creates path, failing if it exists.
-func createExclusive(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if errors.Is(err, os.ErrExist) {
-		return nil, fmt.Errorf("%s exists; remove it or choose another output", path)
+// restoreFile has write fill a new <path>.partial and links it to path
+// when write succeeds; on failure the partial file is removed.
+func restoreFile(ctx context.Context, d Disk, write func(tmp string) error) error {
+	if _, err := os.Lstat(d.Path); err == nil {
+		return fmt.Errorf("%s exists; remove it or choose another output", d.Path)
 	}
-	return f, err
+	tmp := d.Path + ".partial"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("%s exists: another restore is writing it, or one was killed (remove it)", tmp)
+	}
+	if err != nil {
+		return err
+	}
+	f.Close()
+	if err := write(tmp); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	// A link never replaces an existing file: an output created meanwhile
+	// is not overwritten.
+	if err := os.Link(tmp, d.Path); err != nil {
+		os.Remove(tmp)
+		if errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("%s exists; remove it or choose another output", d.Path)
+		}
+		return err
+	}
+	os.Remove(tmp)
+	return syncDir(filepath.Dir(d.Path))
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }
 
 type fileTarget struct{ f *os.File }
@@ -105,17 +151,16 @@ func (t fileTarget) WriteAt(_ context.Context, p []byte, off int64) error {
 	return err
 }
 
-func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, parallel int) (err error) {
-	f, err := createExclusive(d.Path)
+// restoreRaw writes the disk into the (empty) file tmp as a sparse raw
+// image.
+func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, tmp string, parallel int) (err error) {
+	f, err := os.OpenFile(tmp, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
 	defer func() {
 		if cerr := f.Close(); err == nil {
 			err = cerr
-		}
-		if err != nil {
-			os.Remove(d.Path)
 		}
 	}()
 	if err := f.Truncate(d.Size); err != nil {
@@ -133,36 +178,22 @@ func (t poolTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 	return t.p.WriteAt(ctx, p, off)
 }
 
-// restoreQcow2 creates a qcow2 image with qemu-img, serves it with qemu-nbd
-// on a private socket and writes the disk through NBD.
-func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, parallel int) (err error) {
-	f, err := createExclusive(d.Path)
-	if err != nil {
-		return err
-	}
-	f.Close()
-	defer func() {
-		if err != nil {
-			os.Remove(d.Path)
-		}
-	}()
-	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", d.Path, strconv.FormatInt(d.Size, 10)).CombinedOutput(); err != nil {
+// restoreQcow2 makes tmp a qcow2 image with qemu-img, serves it with
+// qemu-nbd on a private socket and writes the disk through NBD.
+func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, tmp string, parallel int) (err error) {
+	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", tmp, strconv.FormatInt(d.Size, 10)).CombinedOutput(); err != nil {
 		return fmt.Errorf("qemu-img create: %v: %s", err, bytes.TrimSpace(out))
 	}
-	srv, err := startQemuNBD(ctx, d.Path, parallel+1)
+	srv, pool, err := startQemuNBD(ctx, tmp, parallel)
 	if err != nil {
 		return err
 	}
 	defer func() {
+		pool.Close()
 		if serr := srv.stop(); err == nil {
 			err = serr
 		}
 	}()
-	pool, err := nbdclient.DialPool(ctx, nbdclient.Config{Socket: srv.sock}, parallel)
-	if err != nil {
-		return err
-	}
-	defer pool.Close()
 	if err := r.RestoreDisk(ctx, m, d.Name, poolTarget{pool}, parallel); err != nil {
 		return err
 	}
@@ -178,35 +209,44 @@ type qemuNBD struct {
 	exited chan struct{}
 }
 
-func startQemuNBD(ctx context.Context, image string, conns int) (*qemuNBD, error) {
+// startQemuNBD serves image and connects conns clients to it. qemu-nbd is
+// killed if this process dies (PR_SET_PDEATHSIG), and it is ready when a
+// connection succeeds: its socket file appears before it listens.
+func startQemuNBD(ctx context.Context, image string, conns int) (*qemuNBD, *nbdclient.Pool, error) {
 	dir, err := os.MkdirTemp("", "nbdmover-restore-") // mode 0700
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	s := &qemuNBD{dir: dir, sock: filepath.Join(dir, "nbd.sock"), exited: make(chan struct{})}
-	s.cmd = exec.Command("qemu-nbd", "-f", "qcow2", "--cache=writeback", "-e", strconv.Itoa(conns), "-k", s.sock, image)
+	s.cmd = exec.Command("qemu-nbd", "-f", "qcow2", "--cache=writeback", "-e", strconv.Itoa(conns+1), "-k", s.sock, image)
 	s.cmd.Stderr = &s.stderr
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("qemu-nbd: %w", err)
+		return nil, nil, fmt.Errorf("qemu-nbd: %w", err)
 	}
 	go func() { s.cmd.Wait(); close(s.exited) }()
+	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := os.Stat(s.sock); err == nil {
-			return s, nil
+		pool, err := nbdclient.DialPool(ctx, nbdclient.Config{Socket: s.sock}, conns)
+		if err == nil {
+			return s, pool, nil
 		}
 		select {
 		case <-s.exited:
 			os.RemoveAll(dir)
-			return nil, fmt.Errorf("qemu-nbd exited: %s", bytes.TrimSpace(s.stderr.Bytes()))
+			return nil, nil, fmt.Errorf("qemu-nbd exited: %s", bytes.TrimSpace(s.stderr.Bytes()))
 		case <-ctx.Done():
 			s.stop()
-			return nil, context.Cause(ctx)
+			return nil, nil, context.Cause(ctx)
 		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			s.stop()
+			return nil, nil, fmt.Errorf("qemu-nbd did not accept connections within 30s: %w", err)
 		}
 	}
 }
-
 // stop ends qemu-nbd cleanly (SIGTERM makes it flush and close the image)
 // and removes its directory.
 func (s *qemuNBD) stop() error {

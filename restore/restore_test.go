@@ -1,17 +1,24 @@
 package restore_test
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
+	"golang.org/x/sync/errgroup"
 )
 
 // backupImage takes a full backup of a qcow2 image served by qemu-nbd as
@@ -135,4 +142,119 @@ func TestRestoreRefusesToOverwrite(t *testing.T) {
 		t.Fatalf("%+v %v", disks, err)
 	}
 	qemutest.Compare(t, img, "qcow2", disks[0].Path, "qcow2")
+}
+
+// TestMain doubles as a helper process: with NBDMOVER_HELPER_RESTORE set
+// to a JSON restore.Options, the test binary runs that restore and exits,
+// so a test can kill it.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv("NBDMOVER_HELPER_RESTORE"); spec != "" {
+		var o restore.Options
+		if err := json.Unmarshal([]byte(spec), &o); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		if _, _, err := restore.Restore(context.Background(), o); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// A restore SIGKILLed mid-way leaves no file under the output's name, only
+// <output>.partial, and no qemu-nbd behind; the next restore to the same
+// output says what to remove.
+func TestRestoreKilled(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	img := qemutest.NewImage(t, t.TempDir(), 192*backuptest.MiB)
+	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 160*backuptest.MiB, 7)+" 0 160M")
+	backupImage(t, ro, img)
+	for _, format := range []string{"raw", "qcow2"} {
+		t.Run(format, func(t *testing.T) {
+			out := filepath.Join(t.TempDir(), "vda."+format)
+			spec, _ := json.Marshal(restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out, Format: format, Parallel: 1})
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), "NBDMOVER_HELPER_RESTORE="+string(spec))
+			cmd.Stderr = t.Output()
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			partial := out + ".partial"
+			for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+				if st, err := os.Stat(partial); err == nil && st.Size() > 0 && (format == "raw" || qemuNBDServing(partial)) {
+					break
+				}
+				if time.Now().After(deadline) {
+					cmd.Process.Kill()
+					t.Fatal("the restore never started writing")
+				}
+			}
+			cmd.Process.Kill()
+			cmd.Wait()
+			if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("a killed restore left %s: %v", out, err)
+			}
+			if _, err := os.Stat(partial); err != nil {
+				t.Fatalf("no %s after the kill: %v", partial, err)
+			}
+			for deadline := time.Now().Add(10 * time.Second); qemuNBDServing(partial); time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("qemu-nbd outlived the killed restore")
+				}
+			}
+			_, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out, Format: format})
+			if err == nil || !strings.Contains(err.Error(), partial) {
+				t.Fatalf("restore over a killed one's leftover: %v", err)
+			}
+			os.Remove(partial)
+			if _, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out, Format: format}); err != nil {
+				t.Fatal(err)
+			}
+			qemutest.Compare(t, img, "qcow2", out, format)
+		})
+	}
+}
+
+// qemuNBDServing reports whether a qemu-nbd process serves image.
+func qemuNBDServing(image string) bool {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if filepath.Base(args[0]) == "qemu-nbd" && slices.Contains(args, image) {
+			return true
+		}
+	}
+	return false
+}
+
+// Many qcow2 restores at once, on a busy machine: each waits for its
+// qemu-nbd to accept a connection, not just for the socket file (which
+// appears before qemu-nbd listens; that check failed with ECONNREFUSED
+// now and then).
+func TestRestoreQcow2Repeated(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	img := qemutest.NewImage(t, t.TempDir(), 4*backuptest.MiB)
+	qemutest.IO(t, img, "write -P 0x61 1M 1M")
+	backupImage(t, ro, img)
+	dir := t.TempDir()
+	var g errgroup.Group
+	for i := range 48 {
+		if i%8 == 7 {
+			g.Wait()
+		}
+		g.Go(func() error {
+			out := filepath.Join(dir, fmt.Sprintf("vda-%d.qcow2", i))
+			_, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out, Format: "qcow2"})
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
 }
