@@ -247,6 +247,7 @@ func startQemuNBD(ctx context.Context, image string, conns int) (*qemuNBD, *nbdc
 		}
 	}
 }
+
 // stop ends qemu-nbd cleanly (SIGTERM makes it flush and close the image)
 // and removes its directory.
 func (s *qemuNBD) stop() error {
