@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"iter"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 
@@ -107,6 +108,24 @@ type Stats struct {
 	BytesWritten atomic.Int64 // bytes stored (blobs)
 	BytesDedup   atomic.Int64 // chunk bytes already in the repository
 	BytesZero    atomic.Int64 // bytes of all-zero chunks
+	// Set when the run ends.
+	BytesDirty     int64 // bytes the dirty bitmap marked (0 without one)
+	VerifiedChunks int64 // clean chunks read and found equal to the parent's
+	VerifiedBytes  int64 // bytes read for them
+	ZeroedChunks   int64 // clean chunks unallocated now that held data at the parent
+}
+
+// BitmapError says that a disk's dirty bitmap missed a change: a chunk it
+// calls clean differs from the parent's.
+type BitmapError struct {
+	Disk   string
+	Chunk  int64
+	Offset int64
+	Detail string
+}
+
+func (e *BitmapError) Error() string {
+	return fmt.Sprintf("disk %s: the dirty bitmap missed a change: chunk %d (offset %d) %s", e.Disk, e.Chunk, e.Offset, e.Detail)
 }
 
 type readChunk struct {
@@ -131,6 +150,11 @@ type Job struct {
 	// Parent is the disk's index in the backup this one is incremental
 	// from; nil for a full backup. It is not modified.
 	Parent *repo.Index
+	// Sample is how many clean chunks an incremental run reads to verify
+	// the dirty bitmap: below 0 for SampleSize, 0 for none.
+	Sample int
+	// Seed seeds the choice of sample chunks; 0 picks a random seed.
+	Seed uint64
 }
 
 // run is the state of one Job.Run.
@@ -143,6 +167,7 @@ type run struct {
 	// planned, planReads: chunks and bytes the planner sent; built:
 	// chunks whose digest was set.
 	planned, planReads, built atomic.Int64
+	verified, verifiedBytes   atomic.Int64
 }
 
 // Run backs the disk up and returns its new index: the parent's digests
@@ -173,10 +198,21 @@ func (j *Job) Run(ctx context.Context) (*repo.Index, error) {
 		for _, i := range stale {
 			p.stale[i] = true
 		}
+		p.sample = j.Sample
+		if p.sample < 0 {
+			p.sample = SampleSize(j.Parent.Digests)
+		}
+		seed := j.Seed
+		if seed == 0 {
+			seed = rand.Uint64()
+		}
+		p.rng = rand.New(rand.NewPCG(seed, uint64(len(j.Name))))
 	}
 	if err := r.pipe(ctx, p); err != nil {
 		return nil, err
 	}
+	j.Stats.BytesDirty, j.Stats.ZeroedChunks = p.dirtyBytes, p.zeroedClean
+	j.Stats.VerifiedChunks, j.Stats.VerifiedBytes = r.verified.Load(), r.verifiedBytes.Load()
 	// Never commit a partial result: every planned chunk was built and
 	// every planned byte was read.
 	if r.built.Load() != r.planned.Load() || j.Stats.BytesRead.Load() != r.planReads.Load() {
@@ -272,6 +308,15 @@ func (r *run) read(ctx context.Context, p chunkPlan, buf []byte) error {
 // digestAll names each read chunk and passes on the uploads it needs.
 func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upload) error {
 	for rc := range in {
+		if rc.kind == planVerify {
+			err := r.verify(rc)
+			r.Buffers.plain.put(rc.buf)
+			r.built.Add(1)
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		u, err := r.digest(ctx, rc)
 		r.Buffers.plain.put(rc.buf)
 		r.built.Add(1)
@@ -316,6 +361,29 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 		return upload{}, err
 	}
 	return upload{index: rc.index, plain: rc.n, blob: r.Repo.Encode(blob, rc.buf)}, nil
+}
+
+// verify checks a sample chunk the bitmap calls clean against the
+// parent's digest.
+func (r *run) verify(rc readChunk) error {
+	d := chunker.ZeroChunk
+	if !chunker.IsZero(rc.buf) {
+		d = chunker.Sum(rc.buf)
+	}
+	if want := r.ix.Digests[rc.index]; d != want {
+		return &BitmapError{Disk: r.Name, Chunk: rc.index, Offset: rc.off,
+			Detail: fmt.Sprintf("reads as %s, the parent's index says %s", digestName(d), digestName(want))}
+	}
+	r.verified.Add(1)
+	r.verifiedBytes.Add(rc.readBytes())
+	return nil
+}
+
+func digestName(d chunker.Digest) string {
+	if d.IsZeroChunk() {
+		return "zeroes"
+	}
+	return d.String()[:16] + "…"
 }
 
 // storeAll stores the uploads.
