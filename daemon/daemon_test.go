@@ -398,3 +398,31 @@ func TestDaemonSIGTERM(t *testing.T) {
 		t.Error("the socket was left behind")
 	}
 }
+
+// An incremental whose bitmap is caught missing writes (disabled through
+// QMP around them) is taken in full, and the metrics count it.
+func TestDaemonBitmapMismatch(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	dom.Write("vda", "write -P 0x51 0 4M")
+	d := startDaemon(t, ro, 1)
+	id, code, msg := d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
+	if code != 202 {
+		t.Fatalf("submit: %d %s", code, msg)
+	}
+	full := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
+	bitmap, node := `"nbdmover-`+full.BackupID+`"`, `"`+dom.NodeName("vda")+`"`
+	dom.QMP(`{"execute":"block-dirty-bitmap-disable","arguments":{"node":` + node + `,"name":` + bitmap + `}}`)
+	dom.Write("vda", "write -P 0x52 0 4M")
+	dom.QMP(`{"execute":"block-dirty-bitmap-enable","arguments":{"node":` + node + `,"name":` + bitmap + `}}`)
+	refs := dom.Snapshot()
+	id, _, _ = d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
+	v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
+	if v.State != daemon.JobSucceeded || v.Result.Mode != "full" || v.Result.Verification == nil || v.Result.Verification.Outcome != "mismatch" {
+		t.Fatalf("job over a lying bitmap: %+v", v)
+	}
+	backuptest.CheckRestores(t, ro, dom.Name, []backuptest.Point{{ID: v.BackupID, Refs: refs}})
+	if m := d.metrics(); !strings.Contains(m, "nbdmover_bitmap_mismatches_total 1") {
+		t.Errorf("metrics:\n%s", grepLines(m, "bitmap"))
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 
 	"github.com/nbdmover/nbdmover/nbdclient"
+	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/prometheus/client_golang/prometheus"
 	"libvirt.org/go/libvirt"
@@ -17,6 +18,7 @@ type metrics struct {
 	bytes    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	errors   *prometheus.CounterVec
+	lies     prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -24,16 +26,18 @@ func newMetrics() *metrics {
 	m.finished = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_jobs_finished_total",
 		Help: "Backup jobs that ended, by final state."}, []string{"state"})
 	m.bytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_bytes_total",
-		Help: "Bytes moved by succeeded backups: read from NBD, written to the store, deduplicated, zero."}, []string{"kind"})
+		Help: "Bytes moved by succeeded backups: read from NBD, written to the store, deduplicated, zero, read to verify dirty bitmaps."}, []string{"kind"})
 	m.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "nbdmover_job_duration_seconds",
 		Help: "Wall time of finished backup jobs.", Buckets: prometheus.ExponentialBuckets(1, 2, 16)}, []string{"state"})
 	m.errors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_job_errors_total",
-		Help: "Failed jobs by kind of error: libvirt, nbd, store, cancelled, other."}, []string{"kind"})
+		Help: "Failed jobs by kind of error: libvirt, nbd, store, bitmap, cancelled, other."}, []string{"kind"})
+	m.lies = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_bitmap_mismatches_total",
+		Help: "Incrementals whose dirty bitmap was caught missing changes (taken in full instead, or failed with --mode incremental)."})
 	jobs := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_running", Help: "Backup jobs running now."},
 		func() float64 { _, r := m.runner.Counts(); return float64(r) })
 	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_queued", Help: "Backup jobs waiting for a slot."},
 		func() float64 { q, _ := m.runner.Counts(); return float64(q) })
-	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, jobs, queued,
+	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, jobs, queued,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	for _, s := range []string{JobSucceeded, JobFailed, JobCancelled} {
 		m.finished.WithLabelValues(s)
@@ -49,9 +53,19 @@ func (m *metrics) observe(v JobView, err error) {
 		m.bytes.WithLabelValues("written").Add(float64(res.BytesWritten))
 		m.bytes.WithLabelValues("dedup").Add(float64(res.BytesDedup))
 		m.bytes.WithLabelValues("zero").Add(float64(res.BytesZero))
+		if ver := res.Verification; ver != nil {
+			m.bytes.WithLabelValues("verified").Add(float64(ver.Bytes))
+			if ver.Outcome == "mismatch" {
+				m.lies.Inc()
+			}
+		}
 	}
 	if err != nil {
-		m.errors.WithLabelValues(errorKind(v.State, err)).Inc()
+		kind := errorKind(v.State, err)
+		if kind == "bitmap" {
+			m.lies.Inc()
+		}
+		m.errors.WithLabelValues(kind).Inc()
 	}
 }
 
@@ -59,9 +73,12 @@ func errorKind(state string, err error) string {
 	var nerr *nbdclient.Error
 	var serr *sink.Error
 	var lerr libvirt.Error
+	var berr *pipeline.BitmapError
 	switch {
 	case state == JobCancelled:
 		return "cancelled"
+	case errors.As(err, &berr):
+		return "bitmap"
 	case errors.As(err, &nerr):
 		return "nbd"
 	case errors.As(err, &serr):

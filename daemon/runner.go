@@ -34,6 +34,9 @@ type JobRequest struct {
 	Readers         int      `json:"readers,omitempty"`
 	Quiesce         bool     `json:"quiesce,omitempty"`
 	QuiesceOptional bool     `json:"quiesce_optional,omitempty"`
+	// VerifySample: clean chunks per disk an incremental reads to check
+	// the dirty bitmap (nil: the default, 0: none).
+	VerifySample *int `json:"verify_sample,omitempty"`
 }
 
 // The runner's refusals; the HTTP layer maps them to statuses.
@@ -308,6 +311,9 @@ func (r *Runner) backup(req JobRequest) (mover.Source, mover.Options) {
 	}
 	if req.Readers != 0 {
 		o.Tuning.Readers = req.Readers
+	}
+	if req.VerifySample != nil {
+		o.VerifySample = req.VerifySample
 	}
 	return mover.NewDomain(d), o
 }

@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"strings"
+	"sync/atomic"
 	"time"
 
+	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 	"golang.org/x/sync/errgroup"
@@ -47,6 +50,10 @@ type Options struct {
 	Mode        string // auto (default), full, incremental
 	Tuning      pipeline.Tuning
 	RunDir      string // locks and job sockets (default DefaultRunDir)
+	// VerifySample is how many clean chunks per disk an incremental reads
+	// to check its dirty bitmap: nil for pipeline.SampleSize (16 plus 0.1%
+	// of the chunks holding data, at most 256), 0 for none.
+	VerifySample *int
 
 	Log *slog.Logger `json:"-"`
 	// Progress, if set, is called as each disk starts with the counters
@@ -68,6 +75,9 @@ func (o Options) Validate() error {
 	if r := o.Tuning.Readers; r < 0 || r > 64 {
 		return invalidf("readers %d: want 1 to 64", r)
 	}
+	if o.VerifySample != nil && *o.VerifySample < 0 {
+		return invalidf("verify sample %d: want a number of chunks, or 0 for none", *o.VerifySample)
+	}
 	return nil
 }
 
@@ -86,15 +96,17 @@ func (o Options) withDefaults() Options {
 
 // BackupResult is what a committed backup did.
 type BackupResult struct {
-	ID          string       `json:"id"`
-	Domain      string       `json:"domain"`
-	Mode        string       `json:"mode"`
-	Parent      string       `json:"parent,omitempty"`
-	Fallback    string       `json:"fallback,omitempty"`
-	Consistency string       `json:"consistency"`
-	Repository  string       `json:"repository"`
-	Seconds     float64      `json:"seconds"`
-	Disks       []DiskResult `json:"disks"`
+	ID          string `json:"id"`
+	Domain      string `json:"domain"`
+	Mode        string `json:"mode"`
+	Parent      string `json:"parent,omitempty"`
+	Fallback    string `json:"fallback,omitempty"`
+	Consistency string `json:"consistency"`
+	Repository  string `json:"repository"`
+	// Verification is what the check of the dirty bitmaps found.
+	Verification *repo.Verification `json:"verification,omitempty"`
+	Seconds      float64            `json:"seconds"`
+	Disks        []DiskResult       `json:"disks"`
 	// Totals over the disks.
 	BytesRead    int64   `json:"bytes_read"`
 	BytesWritten int64   `json:"bytes_written"`
@@ -113,6 +125,12 @@ type DiskResult struct {
 	BytesDedup   int64   `json:"bytes_dedup"`
 	BytesZero    int64   `json:"bytes_zero"`
 	Seconds      float64 `json:"seconds"`
+	// The dirty bitmap's check: bytes it marked, clean chunks read and
+	// found unchanged (and their bytes), clean chunks found unallocated.
+	DirtyBytes     int64 `json:"dirty_bytes,omitempty"`
+	VerifiedChunks int64 `json:"verified_chunks,omitempty"`
+	VerifiedBytes  int64 `json:"verified_bytes,omitempty"`
+	ZeroedChunks   int64 `json:"zeroed_chunks,omitempty"`
 }
 
 // Backup takes one backup of src and commits it, or commits nothing and
@@ -211,17 +229,30 @@ type backup struct {
 	last  *repo.Manifest
 	sess  Session
 	start time.Time
+
+	fallbacks    []string // why disks are read in full
+	verification *repo.Verification
 }
 
 // run reads the disks and commits the backup.
 func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	disks := b.sess.Disks()
 	info := b.sess.Info()
+	if info.Fallback != "" {
+		b.fallbacks = append(b.fallbacks, info.Fallback)
+	}
 	parents, err := b.parents(ctx, disks)
 	if err != nil {
 		return nil, err
 	}
 	indexes, results, err := b.readDisks(ctx, disks, parents)
+	var lie *pipeline.BitmapError
+	if errors.As(err, &lie) {
+		if parents, err = b.distrust(lie, len(disks)); err != nil {
+			return nil, err
+		}
+		indexes, results, err = b.readDisks(ctx, disks, parents)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -229,7 +260,9 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	b.m.Source, b.m.Consistency, b.m.Checkpoint, b.m.Fallback = info.Source, info.Consistency, info.Checkpoint, info.Fallback
+	b.m.Source, b.m.Consistency, b.m.Checkpoint = info.Source, info.Consistency, info.Checkpoint
+	b.m.Fallback = strings.Join(b.fallbacks, "; ")
+	b.m.Verification = b.verified(parents, results)
 	for _, p := range parents {
 		if p != nil {
 			b.m.Mode, b.m.Parent = ModeIncremental, b.last.ID
@@ -238,12 +271,61 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	return b.commit(ctx, disks, indexes, results, files)
 }
 
+// distrust handles a dirty bitmap caught missing a change: an incremental
+// forced by --mode incremental fails; otherwise every disk is read in full
+// (from the same exports, so at the same point in time), and the reason
+// is recorded.
+func (b *backup) distrust(lie *pipeline.BitmapError, disks int) ([]*repo.Index, error) {
+	if b.o.Mode == ModeIncremental {
+		return nil, fmt.Errorf("backup %s: the incremental cannot be trusted: %w; "+
+			"nothing was committed: take a full backup (--mode full or auto)", b.m.Domain, lie)
+	}
+	b.o.Log.Warn("a dirty bitmap missed changes: taking a full backup instead", "name", b.m.Domain,
+		"disk", lie.Disk, "chunk", lie.Chunk, "error", lie.Error())
+	b.verification = &repo.Verification{Outcome: "mismatch", Detail: lie.Error()}
+	b.fallbacks = append(b.fallbacks, lie.Error()+"; read every disk in full instead")
+	return make([]*repo.Index, disks), nil
+}
+
+// verified sums up the check of the dirty bitmaps.
+func (b *backup) verified(parents []*repo.Index, results []DiskResult) *repo.Verification {
+	if b.verification != nil {
+		return b.verification
+	}
+	v := &repo.Verification{Outcome: "passed"}
+	incremental := false
+	for i, r := range results {
+		if parents[i] != nil {
+			incremental = true
+			v.Chunks += r.VerifiedChunks
+			v.Bytes += r.VerifiedBytes
+		}
+	}
+	switch {
+	case !incremental:
+		return nil
+	case b.o.VerifySample != nil && *b.o.VerifySample == 0:
+		v.Outcome = "off"
+	}
+	return v
+}
+
 // parents loads the last backup's index of each disk the session reads
-// incrementally (nil for the others).
+// incrementally (nil for the others). A disk whose export grants no dirty
+// bitmap cannot be read incrementally: that is an error with --mode
+// incremental, and a full read of the disk otherwise.
 func (b *backup) parents(ctx context.Context, disks []SourceDisk) ([]*repo.Index, error) {
 	parents := make([]*repo.Index, len(disks))
 	for i, d := range disks {
 		if !d.Incremental {
+			continue
+		}
+		if why := dirtyContextMissing(d); why != "" {
+			if b.o.Mode == ModeIncremental {
+				return nil, fmt.Errorf("backup %s: cannot take an incremental: %s", b.m.Domain, why)
+			}
+			b.o.Log.Warn("reading a disk in full", "name", b.m.Domain, "disk", d.Name, "reason", why)
+			b.fallbacks = append(b.fallbacks, why)
 			continue
 		}
 		ix, err := b.r.LoadIndex(ctx, b.last, d.Name)
@@ -255,6 +337,32 @@ func (b *backup) parents(ctx context.Context, disks []SourceDisk) ([]*repo.Index
 	return parents, nil
 }
 
+// dirtyContextMissing says why d, marked incremental, cannot be read
+// incrementally after all (no dirty bitmap granted on its export), or "".
+func dirtyContextMissing(d SourceDisk) string {
+	switch {
+	case d.Bitmap == "":
+		return fmt.Sprintf("disk %s is exported without a dirty bitmap", d.Name)
+	case !d.Disk.Info().HasContext(nbdclient.BitmapContext(d.Bitmap)):
+		return fmt.Sprintf("disk %s: the export does not offer dirty bitmap %s", d.Name, d.Bitmap)
+	}
+	return ""
+}
+
+// minDirty is what a cumulative bitmap (one never cleared, like an NBD
+// export's persistent bitmap) must mark now: at least what it marked at
+// the parent, unless the disk was resized.
+func (b *backup) minDirty(d SourceDisk, parent *repo.Index) int64 {
+	if !d.CumulativeBitmap || parent == nil {
+		return 0
+	}
+	was, err := b.last.Disk(d.Name)
+	if err != nil || was.Size != d.Disk.Info().Size {
+		return 0
+	}
+	return was.DirtyBytes
+}
+
 // readDisks backs up every disk in parallel, sharing one buffer budget. On
 // any error the others stop and nothing is returned.
 func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*repo.Index) ([]*repo.Index, []DiskResult, error) {
@@ -263,16 +371,28 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 	bufs := pipeline.NewBuffers(tuning, len(disks), chunkSize)
 	indexes := make([]*repo.Index, len(disks))
 	results := make([]DiskResult, len(disks))
+	// A disk whose bitmap lies does not stop the others: every disk is
+	// read again in full then, over the same connections.
+	var lie atomic.Pointer[pipeline.BitmapError]
 	g, gctx := errgroup.WithContext(ctx)
 	for i, d := range disks {
 		g.Go(func() error {
 			start := time.Now()
 			job := &pipeline.Job{Name: d.Name, Disk: d.Disk, Repo: b.r, Buffers: bufs, Tuning: tuning,
-				Stats: &pipeline.Stats{}, Parent: parents[i]}
+				Stats: &pipeline.Stats{}, Parent: parents[i], Sample: -1}
+			if b.o.VerifySample != nil {
+				job.Sample = *b.o.VerifySample
+			}
+			job.MinDirty = b.minDirty(d, parents[i])
 			if b.o.Progress != nil {
 				b.o.Progress(d.Name, job.Stats)
 			}
 			ix, err := job.Run(gctx)
+			var be *pipeline.BitmapError
+			if errors.As(err, &be) {
+				lie.CompareAndSwap(nil, be)
+				return nil
+			}
 			if err != nil {
 				return err
 			}
@@ -286,6 +406,9 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 	if err := g.Wait(); err != nil {
 		return nil, nil, fmt.Errorf("backup %s: %w", b.m.Domain, err)
 	}
+	if be := lie.Load(); be != nil {
+		return nil, nil, be
+	}
 	return indexes, results, nil
 }
 
@@ -296,7 +419,8 @@ func diskResult(name string, size int64, incremental bool, st *pipeline.Stats, t
 	}
 	return DiskResult{Name: name, Size: size, Mode: mode,
 		BytesRead: st.BytesRead.Load(), BytesWritten: st.BytesWritten.Load(),
-		BytesDedup: st.BytesDedup.Load(), BytesZero: st.BytesZero.Load(), Seconds: took.Seconds()}
+		BytesDedup: st.BytesDedup.Load(), BytesZero: st.BytesZero.Load(), Seconds: took.Seconds(),
+		DirtyBytes: st.BytesDirty, VerifiedChunks: st.VerifiedChunks, VerifiedBytes: st.VerifiedBytes, ZeroedChunks: st.ZeroedChunks}
 }
 
 // commit writes the backup's indexes, files and manifest.
@@ -305,13 +429,14 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, indexes []*repo
 	m := b.m
 	ixs := map[string]*repo.Index{}
 	res := &BackupResult{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Parent: m.Parent, Fallback: m.Fallback,
-		Consistency: m.Consistency, Repository: b.r.Location(), Disks: results}
+		Consistency: m.Consistency, Repository: b.r.Location(), Disks: results, Verification: m.Verification}
 	var covered int64
 	for i, d := range disks {
 		ixs[d.Name] = indexes[i]
 		dr := results[i]
 		m.Disks = append(m.Disks, repo.DiskManifest{Name: d.Name, Size: dr.Size, Mode: dr.Mode,
-			BytesRead: dr.BytesRead, BytesWritten: dr.BytesWritten, BytesDedup: dr.BytesDedup, BytesZero: dr.BytesZero})
+			BytesRead: dr.BytesRead, BytesWritten: dr.BytesWritten, BytesDedup: dr.BytesDedup, BytesZero: dr.BytesZero,
+			DirtyBytes: dr.DirtyBytes, VerifiedChunks: dr.VerifiedChunks, VerifiedBytes: dr.VerifiedBytes, ZeroedChunks: dr.ZeroedChunks})
 		res.BytesRead += dr.BytesRead
 		res.BytesWritten += dr.BytesWritten
 		res.BytesDedup += dr.BytesDedup

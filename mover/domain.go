@@ -184,11 +184,18 @@ func (ds *domainSession) begin(ctx context.Context) error {
 	return nil
 }
 
+// testHookExports, when set by a test, may change what the job's XML
+// says of the exports (a seam for exports libvirt describes wrongly).
+var testHookExports func(map[string]libvirtxml.DomainBackupPullDisk)
+
 // dialExports connects to the job's NBD exports.
 func (ds *domainSession) dialExports(ctx context.Context) error {
 	exports, err := backupExports(ds.dom)
 	if err != nil {
 		return err
+	}
+	if testHookExports != nil {
+		testHookExports(exports)
 	}
 	for _, d := range ds.plan.disks {
 		ex := exports[d.name]

@@ -2,6 +2,7 @@ package mover
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/nbdmover/nbdmover/nbdclient"
@@ -64,11 +65,18 @@ func (s *nbdSource) Start(ctx context.Context, req StartRequest) (Session, error
 		info.Fallback = reason
 		req.Log.Info("taking a full backup", "name", s.o.Name, "reason", reason)
 	}
-	pool, err := nbdclient.DialPool(ctx, nbdclient.Config{URI: s.o.URI, Bitmap: s.o.Bitmap}, req.Readers)
+	cfg := nbdclient.Config{URI: s.o.URI, Bitmap: s.o.Bitmap}
+	pool, err := nbdclient.DialPool(ctx, cfg, req.Readers)
+	if errors.Is(err, nbdclient.ErrNoContext) && incremental {
+		// The bitmap the last backup was taken at is gone: Backup reads
+		// the disk in full, or refuses with --mode incremental.
+		cfg.Bitmap, info.Checkpoint = "", ""
+		pool, err = nbdclient.DialPool(ctx, cfg, req.Readers)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("backup %s disk %s: %w", s.o.Name, s.o.Disk, err)
 	}
-	disk := SourceDisk{Name: s.o.Disk, Disk: pool, Incremental: incremental, Bitmap: s.o.Bitmap}
+	disk := SourceDisk{Name: s.o.Disk, Disk: pool, Incremental: incremental, Bitmap: s.o.Bitmap, CumulativeBitmap: true}
 	return &nbdSession{pool: pool, disk: disk, info: info}, nil
 }
 

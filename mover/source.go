@@ -59,6 +59,10 @@ type SourceDisk struct {
 	// since the last backup, so only the chunks it marks need reading.
 	Incremental bool
 	Bitmap      string // the dirty bitmap exported with the disk, "" when none
+	// CumulativeBitmap: Bitmap is never cleared (a persistent bitmap of
+	// an NBD export), so it must mark at least what it marked at the
+	// last backup.
+	CumulativeBitmap bool
 }
 
 // SessionInfo says how a backup is taken, for its manifest.

@@ -116,7 +116,9 @@ type Stats struct {
 }
 
 // BitmapError says that a disk's dirty bitmap missed a change: a chunk it
-// calls clean differs from the parent's.
+// calls clean differs from the parent's (or, Chunk -1, the bitmap marks
+// less than it did). Run returns it after every read in flight has
+// finished, so the Disk can be read again.
 type BitmapError struct {
 	Disk   string
 	Chunk  int64
@@ -125,6 +127,9 @@ type BitmapError struct {
 }
 
 func (e *BitmapError) Error() string {
+	if e.Chunk < 0 {
+		return fmt.Sprintf("disk %s: the dirty bitmap %s", e.Disk, e.Detail)
+	}
 	return fmt.Sprintf("disk %s: the dirty bitmap missed a change: chunk %d (offset %d) %s", e.Disk, e.Chunk, e.Offset, e.Detail)
 }
 
@@ -155,6 +160,10 @@ type Job struct {
 	Sample int
 	// Seed seeds the choice of sample chunks; 0 picks a random seed.
 	Seed uint64
+	// MinDirty, for a dirty bitmap that is never cleared, is how many
+	// bytes it marked at the parent: marking fewer now means it was
+	// cleared or re-created, and the run fails with a *BitmapError.
+	MinDirty int64
 }
 
 // run is the state of one Job.Run.
@@ -168,6 +177,7 @@ type run struct {
 	// chunks whose digest was set.
 	planned, planReads, built atomic.Int64
 	verified, verifiedBytes   atomic.Int64
+	lie                       atomic.Pointer[BitmapError] // the first lie found
 }
 
 // Run backs the disk up and returns its new index: the parent's digests
@@ -191,7 +201,7 @@ func (j *Job) Run(ctx context.Context) (*repo.Index, error) {
 		r.ix = repo.NewIndex(j.Repo.Config().ChunkSize, size)
 	}
 	j.Stats.Total.Store(size)
-	p := &planner{grid: r.ix.Grid()}
+	p := &planner{grid: r.ix.Grid(), lie: r.recordLie, lied: func() bool { return r.lie.Load() != nil }}
 	if j.Parent != nil {
 		p.parent = r.ix.Digests
 		p.stale = map[int64]bool{}
@@ -207,12 +217,16 @@ func (j *Job) Run(ctx context.Context) (*repo.Index, error) {
 			seed = rand.Uint64()
 		}
 		p.rng = rand.New(rand.NewPCG(seed, uint64(len(j.Name))))
+		p.minDirty = j.MinDirty
 	}
 	if err := r.pipe(ctx, p); err != nil {
 		return nil, err
 	}
 	j.Stats.BytesDirty, j.Stats.ZeroedChunks = p.dirtyBytes, p.zeroedClean
 	j.Stats.VerifiedChunks, j.Stats.VerifiedBytes = r.verified.Load(), r.verifiedBytes.Load()
+	if lie := r.lie.Load(); lie != nil {
+		return nil, lie
+	}
 	// Never commit a partial result: every planned chunk was built and
 	// every planned byte was read.
 	if r.built.Load() != r.planned.Load() || j.Stats.BytesRead.Load() != r.planReads.Load() {
@@ -309,12 +323,9 @@ func (r *run) read(ctx context.Context, p chunkPlan, buf []byte) error {
 func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upload) error {
 	for rc := range in {
 		if rc.kind == planVerify {
-			err := r.verify(rc)
+			r.verify(rc)
 			r.Buffers.plain.put(rc.buf)
 			r.built.Add(1)
-			if err != nil {
-				return err
-			}
 			continue
 		}
 		u, err := r.digest(ctx, rc)
@@ -364,19 +375,25 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 }
 
 // verify checks a sample chunk the bitmap calls clean against the
-// parent's digest.
-func (r *run) verify(rc readChunk) error {
+// parent's digest, and records a lie when they differ.
+func (r *run) verify(rc readChunk) {
 	d := chunker.ZeroChunk
 	if !chunker.IsZero(rc.buf) {
 		d = chunker.Sum(rc.buf)
 	}
 	if want := r.ix.Digests[rc.index]; d != want {
-		return &BitmapError{Disk: r.Name, Chunk: rc.index, Offset: rc.off,
-			Detail: fmt.Sprintf("reads as %s, the parent's index says %s", digestName(d), digestName(want))}
+		r.recordLie(&BitmapError{Chunk: rc.index, Offset: rc.off,
+			Detail: fmt.Sprintf("reads as %s, the parent's index says %s", digestName(d), digestName(want))})
+		return
 	}
 	r.verified.Add(1)
 	r.verifiedBytes.Add(rc.readBytes())
-	return nil
+}
+
+// recordLie keeps the first lie found on the disk.
+func (r *run) recordLie(e *BitmapError) {
+	e.Disk = r.Name
+	r.lie.CompareAndSwap(nil, e)
 }
 
 func digestName(d chunker.Digest) string {

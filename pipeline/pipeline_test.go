@@ -376,4 +376,3 @@ func chunkDirty(d *fakeDisk, i int64) bool {
 	}
 	return false
 }
-

@@ -59,6 +59,15 @@ type planner struct {
 	stale  map[int64]bool
 	sample int        // clean chunks to verify on an incremental run
 	rng    *rand.Rand // picks them
+	// minDirty: a bitmap that is never cleared must mark at least this
+	// many bytes (what it marked at the parent); 0 for no such check.
+	minDirty int64
+
+	// lie records a bitmap caught lying, lied tells whether one was: the
+	// planner then stops planning, and the run ends without cancelling
+	// reads in flight (the connections stay usable for a full run).
+	lie  func(*BitmapError)
+	lied func() bool
 
 	picked      []chunkPlan // the reservoir
 	candidates  int64       // clean chunks with data seen so far
@@ -124,7 +133,15 @@ func (p *planner) run(ctx context.Context, extents iter.Seq2[nbdclient.Extent, e
 	if err := flush(); err != nil {
 		return err
 	}
+	if p.dirtyBytes < p.minDirty {
+		p.lie(&BitmapError{Chunk: -1, Detail: fmt.Sprintf("marks %d bytes, fewer than the %d it marked at the last backup: "+
+			"it was cleared or re-created since", p.dirtyBytes, p.minDirty)})
+		return nil
+	}
 	for _, c := range p.picked {
+		if p.lied() {
+			return nil
+		}
 		c.kind = planVerify
 		if err := build(c); err != nil {
 			return err

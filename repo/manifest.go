@@ -33,7 +33,10 @@ type Manifest struct {
 	Checkpoint  string         `json:"checkpoint,omitempty"`
 	ChunkSize   int64          `json:"chunk_size"`
 	Compression string         `json:"compression"`
-	Disks       []DiskManifest `json:"disks"`
+	// Verification is what an incremental's check of its dirty bitmaps
+	// found (nil for a full backup that needed none).
+	Verification *Verification `json:"verification,omitempty"`
+	Disks        []DiskManifest `json:"disks"`
 	// Files are extra objects stored with the backup (domain.xml,
 	// checkpoint.xml), by name, with their SHA-256.
 	Files map[string]string `json:"files,omitempty"`
@@ -53,6 +56,24 @@ type DiskManifest struct {
 	BytesWritten int64 `json:"bytes_written"` // stored (after compression)
 	BytesDedup   int64 `json:"bytes_dedup"`   // read but already stored
 	BytesZero    int64 `json:"bytes_zero"`    // all-zero chunks or never read holes
+	// The dirty bitmap's check (see Verification).
+	DirtyBytes     int64 `json:"dirty_bytes,omitempty"`     // bytes the dirty bitmap marked
+	VerifiedChunks int64 `json:"verified_chunks,omitempty"` // clean chunks read and found unchanged
+	VerifiedBytes  int64 `json:"verified_bytes,omitempty"`  // bytes read for them
+	ZeroedChunks   int64 `json:"zeroed_chunks,omitempty"`   // clean chunks unallocated now that held data before
+}
+
+// Verification is the outcome of an incremental's check that its dirty
+// bitmaps told the truth: a sample of the chunks they call clean is read
+// and compared with the parent's index.
+type Verification struct {
+	// Outcome is "passed", "off" (no sample asked for) or "mismatch" (a
+	// bitmap missed a change; the backup was taken in full instead and
+	// Detail says where).
+	Outcome string `json:"outcome"`
+	Chunks  int64  `json:"chunks"` // chunks read and checked
+	Bytes   int64  `json:"bytes"`  // bytes read for them
+	Detail  string `json:"detail,omitempty"`
 }
 
 // Disk returns the named disk of m.

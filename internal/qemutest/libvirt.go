@@ -1,6 +1,7 @@
 package qemutest
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -153,4 +154,44 @@ func (d *Domain) JobActive() bool {
 		d.tb.Fatalf("virsh backup-dumpxml %s: %v: %s", d.Name, err, out)
 	}
 	return err == nil
+}
+
+// QMP sends a QMP command to the domain's QEMU and returns the reply.
+func (d *Domain) QMP(cmd string) string {
+	d.tb.Helper()
+	out := Virsh(d.tb, "qemu-monitor-command", d.Name, cmd)
+	if strings.Contains(out, `"error"`) {
+		d.tb.Fatalf("QMP %s: %s", cmd, out)
+	}
+	return out
+}
+
+// NodeName is the block node QEMU reads a disk's image through (the node
+// its dirty bitmaps live on).
+func (d *Domain) NodeName(dev string) string {
+	d.tb.Helper()
+	idx := -1
+	for i, s := range d.Disks {
+		if s.Dev == dev {
+			idx = i
+		}
+	}
+	var reply struct {
+		Return []struct {
+			Qdev     string `json:"qdev"`
+			Inserted *struct {
+				NodeName string `json:"node-name"`
+			} `json:"inserted"`
+		} `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(d.QMP(`{"execute":"query-block"}`)), &reply); err != nil {
+		d.tb.Fatal(err)
+	}
+	for _, b := range reply.Return {
+		if strings.Contains(b.Qdev, fmt.Sprintf("/ua-disk%d/", idx)) && b.Inserted != nil {
+			return b.Inserted.NodeName
+		}
+	}
+	d.tb.Fatalf("no block node for %s in query-block", dev)
+	return ""
 }
