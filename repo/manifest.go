@@ -30,12 +30,12 @@ type Manifest struct {
 	Consistency string    `json:"consistency"` // "crash-consistent" or "quiesced"
 	// Checkpoint is the libvirt checkpoint (or, for NBD sources, the dirty
 	// bitmap) this backup was taken at; the next incremental starts there.
-	Checkpoint  string         `json:"checkpoint,omitempty"`
-	ChunkSize   int64          `json:"chunk_size"`
-	Compression string         `json:"compression"`
+	Checkpoint  string `json:"checkpoint,omitempty"`
+	ChunkSize   int64  `json:"chunk_size"`
+	Compression string `json:"compression"`
 	// Verification is what an incremental's check of its dirty bitmaps
 	// found (nil for a full backup that needed none).
-	Verification *Verification `json:"verification,omitempty"`
+	Verification *Verification  `json:"verification,omitempty"`
 	Disks        []DiskManifest `json:"disks"`
 	// Files are extra objects stored with the backup (domain.xml,
 	// checkpoint.xml), by name, with their SHA-256.
