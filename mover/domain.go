@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/nbdmover/nbdmover/nbdclient"
@@ -100,7 +101,8 @@ func (s *domainSource) Start(ctx context.Context, req StartRequest) (_ Session, 
 }
 
 // connect finds the running domain and ends a backup job a crashed run
-// left on it (we hold the domain's lock, so no live run owns it).
+// of ours left on it (we hold the domain's lock, so no live run owns it).
+// A job nbdmover did not start is left alone: that is an error.
 func (ds *domainSession) connect(ctx context.Context) error {
 	conn, err := connectLibvirt(ds.o.Connect)
 	if err != nil {
@@ -110,10 +112,14 @@ func (ds *domainSession) connect(ctx context.Context) error {
 	if ds.dom, err = lookupRunning(conn, ds.o.Name, ds.o.Connect); err != nil {
 		return err
 	}
-	if active, err := activeBackupJob(ds.dom); err != nil {
+	job, err := backupJob(ds.dom)
+	switch {
+	case err != nil:
 		return err
-	} else if active {
-		ds.log.Warn("ending a backup job left by an earlier run")
+	case job != nil && !ourJob(job, ds.req.RunDir, ds.o.Name):
+		return foreignJobError(ds.o.Name, job)
+	case job != nil:
+		ds.log.Warn("ending a backup job left by an earlier run", "socket", jobSocket(job))
 		if err := endBackupJob(ctx, conn, ds.dom); err != nil {
 			return fmt.Errorf("leftover backup job: %w", err)
 		}
@@ -167,7 +173,7 @@ func (ds *domainSession) begin(ctx context.Context) error {
 
 	plan := ds.plan
 	consistency, err := beginBackup(ds.dom, ds.o, ds.log, plan, ds.sock, scratchDir)
-	if err != nil && len(plan.incr) > 0 && ds.req.Mode == ModeAuto {
+	if err != nil && len(plan.incr) > 0 && ds.req.Mode == ModeAuto && bitmapRefused(err) {
 		// libvirt refuses an incremental whose bitmaps are missing or
 		// broken: start over as a full backup from a fresh chain.
 		ds.log.Warn("incremental backup refused, taking a full one", "error", err)
@@ -386,6 +392,32 @@ func ensureCheckpoint(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, la
 	return ""
 }
 
+// jobDirName is the name of a job's run or scratch directory.
+func jobDirName(domain, id string) string { return "job-" + domain + "-" + id }
+
+// staleJobDirs lists the job directories of domain under parent: exactly
+// job-<domain>-<backup id>, never those of a domain whose name extends
+// this one's.
+func staleJobDirs(parent, domain string) []string {
+	entries, _ := os.ReadDir(parent)
+	var dirs []string
+	for _, e := range entries {
+		id, ok := strings.CutPrefix(e.Name(), jobDirName(domain, ""))
+		if ok && e.IsDir() && repo.ValidBackupID(id) == nil {
+			dirs = append(dirs, filepath.Join(parent, e.Name()))
+		}
+	}
+	return dirs
+}
+
+// ourJob tells whether a backup job is one nbdmover started for domain:
+// its NBD socket lies in a job directory of the domain under runDir.
+func ourJob(b *libvirtxml.DomainBackup, runDir, domain string) bool {
+	sock := jobSocket(b)
+	return sock != "" && filepath.Base(sock) == "nbd.sock" &&
+		slices.Contains(staleJobDirs(runDir, domain), filepath.Dir(sock))
+}
+
 // jobDir makes a directory private to root and QEMU (mode 0700, owned by
 // QEMU's user when it is not root) for the job's socket or scratch files.
 // Stale directories of the same domain from crashed runs are removed first.
@@ -393,11 +425,10 @@ func jobDir(parent, domain, id string, uid, gid int) (string, error) {
 	if err := traversableDir(parent); err != nil {
 		return "", err
 	}
-	stale, _ := filepath.Glob(filepath.Join(parent, "job-"+domain+"-*"))
-	for _, s := range stale {
+	for _, s := range staleJobDirs(parent, domain) {
 		os.RemoveAll(s)
 	}
-	dir := filepath.Join(parent, "job-"+domain+"-"+id)
+	dir := filepath.Join(parent, jobDirName(domain, id))
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return "", err
 	}

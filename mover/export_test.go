@@ -8,3 +8,10 @@ func SetExportsHook(f func(map[string]libvirtxml.DomainBackupPullDisk)) func() {
 	testHookExports = f
 	return func() { testHookExports = nil }
 }
+
+// SetDeleteCheckpointHook makes the deletion of checkpoints' bitmaps fail
+// with f's error; it returns a function that removes the hook.
+func SetDeleteCheckpointHook(f func(name string) error) func() {
+	testHookDeleteCheckpoint = f
+	return func() { testHookDeleteCheckpoint = nil }
+}

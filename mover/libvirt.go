@@ -118,14 +118,46 @@ func stateName(s libvirt.DomainState) string {
 // backup's XML is the reliable sign: job statistics of a pull-mode backup
 // can fail with "backup job data missing".)
 func activeBackupJob(dom *libvirt.Domain) (bool, error) {
-	_, err := dom.BackupGetXMLDesc(0)
+	job, err := backupJob(dom)
+	return job != nil, err
+}
+
+// backupJob returns the definition of the domain's running backup job, or
+// nil when none runs.
+func backupJob(dom *libvirt.Domain) (*libvirtxml.DomainBackup, error) {
+	x, err := dom.BackupGetXMLDesc(0)
 	switch libvirtCode(err) {
 	case libvirt.ERR_OK:
-		return true, nil
 	case libvirt.ERR_NO_DOMAIN_BACKUP:
-		return false, nil
+		return nil, nil
+	default:
+		return nil, err
 	}
-	return false, err
+	var b libvirtxml.DomainBackup
+	if err := b.Unmarshal(x); err != nil {
+		return nil, fmt.Errorf("backup job XML: %w", err)
+	}
+	return &b, nil
+}
+
+// jobSocket is the NBD socket of a pull-mode backup job, "" for others.
+func jobSocket(b *libvirtxml.DomainBackup) string {
+	if b.Pull != nil && b.Pull.Server != nil && b.Pull.Server.UNIX != nil {
+		return b.Pull.Server.UNIX.Socket
+	}
+	return ""
+}
+
+// foreignJobError is the error for a backup job nbdmover did not start.
+func foreignJobError(domain string, b *libvirtxml.DomainBackup) error {
+	what := "a push-mode backup job"
+	if sock := jobSocket(b); sock != "" {
+		what = "a pull-mode backup job serving NBD on " + sock
+	} else if b.Pull != nil {
+		what = "a pull-mode backup job"
+	}
+	return fmt.Errorf("domain %s runs %s that nbdmover did not start; it is left alone: "+
+		"when its owner is done, end it with virsh domjobabort %s and back up again", domain, what, domain)
 }
 
 // endBackupJob ends the domain's pull-mode backup job (virDomainAbortJob:
@@ -184,10 +216,17 @@ func ourCheckpoints(dom *libvirt.Domain) ([]string, error) {
 	return names, nil
 }
 
+// testHookDeleteCheckpoint, when set by a test, fails the deletion of a
+// checkpoint's bitmaps with its error (a seam: real libvirt fails it only
+// in states a test cannot produce, like a state lock timeout).
+var testHookDeleteCheckpoint func(name string) error
+
 // deleteCheckpoint deletes one of our checkpoints. libvirt merges the
 // changes it recorded into its parent, so dirty tracking of the checkpoints
-// that remain stays complete. When its bitmaps are gone, only the metadata
-// is removed.
+// that remain stays complete. Only when its bitmap is gone from the images
+// is the metadata alone removed; any other failure leaves the checkpoint
+// whole (a later run deletes it), never a recording bitmap without
+// metadata.
 func deleteCheckpoint(dom *libvirt.Domain, name string) error {
 	cp, err := dom.CheckpointLookupByName(name, 0)
 	if libvirtCode(err) == libvirt.ERR_NO_DOMAIN_CHECKPOINT {
@@ -197,12 +236,43 @@ func deleteCheckpoint(dom *libvirt.Domain, name string) error {
 		return err
 	}
 	defer cp.Free()
-	if err := cp.Delete(0); err != nil {
-		if merr := cp.Delete(libvirt.DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY); merr != nil {
-			return fmt.Errorf("delete checkpoint %s: %w", name, err)
-		}
+	if testHookDeleteCheckpoint != nil {
+		err = testHookDeleteCheckpoint(name)
+	}
+	if err == nil {
+		err = cp.Delete(0)
+	}
+	if err == nil {
+		return nil
+	}
+	if !bitmapMissing(err) {
+		return fmt.Errorf("delete checkpoint %s: %w", name, err)
+	}
+	if merr := cp.Delete(libvirt.DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY); merr != nil {
+		return fmt.Errorf("delete checkpoint %s (its bitmap is gone): %w", name, merr)
 	}
 	return nil
+}
+
+// bitmapMissing tells libvirt's refusal to delete a checkpoint whose
+// bitmap is not in the images (libvirt 9: an internal error "bitmap '%s'
+// not found in backing chain of '%s'").
+func bitmapMissing(err error) bool {
+	var lerr libvirt.Error
+	return errors.As(err, &lerr) && lerr.Code == libvirt.ERR_INTERNAL_ERROR &&
+		strings.Contains(lerr.Message, "not found in backing chain")
+}
+
+// bitmapRefused tells libvirt's refusal of an incremental backup because
+// the checkpoint's bitmaps are missing or broken, or the checkpoint is
+// gone: a full backup from a fresh chain is the way out. Any other
+// failure (a guest agent, a lock, ...) has nothing to do with the chain.
+func bitmapRefused(err error) bool {
+	switch libvirtCode(err) {
+	case libvirt.ERR_CHECKPOINT_INCONSISTENT, libvirt.ERR_NO_DOMAIN_CHECKPOINT:
+		return true
+	}
+	return false
 }
 
 // deleteCheckpointsExcept deletes every checkpoint of ours but keep

@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/nbdmover/nbdmover/internal/qemutest"
@@ -79,8 +80,11 @@ func CheckNoLeftovers(t testing.TB, dom *qemutest.Domain, runDir string) {
 	if cps := dom.Checkpoints(); len(cps) > 1 {
 		t.Fatalf("checkpoints left: %v", cps)
 	}
-	if left, _ := filepath.Glob(filepath.Join(runDir, "job-"+dom.Name+"-*")); len(left) > 0 {
-		t.Fatalf("run directories left: %v", left)
+	left, _ := filepath.Glob(filepath.Join(runDir, "job-"+dom.Name+"-*"))
+	for _, d := range left {
+		if repo.ValidBackupID(strings.TrimPrefix(filepath.Base(d), "job-"+dom.Name+"-")) == nil {
+			t.Fatalf("run directory left: %s", d)
+		}
 	}
 }
 

@@ -195,3 +195,29 @@ func (d *Domain) NodeName(dev string) string {
 	d.tb.Fatalf("no block node for %s in query-block", dev)
 	return ""
 }
+
+// Bitmaps lists the dirty bitmaps QEMU keeps on a disk's node.
+func (d *Domain) Bitmaps(dev string) []string {
+	d.tb.Helper()
+	node := d.NodeName(dev)
+	var reply struct {
+		Return []struct {
+			NodeName string `json:"node-name"`
+			Bitmaps  []struct {
+				Name string `json:"name"`
+			} `json:"dirty-bitmaps"`
+		} `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(d.QMP(`{"execute":"query-named-block-nodes"}`)), &reply); err != nil {
+		d.tb.Fatal(err)
+	}
+	var names []string
+	for _, n := range reply.Return {
+		if n.NodeName == node {
+			for _, b := range n.Bitmaps {
+				names = append(names, b.Name)
+			}
+		}
+	}
+	return names
+}

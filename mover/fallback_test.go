@@ -1,0 +1,111 @@
+package mover_test
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/repo"
+	"libvirt.org/go/libvirt"
+)
+
+// A failed BackupBegin that is not about bitmaps (here: --quiesce without
+// a guest agent) fails the run and keeps the chain: the next backup is
+// incremental from the same checkpoint.
+func TestFailedBeginKeepsChain(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	dom.Write("vda", "write -P 0x41 0 4M")
+	full := domainBackup(t, ro, dom, "auto")
+	dom.Write("vda", "write -P 0x42 1M 64k")
+	_, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name, Quiesce: true}, "auto")
+	if err == nil || !strings.Contains(err.Error(), "guest agent") {
+		t.Fatalf("quiesce without an agent: %v", err)
+	}
+	checkNoLeftovers(t, dom)
+	if cps := dom.Checkpoints(); !slices.Equal(cps, []string{"nbdmover-" + full.ID}) {
+		t.Fatalf("the failed run changed the chain: checkpoints %v", cps)
+	}
+	if inc := domainBackup(t, ro, dom, "auto"); inc.Mode != "incremental" || inc.Parent != full.ID {
+		t.Fatalf("after the failed run: %+v", inc)
+	}
+}
+
+// A backup job nbdmover did not start (here: virsh backup-begin) is never
+// aborted: the backup refuses, names the job and how to end it.
+func TestForeignBackupJob(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	dom.Write("vda", "write -P 0x41 0 4M")
+	dir := t.TempDir()
+	os.Chmod(dir, 0o777)
+	sock := filepath.Join(dir, "foreign.sock")
+	xml := filepath.Join(dir, "backup.xml")
+	os.WriteFile(xml, []byte(`<domainbackup mode='pull'><server transport='unix' socket='`+sock+`'/>`+
+		`<disks><disk name='vda' backup='yes' type='file'><scratch file='`+filepath.Join(dir, "vda.scratch")+`'/></disk></disks></domainbackup>`), 0o644)
+	qemutest.Virsh(t, "backup-begin", dom.Name, xml)
+	defer qemutest.Virsh(t, "domjobabort", dom.Name)
+	_, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "auto")
+	if err == nil || !strings.Contains(err.Error(), "did not start") || !strings.Contains(err.Error(), sock) ||
+		!strings.Contains(err.Error(), "virsh domjobabort "+dom.Name) {
+		t.Fatalf("backup over a foreign job: %v", err)
+	}
+	if !dom.JobActive() {
+		t.Fatal("the foreign backup job was ended")
+	}
+}
+
+// Stale job directories are matched exactly: backing up a domain never
+// removes those of a domain whose name it prefixes.
+func TestJobDirsMatchExactly(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 8 * MiB})
+	other := filepath.Join(mover.DefaultRunDir, "job-"+dom.Name+"-replica-20261128T050058.293Z")
+	if err := os.MkdirAll(other, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(other)
+	stale := filepath.Join(mover.DefaultRunDir, "job-"+dom.Name+"-20261128T050058.293Z")
+	os.MkdirAll(stale, 0o700)
+	domainBackup(t, ro, dom, "auto")
+	if _, err := os.Stat(other); err != nil {
+		t.Fatalf("the backup of %s removed %s: %v", dom.Name, other, err)
+	}
+	if _, err := os.Stat(stale); err == nil {
+		t.Fatalf("its own stale directory %s was left", stale)
+	}
+}
+
+// A checkpoint deletion that fails for any reason but a missing bitmap
+// (here a state lock timeout, injected through a seam: real libvirt gives
+// it only under contention a test cannot stage) leaves the checkpoint
+// whole, metadata and bitmap, for a later run to delete; it never leaves a
+// recording bitmap in the image without the metadata that names it.
+func TestCheckpointDeleteFailureKeepsMetadata(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	dom.Write("vda", "write -P 0x41 0 4M")
+	full := domainBackup(t, ro, dom, "auto")
+	old := "nbdmover-" + full.ID
+	dom.Write("vda", "write -P 0x42 1M 64k")
+	restoreHook := mover.SetDeleteCheckpointHook(func(name string) error {
+		return libvirt.Error{Code: libvirt.ERR_OPERATION_TIMEOUT, Domain: libvirt.FROM_QEMU,
+			Message: "Timed out during operation: cannot acquire state change lock"}
+	})
+	inc, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "auto")
+	restoreHook()
+	if err != nil || inc.Mode != "incremental" {
+		t.Fatalf("incremental: %+v %v", inc, err)
+	}
+	if cps := dom.Checkpoints(); !slices.Contains(cps, old) || !slices.Contains(dom.Bitmaps("vda"), old) {
+		t.Fatalf("checkpoints %v, bitmaps %v: the old checkpoint must stay whole", cps, dom.Bitmaps("vda"))
+	}
+	next := domainBackup(t, ro, dom, "auto")
+	if bm := dom.Bitmaps("vda"); len(bm) != 1 || bm[0] != "nbdmover-"+next.ID {
+		t.Fatalf("bitmaps after the next run: %v", bm)
+	}
+}
