@@ -109,3 +109,31 @@ func TestCheckpointDeleteFailureKeepsMetadata(t *testing.T) {
 		t.Fatalf("bitmaps after the next run: %v", bm)
 	}
 }
+
+// A parent index whose chunk size is not the repository's (a config
+// rewritten behind nbdmover's back) is a clear error, not a panic, and
+// nothing is committed.
+func TestParentChunkSizeDiffers(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "repo")
+	ro := repo.Options{Location: dir}
+	img := qemutest.NewImage(t, t.TempDir(), 8*MiB)
+	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
+	qemutest.IO(t, img, "write -P 0x61 0 3M")
+	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
+	backup := func() (*mover.BackupResult, error) {
+		return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Bitmap: "b0"}),
+			mover.Options{Repo: ro, ChunkSize: 512 << 10, Log: testLog(t)})
+	}
+	if _, err := backup(); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := os.ReadFile(filepath.Join(dir, "config"))
+	os.WriteFile(filepath.Join(dir, "config"), []byte(strings.Replace(string(cfg), `"chunk_size": 524288`, `"chunk_size": 262144`, 1)), 0o600)
+	_, err := backup()
+	if err == nil || !strings.Contains(err.Error(), "chunk") || !strings.Contains(err.Error(), "524288") {
+		t.Fatalf("incremental over a parent with other chunks: %v", err)
+	}
+	if ms, _ := list(t, ro, "vm"); len(ms) != 1 {
+		t.Fatalf("%d backups committed", len(ms))
+	}
+}

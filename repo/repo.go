@@ -50,7 +50,9 @@ type Repo struct {
 }
 
 // Init creates a repository in store (and its bucket, for S3). It refuses
-// to touch a store that already has a config.
+// to touch a store that already has a config: the config is created with
+// a conditional write (sink.Store.Create), so of two hosts initialising
+// one store at once, one wins and the other gets ErrExists.
 func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	if o.ChunkSize == 0 {
 		o.ChunkSize = chunker.DefaultChunkSize
@@ -64,20 +66,26 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	if err := sink.CreateBucket(ctx, store); err != nil {
 		return nil, err
 	}
-	if _, err := store.Stat(ctx, configKey); err == nil {
-		return nil, fmt.Errorf("init %s: %w", store.Location(), ErrExists)
-	} else if !errors.Is(err, sink.ErrNotFound) {
-		return nil, err
-	}
 	id := make([]byte, 16)
 	rand.Read(id)
 	cfg := Config{Version: FormatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
 		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String()}
 	b, _ := json.MarshalIndent(cfg, "", "  ")
-	if err := store.Put(ctx, configKey, append(b, '\n')); err != nil {
+	err := store.Create(ctx, configKey, append(b, '\n'))
+	if err != nil && !errors.Is(err, sink.ErrExists) {
 		return nil, err
 	}
-	return newRepo(store, cfg)
+	// Read back what the store holds: after ErrExists it may still be
+	// ours (a retried create whose first attempt landed); on a store that
+	// ignores conditional writes, the last writer's.
+	r, rerr := Open(ctx, store)
+	switch {
+	case rerr != nil:
+		return nil, rerr
+	case r.cfg.ID != cfg.ID:
+		return nil, fmt.Errorf("init %s: %w (created by another host just now)", store.Location(), ErrExists)
+	}
+	return r, nil
 }
 
 // Open opens the repository in store.

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -269,4 +271,69 @@ func FuzzUnmarshalManifest(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Two hosts creating one repository at once end with one config: one
+// init succeeds, the other is told the repository exists, and both (and
+// every backup that creates the repository on first use) see the same
+// config.
+func TestConcurrentInit(t *testing.T) {
+	for name, newStore := range map[string]func(t *testing.T) func() sink.Store{
+		"local": func(t *testing.T) func() sink.Store {
+			dir := t.TempDir()
+			return func() sink.Store { s, _ := sink.NewLocal(dir); return s }
+		},
+		"s3": func(t *testing.T) func() sink.Store {
+			s := sinktest.NewS3(t, "repo/")
+			return func() sink.Store { return s }
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			for _, openOrInit := range []bool{false, true} {
+				store := newStore(t) // a fresh place for each round
+				ids := make([]string, 12)
+				errs := make([]error, 12)
+				var wg sync.WaitGroup
+				for i := range ids {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						var r *Repo
+						var err error
+						o := InitOptions{ChunkSize: int64(256<<10) * int64(1+i%3)}
+						if openOrInit {
+							r, err = OpenOrInit(t.Context(), store(), o)
+						} else {
+							r, err = Init(t.Context(), store(), o)
+						}
+						if err == nil {
+							ids[i] = r.Config().ID + fmt.Sprint(r.Config().ChunkSize)
+						}
+						errs[i] = err
+					}()
+				}
+				wg.Wait()
+				r, err := Open(t.Context(), store())
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := r.Config().ID + fmt.Sprint(r.Config().ChunkSize)
+				won := 0
+				for i, err := range errs {
+					switch {
+					case err == nil && ids[i] == want:
+						won++
+					case err == nil:
+						t.Errorf("caller %d works with config %s, the store holds %s", i, ids[i], want)
+					case !openOrInit && errors.Is(err, ErrExists):
+					default:
+						t.Errorf("caller %d: %v", i, err)
+					}
+				}
+				if !openOrInit && won != 1 || openOrInit && won != len(ids) {
+					t.Fatalf("openOrInit %v: %d callers succeeded", openOrInit, won)
+				}
+			}
+		})
+	}
 }

@@ -48,21 +48,34 @@ func (l *Local) path(op, key string) (string, error) {
 }
 
 func (l *Local) Put(ctx context.Context, key string, data []byte) error {
-	path, err := l.path("put", key)
+	return l.write(ctx, "put", key, data, os.Rename)
+}
+
+// Create writes the object like Put and links it into place: link(2)
+// fails when the name exists, so of concurrent Creates one wins.
+func (l *Local) Create(ctx context.Context, key string, data []byte) error {
+	return l.write(ctx, "create", key, data, os.Link)
+}
+
+// write writes data to a temporary file in the object's directory, syncs
+// it and moves it into place with place (rename or link).
+func (l *Local) write(ctx context.Context, op, key string, data []byte, place func(tmp, path string) error) error {
+	path, err := l.path(op, key)
 	if err != nil {
 		return err
 	}
 	if err := ctx.Err(); err != nil {
-		return l.fail("put", key, err)
+		return l.fail(op, key, err)
 	}
 	dir := filepath.Dir(path)
 	if err := l.mkdirs(dir); err != nil {
-		return l.fail("put", key, err)
+		return l.fail(op, key, err)
 	}
 	f, err := os.CreateTemp(dir, ".tmp-*")
 	if err != nil {
-		return l.fail("put", key, err)
+		return l.fail(op, key, err)
 	}
+	defer os.Remove(f.Name()) // gone after a rename; the extra name after a link
 	_, err = f.Write(data)
 	if err == nil {
 		err = f.Sync()
@@ -71,14 +84,16 @@ func (l *Local) Put(ctx context.Context, key string, data []byte) error {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Rename(f.Name(), path)
+		err = place(f.Name(), path)
+	}
+	if errors.Is(err, fs.ErrExist) {
+		return &Error{Op: op, Key: key, Location: l.root, Err: ErrExists}
 	}
 	if err != nil {
-		os.Remove(f.Name())
-		return l.fail("put", key, err)
+		return l.fail(op, key, err)
 	}
 	if err := syncDir(dir); err != nil {
-		return l.fail("put", key, err)
+		return l.fail(op, key, err)
 	}
 	return nil
 }

@@ -38,6 +38,23 @@ func (n *Null) Put(ctx context.Context, key string, data []byte) error {
 	return nil
 }
 
+func (n *Null) Create(ctx context.Context, key string, data []byte) error {
+	if err := ValidKey(key); err != nil {
+		return &Error{Op: "create", Key: key, Location: n.Location(), Err: err}
+	}
+	if strings.HasPrefix(key, "chunks/") {
+		n.Discarded.Add(int64(len(data)))
+		return nil
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.meta[key]; ok {
+		return &Error{Op: "create", Key: key, Location: n.Location(), Err: ErrExists}
+	}
+	n.meta[key] = append([]byte(nil), data...)
+	return nil
+}
+
 func (n *Null) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()

@@ -146,6 +146,9 @@ func (s *S3) fail(ctx context.Context, op, key string, err error) error {
 	case "NoSuchKey", "NotFound":
 		e.Err = ErrNotFound
 		return e
+	case "PreconditionFailed":
+		e.Err = ErrExists
+		return e
 	case "NoSuchBucket":
 		e.Err = fmt.Errorf("bucket %q does not exist (nbdmover init creates it)", s.bucket)
 		return e
@@ -180,17 +183,33 @@ func (s *S3) key(op, key string) (string, error) {
 }
 
 func (s *S3) Put(ctx context.Context, key string, data []byte) error {
-	k, err := s.key("put", key)
+	return s.put(ctx, "put", key, data, false)
+}
+
+// Create puts the object with If-None-Match: *, which S3 (since 2024) and
+// MinIO refuse with 412 Precondition Failed when the key exists. A service
+// that ignores the header overwrites instead; callers read back what they
+// created.
+func (s *S3) Create(ctx context.Context, key string, data []byte) error {
+	return s.put(ctx, "create", key, data, true)
+}
+
+func (s *S3) put(ctx context.Context, op, key string, data []byte, ifAbsent bool) error {
+	k, err := s.key(op, key)
 	if err != nil {
 		return err
 	}
-	_, err = s.client.PutObject(ctx, s.bucket, k, bytes.NewReader(data), int64(len(data)), minio.PutObjectOptions{
+	opts := minio.PutObjectOptions{
 		ContentType:          "application/octet-stream",
 		DisableMultipart:     true,
 		DisableContentSha256: true, // the blob carries its own CRC32C; the client adds a CRC32C checksum
-	})
+	}
+	if ifAbsent {
+		opts.SetMatchETagExcept("*")
+	}
+	_, err = s.client.PutObject(ctx, s.bucket, k, bytes.NewReader(data), int64(len(data)), opts)
 	if err != nil {
-		return s.fail(ctx, "put", key, err)
+		return s.fail(ctx, op, key, err)
 	}
 	return nil
 }

@@ -15,6 +15,13 @@ type Store interface {
 	// Put replaces an existing object and is idempotent. data is not
 	// retained after Put returns.
 	Put(ctx context.Context, key string, data []byte) error
+	// Create stores data under key unless an object exists there, in which
+	// case it fails with an error matching ErrExists and changes nothing.
+	// Of concurrent Creates of one key, at most one succeeds. Like Put,
+	// the object is whole and durable when Create returns nil. After a
+	// retried attempt, ErrExists may mean that an earlier attempt of the
+	// same call created the object: callers that care read it back.
+	Create(ctx context.Context, key string, data []byte) error
 	// Get appends the whole object to buf[:0] and returns it. A missing
 	// object is an error matching ErrNotFound.
 	Get(ctx context.Context, key string, buf []byte) ([]byte, error)
@@ -39,9 +46,12 @@ type ObjectInfo struct {
 // ErrNotFound is matched by the error for a missing object.
 var ErrNotFound = errors.New("object not found")
 
+// ErrExists is matched by the error of a Create whose key is taken.
+var ErrExists = errors.New("object exists")
+
 // Error is a failed store operation.
 type Error struct {
-	Op        string // "put", "get", "stat", "list", "delete", "open"
+	Op        string // "put", "create", "get", "stat", "list", "delete", "open"
 	Key       string
 	Location  string
 	Transient bool // worth retrying

@@ -78,6 +78,10 @@ func (r *retryStore) Put(ctx context.Context, key string, data []byte) error {
 	return r.do(ctx, func() error { return r.Store.Put(ctx, key, data) })
 }
 
+func (r *retryStore) Create(ctx context.Context, key string, data []byte) error {
+	return r.do(ctx, func() error { return r.Store.Create(ctx, key, data) })
+}
+
 func (r *retryStore) Get(ctx context.Context, key string, buf []byte) (out []byte, err error) {
 	err = r.do(ctx, func() error { out, err = r.Store.Get(ctx, key, buf); return err })
 	return out, err
@@ -113,7 +117,7 @@ func permanent(err error) error {
 	return err
 }
 
-// Limit returns s with at most n puts, gets, stats and deletes in flight at
+// Limit returns s with at most n puts, creates, gets, stats and deletes in flight at
 // once; callers beyond that wait (or give up when their context is done).
 // Lists are not limited, so a List callback may use the store.
 func Limit(s Store, n int) Store {
@@ -142,6 +146,14 @@ func (l *limitStore) Put(ctx context.Context, key string, data []byte) error {
 	}
 	defer func() { <-l.sem }()
 	return l.Store.Put(ctx, key, data)
+}
+
+func (l *limitStore) Create(ctx context.Context, key string, data []byte) error {
+	if err := l.acquire(ctx); err != nil {
+		return err
+	}
+	defer func() { <-l.sem }()
+	return l.Store.Create(ctx, key, data)
 }
 
 func (l *limitStore) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {

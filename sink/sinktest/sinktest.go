@@ -198,6 +198,46 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 			t.Fatalf("listed %d objects, want 64", n)
 		}
 	})
+	t.Run("Create", func(t *testing.T) {
+		s := newStore(t)
+		ctx := t.Context()
+		if err := s.Create(ctx, "locks/a", []byte("first")); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Create(ctx, "locks/a", []byte("second")); !errors.Is(err, sink.ErrExists) {
+			t.Fatalf("create over an object: %v", err)
+		}
+		if got, err := s.Get(ctx, "locks/a", nil); err != nil || string(got) != "first" {
+			t.Fatalf("after a refused create: %q %v", got, err)
+		}
+		// Of concurrent creates of one key, exactly one wins, and its
+		// data is what is stored.
+		var wins sync.Map
+		g, gctx := errgroup.WithContext(ctx)
+		for i := range 16 {
+			g.Go(func() error {
+				err := s.Create(gctx, "config", []byte(fmt.Sprint("host-", i)))
+				if err == nil {
+					wins.Store(i, true)
+				} else if !errors.Is(err, sink.ErrExists) {
+					return err
+				}
+				return nil
+			})
+		}
+		if err := g.Wait(); err != nil {
+			t.Fatal(err)
+		}
+		var winner []int
+		wins.Range(func(k, _ any) bool { winner = append(winner, k.(int)); return true })
+		got, _ := s.Get(ctx, "config", nil)
+		if len(winner) != 1 || string(got) != fmt.Sprint("host-", winner[0]) {
+			t.Fatalf("winners %v, stored %q", winner, got)
+		}
+		if keys := listKeys(t, s, ""); len(keys) != 2 {
+			t.Fatalf("objects after the creates: %v", keys)
+		}
+	})
 	t.Run("Cancelled", func(t *testing.T) {
 		s := newStore(t)
 		ctx, cancel := context.WithCancel(t.Context())
@@ -215,8 +255,9 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 // use; it is safe for concurrent use.
 type Faulty struct {
 	sink.Store
-	// Fail, when set, is asked before each operation (op is "put", "get",
-	// "stat", "list", "delete"; n counts calls for that op and key from 1)
+	// Fail, when set, is asked before each operation (op is "put",
+	// "create", "get", "stat", "list", "delete"; n counts calls for that
+	// op and key from 1)
 	// and injects the error it returns.
 	Fail func(op, key string, n int) error
 	// Truncate, when set, says how many bytes to cut from the end of what a
@@ -262,6 +303,13 @@ func (f *Faulty) Put(ctx context.Context, key string, data []byte) error {
 		return err
 	}
 	return f.Store.Put(ctx, key, data)
+}
+
+func (f *Faulty) Create(ctx context.Context, key string, data []byte) error {
+	if err := f.before(ctx, "create", key); err != nil {
+		return err
+	}
+	return f.Store.Create(ctx, key, data)
 }
 
 func (f *Faulty) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
