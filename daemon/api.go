@@ -158,7 +158,7 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	ms, err := listBackups(r.Context(), a.repo, domain)
+	ms, skipped, err := listBackups(r.Context(), a.repo, domain)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, err)
 		return
@@ -166,7 +166,14 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 	if ms == nil {
 		ms = []*repo.Manifest{}
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"backups": ms})
+	out := map[string]any{"backups": ms}
+	if len(skipped) > 0 {
+		for _, p := range skipped {
+			a.log.Warn("skipping a backup whose manifest cannot be read", "object", p.Object, "error", p.Problem)
+		}
+		out["skipped"] = skipped
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (a *api) health(w http.ResponseWriter, r *http.Request) {
@@ -174,15 +181,16 @@ func (a *api) health(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "jobs_queued": queued, "jobs_running": running})
 }
 
-// listBackups lists the committed backups of domain ("" = all); a
-// repository that does not exist yet has none.
-func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Manifest, error) {
+// listBackups lists the committed backups of domain ("" = all) and the
+// manifests it could not read; a repository that does not exist yet has
+// none.
+func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Manifest, []repo.Problem, error) {
 	r, err := o.Open(ctx)
 	if errors.Is(err, repo.ErrNoRepository) {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	return r.Backups(ctx, domain)
 }

@@ -72,7 +72,8 @@ func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error
 	if err != nil {
 		return nil, err
 	}
-	return r.Backups(t.Context(), domain)
+	ms, _, err := r.Backups(t.Context(), domain)
+	return ms, err
 }
 
 // startDaemon runs Serve in-process on a unix socket until the test ends.
@@ -424,5 +425,31 @@ func TestDaemonBitmapMismatch(t *testing.T) {
 	backuptest.CheckRestores(t, ro, dom.Name, []backuptest.Point{{ID: v.BackupID, Refs: refs}})
 	if m := d.metrics(); !strings.Contains(m, "nbdmover_bitmap_mismatches_total 1") {
 		t.Errorf("metrics:\n%s", grepLines(m, "bitmap"))
+	}
+}
+
+// GET /v1/backups lists what it can read and names what it cannot.
+func TestDaemonBackupsSkipDamaged(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "repo")
+	ro := repo.Options{Location: dir}
+	img := backuptest.Image(t, 24*MiB)
+	srv := qemutest.Serve(t, img, "-r")
+	var ids []string
+	for range 2 {
+		res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm"}), mover.Options{Repo: ro})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.ID)
+	}
+	os.WriteFile(filepath.Join(dir, "backups", "vm", ids[0], "manifest.json"), []byte(`{"version": 7}`), 0o600)
+	d := startDaemon(t, ro, 1)
+	var out struct {
+		Backups []struct{ ID string }
+		Skipped []struct{ Object, Problem string }
+	}
+	if code := d.do("GET", "/v1/backups?domain=vm", "", &out); code != 200 || len(out.Backups) != 1 || out.Backups[0].ID != ids[1] ||
+		len(out.Skipped) != 1 || !strings.Contains(out.Skipped[0].Object, ids[0]) || !strings.Contains(out.Skipped[0].Problem, "format 7") {
+		t.Fatalf("backups: %d %+v", code, out)
 	}
 }

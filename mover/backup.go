@@ -155,11 +155,11 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	last, err := lastBackup(ctx, r, src.Name())
+	last, newest, err := lastBackup(ctx, r, src.Name(), o.Log)
 	if err != nil {
 		return nil, err
 	}
-	m := newManifest(r, o, src.Name(), last, start)
+	m := newManifest(r, o, src.Name(), newest, start)
 	sess, err := src.Start(ctx, StartRequest{Repo: r, ID: m.ID, Last: last, Mode: o.Mode,
 		Readers: o.Tuning.Readers, RunDir: o.RunDir, Log: o.Log})
 	if err != nil {
@@ -197,14 +197,10 @@ func openForBackup(ctx context.Context, o Options) (*repo.Repo, error) {
 }
 
 // newManifest starts the manifest of a full backup of name taken at
-// start: its id sorts after the last backup's, and it records the
-// compression new chunks get.
-func newManifest(r *repo.Repo, o Options, name string, last *repo.Manifest, start time.Time) *repo.Manifest {
-	lastID := ""
-	if last != nil {
-		lastID = last.ID
-	}
-	m := &repo.Manifest{ID: repo.NewBackupID(start, lastID), Domain: name, Created: start.UTC(),
+// start: its id sorts after newest (the newest backup id of name, "" when
+// none), and it records the compression new chunks get.
+func newManifest(r *repo.Repo, o Options, name, newest string, start time.Time) *repo.Manifest {
+	m := &repo.Manifest{ID: repo.NewBackupID(start, newest), Domain: name, Created: start.UTC(),
 		Compression: r.Config().Compression, Mode: ModeFull}
 	if o.Compression != "" {
 		m.Compression = o.Compression
@@ -212,13 +208,27 @@ func newManifest(r *repo.Repo, o Options, name string, last *repo.Manifest, star
 	return m
 }
 
-// lastBackup returns the newest committed backup of name, or nil.
-func lastBackup(ctx context.Context, r *repo.Repo, name string) (*repo.Manifest, error) {
-	m, err := r.Backup(ctx, name, "latest")
-	if errors.Is(err, repo.ErrNoBackup) {
-		return nil, nil
+// lastBackup returns the newest committed backup of name that can be read
+// (nil when none), and the newest id of all, counting manifests that
+// cannot be read (which are skipped, with a warning).
+func lastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger) (*repo.Manifest, string, error) {
+	ms, skipped, err := r.Backups(ctx, name)
+	if err != nil {
+		return nil, "", err
 	}
-	return m, err
+	var last *repo.Manifest
+	newest := ""
+	if len(ms) > 0 {
+		last = ms[len(ms)-1]
+		newest = last.ID
+	}
+	for _, p := range skipped {
+		log.Warn("skipping a backup whose manifest cannot be read", "object", p.Object, "error", p.Problem)
+		if _, id, _ := strings.Cut(p.Backup, "/"); id > newest {
+			newest = id
+		}
+	}
+	return last, newest, nil
 }
 
 // backup is one Backup between the session's start and end.

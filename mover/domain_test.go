@@ -341,5 +341,6 @@ func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error
 	if err != nil {
 		return nil, err
 	}
-	return r.Backups(t.Context(), domain)
+	ms, _, err := r.Backups(t.Context(), domain)
+	return ms, err
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
@@ -135,5 +136,38 @@ func TestParentChunkSizeDiffers(t *testing.T) {
 	}
 	if ms, _ := list(t, ro, "vm"); len(ms) != 1 {
 		t.Fatalf("%d backups committed", len(ms))
+	}
+}
+
+// One unreadable manifest (damaged, or written by a newer nbdmover) does
+// not stop backups of its domain: it is skipped, and the next backup's id
+// still sorts after it.
+func TestUnreadableManifestSkipped(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "repo")
+	ro := repo.Options{Location: dir}
+	img := backuptest.Image(t, 24*MiB)
+	first, err := exportBackup(t, ro, img, "vm", "auto")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := exportBackup(t, ro, img, "vm", "auto")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, damage := range []string{`{"version": 2, "id": "` + second.ID + `"}`, `{"version": 1, "id": "`} {
+		os.WriteFile(filepath.Join(dir, "backups", "vm", second.ID, "manifest.json"), []byte(damage), 0o600)
+		qemutest.IO(t, img, "write -P 0x44 1M 64k")
+		res, err := exportBackup(t, ro, img, "vm", "auto")
+		if err != nil || res.Parent != first.ID || res.ID <= second.ID {
+			t.Fatalf("backup next to %q: %+v %v", damage, res, err)
+		}
+		checkRestore(t, ro, "vm", img)
+		r, _ := ro.Open(t.Context())
+		ms, skipped, err := r.Backups(t.Context(), "vm")
+		if err != nil || len(ms) != 2 || len(skipped) != 1 || !strings.Contains(skipped[0].Object, second.ID) {
+			t.Fatalf("list: %d backups, skipped %+v, %v", len(ms), skipped, err)
+		}
+		t.Log(skipped[0].Problem)
+		os.RemoveAll(filepath.Join(dir, "backups", "vm", res.ID))
 	}
 }

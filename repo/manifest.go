@@ -154,17 +154,25 @@ var ErrNoBackup = errors.New("no such backup")
 
 // Backups returns the committed backups of domain (of every domain when
 // domain is ""), oldest first. Directories without a manifest (backups that
-// never committed) are not backups and are skipped.
-func (r *Repo) Backups(ctx context.Context, domain string) ([]*Manifest, error) {
+// never committed) are not backups and are left out. A manifest that
+// cannot be read or decoded (damaged, or written by a newer nbdmover) does
+// not hide the others: it is left out too and reported in skipped. Only a
+// failing store is an error.
+func (r *Repo) Backups(ctx context.Context, domain string) (ms []*Manifest, skipped []Problem, err error) {
 	keys, err := r.manifestKeys(ctx, domain)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	ms := make([]*Manifest, 0, len(keys))
+	ms = make([]*Manifest, 0, len(keys))
 	for _, k := range keys {
 		m, err := r.loadManifest(ctx, k)
+		if isStoreFailure(err) {
+			return nil, nil, err
+		}
 		if err != nil {
-			return nil, err
+			parts := strings.Split(k, "/")
+			skipped = append(skipped, Problem{Object: k, Backup: parts[1] + "/" + parts[2], Problem: err.Error()})
+			continue
 		}
 		ms = append(ms, m)
 	}
@@ -174,7 +182,7 @@ func (r *Repo) Backups(ctx context.Context, domain string) ([]*Manifest, error) 
 		}
 		return ms[i].Domain < ms[j].Domain
 	})
-	return ms, nil
+	return ms, skipped, nil
 }
 
 // manifestKeys lists the manifests of domain (of all domains for "").
@@ -236,14 +244,14 @@ func UnmarshalManifest(b []byte) (*Manifest, error) {
 	return &m, nil
 }
 
-// Backup returns a committed backup of domain by id, or the newest when id
-// is "" or "latest".
+// Backup returns a committed backup of domain by id, or the newest
+// readable one when id is "" or "latest".
 func (r *Repo) Backup(ctx context.Context, domain, id string) (*Manifest, error) {
 	if err := ValidName("domain", domain); err != nil {
 		return nil, err
 	}
 	if id == "" || id == "latest" {
-		ms, err := r.Backups(ctx, domain)
+		ms, _, err := r.Backups(ctx, domain)
 		if err != nil {
 			return nil, err
 		}

@@ -149,7 +149,7 @@ func TestCommitAndRead(t *testing.T) {
 	r := initTestRepo(t, localStore(t))
 	ctx := t.Context()
 	m := commitSample(t, r, "vm1")
-	ms, err := r.Backups(ctx, "")
+	ms, _, err := r.Backups(ctx, "")
 	if err != nil || len(ms) != 1 || ms[0].ID != m.ID || ms[0].Disks[0].Chunks != 3 || ms[0].Disks[0].ZeroChunks != 1 {
 		t.Fatalf("backups: %v %+v", err, ms)
 	}
@@ -185,7 +185,7 @@ func TestCommitIsAtomic(t *testing.T) {
 	if err := rf.Commit(ctx, m, map[string]*Index{"vda": ix}, nil); err == nil {
 		t.Fatal("commit succeeded")
 	}
-	if ms, err := r.Backups(ctx, "vm1"); err != nil || len(ms) != 0 {
+	if ms, _, err := r.Backups(ctx, "vm1"); err != nil || len(ms) != 0 {
 		t.Fatalf("a failed commit is listed: %v %v", ms, err)
 	}
 }

@@ -56,9 +56,13 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 		}
 		ms = []*Manifest{m}
 	} else {
+		var skipped []Problem
 		var err error
-		if ms, err = r.listForVerify(ctx, o.Domain, report); err != nil {
+		if ms, skipped, err = r.Backups(ctx, o.Domain); err != nil {
 			return stats, err
+		}
+		for _, p := range skipped {
+			report(p)
 		}
 	}
 	stats.Backups = len(ms)
@@ -155,28 +159,6 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 		})
 	}
 	return stats, g.Wait()
-}
-
-// listForVerify lists backups like Backups, but reports a damaged manifest
-// as a problem instead of failing.
-func (r *Repo) listForVerify(ctx context.Context, domain string, report func(Problem)) ([]*Manifest, error) {
-	keys, err := r.manifestKeys(ctx, domain)
-	if err != nil {
-		return nil, err
-	}
-	var ms []*Manifest
-	for _, k := range keys {
-		m, err := r.loadManifest(ctx, k)
-		if err != nil {
-			if isStoreFailure(err) {
-				return nil, err
-			}
-			report(Problem{Object: k, Problem: err.Error()})
-			continue
-		}
-		ms = append(ms, m)
-	}
-	return ms, nil
 }
 
 // isStoreFailure tells a failing store (stop: we cannot check) from a bad

@@ -116,6 +116,19 @@ func TestCommandsAndJSON(t *testing.T) {
 	if _, _, code := nbdmover(t, "verify", "--repo", repo, "--read-data"); code != 0 {
 		t.Fatalf("verify of a good repository: %d", code)
 	}
+	// A manifest of a newer nbdmover is skipped by list (with a warning)
+	// and reported by verify.
+	newer := filepath.Join(repo, "backups", "disk1", "20991231T000000.000Z")
+	os.MkdirAll(newer, 0o700)
+	os.WriteFile(filepath.Join(newer, "manifest.json"), []byte(`{"version": 9}`), 0o600)
+	out, stderr, code = nbdmover(t, "list", "--repo", repo, "--json")
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list.Backups) != 1 || !strings.Contains(stderr, "20991231T000000.000Z") {
+		t.Fatalf("list next to a newer manifest: %d %q %q", code, out, stderr)
+	}
+	if out, _, code := nbdmover(t, "verify", "--repo", repo); code != 1 || !strings.Contains(out, "format 9") {
+		t.Fatalf("verify next to a newer manifest: %d %q", code, out)
+	}
+	os.RemoveAll(newer)
 	chunks, _ := filepath.Glob(filepath.Join(repo, "chunks", "*", "*"))
 	os.Remove(chunks[0])
 	out, _, code = nbdmover(t, "verify", "--repo", repo, "--json")

@@ -75,9 +75,12 @@ func listCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			ms, err := r.Backups(c.Context, c.String("domain"))
+			ms, skipped, err := r.Backups(c.Context, c.String("domain"))
 			if err != nil {
 				return err
+			}
+			for _, p := range skipped {
+				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: skipped %s: %s (nbdmover verify reports it)\n", p.Object, p.Problem)
 			}
 			if c.Bool("json") {
 				type disk struct {
@@ -94,8 +97,9 @@ func listCommand() *cli.Command {
 					Disks       []disk    `json:"disks"`
 				}
 				out := struct {
-					Backups []backup `json:"backups"`
-				}{Backups: []backup{}}
+					Backups []backup       `json:"backups"`
+					Skipped []repo.Problem `json:"skipped,omitempty"`
+				}{Backups: []backup{}, Skipped: skipped}
 				for _, m := range ms {
 					b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency}
 					for _, d := range m.Disks {
