@@ -62,8 +62,25 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	// The daemons of these tests keep their locks and job sockets apart
+	// from other tests' backups, which their start-up cleanup must not
+	// see as its own leftovers.
+	dir, err := os.MkdirTemp("", "nbdmover-daemon-test-")
+	if err == nil {
+		err = os.Chmod(dir, 0o711)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	runDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }
+
+// runDir is the run directory of the tests' daemons.
+var runDir string
 
 // list lists the committed backups of domain.
 func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error) {
@@ -85,7 +102,7 @@ func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
 	go func() {
 		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t),
 			Ready: func(string) { close(ready) },
-			Runner: daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro},
+			Runner: daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro, RunDir: runDir},
 				Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	}()
 	select {
@@ -179,7 +196,7 @@ func daemonBackupAndRestore(t *testing.T, ro repo.Options) {
 		t.Fatalf("job: %+v", v)
 	}
 	refs := dom.Snapshot()
-	backuptest.CheckNoLeftovers(t, dom, mover.DefaultRunDir)
+	backuptest.CheckNoLeftovers(t, dom, runDir)
 	backuptest.CheckRestores(t, ro, dom.Name, []backuptest.Point{{ID: v.BackupID, Refs: refs}})
 
 	var backups struct{ Backups []map[string]any }
@@ -259,7 +276,7 @@ func TestDaemonConcurrencyAndCancel(t *testing.T) {
 	if v := d.wait(a, daemon.JobCancelled, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobCancelled {
 		t.Fatalf("cancelled job: %+v", v)
 	}
-	backuptest.CheckNoLeftovers(t, slow, mover.DefaultRunDir)
+	backuptest.CheckNoLeftovers(t, slow, runDir)
 	if cps := slow.Checkpoints(); len(cps) != 0 {
 		t.Fatalf("a cancelled first backup left checkpoints %v", cps)
 	}
@@ -325,7 +342,7 @@ func TestDaemonBadRequests(t *testing.T) {
 func TestDaemonTCPNeedsToken(t *testing.T) {
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	if err := daemon.Serve(t.Context(), daemon.ServeOptions{Listen: "127.0.0.1:0",
-		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro}}}); err == nil || !strings.Contains(err.Error(), "token") {
+		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir}}}); err == nil || !strings.Contains(err.Error(), "token") {
 		t.Fatalf("TCP without a token: %v", err)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
@@ -333,7 +350,7 @@ func TestDaemonTCPNeedsToken(t *testing.T) {
 	addr := make(chan string, 1)
 	go daemon.Serve(ctx, daemon.ServeOptions{Listen: "127.0.0.1:0", Token: "s3cret-token",
 		Ready:  func(a string) { addr <- a },
-		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro}}})
+		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir}}})
 	d := &testDaemon{t: t, client: &http.Client{Timeout: 10 * time.Second}, base: "http://" + <-addr}
 	for _, tok := range []string{"", "wrong", "s3cret-token-longer"} {
 		d.token = tok
@@ -354,7 +371,7 @@ func TestDaemonSIGTERM(t *testing.T) {
 	dom := slowDomain(t)
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	spec, _ := json.Marshal(daemon.ServeOptions{Listen: "unix://" + sock,
-		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro},
+		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir},
 			Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "NBDMOVER_HELPER_SERVE="+string(spec))
@@ -391,7 +408,7 @@ func TestDaemonSIGTERM(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatalf("the daemon did not exit within 60s of SIGTERM: %s", stderr.String())
 	}
-	backuptest.CheckNoLeftovers(t, dom, mover.DefaultRunDir)
+	backuptest.CheckNoLeftovers(t, dom, runDir)
 	if ms, err := list(t, ro, dom.Name); err != nil || len(ms) != 0 {
 		t.Fatalf("an interrupted job committed: %v %v", ms, err)
 	}
@@ -451,5 +468,29 @@ func TestDaemonBackupsSkipDamaged(t *testing.T) {
 	if code := d.do("GET", "/v1/backups?domain=vm", "", &out); code != 200 || len(out.Backups) != 1 || out.Backups[0].ID != ids[1] ||
 		len(out.Skipped) != 1 || !strings.Contains(out.Skipped[0].Object, ids[0]) || !strings.Contains(out.Skipped[0].Problem, "format 7") {
 		t.Fatalf("backups: %d %+v", code, out)
+	}
+}
+
+// At start-up the daemon ends what a crashed run of its own left: here a
+// backup job serving on a socket in its run directory.
+func TestDaemonStartupCleanup(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 8 * MiB})
+	jobDir := filepath.Join(runDir, "job-"+dom.Name+"-20261128T050058.293Z")
+	os.MkdirAll(jobDir, 0o777)
+	os.Chmod(jobDir, 0o777)
+	xml := filepath.Join(t.TempDir(), "backup.xml")
+	os.WriteFile(xml, []byte(`<domainbackup mode='pull'><server transport='unix' socket='`+filepath.Join(jobDir, "nbd.sock")+`'/>`+
+		`<disks><disk name='vda' backup='yes' type='file'><scratch file='`+filepath.Join(jobDir, "vda.scratch")+`'/></disk></disks></domainbackup>`), 0o644)
+	qemutest.Virsh(t, "backup-begin", dom.Name, xml)
+	if !dom.JobActive() {
+		t.Fatal("no job to clean up")
+	}
+	startDaemon(t, ro, 1)
+	if dom.JobActive() {
+		t.Fatal("the daemon left a crashed run's backup job running")
+	}
+	if _, err := os.Stat(jobDir); err == nil {
+		t.Fatal("the daemon left a crashed run's job directory")
 	}
 }

@@ -90,6 +90,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		uri := ro.Domain.Connect
 		ro.CheckDomain = func(ctx context.Context, name string) error { return mover.CheckDomain(uri, name) }
 	}
+	startupCleanup(ctx, ro, o.Log)
 	runner := NewRunner(context.WithoutCancel(ctx), ro)
 	m.runner = runner
 	srv := &http.Server{Handler: newAPI(runner, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: 10 * time.Second}
@@ -116,4 +117,22 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		os.Remove(strings.TrimPrefix(o.Listen, "unix://"))
 	}
 	return jobErr
+}
+
+// startupCleanup ends what crashed runs left (mover.Cleanup) before the
+// daemon takes jobs; a failure is logged, not fatal.
+func startupCleanup(ctx context.Context, ro RunnerOptions, log *slog.Logger) {
+	rep, err := mover.Cleanup(ctx, mover.CleanupOptions{Repo: ro.Backup.Repo, Connect: ro.Domain.Connect,
+		RunDir: ro.Backup.RunDir, ScratchDir: ro.Domain.ScratchDir, Log: log})
+	if err != nil {
+		log.Warn("start-up cleanup failed", "error", err)
+		return
+	}
+	for _, d := range rep.Domains {
+		log.Info("start-up cleanup", "domain", d.Domain, "ended_job", d.EndedJob, "thawed", d.Thawed,
+			"deleted_checkpoints", d.DeletedCheckpoints, "removed_dirs", d.RemovedDirs, "skipped", d.Skipped, "problems", d.Problems)
+	}
+	if rep.StoreTempFiles > 0 {
+		log.Info("start-up cleanup", "store_temp_files", rep.StoreTempFiles)
+	}
 }

@@ -100,9 +100,10 @@ func (s *domainSource) Start(ctx context.Context, req StartRequest) (_ Session, 
 	return ds, nil
 }
 
-// connect finds the running domain and ends a backup job a crashed run
-// of ours left on it (we hold the domain's lock, so no live run owns it).
-// A job nbdmover did not start is left alone: that is an error.
+// connect finds the running domain and ends what a crashed run of ours
+// left on it (we hold the domain's lock, so no live run owns it): its
+// backup job, a freeze, job directories. A job nbdmover did not start is
+// left alone: that is an error.
 func (ds *domainSession) connect(ctx context.Context) error {
 	conn, err := connectLibvirt(ds.o.Connect)
 	if err != nil {
@@ -112,17 +113,13 @@ func (ds *domainSession) connect(ctx context.Context) error {
 	if ds.dom, err = lookupRunning(conn, ds.o.Name, ds.o.Connect); err != nil {
 		return err
 	}
-	job, err := backupJob(ds.dom)
-	switch {
-	case err != nil:
+	if t := tidyDomain(ctx, conn, ds.dom, ds.o.Name, ds.req.RunDir, ds.o.ScratchDir, ds.log); len(t.problems) > 0 {
+		return errors.New(strings.Join(t.problems, "; "))
+	}
+	if job, err := backupJob(ds.dom); err != nil {
 		return err
-	case job != nil && !ourJob(job, ds.req.RunDir, ds.o.Name):
+	} else if job != nil {
 		return foreignJobError(ds.o.Name, job)
-	case job != nil:
-		ds.log.Warn("ending a backup job left by an earlier run", "socket", jobSocket(job))
-		if err := endBackupJob(ctx, conn, ds.dom); err != nil {
-			return fmt.Errorf("leftover backup job: %w", err)
-		}
 	}
 	xmlDesc, err := ds.dom.GetXMLDesc(0)
 	if err != nil {
@@ -172,7 +169,7 @@ func (ds *domainSession) begin(ctx context.Context) error {
 	ds.sock = filepath.Join(runDir, "nbd.sock")
 
 	plan := ds.plan
-	consistency, err := beginBackup(ds.dom, ds.o, ds.log, plan, ds.sock, scratchDir)
+	consistency, err := beginBackup(ds.dom, ds.o, ds.req.RunDir, ds.log, plan, ds.sock, scratchDir)
 	if err != nil && len(plan.incr) > 0 && ds.req.Mode == ModeAuto && bitmapRefused(err) {
 		// libvirt refuses an incremental whose bitmaps are missing or
 		// broken: start over as a full backup from a fresh chain.
@@ -180,7 +177,7 @@ func (ds *domainSession) begin(ctx context.Context) error {
 		deleteCheckpoint(ds.dom, plan.base)
 		plan.fallback = fmt.Sprintf("libvirt refused the incremental from checkpoint %s: %v", plan.base, err)
 		plan.incr, plan.base = map[string]bool{}, ""
-		consistency, err = beginBackup(ds.dom, ds.o, ds.log, plan, ds.sock, scratchDir)
+		consistency, err = beginBackup(ds.dom, ds.o, ds.req.RunDir, ds.log, plan, ds.sock, scratchDir)
 	}
 	if err != nil {
 		return err
@@ -420,13 +417,9 @@ func ourJob(b *libvirtxml.DomainBackup, runDir, domain string) bool {
 
 // jobDir makes a directory private to root and QEMU (mode 0700, owned by
 // QEMU's user when it is not root) for the job's socket or scratch files.
-// Stale directories of the same domain from crashed runs are removed first.
 func jobDir(parent, domain, id string, uid, gid int) (string, error) {
 	if err := traversableDir(parent); err != nil {
 		return "", err
-	}
-	for _, s := range staleJobDirs(parent, domain) {
-		os.RemoveAll(s)
 	}
 	dir := filepath.Join(parent, jobDirName(domain, id))
 	if err := os.Mkdir(dir, 0o700); err != nil {
@@ -442,15 +435,21 @@ func jobDir(parent, domain, id string, uid, gid int) (string, error) {
 }
 
 // beginBackup starts the pull-mode job, freezing the guest's filesystems
-// around it when asked. It returns the consistency the backup will have.
-func beginBackup(dom *libvirt.Domain, o DomainOptions, log *slog.Logger, plan *domainPlan, sock, scratchDir string) (string, error) {
+// around it when asked (with a marker in runDir while frozen, so that a
+// run killed before the thaw is undone). It returns the consistency the
+// backup will have.
+func beginBackup(dom *libvirt.Domain, o DomainOptions, runDir string, log *slog.Logger, plan *domainPlan, sock, scratchDir string) (string, error) {
 	backupXML, checkpointXML, err := jobXML(plan, sock, scratchDir)
 	if err != nil {
 		return "", err
 	}
 	consistency := "crash-consistent"
 	if o.Quiesce || o.QuiesceOptional {
+		if err := markFrozen(runDir, o.Name); err != nil {
+			return "", fmt.Errorf("freeze marker: %w", err)
+		}
 		if err := dom.FSFreeze(nil, 0); err != nil {
+			unmarkFrozen(runDir, o.Name)
 			if !o.QuiesceOptional {
 				return "", fmt.Errorf("cannot freeze the guest's filesystems (is the QEMU guest agent installed and running?): %w; "+
 					"use --quiesce-optional to continue crash-consistent", err)
@@ -460,7 +459,9 @@ func beginBackup(dom *libvirt.Domain, o DomainOptions, log *slog.Logger, plan *d
 			consistency = "quiesced"
 			defer func() {
 				if err := dom.FSThaw(nil, 0); err != nil {
-					log.Error("thawing the guest's filesystems failed", "error", err)
+					log.Error("thawing the guest's filesystems failed: the next run (or nbdmover cleanup) tries again", "error", err)
+				} else {
+					unmarkFrozen(runDir, o.Name)
 				}
 			}()
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // Local is a store in a directory of the local filesystem. Objects are
@@ -234,4 +235,36 @@ func (l *Local) Delete(ctx context.Context, key string) error {
 		return l.fail("delete", key, err)
 	}
 	return nil
+}
+
+// RemoveTemp removes the temporary files (".tmp-*") that crashed writes
+// left, if they are older than age, and returns how many it removed. A
+// write in progress keeps its file younger than any sensible age.
+func (l *Local) RemoveTemp(ctx context.Context, age time.Duration) (int, error) {
+	cutoff := time.Now().Add(-age)
+	n := 0
+	err := filepath.WalkDir(l.root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !d.Type().IsRegular() || !strings.HasPrefix(d.Name(), ".tmp-") {
+			return nil
+		}
+		if info, err := d.Info(); err == nil && info.ModTime().Before(cutoff) {
+			if err := os.Remove(path); err == nil {
+				n++
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return n, l.fail("remove temporary files", "", err)
+	}
+	return n, nil
 }

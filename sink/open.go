@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"time"
 )
 
 // Options for Open.
@@ -81,6 +82,25 @@ func CreateBucket(ctx context.Context, s Store) error {
 			s = x.Unwrap()
 		default:
 			return nil
+		}
+	}
+}
+
+// RemoveTemp removes the temporary files older than age that crashed
+// writes left in the store (looking through wrappers), and returns how
+// many it removed. Stores without temporary files (S3, which never sees a
+// partial object) have nothing to remove.
+func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
+	for {
+		switch x := s.(type) {
+		case interface {
+			RemoveTemp(context.Context, time.Duration) (int, error)
+		}:
+			return x.RemoveTemp(ctx, age)
+		case interface{ Unwrap() Store }:
+			s = x.Unwrap()
+		default:
+			return 0, nil
 		}
 	}
 }

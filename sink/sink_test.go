@@ -59,6 +59,20 @@ func TestLocalHidesCrashLeftovers(t *testing.T) {
 	if _, err := s.Get(t.Context(), "chunks/ab/.tmp-123456", nil); err == nil {
 		t.Fatal("a temporary file is readable as an object")
 	}
+	// RemoveTemp (through the wrappers Open adds) removes leftovers older
+	// than the age it is given, never younger ones (writes in progress).
+	wrapped, _ := sink.Open(dir, sink.Options{})
+	old := filepath.Join(dir, "chunks/ab/.tmp-123456")
+	if n, err := sink.RemoveTemp(t.Context(), wrapped, time.Hour); err != nil || n != 0 {
+		t.Fatalf("removed %d fresh temporary files: %v", n, err)
+	}
+	os.Chtimes(old, time.Now().Add(-2*time.Hour), time.Now().Add(-2*time.Hour))
+	if n, err := sink.RemoveTemp(t.Context(), wrapped, time.Hour); err != nil || n != 1 {
+		t.Fatalf("removed %d old temporary files: %v", n, err)
+	}
+	if _, err := os.Stat(old); err == nil {
+		t.Fatal("the old temporary file is still there")
+	}
 }
 
 func TestLocalFullDisk(t *testing.T) {

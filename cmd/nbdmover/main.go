@@ -65,7 +65,7 @@ func newApp() *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), serveCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), cleanupCommand(), serveCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {
