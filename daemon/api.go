@@ -2,11 +2,11 @@ package daemon
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -59,12 +59,16 @@ func (s *statusRecorder) Header() http.Header         { return s.header }
 func (s *statusRecorder) Write(b []byte) (int, error) { return len(b), nil }
 func (s *statusRecorder) WriteHeader(code int)        { s.status = code }
 
-// auth checks the bearer token (constant time) when one is configured.
+// auth checks the bearer token when one is configured. The SHA-256 of
+// both are compared in constant time, so neither the token's bytes nor
+// its length show in the time an answer takes.
 func (a *api) auth(next http.Handler) http.Handler {
+	want := sha256.Sum256(a.token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if len(a.token) > 0 {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(got), a.token) != 1 {
+			sum := sha256.Sum256([]byte(got))
+			if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="nbdmover"`)
 				writeError(w, http.StatusUnauthorized, errors.New("missing or wrong bearer token"))
 				return
@@ -109,10 +113,16 @@ func writeRunnerError(w http.ResponseWriter, err error) {
 
 func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 	var req JobRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("request body: %w", err))
+		status := http.StatusBadRequest
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			status = http.StatusRequestEntityTooLarge
+			err = fmt.Errorf("more than %d bytes", maxBody)
+		}
+		writeError(w, status, fmt.Errorf("request body: %w", err))
 		return
 	}
 	if dec.More() {

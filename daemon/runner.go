@@ -11,8 +11,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/pipeline"
+	"github.com/nbdmover/nbdmover/repo"
+	"golang.org/x/sync/semaphore"
 )
 
 // Job states.
@@ -81,6 +84,7 @@ type JobView struct {
 	BytesDone  int64               `json:"bytes_done"`
 	BytesTotal int64               `json:"bytes_total"`
 	RateMBps   float64             `json:"rate_mb_per_s"`
+	Memory     int64               `json:"memory_bytes"` // what the job takes of the memory budget
 	Disks      []JobDisk           `json:"disks"`
 	BackupID   string              `json:"backup_id,omitempty"`
 	Error      string              `json:"error,omitempty"`
@@ -101,6 +105,7 @@ type job struct {
 	req     JobRequest
 	created time.Time
 	cancel  context.CancelCauseFunc
+	memory  int64 // of the budget
 
 	mu       sync.Mutex
 	state    string
@@ -116,7 +121,7 @@ func (j *job) view() JobView {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	v := JobView{ID: j.id, Domain: j.req.Domain, State: j.state, Request: j.req, Created: j.created,
-		Result: j.result, Disks: []JobDisk{}}
+		Result: j.result, Disks: []JobDisk{}, Memory: j.memory}
 	end := time.Now()
 	if !j.finished.IsZero() {
 		end = j.finished
@@ -160,11 +165,15 @@ type RunnerOptions struct {
 	// Keep finished jobs for KeepFor (default 24h), at most KeepMax (1000).
 	KeepFor time.Duration
 	KeepMax int
-	// CheckDomain, if set, is asked at submission whether the domain
-	// exists (an error matching mover.ErrNoDomain when it does not), so
-	// that an unknown domain is refused, not a failed job.
-	CheckDomain func(ctx context.Context, name string) error `json:"-"`
-	Log         *slog.Logger                                 `json:"-"`
+	// MaxMemory is the host-wide budget for the buffers of running jobs
+	// (default mover.DefaultMaxMemory): a job that alone needs more is
+	// refused, one that would push the sum over waits in the queue.
+	MaxMemory int64
+	// DomainDisks, if set, is asked at submission how many disks a job
+	// backs up (mover.DomainDisks), so that an unknown domain or disk is
+	// refused, not a failed job, and the job's memory is known.
+	DomainDisks func(ctx context.Context, name string, only []string) (int, error) `json:"-"`
+	Log         *slog.Logger                                                       `json:"-"`
 	// Observe, if set, is told of each finished job (for metrics).
 	Observe func(v JobView, err error) `json:"-"`
 }
@@ -176,6 +185,7 @@ type Runner struct {
 	ctx context.Context // the runner's life; cancelled by Shutdown
 	end context.CancelCauseFunc
 	sem chan struct{}
+	mem *semaphore.Weighted // the memory budget
 	wg  sync.WaitGroup
 
 	mu       sync.Mutex
@@ -196,11 +206,15 @@ func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
 	if o.KeepMax <= 0 {
 		o.KeepMax = 1000
 	}
+	if o.MaxMemory <= 0 {
+		o.MaxMemory = mover.DefaultMaxMemory
+	}
+	o.Backup.MaxMemory = o.MaxMemory
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	rctx, end := context.WithCancelCause(ctx)
-	return &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs),
+	return &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs), mem: semaphore.NewWeighted(o.MaxMemory),
 		jobs: map[string]*job{}, byDomain: map[string]*job{}}
 }
 
@@ -218,12 +232,9 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 			return JobView{}, &refusal{kind: ErrInvalid, err: err}
 		}
 	}
-	if r.o.CheckDomain != nil {
-		if err := r.o.CheckDomain(ctx, req.Domain); errors.Is(err, mover.ErrNoDomain) {
-			return JobView{}, &refusal{kind: ErrNotFound, err: err}
-		} else if err != nil {
-			return JobView{}, &refusal{kind: ErrUnavailable, err: err}
-		}
+	memory, err := r.memory(ctx, req, o)
+	if err != nil {
+		return JobView{}, err
 	}
 
 	r.mu.Lock()
@@ -236,7 +247,7 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 	}
 	r.prune()
 	jctx, cancel := context.WithCancelCause(r.ctx)
-	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: JobQueued}
+	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: JobQueued, memory: memory}
 	r.jobs[j.id] = j
 	r.byDomain[req.Domain] = j
 	r.wg.Add(1)
@@ -276,6 +287,11 @@ func (r *Runner) run(ctx context.Context, j *job) {
 		finish(JobCancelled, nil, context.Cause(ctx))
 		return
 	}
+	if err := r.mem.Acquire(ctx, j.memory); err != nil {
+		finish(JobCancelled, nil, context.Cause(ctx))
+		return
+	}
+	defer r.mem.Release(j.memory)
 	j.mu.Lock()
 	j.state, j.started = JobRunning, time.Now().UTC()
 	j.mu.Unlock()
@@ -298,6 +314,50 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	default:
 		finish(JobFailed, nil, err)
 	}
+}
+
+// memory is what a request's job needs of the memory budget; an unknown
+// domain or disk, or a job that alone needs more than the budget, is
+// refused.
+func (r *Runner) memory(ctx context.Context, req JobRequest, o mover.Options) (int64, error) {
+	if r.o.DomainDisks == nil {
+		return 0, nil
+	}
+	disks, err := r.o.DomainDisks(ctx, req.Domain, req.Disks)
+	switch {
+	case errors.Is(err, mover.ErrNoDomain):
+		return 0, &refusal{kind: ErrNotFound, err: err}
+	case errors.Is(err, mover.ErrInvalid):
+		return 0, &refusal{kind: ErrInvalid, err: err}
+	case err != nil:
+		return 0, &refusal{kind: ErrUnavailable, err: err}
+	}
+	chunkSize, err := r.chunkSize(ctx)
+	if err != nil {
+		return 0, &refusal{kind: ErrUnavailable, err: err}
+	}
+	need := o.Memory(disks, chunkSize)
+	if need > r.o.MaxMemory {
+		return 0, refuse(ErrInvalid, "the job needs %d MiB of buffers for %d disks, more than the daemon's --max-memory of %d MiB: ask for fewer readers",
+			need>>20, disks, r.o.MaxMemory>>20)
+	}
+	return need, nil
+}
+
+// chunkSize is the repository's chunk size (or the one a first backup
+// gives it).
+func (r *Runner) chunkSize(ctx context.Context) (int64, error) {
+	rp, err := r.o.Backup.Repo.Open(ctx)
+	switch {
+	case errors.Is(err, repo.ErrNoRepository):
+		if r.o.Backup.ChunkSize > 0 {
+			return r.o.Backup.ChunkSize, nil
+		}
+		return chunker.DefaultChunkSize, nil
+	case err != nil:
+		return 0, err
+	}
+	return rp.Config().ChunkSize, nil
 }
 
 // backup is the source and options of a request's backup.

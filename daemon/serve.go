@@ -2,14 +2,10 @@ package daemon
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/nbdmover/nbdmover/mover"
@@ -21,11 +17,17 @@ const DefaultListen = "unix:///run/nbdmover/nbdmover.sock"
 // ServeOptions configure the daemon.
 type ServeOptions struct {
 	// Listen is unix:///path (a 0600 socket) or host:port (TCP, which
-	// needs Token).
+	// needs Token, and TLS unless the address is a loopback one).
 	Listen string
 	// Token is the bearer token every request must carry; required on TCP.
-	Token  string
-	Runner RunnerOptions
+	Token string `json:"-"`
+	TLS   TLSOptions
+	// MaxConnections bounds the connections served at once (default 64).
+	MaxConnections int
+	// HTTP timeouts (defaults: headers 10s, whole request 1m, response
+	// 10m, idle keep-alive 2m).
+	ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout time.Duration
+	Runner                                                    RunnerOptions
 	// ShutdownTimeout bounds how long SIGTERM waits for jobs to end.
 	ShutdownTimeout time.Duration
 	Log             *slog.Logger `json:"-"`
@@ -33,42 +35,10 @@ type ServeOptions struct {
 	Ready func(addr string) `json:"-"`
 }
 
-// listen opens the daemon's listener. A unix socket is created with mode
-// 0600 (umask set around the bind, so it is never wider).
-func listen(spec, token string) (net.Listener, error) {
-	if path, ok := strings.CutPrefix(spec, "unix://"); ok {
-		if !filepath.IsAbs(path) {
-			return nil, fmt.Errorf("--listen %s: want unix:///absolute/path", spec)
-		}
-		if err := os.MkdirAll(filepath.Dir(path), 0o711); err != nil {
-			return nil, err
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("--listen %s: another daemon is listening there", spec)
-		}
-		os.Remove(path) // a stale socket of a dead daemon
-		old := syscall.Umask(0o177)
-		l, err := net.Listen("unix", path)
-		syscall.Umask(old)
-		if err != nil {
-			return nil, err
-		}
-		return l, os.Chmod(path, 0o600)
-	}
-	if strings.Contains(spec, "://") {
-		return nil, fmt.Errorf("--listen %s: want unix:///path or host:port", spec)
-	}
-	if token == "" {
-		return nil, fmt.Errorf("--listen %s: listening on TCP needs a bearer token (--token or NBDMOVER_TOKEN)", spec)
-	}
-	return net.Listen("tcp", spec)
-}
+// maxBody is the largest request body the API reads.
+const maxBody = 64 << 10
 
-// Serve runs the daemon until ctx is done (SIGTERM/SIGINT in the command),
-// then stops accepting, cancels the running jobs and waits for them to end
-// cleanly within ShutdownTimeout.
-func Serve(ctx context.Context, o ServeOptions) error {
+func (o ServeOptions) withDefaults() ServeOptions {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
@@ -78,7 +48,27 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	if o.ShutdownTimeout <= 0 {
 		o.ShutdownTimeout = 2 * time.Minute
 	}
-	l, err := listen(o.Listen, o.Token)
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 64
+	}
+	for _, d := range []struct {
+		t   *time.Duration
+		def time.Duration
+	}{{&o.ReadHeaderTimeout, 10 * time.Second}, {&o.ReadTimeout, time.Minute}, {&o.WriteTimeout, 10 * time.Minute},
+		{&o.IdleTimeout, 2 * time.Minute}} {
+		if *d.t <= 0 {
+			*d.t = d.def
+		}
+	}
+	return o
+}
+
+// Serve runs the daemon until ctx is done (SIGTERM/SIGINT in the command),
+// then stops accepting, cancels the running jobs and waits for them to end
+// cleanly within ShutdownTimeout.
+func Serve(ctx context.Context, o ServeOptions) error {
+	o = o.withDefaults()
+	l, err := listen(o.Listen, o.Token, o.TLS, o.MaxConnections)
 	if err != nil {
 		return err
 	}
@@ -86,17 +76,21 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	ro := o.Runner
 	ro.Log = o.Log
 	ro.Observe = m.observe
-	if ro.CheckDomain == nil {
+	if ro.DomainDisks == nil {
 		uri := ro.Domain.Connect
-		ro.CheckDomain = func(ctx context.Context, name string) error { return mover.CheckDomain(uri, name) }
+		ro.DomainDisks = func(ctx context.Context, name string, only []string) (int, error) {
+			return mover.DomainDisks(uri, name, only)
+		}
 	}
 	startupCleanup(ctx, ro, o.Log)
 	runner := NewRunner(context.WithoutCancel(ctx), ro)
 	m.runner = runner
-	srv := &http.Server{Handler: newAPI(runner, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: newAPI(runner, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
+		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
+		ErrorLog: slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug)}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
-	o.Log.Info("serving", "listen", o.Listen, "repository", ro.Backup.Repo.Location, "max_jobs", ro.MaxJobs)
+	o.Log.Info("serving", "listen", o.Listen, "tls", o.TLS.enabled(), "repository", ro.Backup.Repo.Location, "max_jobs", ro.MaxJobs)
 	if o.Ready != nil {
 		o.Ready(l.Addr().String())
 	}

@@ -27,6 +27,9 @@ const (
 // directory.
 const DefaultRunDir = "/run/nbdmover"
 
+// DefaultMaxMemory is the default bound on a backup's buffers.
+const DefaultMaxMemory = 1 << 30
+
 // ErrInvalid is matched by the errors for options that can never work:
 // bad usage, not a failure of the backup.
 var ErrInvalid = errors.New("invalid option")
@@ -50,6 +53,10 @@ type Options struct {
 	Mode        string // auto (default), full, incremental
 	Tuning      pipeline.Tuning
 	RunDir      string // locks and job sockets (default DefaultRunDir)
+	// MaxMemory bounds the buffers of the pipeline (default
+	// DefaultMaxMemory): a backup whose readers, disks and chunk size need
+	// more is refused before it reads.
+	MaxMemory int64
 	// VerifySample is how many clean chunks per disk an incremental reads
 	// to check its dirty bitmap: nil for pipeline.SampleSize (16 plus 0.1%
 	// of the chunks holding data, at most 256), 0 for none.
@@ -91,7 +98,27 @@ func (o Options) withDefaults() Options {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
+	if o.MaxMemory <= 0 {
+		o.MaxMemory = DefaultMaxMemory
+	}
 	return o
+}
+
+// Memory is what the pipeline of a backup with these options takes for
+// disks disks of chunkSize-byte chunks.
+func (o Options) Memory(disks int, chunkSize int64) int64 {
+	return o.Tuning.WithDefaults(runtime.NumCPU(), chunkSize).Memory(disks, chunkSize)
+}
+
+// checkMemory refuses a backup whose buffers exceed MaxMemory.
+func (o Options) checkMemory(name string, disks int, chunkSize int64) error {
+	if need := o.Memory(disks, chunkSize); need > o.MaxMemory {
+		t := o.Tuning.WithDefaults(runtime.NumCPU(), chunkSize)
+		return invalidf("backup %s needs %d MiB of buffers (%d readers x %d disks of %d KiB chunks, %d workers, %d uploads), "+
+			"more than the limit of %d MiB: use fewer readers, or raise the limit", name, need>>20, t.Readers, disks,
+			chunkSize>>10, t.Workers, t.Uploads, o.MaxMemory>>20)
+	}
+	return nil
 }
 
 // BackupResult is what a committed backup did.
@@ -248,6 +275,9 @@ type backup struct {
 func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	disks := b.sess.Disks()
 	info := b.sess.Info()
+	if err := b.o.checkMemory(b.m.Domain, len(disks), b.r.Config().ChunkSize); err != nil {
+		return nil, err
+	}
 	if info.Fallback != "" {
 		b.fallbacks = append(b.fallbacks, info.Fallback)
 	}

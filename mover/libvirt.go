@@ -49,23 +49,34 @@ func libvirtCode(err error) libvirt.ErrorNumber {
 // ErrNoDomain is matched by the error for a domain libvirt does not know.
 var ErrNoDomain = errors.New("no such domain")
 
-// CheckDomain tells whether libvirt at uri knows the domain: nil, an error
-// matching ErrNoDomain, or why libvirt could not be asked.
-func CheckDomain(uri, name string) error {
+// DomainDisks returns how many disks a backup of the domain (of only
+// those disks, when given) reads: an error matching ErrNoDomain when
+// libvirt at uri does not know it, ErrInvalid when it lacks a disk asked
+// for, or why libvirt could not be asked.
+func DomainDisks(uri, name string, only []string) (int, error) {
 	if uri == "" {
 		uri = "qemu:///system"
 	}
 	conn, err := connectLibvirt(uri)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer conn.Close()
 	dom, err := lookupDomain(conn, name, uri)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	dom.Free()
-	return nil
+	defer dom.Free()
+	x, err := dom.GetXMLDesc(0)
+	if err != nil {
+		return 0, fmt.Errorf("domain %s: %w", name, err)
+	}
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(x); err != nil {
+		return 0, fmt.Errorf("domain %s: domain XML: %w", name, err)
+	}
+	disks, _, err := diskSelection(&def, only)
+	return len(disks), err
 }
 
 // lookupDomain finds a domain by name.
@@ -398,7 +409,7 @@ func diskSelection(def *libvirtxml.Domain, only []string) (disks []domainDisk, s
 		for n := range want {
 			missing = append(missing, n)
 		}
-		return nil, nil, fmt.Errorf("domain %s has no disk %s (it has %s)", def.Name, strings.Join(missing, ", "), strings.Join(all, ", "))
+		return nil, nil, invalidf("domain %s has no disk %s (it has %s)", def.Name, strings.Join(missing, ", "), strings.Join(all, ", "))
 	}
 	return disks, skipped, nil
 }

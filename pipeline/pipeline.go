@@ -91,12 +91,27 @@ func (t Tuning) WithDefaults(cpus int, chunkSize int64) Tuning {
 	return t
 }
 
-// NewBuffers allocates the buffers of a backup of disks disks.
+// NewBuffers allocates the buffers of a backup of disks disks: Memory
+// bytes.
 func NewBuffers(t Tuning, disks int, chunkSize int64) *Buffers {
+	plain, blob := t.buffers(disks)
 	return &Buffers{
-		plain: newBufPool(t.Readers*disks+t.Workers+2, chunkSize),
-		blob:  newBufPool(t.Workers+t.Uploads+2, int64(chunker.MaxBlobLen(int(chunkSize)))),
+		plain: newBufPool(plain, chunkSize),
+		blob:  newBufPool(blob, int64(chunker.MaxBlobLen(int(chunkSize)))),
 	}
+}
+
+// buffers is how many plaintext and blob buffers a backup of disks disks
+// uses.
+func (t Tuning) buffers(disks int) (plain, blob int) {
+	return t.Readers*disks + t.Workers + 2, t.Workers + t.Uploads + 2
+}
+
+// Memory is what NewBuffers allocates for a backup of disks disks: the
+// pipeline's memory, whatever the disks' sizes.
+func (t Tuning) Memory(disks int, chunkSize int64) int64 {
+	plain, blob := t.buffers(disks)
+	return int64(plain)*chunkSize + int64(blob)*int64(chunker.MaxBlobLen(int(chunkSize)))
 }
 
 // Stats are what one disk's backup moved. Fields are updated atomically

@@ -337,3 +337,48 @@ func TestConcurrentInit(t *testing.T) {
 		})
 	}
 }
+
+// countingStore counts the gets in flight and remembers the most.
+type countingStore struct {
+	sink.Store
+	mu       sync.Mutex
+	now, top int
+}
+
+func (c *countingStore) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+	c.mu.Lock()
+	c.now++
+	c.top = max(c.top, c.now)
+	c.mu.Unlock()
+	time.Sleep(2 * time.Millisecond)
+	defer func() { c.mu.Lock(); c.now--; c.mu.Unlock() }()
+	return c.Store.Get(ctx, key, buf)
+}
+
+// Verify fetches at most Parallel chunks at once (16 by default).
+func TestVerifyParallel(t *testing.T) {
+	s := localStore(t)
+	r := initTestRepo(t, s)
+	ctx := t.Context()
+	ix := NewIndex(r.Config().ChunkSize, 40*(256<<10))
+	for i := range ix.Digests {
+		plain := bytes.Repeat([]byte{byte(i + 1)}, 256<<10)
+		ix.Digests[i] = chunker.Sum(plain)
+		s.Put(ctx, ChunkKey(ix.Digests[i]), r.Encode(nil, plain))
+	}
+	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
+		Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
+	if err := r.Commit(ctx, m, map[string]*Index{"vda": ix}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct{ parallel, want int }{{2, 2}, {0, 16}} {
+		c := &countingStore{Store: s}
+		rc, _ := Open(ctx, c)
+		if _, err := rc.Verify(ctx, VerifyOptions{ReadData: true, Parallel: tt.parallel}, func(p Problem) { t.Error(p) }); err != nil {
+			t.Fatal(err)
+		}
+		if c.top > tt.want || c.top < 2 {
+			t.Errorf("parallel %d: %d gets at once, want at most %d", tt.parallel, c.top, tt.want)
+		}
+	}
+}

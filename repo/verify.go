@@ -132,7 +132,11 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	var mu sync.Mutex
 	var next atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
-	for range max(o.Parallel, 16) {
+	parallel := o.Parallel
+	if parallel <= 0 {
+		parallel = 16
+	}
+	for range parallel {
 		g.Go(func() error {
 			var plain, blob []byte
 			for {

@@ -39,10 +39,14 @@ type Disk struct {
 // ErrInvalid is matched by the errors for options that can never work.
 var ErrInvalid = errors.New("invalid restore option")
 
+type invalidError struct{ error }
+
+func (invalidError) Is(target error) bool { return target == ErrInvalid }
+
 // ValidFormat says why format is not an output format, or returns nil.
 func ValidFormat(format string) error {
 	if format != "" && format != "raw" && format != "qcow2" {
-		return fmt.Errorf("%w: restore format %q: want raw or qcow2", ErrInvalid, format)
+		return invalidError{fmt.Errorf("restore format %q: want raw or qcow2", format)}
 	}
 	return nil
 }
@@ -61,10 +65,13 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 		return nil, nil, err
 	}
 	if o.Output == "" {
-		return nil, nil, fmt.Errorf("%w: restore: no --output given", ErrInvalid)
+		return nil, nil, invalidError{errors.New("restore: no --output given")}
 	}
 	if o.Parallel <= 0 {
 		o.Parallel = 8
+	}
+	if err := repo.ValidName("domain", o.Domain); err != nil {
+		return nil, nil, invalidError{err}
 	}
 	r, err := o.Repo.Open(ctx)
 	if err != nil {

@@ -28,11 +28,12 @@ func backupCommand() *cli.Command {
 			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent; fail if that is impossible"},
 			&cli.BoolFlag{Name: "quiesce-optional", Usage: "like --quiesce, but continue crash-consistent without a guest agent"},
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for the backup job's scratch files"},
+			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "most the backup's buffers may take (readers x disks x chunk size, roughly)"},
 			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none; default 16 + 0.1% of the chunks holding data, at most 256)"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			if (c.String("domain") == "") == (c.String("nbd") == "") {
@@ -41,6 +42,10 @@ func backupCommand() *cli.Command {
 			chunk, err := parseSize(c.String("chunk-size"))
 			if err != nil {
 				return usagef("--chunk-size: %v", err)
+			}
+			mem, err := parseSize(c.String("max-memory"))
+			if err != nil {
+				return usagef("--max-memory: %v", err)
 			}
 			log, err := newLogger(c)
 			if err != nil {
@@ -56,7 +61,7 @@ func backupCommand() *cli.Command {
 			go func() { progress.Run(ctx); close(done) }()
 			o := mover.Options{
 				Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
-				Tuning: pipeline.Tuning{Readers: c.Int("readers")}, Log: log, Progress: progress.Add,
+				Tuning: pipeline.Tuning{Readers: c.Int("readers")}, MaxMemory: mem, Log: log, Progress: progress.Add,
 			}
 			if c.IsSet("verify-sample") {
 				n := c.Int("verify-sample")

@@ -19,7 +19,7 @@ func cleanupCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			log, err := newLogger(c)

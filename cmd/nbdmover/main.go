@@ -13,6 +13,8 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/restore"
 	"github.com/urfave/cli/v2"
 )
 
@@ -29,12 +31,29 @@ func main() {
 		return
 	}
 	fmt.Fprintln(os.Stderr, "nbdmover:", err)
-	var ue usageError
-	if errors.As(err, &ue) {
-		os.Exit(2)
-	}
-	os.Exit(1)
+	os.Exit(exitStatus(err))
 }
+
+// exitStatus is the exit status for a command's error: 2 for bad usage
+// (flags, and option values the library calls invalid), 3 for a verify
+// that could not check, 1 for every other failure.
+func exitStatus(err error) int {
+	var ue usageError
+	var ce checkError
+	switch {
+	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid):
+		return 2
+	case errors.As(err, &ce):
+		return 3
+	}
+	return 1
+}
+
+// checkError marks a verify that could not check the repository (exit
+// status 3), as opposed to one that found problems (1).
+type checkError struct{ error }
+
+func (e checkError) Unwrap() error { return e.error }
 
 func newApp() *cli.App {
 	app := &cli.App{

@@ -53,6 +53,21 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"verify", "--backup", "20261128T000000.000Z"},
 		{"init", "--chunk-size", "lots"},
 		{"nosuchcommand"},
+		// Bad values, caught before anything is touched.
+		{"backup", "--domain", "vm1", "--mode", "sideways"},
+		{"backup", "--domain", "vm1", "--compression", "lz4"},
+		{"backup", "--domain", "../etc"},
+		{"backup", "--nbd", "nbd://127.0.0.1:9", "--name", "a/b"},
+		{"backup", "--domain", "vm1", "--readers", "1000"},
+		{"backup", "--domain", "vm1", "--verify-sample", "-3"},
+		{"init", "--compression", "brotli"},
+		{"restore", "--domain", "vm1", "--output", "/tmp/x", "--format", "vmdk"},
+		{"restore", "--domain", "../vm1", "--output", "/tmp/x"},
+		{"list", "--domain", "a b"},
+		{"verify", "--domain", "vm1/.."},
+		{"cleanup", "--domain", "../x"},
+		{"serve", "--max-memory", "plenty"},
+		{"serve", "--token-file", "/nonexistent/token"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {
@@ -135,5 +150,16 @@ func TestCommandsAndJSON(t *testing.T) {
 	var v struct{ Problems []struct{ Object string } }
 	if code != 1 || json.Unmarshal([]byte(out), &v) != nil || len(v.Problems) != 1 || !strings.HasSuffix(chunks[0], v.Problems[0].Object) {
 		t.Fatalf("verify of a damaged repository: %d %q", code, out)
+	}
+}
+
+// verify says whether it found problems (1) or could not check (3).
+func TestVerifyCannotCheckExit3(t *testing.T) {
+	if _, stderr, code := nbdmover(t, "verify", "--repo", filepath.Join(t.TempDir(), "none")); code != 3 || !strings.Contains(stderr, "nbdmover init") {
+		t.Fatalf("verify of a missing repository: %d %q", code, stderr)
+	}
+	_, stderr, code := nbdmover(t, "verify", "--repo", "s3://bucket", "--s3-endpoint", "http://127.0.0.1:9")
+	if code != 3 || !strings.Contains(stderr, "127.0.0.1:9") {
+		t.Fatalf("verify of an unreachable store: %d %q", code, stderr)
 	}
 }

@@ -23,6 +23,37 @@ func repoFlags() []cli.Flag {
 	}
 }
 
+// checkFlags validates the repository location and the names a command
+// was given before anything is touched: bad ones are bad usage.
+func checkFlags(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
+	for _, f := range []struct{ flag, kind string }{{"domain", "domain"}, {"name", "backup"}, {"disk", "disk"}} {
+		if !c.IsSet(f.flag) {
+			continue
+		}
+		vals := c.StringSlice(f.flag) // a repeatable flag, or
+		if len(vals) == 0 {
+			vals = []string{c.String(f.flag)} // a single one
+		}
+		for _, v := range vals {
+			if err := repo.ValidName(f.kind, v); err != nil {
+				return usagef("--%s: %v", f.flag, err)
+			}
+		}
+	}
+	if c.IsSet("backup") && c.String("backup") != "latest" {
+		if err := repo.ValidBackupID(c.String("backup")); err != nil {
+			return usagef("--backup: %v", err)
+		}
+	}
+	if _, err := repoOptions(c).Store(); err != nil {
+		return usagef("--repo: %v", err)
+	}
+	return nil
+}
+
 func repoOptions(c *cli.Context) repo.Options {
 	return repo.Options{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
 		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
@@ -37,7 +68,7 @@ func initCommand() *cli.Command {
 			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "default compression: zstd, zstd:1..4, s2 (fastest, larger) or none"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			size, err := parseSize(c.String("chunk-size"))
@@ -68,7 +99,7 @@ func listCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			r, err := repoOptions(c).Open(c.Context)
@@ -144,7 +175,7 @@ func restoreCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			if c.String("domain") == "" || c.String("output") == "" {
@@ -170,7 +201,7 @@ func restoreCommand() *cli.Command {
 func verifyCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "verify",
-		Usage: "check that backups are complete (and with --read-data, intact)",
+		Usage: "check that backups are complete (and with --read-data, intact); exit 1: problems found, 3: could not check",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
 			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
@@ -178,7 +209,7 @@ func verifyCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			if c.String("backup") != "" && c.String("domain") == "" {
@@ -187,7 +218,7 @@ func verifyCommand() *cli.Command {
 			problems := []repo.Problem{}
 			r, err := repoOptions(c).Open(c.Context)
 			if err != nil {
-				return err
+				return checkError{err}
 			}
 			stats, err := r.Verify(c.Context, repo.VerifyOptions{
 				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data")},
@@ -198,7 +229,7 @@ func verifyCommand() *cli.Command {
 					}
 				})
 			if err != nil {
-				return err
+				return checkError{fmt.Errorf("verify could not finish (%d problems found before): %w", len(problems), err)}
 			}
 			if c.Bool("json") {
 				if err := printJSON(c.App.Writer, map[string]any{"backups": stats.Backups, "chunks": stats.Chunks,

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"os"
+	"strings"
+
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/pipeline"
@@ -13,10 +16,16 @@ func serveCommand() *cli.Command {
 		Usage: "run the host agent: an HTTP/JSON API for schedulers (see docs/api.md)",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "listen", Value: daemon.DefaultListen, EnvVars: []string{"NBDMOVER_LISTEN"},
-				Usage: "unix:///path (a 0600 socket) or host:port (TCP, needs --token)"},
-			&cli.StringFlag{Name: "token", EnvVars: []string{"NBDMOVER_TOKEN"}, Usage: "bearer token clients must send (required on TCP)"},
+				Usage: "unix:///path (a 0600 socket) or host:port (TCP: needs a token, and TLS unless on loopback)"},
+			&cli.StringFlag{Name: "token-file", Usage: "file holding the bearer token clients must send (required on TCP)"},
+			&cli.StringFlag{Name: "token", EnvVars: []string{"NBDMOVER_TOKEN"}, Usage: "the bearer token (prefer --token-file or the environment: a command line is visible in ps)"},
+			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate to serve TCP with TLS"},
+			&cli.StringFlag{Name: "tls-key", Usage: "PEM key of --tls-cert"},
+			&cli.StringFlag{Name: "tls-client-ca", Usage: "PEM CA certificates that client certificates must chain to (mutual TLS)"},
+			&cli.IntFlag{Name: "max-connections", Value: 64, Usage: "connections served at once"},
 			&cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"},
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
+			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk (a job may ask for another number)"},
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for backup jobs' scratch files"},
 			&cli.DurationFlag{Name: "keep-for", Value: 0, Usage: "keep finished jobs this long (default 24h)"},
@@ -24,22 +33,55 @@ func serveCommand() *cli.Command {
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 0, Usage: "on SIGTERM, wait this long for jobs to end (default 2m)"},
 		),
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
+			if err := checkFlags(c); err != nil {
 				return err
 			}
 			log, err := newLogger(c)
 			if err != nil {
 				return err
 			}
+			mem, err := parseSize(c.String("max-memory"))
+			if err != nil {
+				return usagef("--max-memory: %v", err)
+			}
+			token, err := serveToken(c)
+			if err != nil {
+				return err
+			}
+			if token != "" && c.String("token") == token && os.Getenv("NBDMOVER_TOKEN") != token {
+				log.Warn("the bearer token was given on the command line, where ps shows it: use --token-file or NBDMOVER_TOKEN")
+			}
 			return daemon.Serve(c.Context, daemon.ServeOptions{
-				Listen: c.String("listen"), Token: c.String("token"), Log: log,
-				ShutdownTimeout: c.Duration("shutdown-timeout"),
+				Listen: c.String("listen"), Token: token, Log: log,
+				TLS:            daemon.TLSOptions{Cert: c.String("tls-cert"), Key: c.String("tls-key"), ClientCA: c.String("tls-client-ca")},
+				MaxConnections: c.Int("max-connections"), ShutdownTimeout: c.Duration("shutdown-timeout"),
 				Runner: daemon.RunnerOptions{
-					MaxJobs: c.Int("max-jobs"), KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
+					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
 					Backup: mover.Options{Repo: repoOptions(c), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
 					Domain: mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})
 		},
 	}
+}
+
+// serveToken reads the bearer token from --token-file, or takes --token
+// (or NBDMOVER_TOKEN).
+func serveToken(c *cli.Context) (string, error) {
+	file := c.String("token-file")
+	if file == "" {
+		return c.String("token"), nil
+	}
+	if c.String("token") != "" {
+		return "", usagef("give the token in --token-file or --token/NBDMOVER_TOKEN, not both")
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", usagef("--token-file: %v", err)
+	}
+	token := strings.TrimSpace(string(b))
+	if token == "" {
+		return "", usagef("--token-file %s is empty", file)
+	}
+	return token, nil
 }
