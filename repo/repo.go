@@ -91,7 +91,7 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 // Open opens the repository in store.
 func Open(ctx context.Context, store sink.Store) (*Repo, error) {
 	b, err := store.Get(ctx, configKey, nil)
-	if errors.Is(err, sink.ErrNotFound) {
+	if errors.Is(err, sink.ErrNotFound) || errors.Is(err, sink.ErrNoBucket) {
 		return nil, fmt.Errorf("%s: %w (run nbdmover init, or back up once to create it)", store.Location(), ErrNoRepository)
 	}
 	if err != nil {

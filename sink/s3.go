@@ -150,7 +150,7 @@ func (s *S3) fail(ctx context.Context, op, key string, err error) error {
 		e.Err = ErrExists
 		return e
 	case "NoSuchBucket":
-		e.Err = fmt.Errorf("bucket %q does not exist (nbdmover init creates it)", s.bucket)
+		e.Err = fmt.Errorf("%w: %q (nbdmover init creates it)", ErrNoBucket, s.bucket)
 		return e
 	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken":
 		e.Err = fmt.Errorf("%s: %s (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", resp.Code, resp.Message)

@@ -125,7 +125,7 @@ func TestS3Errors(t *testing.T) {
 		s, _ := sink.NewS3(sink.S3Options{Endpoint: ep, Bucket: "no-such-bucket-nbdmover"})
 		err := s.Put(ctx, "config", []byte("x"))
 		t.Log(err)
-		if err == nil || sink.IsTransient(err) || !strings.Contains(err.Error(), "no-such-bucket-nbdmover") {
+		if err == nil || sink.IsTransient(err) || !strings.Contains(err.Error(), "no-such-bucket-nbdmover") || !errors.Is(err, sink.ErrNoBucket) {
 			t.Fatalf("got %v", err)
 		}
 	})

@@ -46,6 +46,10 @@ type ObjectInfo struct {
 // ErrNotFound is matched by the error for a missing object.
 var ErrNotFound = errors.New("object not found")
 
+// ErrNoBucket is matched by the error of an S3 operation on a bucket that
+// does not exist.
+var ErrNoBucket = errors.New("bucket does not exist")
+
 // ErrExists is matched by the error of a Create whose key is taken.
 var ErrExists = errors.New("object exists")
 
