@@ -225,6 +225,8 @@ func goals(rows []row) []goal {
 		rateRatio, ">= 0.8", func(v float64) bool { return v >= 0.8 })
 	add("1%-dirty incremental time vs the full", "nbdmover-inc-1pct", "nbdmover-full-local",
 		timeRatio, "<= 0.05", func(v float64) bool { return v <= 0.05 })
+	add("1%-dirty incremental with the bitmap check vs without", "nbdmover-inc-1pct", "nbdmover-inc-1pct-nosample",
+		timeRatio, "<= 1.10", func(v float64) bool { return v <= 1.10 })
 	add("restore to raw: rate vs nbdcopy writing a file", "nbdmover-restore-raw", "nbdcopy-to-file",
 		rateRatio, ">= 0.7", func(v float64) bool { return v >= 0.7 })
 	var peak float64

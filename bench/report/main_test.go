@@ -42,6 +42,7 @@ func TestReport(t *testing.T) {
 		add("nbdmover-full-local", round+1, 10*f, 120<<10, 900)
 		add("nbdmover-restore-raw", round+1, 10*f, 350<<10, 4<<30)
 		add("nbdmover-inc-1pct", round+1, 0.4*f, 90<<10, 900)
+		add("nbdmover-inc-1pct-nosample", round+1, 0.38*f, 90<<10, 900)
 	}
 	in := filepath.Join(dir, "samples.jsonl")
 	if err := os.WriteFile(in, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
@@ -76,6 +77,7 @@ func TestReport(t *testing.T) {
 		"full backup output size vs virtnbdbackup -z (lz4)":                true,  // 0.9
 		"full backup to null, no compression: rate vs nbdcopy":             true,  // 0.8
 		"1%-dirty incremental time vs the full":                            true,  // 0.04
+		"1%-dirty incremental with the bitmap check vs without":            true,  // 1.05
 		"restore to raw: rate vs nbdcopy writing a file":                   false, // 0.6
 		"peak RSS of any nbdmover command, MiB":                            false, // 350
 	}
@@ -107,7 +109,7 @@ func TestReport(t *testing.T) {
 			bars++
 		}
 	}
-	if bars != 1+7 { // background + one bar per row
-		t.Errorf("chart has %d rects, want 8", bars)
+	if bars != 1+8 { // background + one bar per row
+		t.Errorf("chart has %d rects, want 9", bars)
 	}
 }
