@@ -382,7 +382,8 @@ func TestDaemonSIGTERM(t *testing.T) {
 	}
 	defer cmd.Process.Kill()
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
 			break
 		}
 		if time.Now().After(deadline) {

@@ -5,7 +5,7 @@ package qemutest
 import (
 	"bytes"
 	"encoding/json"
-	"os"
+	"net"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -96,7 +96,8 @@ type Server struct {
 }
 
 // Serve starts qemu-nbd on img (qcow2) with extra arguments (e.g. "-r",
-// "-B", "b0") and waits until it accepts connections. It is killed when the
+// "-B", "b0") and waits until it accepts connections (it serves
+// persistently, -t, so the probe does not end it). It is killed when the
 // test ends.
 func Serve(tb testing.TB, img string, extra ...string) *Server {
 	tb.Helper()
@@ -111,7 +112,10 @@ func Serve(tb testing.TB, img string, extra ...string) *Server {
 	s := &Server{Cmd: cmd, Sock: sock, URI: "nbd+unix:///?socket=" + sock}
 	tb.Cleanup(s.Kill)
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if _, err := os.Stat(sock); err == nil {
+		// Ready when it accepts a connection: the socket file appears
+		// when qemu-nbd binds, before it listens.
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
 			return s
 		}
 		if time.Now().After(deadline) {
