@@ -13,6 +13,9 @@ import (
 	"syscall"
 )
 
+// invalidf is a refusal of bad configuration (ErrInvalid).
+func invalidf(format string, args ...any) error { return refuse(ErrInvalid, format, args...) }
+
 // TLSOptions configure TLS on a TCP listener.
 type TLSOptions struct {
 	Cert, Key string // PEM files of the server's certificate and key
@@ -26,7 +29,7 @@ func (t TLSOptions) enabled() bool { return t.Cert != "" || t.Key != "" || t.Cli
 // config loads the certificates.
 func (t TLSOptions) config() (*tls.Config, error) {
 	if t.Cert == "" || t.Key == "" {
-		return nil, fmt.Errorf("TLS needs both --tls-cert and --tls-key")
+		return nil, invalidf("TLS needs both --tls-cert and --tls-key")
 	}
 	cert, err := tls.LoadX509KeyPair(t.Cert, t.Key)
 	if err != nil {
@@ -62,19 +65,19 @@ func listen(spec, token string, t TLSOptions, maxConns int) (net.Listener, error
 func openListener(spec, token string, t TLSOptions) (net.Listener, error) {
 	if path, ok := strings.CutPrefix(spec, "unix://"); ok {
 		if t.enabled() {
-			return nil, fmt.Errorf("--listen %s: TLS is for TCP; a unix socket is private by its mode (0600)", spec)
+			return nil, invalidf("--listen %s: TLS is for TCP; a unix socket is private by its mode (0600)", spec)
 		}
 		return listenUnix(spec, path)
 	}
 	if strings.Contains(spec, "://") {
-		return nil, fmt.Errorf("--listen %s: want unix:///path or host:port", spec)
+		return nil, invalidf("--listen %s: want unix:///path or host:port", spec)
 	}
 	if token == "" {
-		return nil, fmt.Errorf("--listen %s: listening on TCP needs a bearer token (--token-file or NBDMOVER_TOKEN)", spec)
+		return nil, invalidf("--listen %s: listening on TCP needs a bearer token (--token-file or NBDMOVER_TOKEN)", spec)
 	}
 	if !t.enabled() {
 		if !loopback(spec) {
-			return nil, fmt.Errorf("--listen %s: plain TCP is allowed on loopback addresses only; "+
+			return nil, invalidf("--listen %s: plain TCP is allowed on loopback addresses only; "+
 				"give --tls-cert and --tls-key (and --tls-client-ca for client certificates) to listen there", spec)
 		}
 		return net.Listen("tcp", spec)
@@ -92,7 +95,7 @@ func openListener(spec, token string, t TLSOptions) (net.Listener, error) {
 
 func listenUnix(spec, path string) (net.Listener, error) {
 	if !filepath.IsAbs(path) {
-		return nil, fmt.Errorf("--listen %s: want unix:///absolute/path", spec)
+		return nil, invalidf("--listen %s: want unix:///absolute/path", spec)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o711); err != nil {
 		return nil, err
@@ -101,7 +104,12 @@ func listenUnix(spec, path string) (net.Listener, error) {
 		c.Close()
 		return nil, fmt.Errorf("--listen %s: another daemon is listening there", spec)
 	}
-	os.Remove(path) // a stale socket of a dead daemon
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, invalidf("--listen %s: %s exists and is not a socket; remove it or listen elsewhere", spec, path)
+		}
+		os.Remove(path) // a stale socket of a dead daemon
+	}
 	old := syscall.Umask(0o177)
 	l, err := net.Listen("unix", path)
 	syscall.Umask(old)

@@ -116,10 +116,13 @@ func TestDaemonTimeoutsAndLimits(t *testing.T) {
 // socket.
 func TestDaemonListenRules(t *testing.T) {
 	ro := daemon.RunnerOptions{Backup: mover.Options{Repo: repo.Options{Location: t.TempDir()}, RunDir: runDir}}
+	notSocket := filepath.Join(t.TempDir(), "precious")
+	os.WriteFile(notSocket, []byte("data"), 0o600)
 	for _, tt := range []struct {
 		o    daemon.ServeOptions
 		says string
 	}{
+		{daemon.ServeOptions{Listen: "unix://" + notSocket, Runner: ro}, "not a socket"},
 		{daemon.ServeOptions{Listen: "0.0.0.0:0", Token: "tok", Runner: ro}, "--tls-cert"},
 		{daemon.ServeOptions{Listen: "[::]:0", Token: "tok", Runner: ro}, "loopback"},
 		{daemon.ServeOptions{Listen: "127.0.0.1:0", Runner: ro}, "token"},
@@ -130,6 +133,9 @@ func TestDaemonListenRules(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tt.says) {
 			t.Errorf("%s: %v, want an error saying %q", tt.o.Listen, err, tt.says)
 		}
+	}
+	if b, err := os.ReadFile(notSocket); err != nil || string(b) != "data" {
+		t.Fatalf("a file at the socket path was touched: %q %v", b, err)
 	}
 }
 

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
 )
 
 // DefaultListen is where the daemon listens unless told otherwise.
@@ -84,6 +86,11 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	}
 	startupCleanup(ctx, ro, o.Log)
 	runner := NewRunner(context.WithoutCancel(ctx), ro)
+	// The store's temporary files in the background: a large local store
+	// takes a while to walk, and no job needs them gone.
+	cleaned := make(chan struct{})
+	go func() { removeStoreTemp(runner.ctx, ro.Backup.Repo, o.Log); close(cleaned) }()
+	defer func() { <-cleaned }()
 	m.runner = runner
 	srv := &http.Server{Handler: newAPI(runner, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
 		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
@@ -113,11 +120,13 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	return jobErr
 }
 
-// startupCleanup ends what crashed runs left (mover.Cleanup) before the
-// daemon takes jobs; a failure is logged, not fatal.
+// startupCleanup ends what crashed runs left on the domains
+// (mover.Cleanup) before the daemon takes jobs (it holds each domain's
+// lock while it tidies it, which a job would find taken); a failure is
+// logged, not fatal.
 func startupCleanup(ctx context.Context, ro RunnerOptions, log *slog.Logger) {
 	rep, err := mover.Cleanup(ctx, mover.CleanupOptions{Repo: ro.Backup.Repo, Connect: ro.Domain.Connect,
-		RunDir: ro.Backup.RunDir, ScratchDir: ro.Domain.ScratchDir, Log: log})
+		RunDir: ro.Backup.RunDir, ScratchDir: ro.Domain.ScratchDir, SkipStoreTemp: true, Log: log})
 	if err != nil {
 		log.Warn("start-up cleanup failed", "error", err)
 		return
@@ -126,7 +135,18 @@ func startupCleanup(ctx context.Context, ro RunnerOptions, log *slog.Logger) {
 		log.Info("start-up cleanup", "domain", d.Domain, "ended_job", d.EndedJob, "thawed", d.Thawed,
 			"deleted_checkpoints", d.DeletedCheckpoints, "removed_dirs", d.RemovedDirs, "skipped", d.Skipped, "problems", d.Problems)
 	}
-	if rep.StoreTempFiles > 0 {
-		log.Info("start-up cleanup", "store_temp_files", rep.StoreTempFiles)
+}
+
+// removeStoreTemp removes the temporary files crashed writes left in the
+// repository's store.
+func removeStoreTemp(ctx context.Context, o repo.Options, log *slog.Logger) {
+	r, err := o.Open(ctx)
+	if err != nil {
+		return // no repository yet, or unreachable: the first job says so
+	}
+	if n, err := sink.RemoveTemp(ctx, r.Store(), time.Hour); err != nil {
+		log.Warn("removing the store's temporary files failed", "error", err)
+	} else if n > 0 {
+		log.Info("removed temporary files of interrupted writes", "store_temp_files", n)
 	}
 }

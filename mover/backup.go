@@ -269,6 +269,10 @@ type backup struct {
 
 	fallbacks    []string // why disks are read in full
 	verification *repo.Verification
+	// The pipeline's buffers and the disks' counters, made by the first
+	// pass over the disks and reused by a second (after a lie).
+	bufs  *pipeline.Buffers
+	stats []*pipeline.Stats
 }
 
 // run reads the disks and commits the backup.
@@ -346,6 +350,8 @@ func (b *backup) verified(parents []*repo.Index, results []DiskResult) *repo.Ver
 		return nil
 	case b.o.VerifySample != nil && *b.o.VerifySample == 0:
 		v.Outcome = "off"
+	case v.Chunks == 0:
+		v.Outcome = "nothing-to-check" // no clean chunk held data
 	}
 	return v
 }
@@ -408,7 +414,16 @@ func (b *backup) minDirty(d SourceDisk, parent *repo.Index) int64 {
 func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*repo.Index) ([]*repo.Index, []DiskResult, error) {
 	chunkSize := b.r.Config().ChunkSize
 	tuning := b.o.Tuning.WithDefaults(runtime.NumCPU(), chunkSize)
-	bufs := pipeline.NewBuffers(tuning, len(disks), chunkSize)
+	if b.bufs == nil { // the first pass: one budget, one set of counters per disk for every pass
+		b.bufs = pipeline.NewBuffers(tuning, len(disks), chunkSize)
+		for _, d := range disks {
+			st := &pipeline.Stats{}
+			b.stats = append(b.stats, st)
+			if b.o.Progress != nil {
+				b.o.Progress(d.Name, st)
+			}
+		}
+	}
 	indexes := make([]*repo.Index, len(disks))
 	results := make([]DiskResult, len(disks))
 	// A disk whose bitmap lies does not stop the others: every disk is
@@ -418,14 +433,11 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 	for i, d := range disks {
 		g.Go(func() error {
 			start := time.Now()
-			job := &pipeline.Job{Name: d.Name, Disk: d.Disk, Repo: b.r, Buffers: bufs, Tuning: tuning,
-				Stats: &pipeline.Stats{}, Parent: parents[i], Sample: -1}
+			b.stats[i].Reset()
+			job := &pipeline.Job{Name: d.Name, Disk: d.Disk, Repo: b.r, Buffers: b.bufs, Tuning: tuning,
+				Stats: b.stats[i], Parent: parents[i], Sample: -1, MinDirty: b.minDirty(d, parents[i])}
 			if b.o.VerifySample != nil {
 				job.Sample = *b.o.VerifySample
-			}
-			job.MinDirty = b.minDirty(d, parents[i])
-			if b.o.Progress != nil {
-				b.o.Progress(d.Name, job.Stats)
 			}
 			ix, err := job.Run(gctx)
 			var be *pipeline.BitmapError

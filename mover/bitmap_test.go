@@ -22,7 +22,7 @@ func exportBackup(t *testing.T, ro repo.Options, img, name, mode string) (*mover
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	defer srv.Kill()
 	return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: name, Bitmap: "b0", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: mode, ChunkSize: 256 << 10, Log: testLog(t)})
+		mover.Options{Repo: ro, Mode: mode, ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: testLog(t)})
 }
 
 // checkRestore restores the newest backup of name and compares it with img.
@@ -124,7 +124,7 @@ func TestBitmapMissedDiscard(t *testing.T) {
 	qemutest.IO(t, img, "discard 1M 1M")
 	qemutest.Run(t, "qemu-img", "bitmap", "--enable", img, "b0")
 	res, err := exportBackup(t, ro, img, "vm", "incremental")
-	if err != nil || res.Mode != "incremental" || res.Disks[0].ZeroedChunks != 4 {
+	if err != nil || res.Mode != "incremental" || res.Disks[0].ZeroedChunks != 4 || res.Verification.Outcome != "passed" {
 		t.Fatalf("incremental over a missed discard: %+v %v", res, err)
 	}
 	checkRestore(t, ro, "vm", img)

@@ -24,8 +24,10 @@ type CleanupOptions struct {
 	RunDir     string // default DefaultRunDir
 	ScratchDir string // default DefaultScratchDir
 	// TempAge: store temporary files older than this are removed
-	// (default one hour).
-	TempAge time.Duration
+	// (default one hour); SkipStoreTemp leaves them (the walk of a large
+	// local store takes a while).
+	TempAge       time.Duration
+	SkipStoreTemp bool
 	Log     *slog.Logger `json:"-"`
 }
 
@@ -90,7 +92,7 @@ func Cleanup(ctx context.Context, o CleanupOptions) (*CleanupReport, error) {
 			rep.Domains = append(rep.Domains, d)
 		}
 	}
-	if r != nil {
+	if r != nil && !o.SkipStoreTemp {
 		if rep.StoreTempFiles, err = sink.RemoveTemp(ctx, r.Store(), o.TempAge); err != nil {
 			return rep, err
 		}
@@ -244,6 +246,7 @@ type tidied struct {
 	thawed      bool
 	removedDirs []string
 	problems    []string
+	jobLeft     bool // a job of ours could not be ended (or checked): it still uses its directories
 }
 
 // tidyDomain ends what crashed runs of ours left on a domain whose lock
@@ -252,18 +255,17 @@ type tidied struct {
 // directories. dom is nil when the domain is not running.
 func tidyDomain(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain, name, runDir, scratchDir string, log *slog.Logger) tidied {
 	var t tidied
-	jobLeft := false // a job of ours that could not be ended still uses its directories
 	if dom != nil {
 		job, err := backupJob(dom)
 		switch {
 		case err != nil:
 			t.problems = append(t.problems, err.Error())
-			jobLeft = true
+			t.jobLeft = true
 		case job != nil && ourJob(job, runDir, name):
 			log.Warn("ending a backup job left by an earlier run", "socket", jobSocket(job))
-			if err := endBackupJob(ctx, conn, dom); err != nil {
+			if err := endBackupJob(ctx, conn, dom, jobSocket(job)); err != nil {
 				t.problems = append(t.problems, "leftover backup job: "+err.Error())
-				jobLeft = true
+				t.jobLeft = true
 			} else {
 				t.endedJob = jobSocket(job)
 			}
@@ -278,7 +280,7 @@ func tidyDomain(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain,
 			log.Warn("thawed the guest's filesystems, frozen by an earlier run")
 		}
 	}
-	if !jobLeft {
+	if !t.jobLeft {
 		for _, parent := range []string{runDir, scratchDir} {
 			for _, dir := range staleJobDirs(parent, name) {
 				if err := os.RemoveAll(dir); err != nil {

@@ -79,7 +79,7 @@ func TestCleanupAfterKill(t *testing.T) {
 			mine = &rep.Domains[i]
 		}
 	}
-	if mine == nil || !strings.Contains(mine.Skipped, "running") || !dom.JobActive() {
+	if mine == nil || !strings.Contains(mine.Skipped, "working on it") || !dom.JobActive() {
 		t.Fatalf("cleanup beside a running backup: %+v", rep)
 	}
 	cmd.Process.Signal(syscall.SIGTERM)

@@ -113,8 +113,14 @@ func (ds *domainSession) connect(ctx context.Context) error {
 	if ds.dom, err = lookupRunning(conn, ds.o.Name, ds.o.Connect); err != nil {
 		return err
 	}
-	if t := tidyDomain(ctx, conn, ds.dom, ds.o.Name, ds.req.RunDir, ds.o.ScratchDir, ds.log); len(t.problems) > 0 {
+	// Only a leftover job blocks the backup; a failed thaw or directory
+	// removal is logged (cleanup reports them too).
+	t := tidyDomain(ctx, conn, ds.dom, ds.o.Name, ds.req.RunDir, ds.o.ScratchDir, ds.log)
+	if t.jobLeft {
 		return errors.New(strings.Join(t.problems, "; "))
+	}
+	for _, p := range t.problems {
+		ds.log.Warn("tidying after an earlier run", "problem", p)
 	}
 	if job, err := backupJob(ds.dom); err != nil {
 		return err
@@ -182,7 +188,6 @@ func (ds *domainSession) begin(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	ds.job = true
 	ds.info.Consistency, ds.info.Checkpoint, ds.info.Fallback = consistency, plan.checkpoint, plan.fallback
 	return nil
 }
@@ -251,12 +256,17 @@ func (ds *domainSession) End(ctx context.Context, committed bool) error {
 	for _, p := range ds.pools {
 		p.Close()
 	}
-	if ds.job {
-		if err := endBackupJob(ctx, ds.conn, ds.dom); err != nil {
+	// The job serving on our socket is ended, also one BackupBegin started
+	// while reporting an error; while it runs, its directories stay, so
+	// that the next run (or cleanup) still knows it as ours.
+	ended := true
+	if ds.dom != nil && ds.sock != "" {
+		if err := endBackupJob(ctx, ds.conn, ds.dom, ds.sock); err != nil {
 			errs = append(errs, err)
+			ended = false
 		}
 	}
-	if ds.plan != nil && ds.plan.checkpoint != "" && ds.job {
+	if ds.plan != nil && ds.plan.checkpoint != "" && ended {
 		if committed {
 			deleteCheckpointsExcept(ds.dom, ds.plan.checkpoint, ds.log)
 		} else if err := deleteCheckpoint(ds.dom, ds.plan.checkpoint); err != nil {
@@ -264,7 +274,9 @@ func (ds *domainSession) End(ctx context.Context, committed bool) error {
 		}
 	}
 	for _, d := range ds.dirs {
-		os.RemoveAll(d)
+		if ended {
+			os.RemoveAll(d)
+		}
 	}
 	if ds.dom != nil {
 		ds.dom.Free()
@@ -333,6 +345,9 @@ func incrementalDisks(ctx context.Context, req StartRequest, dom *libvirt.Domain
 	last := req.Last
 	if last.Checkpoint == "" {
 		return fmt.Sprintf("the last backup (%s) has no checkpoint", last.ID), nil
+	}
+	if !strings.HasPrefix(last.Checkpoint, checkpointPrefix) {
+		return fmt.Sprintf("the last backup's checkpoint %s is not nbdmover's", last.Checkpoint), nil
 	}
 	if reason := ensureCheckpoint(ctx, req.Repo, dom, last, log); reason != "" {
 		return reason, nil
@@ -449,7 +464,11 @@ func beginBackup(dom *libvirt.Domain, o DomainOptions, runDir string, log *slog.
 			return "", fmt.Errorf("freeze marker: %w", err)
 		}
 		if err := dom.FSFreeze(nil, 0); err != nil {
-			unmarkFrozen(runDir, o.Name)
+			// A freeze that timed out may still happen: thaw, and keep the
+			// marker unless the thaw worked or there is no agent.
+			if _, terr := thawLeftover(dom, runDir, o.Name); terr != nil {
+				log.Warn("the failed freeze could not be undone: the next run (or nbdmover cleanup) tries again", "error", terr)
+			}
 			if !o.QuiesceOptional {
 				return "", fmt.Errorf("cannot freeze the guest's filesystems (is the QEMU guest agent installed and running?): %w; "+
 					"use --quiesce-optional to continue crash-consistent", err)

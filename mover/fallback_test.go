@@ -123,7 +123,7 @@ func TestParentChunkSizeDiffers(t *testing.T) {
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	backup := func() (*mover.BackupResult, error) {
 		return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Bitmap: "b0"}),
-			mover.Options{Repo: ro, ChunkSize: 512 << 10, Log: testLog(t)})
+			mover.Options{Repo: ro, ChunkSize: 512 << 10, RunDir: t.TempDir(), Log: testLog(t)})
 	}
 	if _, err := backup(); err != nil {
 		t.Fatal(err)

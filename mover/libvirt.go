@@ -125,16 +125,10 @@ func stateName(s libvirt.DomainState) string {
 	return fmt.Sprintf("in state %d", s)
 }
 
-// activeBackupJob reports whether a backup job runs on the domain. (The
-// backup's XML is the reliable sign: job statistics of a pull-mode backup
-// can fail with "backup job data missing".)
-func activeBackupJob(dom *libvirt.Domain) (bool, error) {
-	job, err := backupJob(dom)
-	return job != nil, err
-}
-
 // backupJob returns the definition of the domain's running backup job, or
-// nil when none runs.
+// nil when none runs. (The backup's XML is the reliable sign: job
+// statistics of a pull-mode backup can fail with "backup job data
+// missing".)
 func backupJob(dom *libvirt.Domain) (*libvirtxml.DomainBackup, error) {
 	x, err := dom.BackupGetXMLDesc(0)
 	switch libvirtCode(err) {
@@ -171,9 +165,18 @@ func foreignJobError(domain string, b *libvirtxml.DomainBackup) error {
 		"when its owner is done, end it with virsh domjobabort %s and back up again", domain, what, domain)
 }
 
-// endBackupJob ends the domain's pull-mode backup job (virDomainAbortJob:
-// there is no public BackupEnd) and waits until libvirt reports it gone.
-func endBackupJob(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain) error {
+// endBackupJob ends the domain's pull-mode backup job that serves on sock
+// (virDomainAbortJob: there is no public BackupEnd) and waits until
+// libvirt reports it gone. A job serving elsewhere is not ours and is left
+// alone; no job is nothing to do.
+func endBackupJob(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domain, sock string) error {
+	gone := func() (bool, error) {
+		job, err := backupJob(dom)
+		return job == nil || jobSocket(job) != sock, err
+	}
+	if done, err := gone(); err != nil || done {
+		return err
+	}
 	completed := make(chan struct{}, 1)
 	id, err := conn.DomainEventJobCompletedRegister(dom, func(*libvirt.Connect, *libvirt.Domain, *libvirt.DomainEventJobCompleted) {
 		select {
@@ -194,15 +197,14 @@ func endBackupJob(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domai
 	for {
 		select {
 		case <-completed:
-			return nil
 		case <-tick.C:
-			if active, err := activeBackupJob(dom); err == nil && !active {
-				return nil
-			}
 		case <-deadline:
 			return errors.New("the backup job did not end within 2 minutes of being aborted")
 		case <-ctx.Done():
 			return context.Cause(ctx)
+		}
+		if done, err := gone(); err == nil && done {
+			return nil
 		}
 	}
 }
@@ -239,6 +241,9 @@ var testHookDeleteCheckpoint func(name string) error
 // whole (a later run deletes it), never a recording bitmap without
 // metadata.
 func deleteCheckpoint(dom *libvirt.Domain, name string) error {
+	if !strings.HasPrefix(name, checkpointPrefix) {
+		return fmt.Errorf("checkpoint %s is not nbdmover's: left alone", name)
+	}
 	cp, err := dom.CheckpointLookupByName(name, 0)
 	if libvirtCode(err) == libvirt.ERR_NO_DOMAIN_CHECKPOINT {
 		return nil
@@ -259,8 +264,11 @@ func deleteCheckpoint(dom *libvirt.Domain, name string) error {
 	if !bitmapMissing(err) {
 		return fmt.Errorf("delete checkpoint %s: %w", name, err)
 	}
+	// libvirt deletes all of a checkpoint's bitmaps or none: when one disk
+	// lost its bitmap, the others' stay in their images (a bitmap no
+	// checkpoint names, which records writes but is never read).
 	if merr := cp.Delete(libvirt.DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY); merr != nil {
-		return fmt.Errorf("delete checkpoint %s (its bitmap is gone): %w", name, merr)
+		return fmt.Errorf("delete checkpoint %s (a bitmap of it is gone): %w", name, merr)
 	}
 	return nil
 }

@@ -27,7 +27,7 @@ func lockName(runDir, name string) (*os.File, error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%s: another nbdmover backup of it is running on this host", name)
+			return nil, fmt.Errorf("%s: another nbdmover (a backup of it, or a cleanup) is working on it on this host; try again when it is done", name)
 		}
 		return nil, err
 	}

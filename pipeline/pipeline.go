@@ -63,12 +63,15 @@ type Buffers struct {
 	blob  bufPool // encoded chunks: workers and uploaders
 }
 
-// Tuning sizes the pipeline. Memory is about
-// (Readers*disks + 2*Workers + Uploads + 4) x chunk size.
+// Tuning sizes the pipeline. Each disk runs Readers, Workers and Uploads
+// goroutines, but the buffers are shared by the disks of a backup
+// (Memory): Readers x disks + Workers + 2 plaintext buffers and Workers +
+// Uploads + 2 blob buffers, so with several disks the pools, not the
+// goroutines, bound what is in flight.
 type Tuning struct {
 	Readers int // NBD connections and reader goroutines per disk
-	Workers int // digest/compress goroutines per disk
-	Uploads int // concurrent puts per disk; default: 32 MiB of chunks, at least 8
+	Workers int // digest/compress goroutines per disk (default: the CPUs)
+	Uploads int // put goroutines per disk; default: 32 MiB of chunks, at least 8
 }
 
 // uploadBytes is what the default number of uploads keeps in flight: with
@@ -128,6 +131,14 @@ type Stats struct {
 	VerifiedChunks int64 // clean chunks read and found equal to the parent's
 	VerifiedBytes  int64 // bytes read for them
 	ZeroedChunks   int64 // clean chunks unallocated now that held data at the parent
+}
+
+// Reset zeroes the counters, for a new run of the same disk.
+func (s *Stats) Reset() {
+	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero} {
+		c.Store(0)
+	}
+	s.BytesDirty, s.VerifiedChunks, s.VerifiedBytes, s.ZeroedChunks = 0, 0, 0, 0
 }
 
 // BitmapError says that a disk's dirty bitmap missed a change: a chunk it
@@ -223,6 +234,7 @@ func (j *Job) Run(ctx context.Context) (*repo.Index, error) {
 		for _, i := range stale {
 			p.stale[i] = true
 		}
+		p.grown = j.Parent.Grid().Count()
 		p.sample = j.Sample
 		if p.sample < 0 {
 			p.sample = SampleSize(j.Parent.Digests)

@@ -184,6 +184,14 @@ func TestPlanTable(t *testing.T) {
 			old.Digests[2] = chunker.Sum([]byte("short"))
 			return old
 		}, cs + unit, 0},
+		{"grown disk: data past the old end the bitmap does not mark", 4 * cs, func(d *fakeDisk) {
+			d.set(0, 4*cs, data, 4) // e.g. a backing file longer than the old disk
+		}, func(d *fakeDisk) *repo.Index {
+			full := indexOf(d)
+			old := repo.NewIndex(cs, 2*cs)
+			copy(old.Digests, full.Digests[:2])
+			return old
+		}, 2 * cs, 0},
 		{"shrunk disk: new last chunk stale", 2*cs + unit, func(d *fakeDisk) {
 			d.set(0, 2*cs+unit, data, 3)
 		}, func(d *fakeDisk) *repo.Index {

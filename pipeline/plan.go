@@ -43,7 +43,8 @@ func (p chunkPlan) readBytes() int64 {
 // On a full run (parent nil) every chunk that is not all holes/zeroes is
 // built; the others are zero chunks. On an incremental run every chunk a
 // dirty extent touches is built, and so is every stale chunk (one whose
-// length changed with a resize); the other chunks, clean, keep the
+// length changed with a resize) and every chunk a grow of the disk added;
+// the other chunks, clean, keep the
 // parent's digest, except that a clean chunk that is all holes/zeroes now
 // while the parent's digest is not the zero chunk is built (as zero: the
 // bitmap missed a discard). A built chunk reads the spans that are not
@@ -57,6 +58,9 @@ type planner struct {
 	grid   chunker.Grid
 	parent []chunker.Digest // the parent's digests, resized to the disk; nil on a full run
 	stale  map[int64]bool
+	// grown: chunks from this index on were past the end of the disk at
+	// the parent (it grew): they are built, whatever the bitmap says.
+	grown  int64
 	sample int        // clean chunks to verify on an incremental run
 	rng    *rand.Rand // picks them
 	// minDirty: a bitmap that is never cleared must mark at least this
@@ -80,57 +84,19 @@ type planner struct {
 // order, the chunks to verify after them.
 func (p *planner) run(ctx context.Context, extents iter.Seq2[nbdclient.Extent, error],
 	build func(chunkPlan) error, skip func(index, n int64)) error {
-	var cur *chunkPlan
-	touched := false
-	var pos int64 // the extents must cover the disk in order
-	flush := func() error {
-		if cur == nil {
-			return nil
-		}
-		c := *cur
-		cur = nil
-		return p.decide(c, touched, build, skip)
-	}
+	w := walk{p: p, build: build, skip: skip}
 	for e, err := range extents {
 		if err != nil {
 			return err
 		}
-		if e.Offset != pos || e.Length <= 0 || e.End() > p.grid.Size {
-			return fmt.Errorf("internal error: extent %d+%d does not follow %d on a %d-byte disk", e.Offset, e.Length, pos, p.grid.Size)
-		}
-		pos = e.End()
-		if e.Flags&nbdclient.Dirty != 0 {
-			p.dirtyBytes += e.Length
-		}
-		for off := e.Offset; off < e.End(); {
-			i := p.grid.Index(off)
-			if cur == nil || cur.index != i {
-				if err := flush(); err != nil {
-					return err
-				}
-				coff, n := p.grid.Chunk(i)
-				cur = &chunkPlan{index: i, off: coff, n: n}
-				touched = false
-			}
-			end := min(e.End(), cur.off+cur.n)
-			if e.Flags&nbdclient.Zero == 0 {
-				rel := off - cur.off
-				if k := len(cur.reads) - 1; k >= 0 && cur.reads[k].off+cur.reads[k].n == rel {
-					cur.reads[k].n += end - off
-				} else {
-					cur.reads = append(cur.reads, span{rel, end - off})
-				}
-			}
-			if e.Flags&nbdclient.Dirty != 0 {
-				touched = true
-			}
-			off = end
+		if err := w.extent(e); err != nil {
+			return err
 		}
 	}
-	if pos != p.grid.Size {
-		return fmt.Errorf("internal error: the extents end at %d of a %d-byte disk", pos, p.grid.Size)
+	if w.pos != p.grid.Size {
+		return fmt.Errorf("internal error: the extents end at %d of a %d-byte disk", w.pos, p.grid.Size)
 	}
-	if err := flush(); err != nil {
+	if err := w.flush(); err != nil {
 		return err
 	}
 	if p.dirtyBytes < p.minDirty {
@@ -150,6 +116,68 @@ func (p *planner) run(ctx context.Context, extents iter.Seq2[nbdclient.Extent, e
 	return nil
 }
 
+// walk is the state of one run over the extents: the chunk being put
+// together from them.
+type walk struct {
+	p       *planner
+	build   func(chunkPlan) error
+	skip    func(index, n int64)
+	cur     *chunkPlan
+	touched bool  // a dirty extent touches cur
+	pos     int64 // the extents must cover the disk in order
+}
+
+// extent adds an extent to the chunks it covers, deciding each chunk it
+// completes.
+func (w *walk) extent(e nbdclient.Extent) error {
+	g := w.p.grid
+	if e.Offset != w.pos || e.Length <= 0 || e.End() > g.Size {
+		return fmt.Errorf("internal error: extent %d+%d does not follow %d on a %d-byte disk", e.Offset, e.Length, w.pos, g.Size)
+	}
+	w.pos = e.End()
+	if e.Flags&nbdclient.Dirty != 0 {
+		w.p.dirtyBytes += e.Length
+	}
+	for off := e.Offset; off < e.End(); {
+		if i := g.Index(off); w.cur == nil || w.cur.index != i {
+			if err := w.flush(); err != nil {
+				return err
+			}
+			coff, n := g.Chunk(i)
+			w.cur, w.touched = &chunkPlan{index: i, off: coff, n: n}, false
+		}
+		end := min(e.End(), w.cur.off+w.cur.n)
+		if e.Flags&nbdclient.Zero == 0 {
+			w.cur.addRead(off-w.cur.off, end-off)
+		}
+		if e.Flags&nbdclient.Dirty != 0 {
+			w.touched = true
+		}
+		off = end
+	}
+	return nil
+}
+
+// flush decides the chunk put together so far.
+func (w *walk) flush() error {
+	if w.cur == nil {
+		return nil
+	}
+	c := *w.cur
+	w.cur = nil
+	return w.p.decide(c, w.touched, w.build, w.skip)
+}
+
+// addRead adds n bytes at rel (relative to the chunk) to read, joining
+// them with the span before when adjacent.
+func (p *chunkPlan) addRead(rel, n int64) {
+	if k := len(p.reads) - 1; k >= 0 && p.reads[k].off+p.reads[k].n == rel {
+		p.reads[k].n += n
+		return
+	}
+	p.reads = append(p.reads, span{rel, n})
+}
+
 // decide builds or skips one chunk, and offers clean chunks with data to
 // the sample.
 func (p *planner) decide(c chunkPlan, touched bool, build func(chunkPlan) error, skip func(index, n int64)) error {
@@ -161,7 +189,7 @@ func (p *planner) decide(c chunkPlan, touched bool, build func(chunkPlan) error,
 		return nil
 	}
 	switch {
-	case touched || p.stale[c.index]:
+	case touched || p.stale[c.index] || c.index >= p.grown:
 		return build(c)
 	case len(c.reads) == 0 && !p.parent[c.index].IsZeroChunk():
 		p.zeroedClean++

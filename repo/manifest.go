@@ -67,7 +67,8 @@ type DiskManifest struct {
 // bitmaps told the truth: a sample of the chunks they call clean is read
 // and compared with the parent's index.
 type Verification struct {
-	// Outcome is "passed", "off" (no sample asked for) or "mismatch" (a
+	// Outcome is "passed", "off" (no sample asked for),
+	// "nothing-to-check" (no clean chunk held data) or "mismatch" (a
 	// bitmap missed a change; the backup was taken in full instead and
 	// Detail says where).
 	Outcome string `json:"outcome"`
@@ -244,16 +245,28 @@ func UnmarshalManifest(b []byte) (*Manifest, error) {
 	return &m, nil
 }
 
-// Backup returns a committed backup of domain by id, or the newest
-// readable one when id is "" or "latest".
+// Backup returns a committed backup of domain by id, or the newest when id
+// is "" or "latest" (an error when the newest manifest cannot be read).
 func (r *Repo) Backup(ctx context.Context, domain, id string) (*Manifest, error) {
 	if err := ValidName("domain", domain); err != nil {
 		return nil, err
 	}
 	if id == "" || id == "latest" {
-		ms, _, err := r.Backups(ctx, domain)
+		ms, skipped, err := r.Backups(ctx, domain)
 		if err != nil {
 			return nil, err
+		}
+		newest := ""
+		if len(ms) > 0 {
+			newest = ms[len(ms)-1].ID
+		}
+		// The newest backup must be readable: restoring an older one
+		// instead, silently, would be a wrong restore.
+		for _, p := range skipped {
+			if _, pid, _ := strings.Cut(p.Backup, "/"); pid > newest {
+				return nil, fmt.Errorf("the newest backup %s cannot be read (%s); name the backup to use with --backup "+
+					"(nbdmover list shows the readable ones)", p.Backup, p.Problem)
+			}
 		}
 		if len(ms) == 0 {
 			return nil, fmt.Errorf("domain %s in %s: %w", domain, r.Location(), ErrNoBackup)

@@ -48,34 +48,56 @@ type chunkRef struct {
 // when it could not check (the store failed).
 func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)) (VerifyStats, error) {
 	var stats VerifyStats
-	var ms []*Manifest
+	ms, err := r.verifySelection(ctx, o, report)
+	if err != nil {
+		return stats, err
+	}
+	stats.Backups = len(ms)
+	refs, err := r.chunkRefs(ctx, ms, report)
+	if err != nil {
+		return stats, err
+	}
+	stats.Chunks = len(refs)
+	present, err := r.listedChunks(ctx, refs, report, &stats)
+	if err != nil || !o.ReadData {
+		return stats, err
+	}
+	parallel := o.Parallel
+	if parallel <= 0 {
+		parallel = 16
+	}
+	return stats, r.readChunks(ctx, present, refs, parallel, report)
+}
+
+// verifySelection returns the backups Verify checks; manifests that cannot
+// be read are problems.
+func (r *Repo) verifySelection(ctx context.Context, o VerifyOptions, report func(Problem)) ([]*Manifest, error) {
 	if o.Backup != "" {
 		m, err := r.Backup(ctx, o.Domain, o.Backup)
 		if err != nil {
-			return stats, err
+			return nil, err
 		}
-		ms = []*Manifest{m}
-	} else {
-		var skipped []Problem
-		var err error
-		if ms, skipped, err = r.Backups(ctx, o.Domain); err != nil {
-			return stats, err
-		}
-		for _, p := range skipped {
-			report(p)
-		}
+		return []*Manifest{m}, nil
 	}
-	stats.Backups = len(ms)
+	ms, skipped, err := r.Backups(ctx, o.Domain)
+	for _, p := range skipped {
+		report(p)
+	}
+	return ms, err
+}
 
+// chunkRefs checks the backups' indexes and files and returns every chunk
+// they reference, each with the first place that references it.
+func (r *Repo) chunkRefs(ctx context.Context, ms []*Manifest, report func(Problem)) (map[chunker.Digest]chunkRef, error) {
 	refs := map[chunker.Digest]chunkRef{}
 	for _, m := range ms {
 		name := m.Domain + "/" + m.ID
 		for _, d := range m.Disks {
 			ix, err := r.LoadIndex(ctx, m, d.Name)
+			if isStoreFailure(err) {
+				return nil, err
+			}
 			if err != nil {
-				if isStoreFailure(err) {
-					return stats, err
-				}
 				report(Problem{Object: m.Key(d.Index), Backup: name, Disk: d.Name, Problem: err.Error()})
 				continue
 			}
@@ -86,23 +108,28 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 			}
 		}
 		for f := range m.Files {
-			if _, err := r.ReadFile(ctx, m, f); err != nil {
-				if isStoreFailure(err) {
-					return stats, err
-				}
+			_, err := r.ReadFile(ctx, m, f)
+			if isStoreFailure(err) {
+				return nil, err
+			}
+			if err != nil {
 				report(Problem{Object: m.Key(f), Backup: name, Problem: err.Error()})
 			}
 		}
 	}
-	stats.Chunks = len(refs)
+	return refs, nil
+}
 
-	// One listing tells which chunks exist, instead of a request per chunk.
+// listedChunks reports the referenced chunks that are missing or too
+// short to be a blob, from one listing instead of a request per chunk, and
+// returns the others in disk order.
+func (r *Repo) listedChunks(ctx context.Context, refs map[chunker.Digest]chunkRef, report func(Problem), stats *VerifyStats) ([]chunker.Digest, error) {
 	sizes := map[string]int64{}
 	if err := r.store.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
 		sizes[o.Key] = o.Size
 		return nil
 	}); err != nil {
-		return stats, err
+		return nil, err
 	}
 	digests := make([]chunker.Digest, 0, len(refs))
 	for dg := range refs {
@@ -125,17 +152,16 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 			present = append(present, dg)
 		}
 	}
-	if !o.ReadData {
-		return stats, nil
-	}
+	return present, nil
+}
 
+// readChunks fetches, decodes and re-hashes the chunks, parallel at once,
+// and reports each one that is damaged.
+func (r *Repo) readChunks(ctx context.Context, present []chunker.Digest, refs map[chunker.Digest]chunkRef,
+	parallel int, report func(Problem)) error {
 	var mu sync.Mutex
 	var next atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
-	parallel := o.Parallel
-	if parallel <= 0 {
-		parallel = 16
-	}
 	for range parallel {
 		g.Go(func() error {
 			var plain, blob []byte
@@ -162,7 +188,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 			}
 		})
 	}
-	return stats, g.Wait()
+	return g.Wait()
 }
 
 // isStoreFailure tells a failing store (stop: we cannot check) from a bad

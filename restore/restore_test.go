@@ -28,7 +28,7 @@ func backupImage(t *testing.T, ro repo.Options, img string) *mover.BackupResult 
 	srv := qemutest.Serve(t, img, "-r")
 	defer srv.Kill()
 	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "offline-vm", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: "full", ChunkSize: 256 << 10, Log: backuptest.Log(t)})
+		mover.Options{Repo: ro, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,6 +112,12 @@ func TestDamage(t *testing.T) {
 		t.Fatalf("truncated index: %v", err)
 	}
 	os.Truncate(filepath.Join(bdir, "manifest.json"), 50)
+	// Restoring "latest" over an unreadable newest manifest is refused,
+	// not an older backup restored in its place.
+	_, _, err = restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out})
+	if err == nil || !strings.Contains(err.Error(), "offline-vm/"+res.ID) || !strings.Contains(err.Error(), "--backup") {
+		t.Fatalf("restore latest over an unreadable manifest: %v", err)
+	}
 	// A damaged manifest does not stop the listing: it is skipped and named.
 	if ms, skipped, err := listAll(t, ro); err != nil || len(ms) != 0 || len(skipped) != 1 || !strings.Contains(skipped[0].Object, "manifest.json") {
 		t.Fatalf("truncated manifest: %v %+v %v", ms, skipped, err)

@@ -32,62 +32,73 @@ func backupCommand() *cli.Command {
 			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none; default 16 + 0.1% of the chunks holding data, at most 256)"},
 			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
 		),
-		Action: func(c *cli.Context) error {
-			if err := checkFlags(c); err != nil {
-				return err
-			}
-			if (c.String("domain") == "") == (c.String("nbd") == "") {
-				return usagef("backup: give --domain NAME, or --nbd URI with --name NAME")
-			}
-			chunk, err := parseSize(c.String("chunk-size"))
-			if err != nil {
-				return usagef("--chunk-size: %v", err)
-			}
-			mem, err := parseSize(c.String("max-memory"))
-			if err != nil {
-				return usagef("--max-memory: %v", err)
-			}
-			log, err := newLogger(c)
-			if err != nil {
-				return err
-			}
-			src, err := backupSource(c)
-			if err != nil {
-				return err
-			}
-			progress := &Progress{W: os.Stderr, Terminal: isTerminal(os.Stderr)}
-			ctx, stopProgress := context.WithCancel(c.Context)
-			done := make(chan struct{})
-			go func() { progress.Run(ctx); close(done) }()
-			o := mover.Options{
-				Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
-				Tuning: pipeline.Tuning{Readers: c.Int("readers")}, MaxMemory: mem, Log: log, Progress: progress.Add,
-			}
-			if c.IsSet("verify-sample") {
-				n := c.Int("verify-sample")
-				o.VerifySample = &n
-			}
-			res, err := mover.Backup(c.Context, src, o)
-			stopProgress()
-			<-done
-			if err != nil {
-				return err
-			}
-			if c.Bool("json") {
-				return printJSON(c.App.Writer, res)
-			}
-			fmt.Fprintf(c.App.Writer, "committed %s backup %s/%s in %.1fs: read %s, stored %s, deduplicated %s, zero %s\n",
-				res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), humanBytes(res.BytesWritten),
-				humanBytes(res.BytesDedup), humanBytes(res.BytesZero))
-			if v := res.Verification; v != nil {
-				fmt.Fprintf(c.App.Writer, "dirty bitmaps checked: %s (%d clean chunks, %s read)\n", v.Outcome, v.Chunks, humanBytes(v.Bytes))
-			}
-			if res.Fallback != "" {
-				fmt.Fprintf(c.App.Writer, "full instead of incremental: %s\n", res.Fallback)
-			}
-			return nil
-		},
+		Action: runBackup,
 	}
+}
+
+func runBackup(c *cli.Context) error {
+	if err := checkFlags(c); err != nil {
+		return err
+	}
+	if (c.String("domain") == "") == (c.String("nbd") == "") {
+		return usagef("backup: give --domain NAME, or --nbd URI with --name NAME")
+	}
+	o, err := backupOptions(c)
+	if err != nil {
+		return err
+	}
+	src, err := backupSource(c)
+	if err != nil {
+		return err
+	}
+	progress := &Progress{W: os.Stderr, Terminal: isTerminal(os.Stderr)}
+	o.Progress = progress.Add
+	ctx, stopProgress := context.WithCancel(c.Context)
+	done := make(chan struct{})
+	go func() { progress.Run(ctx); close(done) }()
+	res, err := mover.Backup(c.Context, src, o)
+	stopProgress()
+	<-done
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, res)
+	}
+	w := c.App.Writer
+	fmt.Fprintf(w, "committed %s backup %s/%s in %.1fs: read %s, stored %s, deduplicated %s, zero %s\n",
+		res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), humanBytes(res.BytesWritten),
+		humanBytes(res.BytesDedup), humanBytes(res.BytesZero))
+	if v := res.Verification; v != nil {
+		fmt.Fprintf(w, "dirty bitmaps checked: %s (%d clean chunks, %s read)\n", v.Outcome, v.Chunks, humanBytes(v.Bytes))
+	}
+	if res.Fallback != "" {
+		fmt.Fprintf(w, "full instead of incremental: %s\n", res.Fallback)
+	}
+	return nil
+}
+
+// backupOptions are the options the flags give a backup.
+func backupOptions(c *cli.Context) (mover.Options, error) {
+	chunk, err := parseSize(c.String("chunk-size"))
+	if err != nil {
+		return mover.Options{}, usagef("--chunk-size: %v", err)
+	}
+	mem, err := parseSize(c.String("max-memory"))
+	if err != nil {
+		return mover.Options{}, usagef("--max-memory: %v", err)
+	}
+	log, err := newLogger(c)
+	if err != nil {
+		return mover.Options{}, err
+	}
+	o := mover.Options{Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
+		Tuning: pipeline.Tuning{Readers: c.Int("readers")}, MaxMemory: mem, Log: log}
+	if c.IsSet("verify-sample") {
+		n := c.Int("verify-sample")
+		o.VerifySample = &n
+	}
+	return o, nil
 }
 
 // backupSource is the domain or NBD export the flags name.

@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/restore"
 	"github.com/urfave/cli/v2"
@@ -41,7 +42,7 @@ func exitStatus(err error) int {
 	var ue usageError
 	var ce checkError
 	switch {
-	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid):
+	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid):
 		return 2
 	case errors.As(err, &ce):
 		return 3

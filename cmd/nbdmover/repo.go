@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -114,51 +116,58 @@ func listCommand() *cli.Command {
 				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: skipped %s: %s (nbdmover verify reports it)\n", p.Object, p.Problem)
 			}
 			if c.Bool("json") {
-				type disk struct {
-					Name string `json:"name"`
-					Size int64  `json:"size"`
-				}
-				type backup struct {
-					ID          string    `json:"id"`
-					Domain      string    `json:"domain"`
-					Mode        string    `json:"mode"`
-					Created     time.Time `json:"created"`
-					Parent      string    `json:"parent,omitempty"`
-					Consistency string    `json:"consistency"`
-					Disks       []disk    `json:"disks"`
-				}
-				out := struct {
-					Backups []backup       `json:"backups"`
-					Skipped []repo.Problem `json:"skipped,omitempty"`
-				}{Backups: []backup{}, Skipped: skipped}
-				for _, m := range ms {
-					b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency}
-					for _, d := range m.Disks {
-						b.Disks = append(b.Disks, disk{d.Name, d.Size})
-					}
-					out.Backups = append(out.Backups, b)
-				}
-				return printJSON(c.App.Writer, out)
+				return printJSON(c.App.Writer, listJSON(ms, skipped))
 			}
-			if len(ms) == 0 {
-				fmt.Fprintln(c.App.Writer, "no backups")
-				return nil
-			}
-			tw := tabwriter.NewWriter(c.App.Writer, 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tDISKS")
-			for _, m := range ms {
-				disks := ""
-				for i, d := range m.Disks {
-					if i > 0 {
-						disks += " "
-					}
-					disks += fmt.Sprintf("%s:%s", d.Name, humanBytes(d.Size))
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, disks)
-			}
-			return tw.Flush()
+			return printList(c.App.Writer, ms)
 		},
 	}
+}
+
+// listJSON is the document of list --json.
+func listJSON(ms []*repo.Manifest, skipped []repo.Problem) any {
+	type disk struct {
+		Name string `json:"name"`
+		Size int64  `json:"size"`
+	}
+	type backup struct {
+		ID          string    `json:"id"`
+		Domain      string    `json:"domain"`
+		Mode        string    `json:"mode"`
+		Created     time.Time `json:"created"`
+		Parent      string    `json:"parent,omitempty"`
+		Consistency string    `json:"consistency"`
+		Disks       []disk    `json:"disks"`
+	}
+	out := struct {
+		Backups []backup       `json:"backups"`
+		Skipped []repo.Problem `json:"skipped,omitempty"`
+	}{Backups: []backup{}, Skipped: skipped}
+	for _, m := range ms {
+		b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency}
+		for _, d := range m.Disks {
+			b.Disks = append(b.Disks, disk{d.Name, d.Size})
+		}
+		out.Backups = append(out.Backups, b)
+	}
+	return out
+}
+
+// printList prints the backups as a table.
+func printList(w io.Writer, ms []*repo.Manifest) error {
+	if len(ms) == 0 {
+		fmt.Fprintln(w, "no backups")
+		return nil
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tDISKS")
+	for _, m := range ms {
+		var disks []string
+		for _, d := range m.Disks {
+			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, humanBytes(d.Size)))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, strings.Join(disks, " "))
+	}
+	return tw.Flush()
 }
 
 func restoreCommand() *cli.Command {
