@@ -28,7 +28,7 @@ type CleanupOptions struct {
 	// local store takes a while).
 	TempAge       time.Duration
 	SkipStoreTemp bool
-	Log     *slog.Logger `json:"-"`
+	Log           *slog.Logger `json:"-"`
 }
 
 // CleanupReport is what Cleanup did.
