@@ -430,10 +430,7 @@ func TestDaemonBitmapMismatch(t *testing.T) {
 		t.Fatalf("submit: %d %s", code, msg)
 	}
 	full := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
-	bitmap, node := `"nbdmover-`+full.BackupID+`"`, `"`+dom.NodeName("vda")+`"`
-	dom.QMP(`{"execute":"block-dirty-bitmap-disable","arguments":{"node":` + node + `,"name":` + bitmap + `}}`)
-	dom.Write("vda", "write -P 0x52 0 4M")
-	dom.QMP(`{"execute":"block-dirty-bitmap-enable","arguments":{"node":` + node + `,"name":` + bitmap + `}}`)
+	dom.BehindBitmap("vda", "nbdmover-"+full.BackupID, func() { dom.Write("vda", "write -P 0x52 0 4M") })
 	refs := dom.Snapshot()
 	id, _, _ = d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
 	v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)

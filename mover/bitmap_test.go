@@ -172,11 +172,9 @@ func TestBitmapLiesInRunningDomain(t *testing.T) {
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
 	dom.Write("vda", "write -P 0x51 0 4M")
 	full := domainBackup(t, ro, dom, "auto")
-	bitmap := "nbdmover-" + full.ID
-	node := dom.NodeName("vda")
-	dom.QMP(`{"execute":"block-dirty-bitmap-disable","arguments":{"node":"` + node + `","name":"` + bitmap + `"}}`)
-	dom.Write("vda", "write -P 0x52 0 4M") // every chunk that holds data, unseen
-	dom.QMP(`{"execute":"block-dirty-bitmap-enable","arguments":{"node":"` + node + `","name":"` + bitmap + `"}}`)
+	dom.BehindBitmap("vda", "nbdmover-"+full.ID, func() {
+		dom.Write("vda", "write -P 0x52 0 4M") // every chunk that holds data, unseen
+	})
 	dom.Write("vda", "write -P 0x53 8M 64k") // seen
 	refs := dom.Snapshot()
 

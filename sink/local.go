@@ -179,17 +179,8 @@ func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) err
 	if i := strings.LastIndex(prefix, "/"); i >= 0 {
 		start = filepath.Join(l.root, filepath.FromSlash(prefix[:i]))
 	}
-	err := filepath.WalkDir(start, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if strings.HasPrefix(d.Name(), ".tmp-") || !d.Type().IsRegular() {
+	err := walkFiles(ctx, start, func(path string, d fs.DirEntry) error {
+		if strings.HasPrefix(d.Name(), ".tmp-") {
 			return nil
 		}
 		key := filepath.ToSlash(strings.TrimPrefix(path, l.root+string(filepath.Separator)))
@@ -213,6 +204,26 @@ func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) err
 		return l.fail("list", prefix, err)
 	}
 	return nil
+}
+
+// walkFiles calls fn for every regular file below dir (none when dir does
+// not exist), checking ctx as it goes.
+func walkFiles(ctx context.Context, dir string, fn func(path string, d fs.DirEntry) error) error {
+	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		return fn(path, d)
+	})
 }
 
 // callerError carries an error of List's callback through a walk unchanged.
@@ -243,17 +254,8 @@ func (l *Local) Delete(ctx context.Context, key string) error {
 func (l *Local) RemoveTemp(ctx context.Context, age time.Duration) (int, error) {
 	cutoff := time.Now().Add(-age)
 	n := 0
-	err := filepath.WalkDir(l.root, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if !d.Type().IsRegular() || !strings.HasPrefix(d.Name(), ".tmp-") {
+	err := walkFiles(ctx, l.root, func(path string, d fs.DirEntry) error {
+		if !strings.HasPrefix(d.Name(), ".tmp-") {
 			return nil
 		}
 		if info, err := d.Info(); err == nil && info.ModTime().Before(cutoff) {

@@ -221,3 +221,14 @@ func (d *Domain) Bitmaps(dev string) []string {
 	}
 	return names
 }
+
+// BehindBitmap runs f (writes to dev) with the dirty bitmap disabled
+// through QMP, so that it misses them: a bitmap that lies, as a QEMU bug
+// or a tool behind libvirt's back could make it.
+func (d *Domain) BehindBitmap(dev, bitmap string, f func()) {
+	d.tb.Helper()
+	args := fmt.Sprintf(`{"node":%q,"name":%q}`, d.NodeName(dev), bitmap)
+	d.QMP(`{"execute":"block-dirty-bitmap-disable","arguments":` + args + `}`)
+	f()
+	d.QMP(`{"execute":"block-dirty-bitmap-enable","arguments":` + args + `}`)
+}
