@@ -84,18 +84,33 @@ func (c Compression) String() string {
 // Codec encodes and decodes blobs. It is safe for concurrent use.
 type Codec struct {
 	algorithm string
+	limit     int       // the largest plaintext: MaxChunkSize, or MaxMetaSize
 	encoders  sync.Pool // *zstd.Encoder
 	decoders  sync.Pool // *zstd.Decoder
 }
 
-// NewCodec returns a codec that compresses as c says. Any codec decodes
-// blobs of every codec.
+// MaxMetaSize is the largest plaintext of a metadata blob (NewMetaCodec).
+const MaxMetaSize = 256 << 20
+
+// NewCodec returns a codec for chunks that compresses as c says. Any codec
+// decodes blobs of every codec.
 func NewCodec(c Compression) (*Codec, error) {
+	return newCodec(c, MaxChunkSize)
+}
+
+// NewMetaCodec returns the codec of metadata blobs (indexes, manifests):
+// zstd's fastest level, plaintexts up to MaxMetaSize.
+func NewMetaCodec() *Codec {
+	c, _ := newCodec(Compression{Algorithm: "zstd", Level: 1}, MaxMetaSize)
+	return c
+}
+
+func newCodec(c Compression, limit int) (*Codec, error) {
 	if _, err := ParseCompression(c.String()); err != nil {
 		return nil, err
 	}
 	level := zstd.EncoderLevel(max(c.Level, 1))
-	codec := &Codec{algorithm: c.Algorithm}
+	codec := &Codec{algorithm: c.Algorithm, limit: limit}
 	codec.encoders.New = func() any {
 		e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1),
 			zstd.WithEncoderCRC(false), zstd.WithWindowSize(MaxChunkSize))
@@ -105,7 +120,7 @@ func NewCodec(c Compression) (*Codec, error) {
 		return e
 	}
 	codec.decoders.New = func() any {
-		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxChunkSize),
+		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(limit)),
 			zstd.WithDecoderMaxWindow(MaxChunkSize))
 		if err != nil {
 			panic(err)
@@ -121,11 +136,12 @@ func MaxBlobLen(n int) int {
 	return HeaderSize + max(s2.MaxEncodedLen(n), n+n/128+1024)
 }
 
-// Encode appends the blob of plain to dst[:0] and returns it.
-// len(plain) must be at most MaxChunkSize.
+// Encode appends the blob of plain to dst[:0] and returns it. len(plain)
+// must be at most the codec's limit (MaxChunkSize, or MaxMetaSize for
+// NewMetaCodec).
 func (c *Codec) Encode(dst, plain []byte) []byte {
-	if len(plain) > MaxChunkSize {
-		panic("chunker: chunk larger than MaxChunkSize")
+	if len(plain) > c.limit {
+		panic("chunker: plaintext larger than the codec's limit")
 	}
 	dst = append(dst[:0], make([]byte, HeaderSize)...)
 	codec := byte(codecRaw)
@@ -166,6 +182,21 @@ func (c *Codec) Encode(dst, plain []byte) []byte {
 // must hash to want. Every failure matches ErrCorrupt and is a
 // *CorruptError naming the check.
 func (c *Codec) Decode(dst, blob []byte, want Digest) ([]byte, error) {
+	out, err := c.DecodeMeta(dst, blob)
+	if err != nil {
+		return nil, err
+	}
+	if got := Sum(out); got != want {
+		return nil, corrupt("digest", "plaintext hashes to %s", got)
+	}
+	return out, nil
+}
+
+// DecodeMeta checks a blob that holds metadata rather than a chunk (an
+// index, a manifest: whose names are not the digest of their plaintext)
+// and appends its plaintext to dst[:0]: every check of Decode but the
+// digest.
+func (c *Codec) DecodeMeta(dst, blob []byte) ([]byte, error) {
 	if len(blob) < HeaderSize {
 		return nil, corrupt("length", "%d bytes is shorter than the %d-byte header", len(blob), HeaderSize)
 	}
@@ -184,8 +215,8 @@ func (c *Codec) Decode(dst, blob []byte, want Digest) ([]byte, error) {
 	if storedLen != len(payload) {
 		return nil, corrupt("length", "header says %d payload bytes, blob has %d (truncated?)", storedLen, len(payload))
 	}
-	if plainLen > MaxChunkSize {
-		return nil, corrupt("header", "plaintext length %d exceeds the maximum chunk size", plainLen)
+	if plainLen > c.limit {
+		return nil, corrupt("header", "plaintext length %d exceeds the limit of %d", plainLen, c.limit)
 	}
 	if sum := crc32.Checksum(payload, castagnoli); sum != binary.LittleEndian.Uint32(blob[16:]) {
 		return nil, corrupt("crc", "CRC32C of the payload is %08x, header says %08x", sum, binary.LittleEndian.Uint32(blob[16:]))
@@ -216,9 +247,6 @@ func (c *Codec) Decode(dst, blob []byte, want Digest) ([]byte, error) {
 	}
 	if len(out) != plainLen {
 		return nil, corrupt("length", "plaintext is %d bytes, header says %d", len(out), plainLen)
-	}
-	if got := Sum(out); got != want {
-		return nil, corrupt("digest", "plaintext hashes to %s", got)
 	}
 	return out, nil
 }

@@ -35,5 +35,11 @@ func (g Grid) Chunk(i int64) (off, n int64) {
 	return off, min(g.ChunkSize, g.Size-off)
 }
 
+// ChunkLen returns the length of chunk i.
+func (g Grid) ChunkLen(i int64) int64 {
+	_, n := g.Chunk(i)
+	return n
+}
+
 // Index returns the chunk that holds byte off.
 func (g Grid) Index(off int64) int64 { return off / g.ChunkSize }

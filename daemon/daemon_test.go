@@ -457,7 +457,7 @@ func TestDaemonBackupsSkipDamaged(t *testing.T) {
 		}
 		ids = append(ids, res.ID)
 	}
-	os.WriteFile(filepath.Join(dir, "backups", "vm", ids[0], "manifest.json"), []byte(`{"version": 7}`), 0o600)
+	backuptest.PutManifest(t, dir, "vm", ids[0], []byte(`{"version": 7}`), true)
 	d := startDaemon(t, ro, 1)
 	var out struct {
 		Backups []struct{ ID string }

@@ -239,23 +239,11 @@ func newManifest(r *repo.Repo, o Options, name, newest string, start time.Time) 
 // (nil when none), and the newest id of all, counting manifests that
 // cannot be read (which are skipped, with a warning).
 func lastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger) (*repo.Manifest, string, error) {
-	ms, skipped, err := r.Backups(ctx, name)
-	if err != nil {
-		return nil, "", err
-	}
-	var last *repo.Manifest
-	newest := ""
-	if len(ms) > 0 {
-		last = ms[len(ms)-1]
-		newest = last.ID
-	}
+	last, newest, skipped, err := r.Latest(ctx, name)
 	for _, p := range skipped {
 		log.Warn("skipping a backup whose manifest cannot be read", "object", p.Object, "error", p.Problem)
-		if _, id, _ := strings.Cut(p.Backup, "/"); id > newest {
-			newest = id
-		}
 	}
-	return last, newest, nil
+	return last, newest, err
 }
 
 // backup is one Backup between the session's start and end.
@@ -319,7 +307,7 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 // forced by --mode incremental fails; otherwise every disk is read in full
 // (from the same exports, so at the same point in time), and the reason
 // is recorded.
-func (b *backup) distrust(lie *pipeline.BitmapError, disks int) ([]*repo.Index, error) {
+func (b *backup) distrust(lie *pipeline.BitmapError, disks int) ([]*repo.Chain, error) {
 	if b.o.Mode == ModeIncremental {
 		return nil, fmt.Errorf("backup %s: the incremental cannot be trusted: %w; "+
 			"nothing was committed: take a full backup (--mode full or auto)", b.m.Domain, lie)
@@ -328,11 +316,11 @@ func (b *backup) distrust(lie *pipeline.BitmapError, disks int) ([]*repo.Index, 
 		"disk", lie.Disk, "chunk", lie.Chunk, "error", lie.Error())
 	b.verification = &repo.Verification{Outcome: "mismatch", Detail: lie.Error()}
 	b.fallbacks = append(b.fallbacks, lie.Error()+"; read every disk in full instead")
-	return make([]*repo.Index, disks), nil
+	return make([]*repo.Chain, disks), nil
 }
 
 // verified sums up the check of the dirty bitmaps.
-func (b *backup) verified(parents []*repo.Index, results []DiskResult) *repo.Verification {
+func (b *backup) verified(parents []*repo.Chain, results []DiskResult) *repo.Verification {
 	if b.verification != nil {
 		return b.verification
 	}
@@ -356,12 +344,12 @@ func (b *backup) verified(parents []*repo.Index, results []DiskResult) *repo.Ver
 	return v
 }
 
-// parents loads the last backup's index of each disk the session reads
+// parents loads the last backup's index chain of each disk the session reads
 // incrementally (nil for the others). A disk whose export grants no dirty
 // bitmap cannot be read incrementally: that is an error with --mode
 // incremental, and a full read of the disk otherwise.
-func (b *backup) parents(ctx context.Context, disks []SourceDisk) ([]*repo.Index, error) {
-	parents := make([]*repo.Index, len(disks))
+func (b *backup) parents(ctx context.Context, disks []SourceDisk) ([]*repo.Chain, error) {
+	parents := make([]*repo.Chain, len(disks))
 	for i, d := range disks {
 		if !d.Incremental {
 			continue
@@ -374,11 +362,11 @@ func (b *backup) parents(ctx context.Context, disks []SourceDisk) ([]*repo.Index
 			b.fallbacks = append(b.fallbacks, why)
 			continue
 		}
-		ix, err := b.r.LoadIndex(ctx, b.last, d.Name)
+		c, err := b.r.LoadChain(ctx, b.last, d.Name)
 		if err != nil {
 			return nil, fmt.Errorf("backup %s: parent backup %s: %w", b.m.Domain, b.last.ID, err)
 		}
-		parents[i] = ix
+		parents[i] = c
 	}
 	return parents, nil
 }
@@ -398,7 +386,7 @@ func dirtyContextMissing(d SourceDisk) string {
 // minDirty is what a cumulative bitmap (one never cleared, like an NBD
 // export's persistent bitmap) must mark now: at least what it marked at
 // the parent, unless the disk was resized.
-func (b *backup) minDirty(d SourceDisk, parent *repo.Index) int64 {
+func (b *backup) minDirty(d SourceDisk, parent *repo.Chain) int64 {
 	if !d.CumulativeBitmap || parent == nil {
 		return 0
 	}
@@ -411,7 +399,7 @@ func (b *backup) minDirty(d SourceDisk, parent *repo.Index) int64 {
 
 // readDisks backs up every disk in parallel, sharing one buffer budget. On
 // any error the others stop and nothing is returned.
-func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*repo.Index) ([]*repo.Index, []DiskResult, error) {
+func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*repo.Chain) ([]repo.DiskData, []DiskResult, error) {
 	chunkSize := b.r.Config().ChunkSize
 	tuning := b.o.Tuning.WithDefaults(runtime.NumCPU(), chunkSize)
 	if b.bufs == nil { // the first pass: one budget, one set of counters per disk for every pass
@@ -424,7 +412,7 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 			}
 		}
 	}
-	indexes := make([]*repo.Index, len(disks))
+	data := make([]repo.DiskData, len(disks))
 	results := make([]DiskResult, len(disks))
 	// A disk whose bitmap lies does not stop the others: every disk is
 	// read again in full then, over the same connections.
@@ -435,11 +423,14 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 			start := time.Now()
 			b.stats[i].Reset()
 			job := &pipeline.Job{Name: d.Name, Disk: d.Disk, Repo: b.r, Buffers: b.bufs, Tuning: tuning,
-				Stats: b.stats[i], Parent: parents[i], Sample: -1, MinDirty: b.minDirty(d, parents[i])}
+				Stats: b.stats[i], Sample: -1, MinDirty: b.minDirty(d, parents[i])}
+			if parents[i] != nil {
+				job.Parent = parents[i].Index
+			}
 			if b.o.VerifySample != nil {
 				job.Sample = *b.o.VerifySample
 			}
-			ix, err := job.Run(gctx)
+			res, err := job.Run(gctx)
 			var be *pipeline.BitmapError
 			if errors.As(err, &be) {
 				lie.CompareAndSwap(nil, be)
@@ -448,9 +439,10 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 			if err != nil {
 				return err
 			}
-			indexes[i] = ix
-			results[i] = diskResult(d.Name, ix.Size, parents[i] != nil, job.Stats, time.Since(start))
-			b.o.Log.Info("disk done", "disk", d.Name, "mode", results[i].Mode, "size", ix.Size,
+			data[i] = repo.DiskData{Full: res.Index, Parent: parents[i], Delta: res.Delta}
+			size := d.Disk.Info().Size
+			results[i] = diskResult(d.Name, size, parents[i] != nil, job.Stats, time.Since(start))
+			b.o.Log.Info("disk done", "disk", d.Name, "mode", results[i].Mode, "size", size,
 				"read", results[i].BytesRead, "written", results[i].BytesWritten, "seconds", results[i].Seconds)
 			return nil
 		})
@@ -461,7 +453,7 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 	if be := lie.Load(); be != nil {
 		return nil, nil, be
 	}
-	return indexes, results, nil
+	return data, results, nil
 }
 
 func diskResult(name string, size int64, incremental bool, st *pipeline.Stats, took time.Duration) DiskResult {
@@ -476,15 +468,15 @@ func diskResult(name string, size int64, incremental bool, st *pipeline.Stats, t
 }
 
 // commit writes the backup's indexes, files and manifest.
-func (b *backup) commit(ctx context.Context, disks []SourceDisk, indexes []*repo.Index,
+func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.DiskData,
 	results []DiskResult, files map[string][]byte) (*BackupResult, error) {
 	m := b.m
-	ixs := map[string]*repo.Index{}
+	dds := map[string]repo.DiskData{}
 	res := &BackupResult{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Parent: m.Parent, Fallback: m.Fallback,
 		Consistency: m.Consistency, Repository: b.r.Location(), Disks: results, Verification: m.Verification}
 	var covered int64
 	for i, d := range disks {
-		ixs[d.Name] = indexes[i]
+		dds[d.Name] = data[i]
 		dr := results[i]
 		m.Disks = append(m.Disks, repo.DiskManifest{Name: d.Name, Size: dr.Size, Mode: dr.Mode,
 			BytesRead: dr.BytesRead, BytesWritten: dr.BytesWritten, BytesDedup: dr.BytesDedup, BytesZero: dr.BytesZero,
@@ -496,8 +488,12 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, indexes []*repo
 		covered += dr.Size
 	}
 	m.Completed = time.Now().UTC()
-	if err := b.r.Commit(ctx, m, ixs, files); err != nil {
+	if err := b.r.Commit(ctx, m, dds, files); err != nil {
 		return nil, fmt.Errorf("commit backup %s/%s: %w", m.Domain, m.ID, err)
+	}
+	if err := b.r.UpdateCatalog(ctx, m.Domain); err != nil {
+		b.o.Log.Warn("the catalog of backups was not updated (listing is slower until the next backup updates it)",
+			"domain", m.Domain, "error", err)
 	}
 	res.Seconds = time.Since(b.start).Seconds()
 	if res.Seconds > 0 {

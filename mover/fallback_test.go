@@ -154,12 +154,15 @@ func TestUnreadableManifestSkipped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, damage := range []string{`{"version": 2, "id": "` + second.ID + `"}`, `{"version": 1, "id": "`} {
-		os.WriteFile(filepath.Join(dir, "backups", "vm", second.ID, "manifest.json"), []byte(damage), 0o600)
+	for _, damage := range []struct {
+		content string
+		asBlob  bool
+	}{{`{"version": 3, "id": "` + second.ID + `"}`, true}, {`NBMC damaged`, false}} {
+		backuptest.PutManifest(t, dir, "vm", second.ID, []byte(damage.content), damage.asBlob)
 		qemutest.IO(t, img, "write -P 0x44 1M 64k")
 		res, err := exportBackup(t, ro, img, "vm", "auto")
 		if err != nil || res.Parent != first.ID || res.ID <= second.ID {
-			t.Fatalf("backup next to %q: %+v %v", damage, res, err)
+			t.Fatalf("backup next to %q: %+v %v", damage.content, res, err)
 		}
 		checkRestore(t, ro, "vm", img)
 		r, _ := ro.Open(t.Context())
@@ -168,6 +171,6 @@ func TestUnreadableManifestSkipped(t *testing.T) {
 			t.Fatalf("list: %d backups, skipped %+v, %v", len(ms), skipped, err)
 		}
 		t.Log(skipped[0].Problem)
-		os.RemoveAll(filepath.Join(dir, "backups", "vm", res.ID))
+		os.Remove(filepath.Join(dir, filepath.FromSlash(repo.ManifestKey("vm", res.ID))))
 	}
 }

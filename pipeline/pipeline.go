@@ -165,9 +165,10 @@ type readChunk struct {
 }
 
 type upload struct {
-	index int64
-	plain int64 // plaintext length, for the dedup count
-	blob  []byte
+	index  int64
+	digest chunker.Digest
+	plain  int64 // plaintext length, for the dedup count
+	blob   []byte
 }
 
 // Job is the backup of one disk.
@@ -192,75 +193,100 @@ type Job struct {
 	MinDirty int64
 }
 
+// Result is what a disk's backup made: the disk's index (a full run), or
+// what changed of the parent's (an incremental run).
+type Result struct {
+	Index *repo.Index
+	Delta *repo.Delta
+}
+
 // run is the state of one Job.Run.
 type run struct {
 	*Job
-	ix    *repo.Index
-	known map[chunker.Digest]bool // digests the parent references: stored, no upload or check
+	resized *repo.Index             // the parent's index resized to the disk; nil on a full run
+	known   map[chunker.Digest]bool // digests the parent references: stored, no upload or check
+	mu      sync.Mutex
+	built   repo.Builder // the digests of the chunks built, under mu
 	// uploading holds the digests this run is uploading or has uploaded.
 	uploading sync.Map
-	// planned, planReads: chunks and bytes the planner sent; built:
-	// chunks whose digest was set.
-	planned, planReads, built atomic.Int64
-	verified, verifiedBytes   atomic.Int64
-	lie                       atomic.Pointer[BitmapError] // the first lie found
+	// planned, planReads: chunks and bytes the planner sent; done: plans
+	// the workers finished.
+	planned, planReads, done atomic.Int64
+	verified, verifiedBytes  atomic.Int64
+	lie                      atomic.Pointer[BitmapError] // the first lie found
+	plans                    chan<- chunkPlan            // the planner's output, while it runs
+	planCtx                  context.Context
 }
 
-// Run backs the disk up and returns its new index: the parent's digests
-// with every built chunk's digest written in (a synthetic full), or, on a
-// full run, the digest of every chunk.
-func (j *Job) Run(ctx context.Context) (*repo.Index, error) {
+// Run backs the disk up: on a full run it returns the disk's index, on an
+// incremental one what changed of the parent's (every index the chain
+// makes is a synthetic full).
+func (j *Job) Run(ctx context.Context) (Result, error) {
 	size := j.Disk.Info().Size
+	chunkSize := j.Repo.Config().ChunkSize
 	r := &run{Job: j}
-	var stale []int64
-	if j.Parent != nil {
-		if j.Parent.ChunkSize != j.Repo.Config().ChunkSize {
-			return nil, fmt.Errorf("disk %s: the parent's index has %d-byte chunks, the repository %d-byte ones",
-				j.Name, j.Parent.ChunkSize, j.Repo.Config().ChunkSize)
-		}
-		r.ix, stale = j.Parent.Resized(size)
-		r.known = make(map[chunker.Digest]bool, len(j.Parent.Digests))
-		for _, d := range j.Parent.Digests {
-			r.known[d] = true
-		}
-	} else {
-		r.ix = repo.NewIndex(j.Repo.Config().ChunkSize, size)
-	}
 	j.Stats.Total.Store(size)
-	p := &planner{grid: r.ix.Grid(), lie: r.recordLie, lied: func() bool { return r.lie.Load() != nil }}
+	p := &planner{grid: chunker.Grid{ChunkSize: chunkSize, Size: size}, build: r.plan, zero: r.zero, skip: r.skip,
+		lie: r.recordLie, lied: func() bool { return r.lie.Load() != nil }}
 	if j.Parent != nil {
-		p.parent = r.ix.Digests
-		p.stale = map[int64]bool{}
-		for _, i := range stale {
-			p.stale[i] = true
+		if j.Parent.ChunkSize != chunkSize {
+			return Result{}, fmt.Errorf("disk %s: the parent's index has %d-byte chunks, the repository %d-byte ones",
+				j.Name, j.Parent.ChunkSize, chunkSize)
 		}
-		p.grown = j.Parent.Grid().Count()
-		p.sample = j.Sample
-		if p.sample < 0 {
-			p.sample = SampleSize(j.Parent.Digests)
-		}
-		seed := j.Seed
-		if seed == 0 {
-			seed = rand.Uint64()
-		}
-		p.rng = rand.New(rand.NewPCG(seed, uint64(len(j.Name))))
-		p.minDirty = j.MinDirty
+		r.parentState(p, size)
 	}
 	if err := r.pipe(ctx, p); err != nil {
-		return nil, err
+		return Result{}, err
 	}
 	j.Stats.BytesDirty, j.Stats.ZeroedChunks = p.dirtyBytes, p.zeroedClean
 	j.Stats.VerifiedChunks, j.Stats.VerifiedBytes = r.verified.Load(), r.verifiedBytes.Load()
 	if lie := r.lie.Load(); lie != nil {
-		return nil, lie
+		return Result{}, lie
 	}
 	// Never commit a partial result: every planned chunk was built and
 	// every planned byte was read.
-	if r.built.Load() != r.planned.Load() || j.Stats.BytesRead.Load() != r.planReads.Load() {
-		return nil, fmt.Errorf("disk %s: internal error: planned %d chunks (%d bytes to read), built %d (%d bytes read)",
-			j.Name, r.planned.Load(), r.planReads.Load(), r.built.Load(), j.Stats.BytesRead.Load())
+	if r.done.Load() != r.planned.Load() || j.Stats.BytesRead.Load() != r.planReads.Load() {
+		return Result{}, fmt.Errorf("disk %s: internal error: planned %d chunks (%d bytes to read), built %d (%d bytes read)",
+			j.Name, r.planned.Load(), r.planReads.Load(), r.done.Load(), j.Stats.BytesRead.Load())
 	}
-	return r.ix, nil
+	if j.Parent == nil {
+		return Result{Index: r.built.Index(chunkSize, size)}, nil
+	}
+	return Result{Delta: r.built.Delta(j.Parent, size)}, nil
+}
+
+// parentState sets up an incremental run: the parent resized to the disk,
+// its digests, and the planner's rules.
+func (r *run) parentState(p *planner, size int64) {
+	var stale []int64
+	r.resized, stale = r.Parent.Resized(size)
+	r.known = make(map[chunker.Digest]bool, r.Parent.Len())
+	for _, d := range r.Parent.All() {
+		r.known[d] = true
+	}
+	p.parent = r.resized
+	p.stale = map[int64]bool{}
+	for _, i := range stale {
+		p.stale[i] = true
+	}
+	p.grown = r.Parent.Count()
+	p.sample = r.Sample
+	if p.sample < 0 {
+		p.sample = SampleSize(r.Parent)
+	}
+	seed := r.Seed
+	if seed == 0 {
+		seed = rand.Uint64()
+	}
+	p.rng = rand.New(rand.NewPCG(seed, uint64(len(r.Name))))
+	p.minDirty = r.MinDirty
+}
+
+// set records a built chunk's digest.
+func (r *run) set(i int64, d chunker.Digest) {
+	r.mu.Lock()
+	r.built.Set(i, d)
+	r.mu.Unlock()
 }
 
 // pipe runs the stages: planner -> readers -> workers -> uploaders.
@@ -269,15 +295,10 @@ func (r *run) pipe(ctx context.Context, p *planner) error {
 	reads := make(chan readChunk, r.Tuning.Workers)
 	uploads := make(chan upload, r.Tuning.Uploads)
 	g, ctx := errgroup.WithContext(ctx)
-
+	r.plans, r.planCtx = plans, ctx
 	g.Go(func() error {
 		defer close(plans)
-		err := p.run(ctx, r.Disk.Extents(ctx, 0, p.grid.Size), func(c chunkPlan) error {
-			r.planned.Add(1)
-			r.planReads.Add(c.readBytes())
-			return send(ctx, plans, c)
-		}, r.skip)
-		if err != nil {
+		if err := p.run(ctx, r.Disk.Extents(ctx, 0, p.grid.Size)); err != nil {
 			return fmt.Errorf("disk %s: %w", r.Name, err)
 		}
 		return nil
@@ -288,6 +309,29 @@ func (r *run) pipe(ctx context.Context, p *planner) error {
 	return g.Wait()
 }
 
+// plan sends a chunk to the readers.
+func (r *run) plan(c chunkPlan) error {
+	r.planned.Add(1)
+	r.planReads.Add(c.readBytes())
+	return send(r.planCtx, r.plans, c)
+}
+
+// zero records a chunk built as the zero chunk without reading it.
+func (r *run) zero(i, n int64) {
+	r.set(i, chunker.ZeroChunk)
+	r.Stats.BytesZero.Add(n)
+	r.Stats.Done.Add(n)
+}
+
+// skip accounts for chunks the planner does not build: zero chunks on a
+// full run, the parent's digests on an incremental one.
+func (r *run) skip(_, _, bytes int64) {
+	if r.Parent == nil {
+		r.Stats.BytesZero.Add(bytes)
+	}
+	r.Stats.Done.Add(bytes)
+}
+
 // stage runs n copies of f in g and calls done once all have returned.
 func stage(g *errgroup.Group, n int, done func(), f func() error) {
 	var wg sync.WaitGroup
@@ -296,15 +340,6 @@ func stage(g *errgroup.Group, n int, done func(), f func() error) {
 		g.Go(func() error { defer wg.Done(); return f() })
 	}
 	g.Go(func() error { wg.Wait(); done(); return nil })
-}
-
-// skip accounts for a chunk the planner does not build: a zero chunk on a
-// full run, the parent's digest on an incremental one.
-func (r *run) skip(_, n int64) {
-	if r.Parent == nil {
-		r.Stats.BytesZero.Add(n)
-	}
-	r.Stats.Done.Add(n)
 }
 
 // readAll fills a buffer for each plan and passes it on.
@@ -352,12 +387,12 @@ func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upl
 		if rc.kind == planVerify {
 			r.verify(rc)
 			r.Buffers.plain.put(rc.buf)
-			r.built.Add(1)
+			r.done.Add(1)
 			continue
 		}
 		u, err := r.digest(ctx, rc)
 		r.Buffers.plain.put(rc.buf)
-		r.built.Add(1)
+		r.done.Add(1)
 		if err != nil {
 			return err
 		}
@@ -380,12 +415,12 @@ func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upl
 // the compressing workers.
 func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 	if chunker.IsZero(rc.buf) {
-		r.ix.Digests[rc.index] = chunker.ZeroChunk
+		r.set(rc.index, chunker.ZeroChunk)
 		r.Stats.BytesZero.Add(rc.n)
 		return upload{}, nil
 	}
 	d := chunker.Sum(rc.buf)
-	r.ix.Digests[rc.index] = d
+	r.set(rc.index, d)
 	if r.known[d] {
 		r.Stats.BytesDedup.Add(rc.n)
 		return upload{}, nil
@@ -398,7 +433,7 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 	if err != nil {
 		return upload{}, err
 	}
-	return upload{index: rc.index, plain: rc.n, blob: r.Repo.Encode(blob, rc.buf)}, nil
+	return upload{index: rc.index, digest: d, plain: rc.n, blob: r.Repo.Encode(blob, rc.buf)}, nil
 }
 
 // verify checks a sample chunk the bitmap calls clean against the
@@ -408,7 +443,7 @@ func (r *run) verify(rc readChunk) {
 	if !chunker.IsZero(rc.buf) {
 		d = chunker.Sum(rc.buf)
 	}
-	if want := r.ix.Digests[rc.index]; d != want {
+	if want := r.resized.Digest(rc.index); d != want {
 		r.recordLie(&BitmapError{Chunk: rc.index, Offset: rc.off,
 			Detail: fmt.Sprintf("reads as %s, the parent's index says %s", digestName(d), digestName(want))})
 		return
@@ -433,7 +468,7 @@ func digestName(d chunker.Digest) string {
 // storeAll stores the uploads.
 func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 	for u := range in {
-		err := r.store(ctx, u, r.ix.Digests[u.index])
+		err := r.store(ctx, u, u.digest)
 		r.Buffers.blob.put(u.blob)
 		if err != nil {
 			return err

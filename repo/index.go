@@ -1,73 +1,243 @@
 package repo
 
 import (
-	"bytes"
-	"crypto/sha256"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"iter"
+	"slices"
 
 	"github.com/nbdmover/nbdmover/chunker"
 )
 
-// Index layout (little endian): see docs/format.md.
-const (
-	indexMagic      = "NBMI"
-	indexVersion    = 1
-	indexHeaderSize = 32
-)
-
-// Index lists the chunks of one disk of one backup.
+// Index lists the chunks of one disk of one backup: the digest of every
+// chunk that is not all zero, in chunk order (a chunk it does not list is
+// a zero chunk). It takes 40 bytes per listed chunk, whatever the disk's
+// size. An Index is not modified once built; it may be read from any
+// number of goroutines.
 type Index struct {
 	ChunkSize int64
-	Size      int64            // disk size in bytes
-	Digests   []chunker.Digest // one per chunk of the grid; ZeroChunk for all-zero chunks
+	Size      int64 // disk size in bytes
+	chunks    []int64
+	digests   []chunker.Digest
 }
 
 // NewIndex returns an index of a disk of size bytes with every chunk zero.
 func NewIndex(chunkSize, size int64) *Index {
-	g := chunker.Grid{ChunkSize: chunkSize, Size: size}
-	return &Index{ChunkSize: chunkSize, Size: size, Digests: make([]chunker.Digest, g.Count())}
+	return &Index{ChunkSize: chunkSize, Size: size}
 }
 
 // Grid is the index's chunk grid.
 func (ix *Index) Grid() chunker.Grid { return chunker.Grid{ChunkSize: ix.ChunkSize, Size: ix.Size} }
 
+// Count is the number of chunks of the disk.
+func (ix *Index) Count() int64 { return ix.Grid().Count() }
+
+// Len is the number of chunks that are not zero.
+func (ix *Index) Len() int { return len(ix.chunks) }
+
+// At returns the k-th chunk that is not zero (0 <= k < Len).
+func (ix *Index) At(k int) (int64, chunker.Digest) { return ix.chunks[k], ix.digests[k] }
+
+// Digest returns chunk i's digest (ZeroChunk for a zero chunk).
+func (ix *Index) Digest(i int64) chunker.Digest {
+	k, ok := slices.BinarySearch(ix.chunks, i)
+	if !ok {
+		return chunker.ZeroChunk
+	}
+	return ix.digests[k]
+}
+
+// All yields the chunks that are not zero, in order.
+func (ix *Index) All() iter.Seq2[int64, chunker.Digest] {
+	return func(yield func(int64, chunker.Digest) bool) {
+		for k, i := range ix.chunks {
+			if !yield(i, ix.digests[k]) {
+				return
+			}
+		}
+	}
+}
+
 // Resized returns a copy of ix for a disk that now has size bytes: chunks
-// past the new end are dropped and new chunks are zero. A chunk whose length
-// changed (the old or new last chunk) cannot keep its digest: it is set to
-// zero and returned in stale, and the caller must read it again.
+// past the new end are dropped and new chunks are zero. A chunk whose
+// length changed (the old or new last chunk) cannot keep its digest: it is
+// dropped (zero) and returned in stale, and the caller must read it again.
 func (ix *Index) Resized(size int64) (out *Index, stale []int64) {
-	out = NewIndex(ix.ChunkSize, size)
-	n := copy(out.Digests, ix.Digests)
+	out = &Index{ChunkSize: ix.ChunkSize, Size: size}
 	old, g := ix.Grid(), out.Grid()
-	for i := range int64(n) {
-		_, a := old.Chunk(i)
-		_, b := g.Chunk(i)
-		if a != b {
-			out.Digests[i] = chunker.ZeroChunk
+	n := min(old.Count(), g.Count())
+	for _, i := range []int64{old.Count() - 1, g.Count() - 1} { // only last chunks change length
+		if i < 0 || i >= n || slices.Contains(stale, i) {
+			continue
+		}
+		if _, a := old.Chunk(i); a != g.ChunkLen(i) {
 			stale = append(stale, i)
+		}
+	}
+	slices.Sort(stale)
+	for k, i := range ix.chunks {
+		if i < n && !slices.Contains(stale, i) {
+			out.chunks = append(out.chunks, i)
+			out.digests = append(out.digests, ix.digests[k])
 		}
 	}
 	return out, stale
 }
 
-// Marshal encodes the index: header, digests, SHA-256 of both.
-func (ix *Index) Marshal() []byte {
-	b := make([]byte, indexHeaderSize, indexHeaderSize+32*len(ix.Digests)+32)
-	copy(b, indexMagic)
-	binary.LittleEndian.PutUint16(b[4:], indexVersion)
-	binary.LittleEndian.PutUint16(b[6:], 0) // flags
-	binary.LittleEndian.PutUint32(b[8:], uint32(ix.ChunkSize))
-	binary.LittleEndian.PutUint64(b[12:], uint64(ix.Size))
-	binary.LittleEndian.PutUint64(b[20:], uint64(len(ix.Digests)))
-	// b[28:32] reserved, zero
-	for _, d := range ix.Digests {
-		b = append(b, d[:]...)
-	}
-	sum := sha256.Sum256(b)
-	return append(b, sum[:]...)
+// Builder collects the digests of built chunks into an Index or a Delta.
+type Builder struct {
+	entries []entry
 }
+
+type entry struct {
+	chunk  int64
+	digest chunker.Digest
+}
+
+// Set records chunk i's digest (ZeroChunk for a zero chunk). Each chunk
+// is set at most once. Set is not safe for concurrent use: callers hold a
+// lock.
+func (b *Builder) Set(i int64, d chunker.Digest) {
+	b.entries = append(b.entries, entry{i, d})
+}
+
+// sorted returns the entries in chunk order.
+func (b *Builder) sorted() ([]int64, []chunker.Digest) {
+	slices.SortFunc(b.entries, func(x, y entry) int { return cmp.Compare(x.chunk, y.chunk) })
+	chunks := make([]int64, len(b.entries))
+	digests := make([]chunker.Digest, len(b.entries))
+	for k, e := range b.entries {
+		chunks[k], digests[k] = e.chunk, e.digest
+	}
+	return chunks, digests
+}
+
+// Index returns the index of a full backup: the chunks set to a digest
+// that is not zero (the others are zero).
+func (b *Builder) Index(chunkSize, size int64) *Index {
+	ix := &Index{ChunkSize: chunkSize, Size: size}
+	chunks, digests := b.sorted()
+	for k, i := range chunks {
+		if !digests[k].IsZeroChunk() {
+			ix.chunks = append(ix.chunks, i)
+			ix.digests = append(ix.digests, digests[k])
+		}
+	}
+	return ix
+}
+
+// Delta returns what an incremental changed of parent (the disk's index
+// at the parent backup, before any resize) for a disk that now has size
+// bytes: the chunks set to a digest other than parent's. Every chunk whose
+// length changed with the resize, and every chunk past the old end that is
+// not zero, must have been set.
+func (b *Builder) Delta(parent *Index, size int64) *Delta {
+	d := &Delta{ChunkSize: parent.ChunkSize, Size: size, Trunc: min(parent.Size, size), Backups: 1}
+	chunks, digests := b.sorted()
+	for k, i := range chunks {
+		if digests[k] != parent.Digest(i) {
+			d.chunks = append(d.chunks, i)
+			d.digests = append(d.digests, digests[k])
+		}
+	}
+	return d
+}
+
+// Delta is what one or more incrementals in a row changed of a disk's
+// index: the chunks whose digest changed (ZeroChunk: it became zero), the
+// disk's size after them, and the smallest size the disk had in between
+// (Trunc: chunks past it were dropped from the index the delta applies
+// to).
+type Delta struct {
+	ChunkSize   int64
+	Size, Trunc int64
+	Backups     int // how many incrementals' changes it holds
+	chunks      []int64
+	digests     []chunker.Digest
+}
+
+// Len is the number of chunks the delta lists.
+func (d *Delta) Len() int { return len(d.chunks) }
+
+// truncCount is the number of chunks of base that survive a truncation to
+// trunc bytes: the chunks wholly or partly below it. (A chunk cut by it
+// changed length and is listed by the delta that cut it.)
+func truncCount(chunkSize, trunc int64) int64 {
+	return (trunc + chunkSize - 1) / chunkSize
+}
+
+// Apply returns base with the delta applied.
+func (ix *Index) Apply(d *Delta) *Index {
+	out := &Index{ChunkSize: ix.ChunkSize, Size: d.Size}
+	keep := truncCount(ix.ChunkSize, d.Trunc)
+	a, b := 0, 0
+	for a < len(ix.chunks) || b < len(d.chunks) {
+		var i int64
+		var dg chunker.Digest
+		switch {
+		case b >= len(d.chunks) || a < len(ix.chunks) && ix.chunks[a] < d.chunks[b]:
+			i, dg = ix.chunks[a], ix.digests[a]
+			a++
+			if i >= keep {
+				continue
+			}
+		case a >= len(ix.chunks) || d.chunks[b] < ix.chunks[a]:
+			i, dg = d.chunks[b], d.digests[b]
+			b++
+		default: // both: the delta wins
+			i, dg = d.chunks[b], d.digests[b]
+			a++
+			b++
+		}
+		if !dg.IsZeroChunk() {
+			out.chunks = append(out.chunks, i)
+			out.digests = append(out.digests, dg)
+		}
+	}
+	return out
+}
+
+// Merge returns the delta of older followed by newer.
+func Merge(older, newer *Delta) *Delta {
+	out := &Delta{ChunkSize: older.ChunkSize, Size: newer.Size, Trunc: min(older.Trunc, newer.Trunc),
+		Backups: older.Backups + newer.Backups}
+	keep := truncCount(older.ChunkSize, newer.Trunc)
+	a, b := 0, 0
+	for a < len(older.chunks) || b < len(newer.chunks) {
+		switch {
+		case b >= len(newer.chunks) || a < len(older.chunks) && older.chunks[a] < newer.chunks[b]:
+			if older.chunks[a] < keep {
+				out.chunks = append(out.chunks, older.chunks[a])
+				out.digests = append(out.digests, older.digests[a])
+			}
+			a++
+		case a >= len(older.chunks) || newer.chunks[b] < older.chunks[a]:
+			out.chunks = append(out.chunks, newer.chunks[b])
+			out.digests = append(out.digests, newer.digests[b])
+			b++
+		default:
+			out.chunks = append(out.chunks, newer.chunks[b])
+			out.digests = append(out.digests, newer.digests[b])
+			a++
+			b++
+		}
+	}
+	return out
+}
+
+// Index objects (format 2; see docs/format.md): the plaintext of a meta
+// blob under indexes/, little endian.
+const (
+	indexMagic      = "NBX2"
+	indexHeaderSize = 40
+	kindFull        = 1
+	kindDelta       = 2
+	// partEntries bounds the entries of one index object, so that its
+	// plaintext stays well under chunker.MaxChunkSize.
+	partEntries = 256 << 10
+)
 
 // ErrBadIndex is matched by every index decoding failure.
 var ErrBadIndex = errors.New("bad index")
@@ -76,41 +246,93 @@ func badIndex(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrBadIndex, fmt.Sprintf(format, args...))
 }
 
-// UnmarshalIndex decodes and checks an index.
-func UnmarshalIndex(b []byte) (*Index, error) {
-	if len(b) < indexHeaderSize+32 {
+// indexPart is the content of one index object.
+type indexPart struct {
+	kind        byte
+	chunkSize   int64
+	size, trunc int64
+	chunks      []int64
+	digests     []chunker.Digest
+}
+
+// marshal encodes the part: header, then per entry the gap to the previous
+// chunk (uvarint) and the digest.
+func (p *indexPart) marshal() []byte {
+	b := make([]byte, indexHeaderSize, indexHeaderSize+34*len(p.chunks))
+	copy(b, indexMagic)
+	b[4] = p.kind
+	binary.LittleEndian.PutUint32(b[8:], uint32(p.chunkSize))
+	binary.LittleEndian.PutUint64(b[12:], uint64(p.size))
+	binary.LittleEndian.PutUint64(b[20:], uint64(p.trunc))
+	binary.LittleEndian.PutUint64(b[28:], uint64(len(p.chunks)))
+	prev := int64(-1)
+	for k, i := range p.chunks {
+		b = binary.AppendUvarint(b, uint64(i-prev-1))
+		b = append(b, p.digests[k][:]...)
+		prev = i
+	}
+	return b
+}
+
+// unmarshalIndexPart decodes and checks an index object's plaintext.
+func unmarshalIndexPart(b []byte) (*indexPart, error) {
+	if len(b) < indexHeaderSize {
 		return nil, badIndex("%d bytes is too short (truncated?)", len(b))
 	}
 	if string(b[:4]) != indexMagic {
 		return nil, badIndex("bad magic %q", b[:4])
 	}
-	if v := binary.LittleEndian.Uint16(b[4:]); v != indexVersion {
-		return nil, badIndex("unknown version %d", v)
+	p := &indexPart{kind: b[4], chunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
+		size: int64(binary.LittleEndian.Uint64(b[12:])), trunc: int64(binary.LittleEndian.Uint64(b[20:]))}
+	count := binary.LittleEndian.Uint64(b[28:])
+	switch {
+	case p.kind != kindFull && p.kind != kindDelta:
+		return nil, badIndex("unknown kind %d", p.kind)
+	case b[5] != 0 || b[6] != 0 || b[7] != 0 || binary.LittleEndian.Uint32(b[36:]) != 0:
+		return nil, badIndex("reserved bytes are not zero")
+	case chunker.CheckChunkSize(p.chunkSize) != nil:
+		return nil, badIndex("chunk size %d", p.chunkSize)
+	case p.size < 0 || p.trunc < 0 || p.trunc > p.size && p.kind == kindDelta || p.kind == kindFull && p.trunc != p.size:
+		return nil, badIndex("disk size %d, truncated to %d", p.size, p.trunc)
+	case count > uint64(len(b)-indexHeaderSize)/33:
+		return nil, badIndex("%d entries do not fit %d bytes (truncated?)", count, len(b))
 	}
-	if f := binary.LittleEndian.Uint16(b[6:]); f != 0 {
-		return nil, badIndex("unknown flags %#x", f)
+	grid := chunker.Grid{ChunkSize: p.chunkSize, Size: p.size}
+	p.chunks = make([]int64, 0, count)
+	p.digests = make([]chunker.Digest, 0, count)
+	rest, prev := b[indexHeaderSize:], int64(-1)
+	for range count {
+		gap, n := binary.Uvarint(rest)
+		if n <= 0 || len(rest) < n+32 || gap >= uint64(grid.Count()) {
+			return nil, badIndex("entry %d is damaged (truncated?)", len(p.chunks))
+		}
+		i := prev + 1 + int64(gap)
+		if i >= grid.Count() {
+			return nil, badIndex("chunk %d is past the end of a %d-byte disk", i, p.size)
+		}
+		var d chunker.Digest
+		copy(d[:], rest[n:n+32])
+		if d.IsZeroChunk() && p.kind == kindFull {
+			return nil, badIndex("a full index lists zero chunk %d", i)
+		}
+		p.chunks = append(p.chunks, i)
+		p.digests = append(p.digests, d)
+		rest, prev = rest[n+32:], i
 	}
-	ix := &Index{
-		ChunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
-		Size:      int64(binary.LittleEndian.Uint64(b[12:])),
+	if len(rest) != 0 {
+		return nil, badIndex("%d bytes after the last entry", len(rest))
 	}
-	count := binary.LittleEndian.Uint64(b[20:])
-	if err := chunker.CheckChunkSize(ix.ChunkSize); err != nil {
-		return nil, badIndex("%v", err)
+	return p, nil
+}
+
+// parts splits a full index or a delta into index objects of at most
+// partEntries entries (at least one, also when empty).
+func parts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest) []*indexPart {
+	var out []*indexPart
+	for lo := 0; lo == 0 || lo < len(chunks); lo += partEntries {
+		hi := min(lo+partEntries, len(chunks))
+		out = append(out, &indexPart{kind: kind, chunkSize: chunkSize, size: size, trunc: trunc,
+			chunks: chunks[lo:hi], digests: digests[lo:hi]})
 	}
-	if ix.Size < 0 || uint64(ix.Grid().Count()) != count {
-		return nil, badIndex("disk size %d and %d chunks do not fit the %d-byte grid", ix.Size, count, ix.ChunkSize)
-	}
-	if want := uint64(indexHeaderSize) + 32*count + 32; count > uint64(len(b)) || uint64(len(b)) != want {
-		return nil, badIndex("%d bytes, want %d for %d chunks (truncated?)", len(b), want, count)
-	}
-	body, sum := b[:len(b)-32], b[len(b)-32:]
-	if got := sha256.Sum256(body); !bytes.Equal(got[:], sum) {
-		return nil, badIndex("checksum mismatch")
-	}
-	ix.Digests = make([]chunker.Digest, count)
-	for i := range ix.Digests {
-		copy(ix.Digests[i][:], body[indexHeaderSize+32*i:])
-	}
-	return ix, nil
+	return out
 }

@@ -14,8 +14,9 @@ import (
 	"github.com/nbdmover/nbdmover/sink"
 )
 
-// FormatVersion is the repository format this code reads and writes.
-const FormatVersion = 1
+// FormatVersion is the repository format this code reads and writes
+// (Migrate converts format 1).
+const FormatVersion = 2
 
 const configKey = "config"
 
@@ -39,6 +40,9 @@ type InitOptions struct {
 // ErrNoRepository: the store holds no repository config.
 var ErrNoRepository = errors.New("no nbdmover repository here")
 
+// ErrFormat1: the repository is of format 1, which Migrate converts.
+var ErrFormat1 = errors.New("the repository is of format 1, this nbdmover reads format 2")
+
 // ErrExists: Init found a repository already.
 var ErrExists = errors.New("a repository already exists here")
 
@@ -46,7 +50,8 @@ var ErrExists = errors.New("a repository already exists here")
 type Repo struct {
 	store sink.Store
 	cfg   Config
-	codec *chunker.Codec
+	codec *chunker.Codec // chunks
+	meta  *chunker.Codec // indexes, manifests, catalogs, files
 }
 
 // Init creates a repository in store (and its bucket, for S3). It refuses
@@ -101,6 +106,9 @@ func Open(ctx context.Context, store sink.Store) (*Repo, error) {
 	if err := strictUnmarshal(b, &cfg); err != nil {
 		return nil, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
 	}
+	if cfg.Version == 1 {
+		return nil, fmt.Errorf("%s: %w: run nbdmover migrate --repo ... once (safe to interrupt and to run again)", store.Location(), ErrFormat1)
+	}
 	if cfg.Version != FormatVersion {
 		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads format %d", store.Location(), cfg.Version, FormatVersion)
 	}
@@ -141,7 +149,7 @@ func newRepo(store sink.Store, cfg Config) (*Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Repo{store: store, cfg: cfg, codec: codec}, nil
+	return &Repo{store: store, cfg: cfg, codec: codec, meta: chunker.NewMetaCodec()}, nil
 }
 
 func strictUnmarshal(b []byte, v any) error {

@@ -3,8 +3,14 @@ package repo
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -77,54 +83,110 @@ func TestInitAndOpen(t *testing.T) {
 	if _, err := Init(ctx, localStore(t), InitOptions{ChunkSize: 100 << 10}); err == nil {
 		t.Fatal("bad chunk size accepted")
 	}
-	s.Put(ctx, "config", []byte(`{"version": 2}`))
-	if _, err := Open(ctx, s); err == nil || !strings.Contains(err.Error(), "format 2") {
+	s.Put(ctx, "config", []byte(`{"version": 3}`))
+	if _, err := Open(ctx, s); err == nil || !strings.Contains(err.Error(), "format 3") {
 		t.Fatalf("future format: %v", err)
 	}
-	s.Put(ctx, "config", []byte(`{"version": 1, "chunk_`))
+	s.Put(ctx, "config", []byte(`{"version": 1, "chunk_size": 262144, "digest": "sha256", "compression": "zstd"}`))
+	if _, err := Open(ctx, s); !errors.Is(err, ErrFormat1) || !strings.Contains(err.Error(), "nbdmover migrate") {
+		t.Fatalf("format 1: %v", err)
+	}
+	s.Put(ctx, "config", []byte(`{"version": 2, "chunk_`))
 	if _, err := Open(ctx, s); err == nil || !strings.Contains(err.Error(), "damaged") {
 		t.Fatalf("truncated config: %v", err)
 	}
 }
 
-func sampleIndex() *Index {
-	ix := NewIndex(256<<10, 5*(256<<10)+4096)
-	ix.Digests[1] = chunker.Sum([]byte("one"))
-	ix.Digests[5] = chunker.Sum([]byte("last"))
-	return ix
+// indexOf builds an index of a disk of size bytes from its digests by
+// chunk (zero digests are zero chunks).
+func indexOf(chunkSize, size int64, digests map[int64]chunker.Digest) *Index {
+	var b Builder
+	for i, d := range digests {
+		b.Set(i, d)
+	}
+	return b.Index(chunkSize, size)
 }
 
-func TestIndex(t *testing.T) {
+func sampleIndex() *Index {
+	return indexOf(256<<10, 5*(256<<10)+4096, map[int64]chunker.Digest{1: chunker.Sum([]byte("one")), 5: chunker.Sum([]byte("last"))})
+}
+
+func TestIndexPart(t *testing.T) {
 	ix := sampleIndex()
-	b := ix.Marshal()
-	got, err := UnmarshalIndex(b)
-	if err != nil || got.Size != ix.Size || got.ChunkSize != ix.ChunkSize || len(got.Digests) != 6 || got.Digests[5] != ix.Digests[5] {
-		t.Fatalf("round trip: %v %+v", err, got)
-	}
-	for name, bad := range map[string][]byte{
-		"truncated":    b[:len(b)-1],
-		"header only":  b[:indexHeaderSize],
-		"flipped bit":  func() []byte { c := bytes.Clone(b); c[indexHeaderSize+40] ^= 1; return c }(),
-		"wrong count":  func() []byte { c := bytes.Clone(b); c[20]++; return c }(),
-		"bad magic":    func() []byte { c := bytes.Clone(b); c[0] = 'X'; return c }(),
-		"extra digest": append(bytes.Clone(b[:len(b)-32]), b[len(b)-64:]...),
+	for _, p := range []*indexPart{
+		{kind: kindFull, chunkSize: ix.ChunkSize, size: ix.Size, trunc: ix.Size, chunks: ix.chunks, digests: ix.digests},
+		{kind: kindDelta, chunkSize: ix.ChunkSize, size: ix.Size, trunc: 256 << 10, chunks: []int64{0, 3},
+			digests: []chunker.Digest{chunker.ZeroChunk, chunker.Sum([]byte("x"))}},
 	} {
-		if _, err := UnmarshalIndex(bad); !errors.Is(err, ErrBadIndex) {
-			t.Errorf("%s: %v", name, err)
+		b := p.marshal()
+		got, err := unmarshalIndexPart(b)
+		if err != nil || got.size != p.size || got.trunc != p.trunc || !slices.Equal(got.chunks, p.chunks) || !slices.Equal(got.digests, p.digests) {
+			t.Fatalf("round trip: %v %+v", err, got)
 		}
+		for name, bad := range map[string][]byte{
+			"truncated":   b[:len(b)-1],
+			"header only": b[:indexHeaderSize-1],
+			"bad magic":   func() []byte { c := bytes.Clone(b); c[0] = 'X'; return c }(),
+			"more count":  func() []byte { c := bytes.Clone(b); c[28]++; return c }(),
+			"bad kind":    func() []byte { c := bytes.Clone(b); c[4] = 9; return c }(),
+			"extra byte":  append(bytes.Clone(b), 0),
+		} {
+			if _, err := unmarshalIndexPart(bad); !errors.Is(err, ErrBadIndex) {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+	}
+	// A full index never lists a zero chunk, and entries lie on the grid.
+	zero := &indexPart{kind: kindFull, chunkSize: 256 << 10, size: 1 << 20, trunc: 1 << 20, chunks: []int64{1}, digests: []chunker.Digest{{}}}
+	if _, err := unmarshalIndexPart(zero.marshal()); !errors.Is(err, ErrBadIndex) {
+		t.Errorf("zero chunk in a full index: %v", err)
+	}
+	past := &indexPart{kind: kindFull, chunkSize: 256 << 10, size: 1 << 20, trunc: 1 << 20, chunks: []int64{4}, digests: []chunker.Digest{{1}}}
+	if _, err := unmarshalIndexPart(past.marshal()); !errors.Is(err, ErrBadIndex) {
+		t.Errorf("chunk past the end: %v", err)
 	}
 }
 
 func TestResized(t *testing.T) {
 	ix := sampleIndex() // 6 chunks, the last 4096 bytes
 	grown, stale := ix.Resized(8 * (256 << 10))
-	if len(grown.Digests) != 8 || grown.Digests[1] != ix.Digests[1] || !grown.Digests[5].IsZeroChunk() || len(stale) != 1 || stale[0] != 5 {
-		t.Fatalf("grown: %d chunks, stale %v", len(grown.Digests), stale)
+	if grown.Count() != 8 || grown.Digest(1) != ix.Digest(1) || !grown.Digest(5).IsZeroChunk() || !slices.Equal(stale, []int64{5}) {
+		t.Fatalf("grown: %d chunks, stale %v", grown.Count(), stale)
 	}
 	shrunk, stale := ix.Resized(2*(256<<10) - 512)
-	if len(shrunk.Digests) != 2 || shrunk.Digests[1] != (chunker.Digest{}) || len(stale) != 1 || stale[0] != 1 {
-		t.Fatalf("shrunk: %v stale %v", shrunk.Digests, stale)
+	if shrunk.Count() != 2 || !shrunk.Digest(1).IsZeroChunk() || !slices.Equal(stale, []int64{1}) {
+		t.Fatalf("shrunk: %v stale %v", shrunk.chunks, stale)
 	}
+}
+
+// Deltas applied one by one and merged first give the same index, through
+// shrinks and grows (a chunk cut by a shrink is listed by its delta).
+func TestDeltaApplyMerge(t *testing.T) {
+	const cs = 256 << 10
+	d := func(n int) chunker.Digest { return chunker.Sum([]byte{byte(n)}) }
+	base := indexOf(cs, 8*cs, map[int64]chunker.Digest{0: d(0), 3: d(3), 6: d(6), 7: d(7)})
+	b1 := Builder{} // shrink to 4.5 chunks: chunk 4 changed length (zero now)
+	b1.Set(1, d(11))
+	b1.Set(4, chunker.ZeroChunk)
+	d1 := b1.Delta(base, 4*cs+cs/2)
+	ix1 := base.Apply(d1)
+	b2 := Builder{} // grow back to 8 chunks: chunk 4 again, 6 new
+	b2.Set(4, d(44))
+	b2.Set(6, d(66))
+	b2.Set(3, d(3)) // rebuilt, unchanged: not in the delta
+	d2 := b2.Delta(ix1, 8*cs)
+	ix2 := ix1.Apply(d2)
+	want := map[int64]chunker.Digest{0: d(0), 1: d(11), 3: d(3), 4: d(44), 6: d(66)}
+	if got := base.Apply(Merge(d1, d2)); !sameIndex(got, ix2) || !sameIndex(ix2, indexOf(cs, 8*cs, want)) || d2.Len() != 2 {
+		t.Fatalf("apply %v / merged %v, want %v (delta 2: %v)", ix2.chunks, got.chunks, want, d2.chunks)
+	}
+	if m := Merge(d1, d2); m.Backups != 2 || m.Trunc != 4*cs+cs/2 || m.Size != 8*cs {
+		t.Fatalf("merged delta %+v", m)
+	}
+}
+
+func sameIndex(a, b *Index) bool {
+	return a.Size == b.Size && a.ChunkSize == b.ChunkSize && slices.Equal(a.chunks, b.chunks) && slices.Equal(a.digests, b.digests)
 }
 
 func commitSample(t *testing.T, r *Repo, domain string) *Manifest {
@@ -135,11 +197,10 @@ func commitSample(t *testing.T, r *Repo, domain string) *Manifest {
 	if err := r.Store().Put(ctx, ChunkKey(d), r.Encode(nil, plain)); err != nil {
 		t.Fatal(err)
 	}
-	ix := NewIndex(r.Config().ChunkSize, 3*(256<<10))
-	ix.Digests[0], ix.Digests[2] = d, d
+	ix := indexOf(r.Config().ChunkSize, 3*(256<<10), map[int64]chunker.Digest{0: d, 2: d})
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: domain, Mode: "full", Source: "nbd",
 		Consistency: "crash-consistent", Disks: []DiskManifest{{Name: "vda", Size: ix.Size, Mode: "full"}}}
-	if err := r.Commit(ctx, m, map[string]*Index{"vda": ix}, map[string][]byte{"domain.xml": []byte("<domain/>")}); err != nil {
+	if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, map[string][]byte{"domain.xml": []byte("<domain/>")}); err != nil {
 		t.Fatal(err)
 	}
 	return m
@@ -159,10 +220,17 @@ func TestCommitAndRead(t *testing.T) {
 	if _, err := r.Backup(ctx, "vm2", "latest"); !errors.Is(err, ErrNoBackup) {
 		t.Fatalf("missing domain: %v", err)
 	}
-	// An index swapped for another valid one is caught by the manifest's checksum.
-	other := NewIndex(r.Config().ChunkSize, 3*(256<<10))
-	r.Store().Put(ctx, m.Key("vda.index"), other.Marshal())
-	if _, err := r.LoadIndex(ctx, ms[0], "vda"); !errors.Is(err, ErrBadIndex) || !strings.Contains(err.Error(), "vda.index") {
+	// A backup id is committed once.
+	if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: NewIndex(r.Config().ChunkSize, m.Disks[0].Size)}}, nil); !errors.Is(err, sink.ErrExists) {
+		t.Fatalf("second commit of %s: %v", m.ID, err)
+	}
+	// An index object swapped for another valid one no longer matches its
+	// name.
+	other := &indexPart{kind: kindFull, chunkSize: r.Config().ChunkSize, size: 3 * (256 << 10), trunc: 3 * (256 << 10)}
+	obj := ms[0].Disks[0].Index[0].Objects[0]
+	r.Store().Put(ctx, obj, r.meta.Encode(nil, other.marshal()))
+	var oe *ObjectError
+	if _, err := r.LoadIndex(ctx, ms[0], "vda"); !errors.As(err, &oe) || oe.Key != obj {
 		t.Fatalf("swapped index: %v", err)
 	}
 }
@@ -172,7 +240,7 @@ func TestCommitIsAtomic(t *testing.T) {
 	s := localStore(t)
 	r := initTestRepo(t, s)
 	f := &sinktest.Faulty{Store: s, Fail: func(op, key string, n int) error {
-		if op == "put" && strings.HasSuffix(key, "manifest.json") {
+		if op == "create" && strings.HasPrefix(key, "manifests/") {
 			return sinktest.Permanent(op, key)
 		}
 		return nil
@@ -182,7 +250,7 @@ func TestCommitIsAtomic(t *testing.T) {
 	ix := NewIndex(r.Config().ChunkSize, 256<<10)
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
 		Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
-	if err := rf.Commit(ctx, m, map[string]*Index{"vda": ix}, nil); err == nil {
+	if err := rf.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, nil); err == nil {
 		t.Fatal("commit succeeded")
 	}
 	if ms, _, err := r.Backups(ctx, "vm1"); err != nil || len(ms) != 0 {
@@ -196,7 +264,8 @@ func TestVerifyAndRestoreFaults(t *testing.T) {
 	m := commitSample(t, r, "vm1")
 	ctx := t.Context()
 	ix, _ := r.LoadIndex(ctx, m, "vda")
-	key := ChunkKey(ix.Digests[0])
+	_, d0 := ix.At(0)
+	key := ChunkKey(d0)
 
 	// A short read from the store: restore refuses with the chunk's name.
 	f := &sinktest.Faulty{Store: s, Truncate: func(k string) int {
@@ -237,26 +306,36 @@ type discard struct{}
 
 func (discard) WriteAt(context.Context, []byte, int64) error { return nil }
 
-func FuzzUnmarshalIndex(f *testing.F) {
-	f.Add(sampleIndex().Marshal())
-	f.Add(NewIndex(4<<20, 0).Marshal())
+func FuzzUnmarshalIndexPart(f *testing.F) {
+	ix := sampleIndex()
+	f.Add((&indexPart{kind: kindFull, chunkSize: ix.ChunkSize, size: ix.Size, trunc: ix.Size, chunks: ix.chunks, digests: ix.digests}).marshal())
+	f.Add((&indexPart{kind: kindDelta, chunkSize: 4 << 20, size: 1 << 40, trunc: 1 << 30, chunks: []int64{7, 1 << 18},
+		digests: []chunker.Digest{{}, {9}}}).marshal())
 	f.Fuzz(func(t *testing.T, b []byte) {
-		ix, err := UnmarshalIndex(b)
+		p, err := unmarshalIndexPart(b)
 		if err != nil {
 			if !errors.Is(err, ErrBadIndex) {
 				t.Fatalf("error %v does not match ErrBadIndex", err)
 			}
 			return
 		}
-		if !bytes.Equal(ix.Marshal(), b) {
-			t.Fatal("a decoded index does not encode to the same bytes")
+		count := (chunker.Grid{ChunkSize: p.chunkSize, Size: p.size}).Count()
+		for k, i := range p.chunks {
+			if i < 0 || i >= count || k > 0 && i <= p.chunks[k-1] || p.kind == kindFull && p.digests[k].IsZeroChunk() {
+				t.Fatalf("accepted entry %d: chunk %d of %d", k, i, count)
+			}
+		}
+		if !bytes.Equal(p.marshal(), b) {
+			t.Fatal("a decoded index part does not encode to the same bytes")
 		}
 	})
 }
 
 func FuzzUnmarshalManifest(f *testing.F) {
-	f.Add([]byte(`{"version":1,"id":"20261128T040000.000Z","domain":"vm1","mode":"full","disks":[{"name":"vda","size":1,"index":"vda.index"}]}`))
-	f.Add([]byte(`{"version":1}`))
+	obj := "indexes/ab/ab" + strings.Repeat("0", 62)
+	f.Add([]byte(`{"version":2,"id":"20261128T040000.000Z","domain":"vm1","mode":"full","disks":[{"name":"vda","size":1,"index":[{"kind":"full","entries":1,"objects":["` + obj + `"]}]}]}`))
+	f.Add([]byte(`{"version":2}`))
+	f.Add([]byte(`{"version":1,"id":"x"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := UnmarshalManifest(b)
 		if err != nil {
@@ -266,8 +345,13 @@ func FuzzUnmarshalManifest(f *testing.F) {
 			t.Fatal("accepted a manifest with an invalid name or id")
 		}
 		for _, d := range m.Disks {
-			if ValidName("disk", d.Name) != nil || d.Index != d.Name+".index" {
+			if ValidName("disk", d.Name) != nil || checkChain(d.Index) != nil {
 				t.Fatalf("accepted disk %+v", d)
+			}
+		}
+		for name, key := range m.Files {
+			if ValidName("file", name) != nil || !isObjectKey("files/", key) {
+				t.Fatalf("accepted file %q at %q", name, key)
 			}
 		}
 	})
@@ -360,15 +444,16 @@ func TestVerifyParallel(t *testing.T) {
 	s := localStore(t)
 	r := initTestRepo(t, s)
 	ctx := t.Context()
-	ix := NewIndex(r.Config().ChunkSize, 40*(256<<10))
-	for i := range ix.Digests {
+	var ib Builder
+	for i := range 40 {
 		plain := bytes.Repeat([]byte{byte(i + 1)}, 256<<10)
-		ix.Digests[i] = chunker.Sum(plain)
-		s.Put(ctx, ChunkKey(ix.Digests[i]), r.Encode(nil, plain))
+		ib.Set(int64(i), chunker.Sum(plain))
+		s.Put(ctx, ChunkKey(chunker.Sum(plain)), r.Encode(nil, plain))
 	}
+	ix := ib.Index(r.Config().ChunkSize, 40*(256<<10))
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
 		Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
-	if err := r.Commit(ctx, m, map[string]*Index{"vda": ix}, nil); err != nil {
+	if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, tt := range []struct{ parallel, want int }{{2, 2}, {0, 16}} {
@@ -380,5 +465,179 @@ func TestVerifyParallel(t *testing.T) {
 		if c.top > tt.want || c.top < 2 {
 			t.Errorf("parallel %d: %d gets at once, want at most %d", tt.parallel, c.top, tt.want)
 		}
+	}
+}
+
+// memTarget collects a restored disk in memory.
+type memTarget struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+func (m *memTarget) WriteAt(_ context.Context, p []byte, off int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	copy(m.buf[off:], p)
+	return nil
+}
+
+// restoreSHA256 restores a disk of a backup into memory and hashes it.
+func restoreSHA256(t *testing.T, r *Repo, m *Manifest, disk string) string {
+	t.Helper()
+	d, _ := m.Disk(disk)
+	mt := &memTarget{buf: make([]byte, d.Size)}
+	if err := r.RestoreDisk(t.Context(), m, disk, mt, 4); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(mt.buf)
+	return hex.EncodeToString(sum[:])
+}
+
+// A format-1 repository (testdata/v1-repo) migrates to format 2 and every
+// backup restores to the bytes it was taken of; a migration interrupted
+// at any store operation leaves a repository that a rerun finishes.
+func TestMigrateFormat1(t *testing.T) {
+	want := strings.Fields(readFile(t, "testdata/v1-repo.sha256"))
+	for failAt := 1; ; failAt++ {
+		dir := t.TempDir()
+		if err := os.CopyFS(dir, os.DirFS("testdata/v1-repo")); err != nil {
+			t.Fatal(err)
+		}
+		s, _ := sink.NewLocal(dir)
+		if _, err := Open(t.Context(), s); !errors.Is(err, ErrFormat1) {
+			t.Fatalf("open of format 1: %v", err)
+		}
+		ops := 0
+		f := &sinktest.Faulty{Store: s, Fail: func(op, key string, n int) error {
+			if op == "put" || op == "create" || op == "delete" {
+				ops++
+				if ops == failAt {
+					return sinktest.Permanent(op, key)
+				}
+			}
+			return nil
+		}}
+		res, err := Migrate(t.Context(), f, nil)
+		interrupted := err != nil
+		if interrupted {
+			if res, err = Migrate(t.Context(), s, nil); err != nil {
+				t.Fatalf("rerun after a failure at write %d: %v", failAt, err)
+			}
+		}
+		r, err := Open(t.Context(), s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ms, skipped, err := r.Backups(t.Context(), "old-vm")
+		if err != nil || len(ms) != 3 || len(skipped) > 0 {
+			t.Fatalf("after migrating (failure at write %d): %d backups, skipped %v, %v", failAt, len(ms), skipped, err)
+		}
+		for i, m := range ms {
+			if got := restoreSHA256(t, r, m, "vda"); got != want[2*i] {
+				t.Fatalf("backup %d restores to %s, want %s", i, got, want[2*i])
+			}
+		}
+		if left := keysUnder(t, s, "backups/"); len(left) > 0 {
+			t.Fatalf("format-1 objects left: %v", left)
+		}
+		if !interrupted {
+			t.Logf("migrated %d backups, removed %d objects; interrupted at each of %d writes and finished by a rerun", res.Backups, res.Removed, failAt-1)
+			if again, err := Migrate(t.Context(), s, nil); err != nil || !again.AlreadyV2 {
+				t.Fatalf("migrating a migrated repository: %+v %v", again, err)
+			}
+			return
+		}
+	}
+}
+
+func keysUnder(t *testing.T, s sink.Store, prefix string) []string {
+	var keys []string
+	if err := s.List(t.Context(), prefix, func(o sink.ObjectInfo) error { keys = append(keys, o.Key); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
+func readFile(t *testing.T, p string) string {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// Many incrementals in a row: each index is a chain of a full index and
+// at most maxDeltas deltas, and every backup's index is what was set.
+func TestChainManyIncrementals(t *testing.T) {
+	r := initTestRepo(t, localStore(t))
+	ctx := t.Context()
+	const cs = 256 << 10
+	rng := rand.New(rand.NewPCG(1, 2))
+	state := map[int64]chunker.Digest{}
+	size := int64(1000 * cs)
+	for i := range 200 {
+		state[int64(i)] = chunker.Sum([]byte{byte(i), 1})
+	}
+	ix := indexOf(cs, size, state)
+	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd", Disks: []DiskManifest{{Name: "vda", Size: size}}}
+	if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	type point struct {
+		m     *Manifest
+		state map[int64]chunker.Digest
+	}
+	points := []point{{m, maps.Clone(state)}}
+	for n := 1; n <= 100; n++ {
+		parent, err := r.LoadChain(ctx, points[len(points)-1].m, "vda")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b Builder
+		for range 1 + rng.IntN(6) { // a few changes, some to zero, one resize now and then
+			i := rng.Int64N(size / cs)
+			d := chunker.Sum([]byte(fmt.Sprint(n, i)))
+			if rng.IntN(5) == 0 {
+				d = chunker.ZeroChunk
+			}
+			if _, seen := state[i]; !seen && d.IsZeroChunk() {
+				continue
+			}
+			b.Set(i, d)
+			state[i] = d
+		}
+		newSize := size
+		if n%37 == 0 {
+			newSize = size - 3*cs/2 // shrink by a chunk and a half; the cut chunk is rebuilt
+			for i := range state {
+				if i >= (newSize+cs-1)/cs {
+					delete(state, i)
+				}
+			}
+			last := (newSize - 1) / cs
+			b.Set(last, chunker.Sum([]byte(fmt.Sprint("cut", n))))
+			state[last] = chunker.Sum([]byte(fmt.Sprint("cut", n)))
+		}
+		size = newSize
+		mm := &Manifest{ID: NewBackupID(time.Now(), points[len(points)-1].m.ID), Domain: "vm1", Mode: "incremental",
+			Source: "nbd", Disks: []DiskManifest{{Name: "vda", Size: size}}}
+		if err := r.Commit(ctx, mm, map[string]DiskData{"vda": {Parent: parent, Delta: b.Delta(parent.Index, size)}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if refs := mm.Disks[0].Index; len(refs) > 1+maxDeltas || refs[0].Kind != "full" {
+			t.Fatalf("backup %d: chain of %d links", n, len(refs))
+		}
+		points = append(points, point{mm, maps.Clone(state)})
+	}
+	for _, k := range []int{0, 1, 50, 99, 100} {
+		p := points[k]
+		got, err := r.LoadIndex(ctx, p.m, "vda")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := indexOf(cs, p.m.Disks[0].Size, p.state); !sameIndex(got, want) {
+			t.Fatalf("backup %d: index differs (%d chunks, want %d)", k, got.Len(), want.Len())
+		}
+		t.Logf("backup %d: %d links", k, len(p.m.Disks[0].Index))
 	}
 }

@@ -34,19 +34,18 @@ func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Targ
 		eg.Go(func() error {
 			var plain, blob []byte
 			for {
-				i := next.Add(1) - 1
-				if i >= g.Count() {
+				k := int(next.Add(1) - 1)
+				if k >= ix.Len() {
 					return nil
 				}
+				i, dg := ix.At(k)
 				off, _ := g.Chunk(i)
-				if dg := ix.Digests[i]; !dg.IsZeroChunk() {
-					var err error
-					if plain, blob, err = r.GetChunk(ctx, dg, plain, blob); err != nil {
-						return err
-					}
-					if err := writeNonZero(ctx, t, plain, off); err != nil {
-						return err
-					}
+				var err error
+				if plain, blob, err = r.GetChunk(ctx, dg, plain, blob); err != nil {
+					return err
+				}
+				if err := writeNonZero(ctx, t, plain, off); err != nil {
+					return err
 				}
 			}
 		})

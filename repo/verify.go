@@ -98,12 +98,12 @@ func (r *Repo) chunkRefs(ctx context.Context, ms []*Manifest, report func(Proble
 				return nil, err
 			}
 			if err != nil {
-				report(Problem{Object: m.Key(d.Index), Backup: name, Disk: d.Name, Problem: err.Error()})
+				report(Problem{Object: problemObject(err, "index of disk "+d.Name), Backup: name, Disk: d.Name, Problem: err.Error()})
 				continue
 			}
-			for i, dg := range ix.Digests {
-				if _, seen := refs[dg]; !seen && !dg.IsZeroChunk() {
-					refs[dg] = chunkRef{backup: name, disk: d.Name, index: int64(i)}
+			for i, dg := range ix.All() {
+				if _, seen := refs[dg]; !seen {
+					refs[dg] = chunkRef{backup: name, disk: d.Name, index: i}
 				}
 			}
 		}
@@ -113,7 +113,7 @@ func (r *Repo) chunkRefs(ctx context.Context, ms []*Manifest, report func(Proble
 				return nil, err
 			}
 			if err != nil {
-				report(Problem{Object: m.Key(f), Backup: name, Problem: err.Error()})
+				report(Problem{Object: problemObject(err, m.Files[f]), Backup: name, Problem: err.Error()})
 			}
 		}
 	}
@@ -196,4 +196,14 @@ func (r *Repo) readChunks(ctx context.Context, present []chunker.Digest, refs ma
 func isStoreFailure(err error) bool {
 	var se *sink.Error
 	return errors.As(err, &se) && !errors.Is(err, sink.ErrNotFound)
+}
+
+// problemObject names the object a problem is about: the one an
+// ObjectError names, else what.
+func problemObject(err error, what string) string {
+	var oe *ObjectError
+	if errors.As(err, &oe) {
+		return oe.Key
+	}
+	return what
 }

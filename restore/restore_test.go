@@ -105,13 +105,20 @@ func TestDamage(t *testing.T) {
 	}
 
 	// A truncated index, then a truncated manifest.
-	bdir := filepath.Join(dir, "backups", "offline-vm", res.ID)
-	os.Truncate(filepath.Join(bdir, "vda.index"), 40)
+	r, _ := ro.Open(t.Context())
+	m, err := r.Backup(t.Context(), "offline-vm", res.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	indexObject := m.Disks[0].Index[0].Objects[0]
+	os.Truncate(filepath.Join(dir, filepath.FromSlash(indexObject)), 40)
 	_, _, err = restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out})
-	if !errors.Is(err, repo.ErrBadIndex) || !strings.Contains(err.Error(), "vda.index") {
+	var oe *repo.ObjectError
+	if !errors.As(err, &oe) || oe.Key != indexObject {
 		t.Fatalf("truncated index: %v", err)
 	}
-	os.Truncate(filepath.Join(bdir, "manifest.json"), 50)
+	manifest := repo.ManifestKey("offline-vm", res.ID)
+	os.Truncate(filepath.Join(dir, filepath.FromSlash(manifest)), 50)
 	// Restoring "latest" over an unreadable newest manifest is refused,
 	// not an older backup restored in its place.
 	_, _, err = restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out})
@@ -119,10 +126,10 @@ func TestDamage(t *testing.T) {
 		t.Fatalf("restore latest over an unreadable manifest: %v", err)
 	}
 	// A damaged manifest does not stop the listing: it is skipped and named.
-	if ms, skipped, err := listAll(t, ro); err != nil || len(ms) != 0 || len(skipped) != 1 || !strings.Contains(skipped[0].Object, "manifest.json") {
+	if ms, skipped, err := listAll(t, ro); err != nil || len(ms) != 0 || len(skipped) != 1 || skipped[0].Object != manifest {
 		t.Fatalf("truncated manifest: %v %+v %v", ms, skipped, err)
 	}
-	if found := verify(false); !strings.Contains(found["backups/offline-vm/"+res.ID+"/manifest.json"], "damaged") {
+	if found := verify(false); !strings.Contains(found[manifest], "damaged") {
 		t.Errorf("verify of a truncated manifest: %v", found)
 	}
 }

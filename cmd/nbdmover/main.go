@@ -85,7 +85,7 @@ func newApp() *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), cleanupCommand(), serveCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {

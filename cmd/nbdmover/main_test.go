@@ -8,7 +8,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
+	nbdrepo "github.com/nbdmover/nbdmover/repo"
 )
 
 // TestMain runs the real main in a helper process when NBDMOVER_MAIN_ARGS
@@ -133,9 +135,7 @@ func TestCommandsAndJSON(t *testing.T) {
 	}
 	// A manifest of a newer nbdmover is skipped by list (with a warning)
 	// and reported by verify.
-	newer := filepath.Join(repo, "backups", "disk1", "20991231T000000.000Z")
-	os.MkdirAll(newer, 0o700)
-	os.WriteFile(filepath.Join(newer, "manifest.json"), []byte(`{"version": 9}`), 0o600)
+	backuptest.PutManifest(t, repo, "disk1", "20991231T000000.000Z", []byte(`{"version": 9}`), true)
 	out, stderr, code = nbdmover(t, "list", "--repo", repo, "--json")
 	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list.Backups) != 1 || !strings.Contains(stderr, "20991231T000000.000Z") {
 		t.Fatalf("list next to a newer manifest: %d %q %q", code, out, stderr)
@@ -143,7 +143,7 @@ func TestCommandsAndJSON(t *testing.T) {
 	if out, _, code := nbdmover(t, "verify", "--repo", repo); code != 1 || !strings.Contains(out, "format 9") {
 		t.Fatalf("verify next to a newer manifest: %d %q", code, out)
 	}
-	os.RemoveAll(newer)
+	os.Remove(filepath.Join(repo, filepath.FromSlash(nbdrepo.ManifestKey("disk1", "20991231T000000.000Z"))))
 	chunks, _ := filepath.Glob(filepath.Join(repo, "chunks", "*", "*"))
 	os.Remove(chunks[0])
 	out, _, code = nbdmover(t, "verify", "--repo", repo, "--json")

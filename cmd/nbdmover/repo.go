@@ -256,3 +256,38 @@ func verifyCommand() *cli.Command {
 		},
 	}
 }
+
+func migrateCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "migrate",
+		Usage: "convert a repository of format 1 to format 2 (safe to interrupt and to run again; no backup may run meanwhile)",
+		Flags: append(repoFlags(), &cli.BoolFlag{Name: "json", Usage: "print one JSON document"}),
+		Action: func(c *cli.Context) error {
+			if err := checkFlags(c); err != nil {
+				return err
+			}
+			s, err := repoOptions(c).Store()
+			if err != nil {
+				return usagef("--repo: %v", err)
+			}
+			report := func(line string) {
+				if !c.Bool("json") {
+					fmt.Fprintln(c.App.Writer, line)
+				}
+			}
+			res, err := repo.Migrate(c.Context, s, report)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, res)
+			}
+			fmt.Fprintf(c.App.Writer, "format 2: %d backups, %d format-1 objects removed", res.Backups, res.Removed)
+			if res.Skipped > 0 {
+				fmt.Fprintf(c.App.Writer, "; %d backups could not be read and were left under backups/", res.Skipped)
+			}
+			fmt.Fprintln(c.App.Writer)
+			return nil
+		},
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
@@ -112,5 +113,22 @@ func CheckRestores(t testing.TB, ro repo.Options, domain string, points []Point)
 		for _, d := range disks {
 			qemutest.Compare(t, p.Refs[d.Name], "raw", d.Path, format)
 		}
+	}
+}
+
+// PutManifest writes content as the manifest of backup domain/id in the
+// local repository at dir: wrapped as the store wraps manifests when
+// asBlob, raw (a damaged object) otherwise.
+func PutManifest(t testing.TB, dir, domain, id string, content []byte, asBlob bool) {
+	t.Helper()
+	if asBlob {
+		content = chunker.NewMetaCodec().Encode(nil, content)
+	}
+	p := filepath.Join(dir, filepath.FromSlash(repo.ManifestKey(domain, id)))
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, content, 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

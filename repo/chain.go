@@ -1,0 +1,241 @@
+package repo
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/bits"
+	"strings"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+)
+
+// A disk's index in a backup is a chain: a full index, then deltas, each
+// applied to what comes before (see docs/format.md). The chain follows a
+// binary counter, so that a restore reads few index objects and an
+// incremental writes little: the n-th incremental since the full merges
+// the last t deltas (t = the trailing zero bits of n) with its own changes
+// into one delta holding 2^t incrementals' changes, so a chain holds
+// popcount(n) deltas, at most maxDeltas. When its deltas would list more
+// chunks than half of what the index lists, or the chain would grow past
+// maxDeltas, the incremental writes a full index instead.
+const maxDeltas = 12
+
+// DiskData is what a backup commits of one disk: the full index of a full
+// backup, or for an incremental the parent's chain and what changed.
+type DiskData struct {
+	Full   *Index
+	Parent *Chain
+	Delta  *Delta
+}
+
+// Chain is a disk's index chain, loaded: its links, the index it makes,
+// and the parts (for the next incremental to merge).
+type Chain struct {
+	Refs   []IndexRef
+	Index  *Index   // the index of the disk at the backup
+	deltas []*Delta // the deltas of Refs[1:], in order
+}
+
+// LoadChain reads and checks a disk's index chain.
+func (r *Repo) LoadChain(ctx context.Context, m *Manifest, disk string) (*Chain, error) {
+	d, err := m.Disk(disk)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkChain(d.Index); err != nil {
+		return nil, fmt.Errorf("backup %s/%s disk %s: %w: %v", m.Domain, m.ID, disk, ErrBadIndex, err)
+	}
+	c := &Chain{Refs: d.Index}
+	for k, ref := range d.Index {
+		full, delta, err := r.loadLink(ctx, ref, m.ChunkSize)
+		if err != nil {
+			return nil, fmt.Errorf("backup %s/%s disk %s: %w", m.Domain, m.ID, disk, err)
+		}
+		if k == 0 {
+			c.Index = full
+			continue
+		}
+		c.Index = c.Index.Apply(delta)
+		c.deltas = append(c.deltas, delta)
+	}
+	if c.Index.Size != d.Size {
+		return nil, fmt.Errorf("backup %s/%s disk %s: %w: the index is of a %d-byte disk, the manifest says %d",
+			m.Domain, m.ID, disk, ErrBadIndex, c.Index.Size, d.Size)
+	}
+	return c, nil
+}
+
+// LoadIndex reads and checks the index of a disk of a backup.
+func (r *Repo) LoadIndex(ctx context.Context, m *Manifest, disk string) (*Index, error) {
+	c, err := r.LoadChain(ctx, m, disk)
+	if err != nil {
+		return nil, err
+	}
+	return c.Index, nil
+}
+
+// loadLink reads the index objects of one link (a full index or a delta).
+func (r *Repo) loadLink(ctx context.Context, ref IndexRef, chunkSize int64) (*Index, *Delta, error) {
+	var full Index
+	var delta Delta
+	for k, key := range ref.Objects {
+		b, err := r.getObject(ctx, key)
+		if err != nil {
+			return nil, nil, err
+		}
+		p, err := unmarshalIndexPart(b)
+		if err != nil {
+			return nil, nil, &ObjectError{Key: key, Err: err}
+		}
+		want := byte(kindFull)
+		if ref.Kind == "delta" {
+			want = kindDelta
+		}
+		prevSize, prevTrunc := full.Size, delta.Trunc
+		if ref.Kind == "delta" {
+			prevSize = delta.Size
+		}
+		switch {
+		case p.kind != want || p.chunkSize != chunkSize:
+			return nil, nil, &ObjectError{Key: key, Err: fmt.Errorf("%w: not a %s index of %d-byte chunks", ErrBadIndex, ref.Kind, chunkSize)}
+		case k > 0 && (p.size != prevSize || p.trunc != prevTrunc && ref.Kind == "delta"):
+			return nil, nil, &ObjectError{Key: key, Err: fmt.Errorf("%w: its parts disagree on the disk's size", ErrBadIndex)}
+		case len(p.chunks) > 0 && (len(full.chunks) > 0 && p.chunks[0] <= full.chunks[len(full.chunks)-1] ||
+			len(delta.chunks) > 0 && p.chunks[0] <= delta.chunks[len(delta.chunks)-1]):
+			return nil, nil, &ObjectError{Key: key, Err: fmt.Errorf("%w: its parts overlap", ErrBadIndex)}
+		}
+		full.ChunkSize, full.Size = chunkSize, p.size
+		delta.ChunkSize, delta.Size, delta.Trunc, delta.Backups = chunkSize, p.size, p.trunc, ref.Backups
+		if ref.Kind == "full" {
+			full.chunks, full.digests = append(full.chunks, p.chunks...), append(full.digests, p.digests...)
+		} else {
+			delta.chunks, delta.digests = append(delta.chunks, p.chunks...), append(delta.digests, p.digests...)
+		}
+	}
+	n := int64(len(full.chunks) + len(delta.chunks))
+	if n != ref.Entries {
+		return nil, nil, &ObjectError{Key: ref.Objects[0], Err: fmt.Errorf("%w: %d entries, the manifest says %d", ErrBadIndex, n, ref.Entries)}
+	}
+	return &full, &delta, nil
+}
+
+// writeIndex stores the index objects of a disk and returns its chain's
+// links and the index they make.
+func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *Index, error) {
+	if dd.Full != nil {
+		ref, err := r.writeLink(ctx, "full", 0, parts(kindFull, dd.Full.ChunkSize, dd.Full.Size, dd.Full.Size, dd.Full.chunks, dd.Full.digests))
+		return []IndexRef{ref}, dd.Full, err
+	}
+	p, delta := dd.Parent, dd.Delta
+	if p == nil || delta == nil || delta.ChunkSize != p.Index.ChunkSize {
+		return nil, nil, errors.New("internal error: an incremental without its parent's chain or delta")
+	}
+	ix := p.Index.Apply(delta)
+	n := 1
+	for _, d := range p.deltas {
+		n += d.Backups
+	}
+	t := bits.TrailingZeros(uint(n))
+	keep := max(0, len(p.deltas)-t) // the deltas that stay; the others merge with this one
+	merged := delta
+	for k := len(p.deltas) - 1; k >= keep; k-- {
+		merged = Merge(p.deltas[k], merged)
+	}
+	entries := int64(merged.Len())
+	for _, d := range p.deltas[:keep] {
+		entries += int64(d.Len())
+	}
+	if keep+1 > maxDeltas || 2*entries > int64(ix.Len()) {
+		ref, err := r.writeLink(ctx, "full", 0, parts(kindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests))
+		return []IndexRef{ref}, ix, err
+	}
+	ref, err := r.writeLink(ctx, "delta", merged.Backups,
+		parts(kindDelta, merged.ChunkSize, merged.Size, merged.Trunc, merged.chunks, merged.digests))
+	if err != nil {
+		return nil, nil, err
+	}
+	refs := append(append([]IndexRef{}, p.Refs[:1+keep]...), ref)
+	return refs, ix, nil
+}
+
+// writeLink stores the parts of one link.
+func (r *Repo) writeLink(ctx context.Context, kind string, backups int, ps []*indexPart) (IndexRef, error) {
+	ref := IndexRef{Kind: kind, Backups: backups}
+	for _, p := range ps {
+		key, err := r.putObject(ctx, "indexes/", p.marshal())
+		if err != nil {
+			return ref, err
+		}
+		ref.Objects = append(ref.Objects, key)
+		ref.Entries += int64(len(p.chunks))
+	}
+	return ref, nil
+}
+
+// Objects (index objects under indexes/, extra files under files/) are
+// meta blobs named by the SHA-256 of the stored blob:
+// <prefix><2 hex>/<64 hex>. The name checks the object, and equal objects
+// are stored once.
+
+// putObject stores plain as an object under prefix and returns its key.
+func (r *Repo) putObject(ctx context.Context, prefix string, plain []byte) (string, error) {
+	blob := r.meta.Encode(nil, plain)
+	sum := sha256.Sum256(blob)
+	h := hex.EncodeToString(sum[:])
+	key := prefix + h[:2] + "/" + h
+	if err := r.store.Put(ctx, key, blob); err != nil {
+		return "", err
+	}
+	return key, nil
+}
+
+// ObjectError is an index or file object that cannot be read back intact.
+type ObjectError struct {
+	Key string
+	Err error
+}
+
+func (e *ObjectError) Error() string { return e.Key + ": " + e.Err.Error() }
+func (e *ObjectError) Unwrap() error { return e.Err }
+
+// getObject reads an object and checks it against its name.
+func (r *Repo) getObject(ctx context.Context, key string) ([]byte, error) {
+	blob, err := r.store.Get(ctx, key, nil)
+	if err != nil {
+		return nil, &ObjectError{Key: key, Err: err}
+	}
+	if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != key[strings.LastIndex(key, "/")+1:] {
+		return nil, &ObjectError{Key: key, Err: errors.New("damaged: its bytes do not hash to its name")}
+	}
+	b, err := r.meta.DecodeMeta(nil, blob)
+	if err != nil {
+		return nil, &ObjectError{Key: key, Err: err}
+	}
+	return b, nil
+}
+
+// isObjectKey reports whether key names an object under prefix.
+func isObjectKey(prefix, key string) bool {
+	rest, ok := strings.CutPrefix(key, prefix)
+	if !ok || len(rest) != 67 || rest[2] != '/' || rest[:2] != rest[3:5] {
+		return false
+	}
+	_, err := chunker.ParseDigest(rest[3:])
+	return err == nil
+}
+
+// ReadFile returns an extra file of a backup (e.g. domain.xml), checked
+// against its name.
+func (r *Repo) ReadFile(ctx context.Context, m *Manifest, name string) ([]byte, error) {
+	key, ok := m.Files[name]
+	if !ok {
+		return nil, fmt.Errorf("backup %s/%s has no file %s", m.Domain, m.ID, name)
+	}
+	return r.getObject(ctx, key)
+}
+
+func isNotFound(err error) bool { return errors.Is(err, sink.ErrNotFound) }

@@ -1,0 +1,225 @@
+package repo
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+	"golang.org/x/sync/errgroup"
+)
+
+// A catalog (catalog/<domain>/<rank>-<id>, a meta blob of JSON) holds the
+// manifests of a domain up to and including backup <id>, so that listing
+// many backups reads one object instead of one per backup. It is a cache:
+// the manifests stay the truth (a listing takes from a catalog only the
+// manifests that still exist, and reads the ones it lacks). A backup writes
+// a new catalog when catalogEvery manifests or more are not in the newest
+// one, and removes the older catalogs.
+const catalogEvery = 64
+
+type catalog struct {
+	Version   int                  `json:"version"`
+	Domain    string               `json:"domain"`
+	Manifests map[string]*Manifest `json:"manifests"` // by manifest key
+}
+
+func catalogKey(domain, id string) string {
+	return "catalog/" + strings.TrimPrefix(ManifestKey(domain, id), "manifests/")
+}
+
+// Backups returns the committed backups of domain (of every domain when
+// domain is ""), oldest first. A manifest that cannot be read or decoded
+// (damaged, or written by a newer nbdmover) does not hide the others: it
+// is left out and reported in skipped. Only a failing store is an error.
+// It costs a listing of the manifests and of the catalogs, a read of each
+// domain's newest catalog, and a read of each manifest the catalogs lack.
+func (r *Repo) Backups(ctx context.Context, domain string) (ms []*Manifest, skipped []Problem, err error) {
+	prefix := "manifests/"
+	if domain != "" {
+		if err := ValidName("domain", domain); err != nil {
+			return nil, nil, err
+		}
+		prefix += domain + "/"
+	}
+	var keys []string
+	if err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+		if d, _, ok := parseManifestKey(o.Key); ok && (domain == "" || d == domain) {
+			keys = append(keys, o.Key)
+		}
+		return nil
+	}); err != nil {
+		return nil, nil, err
+	}
+	cached, err := r.catalogs(ctx, domain)
+	if err != nil {
+		return nil, nil, err
+	}
+	ms, skipped, err = r.manifests(ctx, keys, cached)
+	if err != nil {
+		return nil, nil, err
+	}
+	sort.Slice(ms, func(i, j int) bool { // ids are creation times
+		if ms[i].ID != ms[j].ID {
+			return ms[i].ID < ms[j].ID
+		}
+		return ms[i].Domain < ms[j].Domain
+	})
+	sort.Slice(skipped, func(i, j int) bool { return skipped[i].Object < skipped[j].Object })
+	return ms, skipped, nil
+}
+
+// manifests returns the manifests at keys, from cached where it has them.
+func (r *Repo) manifests(ctx context.Context, keys []string, cached map[string]*Manifest) ([]*Manifest, []Problem, error) {
+	var mu sync.Mutex
+	var ms []*Manifest
+	var skipped []Problem
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for _, key := range keys {
+		if m := cached[key]; m != nil {
+			ms = append(ms, m)
+			continue
+		}
+		g.Go(func() error {
+			m, err := r.loadManifest(gctx, key)
+			if isStoreFailure(err) {
+				return err
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				d, id, _ := parseManifestKey(key)
+				skipped = append(skipped, Problem{Object: key, Backup: d + "/" + id, Problem: err.Error()})
+				return nil
+			}
+			ms = append(ms, m)
+			return nil
+		})
+	}
+	return ms, skipped, g.Wait()
+}
+
+// catalogs returns the manifests of the newest catalog of each domain (of
+// domain, when not ""), by key. A catalog that cannot be read is passed
+// over: it is only a cache.
+func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]*Manifest, error) {
+	prefix := "catalog/"
+	if domain != "" {
+		prefix += domain + "/"
+	}
+	newest := map[string]string{} // domain -> key of its newest catalog (the first listed)
+	if err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+		if d, _, ok := parseManifestKey("manifests/" + strings.TrimPrefix(o.Key, "catalog/")); ok && newest[d] == "" {
+			newest[d] = o.Key
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	out := map[string]*Manifest{}
+	for d, key := range newest {
+		c, err := r.loadCatalog(ctx, key, d)
+		if isStoreFailure(err) {
+			return nil, err
+		}
+		if err != nil {
+			continue
+		}
+		for k, m := range c.Manifests {
+			out[k] = m
+		}
+	}
+	return out, nil
+}
+
+func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, error) {
+	blob, err := r.store.Get(ctx, key, nil)
+	if err != nil {
+		return nil, err
+	}
+	b, err := r.meta.DecodeMeta(nil, blob)
+	if err != nil {
+		return nil, err
+	}
+	var c catalog
+	if err := strictUnmarshal(b, &c); err != nil {
+		return nil, err
+	}
+	if c.Version != FormatVersion || c.Domain != domain {
+		return nil, fmt.Errorf("%s: catalog of format %d for %s", key, c.Version, c.Domain)
+	}
+	for k, m := range c.Manifests {
+		if m == nil || m.Key() != k || m.Domain != domain {
+			return nil, fmt.Errorf("%s: catalog lists %s under %s", key, k, k)
+		}
+	}
+	return &c, nil
+}
+
+// UpdateCatalog writes a new catalog of the domain when catalogEvery or
+// more of its manifests are missing from the newest one, and then removes
+// the older catalogs. A backup calls it after its commit; a failure leaves
+// listing slower, never wrong.
+func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
+	var keys []string
+	if err := r.store.List(ctx, "manifests/"+domain+"/", func(o sink.ObjectInfo) error {
+		if d, _, ok := parseManifestKey(o.Key); ok && d == domain {
+			keys = append(keys, o.Key)
+		}
+		return nil
+	}); err != nil || len(keys) == 0 {
+		return err
+	}
+	var old []string
+	if err := r.store.List(ctx, "catalog/"+domain+"/", func(o sink.ObjectInfo) error {
+		old = append(old, o.Key)
+		return nil
+	}); err != nil {
+		return err
+	}
+	cached := map[string]*Manifest{}
+	if len(old) > 0 {
+		if c, err := r.loadCatalog(ctx, old[0], domain); err == nil {
+			cached = c.Manifests
+		}
+	}
+	missing := 0
+	for _, k := range keys {
+		if cached[k] == nil {
+			missing++
+		}
+	}
+	if missing < catalogEvery {
+		return nil
+	}
+	ms, _, err := r.manifests(ctx, keys, cached)
+	if err != nil {
+		return err
+	}
+	c := catalog{Version: FormatVersion, Domain: domain, Manifests: map[string]*Manifest{}}
+	for _, m := range ms {
+		c.Manifests[m.Key()] = m
+	}
+	b, err := json.Marshal(c)
+	if err != nil || len(b) > chunker.MaxMetaSize {
+		return err // too many backups for one catalog: listing reads manifests
+	}
+	_, newestID, _ := parseManifestKey(keys[0])
+	key := catalogKey(domain, newestID)
+	if err := r.store.Put(ctx, key, r.meta.Encode(nil, b)); err != nil {
+		return err
+	}
+	for _, k := range old {
+		if k != key {
+			if err := r.store.Delete(ctx, k); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
