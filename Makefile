@@ -2,7 +2,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build test demo bench fuzz clean
+.PHONY: all build test demo bench bench-large fuzz clean
 
 all: build
 
@@ -20,6 +20,10 @@ demo:
 # nbdmover next to nbdcopy and virtnbdbackup (bench/run.sh; docs/performance.md).
 bench:
 	bench/run.sh
+
+# Memory and metadata on a 16 TiB sparse and a 64 GiB allocated disk.
+bench-large:
+	bench/large.sh
 
 # A short run of every fuzz target.
 fuzz:

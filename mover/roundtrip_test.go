@@ -3,7 +3,9 @@ package mover_test
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -183,4 +185,73 @@ func verify(t testing.TB, ro repo.Options, o repo.VerifyOptions, report func(rep
 		t.Fatal(err)
 	}
 	return r.Verify(t.Context(), o, report)
+}
+
+// A sparse 4 TiB disk, written at its start, middle and end, then grown
+// (to an odd size) and shrunk: every backup restores exactly, and each
+// incremental writes index objects of a few KiB, whatever the disk size.
+func TestLargeSparseDisk(t *testing.T) {
+	const TiB = int64(1) << 40
+	dir := filepath.Join(t.TempDir(), "repo")
+	ro := repo.Options{Location: dir}
+	img := qemutest.NewImage(t, t.TempDir(), 4*TiB)
+	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
+	type step struct {
+		resize []string // qemu-img resize arguments before the image and the size, then the size; nil for none
+		writes []string
+	}
+	steps := []step{
+		{nil, []string{"write -P 0x11 0 1M", "write -P 0x12 2T 3M", fmt.Sprintf("write -P 0x13 %d 4096", 4*TiB-4096)}},
+		{nil, []string{"write -P 0x21 64k 64k", "write -z 2T 1M", fmt.Sprintf("write -P 0x22 %d 512", 4*TiB-512)}},
+		{[]string{fmt.Sprint(4*TiB + 64<<20 + 512)}, []string{fmt.Sprintf("write -P 0x31 %d 1M", 4*TiB+32<<20)}},
+		{[]string{"--shrink", fmt.Sprint(3*TiB + 1536)}, []string{"write -P 0x41 3T 1k"}},
+	}
+	var points []backuptest.Point
+	var prev []string // index objects of the backup before
+	for k, st := range steps {
+		if n := len(st.resize); n > 0 {
+			args := append(append([]string{"resize", "-q", "-f", "qcow2"}, st.resize[:n-1]...), img, st.resize[n-1])
+			qemutest.Run(t, "qemu-img", args...)
+		}
+		qemutest.IO(t, img, st.writes...)
+		res := backupNBDWith(t, ro, img, "auto", "")
+		want := []string{"full", "incremental", "incremental", "incremental"}[k]
+		if res.Mode != want {
+			t.Fatalf("step %d: %s backup, want %s: %+v", k, res.Mode, want, res)
+		}
+		points = append(points, backuptest.Point{ID: res.ID, Refs: map[string]string{"vda": qemutest.RawCopy(t, img)}})
+		r, _ := ro.Open(t.Context())
+		m, err := r.Backup(t.Context(), "offline-vm", res.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var written int64
+		var objs []string
+		for _, ref := range m.Disks[0].Index {
+			for _, o := range ref.Objects {
+				objs = append(objs, o)
+				if !slices.Contains(prev, o) {
+					st, _ := os.Stat(filepath.Join(dir, filepath.FromSlash(o)))
+					written += st.Size()
+				}
+			}
+		}
+		mst, _ := os.Stat(filepath.Join(dir, filepath.FromSlash(m.Key())))
+		t.Logf("step %d: %s of a %d-byte disk: %d index links, %d bytes of new index objects, manifest %d bytes",
+			k, res.Mode, m.Disks[0].Size, len(m.Disks[0].Index), written, mst.Size())
+		if written > 64<<10 || mst.Size() > 64<<10 {
+			t.Errorf("step %d wrote %d bytes of index objects and a %d-byte manifest", k, written, mst.Size())
+		}
+		prev = objs
+	}
+	checkRestores(t, ro, pointsOf(points))
+}
+
+// pointsOf turns domain points of the one disk vda into restore points.
+func pointsOf(ps []backuptest.Point) []point {
+	var out []point
+	for _, p := range ps {
+		out = append(out, point{p.ID, p.Refs["vda"]})
+	}
+	return out
 }

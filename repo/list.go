@@ -78,13 +78,17 @@ func (r *Repo) manifests(ctx context.Context, keys []string, cached map[string]*
 	var mu sync.Mutex
 	var ms []*Manifest
 	var skipped []Problem
-	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(16)
+	var missing []string
 	for _, key := range keys {
 		if m := cached[key]; m != nil {
 			ms = append(ms, m)
-			continue
+		} else {
+			missing = append(missing, key)
 		}
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for _, key := range missing {
 		g.Go(func() error {
 			m, err := r.loadManifest(gctx, key)
 			if isStoreFailure(err) {

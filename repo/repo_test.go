@@ -641,3 +641,48 @@ func TestChainManyIncrementals(t *testing.T) {
 		t.Logf("backup %d: %d links", k, len(p.m.Disks[0].Index))
 	}
 }
+
+// Catalogs: written every catalogEvery backups, one kept; listing takes
+// manifests from the newest and reads the rest; a deleted (forgotten)
+// manifest is not listed from a catalog, a damaged catalog is passed over.
+func TestCatalog(t *testing.T) {
+	s := localStore(t)
+	r := initTestRepo(t, s)
+	ctx := t.Context()
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	ix := NewIndex(r.Config().ChunkSize, 1<<20)
+	const n = 2*catalogEvery + 5
+	for i := range n {
+		m := &Manifest{ID: NewBackupID(t0.Add(time.Duration(i)*time.Minute), ""), Domain: "vm1", Mode: "full", Source: "nbd",
+			Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
+		if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.UpdateCatalog(ctx, "vm1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cats := keysUnder(t, s, "catalog/")
+	if len(cats) != 1 {
+		t.Fatalf("catalogs: %v", cats)
+	}
+	list := func() []*Manifest {
+		ms, skipped, err := r.Backups(ctx, "vm1")
+		if err != nil || len(skipped) > 0 {
+			t.Fatalf("list: %v %v", skipped, err)
+		}
+		return ms
+	}
+	if ms := list(); len(ms) != n || ms[0].ID != NewBackupID(t0, "") {
+		t.Fatalf("listed %d of %d", len(ms), n)
+	}
+	forgotten := ManifestKey("vm1", NewBackupID(t0.Add(3*time.Minute), ""))
+	s.Delete(ctx, forgotten)
+	if ms := list(); len(ms) != n-1 {
+		t.Fatalf("after deleting a manifest the catalog lists: %d", len(ms))
+	}
+	s.Put(ctx, cats[0], []byte("damaged"))
+	if ms := list(); len(ms) != n-1 {
+		t.Fatalf("with a damaged catalog: %d", len(ms))
+	}
+}
