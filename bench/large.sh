@@ -65,10 +65,6 @@ run() {
 	[[ $name == backup* ]] && meta=$((after - before))
 	printf '| %s | %s | %s | %d | %s |\n' "$case" "$name" "$wall" $((rss / 1024)) "$meta" | tee -a "$report" >&2
 }
-backup() {
-	"$nbdmover" --log-level warn backup --repo "$work/repo" --nbd "nbd+unix:///?socket=$work/nbd.sock" \
-		--name "$1" --bitmap b0 --disk vda --json
-}
 change() { # 8 MiB changed in 8 places spread over a disk of $1 bytes
 	local i cmds=()
 	for i in 1 2 3 4 5 6 7; do cmds+=(-c "write -P 0x$((40 + i)) $(($1 / 8 * i)) 1M"); done
@@ -100,11 +96,13 @@ for case in $CASES; do
 	*) die "unknown case $case" ;;
 	esac
 	serve
-	run "$case" "backup full" backup "$case"
+	backup=("$nbdmover" --log-level warn backup --repo "$work/repo" --nbd "nbd+unix:///?socket=$work/nbd.sock"
+		--name "$case" --bitmap b0 --disk vda --json)
+	run "$case" "backup full" "${backup[@]}"
 	unserve
 	change "$size"
 	serve
-	run "$case" "backup incremental (8 MiB changed)" backup "$case"
+	run "$case" "backup incremental (8 MiB changed)" "${backup[@]}"
 	unserve
 	if [ "$case" = sparse16t ]; then
 		run "$case" "restore qcow2" "$nbdmover" restore --repo "$work/repo" --domain "$case" --disk vda --format qcow2 --output "$work/restore.qcow2"

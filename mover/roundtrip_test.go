@@ -43,7 +43,16 @@ func backupNBDWith(t *testing.T, ro repo.Options, img, mode, compression string)
 	return res
 }
 
+// checkRestores restores every point (raw and qcow2), compares, and
+// verifies the repository, which holds exactly those backups.
 func checkRestores(t *testing.T, ro repo.Options, points []point) {
+	t.Helper()
+	checkRestoresOf(t, ro, points, len(points))
+}
+
+// checkRestoresOf restores the points and verifies a repository of
+// backups backups.
+func checkRestoresOf(t *testing.T, ro repo.Options, points []point, backups int) {
 	t.Helper()
 	for _, p := range points {
 		for _, format := range []string{"raw", "qcow2"} {
@@ -58,7 +67,7 @@ func checkRestores(t *testing.T, ro repo.Options, points []point) {
 	}
 	var problems []repo.Problem
 	stats, err := verify(t, ro, repo.VerifyOptions{ReadData: true}, func(p repo.Problem) { problems = append(problems, p) })
-	if err != nil || len(problems) > 0 || stats.Backups != len(points) {
+	if err != nil || len(problems) > 0 || stats.Backups != backups {
 		t.Fatalf("verify: %v %+v %+v", err, problems, stats)
 	}
 }
@@ -254,4 +263,31 @@ func pointsOf(ps []backuptest.Point) []point {
 		out = append(out, point{p.ID, p.Refs["vda"]})
 	}
 	return out
+}
+
+// Many incrementals in a row of a disk written at random between them:
+// the first, a middle and the last backup restore exactly.
+func TestManyIncrementals(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	img := backuptest.Image(t, 48*MiB)
+	rng := rand.New(rand.NewPCG(5, 6))
+	var points []point
+	for n := range 24 {
+		if n > 0 {
+			var cmds []string
+			for range 1 + rng.IntN(4) {
+				cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d %d", rng.IntN(250)+1, rng.Int64N(47*MiB/4096)*4096, (1+rng.IntN(64))*4096))
+			}
+			if n%7 == 0 {
+				cmds = append(cmds, fmt.Sprintf("discard %d 1M", rng.Int64N(46)*MiB))
+			}
+			qemutest.IO(t, img, cmds...)
+		}
+		res := backupNBDWith(t, ro, img, "auto", "")
+		if want := map[bool]string{true: "full", false: "incremental"}[n == 0]; res.Mode != want {
+			t.Fatalf("backup %d: %s", n, res.Mode)
+		}
+		points = append(points, point{res.ID, qemutest.RawCopy(t, img)})
+	}
+	checkRestoresOf(t, ro, []point{points[0], points[11], points[23]}, len(points))
 }

@@ -3,7 +3,7 @@
 . "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 t=${FUZZTIME:-20s}
-for target in nbdclient:FuzzMergeWindow chunker:FuzzDecode repo:FuzzUnmarshalIndex repo:FuzzUnmarshalManifest pipeline:FuzzPlan; do
+for target in nbdclient:FuzzMergeWindow chunker:FuzzDecode repo:FuzzUnmarshalIndexPart repo:FuzzUnmarshalManifest pipeline:FuzzPlan; do
 	pkg=${target%%:*} fn=${target#*:}
 	say "fuzzing $fn ($pkg) for $t"
 	go test -run '^$' -fuzz "^$fn\$" -fuzztime "$t" "./$pkg"
