@@ -282,8 +282,13 @@ func (r *run) parentState(p *planner, size int64) {
 	p.minDirty = r.MinDirty
 }
 
-// set records a built chunk's digest.
+// set records a built chunk's digest. A zero chunk where the parent has
+// none (or on a full run) changes nothing and is not kept: memory is per
+// chunk that holds data.
 func (r *run) set(i int64, d chunker.Digest) {
+	if d.IsZeroChunk() && (r.Parent == nil || r.Parent.Digest(i).IsZeroChunk()) {
+		return
+	}
 	r.mu.Lock()
 	r.built.Set(i, d)
 	r.mu.Unlock()

@@ -59,6 +59,10 @@ func (r *Repo) LoadChain(ctx context.Context, m *Manifest, disk string) (*Chain,
 			c.Index = full
 			continue
 		}
+		if delta.Trunc > c.Index.Size {
+			return nil, fmt.Errorf("backup %s/%s disk %s: %w: a delta truncates a %d-byte disk at %d",
+				m.Domain, m.ID, disk, ErrBadIndex, c.Index.Size, delta.Trunc)
+		}
 		c.Index = c.Index.Apply(delta)
 		c.deltas = append(c.deltas, delta)
 	}

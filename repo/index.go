@@ -303,7 +303,7 @@ func unmarshalIndexPart(b []byte) (*indexPart, error) {
 	rest, prev := b[indexHeaderSize:], int64(-1)
 	for range count {
 		gap, n := binary.Uvarint(rest)
-		if n <= 0 || len(rest) < n+32 || gap >= uint64(grid.Count()) {
+		if n <= 0 || n != uvarintLen(gap) || len(rest) < n+32 || gap >= uint64(grid.Count()) {
 			return nil, badIndex("entry %d is damaged (truncated?)", len(p.chunks))
 		}
 		i := prev + 1 + int64(gap)
@@ -335,4 +335,11 @@ func parts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []ch
 			chunks: chunks[lo:hi], digests: digests[lo:hi]})
 	}
 	return out
+}
+
+// uvarintLen is the length of gap's minimal uvarint, the only encoding a
+// decoder accepts (so that an object has one encoding).
+func uvarintLen(gap uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(b[:], gap)
 }

@@ -26,6 +26,13 @@ type catalog struct {
 	Version   int                  `json:"version"`
 	Domain    string               `json:"domain"`
 	Manifests map[string]*Manifest `json:"manifests"` // by manifest key
+	Sizes     map[string]int64     `json:"sizes"`     // of the manifest objects, by key
+}
+
+// cached is what catalogs hold of a manifest.
+type cached struct {
+	m    *Manifest
+	size int64
 }
 
 func catalogKey(domain, id string) string {
@@ -39,6 +46,12 @@ func catalogKey(domain, id string) string {
 // It costs a listing of the manifests and of the catalogs, a read of each
 // domain's newest catalog, and a read of each manifest the catalogs lack.
 func (r *Repo) Backups(ctx context.Context, domain string) (ms []*Manifest, skipped []Problem, err error) {
+	return r.backups(ctx, domain, true)
+}
+
+// backups lists like Backups, from the catalogs when useCatalogs (verify
+// reads every manifest instead).
+func (r *Repo) backups(ctx context.Context, domain string, useCatalogs bool) (ms []*Manifest, skipped []Problem, err error) {
 	prefix := "manifests/"
 	if domain != "" {
 		if err := ValidName("domain", domain); err != nil {
@@ -46,20 +59,22 @@ func (r *Repo) Backups(ctx context.Context, domain string) (ms []*Manifest, skip
 		}
 		prefix += domain + "/"
 	}
-	var keys []string
+	var keys []sink.ObjectInfo
 	if err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
 		if d, _, ok := parseManifestKey(o.Key); ok && (domain == "" || d == domain) {
-			keys = append(keys, o.Key)
+			keys = append(keys, o)
 		}
 		return nil
 	}); err != nil {
 		return nil, nil, err
 	}
-	cached, err := r.catalogs(ctx, domain)
-	if err != nil {
-		return nil, nil, err
+	cache := map[string]cached{}
+	if useCatalogs {
+		if cache, err = r.catalogs(ctx, domain); err != nil {
+			return nil, nil, err
+		}
 	}
-	ms, skipped, err = r.manifests(ctx, keys, cached)
+	ms, skipped, err = r.manifests(ctx, keys, cache)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -73,17 +88,18 @@ func (r *Repo) Backups(ctx context.Context, domain string) (ms []*Manifest, skip
 	return ms, skipped, nil
 }
 
-// manifests returns the manifests at keys, from cached where it has them.
-func (r *Repo) manifests(ctx context.Context, keys []string, cached map[string]*Manifest) ([]*Manifest, []Problem, error) {
+// manifests returns the manifests listed, from cache where it has them
+// at the size listed (a manifest object rewritten since is read).
+func (r *Repo) manifests(ctx context.Context, keys []sink.ObjectInfo, cache map[string]cached) ([]*Manifest, []Problem, error) {
 	var mu sync.Mutex
 	var ms []*Manifest
 	var skipped []Problem
 	var missing []string
-	for _, key := range keys {
-		if m := cached[key]; m != nil {
-			ms = append(ms, m)
+	for _, o := range keys {
+		if c, ok := cache[o.Key]; ok && c.size == o.Size {
+			ms = append(ms, c.m)
 		} else {
-			missing = append(missing, key)
+			missing = append(missing, o.Key)
 		}
 	}
 	g, gctx := errgroup.WithContext(ctx)
@@ -111,7 +127,7 @@ func (r *Repo) manifests(ctx context.Context, keys []string, cached map[string]*
 // catalogs returns the manifests of the newest catalog of each domain (of
 // domain, when not ""), by key. A catalog that cannot be read is passed
 // over: it is only a cache.
-func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]*Manifest, error) {
+func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]cached, error) {
 	prefix := "catalog/"
 	if domain != "" {
 		prefix += domain + "/"
@@ -125,7 +141,7 @@ func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]*Manifes
 	}); err != nil {
 		return nil, err
 	}
-	out := map[string]*Manifest{}
+	out := map[string]cached{}
 	for d, key := range newest {
 		c, err := r.loadCatalog(ctx, key, d)
 		if isStoreFailure(err) {
@@ -135,7 +151,7 @@ func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]*Manifes
 			continue
 		}
 		for k, m := range c.Manifests {
-			out[k] = m
+			out[k] = cached{m, c.Sizes[k]}
 		}
 	}
 	return out, nil
@@ -158,8 +174,8 @@ func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, e
 		return nil, fmt.Errorf("%s: catalog of format %d for %s", key, c.Version, c.Domain)
 	}
 	for k, m := range c.Manifests {
-		if m == nil || m.Key() != k || m.Domain != domain {
-			return nil, fmt.Errorf("%s: catalog lists %s under %s", key, k, k)
+		if m == nil || m.check() != nil || m.Key() != k || m.Domain != domain || c.Sizes[k] <= 0 {
+			return nil, fmt.Errorf("%s: a catalog entry is damaged: %s", key, k)
 		}
 	}
 	return &c, nil
@@ -170,10 +186,10 @@ func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, e
 // the older catalogs. A backup calls it after its commit; a failure leaves
 // listing slower, never wrong.
 func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
-	var keys []string
+	var keys []sink.ObjectInfo
 	if err := r.store.List(ctx, "manifests/"+domain+"/", func(o sink.ObjectInfo) error {
 		if d, _, ok := parseManifestKey(o.Key); ok && d == domain {
-			keys = append(keys, o.Key)
+			keys = append(keys, o)
 		}
 		return nil
 	}); err != nil || len(keys) == 0 {
@@ -186,34 +202,40 @@ func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
 	}); err != nil {
 		return err
 	}
-	cached := map[string]*Manifest{}
+	cache := map[string]cached{}
 	if len(old) > 0 {
 		if c, err := r.loadCatalog(ctx, old[0], domain); err == nil {
-			cached = c.Manifests
+			for k, m := range c.Manifests {
+				cache[k] = cached{m, c.Sizes[k]}
+			}
 		}
 	}
 	missing := 0
-	for _, k := range keys {
-		if cached[k] == nil {
+	for _, o := range keys {
+		if c, ok := cache[o.Key]; !ok || c.size != o.Size {
 			missing++
 		}
 	}
 	if missing < catalogEvery {
 		return nil
 	}
-	ms, _, err := r.manifests(ctx, keys, cached)
+	ms, _, err := r.manifests(ctx, keys, cache)
 	if err != nil {
 		return err
 	}
-	c := catalog{Version: FormatVersion, Domain: domain, Manifests: map[string]*Manifest{}}
+	sizes := map[string]int64{}
+	for _, o := range keys {
+		sizes[o.Key] = o.Size
+	}
+	c := catalog{Version: FormatVersion, Domain: domain, Manifests: map[string]*Manifest{}, Sizes: map[string]int64{}}
 	for _, m := range ms {
-		c.Manifests[m.Key()] = m
+		c.Manifests[m.Key()], c.Sizes[m.Key()] = m, sizes[m.Key()]
 	}
 	b, err := json.Marshal(c)
 	if err != nil || len(b) > chunker.MaxMetaSize {
 		return err // too many backups for one catalog: listing reads manifests
 	}
-	_, newestID, _ := parseManifestKey(keys[0])
+	_, newestID, _ := parseManifestKey(keys[0].Key)
 	key := catalogKey(domain, newestID)
 	if err := r.store.Put(ctx, key, r.meta.Encode(nil, b)); err != nil {
 		return err

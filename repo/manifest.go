@@ -1,6 +1,7 @@
 package repo
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -174,10 +175,24 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 	if err != nil {
 		return err
 	}
-	if err := r.store.Create(ctx, m.Key(), r.meta.Encode(nil, b)); err != nil {
+	err = r.store.Create(ctx, m.Key(), r.meta.Encode(nil, b))
+	if errors.Is(err, sink.ErrExists) && r.sameManifest(ctx, m.Key(), b) {
+		err = nil // an earlier attempt of this create landed, its answer did not
+	}
+	if err != nil {
 		return fmt.Errorf("commit manifest %s: %w", m.Key(), err)
 	}
 	return nil
+}
+
+// sameManifest reports whether the manifest at key holds json.
+func (r *Repo) sameManifest(ctx context.Context, key string, json []byte) bool {
+	blob, err := r.store.Get(ctx, key, nil)
+	if err != nil {
+		return false
+	}
+	b, err := r.meta.DecodeMeta(nil, blob)
+	return err == nil && bytes.Equal(b, json)
 }
 
 // ErrNoBackup: the domain has no (such) committed backup.
@@ -195,26 +210,35 @@ func UnmarshalManifest(b []byte) (*Manifest, error) {
 	if err := strictUnmarshal(b, &m); err != nil {
 		return nil, fmt.Errorf("damaged manifest: %w", err)
 	}
+	if err := m.check(); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+// check checks what a manifest says of itself: its version, names, index
+// chains and file keys.
+func (m *Manifest) check() error {
 	if m.Version != FormatVersion {
-		return nil, fmt.Errorf("manifest format %d; this nbdmover reads format %d", m.Version, FormatVersion)
+		return fmt.Errorf("manifest format %d; this nbdmover reads format %d", m.Version, FormatVersion)
 	}
 	if err := ValidName("domain", m.Domain); err != nil {
-		return nil, fmt.Errorf("damaged manifest: %w", err)
+		return fmt.Errorf("damaged manifest: %w", err)
 	}
 	if err := ValidBackupID(m.ID); err != nil {
-		return nil, fmt.Errorf("damaged manifest: %w", err)
+		return fmt.Errorf("damaged manifest: %w", err)
 	}
 	for _, d := range m.Disks {
 		if err := ValidName("disk", d.Name); err != nil || d.Size < 0 || checkChain(d.Index) != nil {
-			return nil, fmt.Errorf("damaged manifest: disk %q", d.Name)
+			return fmt.Errorf("damaged manifest: disk %q", d.Name)
 		}
 	}
 	for name, key := range m.Files {
 		if ValidName("file", name) != nil || !isObjectKey("files/", key) {
-			return nil, fmt.Errorf("damaged manifest: file %q", name)
+			return fmt.Errorf("damaged manifest: file %q", name)
 		}
 	}
-	return &m, nil
+	return nil
 }
 
 // checkChain checks the shape of a disk's index chain: a full index, then

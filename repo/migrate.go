@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 
 	"github.com/nbdmover/nbdmover/sink"
@@ -13,8 +14,9 @@ import (
 // MigrateResult is what Migrate did.
 type MigrateResult struct {
 	Backups   int  `json:"backups"` // format-1 backups converted (now or by an earlier run)
-	Skipped   int  `json:"skipped"` // format-1 manifests that could not be read (reported, left in place)
+	Skipped   int  `json:"skipped"` // format-1 backups that could not be converted (reported, left in place)
 	Removed   int  `json:"removed"` // format-1 objects removed
+	Left      int  `json:"left"`    // format-1 objects left: of backups not converted, or never committed
 	AlreadyV2 bool `json:"already_format_2"`
 }
 
@@ -23,9 +25,11 @@ type MigrateResult struct {
 // index, files and manifest (a manifest already there is kept), then
 // replaces the config (the switch: until then format-1 readers see the old
 // repository, after it format-2 readers see every backup), then removes
-// the format-1 objects. Chunks are shared by both formats and stay. No
-// backup may run during a migration. report, if set, is told of each
-// backup and of manifests it could not read.
+// the format-1 objects of the backups it converted. Chunks are shared by
+// both formats and stay. A format-1 backup it cannot read (or one an old
+// nbdmover is still writing) is reported and left; one committed after the
+// switch by an old nbdmover that opened the repository before it is
+// converted by the next run. report, if set, is told of each backup.
 func Migrate(ctx context.Context, store sink.Store, report func(string)) (MigrateResult, error) {
 	var res MigrateResult
 	if report == nil {
@@ -58,24 +62,32 @@ func Migrate(ctx context.Context, store sink.Store, report func(string)) (Migrat
 	if err != nil {
 		return res, err
 	}
-	if !res.AlreadyV2 {
-		for _, key := range keys {
-			done, err := r.migrateBackup(ctx, key, report)
-			if err != nil {
-				return res, err
-			}
-			if done {
-				res.Backups++
-			} else {
-				res.Skipped++
-			}
+	// Every format-1 manifest is converted, also after the switch (a
+	// backup an old nbdmover committed late); only converted backups are
+	// removed.
+	converted := map[string]bool{} // backups/<domain>/<id>/
+	for _, key := range keys {
+		done, err := r.migrateBackup(ctx, key, report)
+		if err != nil {
+			return res, err
 		}
+		if done {
+			res.Backups++
+			converted[strings.TrimSuffix(key, "manifest.json")] = true
+		} else {
+			res.Skipped++
+		}
+	}
+	if !res.AlreadyV2 {
 		b, _ := json.MarshalIndent(cfg, "", "  ")
 		if err := store.Put(ctx, configKey, append(b, '\n')); err != nil {
 			return res, err
 		}
 	}
-	res.Removed, err = removeV1(ctx, store, res.Skipped > 0, report)
+	res.Removed, res.Left, err = removeV1(ctx, store, converted)
+	if res.Left > 0 {
+		report(fmt.Sprintf("left %d format-1 objects under backups/: of backups that could not be converted, or never committed", res.Left))
+	}
 	return res, err
 }
 
@@ -100,8 +112,12 @@ func (r *Repo) migrateBackup(ctx context.Context, key string, report func(string
 	disks := map[string]DiskData{}
 	for _, d := range old.Disks {
 		ix, err := v1LoadIndex(ctx, r.store, old, d)
+		if isStoreFailure(err) {
+			return false, err
+		}
 		if err != nil {
-			return false, fmt.Errorf("migrate %s/%s: %w", old.Domain, old.ID, err)
+			report(fmt.Sprintf("cannot migrate %s/%s: %v", old.Domain, old.ID, err))
+			return false, nil
 		}
 		disks[d.Name] = DiskData{Full: ix}
 		m.Disks = append(m.Disks, DiskManifest{Name: d.Name, Size: d.Size, Mode: d.Mode, BytesRead: d.BytesRead,
@@ -111,8 +127,12 @@ func (r *Repo) migrateBackup(ctx context.Context, key string, report func(string
 	files := map[string][]byte{}
 	for name := range old.Files {
 		b, err := v1ReadFile(ctx, r.store, old, name)
+		if isStoreFailure(err) {
+			return false, err
+		}
 		if err != nil {
-			return false, fmt.Errorf("migrate %s/%s: %w", old.Domain, old.ID, err)
+			report(fmt.Sprintf("cannot migrate %s/%s: %v", old.Domain, old.ID, err))
+			return false, nil
 		}
 		files[name] = b
 	}
@@ -123,38 +143,30 @@ func (r *Repo) migrateBackup(ctx context.Context, key string, report func(string
 	return true, nil
 }
 
-// removeV1 removes the format-1 objects (everything under backups/), but
-// those of backups whose manifest could not be read when keepUnread.
-func removeV1(ctx context.Context, store sink.Store, keepUnread bool, report func(string)) (int, error) {
+// removeV1 removes the format-1 objects of the converted backups (their
+// directories under backups/) and counts the others, which it leaves.
+func removeV1(ctx context.Context, store sink.Store, converted map[string]bool) (removed, left int, err error) {
 	var keys []string
 	if err := store.List(ctx, "backups/", func(o sink.ObjectInfo) error {
 		keys = append(keys, o.Key)
 		return nil
 	}); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	unread := map[string]bool{}
-	if keepUnread {
-		for _, k := range keys {
-			if strings.HasSuffix(k, "/manifest.json") {
-				if _, err := v1Load(ctx, store, k); err != nil && !isStoreFailure(err) {
-					unread[strings.TrimSuffix(k, "manifest.json")] = true
-				}
-			}
-		}
-	}
-	n := 0
+	// The manifests last: a run interrupted here leaves each converted
+	// directory with its manifest, so the next run still knows it.
+	sort.SliceStable(keys, func(i, j int) bool {
+		return !strings.HasSuffix(keys[i], "/manifest.json") && strings.HasSuffix(keys[j], "/manifest.json")
+	})
 	for _, k := range keys {
-		if unread[k[:strings.LastIndex(k, "/")+1]] {
+		if !converted[k[:strings.LastIndex(k, "/")+1]] {
+			left++
 			continue
 		}
 		if err := store.Delete(ctx, k); err != nil {
-			return n, err
+			return removed, left, err
 		}
-		n++
+		removed++
 	}
-	if len(unread) > 0 {
-		report(fmt.Sprintf("left %d format-1 backups that could not be read under backups/", len(unread)))
-	}
-	return n, nil
+	return removed, left, nil
 }

@@ -37,10 +37,15 @@ func NewBackupID(t time.Time, last string) string {
 	return id
 }
 
-// ValidBackupID says why s is not a backup id, or returns nil.
+// ValidBackupID says why s is not a backup id, or returns nil. Ids are
+// times from 1970 to 2286, which the manifests' rank (ManifestKey) orders.
 func ValidBackupID(s string) error {
-	if _, err := time.Parse(idLayout, s); err != nil || len(s) != len(idLayout) {
+	t, err := time.Parse(idLayout, s)
+	if err != nil || len(s) != len(idLayout) {
 		return fmt.Errorf("backup id %q: want the form %s", s, idLayout)
+	}
+	if ms := t.UnixMilli(); ms < 0 || ms > rankLimit {
+		return fmt.Errorf("backup id %q: a time from 1970 to 2286 (is the clock right?)", s)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -681,8 +682,103 @@ func TestCatalog(t *testing.T) {
 	if ms := list(); len(ms) != n-1 {
 		t.Fatalf("after deleting a manifest the catalog lists: %d", len(ms))
 	}
+	// A cataloged manifest damaged since is read (its size changed), and
+	// verify, which reads every manifest, reports it.
+	damaged := ManifestKey("vm1", NewBackupID(t0.Add(5*time.Minute), ""))
+	s.Put(ctx, damaged, []byte("NBMC damaged"))
+	if ms, skipped, err := r.Backups(ctx, "vm1"); err != nil || len(ms) != n-2 || len(skipped) != 1 || skipped[0].Object != damaged {
+		t.Fatalf("with a damaged manifest: %d listed, skipped %v, %v", len(ms), skipped, err)
+	}
+	var problems []Problem
+	if _, err := r.Verify(ctx, VerifyOptions{}, func(p Problem) { problems = append(problems, p) }); err != nil || len(problems) != 1 || problems[0].Object != damaged {
+		t.Fatalf("verify: %+v %v", problems, err)
+	}
+	s.Delete(ctx, damaged)
 	s.Put(ctx, cats[0], []byte("damaged"))
-	if ms := list(); len(ms) != n-1 {
+	if ms := list(); len(ms) != n-2 {
 		t.Fatalf("with a damaged catalog: %d", len(ms))
+	}
+}
+
+// landThenFail creates objects and then reports a transient failure: the
+// answer of a create that landed was lost.
+type landThenFail struct{ sink.Store }
+
+func (l landThenFail) Create(ctx context.Context, key string, data []byte) error {
+	if err := l.Store.Create(ctx, key, data); err != nil {
+		return err
+	}
+	if strings.HasPrefix(key, "manifests/") {
+		return &sink.Error{Op: "create", Key: key, Location: "test", Transient: true, Err: errors.New("connection reset")}
+	}
+	return nil
+}
+
+// A commit whose manifest create landed but whose answer was lost (the
+// retry then finds it there) is a commit, not a failure.
+func TestCommitRetriedCreate(t *testing.T) {
+	s := localStore(t)
+	initTestRepo(t, s)
+	r, _ := Open(t.Context(), sink.Retry(landThenFail{s}, sink.RetryPolicy{Attempts: 3, Base: time.Millisecond, Cap: time.Millisecond}))
+	ix := NewIndex(r.Config().ChunkSize, 1<<20)
+	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd", Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
+	if err := r.Commit(t.Context(), m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
+		t.Fatalf("commit: %v", err)
+	}
+	// Another backup's manifest at the same key is still a conflict.
+	m2 := *m
+	m2.Mode = "incremental"
+	if err := r.Commit(t.Context(), &m2, map[string]DiskData{"vda": {Full: ix}}, nil); !errors.Is(err, sink.ErrExists) {
+		t.Fatalf("a different manifest at the same id: %v", err)
+	}
+}
+
+// A format-1 backup that an old nbdmover commits after the switch is
+// converted by the next run; one that cannot be read is reported, left in
+// place, and never removed by a rerun.
+func TestMigrateLateAndDamaged(t *testing.T) {
+	want := strings.Fields(readFile(t, "testdata/v1-repo.sha256"))
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS("testdata/v1-repo")); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := sink.NewLocal(dir)
+	keys := keysUnder(t, s, "backups/")
+	if _, err := Migrate(t.Context(), s, nil); err != nil {
+		t.Fatal(err)
+	}
+	// The old nbdmover's late backup: the newest one again, under a later id.
+	newest := keys[len(keys)-1][:strings.LastIndex(keys[len(keys)-1], "/")]
+	late, damaged := "20261202T090000.000Z", "20261202T090001.000Z"
+	for _, id := range []string{late, damaged} {
+		src := filepath.Join("testdata/v1-repo", filepath.FromSlash(newest))
+		dst := filepath.Join(dir, "backups", "old-vm", id)
+		os.MkdirAll(dst, 0o700)
+		idx, _ := os.ReadFile(filepath.Join(src, "vda.index"))
+		os.WriteFile(filepath.Join(dst, "vda.index"), idx, 0o600)
+		m, _ := os.ReadFile(filepath.Join(src, "manifest.json"))
+		m = []byte(strings.Replace(string(m), `"id": "`+filepath.Base(newest)+`"`, `"id": "`+id+`"`, 1))
+		if id == damaged {
+			m = m[:len(m)/2]
+		}
+		os.WriteFile(filepath.Join(dst, "manifest.json"), m, 0o600)
+	}
+	var lines []string
+	for range 2 {
+		res, err := Migrate(t.Context(), s, func(l string) { lines = append(lines, l) })
+		if err != nil || res.Skipped != 1 || res.Left != 2 {
+			t.Fatalf("migrate again: %+v %v", res, err)
+		}
+	}
+	if !strings.Contains(strings.Join(lines, "\n"), "cannot migrate") {
+		t.Errorf("the damaged backup was not reported: %q", lines)
+	}
+	r, _ := Open(t.Context(), s)
+	m, err := r.Backup(t.Context(), "old-vm", late)
+	if err != nil || restoreSHA256(t, r, m, "vda") != want[4] {
+		t.Fatalf("the late backup: %v", err)
+	}
+	if left := keysUnder(t, s, "backups/"); len(left) != 2 || !strings.Contains(left[0], damaged) {
+		t.Fatalf("left: %v", left)
 	}
 }

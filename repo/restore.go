@@ -2,6 +2,7 @@ package repo
 
 import (
 	"context"
+	"fmt"
 	"sync/atomic"
 
 	"github.com/nbdmover/nbdmover/chunker"
@@ -39,10 +40,13 @@ func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Targ
 					return nil
 				}
 				i, dg := ix.At(k)
-				off, _ := g.Chunk(i)
+				off, n := g.Chunk(i)
 				var err error
 				if plain, blob, err = r.GetChunk(ctx, dg, plain, blob); err != nil {
 					return err
+				}
+				if int64(len(plain)) != n {
+					return &ChunkError{Key: ChunkKey(dg), Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(plain), i, n)}
 				}
 				if err := writeNonZero(ctx, t, plain, off); err != nil {
 					return err

@@ -79,7 +79,7 @@ func (r *Repo) verifySelection(ctx context.Context, o VerifyOptions, report func
 		}
 		return []*Manifest{m}, nil
 	}
-	ms, skipped, err := r.Backups(ctx, o.Domain)
+	ms, skipped, err := r.backups(ctx, o.Domain, false) // every manifest read: no catalog
 	for _, p := range skipped {
 		report(p)
 	}

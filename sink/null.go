@@ -2,6 +2,7 @@ package sink
 
 import (
 	"context"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -84,6 +85,7 @@ func (n *Null) List(ctx context.Context, prefix string, fn func(ObjectInfo) erro
 		}
 	}
 	n.mu.Unlock()
+	sort.Slice(infos, func(i, j int) bool { return infos[i].Key < infos[j].Key })
 	for _, info := range infos {
 		if err := fn(info); err != nil {
 			return err
