@@ -3,6 +3,7 @@ package repo
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -18,8 +19,8 @@ import (
 // many backups reads one object instead of one per backup. It is a cache:
 // the manifests stay the truth (a listing takes from a catalog only the
 // manifests that still exist, and reads the ones it lacks). A backup writes
-// a new catalog when catalogEvery manifests or more are not in the newest
-// one, and removes the older catalogs.
+// a new catalog when catalogEvery manifests or more are newer than the
+// newest one, and removes the older catalogs.
 const catalogEvery = 64
 
 type catalog struct {
@@ -181,11 +182,50 @@ func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, e
 	return &c, nil
 }
 
+// catalogDue tells, from two listings that stop early (both list newest
+// first), whether catalogEvery or more manifests are newer than the
+// domain's newest catalog: a backup's usual cost is two listing requests.
+func (r *Repo) catalogDue(ctx context.Context, domain string) (bool, error) {
+	stop := errors.New("stop")
+	covered := ""
+	err := r.store.List(ctx, "catalog/"+domain+"/", func(o sink.ObjectInfo) error {
+		if _, id, ok := parseManifestKey("manifests/" + strings.TrimPrefix(o.Key, "catalog/")); ok {
+			covered = id
+			return stop
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, stop) {
+		return false, err
+	}
+	newer := 0
+	err = r.store.List(ctx, "manifests/"+domain+"/", func(o sink.ObjectInfo) error {
+		_, id, ok := parseManifestKey(o.Key)
+		switch {
+		case !ok:
+		case id <= covered:
+			return stop
+		default:
+			if newer++; newer >= catalogEvery {
+				return stop
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, stop) {
+		return false, err
+	}
+	return newer >= catalogEvery, nil
+}
+
 // UpdateCatalog writes a new catalog of the domain when catalogEvery or
-// more of its manifests are missing from the newest one, and then removes
-// the older catalogs. A backup calls it after its commit; a failure leaves
+// more of its manifests are newer than the newest one (catalogDue), and
+// then removes the older catalogs. A backup calls it after its commit; a failure leaves
 // listing slower, never wrong.
 func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
+	if due, err := r.catalogDue(ctx, domain); err != nil || !due {
+		return err
+	}
 	var keys []sink.ObjectInfo
 	if err := r.store.List(ctx, "manifests/"+domain+"/", func(o sink.ObjectInfo) error {
 		if d, _, ok := parseManifestKey(o.Key); ok && d == domain {
