@@ -71,7 +71,6 @@ type domainSession struct {
 	info  SessionInfo
 	dirs  []string // the job's run and scratch directories
 	sock  string
-	job   bool // the libvirt job runs
 	disks []SourceDisk
 	pools []*nbdclient.Pool
 }
