@@ -26,22 +26,18 @@ func NewNull() *Null { return &Null{meta: map[string][]byte{}} }
 func (n *Null) Location() string { return "null: (discards chunks)" }
 
 func (n *Null) Put(ctx context.Context, key string, data []byte) error {
-	if err := ValidKey(key); err != nil {
-		return &Error{Op: "put", Key: key, Location: n.Location(), Err: err}
-	}
-	if strings.HasPrefix(key, "chunks/") {
-		n.Discarded.Add(int64(len(data)))
-		return nil
-	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	n.meta[key] = append([]byte(nil), data...)
-	return nil
+	return n.write("put", key, data, true)
 }
 
 func (n *Null) Create(ctx context.Context, key string, data []byte) error {
+	return n.write("create", key, data, false)
+}
+
+// write counts a chunk's bytes and keeps any other object, replacing one
+// that exists only when replace.
+func (n *Null) write(op, key string, data []byte, replace bool) error {
 	if err := ValidKey(key); err != nil {
-		return &Error{Op: "create", Key: key, Location: n.Location(), Err: err}
+		return &Error{Op: op, Key: key, Location: n.Location(), Err: err}
 	}
 	if strings.HasPrefix(key, "chunks/") {
 		n.Discarded.Add(int64(len(data)))
@@ -49,8 +45,8 @@ func (n *Null) Create(ctx context.Context, key string, data []byte) error {
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if _, ok := n.meta[key]; ok {
-		return &Error{Op: "create", Key: key, Location: n.Location(), Err: ErrExists}
+	if _, ok := n.meta[key]; ok && !replace {
+		return &Error{Op: op, Key: key, Location: n.Location(), Err: ErrExists}
 	}
 	n.meta[key] = append([]byte(nil), data...)
 	return nil

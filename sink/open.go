@@ -74,16 +74,10 @@ func openS3(location string, o Options) (*S3, error) {
 // CreateBucket creates the bucket of an S3 store (looking through
 // wrappers) when it is missing; for other stores it does nothing.
 func CreateBucket(ctx context.Context, s Store) error {
-	for {
-		switch x := s.(type) {
-		case *S3:
-			return x.CreateBucket(ctx)
-		case interface{ Unwrap() Store }:
-			s = x.Unwrap()
-		default:
-			return nil
-		}
+	if x, ok := underlying[*S3](s); ok {
+		return x.CreateBucket(ctx)
 	}
+	return nil
 }
 
 // RemoveTemp removes the temporary files older than age that crashed
@@ -91,16 +85,27 @@ func CreateBucket(ctx context.Context, s Store) error {
 // many it removed. Stores without temporary files (S3, which never sees a
 // partial object) have nothing to remove.
 func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
+	type tempRemover interface {
+		RemoveTemp(context.Context, time.Duration) (int, error)
+	}
+	if x, ok := underlying[tempRemover](s); ok {
+		return x.RemoveTemp(ctx, age)
+	}
+	return 0, nil
+}
+
+// underlying returns the first store that is a T: s, or one the wrappers
+// around it (Limit, Retry) wrap.
+func underlying[T any](s Store) (T, bool) {
 	for {
-		switch x := s.(type) {
-		case interface {
-			RemoveTemp(context.Context, time.Duration) (int, error)
-		}:
-			return x.RemoveTemp(ctx, age)
-		case interface{ Unwrap() Store }:
-			s = x.Unwrap()
-		default:
-			return 0, nil
+		if x, ok := s.(T); ok {
+			return x, true
 		}
+		w, ok := s.(interface{ Unwrap() Store })
+		if !ok {
+			var zero T
+			return zero, false
+		}
+		s = w.Unwrap()
 	}
 }

@@ -294,4 +294,15 @@ func TestNull(t *testing.T) {
 	if got, _ := n.Get(ctx, "config", nil); !bytes.Equal(got, []byte("c")) {
 		t.Fatal("metadata must be kept")
 	}
+	// Create refuses a key that is taken; Put replaces it.
+	if err := n.Create(ctx, "config", []byte("d")); !errors.Is(err, sink.ErrExists) {
+		t.Fatalf("create over existing metadata: %v", err)
+	}
+	if err := n.Create(ctx, "manifests/x", []byte("m")); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	n.Put(ctx, "config", []byte("e"))
+	if got, _ := n.Get(ctx, "config", nil); !bytes.Equal(got, []byte("e")) {
+		t.Fatalf("put did not replace: %q", got)
+	}
 }
