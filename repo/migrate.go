@@ -35,16 +35,9 @@ func Migrate(ctx context.Context, store sink.Store, report func(string)) (Migrat
 	if report == nil {
 		report = func(string) {}
 	}
-	b, err := store.Get(ctx, configKey, nil)
-	if errors.Is(err, sink.ErrNotFound) {
-		return res, fmt.Errorf("%s: %w", store.Location(), ErrNoRepository)
-	}
+	cfg, err := readConfig(ctx, store)
 	if err != nil {
 		return res, err
-	}
-	var cfg Config
-	if err := strictUnmarshal(b, &cfg); err != nil {
-		return res, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
 	}
 	switch cfg.Version {
 	case FormatVersion:

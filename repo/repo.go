@@ -93,18 +93,31 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	return r, nil
 }
 
-// Open opens the repository in store.
-func Open(ctx context.Context, store sink.Store) (*Repo, error) {
+// readConfig reads and decodes the store's config, whatever its format
+// version; ErrNoRepository when there is none (or no bucket).
+func readConfig(ctx context.Context, store sink.Store) (Config, error) {
 	b, err := store.Get(ctx, configKey, nil)
 	if errors.Is(err, sink.ErrNotFound) || errors.Is(err, sink.ErrNoBucket) {
-		return nil, fmt.Errorf("%s: %w (run nbdmover init, or back up once to create it)", store.Location(), ErrNoRepository)
+		return Config{}, fmt.Errorf("%s: %w", store.Location(), ErrNoRepository)
 	}
 	if err != nil {
-		return nil, err
+		return Config{}, err
 	}
 	var cfg Config
 	if err := strictUnmarshal(b, &cfg); err != nil {
-		return nil, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
+		return Config{}, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
+	}
+	return cfg, nil
+}
+
+// Open opens the repository in store.
+func Open(ctx context.Context, store sink.Store) (*Repo, error) {
+	cfg, err := readConfig(ctx, store)
+	if errors.Is(err, ErrNoRepository) {
+		return nil, fmt.Errorf("%w (run nbdmover init, or back up once to create it)", err)
+	}
+	if err != nil {
+		return nil, err
 	}
 	if cfg.Version == 1 {
 		return nil, fmt.Errorf("%s: %w: run nbdmover migrate --repo ... once (safe to interrupt and to run again)", store.Location(), ErrFormat1)
@@ -119,11 +132,10 @@ func Open(ctx context.Context, store sink.Store) (*Repo, error) {
 }
 
 // OpenOrInit opens the repository, creating it (and its bucket) with o
-// when the store has none.
+// when the store has none: Open finds no repository where the bucket is
+// missing, and Init creates the bucket, so an existing repository costs
+// one read.
 func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
-	if err := sink.CreateBucket(ctx, store); err != nil {
-		return nil, err
-	}
 	r, err := Open(ctx, store)
 	if errors.Is(err, ErrNoRepository) {
 		r, err = Init(ctx, store, o)
