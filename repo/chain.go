@@ -131,7 +131,7 @@ func (r *Repo) loadLink(ctx context.Context, ref IndexRef, chunkSize int64) (*In
 // links and the index they make.
 func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *Index, error) {
 	if dd.Full != nil {
-		ref, err := r.writeLink(ctx, "full", 0, parts(kindFull, dd.Full.ChunkSize, dd.Full.Size, dd.Full.Size, dd.Full.chunks, dd.Full.digests))
+		ref, err := r.writeLink(ctx, "full", 0, dd.Full.parts())
 		return []IndexRef{ref}, dd.Full, err
 	}
 	p, delta := dd.Parent, dd.Delta
@@ -154,11 +154,10 @@ func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *Index,
 		entries += int64(d.Len())
 	}
 	if keep+1 > maxDeltas || 2*entries > int64(ix.Len()) {
-		ref, err := r.writeLink(ctx, "full", 0, parts(kindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests))
+		ref, err := r.writeLink(ctx, "full", 0, ix.parts())
 		return []IndexRef{ref}, ix, err
 	}
-	ref, err := r.writeLink(ctx, "delta", merged.Backups,
-		parts(kindDelta, merged.ChunkSize, merged.Size, merged.Trunc, merged.chunks, merged.digests))
+	ref, err := r.writeLink(ctx, "delta", merged.Backups, merged.parts())
 	if err != nil {
 		return nil, nil, err
 	}

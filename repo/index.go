@@ -325,9 +325,19 @@ func unmarshalIndexPart(b []byte) (*indexPart, error) {
 	return p, nil
 }
 
-// parts splits a full index or a delta into index objects of at most
+// parts splits the index into its index objects.
+func (ix *Index) parts() []*indexPart {
+	return splitParts(kindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests)
+}
+
+// parts splits the delta into its index objects.
+func (d *Delta) parts() []*indexPart {
+	return splitParts(kindDelta, d.ChunkSize, d.Size, d.Trunc, d.chunks, d.digests)
+}
+
+// splitParts splits a full index or a delta into index objects of at most
 // partEntries entries (at least one, also when empty).
-func parts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest) []*indexPart {
+func splitParts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest) []*indexPart {
 	var out []*indexPart
 	for lo := 0; lo == 0 || lo < len(chunks); lo += partEntries {
 		hi := min(lo+partEntries, len(chunks))

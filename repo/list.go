@@ -40,6 +40,23 @@ func catalogKey(domain, id string) string {
 	return "catalog/" + strings.TrimPrefix(ManifestKey(domain, id), "manifests/")
 }
 
+// parseCatalogKey returns the domain and id a catalog key names, or ok
+// false for a key that is not one.
+func parseCatalogKey(key string) (domain, id string, ok bool) {
+	rest, found := strings.CutPrefix(key, "catalog/")
+	if !found {
+		return "", "", false
+	}
+	return parseManifestKey("manifests/" + rest)
+}
+
+// addTo adds the catalog's manifests to cache.
+func (c *catalog) addTo(cache map[string]cached) {
+	for k, m := range c.Manifests {
+		cache[k] = cached{m, c.Sizes[k]}
+	}
+}
+
 // Backups returns the committed backups of domain (of every domain when
 // domain is ""), oldest first. A manifest that cannot be read or decoded
 // (damaged, or written by a newer nbdmover) does not hide the others: it
@@ -53,20 +70,13 @@ func (r *Repo) Backups(ctx context.Context, domain string) (ms []*Manifest, skip
 // backups lists like Backups, from the catalogs when useCatalogs (verify
 // reads every manifest instead).
 func (r *Repo) backups(ctx context.Context, domain string, useCatalogs bool) (ms []*Manifest, skipped []Problem, err error) {
-	prefix := "manifests/"
 	if domain != "" {
 		if err := ValidName("domain", domain); err != nil {
 			return nil, nil, err
 		}
-		prefix += domain + "/"
 	}
-	var keys []sink.ObjectInfo
-	if err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
-		if d, _, ok := parseManifestKey(o.Key); ok && (domain == "" || d == domain) {
-			keys = append(keys, o)
-		}
-		return nil
-	}); err != nil {
+	keys, err := r.manifestKeys(ctx, domain)
+	if err != nil {
 		return nil, nil, err
 	}
 	cache := map[string]cached{}
@@ -87,6 +97,23 @@ func (r *Repo) backups(ctx context.Context, domain string, useCatalogs bool) (ms
 	})
 	sort.Slice(skipped, func(i, j int) bool { return skipped[i].Object < skipped[j].Object })
 	return ms, skipped, nil
+}
+
+// manifestKeys lists the manifest objects of domain (of every domain when
+// domain is ""), newest first within a domain.
+func (r *Repo) manifestKeys(ctx context.Context, domain string) ([]sink.ObjectInfo, error) {
+	prefix := "manifests/"
+	if domain != "" {
+		prefix += domain + "/"
+	}
+	var keys []sink.ObjectInfo
+	err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+		if d, _, ok := parseManifestKey(o.Key); ok && (domain == "" || d == domain) {
+			keys = append(keys, o)
+		}
+		return nil
+	})
+	return keys, err
 }
 
 // manifests returns the manifests listed, from cache where it has them
@@ -135,7 +162,7 @@ func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]cached, 
 	}
 	newest := map[string]string{} // domain -> key of its newest catalog (the first listed)
 	if err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
-		if d, _, ok := parseManifestKey("manifests/" + strings.TrimPrefix(o.Key, "catalog/")); ok && newest[d] == "" {
+		if d, _, ok := parseCatalogKey(o.Key); ok && newest[d] == "" {
 			newest[d] = o.Key
 		}
 		return nil
@@ -148,11 +175,8 @@ func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]cached, 
 		if isStoreFailure(err) {
 			return nil, err
 		}
-		if err != nil {
-			continue
-		}
-		for k, m := range c.Manifests {
-			out[k] = cached{m, c.Sizes[k]}
+		if err == nil {
+			c.addTo(out)
 		}
 	}
 	return out, nil
@@ -189,7 +213,7 @@ func (r *Repo) catalogDue(ctx context.Context, domain string) (bool, error) {
 	stop := errors.New("stop")
 	covered := ""
 	err := r.store.List(ctx, "catalog/"+domain+"/", func(o sink.ObjectInfo) error {
-		if _, id, ok := parseManifestKey("manifests/" + strings.TrimPrefix(o.Key, "catalog/")); ok {
+		if _, id, ok := parseCatalogKey(o.Key); ok {
 			covered = id
 			return stop
 		}
@@ -220,19 +244,17 @@ func (r *Repo) catalogDue(ctx context.Context, domain string) (bool, error) {
 
 // UpdateCatalog writes a new catalog of the domain when catalogEvery or
 // more of its manifests are newer than the newest one (catalogDue), and
-// then removes the older catalogs. A backup calls it after its commit; a failure leaves
-// listing slower, never wrong.
+// then removes the older catalogs. A backup calls it after its commit; a
+// failure leaves listing slower, never wrong.
 func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
+	if err := ValidName("domain", domain); err != nil {
+		return err
+	}
 	if due, err := r.catalogDue(ctx, domain); err != nil || !due {
 		return err
 	}
-	var keys []sink.ObjectInfo
-	if err := r.store.List(ctx, "manifests/"+domain+"/", func(o sink.ObjectInfo) error {
-		if d, _, ok := parseManifestKey(o.Key); ok && d == domain {
-			keys = append(keys, o)
-		}
-		return nil
-	}); err != nil || len(keys) == 0 {
+	keys, err := r.manifestKeys(ctx, domain)
+	if err != nil || len(keys) == 0 {
 		return err
 	}
 	var old []string
@@ -245,9 +267,7 @@ func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
 	cache := map[string]cached{}
 	if len(old) > 0 {
 		if c, err := r.loadCatalog(ctx, old[0], domain); err == nil {
-			for k, m := range c.Manifests {
-				cache[k] = cached{m, c.Sizes[k]}
-			}
+			c.addTo(cache)
 		}
 	}
 	missing := 0
