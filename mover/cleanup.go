@@ -222,20 +222,9 @@ func deleteUncommitted(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, n
 	if last != nil {
 		keep = last.Checkpoint
 	}
-	names, err := ourCheckpoints(dom)
-	if err != nil {
-		return nil, append(problems, "list checkpoints: "+err.Error())
-	}
-	var deleted []string
-	for _, n := range names {
-		if n == keep {
-			continue
-		}
-		if err := deleteCheckpoint(dom, n); err != nil {
-			problems = append(problems, err.Error())
-			continue
-		}
-		deleted = append(deleted, n)
+	deleted, errs := deleteCheckpointsExcept(dom, keep)
+	for _, err := range errs {
+		problems = append(problems, err.Error())
 	}
 	return deleted, problems
 }

@@ -66,7 +66,7 @@ type domainSession struct {
 	log   *slog.Logger
 	conn  *libvirt.Connect
 	dom   *libvirt.Domain
-	def   libvirtxml.Domain
+	def   *libvirtxml.Domain
 	plan  *domainPlan
 	info  SessionInfo
 	dirs  []string // the job's run and scratch directories
@@ -126,19 +126,13 @@ func (ds *domainSession) connect(ctx context.Context) error {
 	} else if job != nil {
 		return foreignJobError(ds.o.Name, job)
 	}
-	xmlDesc, err := ds.dom.GetXMLDesc(0)
-	if err != nil {
-		return err
-	}
-	if err := ds.def.Unmarshal(xmlDesc); err != nil {
-		return fmt.Errorf("domain XML: %w", err)
-	}
-	return nil
+	ds.def, err = liveDefinition(ds.dom)
+	return err
 }
 
 // planDisks selects the disks and decides which go incremental.
 func (ds *domainSession) planDisks(ctx context.Context) error {
-	disks, skipped, err := diskSelection(&ds.def, ds.o.Disks)
+	disks, skipped, err := diskSelection(ds.def, ds.o.Disks)
 	if err != nil {
 		return err
 	}
@@ -160,7 +154,7 @@ func (ds *domainSession) planDisks(ctx context.Context) error {
 // begin makes the job's private directories and starts the pull-mode job;
 // when libvirt refuses an incremental, it starts a full one instead.
 func (ds *domainSession) begin(ctx context.Context) error {
-	uid, gid := qemuOwner(&ds.def)
+	uid, gid := qemuOwner(ds.def)
 	runDir, err := jobDir(ds.req.RunDir, ds.o.Name, ds.req.ID, uid, gid)
 	if err != nil {
 		return fmt.Errorf("run directory: %w", err)
@@ -267,7 +261,7 @@ func (ds *domainSession) End(ctx context.Context, committed bool) error {
 	}
 	if ds.plan != nil && ds.plan.checkpoint != "" && ended {
 		if committed {
-			deleteCheckpointsExcept(ds.dom, ds.plan.checkpoint, ds.log)
+			pruneCheckpoints(ds.dom, ds.plan.checkpoint, ds.log)
 		} else if err := deleteCheckpoint(ds.dom, ds.plan.checkpoint); err != nil {
 			ds.log.Warn("could not delete the uncommitted checkpoint", "checkpoint", ds.plan.checkpoint, "error", err)
 		}
@@ -315,7 +309,7 @@ func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, log 
 	if last != nil {
 		keep = last.Checkpoint
 	}
-	deleteCheckpointsExcept(dom, keep, log)
+	pruneCheckpoints(dom, keep, log)
 	if req.Mode == ModeFull {
 		return plan, nil
 	}
@@ -525,13 +519,12 @@ func jobXML(plan *domainPlan, sock, scratchDir string) (backupXML, checkpointXML
 
 // backupExports reads the running job's export names and bitmaps by disk.
 func backupExports(dom *libvirt.Domain) (map[string]libvirtxml.DomainBackupPullDisk, error) {
-	x, err := dom.BackupGetXMLDesc(0)
+	b, err := backupJob(dom)
 	if err != nil {
-		return nil, fmt.Errorf("backup job XML: %w", err)
+		return nil, err
 	}
-	var b libvirtxml.DomainBackup
-	if err := b.Unmarshal(x); err != nil {
-		return nil, fmt.Errorf("backup job XML: %w", err)
+	if b == nil {
+		return nil, errors.New("the backup job ended before its disks were read")
 	}
 	out := map[string]libvirtxml.DomainBackupPullDisk{}
 	if b.Pull != nil && b.Pull.Disks != nil {

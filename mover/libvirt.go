@@ -67,16 +67,25 @@ func DomainDisks(uri, name string, only []string) (int, error) {
 		return 0, err
 	}
 	defer dom.Free()
-	x, err := dom.GetXMLDesc(0)
+	def, err := liveDefinition(dom)
 	if err != nil {
 		return 0, fmt.Errorf("domain %s: %w", name, err)
 	}
+	disks, _, err := diskSelection(def, only)
+	return len(disks), err
+}
+
+// liveDefinition reads the domain's live definition.
+func liveDefinition(dom *libvirt.Domain) (*libvirtxml.Domain, error) {
+	x, err := dom.GetXMLDesc(0)
+	if err != nil {
+		return nil, err
+	}
 	var def libvirtxml.Domain
 	if err := def.Unmarshal(x); err != nil {
-		return 0, fmt.Errorf("domain %s: domain XML: %w", name, err)
+		return nil, fmt.Errorf("domain XML: %w", err)
 	}
-	disks, _, err := diskSelection(&def, only)
-	return len(disks), err
+	return &def, nil
 }
 
 // lookupDomain finds a domain by name.
@@ -136,7 +145,7 @@ func backupJob(dom *libvirt.Domain) (*libvirtxml.DomainBackup, error) {
 	case libvirt.ERR_NO_DOMAIN_BACKUP:
 		return nil, nil
 	default:
-		return nil, err
+		return nil, fmt.Errorf("backup job XML: %w", err)
 	}
 	var b libvirtxml.DomainBackup
 	if err := b.Unmarshal(x); err != nil {
@@ -294,22 +303,33 @@ func bitmapRefused(err error) bool {
 	return false
 }
 
-// deleteCheckpointsExcept deletes every checkpoint of ours but keep
-// ("" keeps none); a failure is logged, not fatal: the chain stays correct,
-// only a bitmap is kept longer than needed.
-func deleteCheckpointsExcept(dom *libvirt.Domain, keep string, log *slog.Logger) {
+// deleteCheckpointsExcept deletes every checkpoint of ours but keep (""
+// keeps none) and returns the ones it deleted and what failed. A failure
+// leaves the chain correct: only a bitmap is kept longer than needed.
+func deleteCheckpointsExcept(dom *libvirt.Domain, keep string) (deleted []string, errs []error) {
 	names, err := ourCheckpoints(dom)
 	if err != nil {
-		log.Warn("could not list checkpoints", "error", err)
-		return
+		return nil, []error{fmt.Errorf("list checkpoints: %w", err)}
 	}
 	for _, n := range names {
 		if n == keep {
 			continue
 		}
 		if err := deleteCheckpoint(dom, n); err != nil {
-			log.Warn("could not delete a checkpoint", "checkpoint", n, "error", err)
+			errs = append(errs, err)
+			continue
 		}
+		deleted = append(deleted, n)
+	}
+	return deleted, errs
+}
+
+// pruneCheckpoints is deleteCheckpointsExcept for a backup: a failure is
+// logged, not fatal.
+func pruneCheckpoints(dom *libvirt.Domain, keep string, log *slog.Logger) {
+	_, errs := deleteCheckpointsExcept(dom, keep)
+	for _, err := range errs {
+		log.Warn("could not delete a checkpoint", "error", err)
 	}
 }
 
