@@ -19,10 +19,17 @@ import (
 // exportBackup backs up an image served by qemu-nbd -B b0 as name.
 func exportBackup(t *testing.T, ro repo.Options, img, name, mode string) (*mover.BackupResult, error) {
 	t.Helper()
+	return exportBackupWith(t, ro, img, name, mode, "")
+}
+
+// exportBackupWith is exportBackup compressing new chunks as compression
+// says ("" for the repository's default).
+func exportBackupWith(t *testing.T, ro repo.Options, img, name, mode, compression string) (*mover.BackupResult, error) {
+	t.Helper()
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	defer srv.Kill()
 	return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: name, Bitmap: "b0", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: mode, ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: testLog(t)})
+		mover.Options{Repo: ro, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: testLog(t)})
 }
 
 // checkRestore restores the newest backup of name and compares it with img.

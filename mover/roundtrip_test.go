@@ -33,10 +33,7 @@ func backupNBD(t *testing.T, ro repo.Options, img, mode string) *mover.BackupRes
 
 func backupNBDWith(t *testing.T, ro repo.Options, img, mode, compression string) *mover.BackupResult {
 	t.Helper()
-	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
-	defer srv.Kill()
-	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "offline-vm", Bitmap: "b0", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: testLog(t)})
+	res, err := exportBackupWith(t, ro, img, "offline-vm", mode, compression)
 	if err != nil {
 		t.Fatal(err)
 	}
