@@ -473,7 +473,7 @@ func digestName(d chunker.Digest) string {
 // storeAll stores the uploads.
 func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 	for u := range in {
-		err := r.store(ctx, u, u.digest)
+		err := r.store(ctx, u)
 		r.Buffers.blob.put(u.blob)
 		if err != nil {
 			return err
@@ -486,8 +486,8 @@ func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 // store puts an upload's blob unless the store already holds the chunk
 // (stored by a backup other than the parent, or by one that failed before
 // its commit).
-func (r *run) store(ctx context.Context, u upload, d chunker.Digest) error {
-	stored, err := r.Repo.HasChunk(ctx, d)
+func (r *run) store(ctx context.Context, u upload) error {
+	stored, err := r.Repo.HasChunk(ctx, u.digest)
 	if err != nil {
 		return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
 	}
@@ -495,7 +495,7 @@ func (r *run) store(ctx context.Context, u upload, d chunker.Digest) error {
 		r.Stats.BytesDedup.Add(u.plain)
 		return nil
 	}
-	if err := r.Repo.Store().Put(ctx, repo.ChunkKey(d), u.blob); err != nil {
+	if err := r.Repo.Store().Put(ctx, repo.ChunkKey(u.digest), u.blob); err != nil {
 		return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 	}
 	r.Stats.BytesWritten.Add(int64(len(u.blob)))

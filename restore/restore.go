@@ -96,13 +96,13 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 			todo = append(todo, Disk{Name: d.Name, Path: filepath.Join(o.Output, d.Name+"."+o.Format), Size: d.Size})
 		}
 	}
+	write := restoreRaw
+	if o.Format == "qcow2" {
+		write = restoreQcow2
+	}
 	var done []Disk
 	for _, d := range todo {
-		write := restoreRaw
-		if o.Format == "qcow2" {
-			write = restoreQcow2
-		}
-		if err := restoreFile(ctx, d, func(tmp string) error { return write(ctx, r, m, d, tmp, o.Parallel) }); err != nil {
+		if err := restoreFile(d, func(tmp string) error { return write(ctx, r, m, d, tmp, o.Parallel) }); err != nil {
 			return m, done, fmt.Errorf("restore %s/%s disk %s to %s: %w", m.Domain, m.ID, d.Name, d.Path, err)
 		}
 		done = append(done, d)
@@ -112,7 +112,7 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 
 // restoreFile has write fill a new <path>.partial and links it to path
 // when write succeeds; on failure the partial file is removed.
-func restoreFile(ctx context.Context, d Disk, write func(tmp string) error) error {
+func restoreFile(d Disk, write func(tmp string) error) error {
 	if _, err := os.Lstat(d.Path); err == nil {
 		return fmt.Errorf("%s exists; remove it or choose another output", d.Path)
 	}
