@@ -445,15 +445,20 @@ func (r *Runner) Cancel(id string) (JobView, error) {
 	return v, nil
 }
 
-// Counts returns how many jobs are queued and running.
+// Counts returns how many jobs are queued and running (for the metrics
+// and the health check: no views built, none sorted).
 func (r *Runner) Counts() (queued, running int) {
-	for _, v := range r.Jobs() {
-		switch v.State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, j := range r.jobs {
+		j.mu.Lock()
+		switch j.state {
 		case JobQueued:
 			queued++
 		case JobRunning:
 			running++
 		}
+		j.mu.Unlock()
 	}
 	return queued, running
 }
