@@ -16,7 +16,7 @@ func backupCommand() *cli.Command {
 		Usage: "back up a running libvirt domain (--domain) or any NBD export (--nbd with --name)",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "libvirt domain to back up"},
-			&cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"},
+			connectFlag(),
 			&cli.StringFlag{Name: "nbd", Usage: "NBD URI of an export to back up instead of a domain"},
 			&cli.StringFlag{Name: "name", Usage: "with --nbd: the name to list and restore the backup by"},
 			&cli.StringFlag{Name: "bitmap", Usage: "with --nbd: dirty bitmap for incremental backups"},
@@ -30,7 +30,7 @@ func backupCommand() *cli.Command {
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for the backup job's scratch files"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "most the backup's buffers may take (readers x disks x chunk size, roughly)"},
 			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none; default 16 + 0.1% of the chunks holding data, at most 256)"},
-			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+			jsonFlag(),
 		),
 		Action: runBackup,
 	}

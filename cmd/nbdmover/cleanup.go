@@ -14,9 +14,9 @@ func cleanupCommand() *cli.Command {
 		Usage: "end what crashed runs left: backup jobs, frozen guests, uncommitted checkpoints, job directories, store temporary files",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain (default: every domain)"},
-			&cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"},
+			connectFlag(),
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory of backup jobs' scratch files"},
-			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {

@@ -25,6 +25,17 @@ func repoFlags() []cli.Flag {
 	}
 }
 
+// jsonFlag is --json, which every command that prints a result has.
+func jsonFlag() cli.Flag {
+	return &cli.BoolFlag{Name: "json", Usage: "print one JSON document"}
+}
+
+// connectFlag is --connect, the libvirt URI of the commands that reach
+// domains.
+func connectFlag() cli.Flag {
+	return &cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"}
+}
+
 // checkFlags validates the repository location and the names a command
 // was given before anything is touched: bad ones are bad usage.
 func checkFlags(c *cli.Context) error {
@@ -98,7 +109,7 @@ func listCommand() *cli.Command {
 		Usage: "list committed backups, oldest first",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
-			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -181,7 +192,7 @@ func restoreCommand() *cli.Command {
 			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory (required)"},
 			&cli.StringFlag{Name: "format", Value: "raw", Usage: "raw or qcow2"},
 			&cli.IntFlag{Name: "parallel", Value: 8, Usage: "chunks fetched at once"},
-			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -215,7 +226,7 @@ func verifyCommand() *cli.Command {
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
 			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
 			&cli.BoolFlag{Name: "read-data", Usage: "also read, decode and re-hash every chunk"},
-			&cli.BoolFlag{Name: "json", Usage: "print one JSON document"},
+			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -261,7 +272,7 @@ func migrateCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "migrate",
 		Usage: "convert a repository of format 1 to format 2 (safe to interrupt and to run again; no backup may run meanwhile)",
-		Flags: append(repoFlags(), &cli.BoolFlag{Name: "json", Usage: "print one JSON document"}),
+		Flags: append(repoFlags(), jsonFlag()),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err

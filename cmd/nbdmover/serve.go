@@ -23,7 +23,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls-key", Usage: "PEM key of --tls-cert"},
 			&cli.StringFlag{Name: "tls-client-ca", Usage: "PEM CA certificates that client certificates must chain to (mutual TLS)"},
 			&cli.IntFlag{Name: "max-connections", Value: 64, Usage: "connections served at once"},
-			&cli.StringFlag{Name: "connect", Value: "qemu:///system", EnvVars: []string{"LIBVIRT_DEFAULT_URI"}, Usage: "libvirt URI"},
+			connectFlag(),
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk (a job may ask for another number)"},
