@@ -87,13 +87,18 @@ func Migrate(ctx context.Context, store sink.Store, report func(string)) (Migrat
 // migrateBackup writes the format-2 objects of one format-1 backup. It
 // returns false for a manifest it cannot read (reported and left alone).
 func (r *Repo) migrateBackup(ctx context.Context, key string, report func(string)) (bool, error) {
-	old, err := v1Load(ctx, r.store, key)
-	if isStoreFailure(err) {
-		return false, err
-	}
-	if err != nil {
-		report("cannot migrate " + key + ": " + err.Error())
+	// leave stops the migration when the store fails, and otherwise
+	// reports a backup it cannot read and leaves it.
+	leave := func(what string, err error) (bool, error) {
+		if isStoreFailure(err) {
+			return false, err
+		}
+		report("cannot migrate " + what + ": " + err.Error())
 		return false, nil
+	}
+	old, err := v1Load(ctx, r.store, key)
+	if err != nil {
+		return leave(key, err)
 	}
 	if _, err := r.store.Stat(ctx, ManifestKey(old.Domain, old.ID)); err == nil {
 		report("already migrated " + old.Domain + "/" + old.ID)
@@ -105,12 +110,8 @@ func (r *Repo) migrateBackup(ctx context.Context, key string, report func(string
 	disks := map[string]DiskData{}
 	for _, d := range old.Disks {
 		ix, err := v1LoadIndex(ctx, r.store, old, d)
-		if isStoreFailure(err) {
-			return false, err
-		}
 		if err != nil {
-			report(fmt.Sprintf("cannot migrate %s/%s: %v", old.Domain, old.ID, err))
-			return false, nil
+			return leave(old.Domain+"/"+old.ID, err)
 		}
 		disks[d.Name] = DiskData{Full: ix}
 		m.Disks = append(m.Disks, DiskManifest{Name: d.Name, Size: d.Size, Mode: d.Mode, BytesRead: d.BytesRead,
@@ -120,12 +121,8 @@ func (r *Repo) migrateBackup(ctx context.Context, key string, report func(string
 	files := map[string][]byte{}
 	for name := range old.Files {
 		b, err := v1ReadFile(ctx, r.store, old, name)
-		if isStoreFailure(err) {
-			return false, err
-		}
 		if err != nil {
-			report(fmt.Sprintf("cannot migrate %s/%s: %v", old.Domain, old.ID, err))
-			return false, nil
+			return leave(old.Domain+"/"+old.ID, err)
 		}
 		files[name] = b
 	}
