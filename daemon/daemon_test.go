@@ -95,6 +95,11 @@ func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error
 
 // startDaemon runs Serve in-process on a unix socket until the test ends.
 func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
+	return startDaemonWith(t, ro, maxJobs, nil)
+}
+
+// startDaemonWith is startDaemon with retention policy p.
+func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy) *testDaemon {
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -102,7 +107,7 @@ func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
 	go func() {
 		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t),
 			Ready: func(string) { close(ready) },
-			Runner: daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro, RunDir: runDir},
+			Runner: daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro, RunDir: runDir}, Retention: p,
 				Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	}()
 	select {

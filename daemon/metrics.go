@@ -5,6 +5,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/pipeline"
+	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/prometheus/client_golang/prometheus"
 	"libvirt.org/go/libvirt"
@@ -19,6 +20,9 @@ type metrics struct {
 	duration *prometheus.HistogramVec
 	errors   *prometheus.CounterVec
 	lies     prometheus.Counter
+	gcDel    *prometheus.CounterVec
+	gcLast   prometheus.Gauge
+	forgot   prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -33,14 +37,23 @@ func newMetrics() *metrics {
 		Help: "Failed jobs by kind of error: libvirt, nbd, store, bitmap, cancelled, other."}, []string{"kind"})
 	m.lies = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_bitmap_mismatches_total",
 		Help: "Incrementals whose dirty bitmap was caught missing changes (taken in full instead, or failed with --mode incremental)."})
+	m.gcDel = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_gc_deleted_total",
+		Help: "What gc jobs deleted: chunks and their bytes, index and file objects and their bytes."}, []string{"kind"})
+	m.gcLast = prometheus.NewGauge(prometheus.GaugeOpts{Name: "nbdmover_gc_last_success_timestamp_seconds",
+		Help: "When the last gc job that deleted (not a dry run) succeeded, in seconds since 1970; 0 before the first."})
+	m.forgot = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_backups_forgotten_total",
+		Help: "Backups forgotten by forget jobs and by the retention policy."})
 	jobs := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_running", Help: "Backup jobs running now."},
 		func() float64 { _, r := m.runner.Counts(); return float64(r) })
 	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_queued", Help: "Backup jobs waiting for a slot."},
 		func() float64 { q, _ := m.runner.Counts(); return float64(q) })
-	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, jobs, queued,
+	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot, jobs, queued,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	for _, s := range []string{JobSucceeded, JobFailed, JobCancelled} {
 		m.finished.WithLabelValues(s)
+	}
+	for _, k := range []string{"chunks", "chunk_bytes", "metadata", "metadata_bytes"} {
+		m.gcDel.WithLabelValues(k)
 	}
 	return m
 }
@@ -48,6 +61,27 @@ func newMetrics() *metrics {
 func (m *metrics) observe(v JobView, err error) {
 	m.finished.WithLabelValues(v.State).Inc()
 	m.duration.WithLabelValues(v.State).Observe(v.Seconds)
+	if v.Retention != nil {
+		m.forgot.Add(float64(v.Retention.Forgotten))
+	}
+	switch rep := v.Report.(type) {
+	case *repo.GCResult:
+		if !rep.DryRun {
+			m.gcDel.WithLabelValues("chunks").Add(float64(rep.Chunks.Deleted))
+			m.gcDel.WithLabelValues("chunk_bytes").Add(float64(rep.Chunks.DeletedBytes))
+			m.gcDel.WithLabelValues("metadata").Add(float64(rep.Metadata.Deleted))
+			m.gcDel.WithLabelValues("metadata_bytes").Add(float64(rep.Metadata.DeletedBytes))
+			if err == nil {
+				m.gcLast.SetToCurrentTime()
+			}
+		}
+	case []repo.ForgetResult:
+		for _, d := range rep {
+			if !v.Request.DryRun {
+				m.forgot.Add(float64(d.Forgotten))
+			}
+		}
+	}
 	if res := v.Result; res != nil {
 		m.bytes.WithLabelValues("read").Add(float64(res.BytesRead))
 		m.bytes.WithLabelValues("written").Add(float64(res.BytesWritten))

@@ -27,10 +27,13 @@ const (
 	JobCancelled = "cancelled"
 )
 
-// JobRequest is a backup a scheduler asks the daemon for. The repository
-// and host settings are the daemon's; a request only chooses what and how.
+// JobRequest is a job a scheduler asks the daemon for: a backup (the
+// default kind) or a maintenance job of the repository (forget, gc,
+// verify). The repository and host settings are the daemon's; a request
+// only chooses what and how.
 type JobRequest struct {
-	Domain          string   `json:"domain"`
+	Kind            string   `json:"kind,omitempty"` // "backup" (default), "forget", "gc" or "verify"
+	Domain          string   `json:"domain,omitempty"`
 	Mode            string   `json:"mode,omitempty"`
 	Disks           []string `json:"disks,omitempty"`
 	Compression     string   `json:"compression,omitempty"`
@@ -40,6 +43,16 @@ type JobRequest struct {
 	// VerifySample: clean chunks per disk an incremental reads to check
 	// the dirty bitmap (nil: the default, 0: none).
 	VerifySample *int `json:"verify_sample,omitempty"`
+	// Maintenance: forget applies Policy to Domain's backups (or, with
+	// All, every domain's); gc deletes what is unreferenced and older than
+	// Grace (a duration, "24h" by default); verify checks Domain's (or
+	// every) backup, with ReadData their chunks' bytes. DryRun: forget and
+	// gc report without deleting.
+	All      bool         `json:"all,omitempty"`
+	Policy   *repo.Policy `json:"policy,omitempty"`
+	Grace    string       `json:"grace,omitempty"`
+	ReadData bool         `json:"read_data,omitempty"`
+	DryRun   bool         `json:"dry_run,omitempty"`
 }
 
 // The runner's refusals; the HTTP layer maps them to statuses.
@@ -74,7 +87,8 @@ func refuse(kind error, format string, args ...any) error {
 // JobView is a job as the API shows it.
 type JobView struct {
 	ID         string              `json:"id"`
-	Domain     string              `json:"domain"`
+	Kind       string              `json:"kind"`
+	Domain     string              `json:"domain,omitempty"`
 	State      string              `json:"state"`
 	Request    JobRequest          `json:"request"`
 	Created    time.Time           `json:"created"`
@@ -89,6 +103,11 @@ type JobView struct {
 	BackupID   string              `json:"backup_id,omitempty"`
 	Error      string              `json:"error,omitempty"`
 	Result     *mover.BackupResult `json:"result,omitempty"`
+	// Report is a maintenance job's result (repo.ForgetResult list,
+	// repo.GCResult, VerifyReport); Retention is what the daemon's
+	// retention policy forgot after a backup.
+	Report    any                `json:"report,omitempty"`
+	Retention *repo.ForgetResult `json:"retention,omitempty"`
 }
 
 // JobDisk is one disk's progress.
@@ -114,14 +133,16 @@ type job struct {
 	disks    []string
 	stats    []*pipeline.Stats
 	result   *mover.BackupResult
+	report   any
+	retained *repo.ForgetResult
 	err      error
 }
 
 func (j *job) view() JobView {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	v := JobView{ID: j.id, Domain: j.req.Domain, State: j.state, Request: j.req, Created: j.created,
-		Result: j.result, Disks: []JobDisk{}, Memory: j.memory}
+	v := JobView{ID: j.id, Kind: j.req.Kind, Domain: j.req.Domain, State: j.state, Request: j.req, Created: j.created,
+		Result: j.result, Report: j.report, Retention: j.retained, Disks: []JobDisk{}, Memory: j.memory}
 	end := time.Now()
 	if !j.finished.IsZero() {
 		end = j.finished
@@ -176,6 +197,9 @@ type RunnerOptions struct {
 	Log         *slog.Logger                                                       `json:"-"`
 	// Observe, if set, is told of each finished job (for metrics).
 	Observe func(v JobView, err error) `json:"-"`
+	// Retention, if set, is applied to a domain's backups after each of
+	// its backups succeeds.
+	Retention *repo.Policy
 }
 
 // Runner queues and runs backup jobs: one per domain at a time, at most
@@ -191,6 +215,7 @@ type Runner struct {
 	mu       sync.Mutex
 	jobs     map[string]*job
 	byDomain map[string]*job // the domain's queued or running job
+	maint    *job            // the repository's queued or running maintenance job
 	closed   bool
 }
 
@@ -226,6 +251,15 @@ func newJobID() string {
 
 // Submit validates a request and queues its job.
 func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
+	if req.Kind == "" {
+		req.Kind = KindBackup
+	}
+	if req.Kind != KindBackup {
+		return r.submitMaintenance(req)
+	}
+	if err := checkBackupRequest(req); err != nil {
+		return JobView{}, err
+	}
 	src, o := r.backup(req)
 	for _, err := range []error{src.Validate(), o.Validate()} {
 		if err != nil {
@@ -263,22 +297,9 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	log := r.o.Log.With("job", j.id, "domain", j.req.Domain)
 	finish := func(state string, res *mover.BackupResult, err error) {
 		j.mu.Lock()
-		j.state, j.result, j.err, j.finished = state, res, err, time.Now().UTC()
+		j.result = res
 		j.mu.Unlock()
-		r.mu.Lock()
-		if r.byDomain[j.req.Domain] == j {
-			delete(r.byDomain, j.req.Domain)
-		}
-		r.mu.Unlock()
-		j.cancel(nil)
-		if err != nil {
-			log.Warn("job ended", "state", state, "error", err)
-		} else {
-			log.Info("job ended", "state", state, "backup", res.ID, "seconds", res.Seconds)
-		}
-		if r.o.Observe != nil {
-			r.o.Observe(j.view(), err)
-		}
+		r.finish(j, state, err, log)
 	}
 	select {
 	case r.sem <- struct{}{}:
@@ -308,11 +329,38 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	res, err := mover.Backup(ctx, src, o)
 	switch {
 	case err == nil:
+		r.retain(ctx, j, log)
 		finish(JobSucceeded, res, nil)
 	case ctx.Err() != nil:
 		finish(JobCancelled, nil, fmt.Errorf("%w: %v", context.Cause(ctx), err))
 	default:
 		finish(JobFailed, nil, err)
+	}
+}
+
+// finish records a job's end and tells Observe.
+func (r *Runner) finish(j *job, state string, err error, log *slog.Logger) {
+	j.mu.Lock()
+	j.state, j.err, j.finished = state, err, time.Now().UTC()
+	j.mu.Unlock()
+	r.mu.Lock()
+	if r.byDomain[j.req.Domain] == j {
+		delete(r.byDomain, j.req.Domain)
+	}
+	if r.maint == j {
+		r.maint = nil
+	}
+	r.mu.Unlock()
+	j.cancel(nil)
+	if err != nil {
+		log.Warn("job ended", "state", state, "error", err)
+	} else if res := j.view().Result; res != nil {
+		log.Info("job ended", "state", state, "backup", res.ID, "seconds", res.Seconds)
+	} else {
+		log.Info("job ended", "state", state)
+	}
+	if r.o.Observe != nil {
+		r.o.Observe(j.view(), err)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
@@ -182,6 +183,14 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The shared lock keeps gc from deleting what this backup will
+	// reference (chunks it finds stored, its parent's chunks and index
+	// objects) until it has committed; ctx ends if the lock is lost.
+	rlock, ctx, err := r.Lock(ctx, repo.LockShared, "backup "+src.Name(), o.Log)
+	if err != nil {
+		return nil, err
+	}
+	defer rlock.Release()
 	last, newest, err := lastBackup(ctx, r, src.Name(), o.Log)
 	if err != nil {
 		return nil, err
@@ -192,7 +201,7 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &backup{o: o, r: r, m: m, last: last, sess: sess, start: start}
+	b := &backup{o: o, r: r, lock: rlock, m: m, last: last, sess: sess, start: start}
 	res, err := b.run(ctx)
 	// From here on the session is ended on every path, also when ctx is
 	// done: the job must not outlive the backup.
@@ -250,6 +259,7 @@ func lastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger
 type backup struct {
 	o     Options
 	r     *repo.Repo
+	lock  *repo.Lock
 	m     *repo.Manifest
 	last  *repo.Manifest
 	sess  Session
@@ -488,7 +498,16 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 		covered += dr.Size
 	}
 	m.Completed = time.Now().UTC()
-	if err := b.r.Commit(ctx, m, dds, files); err != nil {
+	hold.At("backup-commit")
+	// Commit only while the lock provably holds, and before anyone could
+	// call it stale: then a gc either waits for this commit or sees it.
+	deadline, err := b.lock.Check(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("backup %s/%s not committed: %w", m.Domain, m.ID, err)
+	}
+	cctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	if err := b.r.Commit(cctx, m, dds, files); err != nil {
 		return nil, fmt.Errorf("commit backup %s/%s: %w", m.Domain, m.ID, err)
 	}
 	if err := b.r.UpdateCatalog(ctx, m.Domain); err != nil {

@@ -207,18 +207,25 @@ func (e *ObjectError) Unwrap() error { return e.Err }
 
 // getObject reads an object and checks it against its name.
 func (r *Repo) getObject(ctx context.Context, key string) ([]byte, error) {
-	blob, err := r.store.Get(ctx, key, nil)
+	b, _, err := r.getObjectInto(ctx, key, nil, nil)
+	return b, err
+}
+
+// getObjectInto is getObject decoding into plain[:0] with blob as
+// scratch space; both are returned for reuse.
+func (r *Repo) getObjectInto(ctx context.Context, key string, plain, blob []byte) ([]byte, []byte, error) {
+	blob, err := r.store.Get(ctx, key, blob)
 	if err != nil {
-		return nil, &ObjectError{Key: key, Err: err}
+		return plain, blob, &ObjectError{Key: key, Err: err}
 	}
 	if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != key[strings.LastIndex(key, "/")+1:] {
-		return nil, &ObjectError{Key: key, Err: errors.New("damaged: its bytes do not hash to its name")}
+		return plain, blob, &ObjectError{Key: key, Err: errors.New("damaged: its bytes do not hash to its name")}
 	}
-	b, err := r.meta.DecodeMeta(nil, blob)
+	b, err := r.meta.DecodeMeta(plain, blob)
 	if err != nil {
-		return nil, &ObjectError{Key: key, Err: err}
+		return plain, blob, &ObjectError{Key: key, Err: err}
 	}
-	return b, nil
+	return b, blob, nil
 }
 
 // isObjectKey reports whether key names an object under prefix.

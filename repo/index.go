@@ -251,6 +251,7 @@ type indexPart struct {
 	kind        byte
 	chunkSize   int64
 	size, trunc int64
+	count       uint64 // entries, as the header says (walkIndexPart)
 	chunks      []int64
 	digests     []chunker.Digest
 }
@@ -276,53 +277,69 @@ func (p *indexPart) marshal() []byte {
 
 // unmarshalIndexPart decodes and checks an index object's plaintext.
 func unmarshalIndexPart(b []byte) (*indexPart, error) {
-	if len(b) < indexHeaderSize {
-		return nil, badIndex("%d bytes is too short (truncated?)", len(b))
-	}
-	if string(b[:4]) != indexMagic {
-		return nil, badIndex("bad magic %q", b[:4])
-	}
-	p := &indexPart{kind: b[4], chunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
-		size: int64(binary.LittleEndian.Uint64(b[12:])), trunc: int64(binary.LittleEndian.Uint64(b[20:]))}
-	count := binary.LittleEndian.Uint64(b[28:])
-	switch {
-	case p.kind != kindFull && p.kind != kindDelta:
-		return nil, badIndex("unknown kind %d", p.kind)
-	case b[5] != 0 || b[6] != 0 || b[7] != 0 || binary.LittleEndian.Uint32(b[36:]) != 0:
-		return nil, badIndex("reserved bytes are not zero")
-	case chunker.CheckChunkSize(p.chunkSize) != nil:
-		return nil, badIndex("chunk size %d", p.chunkSize)
-	case p.size < 0 || p.trunc < 0 || p.trunc > p.size && p.kind == kindDelta || p.kind == kindFull && p.trunc != p.size:
-		return nil, badIndex("disk size %d, truncated to %d", p.size, p.trunc)
-	case count > uint64(len(b)-indexHeaderSize)/33:
-		return nil, badIndex("%d entries do not fit %d bytes (truncated?)", count, len(b))
-	}
-	grid := chunker.Grid{ChunkSize: p.chunkSize, Size: p.size}
-	p.chunks = make([]int64, 0, count)
-	p.digests = make([]chunker.Digest, 0, count)
-	rest, prev := b[indexHeaderSize:], int64(-1)
-	for range count {
-		gap, n := binary.Uvarint(rest)
-		if n <= 0 || n != uvarintLen(gap) || len(rest) < n+32 || gap >= uint64(grid.Count()) {
-			return nil, badIndex("entry %d is damaged (truncated?)", len(p.chunks))
-		}
-		i := prev + 1 + int64(gap)
-		if i >= grid.Count() {
-			return nil, badIndex("chunk %d is past the end of a %d-byte disk", i, p.size)
-		}
-		var d chunker.Digest
-		copy(d[:], rest[n:n+32])
-		if d.IsZeroChunk() && p.kind == kindFull {
-			return nil, badIndex("a full index lists zero chunk %d", i)
+	p := &indexPart{}
+	err := walkIndexPart(b, p, func(i int64, d chunker.Digest) {
+		if p.chunks == nil {
+			p.chunks = make([]int64, 0, p.count)
+			p.digests = make([]chunker.Digest, 0, p.count)
 		}
 		p.chunks = append(p.chunks, i)
 		p.digests = append(p.digests, d)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// walkIndexPart checks an index object's plaintext, sets p's header
+// fields (not its entries) and calls fn for each entry, without keeping
+// them. Entries are checked as they are walked: fn may have seen some
+// when an error is returned.
+func walkIndexPart(b []byte, p *indexPart, fn func(i int64, d chunker.Digest)) error {
+	if len(b) < indexHeaderSize {
+		return badIndex("%d bytes is too short (truncated?)", len(b))
+	}
+	if string(b[:4]) != indexMagic {
+		return badIndex("bad magic %q", b[:4])
+	}
+	*p = indexPart{kind: b[4], chunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
+		size: int64(binary.LittleEndian.Uint64(b[12:])), trunc: int64(binary.LittleEndian.Uint64(b[20:])),
+		count: binary.LittleEndian.Uint64(b[28:])}
+	switch {
+	case p.kind != kindFull && p.kind != kindDelta:
+		return badIndex("unknown kind %d", p.kind)
+	case b[5] != 0 || b[6] != 0 || b[7] != 0 || binary.LittleEndian.Uint32(b[36:]) != 0:
+		return badIndex("reserved bytes are not zero")
+	case chunker.CheckChunkSize(p.chunkSize) != nil:
+		return badIndex("chunk size %d", p.chunkSize)
+	case p.size < 0 || p.trunc < 0 || p.trunc > p.size && p.kind == kindDelta || p.kind == kindFull && p.trunc != p.size:
+		return badIndex("disk size %d, truncated to %d", p.size, p.trunc)
+	case p.count > uint64(len(b)-indexHeaderSize)/33:
+		return badIndex("%d entries do not fit %d bytes (truncated?)", p.count, len(b))
+	}
+	grid := chunker.Grid{ChunkSize: p.chunkSize, Size: p.size}
+	rest, prev := b[indexHeaderSize:], int64(-1)
+	for k := range p.count {
+		gap, n := binary.Uvarint(rest)
+		if n <= 0 || n != uvarintLen(gap) || len(rest) < n+32 || gap >= uint64(grid.Count()) {
+			return badIndex("entry %d is damaged (truncated?)", k)
+		}
+		i := prev + 1 + int64(gap)
+		if i >= grid.Count() {
+			return badIndex("chunk %d is past the end of a %d-byte disk", i, p.size)
+		}
+		d := chunker.Digest(rest[n : n+32])
+		if d.IsZeroChunk() && p.kind == kindFull {
+			return badIndex("a full index lists zero chunk %d", i)
+		}
+		fn(i, d)
 		rest, prev = rest[n+32:], i
 	}
 	if len(rest) != 0 {
-		return nil, badIndex("%d bytes after the last entry", len(rest))
+		return badIndex("%d bytes after the last entry", len(rest))
 	}
-	return p, nil
+	return nil
 }
 
 // parts splits the index into its index objects.

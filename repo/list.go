@@ -138,6 +138,9 @@ func (r *Repo) manifests(ctx context.Context, keys []sink.ObjectInfo, cache map[
 			if isStoreFailure(err) {
 				return err
 			}
+			if isNotFound(err) {
+				return nil // forgotten since the listing
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,7 @@ type VerifyOptions struct {
 	Backup   string // "" = every backup of Domain
 	ReadData bool   // also fetch, decode and re-hash every chunk
 	Parallel int    // chunk fetches in flight (default 16)
+	Log      *slog.Logger
 }
 
 // VerifyStats counts what Verify looked at.
@@ -48,6 +50,13 @@ type chunkRef struct {
 // when it could not check (the store failed).
 func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)) (VerifyStats, error) {
 	var stats VerifyStats
+	// Under a shared lock, so that no gc deletes what a backup forgotten
+	// meanwhile referenced: verify reports only what is really wrong.
+	lock, ctx, err := r.Lock(ctx, LockShared, "verify", o.Log)
+	if err != nil {
+		return stats, err
+	}
+	defer lock.Release()
 	ms, err := r.verifySelection(ctx, o, report)
 	if err != nil {
 		return stats, err

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,6 +28,7 @@ type Options struct {
 	Output   string
 	Format   string // "raw" (default) or "qcow2"
 	Parallel int    // chunks in flight (default 8)
+	Log      *slog.Logger
 }
 
 // Disk is one file a restore wrote.
@@ -77,6 +79,13 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// The shared lock keeps a gc from deleting the backup's objects while
+	// they are read (should it be forgotten meanwhile).
+	lock, ctx, err := r.Lock(ctx, repo.LockShared, "restore "+o.Domain, o.Log)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer lock.Release()
 	m, err := r.Backup(ctx, o.Domain, o.Backup)
 	if err != nil {
 		return nil, nil, err

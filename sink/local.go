@@ -167,7 +167,7 @@ func (l *Local) Stat(ctx context.Context, key string) (ObjectInfo, error) {
 	if err != nil {
 		return ObjectInfo{}, l.fail("stat", key, err)
 	}
-	return ObjectInfo{Key: key, Size: st.Size()}, nil
+	return ObjectInfo{Key: key, Size: st.Size(), Modified: st.ModTime()}, nil
 }
 
 func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error {
@@ -191,7 +191,7 @@ func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) err
 		if err != nil {
 			return err
 		}
-		if err := fn(ObjectInfo{Key: key, Size: info.Size()}); err != nil {
+		if err := fn(ObjectInfo{Key: key, Size: info.Size(), Modified: info.ModTime()}); err != nil {
 			return callerError{err}
 		}
 		return nil

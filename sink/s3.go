@@ -244,7 +244,7 @@ func (s *S3) Stat(ctx context.Context, key string) (ObjectInfo, error) {
 	if err != nil {
 		return ObjectInfo{}, s.fail(ctx, "stat", key, err)
 	}
-	return ObjectInfo{Key: key, Size: st.Size}, nil
+	return ObjectInfo{Key: key, Size: st.Size, Modified: st.LastModified}, nil
 }
 
 func (s *S3) List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error {
@@ -257,7 +257,7 @@ func (s *S3) List(ctx context.Context, prefix string, fn func(ObjectInfo) error)
 		if obj.Err != nil {
 			return s.fail(ctx, "list", prefix, obj.Err)
 		}
-		if err := fn(ObjectInfo{Key: strings.TrimPrefix(obj.Key, s.prefix), Size: obj.Size}); err != nil {
+		if err := fn(ObjectInfo{Key: strings.TrimPrefix(obj.Key, s.prefix), Size: obj.Size, Modified: obj.LastModified}); err != nil {
 			return err
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 )
 
 // Store is an object store. Every method may be called concurrently from
@@ -41,6 +42,9 @@ type Store interface {
 type ObjectInfo struct {
 	Key  string
 	Size int64
+	// Modified is when the object was last written (the file's mtime, or
+	// S3's Last-Modified: the server's clock). Lists and Stat fill it in.
+	Modified time.Time
 }
 
 // ErrNotFound is matched by the error for a missing object.

@@ -85,7 +85,8 @@ func newApp() *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), forgetCommand(),
+			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {

@@ -123,19 +123,23 @@ func listCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			protected, err := r.Protected(c.Context, c.String("domain"))
+			if err != nil {
+				return err
+			}
 			for _, p := range skipped {
 				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: skipped %s: %s (nbdmover verify reports it)\n", p.Object, p.Problem)
 			}
 			if c.Bool("json") {
-				return printJSON(c.App.Writer, listJSON(ms, skipped))
+				return printJSON(c.App.Writer, listJSON(ms, skipped, protected))
 			}
-			return printList(c.App.Writer, ms)
+			return printList(c.App.Writer, ms, protected)
 		},
 	}
 }
 
 // listJSON is the document of list --json.
-func listJSON(ms []*repo.Manifest, skipped []repo.Problem) any {
+func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected map[string]bool) any {
 	type disk struct {
 		Name string `json:"name"`
 		Size int64  `json:"size"`
@@ -147,6 +151,7 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem) any {
 		Created     time.Time `json:"created"`
 		Parent      string    `json:"parent,omitempty"`
 		Consistency string    `json:"consistency"`
+		Protected   bool      `json:"protected,omitempty"`
 		Disks       []disk    `json:"disks"`
 	}
 	out := struct {
@@ -154,7 +159,8 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem) any {
 		Skipped []repo.Problem `json:"skipped,omitempty"`
 	}{Backups: []backup{}, Skipped: skipped}
 	for _, m := range ms {
-		b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency}
+		b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency,
+			Protected: protected[m.Domain+"/"+m.ID]}
 		for _, d := range m.Disks {
 			b.Disks = append(b.Disks, disk{d.Name, d.Size})
 		}
@@ -164,19 +170,23 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem) any {
 }
 
 // printList prints the backups as a table.
-func printList(w io.Writer, ms []*repo.Manifest) error {
+func printList(w io.Writer, ms []*repo.Manifest, protected map[string]bool) error {
 	if len(ms) == 0 {
 		fmt.Fprintln(w, "no backups")
 		return nil
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tDISKS")
+	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tPROTECTED\tDISKS")
 	for _, m := range ms {
 		var disks []string
 		for _, d := range m.Disks {
 			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, humanBytes(d.Size)))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, strings.Join(disks, " "))
+		prot := "-"
+		if protected[m.Domain+"/"+m.ID] {
+			prot = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, prot, strings.Join(disks, " "))
 	}
 	return tw.Flush()
 }
@@ -201,9 +211,13 @@ func restoreCommand() *cli.Command {
 			if c.String("domain") == "" || c.String("output") == "" {
 				return usagef("restore needs --domain NAME and --output PATH")
 			}
+			log, err := newLogger(c)
+			if err != nil {
+				return err
+			}
 			m, disks, err := restore.Restore(c.Context, restore.Options{Repo: repoOptions(c), Domain: c.String("domain"),
 				Backup: c.String("backup"), Disk: c.String("disk"), Output: c.String("output"),
-				Format: c.String("format"), Parallel: c.Int("parallel")})
+				Format: c.String("format"), Parallel: c.Int("parallel"), Log: log})
 			if err != nil {
 				return err
 			}
@@ -235,13 +249,17 @@ func verifyCommand() *cli.Command {
 			if c.String("backup") != "" && c.String("domain") == "" {
 				return usagef("verify --backup needs --domain")
 			}
+			log, err := newLogger(c)
+			if err != nil {
+				return err
+			}
 			problems := []repo.Problem{}
 			r, err := repoOptions(c).Open(c.Context)
 			if err != nil {
 				return checkError{err}
 			}
 			stats, err := r.Verify(c.Context, repo.VerifyOptions{
-				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data")},
+				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data"), Log: log},
 				func(p repo.Problem) {
 					problems = append(problems, p)
 					if !c.Bool("json") {

@@ -7,6 +7,7 @@ import (
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/pipeline"
+	"github.com/nbdmover/nbdmover/repo"
 	"github.com/urfave/cli/v2"
 )
 
@@ -14,7 +15,7 @@ func serveCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "serve",
 		Usage: "run the host agent: an HTTP/JSON API for schedulers (see docs/api.md)",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(),
 			&cli.StringFlag{Name: "listen", Value: daemon.DefaultListen, EnvVars: []string{"NBDMOVER_LISTEN"},
 				Usage: "unix:///path (a 0600 socket) or host:port (TCP: needs a token, and TLS unless on loopback)"},
 			&cli.StringFlag{Name: "token-file", Usage: "file holding the bearer token clients must send (required on TCP)"},
@@ -31,7 +32,7 @@ func serveCommand() *cli.Command {
 			&cli.DurationFlag{Name: "keep-for", Value: 0, Usage: "keep finished jobs this long (default 24h)"},
 			&cli.IntFlag{Name: "keep-max", Value: 0, Usage: "keep at most this many finished jobs (default 1000)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 0, Usage: "on SIGTERM, wait this long for jobs to end (default 2m)"},
-		),
+		), retentionFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
@@ -43,6 +44,14 @@ func serveCommand() *cli.Command {
 			mem, err := parseSize(c.String("max-memory"))
 			if err != nil {
 				return usagef("--max-memory: %v", err)
+			}
+			policy, set, err := parsePolicy(c)
+			if err != nil {
+				return err
+			}
+			var retention *repo.Policy
+			if set {
+				retention = &policy
 			}
 			token, err := serveToken(c)
 			if err != nil {
@@ -57,8 +66,9 @@ func serveCommand() *cli.Command {
 				MaxConnections: c.Int("max-connections"), ShutdownTimeout: c.Duration("shutdown-timeout"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
-					Backup: mover.Options{Repo: repoOptions(c), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
-					Domain: mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
+					Retention: retention,
+					Backup:    mover.Options{Repo: repoOptions(c), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
+					Domain:    mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})
 		},

@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -236,6 +237,42 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 		}
 		if keys := listKeys(t, s, ""); len(keys) != 2 {
 			t.Fatalf("objects after the creates: %v", keys)
+		}
+	})
+	t.Run("DeleteManyAndModified", func(t *testing.T) {
+		s := newStore(t)
+		ctx := t.Context()
+		before := time.Now().Add(-time.Minute) // S3's clock is the server's
+		var keys []string
+		for i := range 2100 { // more than one S3 batch of 1000
+			keys = append(keys, fmt.Sprintf("chunks/%02x/k%04d", i%7, i))
+		}
+		keep := "chunks/00/keep"
+		for _, k := range append(keys[:300:300], keep) {
+			if err := s.Put(ctx, k, []byte(k)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var listed int
+		s.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
+			if listed++; o.Modified.Before(before) || o.Modified.After(time.Now().Add(time.Minute)) {
+				t.Errorf("%s: modified %v", o.Key, o.Modified)
+			}
+			return nil
+		})
+		if info, err := s.Stat(ctx, keep); err != nil || info.Modified.Before(before) {
+			t.Fatalf("stat: %+v %v", info, err)
+		}
+		var done atomic.Int64
+		// 300 of the keys exist, the others are missing: not an error.
+		if err := sink.DeleteMany(ctx, s, keys, 4, func(n int) { done.Add(int64(n)) }); err != nil {
+			t.Fatal(err)
+		}
+		if got := listKeys(t, s, "chunks/"); len(got) != 1 || got[0] != keep || done.Load() != int64(len(keys)) {
+			t.Fatalf("after DeleteMany: %v, %d reported done", got, done.Load())
+		}
+		if err := sink.DeleteMany(ctx, s, []string{"../x"}, 1, nil); err == nil {
+			t.Fatal("DeleteMany took a bad key")
 		}
 	})
 	t.Run("Cancelled", func(t *testing.T) {

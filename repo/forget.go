@@ -1,0 +1,326 @@
+package repo
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nbdmover/nbdmover/sink"
+)
+
+// Policy is a retention policy, with Proxmox Backup Server's semantics:
+// the rules apply in the order of the fields, each keeps the newest
+// backup of each of its last N periods (UTC; ISO weeks) that no backup
+// kept by an earlier rule covers, and KeepWithin keeps every backup
+// younger than that (counted from the domain's newest backup). A nil
+// field is a rule not given; a policy with none is invalid (forgetting
+// everything is KeepLast 0, spelled out).
+type Policy struct {
+	KeepLast    *int     `json:"keep_last,omitempty"`
+	KeepHourly  *int     `json:"keep_hourly,omitempty"`
+	KeepDaily   *int     `json:"keep_daily,omitempty"`
+	KeepWeekly  *int     `json:"keep_weekly,omitempty"`
+	KeepMonthly *int     `json:"keep_monthly,omitempty"`
+	KeepYearly  *int     `json:"keep_yearly,omitempty"`
+	KeepWithin  Duration `json:"keep_within,omitempty"`
+}
+
+// Duration is a time.Duration that JSON spells as Go does ("36h").
+type Duration time.Duration
+
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("a duration is a string such as \"36h\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// rule is one rule of a policy: its name, its count and the period a
+// backup falls in.
+type rule struct {
+	name   string
+	keep   *int
+	period func(Decision) string
+}
+
+func (p Policy) rules() []rule {
+	return []rule{
+		{"last", p.KeepLast, func(d Decision) string { return d.ID }}, // every backup its own period
+		{"hourly", p.KeepHourly, func(d Decision) string { return d.Created.Format("2006-01-02T15") }},
+		{"daily", p.KeepDaily, func(d Decision) string { return d.Created.Format("2006-01-02") }},
+		{"weekly", p.KeepWeekly, func(d Decision) string { y, w := d.Created.ISOWeek(); return fmt.Sprintf("%d-W%02d", y, w) }},
+		{"monthly", p.KeepMonthly, func(d Decision) string { return d.Created.Format("2006-01") }},
+		{"yearly", p.KeepYearly, func(d Decision) string { return d.Created.Format("2006") }},
+	}
+}
+
+// Validate says why the policy cannot be applied.
+func (p Policy) Validate() error {
+	given := p.KeepWithin != 0
+	for _, r := range p.rules() {
+		if r.keep != nil {
+			if *r.keep < 0 {
+				return fmt.Errorf("keep-%s %d: must be 0 or more", r.name, *r.keep)
+			}
+			given = true
+		}
+	}
+	if p.KeepWithin < 0 {
+		return fmt.Errorf("keep-within %s: must be positive", time.Duration(p.KeepWithin))
+	}
+	if !given {
+		return errors.New("a retention policy needs at least one keep option (to forget every backup, say keep-last 0)")
+	}
+	return nil
+}
+
+// String is the policy as forget's flags spell it.
+func (p Policy) String() string {
+	var parts []string
+	for _, r := range p.rules() {
+		if r.keep != nil {
+			parts = append(parts, fmt.Sprintf("--keep-%s %d", r.name, *r.keep))
+		}
+	}
+	if p.KeepWithin != 0 {
+		parts = append(parts, "--keep-within "+time.Duration(p.KeepWithin).String())
+	}
+	return strings.Join(parts, " ")
+}
+
+// Decision is what a policy does with one backup.
+type Decision struct {
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
+	Keep    bool      `json:"keep"`
+	// Reason: the rule that keeps it ("last", "daily", ..., "within",
+	// "protected"), or "" when it is forgotten.
+	Reason string `json:"reason,omitempty"`
+}
+
+// Apply decides, for the backups of one domain (any order), which the
+// policy keeps; protected backups (by id) are always kept. The decisions
+// are newest first.
+func (p Policy) Apply(ms []*Manifest, protected map[string]bool) []Decision {
+	ds := make([]Decision, len(ms))
+	for i, m := range ms {
+		ds[i] = Decision{ID: m.ID, Created: m.Created.UTC()}
+		if protected[m.ID] {
+			ds[i].Keep, ds[i].Reason = true, "protected"
+		}
+	}
+	sort.Slice(ds, func(i, j int) bool { return ds[i].ID > ds[j].ID })
+	marked := make([]bool, len(ds)) // kept or forgotten by a rule before
+	for i := range ds {
+		marked[i] = ds[i].Keep
+	}
+	for _, r := range p.rules() {
+		if r.keep == nil || *r.keep == 0 {
+			continue
+		}
+		covered := map[string]bool{} // periods a backup kept before stands for
+		for _, d := range ds {
+			if d.Keep {
+				covered[r.period(d)] = true
+			}
+		}
+		chosen := map[string]bool{}
+		for i := range ds {
+			if marked[i] {
+				continue
+			}
+			pid := r.period(ds[i])
+			if covered[pid] {
+				continue
+			}
+			if !chosen[pid] {
+				if len(chosen) >= *r.keep {
+					break
+				}
+				chosen[pid] = true
+				ds[i].Keep, ds[i].Reason, marked[i] = true, r.name, true
+			} else {
+				marked[i] = true // an older backup of a period this rule kept one of
+			}
+		}
+	}
+	if p.KeepWithin > 0 && len(ds) > 0 {
+		newest := ds[0].Created
+		for i := range ds {
+			if !ds[i].Keep && newest.Sub(ds[i].Created) < time.Duration(p.KeepWithin) {
+				ds[i].Keep, ds[i].Reason = true, "within"
+			}
+		}
+	}
+	return ds
+}
+
+// ForgetResult is what Forget did for one domain.
+type ForgetResult struct {
+	Domain    string     `json:"domain"`
+	Decisions []Decision `json:"backups"`
+	Kept      int        `json:"kept"`
+	Forgotten int        `json:"forgotten"`
+	Skipped   []Problem  `json:"skipped,omitempty"` // manifests that cannot be read: neither counted nor forgotten
+}
+
+// Forget applies the policy to the backups of domain (of every domain
+// when ""), deleting the manifests of the backups it does not keep (none
+// when dryRun). Forgetting deletes manifests only: the objects they
+// referenced are left to gc, and every backup stays restorable whatever
+// else is forgotten (each names its whole index chain). A protected
+// backup is never forgotten: the marker is checked again right before
+// each deletion.
+func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool) ([]ForgetResult, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	ms, skipped, err := r.Backups(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	protected, err := r.protectedIDs(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	byDomain := map[string][]*Manifest{}
+	for _, m := range ms {
+		byDomain[m.Domain] = append(byDomain[m.Domain], m)
+	}
+	for _, s := range skipped {
+		d, _, _ := strings.Cut(s.Backup, "/")
+		if _, ok := byDomain[d]; !ok {
+			byDomain[d] = nil
+		}
+	}
+	var names []string
+	for d := range byDomain {
+		names = append(names, d)
+	}
+	sort.Strings(names)
+	var out []ForgetResult
+	for _, d := range names {
+		res := ForgetResult{Domain: d, Decisions: p.Apply(byDomain[d], protected[d])}
+		for _, s := range skipped {
+			if strings.HasPrefix(s.Backup, d+"/") {
+				res.Skipped = append(res.Skipped, s)
+			}
+		}
+		for i, dec := range res.Decisions {
+			if dec.Keep {
+				res.Kept++
+				continue
+			}
+			if !dryRun {
+				if err := r.forgetOne(ctx, d, dec.ID); err != nil {
+					if errors.Is(err, errProtected) {
+						res.Decisions[i].Keep, res.Decisions[i].Reason = true, "protected"
+						res.Kept++
+						continue
+					}
+					return append(out, res), err
+				}
+			}
+			res.Forgotten++
+		}
+		out = append(out, res)
+	}
+	return out, nil
+}
+
+var errProtected = errors.New("protected")
+
+// forgetOne deletes a backup's manifest unless it has become protected.
+func (r *Repo) forgetOne(ctx context.Context, domain, id string) error {
+	if _, err := r.store.Stat(ctx, protectKey(domain, id)); err == nil {
+		return errProtected
+	} else if !isNotFound(err) {
+		return err
+	}
+	return r.store.Delete(ctx, ManifestKey(domain, id))
+}
+
+// Protection markers: protected/<domain>/<rank>-<id>, a meta blob of
+// JSON. A protected backup is kept by every policy.
+func protectKey(domain, id string) string {
+	return "protected/" + strings.TrimPrefix(ManifestKey(domain, id), "manifests/")
+}
+
+type protection struct {
+	Version   int       `json:"version"`
+	Domain    string    `json:"domain"`
+	ID        string    `json:"id"`
+	Protected time.Time `json:"protected"`
+}
+
+// Protect marks a committed backup as protected (or, with on false,
+// removes the mark). Protecting a backup that is not committed fails.
+func (r *Repo) Protect(ctx context.Context, domain, id string, on bool) error {
+	if _, err := r.Backup(ctx, domain, id); err != nil {
+		return err
+	}
+	key := protectKey(domain, id)
+	if !on {
+		return r.store.Delete(ctx, key)
+	}
+	b, _ := json.Marshal(protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()})
+	if err := r.store.Put(ctx, key, r.meta.Encode(nil, b)); err != nil {
+		return err
+	}
+	// A forget may have deleted the manifest between the check and the
+	// mark: then the mark protects nothing, and saying so is the truth.
+	if _, err := r.store.Stat(ctx, ManifestKey(domain, id)); err != nil {
+		r.store.Delete(ctx, key)
+		if isNotFound(err) {
+			return fmt.Errorf("backup %s/%s was forgotten meanwhile: %w", domain, id, ErrNoBackup)
+		}
+		return err
+	}
+	return nil
+}
+
+// protectedIDs returns the protected backup ids of domain (every domain
+// when ""), by domain.
+func (r *Repo) protectedIDs(ctx context.Context, domain string) (map[string]map[string]bool, error) {
+	prefix := "protected/"
+	if domain != "" {
+		prefix += domain + "/"
+	}
+	out := map[string]map[string]bool{}
+	err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+		d, id, ok := parseManifestKey("manifests/" + strings.TrimPrefix(o.Key, "protected/"))
+		if ok {
+			if out[d] == nil {
+				out[d] = map[string]bool{}
+			}
+			out[d][id] = true
+		}
+		return nil
+	})
+	return out, err
+}
+
+// Protected returns the protected backups of domain (every domain when
+// ""), as "domain/id".
+func (r *Repo) Protected(ctx context.Context, domain string) (map[string]bool, error) {
+	ids, err := r.protectedIDs(ctx, domain)
+	out := map[string]bool{}
+	for d, m := range ids {
+		for id := range m {
+			out[d+"/"+id] = true
+		}
+	}
+	return out, err
+}

@@ -1,0 +1,153 @@
+package repo
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+)
+
+// synthChunks is a local store whose chunks/ listing is generated: n
+// chunks named by digestN(0..n-1), none stored (a gc dry run reads only
+// the listing). Ten million chunk files would not fit this machine's
+// disk in a benchmark's time; the index objects and manifest are real.
+type synthChunks struct {
+	sink.Store
+	n int
+}
+
+func digestN(i int) chunker.Digest {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(i))
+	return sha256.Sum256(b[:])
+}
+
+func (s *synthChunks) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {
+	if prefix != "chunks/" {
+		return s.Store.List(ctx, prefix, fn)
+	}
+	old := time.Now().Add(-48 * time.Hour)
+	for i := range s.n {
+		if err := fn(sink.ObjectInfo{Key: ChunkKey(digestN(i)), Size: 1 << 19, Modified: old}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func vmHWM() int64 {
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			var kb int64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// BenchmarkGCTenMillionChunks runs a gc (dry run: the sweep reads its
+// candidates but deletes nothing) over a repository whose one backup
+// references NBDMOVER_BENCH_CHUNKS (default 10,000,000) chunks, 10 TiB at
+// 1 MiB, with 10% more unreferenced ones listed, and reports the peak RSS
+// of the process (VmHWM). Run it alone:
+//
+//	go test -run '^$' -bench GCTenMillion -benchtime 1x ./repo
+func BenchmarkGCTenMillionChunks(b *testing.B) {
+	n := 10_000_000
+	if v := os.Getenv("NBDMOVER_BENCH_CHUNKS"); v != "" {
+		fmt.Sscan(v, &n)
+	}
+	ctx := b.Context()
+	dir := b.TempDir()
+	local, err := sink.NewLocal(dir)
+	if err != nil {
+		b.Fatal(err)
+	}
+	r, err := Init(ctx, local, InitOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The backup's full index, written part by part (never whole in memory).
+	cs := r.Config().ChunkSize
+	size := int64(n) * cs
+	ref := IndexRef{Kind: "full", Entries: int64(n)}
+	for start := 0; start < n; start += partEntries {
+		end := min(start+partEntries, n)
+		p := &indexPart{kind: kindFull, chunkSize: cs, size: size, trunc: size}
+		for i := start; i < end; i++ {
+			p.chunks = append(p.chunks, int64(i))
+			p.digests = append(p.digests, digestN(i))
+		}
+		key, err := r.putObject(ctx, "indexes/", p.marshal())
+		if err != nil {
+			b.Fatal(err)
+		}
+		ref.Objects = append(ref.Objects, key)
+	}
+	m := &Manifest{Version: FormatVersion, ID: NewBackupID(time.Now(), ""), Domain: "big", Mode: "full", Source: "nbd",
+		Consistency: "crash-consistent", ChunkSize: cs, Compression: "zstd",
+		Disks: []DiskManifest{{Name: "vda", Size: size, Mode: "full", Index: []IndexRef{ref}, Chunks: int64(n)}}}
+	js, _ := json.Marshal(m)
+	if err := local.Create(ctx, m.Key(), r.meta.Encode(nil, js)); err != nil {
+		b.Fatal(err)
+	}
+	// The gc runs in a process of its own (TestGCHelper), so that its
+	// peak RSS is its own, not this setup's.
+	b.ResetTimer()
+	for range b.N {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestGCHelper$")
+		cmd.Env = append(os.Environ(), fmt.Sprintf("NBDMOVER_GC_HELPER=%s:%d", dir, n))
+		cmd.Stderr = os.Stderr
+		out, err := cmd.Output()
+		var res struct {
+			Seconds float64
+			PeakRSS int64
+		}
+		if err != nil || json.Unmarshal(out[:strings.IndexByte(string(out), '\n')+1], &res) != nil {
+			b.Fatalf("gc helper: %v: %s", err, out)
+		}
+		b.ReportMetric(res.Seconds, "s/gc")
+		b.ReportMetric(float64(res.PeakRSS)/(1<<20), "peak-RSS-MiB")
+	}
+}
+
+// TestGCHelper is BenchmarkGCTenMillionChunks's gc process (it does
+// nothing unless NBDMOVER_GC_HELPER names the repository and the chunks).
+func TestGCHelper(t *testing.T) {
+	spec := os.Getenv("NBDMOVER_GC_HELPER")
+	if spec == "" {
+		t.Skip("a helper of BenchmarkGCTenMillionChunks")
+	}
+	dir, count, _ := strings.Cut(spec, ":")
+	var n int
+	fmt.Sscan(count, &n)
+	local, err := sink.NewLocal(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := Open(t.Context(), &synthChunks{Store: local, n: n + n/10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	res, err := r.GC(t.Context(), GCOptions{DryRun: true, TempDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Chunks.Kept != int64(n) || res.Chunks.Deleted != int64(n/10) {
+		t.Fatalf("kept %d, would delete %d; want %d and %d", res.Chunks.Kept, res.Chunks.Deleted, n, n/10)
+	}
+	b, _ := json.Marshal(map[string]any{"seconds": time.Since(start).Seconds(), "peakrss": vmHWM()})
+	fmt.Println(string(b))
+}
