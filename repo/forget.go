@@ -15,7 +15,8 @@ import (
 // Policy is a retention policy, with Proxmox Backup Server's semantics:
 // the rules apply in the order of the fields, each keeps the newest
 // backup of each of its last N periods (UTC; ISO weeks) that no backup
-// kept by an earlier rule covers, and KeepWithin keeps every backup
+// kept by an earlier rule covers (protected backups are kept, but cover
+// no period and are not counted), and KeepWithin keeps every backup
 // younger than that (counted from the domain's newest backup). A nil
 // field is a rule not given; a policy with none is invalid (forgetting
 // everything is KeepLast 0, spelled out).
@@ -122,7 +123,7 @@ func (p Policy) Apply(ms []*Manifest, protected map[string]bool) []Decision {
 		}
 	}
 	sort.Slice(ds, func(i, j int) bool { return ds[i].ID > ds[j].ID })
-	marked := make([]bool, len(ds)) // kept or forgotten by a rule before
+	marked := make([]bool, len(ds)) // protected, or kept or forgotten by a rule before
 	for i := range ds {
 		marked[i] = ds[i].Keep
 	}
@@ -130,9 +131,11 @@ func (p Policy) Apply(ms []*Manifest, protected map[string]bool) []Decision {
 		if r.keep == nil || *r.keep == 0 {
 			continue
 		}
-		covered := map[string]bool{} // periods a backup kept before stands for
+		// Periods a backup kept by an earlier rule stands for (protected
+		// backups stand for none, as in Proxmox's prune).
+		covered := map[string]bool{}
 		for _, d := range ds {
-			if d.Keep {
+			if d.Keep && d.Reason != "protected" {
 				covered[r.period(d)] = true
 			}
 		}
@@ -181,11 +184,19 @@ type ForgetResult struct {
 // when dryRun). Forgetting deletes manifests only: the objects they
 // referenced are left to gc, and every backup stays restorable whatever
 // else is forgotten (each names its whole index chain). A protected
-// backup is never forgotten: the marker is checked again right before
-// each deletion.
+// backup is never forgotten (see forgetOne); a real forget holds a shared
+// lock, so that no gc sweeps while it may put a manifest back.
 func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool) ([]ForgetResult, error) {
 	if err := p.Validate(); err != nil {
 		return nil, err
+	}
+	if !dryRun {
+		lock, lctx, err := r.Lock(ctx, LockShared, "forget", nil)
+		if err != nil {
+			return nil, err
+		}
+		defer lock.Release()
+		ctx = lctx
 	}
 	ms, skipped, err := r.Backups(ctx, domain)
 	if err != nil {
@@ -242,14 +253,46 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 
 var errProtected = errors.New("protected")
 
-// forgetOne deletes a backup's manifest unless it has become protected.
+// forgetOne deletes a backup's manifest unless it is protected. A protect
+// that races it (the marker written after the first look) is seen by a
+// second look after the deletion, and the manifest is put back, byte for
+// byte: under forget's shared lock no gc has swept meanwhile.
 func (r *Repo) forgetOne(ctx context.Context, domain, id string) error {
-	if _, err := r.store.Stat(ctx, protectKey(domain, id)); err == nil {
-		return errProtected
-	} else if !isNotFound(err) {
+	protected := func() (bool, error) {
+		_, err := r.store.Stat(ctx, protectKey(domain, id))
+		if isNotFound(err) {
+			return false, nil
+		}
+		return err == nil, err
+	}
+	if p, err := protected(); err != nil || p {
+		if err == nil {
+			err = errProtected
+		}
 		return err
 	}
-	return r.store.Delete(ctx, ManifestKey(domain, id))
+	key := ManifestKey(domain, id)
+	blob, err := r.store.Get(ctx, key, nil)
+	if isNotFound(err) {
+		return nil // forgotten meanwhile
+	}
+	if err != nil {
+		return err
+	}
+	if err := r.store.Delete(ctx, key); err != nil {
+		return err
+	}
+	p, err := protected()
+	if !p && err == nil {
+		return nil
+	}
+	if cerr := r.store.Create(ctx, key, blob); cerr != nil && !errors.Is(cerr, sink.ErrExists) {
+		return fmt.Errorf("backup %s/%s was protected while it was being forgotten, and putting its manifest back failed: %w (the objects are still there until a gc: retry, or restore %s from a copy)", domain, id, cerr, key)
+	}
+	if err != nil {
+		return err
+	}
+	return errProtected
 }
 
 // Protection markers: protected/<domain>/<rank>-<id>, a meta blob of
@@ -280,7 +323,9 @@ func (r *Repo) Protect(ctx context.Context, domain, id string, on bool) error {
 		return err
 	}
 	// A forget may have deleted the manifest between the check and the
-	// mark: then the mark protects nothing, and saying so is the truth.
+	// mark: then the mark protects nothing, and saying so is the truth
+	// (a forget that sees the mark after its deletion puts the manifest
+	// back: then protect fails and the backup stays, unprotected).
 	if _, err := r.store.Stat(ctx, ManifestKey(domain, id)); err != nil {
 		r.store.Delete(ctx, key)
 		if isNotFound(err) {

@@ -31,6 +31,10 @@ type GCOptions struct {
 	DryRun   bool          // find what would be deleted, delete nothing, take no lock
 	Parallel int           // delete requests in flight (default 8)
 	TempDir  string        // for the list of candidates ("" = os.TempDir)
+	// Patience is how long gc waits for a moment when no backup, restore,
+	// verify or forget holds the repository before it takes the exclusive
+	// lock anyway (then new ones wait for its sweep). 0 = 30 minutes.
+	Patience time.Duration
 	Log      *slog.Logger
 	// Progress is how often a progress line is logged (default 10 s).
 	Progress time.Duration
@@ -86,6 +90,9 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	if o.Progress <= 0 {
 		o.Progress = 10 * time.Second
 	}
+	if o.Patience <= 0 {
+		o.Patience = 30 * time.Minute
+	}
 	if err := r.refuseFormat1(ctx); err != nil {
 		return nil, err
 	}
@@ -105,17 +112,19 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	if err := g.reference(ctx, keys, cache); err != nil {
 		return nil, err
 	}
-	g.res.Backups = len(g.seen)
+	g.res.Backups = g.backups()
 	spill, err := g.candidates(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer os.Remove(spill.Name())
 	defer spill.Close()
 	hold.At("gc-candidates")
 
 	var lock *Lock
 	if !o.DryRun {
+		if err := g.awaitQuiet(ctx); err != nil {
+			return nil, err
+		}
 		o.Log.Info("gc: taking the exclusive lock for the sweep")
 		var lctx context.Context
 		lock, lctx, err = r.Lock(ctx, LockExclusive, "gc", o.Log)
@@ -131,12 +140,12 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	before := len(g.seen)
+	before := g.backups()
 	if err := g.reference(ctx, keys, nil); err != nil {
 		return nil, err
 	}
-	g.res.Late = len(g.seen) - before
-	g.res.Backups = len(g.seen)
+	g.res.Backups = g.backups()
+	g.res.Late = g.res.Backups - before
 	if err := g.sweep(ctx, spill, lock); err != nil {
 		return g.res, err
 	}
@@ -152,6 +161,37 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	}
 	g.res.Seconds = time.Since(start).Seconds()
 	return g.res, nil
+}
+
+// awaitQuiet waits, up to o.Patience, until no live shared lock exists, so
+// that the exclusive lock (which makes new backups wait until the sweep
+// is done) is taken when nothing runs, if such a moment comes.
+func (g *gc) awaitQuiet(ctx context.Context) error {
+	deadline := time.Now().Add(g.o.Patience)
+	logged := false
+	for {
+		locks, err := g.r.Locks(ctx)
+		if err != nil {
+			return err
+		}
+		busy := 0
+		for _, l := range locks {
+			if l.Kind == LockShared && l.Stale(time.Now()) == "" {
+				busy++
+			}
+		}
+		if busy == 0 || time.Now().After(deadline) {
+			return nil
+		}
+		if !logged {
+			g.o.Log.Info("gc: waiting for a moment without running backups before locking the repository",
+				"running", busy, "patience", g.o.Patience)
+			logged = true
+		}
+		if err := sleep(ctx, lockTiming.Poll); err != nil {
+			return err
+		}
+	}
 }
 
 // refuseFormat1 fails when format-1 backups are left under backups/ (a
@@ -214,11 +254,13 @@ func (g *gc) progress() (stop func()) {
 // forgotten.
 func (g *gc) reference(ctx context.Context, keys []sink.ObjectInfo, cache map[string]cached) error {
 	var fresh []sink.ObjectInfo
+	g.mu.Lock()
 	for _, k := range keys {
 		if !g.seen[k.Key] {
 			fresh = append(fresh, k)
 		}
 	}
+	g.mu.Unlock()
 	if cache == nil {
 		cache = map[string]cached{}
 	}
@@ -234,23 +276,7 @@ func (g *gc) reference(ctx context.Context, keys []sink.ObjectInfo, cache map[st
 		return fmt.Errorf("gc cannot tell what %d backups reference, so it deletes nothing: %s (restore an intact copy of the manifest, or remove it to forget the backup, then run gc again)",
 			len(skipped), strings.Join(lines, "; "))
 	}
-	var todo []string
-	for _, m := range ms {
-		g.seen[m.Key()] = true
-		for _, key := range m.Files {
-			g.objects[key] = true
-		}
-		for _, d := range m.Disks {
-			for _, link := range d.Index {
-				for _, key := range link.Objects {
-					if !g.objects[key] {
-						g.objects[key] = true
-						todo = append(todo, key)
-					}
-				}
-			}
-		}
-	}
+	todo := g.mark(ms)
 	// Two readers, each with its own buffers: an index object's blob
 	// and plaintext are up to ~9 MB each.
 	next := make(chan string)
@@ -303,6 +329,31 @@ func (g *gc) reference(ctx context.Context, keys []sink.ObjectInfo, cache map[st
 	return err
 }
 
+// mark records the manifests as read, their files as referenced, and
+// returns the index objects they reference that were not yet.
+func (g *gc) mark(ms []*Manifest) []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var todo []string
+	for _, m := range ms {
+		g.seen[m.Key()] = true
+		for _, key := range m.Files {
+			g.objects[key] = true
+		}
+		for _, d := range m.Disks {
+			for _, link := range d.Index {
+				for _, key := range link.Objects {
+					if !g.objects[key] {
+						g.objects[key] = true
+						todo = append(todo, key)
+					}
+				}
+			}
+		}
+	}
+	return todo
+}
+
 func (g *gc) addRefs(prefixes []uint64) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -329,9 +380,9 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gc: the list of candidates: %w", err)
 	}
+	os.Remove(f.Name()) // unlinked at once: a killed gc leaves no file
 	fail := func(err error) (*os.File, error) {
 		f.Close()
-		os.Remove(f.Name())
 		return nil, err
 	}
 	w := bufio.NewWriterSize(f, 1<<20)
@@ -376,6 +427,12 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 		return fail(err)
 	}
 	return f, nil
+}
+
+func (g *gc) backups() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.seen)
 }
 
 func (g *gc) referenced(kind byte, key string, d chunker.Digest) bool {
@@ -474,6 +531,9 @@ func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, lock *Lock) e
 	g.res.Catalogs = len(dead)
 	if lock == nil || len(dead) == 0 {
 		return nil
+	}
+	if _, err := lock.Check(ctx); err != nil {
+		return err
 	}
 	return sink.DeleteMany(ctx, g.r.store, dead, g.o.Parallel, nil)
 }

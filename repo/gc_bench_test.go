@@ -14,6 +14,8 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/sink"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
+	"golang.org/x/sync/errgroup"
 )
 
 // synthChunks is a local store whose chunks/ listing is generated: n
@@ -150,4 +152,63 @@ func TestGCHelper(t *testing.T) {
 	}
 	b, _ := json.Marshal(map[string]any{"seconds": time.Since(start).Seconds(), "peakrss": vmHWM()})
 	fmt.Println(string(b))
+}
+
+// hideBatch hides a store's multi-object delete from sink.DeleteMany.
+type hideBatch struct{ sink.Store }
+
+// BenchmarkGCDelete times a gc that deletes NBDMOVER_BENCH_GARBAGE
+// (default 20,000) unreferenced small chunks, on the local store and on
+// MinIO (multi-object deletes), side by side.
+//
+//	go test -run '^$' -bench GCDelete -benchtime 1x ./repo   (MinIO: make test's)
+func BenchmarkGCDelete(b *testing.B) {
+	n := 20000
+	if v := os.Getenv("NBDMOVER_BENCH_GARBAGE"); v != "" {
+		fmt.Sscan(v, &n)
+	}
+	for _, where := range []string{"local", "s3", "s3-per-key"} {
+		b.Run(where, func(b *testing.B) {
+			for range b.N {
+				b.StopTimer()
+				var s sink.Store
+				if where == "local" {
+					l, err := sink.NewLocal(b.TempDir())
+					if err != nil {
+						b.Fatal(err)
+					}
+					s = l
+				} else {
+					s = sinktest.NewS3(b, "")
+				}
+				s = sink.Retry(sink.Limit(s, 32), sink.DefaultRetry)
+				if where == "s3-per-key" {
+					s = hideBatch{s} // one DELETE request per key, 8 in flight
+				}
+				r, err := Init(b.Context(), s, InitOptions{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				g, ctx := errgroup.WithContext(b.Context())
+				g.SetLimit(32)
+				for i := range n {
+					g.Go(func() error {
+						d := digestN(i)
+						return s.Put(ctx, ChunkKey(d), []byte("x"))
+					})
+				}
+				if err := g.Wait(); err != nil {
+					b.Fatal(err)
+				}
+				time.Sleep(1100 * time.Millisecond)
+				b.StartTimer()
+				start := time.Now()
+				res, err := r.GC(b.Context(), GCOptions{Grace: time.Millisecond})
+				if err != nil || res.Chunks.Deleted != int64(n) {
+					b.Fatalf("%+v %v", res, err)
+				}
+				b.ReportMetric(float64(n)/time.Since(start).Seconds(), "chunks-deleted/s")
+			}
+		})
+	}
 }

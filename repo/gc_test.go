@@ -58,8 +58,11 @@ func TestPolicyApply(t *testing.T) {
 		{"monthly 2 yearly 5", Policy{KeepMonthly: intp(2), KeepYearly: intp(5)}, nil,
 			map[string]string{id("2026-12-02T10:00"): "monthly", id("2026-11-30T12:00"): "monthly",
 				id("2025-06-01T12:00"): "yearly"}},
-		{"protected counts as kept", Policy{KeepDaily: intp(1)}, []string{id("2026-12-02T09:00")},
-			map[string]string{id("2026-12-02T09:00"): "protected", id("2026-12-01T23:00"): "daily"}},
+		// Protected backups are kept but neither counted nor covering
+		// their period (Proxmox's prune).
+		{"protected is kept, not counted", Policy{KeepDaily: intp(2)}, []string{id("2026-12-02T10:00")},
+			map[string]string{id("2026-12-02T10:00"): "protected", id("2026-12-02T09:00"): "daily",
+				id("2026-12-01T23:00"): "daily"}},
 		{"within 2 days", Policy{KeepWithin: Duration(48 * time.Hour)}, nil,
 			map[string]string{id("2026-12-02T10:00"): "within", id("2026-12-02T09:00"): "within",
 				id("2026-12-01T23:00"): "within", id("2026-12-01T08:00"): "within", id("2026-11-30T12:00"): "within"}},
@@ -327,7 +330,7 @@ func TestLockStaleness(t *testing.T) {
 
 	dead := exec.Command("true")
 	dead.Run()
-	putLock(t, r, LockInfo{Kind: LockShared, Purpose: "backup crashed", Host: host, PID: dead.Process.Pid,
+	putLock(t, r, LockInfo{Kind: LockShared, Purpose: "backup crashed", Host: host, Machine: machineID(), PID: dead.Process.Pid,
 		Started: time.Now(), Heartbeat: time.Now()})
 	l, _, err := r.Lock(ctx, LockExclusive, "gc", nil)
 	if err != nil {
@@ -345,8 +348,8 @@ func TestLockStaleness(t *testing.T) {
 	// Once its heartbeat is old it is stale, and gc records it as broken.
 	start := time.Now()
 	l, _, err = r.Lock(ctx, LockExclusive, "gc", nil)
-	if err != nil || time.Since(start) < 100*time.Millisecond || len(l.info.Broken) != 2 {
-		t.Fatalf("gc past a stale lock: %v after %v, broken %v", err, time.Since(start), l.info.Broken)
+	if err != nil || time.Since(start) < 100*time.Millisecond || len(l.broken) != 2 {
+		t.Fatalf("gc past a stale lock: %v after %v, broken %v", err, time.Since(start), l.broken)
 	}
 	// A shared locker waits while the exclusive lock is held.
 	got := make(chan error, 1)
@@ -377,8 +380,10 @@ func TestLockStaleness(t *testing.T) {
 	if _, err := s.Check(ctx); err != nil {
 		t.Fatal(err)
 	}
-	putLock(t, r, LockInfo{Kind: LockExclusive, Purpose: "gc", Host: "other-host", PID: 1, Started: time.Now(),
-		Heartbeat: time.Now(), Broken: []string{s.info.ID}})
+	// ... also once that gc is gone.
+	if err := r.breakLock(ctx, &s.info, "test", "a gc elsewhere"); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := s.Check(ctx); !errors.Is(err, ErrLockLost) {
 		t.Fatalf("check of a broken lock: %v", err)
 	}
@@ -417,5 +422,40 @@ func TestLockRemovedIsLost(t *testing.T) {
 	if err != nil || len(locks) != 1 || locks[0].Damaged == "" || locks[0].Stale(time.Now()) != "" ||
 		locks[0].Stale(time.Now().Add(2*time.Second)) == "" {
 		t.Fatalf("damaged lock: %+v %v", locks, err)
+	}
+}
+
+// protectDuringForget protects the backup whose manifest it deletes, right
+// after the deletion: the interleaving a protect racing a forget can
+// produce, which no real peer produces on demand.
+type protectDuringForget struct {
+	sink.Store
+	r *Repo
+}
+
+func (p protectDuringForget) Delete(ctx context.Context, key string) error {
+	err := p.Store.Delete(ctx, key)
+	if d, id, ok := parseManifestKey(key); ok {
+		p.Store.Put(ctx, protectKey(d, id), []byte("marker"))
+	}
+	return err
+}
+
+// A backup protected while forget deletes it is put back, whole.
+func TestForgetRacingProtect(t *testing.T) {
+	ctx := t.Context()
+	r := initTestRepo(t, localStore(t))
+	m := commitChunks(t, r, "vm1", time.Now(), putChunks(t, r, 1))
+	v := *r
+	v.store = protectDuringForget{Store: r.store}
+	res, err := v.Forget(ctx, "vm1", Policy{KeepLast: intp(0)}, false)
+	if err != nil || res[0].Forgotten != 0 || res[0].Kept != 1 || res[0].Decisions[0].Reason != "protected" {
+		t.Fatalf("forget racing protect: %+v %v", res, err)
+	}
+	if _, err := r.LoadIndex(ctx, m, "vda"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.Backup(ctx, "vm1", m.ID); err != nil || got.ID != m.ID {
+		t.Fatalf("the protected backup: %v %v", got, err)
 	}
 }

@@ -7,10 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	mrand "math/rand/v2"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,8 +20,10 @@ import (
 )
 
 // Repository locks (locks/<kind>-<id>, meta blobs of JSON). Backups,
-// restores and verify hold a shared lock; gc holds the exclusive lock while
-// it deletes, and only then. The protocol and why it keeps every committed
+// restores, verify and forget hold a shared lock; gc holds the exclusive
+// lock while it deletes, and only then. A lock taken for stale (by a gc
+// or nbdmover unlock) gets a tombstone, locks/broken-<id>: its holder, if
+// alive after all, must not commit. The protocol and why it keeps every committed
 // backup whole is in docs/design.md ("Deleting from a repository").
 const (
 	LockShared    = "shared"
@@ -49,19 +51,20 @@ type LockInfo struct {
 	ID        string    `json:"id"`   // 16 hex digits, also in the key
 	Purpose   string    `json:"purpose"`
 	Host      string    `json:"host"`
+	Machine   string    `json:"machine,omitempty"` // /etc/machine-id: two hosts of one name are told apart
 	PID       int       `json:"pid"`
 	Process   string    `json:"process,omitempty"` // boot id and start time of the process: tells a reused pid
 	Started   time.Time `json:"started"`
 	Heartbeat time.Time `json:"heartbeat"`
-	// Broken: an exclusive lock's list of the stale shared locks it went
-	// past; their holders must not commit.
-	Broken []string `json:"broken,omitempty"`
 
 	Key     string `json:"-"`
 	Damaged string `json:"-"` // why the object could not be read (then only Kind, Key and Heartbeat, its mtime, are known)
 }
 
 func lockKey(kind, id string) string { return "locks/" + kind + "-" + id }
+
+// tombstoneKey marks lock id as taken for stale.
+func tombstoneKey(id string) string { return "locks/broken-" + id }
 
 // parseLockKey returns the kind and id a lock key names.
 func parseLockKey(key string) (kind, id string, ok bool) {
@@ -80,13 +83,15 @@ func parseLockKey(key string) (kind, id string, ok bool) {
 }
 
 // Stale says why the lock is no longer held by a live process ("" when it
-// may be): no heartbeat for lockTiming.Stale, or, on this host, its
-// process is gone.
+// may be): no heartbeat for lockTiming.Stale, or, on this machine (same
+// host name and machine id), its process is provably gone. When /proc
+// cannot tell, the process counts as alive.
 func (l *LockInfo) Stale(now time.Time) string {
-	if age := now.Sub(l.Heartbeat); age > lockTiming.Stale {
+	if age := now.Round(0).Sub(l.Heartbeat); age > lockTiming.Stale {
 		return fmt.Sprintf("no heartbeat for %s", age.Round(time.Second))
 	}
-	if host, _ := os.Hostname(); l.Damaged == "" && l.Host == host && !processAlive(l.PID, l.Process) {
+	host, _ := os.Hostname()
+	if l.Damaged == "" && l.Host == host && l.Machine != "" && l.Machine == machineID() && processGone(l.PID, l.Process) {
 		return fmt.Sprintf("process %d is gone", l.PID)
 	}
 	return ""
@@ -119,12 +124,30 @@ func processIdentity(pid int) string {
 	return strings.TrimSpace(string(boot)) + "/" + fields[19]
 }
 
-func processAlive(pid int, identity string) bool {
-	if identity == "" { // unknown when the lock was taken: trust the pid
-		_, err := os.Stat("/proc/" + strconv.Itoa(pid))
-		return err == nil
+// processGone reports whether process pid, of the given identity
+// (processIdentity when the lock was taken), provably no longer runs:
+// the machine booted since, /proc has no such pid, or the pid now belongs
+// to a process started at another time. Anything /proc cannot tell (no
+// /proc, no permission) counts as running.
+func processGone(pid int, identity string) bool {
+	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if b, _, ok := strings.Cut(identity, "/"); ok && len(boot) > 0 && b != strings.TrimSpace(string(boot)) {
+		return true // rebooted since
 	}
-	return processIdentity(pid) == identity
+	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); !errors.Is(err, fs.ErrNotExist) {
+		if now := processIdentity(pid); identity == "" || now == "" || now == identity {
+			return false
+		}
+		return true // the pid was reused
+	}
+	_, err := os.Stat("/proc/self")
+	return err == nil // /proc works and has no such process
+}
+
+// machineID is /etc/machine-id ("" when there is none).
+func machineID() string {
+	b, _ := os.ReadFile("/etc/machine-id")
+	return strings.TrimSpace(string(b))
 }
 
 // Locks returns every lock object in the repository.
@@ -185,15 +208,23 @@ type Lock struct {
 
 	mu     sync.Mutex
 	info   LockInfo
-	lastOK time.Time // when the last successful write of the lock began (monotonic)
+	lastOK time.Time // when the last successful write of the lock began
 	lost   error
+	broken map[string]bool // exclusive: the shared locks it tombstoned
+}
+
+// age is how long ago t was, by the monotonic clock or the wall clock,
+// whichever says longer (the monotonic clock stops while a machine
+// sleeps; the others judge by their wall clocks).
+func age(t time.Time) time.Duration {
+	return max(time.Since(t), time.Now().Round(0).Sub(t.Round(0)))
 }
 
 // Lock takes a lock of kind for purpose (a short description: "backup
 // web1", "gc"). A shared lock waits while a live exclusive lock exists; an
 // exclusive lock fails with ErrLocked when another live exclusive lock
 // exists, and otherwise waits until no live shared lock does (stale ones
-// it lists as broken). Waiting is logged with who is waited for. The
+// it tombstones). Waiting is logged with who is waited for. The
 // returned context is cancelled, with cause ErrLockLost, when the lock is
 // lost; work done under the lock uses it. Release the lock when done.
 func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger) (*Lock, context.Context, error) {
@@ -203,8 +234,9 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 	host, _ := os.Hostname()
 	pid := os.Getpid()
 	for attempt := 0; ; attempt++ {
-		l := &Lock{r: r, log: log, done: make(chan struct{}), info: LockInfo{Version: FormatVersion, Kind: kind,
-			ID: randomHex(8), Purpose: purpose, Host: host, PID: pid, Process: processIdentity(pid), Started: time.Now().UTC()}}
+		l := &Lock{r: r, log: log, done: make(chan struct{}), broken: map[string]bool{}, info: LockInfo{Version: FormatVersion,
+			Kind: kind, ID: randomHex(8), Purpose: purpose, Host: host, Machine: machineID(), PID: pid,
+			Process: processIdentity(pid), Started: time.Now().UTC()}}
 		l.info.Key = lockKey(kind, l.info.ID)
 		// A shared locker looks before it writes, so that while gc holds
 		// the exclusive lock, waiting backups do not keep adding locks;
@@ -262,45 +294,25 @@ func (l *Lock) blocker(ctx context.Context) (*LockInfo, error) {
 	return nil, nil
 }
 
-// waitShared waits until no live shared lock exists; the stale ones are
-// recorded in l's Broken list (written before it returns), so that their
-// holders, should they be alive after all, refuse to commit.
+// waitShared waits until no live shared lock exists; the stale ones get
+// tombstones (written before it returns), so that their holders, should
+// they be alive after all, refuse to commit.
 func (l *Lock) waitShared(ctx context.Context) error {
 	logged := ""
 	for {
-		locks, err := l.r.Locks(ctx)
+		live, err := l.sharedHolders(ctx)
 		if err != nil {
 			return err
-		}
-		now := time.Now()
-		var live []string
-		l.mu.Lock()
-		before := len(l.info.Broken)
-		for _, o := range locks {
-			if o.Kind != LockShared {
-				continue
-			}
-			if why := o.Stale(now); why != "" {
-				if !slices.Contains(l.info.Broken, o.ID) {
-					l.info.Broken = append(l.info.Broken, o.ID)
-					l.log.Warn("going past a stale lock", "holder", o.Holder(), "why", why)
-				}
-			} else {
-				live = append(live, o.Holder())
-			}
-		}
-		grew := len(l.info.Broken) > before
-		l.mu.Unlock()
-		if grew {
-			if err := l.write(ctx, false); err != nil {
-				return err
-			}
 		}
 		if len(live) == 0 {
 			return nil
 		}
-		if s := strings.Join(live, "; "); s != logged {
-			l.log.Info("waiting for the backups, restores and verifies that hold the repository to finish", "holders", s)
+		var names []string
+		for _, o := range live {
+			names = append(names, o.Holder())
+		}
+		if s := strings.Join(names, "; "); s != logged {
+			l.log.Info("waiting for the backups, restores, verifies and forgets that hold the repository to finish", "holders", s)
 			logged = s
 		}
 		if err := sleep(ctx, lockTiming.Poll); err != nil {
@@ -310,6 +322,63 @@ func (l *Lock) waitShared(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// sharedHolders returns the live shared locks, after writing a tombstone
+// for each stale one it has not tombstoned yet.
+func (l *Lock) sharedHolders(ctx context.Context) ([]*LockInfo, error) {
+	locks, err := l.r.Locks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	var live []*LockInfo
+	for _, o := range locks {
+		if o.Kind != LockShared || l.broken[o.ID] {
+			continue
+		}
+		why := o.Stale(now)
+		if why == "" {
+			live = append(live, o)
+			continue
+		}
+		if err := l.r.breakLock(ctx, o, why, l.info.Purpose+" "+l.info.ID); err != nil {
+			return nil, err
+		}
+		l.broken[o.ID] = true
+		l.log.Warn("going past a stale lock", "holder", o.Holder(), "why", why)
+	}
+	return live, nil
+}
+
+// tombstone is the content of locks/broken-<id>.
+type tombstone struct {
+	Version int       `json:"version"`
+	Lock    string    `json:"lock"` // the lock's key
+	Holder  string    `json:"holder"`
+	Why     string    `json:"why"`
+	By      string    `json:"by"`
+	Broken  time.Time `json:"broken"`
+}
+
+// breakLock writes lock o's tombstone.
+func (r *Repo) breakLock(ctx context.Context, o *LockInfo, why, by string) error {
+	host, _ := os.Hostname()
+	b, _ := json.Marshal(tombstone{Version: FormatVersion, Lock: o.Key, Holder: o.Holder(), Why: why,
+		By: fmt.Sprintf("%s (pid %d on %s)", by, os.Getpid(), host), Broken: time.Now().UTC()})
+	return r.store.Put(ctx, tombstoneKey(o.ID), r.meta.Encode(nil, b))
+}
+
+// tombstoned reports whether lock id has a tombstone.
+func (r *Repo) tombstoned(ctx context.Context, id string) error {
+	_, err := r.store.Stat(ctx, tombstoneKey(id))
+	switch {
+	case err == nil:
+		return fmt.Errorf("%w: lock %s was taken for stale (by a gc or nbdmover unlock; %s says why)", ErrLockLost, id, tombstoneKey(id))
+	case isNotFound(err):
+		return nil
+	}
+	return err
 }
 
 // write stores the lock with a fresh heartbeat: a conditional create for
@@ -327,10 +396,16 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 	blob := l.r.meta.Encode(nil, b)
 	if create {
 		err = l.r.store.Create(ctx, l.info.Key, blob)
+		if errors.Is(err, sink.ErrExists) {
+			err = nil // the name is random: an earlier attempt landed, its answer did not
+		}
 	} else {
 		_, err = l.r.store.Stat(ctx, l.info.Key)
 		if isNotFound(err) {
 			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLockLost, l.info.Key)
+		}
+		if err == nil {
+			err = l.r.tombstoned(ctx, l.info.ID)
 		}
 		if err == nil {
 			err = l.r.store.Put(ctx, l.info.Key, blob)
@@ -347,7 +422,7 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 
 func (l *Lock) refreshIfDue(ctx context.Context) error {
 	l.mu.Lock()
-	due := time.Since(l.lastOK) >= lockTiming.Refresh
+	due := age(l.lastOK) >= lockTiming.Refresh
 	l.mu.Unlock()
 	if !due {
 		return nil
@@ -362,7 +437,7 @@ func (l *Lock) heartbeat(ctx context.Context) {
 	defer close(l.done)
 	for {
 		l.mu.Lock()
-		left := lockTiming.Stale - lockTiming.Margin - time.Since(l.lastOK)
+		left := lockTiming.Stale - lockTiming.Margin - age(l.lastOK)
 		l.mu.Unlock()
 		wait := min(lockTiming.Refresh, left)
 		if wait <= 0 {
@@ -394,11 +469,10 @@ func (l *Lock) lose(err error) {
 }
 
 // Check tells whether the lock still holds: it exists, was refreshed in
-// time, and (a shared lock) no exclusive lock lists it as broken; an
-// exclusive lock also checks that no live shared lock has appeared. On
-// success it returns the time by which the work it guards must be done
-// (a commit is given that deadline: after it, a gc may call the lock
-// stale).
+// time, and has no tombstone; for the exclusive lock, also that no live
+// shared lock has appeared (a stale one gets a tombstone). On success it
+// returns the time by which the work it guards must be done (a commit is
+// given that deadline: after it, a gc may call the lock stale).
 func (l *Lock) Check(ctx context.Context) (time.Time, error) {
 	l.mu.Lock()
 	lost, lastOK := l.lost, l.lastOK
@@ -406,38 +480,38 @@ func (l *Lock) Check(ctx context.Context) (time.Time, error) {
 	if lost != nil {
 		return time.Time{}, lost
 	}
-	deadline := lastOK.Add(lockTiming.Stale - lockTiming.Margin)
-	if time.Until(deadline) <= 0 {
+	left := lockTiming.Stale - lockTiming.Margin - age(lastOK)
+	if left <= 0 {
 		return time.Time{}, fmt.Errorf("%w: %s not refreshed since %s", ErrLockLost, l.info.Key, lastOK.Format(time.RFC3339))
 	}
+	deadline := time.Now().Add(left + lockTiming.Margin/2)
 	if _, err := l.r.store.Stat(ctx, l.info.Key); err != nil {
 		if isNotFound(err) {
 			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLockLost, l.info.Key)
 		}
 		return time.Time{}, err
 	}
-	locks, err := l.r.Locks(ctx)
-	if err != nil {
+	if err := l.r.tombstoned(ctx, l.info.ID); err != nil {
 		return time.Time{}, err
 	}
-	now := time.Now()
-	for _, o := range locks {
-		switch {
-		case l.info.Kind == LockShared && o.Kind == LockExclusive && slices.Contains(o.Broken, l.info.ID):
-			return time.Time{}, fmt.Errorf("%w: a gc took %s for stale (%s)", ErrLockLost, l.info.Key, o.Holder())
-		case l.info.Kind == LockExclusive && o.Kind == LockShared && !slices.Contains(l.info.Broken, o.ID) && o.Stale(now) == "":
-			// A shared locker that finds the exclusive lock removes its
-			// own at once; one still there a poll later did not see it.
-			if err := sleep(ctx, lockTiming.Poll); err != nil {
-				return time.Time{}, err
-			}
-			if _, err := l.r.store.Stat(ctx, o.Key); !isNotFound(err) {
-				return time.Time{}, fmt.Errorf("%w: %s appeared while %s was held (was it removed by nbdmover unlock?)",
-					ErrLockLost, o.Holder(), l.info.Key)
-			}
+	if l.info.Kind == LockShared {
+		return deadline, nil
+	}
+	// A shared locker that finds the exclusive lock removes its own at
+	// once; one still there a few polls later did not see it.
+	for tries := 0; ; tries++ {
+		live, err := l.sharedHolders(ctx)
+		if err != nil || len(live) == 0 {
+			return deadline, err
+		}
+		if tries == 3 {
+			return time.Time{}, fmt.Errorf("%w: %s appeared while %s was held (was %s removed by nbdmover unlock?)",
+				ErrLockLost, live[0].Holder(), l.info.Key, l.info.Key)
+		}
+		if err := sleep(ctx, lockTiming.Poll); err != nil {
+			return time.Time{}, err
 		}
 	}
-	return deadline.Add(lockTiming.Margin / 2), nil
 }
 
 // Release stops the heartbeat and removes the lock.
@@ -456,8 +530,10 @@ func (l *Lock) remove() {
 }
 
 // Unlock removes the stale locks (and every lock when all, which is only
-// safe when no nbdmover uses the repository) and returns the removed ones
-// and the live ones it left.
+// safe when no nbdmover uses the repository), each after writing its
+// tombstone, and returns the removed ones and the live ones it left. It
+// also removes tombstones older than lockTiming.Stale whose lock is gone
+// (its holder has noticed, or is dead).
 func (r *Repo) Unlock(ctx context.Context, all bool) (removed, live []*LockInfo, err error) {
 	locks, err := r.Locks(ctx)
 	if err != nil {
@@ -465,16 +541,49 @@ func (r *Repo) Unlock(ctx context.Context, all bool) (removed, live []*LockInfo,
 	}
 	now := time.Now()
 	for _, l := range locks {
-		if !all && l.Stale(now) == "" {
+		why := l.Stale(now)
+		if !all && why == "" {
 			live = append(live, l)
 			continue
+		}
+		if why == "" {
+			why = "removed with --remove-all"
+		}
+		if err := r.breakLock(ctx, l, why, "nbdmover unlock"); err != nil {
+			return removed, live, err
 		}
 		if err := r.store.Delete(ctx, l.Key); err != nil {
 			return removed, live, err
 		}
 		removed = append(removed, l)
 	}
-	return removed, live, nil
+	return removed, live, r.pruneTombstones(ctx)
+}
+
+// pruneTombstones removes the tombstones older than lockTiming.Stale
+// whose lock object no longer exists.
+func (r *Repo) pruneTombstones(ctx context.Context) error {
+	held := map[string]bool{}
+	var old []string
+	err := r.store.List(ctx, "locks/", func(o sink.ObjectInfo) error {
+		if _, id, ok := parseLockKey(o.Key); ok {
+			held[id] = true
+		} else if id, ok := strings.CutPrefix(o.Key, "locks/broken-"); ok && !o.Modified.IsZero() && age(o.Modified) > lockTiming.Stale {
+			old = append(old, id)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, id := range old {
+		if !held[id] {
+			if err := r.store.Delete(ctx, tombstoneKey(id)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func randomHex(n int) string {

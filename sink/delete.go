@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/minio/minio-go/v7"
 	"golang.org/x/sync/errgroup"
@@ -24,7 +25,8 @@ type batchDeleter interface {
 // each batch that was deleted. S3 stores take multi-object delete requests
 // of up to 1000 keys; the local store unlinks a batch and syncs each of its
 // directories once; other stores delete key by key. Transient failures are
-// retried as the store's Retry wrapper says.
+// retried as the store's Retry wrapper says. parallel bounds the batches
+// in flight (the store's own concurrency limit is not applied).
 func DeleteMany(ctx context.Context, s Store, keys []string, parallel int, done func(int)) error {
 	size := 1
 	del := func(ctx context.Context, keys []string) error { return s.Delete(ctx, keys[0]) }
@@ -102,7 +104,7 @@ func (s *S3) deleteBatch(ctx context.Context, keys []string) error {
 	var first error
 	for e := range s.client.RemoveObjects(ctx, s.bucket, ch, minio.RemoveObjectsOptions{}) {
 		if first == nil && minio.ToErrorResponse(e.Err).Code != "NoSuchKey" {
-			first = s.fail(ctx, "delete", e.ObjectName, e.Err)
+			first = s.fail(ctx, "delete", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
 		}
 	}
 	return first

@@ -135,7 +135,8 @@ func parseGC(t *testing.T, out string) gcJSON {
 // matter (internal/hold), on the local store and on MinIO: a backup that
 // deduplicates against gc's candidates and commits while gc waits; a
 // backup that starts while gc sweeps; a gc killed mid-sweep; two gcs; a
-// backup killed before it commits. After each, the backups restore
+// backup killed before it commits; a gc that waits for a quiet moment.
+// After each, the backups restore
 // bit-exact and verify --read-data passes.
 func TestGCBesideBackups(t *testing.T) {
 	qemutest.Need(t, "qemu-nbd", "qemu-img", "qemu-io")
@@ -202,7 +203,9 @@ func testGCBesideBackups(t *testing.T, repoArgs []string) {
 	reached := gate(t, holds, "backup-commit")
 	b := start(t, holds, backupArgs...)
 	reached()
-	g := start(t, holds, gcArgs...)
+	// No patience: gc takes the exclusive lock beside the running backup
+	// (the harder case), then waits for the backup's shared lock.
+	g := start(t, holds, append(gcArgs, "--patience", "1ms")...)
 	waitFor(t, "gc to wait for the backup", func() bool {
 		_, e := g.output()
 		return strings.Contains(e, "waiting for the backups")
@@ -292,6 +295,27 @@ func testGCBesideBackups(t *testing.T, repoArgs []string) {
 		t.Fatalf("unlock after a killed backup: %q", out)
 	}
 	restored(id4)
+
+	// With patience, gc waits for a moment without running backups and
+	// takes the exclusive lock only then.
+	reached = gate(t, holds, "backup-commit")
+	b = start(t, holds, backupArgs...)
+	reached()
+	g = start(t, holds, gcArgs...)
+	waitFor(t, "gc to wait for a quiet moment", func() bool {
+		_, e := g.output()
+		return strings.Contains(e, "waiting for a moment without running backups")
+	})
+	if locks := must("unlock", "--json"); strings.Contains(locks, `"exclusive"`) {
+		t.Fatalf("gc took the exclusive lock while a backup ran: %s", locks)
+	}
+	open(holds, "backup-commit")
+	if _, stderr, code := b.wait(t); code != 0 {
+		t.Fatalf("backup: %s", stderr)
+	}
+	if _, stderr, code := g.wait(t); code != 0 || strings.Contains(stderr, "waiting for the backups") {
+		t.Fatalf("gc after a quiet moment: %d %s", code, stderr)
+	}
 }
 
 // protect, list and forget from the command line: a protected backup is

@@ -152,11 +152,12 @@ func protectCommand(on bool) *cli.Command {
 func gcCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "gc",
-		Usage: "delete the chunks and objects no committed backup references (safe beside running backups)",
+		Usage: "delete the chunks and objects no committed backup references (safe beside running backups; new ones wait while it deletes)",
 		Flags: append(repoFlags(),
 			&cli.DurationFlag{Name: "grace", Value: repo.DefaultGrace, Usage: "only delete objects older than this"},
 			&cli.BoolFlag{Name: "dry-run", Usage: "count what would be deleted, delete nothing"},
 			&cli.IntFlag{Name: "parallel", Value: 8, Usage: "delete requests in flight"},
+			&cli.DurationFlag{Name: "patience", Value: 30 * time.Minute, Usage: "wait this long for a moment without running backups before making new ones wait for the sweep"},
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -175,7 +176,7 @@ func gcCommand() *cli.Command {
 				return err
 			}
 			res, err := r.GC(c.Context, repo.GCOptions{Grace: c.Duration("grace"), DryRun: c.Bool("dry-run"),
-				Parallel: c.Int("parallel"), Log: log})
+				Parallel: c.Int("parallel"), Patience: c.Duration("patience"), Log: log})
 			if err != nil {
 				return err
 			}
