@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
@@ -126,6 +127,23 @@ func roundTrip(t *testing.T, ro repo.Options, compression string) {
 		t.Fatal(err)
 	}
 	qemutest.Compare(t, points[len(points)-1].ref, "raw", out, "raw")
+
+	// Forgetting the full and the first incremental, the parents of the
+	// last one, and a gc leave the last one whole: every backup is a
+	// synthetic full that names its whole index chain.
+	r, err := ro.Open(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	keep := 1
+	if res, err := r.Forget(t.Context(), "offline-vm", repo.Policy{KeepLast: &keep}, false); err != nil || res[0].Forgotten != 2 {
+		t.Fatalf("forget: %+v %v", res, err)
+	}
+	time.Sleep(1100 * time.Millisecond) // S3's Last-Modified has whole seconds
+	if g, err := r.GC(t.Context(), repo.GCOptions{Grace: time.Millisecond}); err != nil || g.Backups != 2 {
+		t.Fatalf("gc: %+v %v", g, err)
+	}
+	checkRestoresOf(t, ro, points[2:], 2)
 }
 
 func TestRoundTripLocal(t *testing.T) {
