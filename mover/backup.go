@@ -505,7 +505,7 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 	if err != nil {
 		return nil, fmt.Errorf("backup %s/%s not committed: %w", m.Domain, m.ID, err)
 	}
-	cctx, cancel := context.WithDeadline(ctx, deadline)
+	cctx, cancel := repo.WithDeadline(ctx, deadline)
 	defer cancel()
 	if err := b.r.Commit(cctx, m, dds, files); err != nil {
 		return nil, fmt.Errorf("commit backup %s/%s: %w", m.Domain, m.ID, err)

@@ -190,13 +190,14 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
+	var lock *Lock
 	if !dryRun {
-		lock, lctx, err := r.Lock(ctx, LockShared, "forget", nil)
+		l, lctx, err := r.Lock(ctx, LockShared, "forget", nil)
 		if err != nil {
 			return nil, err
 		}
-		defer lock.Release()
-		ctx = lctx
+		defer l.Release()
+		lock, ctx = l, lctx
 	}
 	ms, skipped, err := r.Backups(ctx, domain)
 	if err != nil {
@@ -235,7 +236,7 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 				continue
 			}
 			if !dryRun {
-				if err := r.forgetOne(ctx, d, dec.ID); err != nil {
+				if err := r.forgetOne(ctx, lock, d, dec.ID); err != nil {
 					if errors.Is(err, errProtected) {
 						res.Decisions[i].Keep, res.Decisions[i].Reason = true, "protected"
 						res.Kept++
@@ -256,8 +257,9 @@ var errProtected = errors.New("protected")
 // forgetOne deletes a backup's manifest unless it is protected. A protect
 // that races it (the marker written after the first look) is seen by a
 // second look after the deletion, and the manifest is put back, byte for
-// byte: under forget's shared lock no gc has swept meanwhile.
-func (r *Repo) forgetOne(ctx context.Context, domain, id string) error {
+// byte: under forget's shared lock (checked first, like a commit) no gc
+// has swept meanwhile.
+func (r *Repo) forgetOne(ctx context.Context, lock *Lock, domain, id string) error {
 	protected := func() (bool, error) {
 		_, err := r.store.Stat(ctx, protectKey(domain, id))
 		if isNotFound(err) {
@@ -286,8 +288,14 @@ func (r *Repo) forgetOne(ctx context.Context, domain, id string) error {
 	if !p && err == nil {
 		return nil
 	}
-	if cerr := r.store.Create(ctx, key, blob); cerr != nil && !errors.Is(cerr, sink.ErrExists) {
-		return fmt.Errorf("backup %s/%s was protected while it was being forgotten, and putting its manifest back failed: %w (the objects are still there until a gc: retry, or restore %s from a copy)", domain, id, cerr, key)
+	deadline, cerr := lock.Check(ctx)
+	if cerr == nil {
+		cctx, cancel := WithDeadline(ctx, deadline)
+		cerr = r.store.Create(cctx, key, blob)
+		cancel()
+	}
+	if cerr != nil && !errors.Is(cerr, sink.ErrExists) {
+		return fmt.Errorf("backup %s/%s was protected while it was being forgotten, but putting its manifest back failed, so it is forgotten (its objects stay until the next gc): %w", domain, id, cerr)
 	}
 	if err != nil {
 		return err

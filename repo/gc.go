@@ -462,7 +462,7 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, lock *Lock) error {
 			if err != nil {
 				return err
 			}
-			dctx, cancel := context.WithDeadline(ctx, deadline)
+			dctx, cancel := WithDeadline(ctx, deadline)
 			err = sink.DeleteMany(dctx, g.r.store, keys, g.o.Parallel, nil)
 			cancel()
 			if err != nil {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -106,10 +107,12 @@ func (l *LockInfo) Holder() string {
 		l.Started.UTC().Format(time.RFC3339), l.Heartbeat.UTC().Format(time.RFC3339))
 }
 
-// processIdentity is the boot id and start time of process pid ("" when
-// it does not exist or /proc cannot tell).
+// processIdentity is the boot id, pid namespace and start time of
+// process pid, "BOOT/NS/START" ("" when it does not exist or /proc cannot
+// tell).
 func processIdentity(pid int) string {
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	dir := "/proc/" + strconv.Itoa(pid)
+	stat, err := os.ReadFile(dir + "/stat")
 	if err != nil {
 		return ""
 	}
@@ -117,31 +120,42 @@ func processIdentity(pid int) string {
 	// fields after its closing parenthesis; the start time is field 22.
 	i := strings.LastIndexByte(string(stat), ')')
 	fields := strings.Fields(string(stat[i+1:]))
-	if i < 0 || len(fields) < 20 {
+	ns, _ := os.Readlink(dir + "/ns/pid")
+	boot := bootID()
+	if i < 0 || len(fields) < 20 || ns == "" || boot == "" {
 		return ""
 	}
-	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	return strings.TrimSpace(string(boot)) + "/" + fields[19]
+	return boot + "/" + ns + "/" + fields[19]
 }
 
-// processGone reports whether process pid, of the given identity
-// (processIdentity when the lock was taken), provably no longer runs:
-// the machine booted since, /proc has no such pid, or the pid now belongs
-// to a process started at another time. Anything /proc cannot tell (no
-// /proc, no permission) counts as running.
+func bootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+}
+
+// processGone reports whether the process of the given identity
+// (processIdentity when its lock was taken), pid, provably no longer
+// runs: the machine booted since, or, in the same pid namespace, /proc has
+// no such pid or it belongs to a process started at another time.
+// Anything that cannot be told counts as running: an unknown identity,
+// another pid namespace (a container), or a judge that is not root
+// (/proc may hide other users' processes).
 func processGone(pid int, identity string) bool {
-	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	if b, _, ok := strings.Cut(identity, "/"); ok && len(boot) > 0 && b != strings.TrimSpace(string(boot)) {
-		return true // rebooted since
+	parts := strings.Split(identity, "/")
+	if len(parts) != 3 || slices.Contains(parts, "") || os.Geteuid() != 0 {
+		return false
 	}
-	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); !errors.Is(err, fs.ErrNotExist) {
-		if now := processIdentity(pid); identity == "" || now == "" || now == identity {
-			return false
-		}
-		return true // the pid was reused
+	if boot := bootID(); boot == "" || boot != parts[0] {
+		return boot != "" // rebooted since (or cannot tell)
 	}
-	_, err := os.Stat("/proc/self")
-	return err == nil // /proc works and has no such process
+	if ns, _ := os.Readlink("/proc/self/ns/pid"); ns != parts[1] {
+		return false
+	}
+	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); errors.Is(err, fs.ErrNotExist) {
+		return true
+	}
+	now := processIdentity(pid)
+	return now != "" && now != identity // the pid was reused
 }
 
 // machineID is /etc/machine-id ("" when there is none).
@@ -287,9 +301,20 @@ func (l *Lock) blocker(ctx context.Context) (*LockInfo, error) {
 	}
 	now := time.Now()
 	for _, o := range locks {
-		if o.Kind == LockExclusive && o.Key != l.info.Key && o.Stale(now) == "" {
+		if o.Kind != LockExclusive || o.Key == l.info.Key || l.broken[o.ID] {
+			continue
+		}
+		why := o.Stale(now)
+		if why == "" {
 			return o, nil
 		}
+		// Going past a stale gc: its tombstone stops it, should it wake
+		// up (a machine back from sleep) and try to delete more.
+		if err := l.r.breakLock(ctx, o, why, l.info.Purpose+" "+l.info.ID); err != nil {
+			return nil, err
+		}
+		l.broken[o.ID] = true
+		l.log.Warn("going past a stale lock", "holder", o.Holder(), "why", why)
 	}
 	return nil, nil
 }
@@ -398,8 +423,18 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 		err = l.r.store.Create(ctx, l.info.Key, blob)
 		if errors.Is(err, sink.ErrExists) {
 			err = nil // the name is random: an earlier attempt landed, its answer did not
+		} else if err != nil {
+			l.remove() // it may have landed all the same
 		}
 	} else {
+		l.mu.Lock()
+		last := l.lastOK
+		l.mu.Unlock()
+		if a := age(last); a >= lockTiming.Stale-lockTiming.Margin {
+			// Others may take it for stale by now (this machine slept, or
+			// the store was out of reach): refreshing is too late.
+			return fmt.Errorf("%w: %s was last refreshed %s ago", ErrLockLost, l.info.Key, a.Round(time.Second))
+		}
 		_, err = l.r.store.Stat(ctx, l.info.Key)
 		if isNotFound(err) {
 			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLockLost, l.info.Key)
@@ -584,6 +619,30 @@ func (r *Repo) pruneTombstones(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// WithDeadline is context.WithDeadline that also watches the wall clock:
+// timers run on the monotonic clock, which stops while the machine
+// sleeps, and others judge a lock by their wall clocks.
+func WithDeadline(ctx context.Context, deadline time.Time) (context.Context, context.CancelFunc) {
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	wall := deadline.Round(0)
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-dctx.Done():
+				return
+			case <-t.C:
+				if time.Now().Round(0).After(wall) {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	return dctx, cancel
 }
 
 func randomHex(n int) string {
