@@ -203,6 +203,9 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 	if err != nil {
 		return nil, err
 	}
+	if domain != "" && len(ms) == 0 && len(skipped) == 0 {
+		return nil, fmt.Errorf("domain %s in %s: %w (nbdmover list shows the domains)", domain, r.Location(), ErrNoBackup)
+	}
 	protected, err := r.protectedIDs(ctx, domain)
 	if err != nil {
 		return nil, err

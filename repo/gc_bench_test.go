@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -129,7 +130,11 @@ func BenchmarkGCTenMillionChunks(b *testing.B) {
 func TestGCHelper(t *testing.T) {
 	spec := os.Getenv("NBDMOVER_GC_HELPER")
 	if spec == "" {
-		t.Skip("a helper of BenchmarkGCTenMillionChunks")
+		t.Skip("a helper of BenchmarkGCTenMillionChunks and BenchmarkGCRepository")
+	}
+	if loc, ok := strings.CutPrefix(spec, "real:"); ok {
+		gcReal(t, loc)
+		return
 	}
 	dir, count, _ := strings.Cut(spec, ":")
 	var n int
@@ -211,4 +216,177 @@ func BenchmarkGCDelete(b *testing.B) {
 			}
 		})
 	}
+}
+
+// requestCounter counts a store's requests by kind; it unwraps, so that
+// sink.DeleteMany still finds the store's multi-object delete (deletes are
+// counted from gc's result: at most 1000 keys a request on S3).
+type requestCounter struct {
+	sink.Store
+	lists, gets, puts, stats atomic.Int64
+}
+
+func (c *requestCounter) Unwrap() sink.Store { return c.Store }
+
+func (c *requestCounter) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {
+	c.lists.Add(1)
+	n := 0
+	return c.Store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+		if n++; n%1000 == 0 {
+			c.lists.Add(1) // S3 returns up to 1000 keys a request
+		}
+		return fn(o)
+	})
+}
+
+func (c *requestCounter) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+	c.gets.Add(1)
+	return c.Store.Get(ctx, key, buf)
+}
+
+func (c *requestCounter) Put(ctx context.Context, key string, data []byte) error {
+	c.puts.Add(1)
+	return c.Store.Put(ctx, key, data)
+}
+
+func (c *requestCounter) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
+	c.stats.Add(1)
+	return c.Store.Stat(ctx, key)
+}
+
+// BenchmarkGCRepository runs gc over a synthetic repository in a process
+// of its own and reports wall time, requests and peak RSS: on the local
+// store NBDMOVER_BENCH_LOCAL_CHUNKS (default 1,000,000) chunks and 1,000
+// backups; on MinIO NBDMOVER_BENCH_S3_CHUNKS (default 100,000) chunks and
+// 100 backups. Every backup references its own 90% share of chunks/N;
+// the other 10% are garbage older than the grace period.
+//
+//	go test -run '^$' -bench GCRepository -benchtime 1x -timeout 1h ./repo   (MinIO: make test's)
+func BenchmarkGCRepository(b *testing.B) {
+	for _, c := range []struct {
+		where   string
+		env     string
+		chunks  int
+		backups int
+	}{{"local", "NBDMOVER_BENCH_LOCAL_CHUNKS", 1_000_000, 1000}, {"s3", "NBDMOVER_BENCH_S3_CHUNKS", 100_000, 100}} {
+		b.Run(c.where, func(b *testing.B) {
+			if v := os.Getenv(c.env); v != "" {
+				fmt.Sscan(v, &c.chunks)
+			}
+			ctx := b.Context()
+			var s sink.Store
+			location := ""
+			if c.where == "local" {
+				location = b.TempDir()
+				l, _ := sink.NewLocal(location)
+				s = l
+			} else {
+				s3 := sinktest.NewS3(b, "")
+				s = s3
+				location = "s3://" + strings.SplitN(strings.TrimPrefix(s3.Location(), "s3://"), "/", 2)[0]
+			}
+			r, err := Init(ctx, sink.Retry(sink.Limit(s, 32), sink.DefaultRetry), InitOptions{ChunkSize: 256 << 10})
+			if err != nil {
+				b.Fatal(err)
+			}
+			// Chunks: small objects (gc never reads a chunk), written
+			// directly on the local store (no fsync: this is set-up).
+			old := time.Now().Add(-48 * time.Hour)
+			g, gctx := errgroup.WithContext(ctx)
+			g.SetLimit(32)
+			for i := range c.chunks {
+				g.Go(func() error {
+					key := ChunkKey(digestN(i))
+					if c.where == "local" {
+						p := location + "/" + key
+						if err := os.MkdirAll(p[:strings.LastIndexByte(p, '/')], 0o700); err != nil {
+							return err
+						}
+						if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+							return err
+						}
+						return os.Chtimes(p, old, old)
+					}
+					return r.store.Put(gctx, key, []byte("x"))
+				})
+			}
+			if err := g.Wait(); err != nil {
+				b.Fatal(err)
+			}
+			per := c.chunks / c.backups
+			for k := range c.backups {
+				var ds []chunker.Digest
+				for i := k * per; i < k*per+per*9/10; i++ {
+					ds = append(ds, digestN(i))
+				}
+				commitBench(b, r, fmt.Sprintf("vm%d", k%10), time.Unix(int64(1.7e9)+int64(k)*60, 0), ds)
+			}
+			if c.where == "s3" {
+				time.Sleep(1100 * time.Millisecond)
+			}
+			b.ResetTimer()
+			for range b.N {
+				cmd := exec.Command(os.Args[0], "-test.run=^TestGCHelper$")
+				cmd.Env = append(os.Environ(), "NBDMOVER_GC_HELPER=real:"+location)
+				cmd.Stderr = os.Stderr
+				out, err := cmd.Output()
+				var res struct {
+					Seconds                  float64
+					PeakRSS                  int64
+					Lists, Gets, Puts, Stats int64
+					Deleted, DeletedMetadata int64
+				}
+				if err != nil || json.Unmarshal(out[:strings.IndexByte(string(out), '\n')+1], &res) != nil {
+					b.Fatalf("gc helper: %v: %s", err, out)
+				}
+				if want := int64(c.chunks - c.backups*(per*9/10)); res.Deleted != want {
+					b.Fatalf("deleted %d chunks, want %d", res.Deleted, want)
+				}
+				b.ReportMetric(res.Seconds, "s/gc")
+				b.ReportMetric(float64(res.PeakRSS)/(1<<20), "peak-RSS-MiB")
+				b.ReportMetric(float64(res.Lists), "lists")
+				b.ReportMetric(float64(res.Gets), "gets")
+				b.ReportMetric(float64(res.Puts+res.Stats), "puts+stats")
+				b.ReportMetric(float64((res.Deleted+999)/1000+(res.DeletedMetadata+999)/1000), "multi-deletes")
+			}
+		})
+	}
+}
+
+// commitBench commits a backup of domain holding the chunks (a testing.TB
+// version of commitChunks).
+func commitBench(tb testing.TB, r *Repo, domain string, at time.Time, ds []chunker.Digest) {
+	cs := r.Config().ChunkSize
+	digests := map[int64]chunker.Digest{}
+	for i, d := range ds {
+		digests[int64(i)] = d
+	}
+	ix := indexOf(cs, int64(len(ds))*cs, digests)
+	m := &Manifest{ID: NewBackupID(at, ""), Domain: domain, Created: at.UTC(), Mode: "full", Source: "nbd",
+		Consistency: "crash-consistent", Disks: []DiskManifest{{Name: "vda", Size: ix.Size, Mode: "full"}}}
+	if err := r.Commit(tb.Context(), m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// gcReal is BenchmarkGCRepository's gc process.
+func gcReal(t *testing.T, location string) {
+	store, err := Options{Location: location, S3Endpoint: os.Getenv("NBDMOVER_TEST_S3_ENDPOINT")}.Store()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &requestCounter{Store: store}
+	r, err := Open(t.Context(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	res, err := r.GC(t.Context(), GCOptions{Grace: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(map[string]any{"seconds": time.Since(start).Seconds(), "peakrss": vmHWM(),
+		"lists": c.lists.Load(), "gets": c.gets.Load(), "puts": c.puts.Load(), "stats": c.stats.Load(),
+		"deleted": res.Chunks.Deleted, "deletedmetadata": res.Metadata.Deleted})
+	fmt.Println(string(b))
 }

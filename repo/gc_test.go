@@ -496,3 +496,130 @@ func TestProcessGone(t *testing.T) {
 		t.Error("a reused pid is not told apart")
 	}
 }
+
+// refApply is a second, plainer statement of the policy, to check Apply
+// against: per rule, take the backups no earlier rule decided and whose
+// period no kept (unprotected) backup stands for; of their N newest
+// distinct periods, keep the newest backup of each and decide the others
+// (no later rule sees them).
+func refApply(p Policy, ms []*Manifest, protected map[string]bool) map[string]string {
+	type b struct{ id, period string }
+	kept := map[string]string{}
+	decided := map[string]bool{}
+	ids := []string{}
+	created := map[string]time.Time{}
+	for _, m := range ms {
+		ids = append(ids, m.ID)
+		created[m.ID] = m.Created.UTC()
+		if protected[m.ID] {
+			kept[m.ID], decided[m.ID] = "protected", true
+		}
+	}
+	// newest first
+	for i := range ids {
+		for j := i + 1; j < len(ids); j++ {
+			if ids[j] > ids[i] {
+				ids[i], ids[j] = ids[j], ids[i]
+			}
+		}
+	}
+	for _, r := range p.rules() {
+		if r.keep == nil || *r.keep == 0 {
+			continue
+		}
+		covered := map[string]bool{}
+		for id, why := range kept {
+			if why != "protected" {
+				covered[r.period(Decision{ID: id, Created: created[id]})] = true
+			}
+		}
+		var periods []string // distinct, newest first
+		members := map[string][]string{}
+		for _, id := range ids {
+			per := r.period(Decision{ID: id, Created: created[id]})
+			if decided[id] || covered[per] {
+				continue
+			}
+			if len(members[per]) == 0 {
+				periods = append(periods, per)
+			}
+			members[per] = append(members[per], id)
+		}
+		if len(periods) > *r.keep {
+			periods = periods[:*r.keep]
+		}
+		for _, per := range periods {
+			kept[members[per][0]] = r.name
+			for _, id := range members[per] {
+				decided[id] = true
+			}
+		}
+	}
+	if p.KeepWithin > 0 && len(ids) > 0 {
+		for _, id := range ids {
+			if _, ok := kept[id]; !ok && created[ids[0]].Sub(created[id]) < time.Duration(p.KeepWithin) {
+				kept[id] = "within"
+			}
+		}
+	}
+	return kept
+}
+
+// Apply against the reference on random schedules around year ends, ISO
+// week 53 (2020, 2026), DST changes (which UTC periods ignore) and
+// backups minutes apart, for random policies.
+func TestPolicyAgainstReference(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	starts := []time.Time{
+		time.Date(2020, 12, 20, 0, 0, 0, 0, time.UTC), // week 53 of 2020, then 2021
+		time.Date(2026, 12, 24, 0, 0, 0, 0, time.UTC), // week 53 of 2026
+		time.Date(2026, 3, 27, 0, 0, 0, 0, time.UTC),  // DST in Europe on the 29th
+		time.Date(2025, 10, 24, 0, 0, 0, 0, time.UTC), // DST ends on the 26th
+	}
+	opt := func() *int {
+		if rng.IntN(3) == 0 {
+			return nil
+		}
+		return intp(rng.IntN(6))
+	}
+	weekly := Policy{}.rules()[3].period
+	for day, want := range map[string]string{"2026-12-31": "2026-W53", "2027-01-03": "2026-W53", "2027-01-04": "2027-W01",
+		"2021-01-03": "2020-W53", "2024-12-30": "2025-W01"} {
+		tm, _ := time.Parse("2006-01-02", day)
+		if got := weekly(Decision{Created: tm}); got != want {
+			t.Errorf("%s is in week %s, want %s", day, got, want)
+		}
+	}
+	for iter := range 3000 {
+		start := starts[iter%len(starts)]
+		var ms []*Manifest
+		tm := start
+		for range 1 + rng.IntN(60) {
+			tm = tm.Add(time.Duration(1+rng.IntN(36*60)) * time.Minute)
+			if rng.IntN(10) == 0 {
+				tm = tm.Add(time.Duration(rng.IntN(400)) * 24 * time.Hour)
+			}
+			ms = append(ms, &Manifest{ID: tm.Format(idLayout), Created: tm})
+		}
+		p := Policy{KeepLast: opt(), KeepHourly: opt(), KeepDaily: opt(), KeepWeekly: opt(), KeepMonthly: opt(), KeepYearly: opt()}
+		if rng.IntN(4) == 0 {
+			p.KeepWithin = Duration(time.Duration(rng.IntN(72)) * time.Hour)
+		}
+		prot := map[string]bool{}
+		for _, m := range ms {
+			if rng.IntN(12) == 0 {
+				prot[m.ID] = true
+			}
+		}
+		want := refApply(p, ms, prot)
+		got := map[string]string{}
+		for _, d := range p.Apply(ms, prot) {
+			if d.Keep {
+				got[d.ID] = d.Reason
+			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("policy %s, protected %v, backups from %v:\ngot  %v\nwant %v", p, prot, start, got, want)
+		}
+	}
+}

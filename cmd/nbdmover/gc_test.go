@@ -142,12 +142,15 @@ func TestGCBesideBackups(t *testing.T) {
 	qemutest.Need(t, "qemu-nbd", "qemu-img", "qemu-io")
 	for _, where := range []string{"local", "s3"} {
 		t.Run(where, func(t *testing.T) {
-			repoArgs := []string{"--repo", filepath.Join(t.TempDir(), "repo")}
-			if where == "s3" {
-				repoArgs = []string{"--repo", fmt.Sprintf("s3://gc-%d-%08x/r", time.Now().UnixNano()%1e9, rand.Uint32()),
-					"--s3-endpoint", sinktest.S3Endpoint(t)}
+			newRepo := func() []string {
+				if where == "s3" {
+					return []string{"--repo", fmt.Sprintf("s3://gc-%d-%08x/r", time.Now().UnixNano()%1e9, rand.Uint32()),
+						"--s3-endpoint", sinktest.S3Endpoint(t)}
+				}
+				return []string{"--repo", filepath.Join(t.TempDir(), "repo")}
 			}
-			testGCBesideBackups(t, repoArgs)
+			testGCBesideBackups(t, newRepo())
+			testGCBesideIncremental(t, newRepo())
 		})
 	}
 }
@@ -372,4 +375,81 @@ func TestProtectForgetCommands(t *testing.T) {
 		t.Fatalf("restore of the protected backup after gc: %s", stderr)
 	}
 	qemutest.Compare(t, img, "qcow2", dest, "raw")
+}
+
+// Bad input to the maintenance commands: a clear error, exit 1, nothing
+// deleted.
+func TestMaintenanceBadInput(t *testing.T) {
+	repo := filepath.Join(t.TempDir(), "repo")
+	if _, _, code := nbdmover(t, "init", "--repo", repo); code != 0 {
+		t.Fatal("init")
+	}
+	if _, stderr, code := nbdmover(t, "forget", "--repo", repo, "--domain", "nosuch", "--keep-last", "0"); code != 1 || !strings.Contains(stderr, "nosuch") {
+		t.Fatalf("forget of an unknown domain: %d %s", code, stderr)
+	}
+	if _, stderr, code := nbdmover(t, "protect", "--repo", repo, "--domain", "nosuch", "--backup", "20261128T050058.293Z"); code != 1 || !strings.Contains(stderr, "no such backup") {
+		t.Fatalf("protect of an unknown backup: %d %s", code, stderr)
+	}
+	ep := sinktest.S3Endpoint(t)
+	s3 := fmt.Sprintf("s3://creds-%08x", rand.Uint32())
+	if _, stderr, code := nbdmover(t, "init", "--repo", s3, "--s3-endpoint", ep); code != 0 {
+		t.Fatalf("init on MinIO: %s", stderr)
+	}
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-123")
+	_, stderr, code := nbdmover(t, "gc", "--repo", s3, "--s3-endpoint", ep)
+	if code != 1 || !strings.Contains(stderr, "AWS_ACCESS_KEY_ID") || strings.Contains(stderr, "wrong-secret-123") {
+		t.Fatalf("gc with wrong credentials: %d %s", code, stderr)
+	}
+}
+
+// An incremental whose parent is forgotten while it runs, and whose new
+// chunks (uploaded, not yet committed) are gc candidates: gc waits for
+// it, and everything it references survives.
+func testGCBesideIncremental(t *testing.T, repoArgs []string) {
+	holds := t.TempDir()
+	img := qemutest.NewImage(t, t.TempDir(), 8<<20)
+	qemutest.IO(t, img, "write -P 0x31 0 4M")
+	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
+	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
+	backupArgs := func(mode string) []string {
+		return append([]string{"backup", "--nbd", srv.URI, "--name", "d2", "--disk", "vda", "--bitmap", "b0", "--mode", mode, "--json"}, repoArgs...)
+	}
+	if _, stderr, code := nbdmover(t, backupArgs("full")...); code != 0 {
+		t.Fatalf("full: %s", stderr)
+	}
+	srv.Kill()
+	qemutest.IO(t, img, "write -P 0x32 1M 1M", "write -P 0x33 6M 1M") // new chunks for the incremental
+	ref := qemutest.RawCopy(t, img)
+	srv = qemutest.Serve(t, img, "-r", "-B", "b0")
+
+	reached := gate(t, holds, "backup-commit")
+	b := start(t, holds, backupArgs("incremental")...)
+	reached()
+	if _, stderr, code := nbdmover(t, append([]string{"forget", "--domain", "d2", "--keep-last", "0"}, repoArgs...)...); code != 0 {
+		t.Fatalf("forget of the parent: %s", stderr)
+	}
+	time.Sleep(1100 * time.Millisecond) // the incremental's new chunks are older than the grace now
+	g := start(t, holds, append([]string{"gc", "--grace", "1ms", "--patience", "1ms", "--json"}, repoArgs...)...)
+	waitFor(t, "gc to wait for the incremental", func() bool {
+		_, e := g.output()
+		return strings.Contains(e, "waiting for the backups")
+	})
+	open(holds, "backup-commit")
+	out, stderr, code := b.wait(t)
+	var res struct{ ID, Mode, Parent string }
+	if code != 0 || json.Unmarshal([]byte(out), &res) != nil || res.Mode != "incremental" || res.Parent == "" {
+		t.Fatalf("incremental beside forget and gc: %d %q %s", code, out, stderr)
+	}
+	out, stderr, code = g.wait(t)
+	if gr := parseGC(t, out); code != 0 || gr.Backups != 1 || gr.Late != 1 || gr.Rescued == 0 {
+		t.Fatalf("gc beside the incremental: %d %+v %s", code, gr, stderr)
+	}
+	dest := filepath.Join(t.TempDir(), "vda.raw")
+	if _, stderr, code := nbdmover(t, append([]string{"restore", "--domain", "d2", "--backup", res.ID, "--disk", "vda", "--output", dest}, repoArgs...)...); code != 0 {
+		t.Fatalf("restore: %s", stderr)
+	}
+	qemutest.Compare(t, ref, "raw", dest, "raw")
+	if _, stderr, code := nbdmover(t, append([]string{"verify", "--read-data"}, repoArgs...)...); code != 0 {
+		t.Fatalf("verify: %s", stderr)
+	}
 }
