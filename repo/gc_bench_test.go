@@ -347,7 +347,9 @@ func BenchmarkGCRepository(b *testing.B) {
 				b.ReportMetric(float64(res.Lists), "lists")
 				b.ReportMetric(float64(res.Gets), "gets")
 				b.ReportMetric(float64(res.Puts+res.Stats), "puts+stats")
-				b.ReportMetric(float64((res.Deleted+999)/1000+(res.DeletedMetadata+999)/1000), "multi-deletes")
+				if c.where == "s3" {
+					b.ReportMetric(float64((res.Deleted+999)/1000+(res.DeletedMetadata+999)/1000), "multi-deletes")
+				}
 			}
 		})
 	}
