@@ -15,10 +15,19 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
-// countingRequests counts the requests a store gets, by kind.
+// countingRequests counts the requests a store gets, by kind. It
+// unwraps, so that sink.DeleteMany still finds the store's multi-object
+// delete (deletes are not counted).
 type countingRequests struct {
 	sink.Store
-	lists, gets, puts atomic.Int64
+	lists, gets, puts, stats atomic.Int64
+}
+
+func (c *countingRequests) Unwrap() sink.Store { return c.Store }
+
+func (c *countingRequests) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
+	c.stats.Add(1)
+	return c.Store.Stat(ctx, key)
 }
 
 func (c *countingRequests) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {

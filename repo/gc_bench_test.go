@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -218,42 +217,6 @@ func BenchmarkGCDelete(b *testing.B) {
 	}
 }
 
-// requestCounter counts a store's requests by kind; it unwraps, so that
-// sink.DeleteMany still finds the store's multi-object delete (deletes are
-// counted from gc's result: at most 1000 keys a request on S3).
-type requestCounter struct {
-	sink.Store
-	lists, gets, puts, stats atomic.Int64
-}
-
-func (c *requestCounter) Unwrap() sink.Store { return c.Store }
-
-func (c *requestCounter) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {
-	c.lists.Add(1)
-	n := 0
-	return c.Store.List(ctx, prefix, func(o sink.ObjectInfo) error {
-		if n++; n%1000 == 0 {
-			c.lists.Add(1) // S3 returns up to 1000 keys a request
-		}
-		return fn(o)
-	})
-}
-
-func (c *requestCounter) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
-	c.gets.Add(1)
-	return c.Store.Get(ctx, key, buf)
-}
-
-func (c *requestCounter) Put(ctx context.Context, key string, data []byte) error {
-	c.puts.Add(1)
-	return c.Store.Put(ctx, key, data)
-}
-
-func (c *requestCounter) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
-	c.stats.Add(1)
-	return c.Store.Stat(ctx, key)
-}
-
 // BenchmarkGCRepository runs gc over a synthetic repository in a process
 // of its own and reports wall time, requests and peak RSS: on the local
 // store NBDMOVER_BENCH_LOCAL_CHUNKS (default 1,000,000) chunks and 1,000
@@ -319,7 +282,7 @@ func BenchmarkGCRepository(b *testing.B) {
 				for i := k * per; i < k*per+per*9/10; i++ {
 					ds = append(ds, digestN(i))
 				}
-				commitBench(b, r, fmt.Sprintf("vm%d", k%10), time.Unix(int64(1.7e9)+int64(k)*60, 0), ds)
+				commitChunks(b, r, fmt.Sprintf("vm%d", k%10), time.Unix(int64(1.7e9)+int64(k)*60, 0), ds)
 			}
 			if c.where == "s3" {
 				time.Sleep(1100 * time.Millisecond)
@@ -355,29 +318,13 @@ func BenchmarkGCRepository(b *testing.B) {
 	}
 }
 
-// commitBench commits a backup of domain holding the chunks (a testing.TB
-// version of commitChunks).
-func commitBench(tb testing.TB, r *Repo, domain string, at time.Time, ds []chunker.Digest) {
-	cs := r.Config().ChunkSize
-	digests := map[int64]chunker.Digest{}
-	for i, d := range ds {
-		digests[int64(i)] = d
-	}
-	ix := indexOf(cs, int64(len(ds))*cs, digests)
-	m := &Manifest{ID: NewBackupID(at, ""), Domain: domain, Created: at.UTC(), Mode: "full", Source: "nbd",
-		Consistency: "crash-consistent", Disks: []DiskManifest{{Name: "vda", Size: ix.Size, Mode: "full"}}}
-	if err := r.Commit(tb.Context(), m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
-		tb.Fatal(err)
-	}
-}
-
 // gcReal is BenchmarkGCRepository's gc process.
 func gcReal(t *testing.T, location string) {
 	store, err := Options{Location: location, S3Endpoint: os.Getenv("NBDMOVER_TEST_S3_ENDPOINT")}.Store()
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &requestCounter{Store: store}
+	c := &countingRequests{Store: store}
 	r, err := Open(t.Context(), c)
 	if err != nil {
 		t.Fatal(err)

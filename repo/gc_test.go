@@ -159,7 +159,7 @@ func putChunks(t *testing.T, r *Repo, seeds ...uint64) []chunker.Digest {
 }
 
 // commitChunks commits a backup of domain whose disk holds the chunks.
-func commitChunks(t *testing.T, r *Repo, domain string, at time.Time, ds []chunker.Digest) *Manifest {
+func commitChunks(t testing.TB, r *Repo, domain string, at time.Time, ds []chunker.Digest) *Manifest {
 	t.Helper()
 	cs := r.Config().ChunkSize
 	digests := map[int64]chunker.Digest{}
