@@ -1,6 +1,7 @@
 package chunker
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -21,7 +22,10 @@ const (
 	codecRaw      = 0
 	codecZstd     = 1
 	codecS2       = 2
-	flagEncrypted = 1 << 0 // reserved: encryption is not implemented yet
+	flagEncrypted = 1 << 0 // payload: nonce, AES-256-GCM ciphertext, tag
+	nonceSize     = 12
+	tagSize       = 16
+	aadHeader     = 12 // header bytes bound as additional data: magic .. plaintext length
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -31,7 +35,7 @@ var ErrCorrupt = errors.New("corrupt chunk")
 
 // CorruptError says which check a blob failed.
 type CorruptError struct {
-	Check  string // "header", "length", "crc", "decompress", "digest"
+	Check  string // "header", "length", "crc", "auth", "decompress", "digest"
 	Detail string
 }
 
@@ -84,7 +88,9 @@ func (c Compression) String() string {
 // Codec encodes and decodes blobs. It is safe for concurrent use.
 type Codec struct {
 	algorithm string
+	level     int
 	limit     int       // the largest plaintext: MaxChunkSize, or MaxMetaSize
+	secret    *Secret   // encrypted repositories: names and seals blobs
 	encoders  sync.Pool // *zstd.Encoder
 	decoders  sync.Pool // *zstd.Decoder
 }
@@ -110,7 +116,7 @@ func newCodec(c Compression, limit int) (*Codec, error) {
 		return nil, err
 	}
 	level := zstd.EncoderLevel(max(c.Level, 1))
-	codec := &Codec{algorithm: c.Algorithm, limit: limit}
+	codec := &Codec{algorithm: c.Algorithm, level: c.Level, limit: limit}
 	codec.encoders.New = func() any {
 		e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(1),
 			zstd.WithEncoderCRC(false), zstd.WithWindowSize(MaxChunkSize))
@@ -130,20 +136,45 @@ func newCodec(c Compression, limit int) (*Codec, error) {
 	return codec, nil
 }
 
+// Encrypted returns a codec like c that encrypts what it encodes, and
+// decodes only encrypted blobs, under s; names are keyed digests (Sum).
+func (c *Codec) Encrypted(s *Secret) *Codec {
+	e, _ := newCodec(Compression{Algorithm: c.algorithm, Level: c.level}, c.limit)
+	e.secret = s
+	return e
+}
+
+// IsEncrypted reports whether the codec encrypts.
+func (c *Codec) IsEncrypted() bool { return c.secret != nil }
+
+// Sum names a chunk's plaintext: its SHA-256, or in an encrypted
+// repository its keyed digest.
+func (c *Codec) Sum(p []byte) Digest {
+	if c.secret != nil {
+		return c.secret.Sum(p)
+	}
+	return Sum(p)
+}
+
 // MaxBlobLen is the largest blob a chunk of n bytes can encode to: a
 // buffer of this capacity is never reallocated by Encode.
 func MaxBlobLen(n int) int {
-	return HeaderSize + max(s2.MaxEncodedLen(n), n+n/128+1024)
+	return HeaderSize + nonceSize + tagSize + max(s2.MaxEncodedLen(n), n+n/128+1024)
 }
 
-// Encode appends the blob of plain to dst[:0] and returns it. len(plain)
-// must be at most the codec's limit (MaxChunkSize, or MaxMetaSize for
-// NewMetaCodec).
-func (c *Codec) Encode(dst, plain []byte) []byte {
+// Encode appends the blob of plain to dst[:0] and returns it; name is the
+// object key it is stored under, which an encrypted blob is bound to (a
+// blob copied under another name does not decode). len(plain) must be at
+// most the codec's limit (MaxChunkSize, or MaxMetaSize for NewMetaCodec).
+func (c *Codec) Encode(dst, plain []byte, name string) []byte {
 	if len(plain) > c.limit {
 		panic("chunker: plaintext larger than the codec's limit")
 	}
-	dst = append(dst[:0], make([]byte, HeaderSize)...)
+	base := HeaderSize
+	if c.secret != nil {
+		base += nonceSize
+	}
+	dst = append(dst[:0], make([]byte, base)...)
 	codec := byte(codecRaw)
 	switch c.algorithm {
 	case "zstd":
@@ -152,41 +183,59 @@ func (c *Codec) Encode(dst, plain []byte) []byte {
 		c.encoders.Put(e)
 		codec = codecZstd
 	case "s2":
-		need := HeaderSize + s2.MaxEncodedLen(len(plain))
+		need := base + s2.MaxEncodedLen(len(plain))
 		if cap(dst) < need {
 			dst = append(dst, make([]byte, need-len(dst))...)
 		}
-		n := len(s2.Encode(dst[HeaderSize:need], plain))
-		dst = dst[:HeaderSize+n]
+		n := len(s2.Encode(dst[base:need], plain))
+		dst = dst[:base+n]
 		codec = codecS2
 	}
 	// Keep the compressed form only when it saves at least 1/64.
-	if codec != codecRaw && len(dst)-HeaderSize >= len(plain)-len(plain)/64 {
-		dst, codec = dst[:HeaderSize], codecRaw
+	if codec != codecRaw && len(dst)-base >= len(plain)-len(plain)/64 {
+		dst, codec = dst[:base], codecRaw
 	}
 	if codec == codecRaw {
 		dst = append(dst, plain...)
 	}
-	payload := dst[HeaderSize:]
 	copy(dst, blobMagic)
 	dst[4] = blobVersion
 	dst[5] = codec
 	binary.LittleEndian.PutUint16(dst[6:], 0)
 	binary.LittleEndian.PutUint32(dst[8:], uint32(len(plain)))
+	if c.secret != nil {
+		binary.LittleEndian.PutUint16(dst[6:], flagEncrypted)
+		nonce := dst[HeaderSize:base]
+		rand.Read(nonce)
+		if cap(dst)-len(dst) < tagSize {
+			dst = append(dst, make([]byte, tagSize)...)[:len(dst)]
+		}
+		sealed := c.secret.aead.Seal(dst[base:base], nonce, dst[base:], additionalData(dst, name))
+		dst = dst[:base+len(sealed)]
+	}
+	payload := dst[HeaderSize:]
 	binary.LittleEndian.PutUint32(dst[12:], uint32(len(payload)))
 	binary.LittleEndian.PutUint32(dst[16:], crc32.Checksum(payload, castagnoli))
 	return dst
 }
 
+// additionalData is what an encrypted blob's tag covers besides its
+// ciphertext: the header's first 12 bytes (magic, version, codec, flags,
+// plaintext length) and the object key the blob is stored under.
+func additionalData(blob []byte, name string) []byte {
+	return append(append(make([]byte, 0, aadHeader+len(name)), blob[:aadHeader]...), name...)
+}
+
 // Decode checks blob and appends its plaintext to dst[:0]. The plaintext
-// must hash to want. Every failure matches ErrCorrupt and is a
+// must hash to want (Sum). An encrypted blob is decrypted in place: blob's
+// bytes are not kept. Every failure matches ErrCorrupt and is a
 // *CorruptError naming the check.
-func (c *Codec) Decode(dst, blob []byte, want Digest) ([]byte, error) {
-	out, err := c.DecodeMeta(dst, blob)
+func (c *Codec) Decode(dst, blob []byte, name string, want Digest) ([]byte, error) {
+	out, err := c.DecodeMeta(dst, blob, name)
 	if err != nil {
 		return nil, err
 	}
-	if got := Sum(out); got != want {
+	if got := c.Sum(out); got != want {
 		return nil, corrupt("digest", "plaintext hashes to %s", got)
 	}
 	return out, nil
@@ -195,8 +244,8 @@ func (c *Codec) Decode(dst, blob []byte, want Digest) ([]byte, error) {
 // DecodeMeta checks a blob that holds metadata rather than a chunk (an
 // index, a manifest: whose names are not the digest of their plaintext)
 // and appends its plaintext to dst[:0]: every check of Decode but the
-// digest.
-func (c *Codec) DecodeMeta(dst, blob []byte) ([]byte, error) {
+// digest. name is the object key the blob was read from.
+func (c *Codec) DecodeMeta(dst, blob []byte, name string) ([]byte, error) {
 	if len(blob) < HeaderSize {
 		return nil, corrupt("length", "%d bytes is shorter than the %d-byte header", len(blob), HeaderSize)
 	}
@@ -206,8 +255,13 @@ func (c *Codec) DecodeMeta(dst, blob []byte) ([]byte, error) {
 	if blob[4] != blobVersion {
 		return nil, corrupt("header", "unknown blob version %d", blob[4])
 	}
-	if flags := binary.LittleEndian.Uint16(blob[6:]); flags != 0 {
-		return nil, corrupt("header", "unsupported flags %#x (encrypted blobs need a newer nbdmover)", flags)
+	switch flags := binary.LittleEndian.Uint16(blob[6:]); {
+	case flags&^flagEncrypted != 0:
+		return nil, corrupt("header", "unknown flags %#x", flags)
+	case flags == flagEncrypted && c.secret == nil:
+		return nil, corrupt("header", "the blob is encrypted but the repository is not")
+	case flags == 0 && c.secret != nil:
+		return nil, corrupt("header", "the blob is not encrypted but the repository is (planted or mixed data is refused)")
 	}
 	plainLen := int(binary.LittleEndian.Uint32(blob[8:]))
 	storedLen := int(binary.LittleEndian.Uint32(blob[12:]))
@@ -220,6 +274,18 @@ func (c *Codec) DecodeMeta(dst, blob []byte) ([]byte, error) {
 	}
 	if sum := crc32.Checksum(payload, castagnoli); sum != binary.LittleEndian.Uint32(blob[16:]) {
 		return nil, corrupt("crc", "CRC32C of the payload is %08x, header says %08x", sum, binary.LittleEndian.Uint32(blob[16:]))
+	}
+	if c.secret != nil {
+		if len(payload) < nonceSize+tagSize {
+			return nil, corrupt("length", "%d payload bytes cannot hold a nonce and a tag", len(payload))
+		}
+		sealed := payload[nonceSize:]
+		// Decrypted in place: blob is the caller's scratch space.
+		opened, err := c.secret.aead.Open(sealed[:0], payload[:nonceSize], sealed, additionalData(blob, name))
+		if err != nil {
+			return nil, corrupt("auth", "the blob does not authenticate as %s: it was changed, or belongs under another name", name)
+		}
+		payload = opened
 	}
 	var out []byte
 	switch blob[5] {

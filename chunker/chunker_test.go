@@ -109,8 +109,8 @@ func TestBlobRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		for name, plain := range cases {
-			blob := codec.Encode(nil, plain)
-			got, err := codec.Decode(nil, blob, Sum(plain))
+			blob := codec.Encode(nil, plain, "chunks/x")
+			got, err := codec.Decode(nil, blob, "chunks/x", Sum(plain))
 			if err != nil || !bytes.Equal(got, plain) {
 				t.Fatalf("%s/%s: %v", comp, name, err)
 			}
@@ -131,7 +131,7 @@ func TestBlobRoundTrip(t *testing.T) {
 func TestBlobCorruption(t *testing.T) {
 	codec, _ := NewCodec(Compression{Algorithm: "zstd"})
 	plain := bytes.Repeat([]byte("nbdmover "), 100000)
-	good := codec.Encode(nil, plain)
+	good := codec.Encode(nil, plain, "chunks/x")
 	want := Sum(plain)
 	mutate := func(f func(b []byte) []byte) []byte { return f(bytes.Clone(good)) }
 	tests := []struct {
@@ -156,7 +156,7 @@ func TestBlobCorruption(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := codec.Decode(nil, tt.blob, tt.digest)
+			_, err := codec.Decode(nil, tt.blob, "chunks/x", tt.digest)
 			var ce *CorruptError
 			if !errors.As(err, &ce) || !errors.Is(err, ErrCorrupt) || ce.Check != tt.check {
 				t.Fatalf("got %v, want a %q CorruptError", err, tt.check)
@@ -168,7 +168,7 @@ func TestBlobCorruption(t *testing.T) {
 func TestS2Corruption(t *testing.T) {
 	codec, _ := NewCodec(Compression{Algorithm: "s2"})
 	plain := bytes.Repeat([]byte("nbdmover "), 100000)
-	good := codec.Encode(nil, plain)
+	good := codec.Encode(nil, plain, "chunks/x")
 	if good[5] != codecS2 {
 		t.Fatalf("codec %d", good[5])
 	}
@@ -177,7 +177,7 @@ func TestS2Corruption(t *testing.T) {
 	binary.LittleEndian.PutUint32(bad[12:], uint32(len(bad)-HeaderSize))
 	binary.LittleEndian.PutUint32(bad[16:], crc32.Checksum(bad[HeaderSize:], castagnoli))
 	var ce *CorruptError
-	if _, err := codec.Decode(nil, bad, Sum(plain)); !errors.As(err, &ce) || ce.Check != "decompress" {
+	if _, err := codec.Decode(nil, bad, "chunks/x", Sum(plain)); !errors.As(err, &ce) || ce.Check != "decompress" {
 		t.Fatalf("got %v, want a decompress CorruptError", err)
 	}
 }
@@ -186,15 +186,15 @@ func FuzzDecode(f *testing.F) {
 	codec, _ := NewCodec(Compression{Algorithm: "zstd"})
 	s2codec, _ := NewCodec(Compression{Algorithm: "s2"})
 	for _, p := range [][]byte{[]byte("hello"), bytes.Repeat([]byte{1, 2, 3}, 5000), randomBytes(300, 9)} {
-		f.Add(codec.Encode(nil, p), Sum(p).String())
-		f.Add(s2codec.Encode(nil, p), Sum(p).String())
+		f.Add(codec.Encode(nil, p, "chunks/x"), Sum(p).String())
+		f.Add(s2codec.Encode(nil, p, "chunks/x"), Sum(p).String())
 	}
 	f.Fuzz(func(t *testing.T, blob []byte, digest string) {
 		d, err := ParseDigest(digest)
 		if err != nil {
 			d = Sum(blob) // still exercise every check before the digest
 		}
-		out, err := codec.Decode(nil, blob, d)
+		out, err := codec.Decode(nil, blob, "chunks/x", d)
 		if err != nil {
 			if !errors.Is(err, ErrCorrupt) {
 				t.Fatalf("error %v does not match ErrCorrupt", err)

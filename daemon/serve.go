@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
@@ -70,6 +71,14 @@ func (o ServeOptions) withDefaults() ServeOptions {
 // cleanly within ShutdownTimeout.
 func Serve(ctx context.Context, o ServeOptions) error {
 	o = o.withDefaults()
+	if keys := o.Runner.Backup.Repo.Keys; keys != nil {
+		// Unlock an encrypted repository now: a wrong password stops the
+		// daemon at start, not every job later; jobs reuse the key.
+		if _, err := o.Runner.Backup.Repo.Open(ctx); err != nil {
+			return fmt.Errorf("open the encrypted repository with its %s: %w", keys.Kind(), err)
+		}
+		o.Log.Info("encrypted repository unlocked", "repo", o.Runner.Backup.Repo.Location)
+	}
 	l, err := listen(o.Listen, o.Token, o.TLS, o.MaxConnections)
 	if err != nil {
 		return err

@@ -162,6 +162,32 @@ func TestRoundTripS3(t *testing.T) {
 	roundTrip(t, repo.Options{Location: "s3://" + bucket + "/nbdmover", S3Endpoint: ep}, "")
 }
 
+// encryptedRepo creates an encrypted repository at o and returns o with
+// the keys that open it: one Keys, so the password is derived once.
+func encryptedRepo(t *testing.T, o repo.Options) repo.Options {
+	t.Helper()
+	keys, err := repo.PasswordKeys([]byte("roundtrip password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Keys = keys
+	if _, err := o.Init(t.Context(), repo.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
+
+// The same round trips through an encrypted repository.
+func TestRoundTripEncryptedLocal(t *testing.T) {
+	roundTrip(t, encryptedRepo(t, repo.Options{Location: filepath.Join(t.TempDir(), "repo")}), "")
+}
+
+func TestRoundTripEncryptedS3(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	bucket := fmt.Sprintf("roundtrip-enc-%08x", rand.Uint32())
+	roundTrip(t, encryptedRepo(t, repo.Options{Location: "s3://" + bucket + "/nbdmover", S3Endpoint: ep}), "s2")
+}
+
 func TestModeDecisions(t *testing.T) {
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	img := qemutest.NewImage(t, t.TempDir(), 8*MiB)

@@ -424,7 +424,7 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 		r.Stats.BytesZero.Add(rc.n)
 		return upload{}, nil
 	}
-	d := chunker.Sum(rc.buf)
+	d := r.Repo.Sum(rc.buf)
 	r.set(rc.index, d)
 	if r.known[d] {
 		r.Stats.BytesDedup.Add(rc.n)
@@ -438,7 +438,7 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 	if err != nil {
 		return upload{}, err
 	}
-	return upload{index: rc.index, digest: d, plain: rc.n, blob: r.Repo.Encode(blob, rc.buf)}, nil
+	return upload{index: rc.index, digest: d, plain: rc.n, blob: r.Repo.EncodeChunk(blob, d, rc.buf)}, nil
 }
 
 // verify checks a sample chunk the bitmap calls clean against the
@@ -446,7 +446,7 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 func (r *run) verify(rc readChunk) {
 	d := chunker.ZeroChunk
 	if !chunker.IsZero(rc.buf) {
-		d = chunker.Sum(rc.buf)
+		d = r.Repo.Sum(rc.buf)
 	}
 	if want := r.resized.Digest(rc.index); d != want {
 		r.recordLie(&BitmapError{Chunk: rc.index, Offset: rc.off,

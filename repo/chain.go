@@ -180,16 +180,25 @@ func (r *Repo) writeLink(ctx context.Context, kind string, backups int, ps []*in
 }
 
 // Objects (index objects under indexes/, extra files under files/) are
-// meta blobs named by the SHA-256 of the stored blob:
-// <prefix><2 hex>/<64 hex>. The name checks the object, and equal objects
-// are stored once.
+// meta blobs named <prefix><2 hex>/<64 hex>: by the SHA-256 of the stored
+// blob, or in an encrypted repository (where two encodings of one
+// plaintext differ) by the keyed digest of the plaintext. The name checks
+// the object, and equal objects are stored once.
 
 // putObject stores plain as an object under prefix and returns its key.
 func (r *Repo) putObject(ctx context.Context, prefix string, plain []byte) (string, error) {
-	blob := r.meta.Encode(nil, plain)
-	sum := sha256.Sum256(blob)
-	h := hex.EncodeToString(sum[:])
-	key := prefix + h[:2] + "/" + h
+	var key string
+	var blob []byte
+	if r.keys != nil {
+		h := r.meta.Sum(plain).String()
+		key = prefix + h[:2] + "/" + h
+		blob = r.encodeMeta(key, plain)
+	} else {
+		blob = r.meta.Encode(nil, plain, "")
+		sum := sha256.Sum256(blob)
+		h := hex.EncodeToString(sum[:])
+		key = prefix + h[:2] + "/" + h
+	}
 	if err := r.store.Put(ctx, key, blob); err != nil {
 		return "", err
 	}
@@ -218,10 +227,21 @@ func (r *Repo) getObjectInto(ctx context.Context, key string, plain, blob []byte
 	if err != nil {
 		return plain, blob, &ObjectError{Key: key, Err: err}
 	}
-	if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != key[strings.LastIndex(key, "/")+1:] {
+	name := key[strings.LastIndex(key, "/")+1:]
+	if r.keys != nil {
+		b, err := r.meta.DecodeMeta(plain, blob, key)
+		if err != nil {
+			return plain, blob, &ObjectError{Key: key, Err: err}
+		}
+		if r.meta.Sum(b).String() != name {
+			return b, blob, &ObjectError{Key: key, Err: errors.New("damaged: its plaintext does not hash to its name")}
+		}
+		return b, blob, nil
+	}
+	if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != name {
 		return plain, blob, &ObjectError{Key: key, Err: errors.New("damaged: its bytes do not hash to its name")}
 	}
-	b, err := r.meta.DecodeMeta(plain, blob)
+	b, err := r.meta.DecodeMeta(plain, blob, key)
 	if err != nil {
 		return plain, blob, &ObjectError{Key: key, Err: err}
 	}

@@ -101,7 +101,7 @@ func BenchmarkGCTenMillionChunks(b *testing.B) {
 		Consistency: "crash-consistent", ChunkSize: cs, Compression: "zstd",
 		Disks: []DiskManifest{{Name: "vda", Size: size, Mode: "full", Index: []IndexRef{ref}, Chunks: int64(n)}}}
 	js, _ := json.Marshal(m)
-	if err := local.Create(ctx, m.Key(), r.meta.Encode(nil, js)); err != nil {
+	if err := local.Create(ctx, m.Key(), r.encodeMeta(m.Key(), js)); err != nil {
 		b.Fatal(err)
 	}
 	// The gc runs in a process of its own (TestGCHelper), so that its

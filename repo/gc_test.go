@@ -149,8 +149,8 @@ func putChunks(t *testing.T, r *Repo, seeds ...uint64) []chunker.Digest {
 		for i := range plain {
 			plain[i] = byte(rng.Uint32())
 		}
-		d := chunker.Sum(plain)
-		if err := r.Store().Put(t.Context(), ChunkKey(d), r.Encode(nil, plain)); err != nil {
+		d := r.Sum(plain)
+		if err := r.Store().Put(t.Context(), ChunkKey(d), r.EncodeChunk(nil, d, plain)); err != nil {
 			t.Fatal(err)
 		}
 		ds = append(ds, d)
@@ -314,7 +314,7 @@ func putLock(t *testing.T, r *Repo, l LockInfo) {
 		l.ID = randomHex(8)
 	}
 	b, _ := json.Marshal(l)
-	if err := r.Store().Put(t.Context(), lockKey(l.Kind, l.ID), r.meta.Encode(nil, b)); err != nil {
+	if err := r.Store().Put(t.Context(), lockKey(l.Kind, l.ID), r.encodeMeta(lockKey(l.Kind, l.ID), b)); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -190,7 +190,7 @@ func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, e
 	if err != nil {
 		return nil, err
 	}
-	b, err := r.meta.DecodeMeta(nil, blob)
+	b, err := r.decodeMeta(key, blob)
 	if err != nil {
 		return nil, err
 	}
@@ -300,7 +300,7 @@ func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
 	}
 	_, newestID, _ := parseManifestKey(keys[0].Key)
 	key := catalogKey(domain, newestID)
-	if err := r.store.Put(ctx, key, r.meta.Encode(nil, b)); err != nil {
+	if err := r.store.Put(ctx, key, r.encodeMeta(key, b)); err != nil {
 		return err
 	}
 	for _, k := range old {

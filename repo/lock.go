@@ -199,7 +199,7 @@ func (r *Repo) readLock(ctx context.Context, o sink.ObjectInfo) (*LockInfo, erro
 		return nil, err
 	}
 	var l LockInfo
-	b, err := r.meta.DecodeMeta(nil, blob)
+	b, err := r.decodeMeta(o.Key, blob)
 	if err == nil {
 		err = strictUnmarshal(b, &l)
 	}
@@ -391,7 +391,7 @@ func (r *Repo) breakLock(ctx context.Context, o *LockInfo, why, by string) error
 	host, _ := os.Hostname()
 	b, _ := json.Marshal(tombstone{Version: FormatVersion, Lock: o.Key, Holder: o.Holder(), Why: why,
 		By: fmt.Sprintf("%s (pid %d on %s)", by, os.Getpid(), host), Broken: time.Now().UTC()})
-	return r.store.Put(ctx, tombstoneKey(o.ID), r.meta.Encode(nil, b))
+	return r.store.Put(ctx, tombstoneKey(o.ID), r.encodeMeta(tombstoneKey(o.ID), b))
 }
 
 // tombstoned reports whether lock id has a tombstone.
@@ -418,7 +418,7 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 	if err != nil {
 		return err
 	}
-	blob := l.r.meta.Encode(nil, b)
+	blob := l.r.encodeMeta(l.info.Key, b)
 	if create {
 		err = l.r.store.Create(ctx, l.info.Key, blob)
 		if errors.Is(err, sink.ErrExists) {

@@ -175,7 +175,7 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 	if err != nil {
 		return err
 	}
-	err = r.store.Create(ctx, m.Key(), r.meta.Encode(nil, b))
+	err = r.store.Create(ctx, m.Key(), r.encodeMeta(m.Key(), b))
 	if errors.Is(err, sink.ErrExists) && r.sameManifest(ctx, m.Key(), b) {
 		err = nil // an earlier attempt of this create landed, its answer did not
 	}
@@ -191,7 +191,7 @@ func (r *Repo) sameManifest(ctx context.Context, key string, json []byte) bool {
 	if err != nil {
 		return false
 	}
-	b, err := r.meta.DecodeMeta(nil, blob)
+	b, err := r.decodeMeta(key, blob)
 	return err == nil && bytes.Equal(b, json)
 }
 
@@ -269,7 +269,7 @@ func (r *Repo) loadManifest(ctx context.Context, key string) (*Manifest, error) 
 	if err != nil {
 		return nil, err
 	}
-	b, err := r.meta.DecodeMeta(nil, blob)
+	b, err := r.decodeMeta(key, blob)
 	if err != nil {
 		return nil, fmt.Errorf("%s: damaged manifest: %w", key, err)
 	}

@@ -16,6 +16,9 @@ type Options struct {
 	S3PathStyle bool
 	// Retry is the store's retry policy (zero: sink.DefaultRetry).
 	Retry sink.RetryPolicy
+	// Keys open an encrypted repository (nil: it must not be encrypted).
+	// One Keys derives once: every Open after the first reuses the key.
+	Keys *Keys
 }
 
 // Store opens the store the repository lives in (without contacting it).
@@ -30,7 +33,7 @@ func (o Options) Open(ctx context.Context) (*Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return Open(ctx, s)
+	return OpenKeys(ctx, s, o.Keys)
 }
 
 // Init creates the repository; it refuses to overwrite one.
@@ -38,6 +41,9 @@ func (o Options) Init(ctx context.Context, io InitOptions) (*Repo, error) {
 	s, err := o.Store()
 	if err != nil {
 		return nil, err
+	}
+	if io.Keys == nil {
+		io.Keys = o.Keys
 	}
 	return Init(ctx, s, io)
 }
@@ -48,6 +54,7 @@ func (o Options) OpenOrInit(ctx context.Context, io InitOptions) (*Repo, error) 
 	if err != nil {
 		return nil, err
 	}
+	io.Keys = o.Keys
 	return OpenOrInit(ctx, s, io)
 }
 

@@ -22,19 +22,22 @@ const configKey = "config"
 
 // Config is the repository's parameters, stored as JSON under "config".
 type Config struct {
-	Version     int       `json:"version"`
-	ID          string    `json:"id"`
-	Created     time.Time `json:"created"`
-	ChunkSize   int64     `json:"chunk_size"`
-	Digest      string    `json:"digest"`      // "sha256"
-	Compression string    `json:"compression"` // default for new chunks: "zstd", "zstd:N", "none"
-	Encryption  *struct{} `json:"encryption"`  // null: chunks are not encrypted
+	Version     int         `json:"version"`
+	ID          string      `json:"id"`
+	Created     time.Time   `json:"created"`
+	ChunkSize   int64       `json:"chunk_size"`
+	Digest      string      `json:"digest"`      // "sha256", or "hmac-sha256" when encrypted
+	Compression string      `json:"compression"` // default for new chunks: "zstd", "zstd:N", "s2", "none"
+	Encryption  *Encryption `json:"encryption"`  // null: nothing is encrypted
 }
 
 // InitOptions choose a new repository's parameters.
 type InitOptions struct {
 	ChunkSize   int64               // 0 = chunker.DefaultChunkSize
 	Compression chunker.Compression // zero = zstd
+	// Keys, when set, make the repository encrypted, its first key
+	// wrapped with their password.
+	Keys *Keys
 }
 
 // ErrNoRepository: the store holds no repository config.
@@ -51,7 +54,8 @@ type Repo struct {
 	store sink.Store
 	cfg   Config
 	codec *chunker.Codec // chunks
-	meta  *chunker.Codec // indexes, manifests, catalogs, files
+	meta  *chunker.Codec // indexes, manifests, catalogs, files, locks
+	keys  *unlocked      // an encrypted repository's master keys; nil when not encrypted
 }
 
 // Init creates a repository in store (and its bucket, for S3). It refuses
@@ -75,44 +79,92 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	rand.Read(id)
 	cfg := Config{Version: FormatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
 		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String()}
+	if o.Keys != nil {
+		cfg.Digest, cfg.Encryption = namesHMAC, &Encryption{Cipher: cipherName, Names: namesHMAC}
+	}
 	b, _ := json.MarshalIndent(cfg, "", "  ")
-	err := store.Create(ctx, configKey, append(b, '\n'))
+	b = append(b, '\n')
+	// An encrypted repository's first key is stored before its config:
+	// a config that exists always has a key. A key left by a create that
+	// lost the race (or crashed) names another repository id, and is
+	// never tried.
+	var master []byte
+	var key *KeyObject
+	if o.Keys != nil {
+		master = newMaster(b)
+		var err error
+		if key, err = o.Keys.firstKey(cfg.ID, master); err != nil {
+			return nil, err
+		}
+		if err := putKeyObject(ctx, store, key); err != nil {
+			return nil, fmt.Errorf("init %s: store the first key: %w", store.Location(), err)
+		}
+	}
+	err := store.Create(ctx, configKey, b)
 	if err != nil && !errors.Is(err, sink.ErrExists) {
 		return nil, err
+	}
+	if key != nil && err == nil {
+		if err := o.Keys.adopt(cfg.ID, key.ID, master); err != nil {
+			return nil, err
+		}
 	}
 	// Read back what the store holds: after ErrExists it may still be
 	// ours (a retried create whose first attempt landed); on a store that
 	// ignores conditional writes, the last writer's.
-	r, rerr := Open(ctx, store)
-	switch {
-	case rerr != nil:
-		return nil, rerr
-	case r.cfg.ID != cfg.ID:
+	raw, rerr := readConfigBytes(ctx, store)
+	if rerr == nil && !bytes.Equal(raw, b) {
+		if key != nil {
+			store.Delete(ctx, keyObjectKey(key.ID))
+		}
 		return nil, fmt.Errorf("init %s: %w (created by another host just now)", store.Location(), ErrExists)
 	}
-	return r, nil
+	if rerr != nil {
+		return nil, rerr
+	}
+	return OpenKeys(ctx, store, o.Keys)
 }
 
 // readConfig reads and decodes the store's config, whatever its format
 // version; ErrNoRepository when there is none (or no bucket).
 func readConfig(ctx context.Context, store sink.Store) (Config, error) {
+	cfg, _, err := readConfigRaw(ctx, store)
+	return cfg, err
+}
+
+// readConfigBytes returns the config object as stored.
+func readConfigBytes(ctx context.Context, store sink.Store) ([]byte, error) {
 	b, err := store.Get(ctx, configKey, nil)
 	if errors.Is(err, sink.ErrNotFound) || errors.Is(err, sink.ErrNoBucket) {
-		return Config{}, fmt.Errorf("%s: %w", store.Location(), ErrNoRepository)
+		return nil, fmt.Errorf("%s: %w", store.Location(), ErrNoRepository)
 	}
+	return b, err
+}
+
+// readConfigRaw is readConfig, also returning the config's bytes.
+func readConfigRaw(ctx context.Context, store sink.Store) (Config, []byte, error) {
+	b, err := readConfigBytes(ctx, store)
 	if err != nil {
-		return Config{}, err
+		return Config{}, nil, err
 	}
 	var cfg Config
 	if err := strictUnmarshal(b, &cfg); err != nil {
-		return Config{}, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
+		return Config{}, nil, fmt.Errorf("%s: repository config is damaged: %w", store.Location(), err)
 	}
-	return cfg, nil
+	return cfg, b, nil
 }
 
-// Open opens the repository in store.
+// Open opens the repository in store, which must not be encrypted.
 func Open(ctx context.Context, store sink.Store) (*Repo, error) {
-	cfg, err := readConfig(ctx, store)
+	return OpenKeys(ctx, store, nil)
+}
+
+// OpenKeys opens the repository in store; an encrypted one with keys,
+// which must be nil for one that is not (a password given for a
+// repository found unencrypted is refused: its config may have been
+// replaced to make this host write in the clear).
+func OpenKeys(ctx context.Context, store sink.Store, keys *Keys) (*Repo, error) {
+	cfg, raw, err := readConfigRaw(ctx, store)
 	if errors.Is(err, ErrNoRepository) {
 		return nil, fmt.Errorf("%w (run nbdmover init, or back up once to create it)", err)
 	}
@@ -125,18 +177,41 @@ func Open(ctx context.Context, store sink.Store) (*Repo, error) {
 	if cfg.Version != FormatVersion {
 		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads format %d", store.Location(), cfg.Version, FormatVersion)
 	}
-	if cfg.Encryption != nil {
-		return nil, fmt.Errorf("%s: the repository is encrypted, which this nbdmover does not support", store.Location())
+	r, err := newRepo(store, cfg)
+	if err != nil {
+		return nil, err
 	}
-	return newRepo(store, cfg)
+	switch {
+	case cfg.Encryption == nil && keys != nil:
+		return nil, fmt.Errorf("%s: %w, but a %s was given: refusing to write to it in the clear (drop the %s to use it)", store.Location(), ErrNotEncrypted, keys.Kind(), keys.Kind())
+	case cfg.Encryption == nil:
+		return r, nil
+	case keys == nil:
+		return nil, fmt.Errorf("%s: %w", store.Location(), ErrKeyNeeded)
+	}
+	u, err := keys.unlock(ctx, store, cfg, raw)
+	if err != nil {
+		return nil, err
+	}
+	r.keys = u
+	r.codec = r.codec.Encrypted(u.secret)
+	r.meta = r.meta.Encrypted(u.secret)
+	return r, nil
 }
 
 // OpenOrInit opens the repository, creating it (and its bucket) with o
 // when the store has none: Open finds no repository where the bucket is
 // missing, and Init creates the bucket, so an existing repository costs
 // one read.
+//
+// With keys (o.Keys) it never creates: an encrypted repository is made by
+// nbdmover init --encryption, so that a mistyped location does not start
+// a new repository under a password nobody wrote down.
 func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
-	r, err := Open(ctx, store)
+	r, err := OpenKeys(ctx, store, o.Keys)
+	if errors.Is(err, ErrNoRepository) && o.Keys != nil {
+		return nil, fmt.Errorf("%w; an encrypted repository is created by nbdmover init --encryption", err)
+	}
 	if errors.Is(err, ErrNoRepository) {
 		r, err = Init(ctx, store, o)
 		if errors.Is(err, ErrExists) { // created concurrently
@@ -150,8 +225,11 @@ func newRepo(store sink.Store, cfg Config) (*Repo, error) {
 	if err := chunker.CheckChunkSize(cfg.ChunkSize); err != nil {
 		return nil, fmt.Errorf("%s: repository config: %w", store.Location(), err)
 	}
-	if cfg.Digest != "sha256" {
+	switch e := cfg.Encryption; {
+	case e == nil && cfg.Digest != "sha256":
 		return nil, fmt.Errorf("%s: repository digest %q is not supported", store.Location(), cfg.Digest)
+	case e != nil && (e.Cipher != cipherName || e.Names != namesHMAC || cfg.Digest != namesHMAC):
+		return nil, fmt.Errorf("%s: the repository is encrypted with %s/%s, which this nbdmover does not support", store.Location(), e.Cipher, e.Names)
 	}
 	comp, err := chunker.ParseCompression(cfg.Compression)
 	if err != nil {
@@ -192,10 +270,20 @@ func (r *Repo) WithCompression(c chunker.Compression) (*Repo, error) {
 	if err != nil {
 		return nil, err
 	}
+	if r.keys != nil {
+		codec = codec.Encrypted(r.keys.secret)
+	}
 	v := *r
 	v.codec = codec
 	return &v, nil
 }
+
+// Encrypted reports whether the repository is encrypted.
+func (r *Repo) Encrypted() bool { return r.keys != nil }
+
+// Sum names a chunk's plaintext: its SHA-256, or in an encrypted
+// repository its keyed digest.
+func (r *Repo) Sum(plain []byte) chunker.Digest { return r.codec.Sum(plain) }
 
 // ChunkKey is the object key of a chunk.
 func ChunkKey(d chunker.Digest) string {
@@ -212,9 +300,20 @@ func (r *Repo) HasChunk(ctx context.Context, d chunker.Digest) (bool, error) {
 	return err == nil, err
 }
 
-// Encode appends the blob of a chunk's plaintext to dst[:0] with the
-// repository's codec; store it under ChunkKey of the plaintext's digest.
-func (r *Repo) Encode(dst, plain []byte) []byte { return r.codec.Encode(dst, plain) }
+// EncodeChunk appends the blob of a chunk's plaintext, whose digest
+// (Sum) is d, to dst[:0] with the repository's codec; store it under
+// ChunkKey(d).
+func (r *Repo) EncodeChunk(dst []byte, d chunker.Digest, plain []byte) []byte {
+	return r.codec.Encode(dst, plain, ChunkKey(d))
+}
+
+// encodeMeta is the meta blob of plain, to be stored under key.
+func (r *Repo) encodeMeta(key string, plain []byte) []byte { return r.meta.Encode(nil, plain, key) }
+
+// decodeMeta decodes the meta blob read from key.
+func (r *Repo) decodeMeta(key string, blob []byte) ([]byte, error) {
+	return r.meta.DecodeMeta(nil, blob, key)
+}
 
 // ChunkError is a chunk that cannot be read back intact.
 type ChunkError struct {
@@ -234,7 +333,7 @@ func (r *Repo) GetChunk(ctx context.Context, d chunker.Digest, plain, blob []byt
 	if err != nil {
 		return plain, blob, &ChunkError{Key: key, Err: err}
 	}
-	out, err := r.codec.Decode(plain, blob, d)
+	out, err := r.codec.Decode(plain, blob, key, d)
 	if err != nil {
 		return plain, blob, &ChunkError{Key: key, Err: err}
 	}

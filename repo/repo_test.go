@@ -194,8 +194,8 @@ func commitSample(t *testing.T, r *Repo, domain string) *Manifest {
 	t.Helper()
 	ctx := t.Context()
 	plain := bytes.Repeat([]byte("data"), 64<<10) // one full 256 KiB chunk
-	d := chunker.Sum(plain)
-	if err := r.Store().Put(ctx, ChunkKey(d), r.Encode(nil, plain)); err != nil {
+	d := r.Sum(plain)
+	if err := r.Store().Put(ctx, ChunkKey(d), r.EncodeChunk(nil, d, plain)); err != nil {
 		t.Fatal(err)
 	}
 	ix := indexOf(r.Config().ChunkSize, 3*(256<<10), map[int64]chunker.Digest{0: d, 2: d})
@@ -229,7 +229,7 @@ func TestCommitAndRead(t *testing.T) {
 	// name.
 	other := &indexPart{kind: kindFull, chunkSize: r.Config().ChunkSize, size: 3 * (256 << 10), trunc: 3 * (256 << 10)}
 	obj := ms[0].Disks[0].Index[0].Objects[0]
-	r.Store().Put(ctx, obj, r.meta.Encode(nil, other.marshal()))
+	r.Store().Put(ctx, obj, r.encodeMeta(obj, other.marshal()))
 	var oe *ObjectError
 	if _, err := r.LoadIndex(ctx, ms[0], "vda"); !errors.As(err, &oe) || oe.Key != obj {
 		t.Fatalf("swapped index: %v", err)
@@ -449,7 +449,7 @@ func TestVerifyParallel(t *testing.T) {
 	for i := range 40 {
 		plain := bytes.Repeat([]byte{byte(i + 1)}, 256<<10)
 		ib.Set(int64(i), chunker.Sum(plain))
-		s.Put(ctx, ChunkKey(chunker.Sum(plain)), r.Encode(nil, plain))
+		s.Put(ctx, ChunkKey(chunker.Sum(plain)), r.EncodeChunk(nil, chunker.Sum(plain), plain))
 	}
 	ix := ib.Index(r.Config().ChunkSize, 40*(256<<10))
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",

@@ -87,6 +87,7 @@ func newApp() *cli.App {
 		Commands: []*cli.Command{
 			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), forgetCommand(),
 			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
+			keyCommand(),
 		},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
 		ExitErrHandler: func(*cli.Context, error) {

@@ -30,9 +30,15 @@ func TestMain(m *testing.M) {
 // nbdmover runs the command and returns stdout, stderr and exit status.
 func nbdmover(t *testing.T, args ...string) (string, string, int) {
 	t.Helper()
+	return nbdmoverEnv(t, nil, args...)
+}
+
+// nbdmoverEnv is nbdmover with more environment variables.
+func nbdmoverEnv(t *testing.T, env []string, args ...string) (string, string, int) {
+	t.Helper()
 	spec, _ := json.Marshal(args)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "NBDMOVER_MAIN_ARGS="+string(spec), "NBDMOVER_REPO=")
+	cmd.Env = append(append(os.Environ(), "NBDMOVER_MAIN_ARGS="+string(spec), "NBDMOVER_REPO="), env...)
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -82,6 +88,16 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"serve", "--keep-last", "-2"},
 		{"serve", "--max-memory", "plenty"},
 		{"serve", "--token-file", "/nonexistent/token"},
+		// Encryption: secrets never from a flag value; one source.
+		{"list", "--password", "secret"},
+		{"init", "--encryption"},
+		{"list", "--password-file", "/nonexistent/password"},
+		{"list", "--key-file", "/nonexistent/key"},
+		{"list", "--key-file", "/etc/hostname"},
+		{"key", "remove"},
+		{"key", "remove", "not-an-id"},
+		{"key", "add", "--new-key-file", "/etc/hostname"},
+		{"key", "passwd"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {

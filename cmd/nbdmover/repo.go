@@ -15,14 +15,14 @@ import (
 const defaultRepo = "/var/lib/nbdmover/repo"
 
 func repoFlags() []cli.Flag {
-	return []cli.Flag{
+	return append([]cli.Flag{
 		&cli.StringFlag{Name: "repo", Value: defaultRepo, EnvVars: []string{"NBDMOVER_REPO"},
 			Usage: "repository: a path, file:///path or s3://BUCKET[/PREFIX]"},
 		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"NBDMOVER_S3_ENDPOINT"},
 			Usage: "S3 endpoint URL for s3:// repositories (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"},
 		&cli.StringFlag{Name: "s3-region", EnvVars: []string{"AWS_REGION"}, Usage: "S3 region"},
 		&cli.BoolFlag{Name: "s3-path-style", Usage: "force path-style S3 requests"},
-	}
+	}, keyFlags()...)
 }
 
 // jsonFlag is --json, which every command that prints a result has.
@@ -64,12 +64,16 @@ func checkFlags(c *cli.Context) error {
 	if _, err := repoOptions(c).Store(); err != nil {
 		return usagef("--repo: %v", err)
 	}
-	return nil
+	_, err := resolveKeys(c)
+	return err
 }
 
+// repoOptions is where the repository is and, after checkFlags, the keys
+// that open it.
 func repoOptions(c *cli.Context) repo.Options {
+	keys, _ := c.App.Metadata["keys"].(*repo.Keys)
 	return repo.Options{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
-		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
+		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style"), Keys: keys}
 }
 
 func initCommand() *cli.Command {
@@ -79,6 +83,7 @@ func initCommand() *cli.Command {
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
 			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "default compression: zstd, zstd:1..4, s2 (fastest, larger) or none"},
+			&cli.BoolFlag{Name: "encryption", Usage: "encrypt everything with a key wrapped by the password (" + passwordEnv + ", --password-file or --password-command)"},
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -92,12 +97,26 @@ func initCommand() *cli.Command {
 			if err != nil {
 				return usagef("%v", err)
 			}
-			r, err := repoOptions(c).Init(c.Context, io)
+			ro := repoOptions(c)
+			switch {
+			case c.Bool("encryption") && ro.Keys == nil:
+				return usagef("init --encryption: give the new repository's password in %s, --password-file or --password-command", passwordEnv)
+			case c.Bool("encryption") && c.IsSet("key-file"):
+				return usagef("init --encryption makes a password key; add key files afterwards (nbdmover key add --new-key-file)")
+			case !c.Bool("encryption") && ro.Keys != nil:
+				return usagef("a password or key file was given: add --encryption to create an encrypted repository")
+			}
+			io.Keys = ro.Keys
+			r, err := ro.Init(c.Context, io)
 			if err != nil {
 				return err
 			}
 			cfg := r.Config()
-			fmt.Fprintf(c.App.Writer, "created repository %s (chunk size %d, compression %s)\n", c.String("repo"), cfg.ChunkSize, cfg.Compression)
+			enc := ""
+			if r.Encrypted() {
+				enc = ", encrypted with " + cfg.Encryption.Cipher + "; keep the password safe: without it the backups cannot be read"
+			}
+			fmt.Fprintf(c.App.Writer, "created repository %s (chunk size %d, compression %s%s)\n", c.String("repo"), cfg.ChunkSize, cfg.Compression, enc)
 			return nil
 		},
 	}

@@ -29,6 +29,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk (a job may ask for another number)"},
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for backup jobs' scratch files"},
+			&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the per-domain locks and the jobs' NBD sockets"},
 			&cli.DurationFlag{Name: "keep-for", Value: 0, Usage: "keep finished jobs this long (default 24h)"},
 			&cli.IntFlag{Name: "keep-max", Value: 0, Usage: "keep at most this many finished jobs (default 1000)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 0, Usage: "on SIGTERM, wait this long for jobs to end (default 2m)"},
@@ -67,7 +68,7 @@ func serveCommand() *cli.Command {
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention,
-					Backup:    mover.Options{Repo: repoOptions(c), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
+					Backup:    mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
 					Domain:    mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})

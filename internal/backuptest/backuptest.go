@@ -122,7 +122,7 @@ func CheckRestores(t testing.TB, ro repo.Options, domain string, points []Point)
 func PutManifest(t testing.TB, dir, domain, id string, content []byte, asBlob bool) {
 	t.Helper()
 	if asBlob {
-		content = chunker.NewMetaCodec().Encode(nil, content)
+		content = chunker.NewMetaCodec().Encode(nil, content, repo.ManifestKey(domain, id))
 	}
 	p := filepath.Join(dir, filepath.FromSlash(repo.ManifestKey(domain, id)))
 	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
