@@ -8,8 +8,9 @@
 #
 # Each round: nbdcopy from a pull-mode export to null: and to a file;
 # virtnbdbackup full with and without -z, virtnbdrestore; nbdmover full
-# backups to the null store (zstd, none), the local store (zstd, s2, and a
-# 4 MiB-chunk repository) and MinIO on 127.0.0.1; nbdmover restores to raw
+# backups to the null store (zstd, none), the local store (zstd, s2, a
+# 4 MiB-chunk repository, an encrypted one) and MinIO on 127.0.0.1;
+# nbdmover restores to raw (also from the encrypted repository)
 # and qcow2; then 1% and 10% of the disk dirtied through QEMU's block layer
 # (1 MiB writes of real file data at random 4 KiB-aligned offsets) and an
 # incremental of each tool after each. Page cache dropped before every
@@ -189,6 +190,16 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	measure nbdmover-full-local-s2 "$r/repo-s2" backup --domain "$dom" --repo "$r/repo-s2" --mode full --compression s2
 	rm -rf "$r/repo-s2"
 	measure nbdmover-full-local "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode full
+	# Encrypted, the same full: through a key file (the data path's cost),
+	# and through a password (plus one Argon2id derivation).
+	NBDMOVER_PASSWORD=bench-password nbdmover init --repo "$r/repo-enc" --encryption >/dev/null
+	NBDMOVER_PASSWORD=bench-password nbdmover init --repo "$r/repo-enc-pw" --encryption >/dev/null
+	NBDMOVER_PASSWORD=bench-password nbdmover key add --repo "$r/repo-enc" --new-key-file "$r/enc.key" >/dev/null
+	measure nbdmover-full-local-enc "$r/repo-enc" backup --domain "$dom" --repo "$r/repo-enc" --key-file "$r/enc.key" --mode full
+	measure nbdmover-full-local-enc-pw "$r/repo-enc-pw" env NBDMOVER_PASSWORD=bench-password "$PWD/bin/nbdmover" --log-level warn \
+		backup --scratch-dir "$work/scratch" --domain "$dom" --repo "$r/repo-enc-pw" --mode full
+	measure nbdmover-restore-raw-enc "$r/restore.raw" nbdmover restore --repo "$r/repo-enc" --key-file "$r/enc.key" --domain "$dom" --disk vda --output "$r/restore.raw"
+	rm -rf "$r/restore.raw" "$r/repo-enc" "$r/repo-enc-pw"
 	nbdmover init --repo "$r/repo-4m" --chunk-size 4MiB >/dev/null
 	measure nbdmover-4m-full-local "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode full
 	backup --domain "$sdom" --repo "$r/repo-nosample" --mode full >/dev/null

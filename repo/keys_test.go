@@ -390,6 +390,14 @@ func TestEncryptedTampering(t *testing.T) {
 				t.Fatalf("flipped key object bit: %v", err)
 			}
 			undo()
+			// Another key object that no longer parses: verify names it.
+			other, err := r.AddPasswordKey(ctx, "other", []byte("other"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			undo = tamper(keyObjectKey(other.ID), func(b []byte) { b[0] = '[' })
+			expect("damaged key object", keyObjectKey(other.ID), "damaged")
+			undo()
 
 			// The config: another chunk size, or encryption turned off.
 			undo = tamper(configKey, func(b []byte) { copy(b[bytes.Index(b, []byte(`"chunk_size": 262144`)):], `"chunk_size": 524288`) })

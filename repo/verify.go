@@ -57,6 +57,9 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 		return stats, err
 	}
 	defer lock.Release()
+	if err := r.verifyKeys(ctx, report); err != nil {
+		return stats, err
+	}
 	ms, err := r.verifySelection(ctx, o, report)
 	if err != nil {
 		return stats, err
@@ -215,4 +218,26 @@ func problemObject(err error, what string) string {
 		return oe.Key
 	}
 	return what
+}
+
+// verifyKeys reports the key objects of an encrypted repository that
+// cannot be read. (Only the one this process opened with can be checked
+// further: the others need their passwords.)
+func (r *Repo) verifyKeys(ctx context.Context, report func(Problem)) error {
+	if r.keys == nil {
+		return nil
+	}
+	objs, probs, err := keyObjects(ctx, r.store)
+	if err != nil {
+		return err
+	}
+	for _, p := range probs {
+		report(p)
+	}
+	for _, o := range objs {
+		if o.Repository != r.cfg.ID {
+			report(Problem{Object: keyObjectKey(o.ID), Problem: fmt.Sprintf("a key of another repository (%s): left by an init that lost a race, or planted", o.Repository)})
+		}
+	}
+	return nil
 }

@@ -229,6 +229,12 @@ func goals(rows []row) []goal {
 		timeRatio, "<= 1.10", func(v float64) bool { return v <= 1.10 })
 	add("restore to raw: rate vs nbdcopy writing a file", "nbdmover-restore-raw", "nbdcopy-to-file",
 		rateRatio, ">= 0.7", func(v float64) bool { return v >= 0.7 })
+	add("encrypted full to the local store (key file) vs unencrypted", "nbdmover-full-local-enc", "nbdmover-full-local",
+		timeRatio, "<= 1.10", func(v float64) bool { return v <= 1.10 })
+	add("encrypted full to the local store (password, Argon2id included) vs unencrypted", "nbdmover-full-local-enc-pw", "nbdmover-full-local",
+		timeRatio, "<= 1.10", func(v float64) bool { return v <= 1.10 })
+	add("encrypted restore to raw vs unencrypted", "nbdmover-restore-raw-enc", "nbdmover-restore-raw",
+		timeRatio, "<= 1.10", func(v float64) bool { return v <= 1.10 })
 	var peak float64
 	for _, r := range rows {
 		if strings.HasPrefix(r.Name, "nbdmover-") {
