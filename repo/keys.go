@@ -171,7 +171,7 @@ func derive(kdf KDF, credential []byte) (wrap, check []byte, err error) {
 	var out []byte
 	switch kdf.Name {
 	case kdfArgon2id:
-		if kdf.Time < 1 || kdf.Time > 100 || kdf.MemoryKiB < 8<<10 || kdf.MemoryKiB > 4<<20 || kdf.Threads < 1 || len(kdf.Salt) < 16 {
+		if kdf.Time < 1 || kdf.Time > 100 || kdf.MemoryKiB < 8<<10 || kdf.MemoryKiB > 1<<20 || kdf.Threads < 1 || len(kdf.Salt) < 16 {
 			return nil, nil, fmt.Errorf("argon2id parameters out of range (time %d, memory %d KiB, threads %d)", kdf.Time, kdf.MemoryKiB, kdf.Threads)
 		}
 		out = argon2.IDKey(credential, kdf.Salt, kdf.Time, kdf.MemoryKiB, kdf.Threads, 64)
