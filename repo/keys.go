@@ -43,7 +43,10 @@ var ErrKeyNeeded = errors.New("the repository is encrypted: give its password (N
 const (
 	keyPrefix      = "keys/"
 	masterVersion  = 1
-	masterLen      = 1 + 2*chunker.SecretKeySize + sha256.Size // version, naming key, data key, SHA-256 of the config
+	masterLen      = masterConfig + sha256.Size // version, naming key, data key, SHA-256 of the config
+	masterIDKey    = 1                          // offsets in the master key set
+	masterDataKey  = masterIDKey + chunker.SecretKeySize
+	masterConfig   = masterDataKey + chunker.SecretKeySize
 	keyFileVersion = 1
 	kdfArgon2id    = "argon2id"
 	kdfHKDF        = "hkdf-sha256"
@@ -158,6 +161,22 @@ func validHexID(s string, n int) bool {
 }
 
 func keyObjectKey(id string) string { return keyPrefix + id }
+
+// ValidKeyID checks a key id given by a user (16 lowercase hex digits).
+func ValidKeyID(id string) error {
+	if !validHexID(id, 16) {
+		return fmt.Errorf("key ID %q: want 16 lowercase hex digits (nbdmover key list shows them)", id)
+	}
+	return nil
+}
+
+// needKeys refuses key management on a repository that is not encrypted.
+func (r *Repo) needKeys() error {
+	if r.keys == nil {
+		return fmt.Errorf("%s: %w", r.Location(), ErrNotEncrypted)
+	}
+	return nil
+}
 
 func newKeyID() string {
 	b := make([]byte, 8)
@@ -324,7 +343,7 @@ func (k *Keys) unlock(ctx context.Context, store sink.Store, cfg Config, raw []b
 	if k.open.repository != cfg.ID {
 		return nil, fmt.Errorf("%s: these keys opened repository %s already; one process opens one encrypted repository", store.Location(), k.open.repository)
 	}
-	if sum := sha256.Sum256(raw); subtle.ConstantTimeCompare(sum[:], k.open.master[1+2*chunker.SecretKeySize:]) != 1 {
+	if sum := sha256.Sum256(raw); subtle.ConstantTimeCompare(sum[:], k.open.master[masterConfig:]) != 1 {
 		return nil, fmt.Errorf("%s: the repository config is not the one its keys were made for: it was changed (restore the original config)", store.Location())
 	}
 	return k.open, nil
@@ -386,7 +405,7 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, repository string) 
 }
 
 func newUnlocked(repository, keyID string, master []byte) (*unlocked, error) {
-	s, err := chunker.NewSecret(master[1:1+chunker.SecretKeySize], master[1+chunker.SecretKeySize:1+2*chunker.SecretKeySize])
+	s, err := chunker.NewSecret(master[masterIDKey:masterDataKey], master[masterDataKey:masterConfig])
 	if err != nil {
 		return nil, err
 	}
@@ -397,9 +416,9 @@ func newUnlocked(repository, keyID string, master []byte) (*unlocked, error) {
 func newMaster(raw []byte) []byte {
 	m := make([]byte, masterLen)
 	m[0] = masterVersion
-	rand.Read(m[1 : 1+2*chunker.SecretKeySize])
+	rand.Read(m[masterIDKey:masterConfig])
 	sum := sha256.Sum256(raw)
-	copy(m[1+2*chunker.SecretKeySize:], sum[:])
+	copy(m[masterConfig:], sum[:])
 	return m
 }
 
@@ -439,8 +458,8 @@ func (k *Keys) adopt(repository, keyID string, master []byte) error {
 
 // Keys lists the repository's key objects.
 func (r *Repo) Keys(ctx context.Context) ([]KeyInfo, error) {
-	if r.keys == nil {
-		return nil, fmt.Errorf("%s: %w", r.Location(), ErrNotEncrypted)
+	if err := r.needKeys(); err != nil {
+		return nil, err
 	}
 	objs, probs, err := keyObjects(ctx, r.store)
 	if err != nil {
@@ -484,8 +503,8 @@ func (r *Repo) AddKeyFile(ctx context.Context, label string) (KeyInfo, []byte, e
 }
 
 func (r *Repo) addKey(ctx context.Context, kind, label string, kdf KDF, credential []byte) (KeyInfo, error) {
-	if r.keys == nil {
-		return KeyInfo{}, fmt.Errorf("%s: %w", r.Location(), ErrNotEncrypted)
+	if err := r.needKeys(); err != nil {
+		return KeyInfo{}, err
 	}
 	if len(label) > 200 || strings.ContainsFunc(label, func(c rune) bool { return c < ' ' || c == 0x7f }) {
 		return KeyInfo{}, errors.New("a key label is at most 200 printable characters")
@@ -506,11 +525,11 @@ func (r *Repo) addKey(ctx context.Context, kind, label string, kdf KDF, credenti
 // opening the repository; it does not change the master keys, which
 // whoever held that key could have kept.
 func (r *Repo) RemoveKey(ctx context.Context, id string) error {
-	if r.keys == nil {
-		return fmt.Errorf("%s: %w", r.Location(), ErrNotEncrypted)
+	if err := r.needKeys(); err != nil {
+		return err
 	}
-	if !validHexID(id, 16) {
-		return fmt.Errorf("key id %q: want 16 lowercase hex digits (nbdmover key list shows them)", id)
+	if err := ValidKeyID(id); err != nil {
+		return err
 	}
 	if id == r.keys.keyID {
 		return fmt.Errorf("key %s is the one this command opened the repository with: open it with another key to remove this one (a repository keeps at least one key)", id)
@@ -525,8 +544,8 @@ func (r *Repo) RemoveKey(ctx context.Context, id string) error {
 // repository with by one for password: the new key is stored before the
 // old one is removed, so the repository never lacks a key.
 func (r *Repo) ChangePassword(ctx context.Context, password []byte) (KeyInfo, error) {
-	if r.keys == nil {
-		return KeyInfo{}, fmt.Errorf("%s: %w", r.Location(), ErrNotEncrypted)
+	if err := r.needKeys(); err != nil {
+		return KeyInfo{}, err
 	}
 	old, err := readKeyObject(ctx, r.store, keyObjectKey(r.keys.keyID))
 	if err != nil {

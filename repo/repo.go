@@ -112,7 +112,7 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	// Read back what the store holds: after ErrExists it may still be
 	// ours (a retried create whose first attempt landed); on a store that
 	// ignores conditional writes, the last writer's.
-	raw, rerr := readConfigBytes(ctx, store)
+	held, raw, rerr := readConfigRaw(ctx, store)
 	if rerr == nil && !bytes.Equal(raw, b) {
 		if key != nil {
 			store.Delete(ctx, keyObjectKey(key.ID))
@@ -122,7 +122,7 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	if rerr != nil {
 		return nil, rerr
 	}
-	return OpenKeys(ctx, store, o.Keys)
+	return openConfig(ctx, store, o.Keys, held, raw)
 }
 
 // readConfig reads and decodes the store's config, whatever its format
@@ -171,6 +171,11 @@ func OpenKeys(ctx context.Context, store sink.Store, keys *Keys) (*Repo, error) 
 	if err != nil {
 		return nil, err
 	}
+	return openConfig(ctx, store, keys, cfg, raw)
+}
+
+// openConfig opens the repository whose config, read as raw, is cfg.
+func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, raw []byte) (*Repo, error) {
 	if cfg.Version == 1 {
 		return nil, fmt.Errorf("%s: %w: run nbdmover migrate --repo ... once (safe to interrupt and to run again)", store.Location(), ErrFormat1)
 	}

@@ -266,8 +266,8 @@ func keyCommand() *cli.Command {
 					return usagef("key remove: give the key's ID (nbdmover key list shows them)")
 				}
 				id := c.Args().First()
-				if err := keyIDArg(id); err != nil {
-					return err
+				if err := repo.ValidKeyID(id); err != nil {
+					return usagef("key remove: %v", err)
 				}
 				// checkFlags refuses positional arguments; its checks are
 				// done here instead.
@@ -310,16 +310,4 @@ func keyCommand() *cli.Command {
 			},
 		}},
 	}
-}
-
-func keyIDArg(id string) error {
-	if len(id) != 16 {
-		return usagef("key ID %q: want 16 hex digits (nbdmover key list shows them)", id)
-	}
-	for _, ch := range id {
-		if !(ch >= '0' && ch <= '9' || ch >= 'a' && ch <= 'f') {
-			return usagef("key ID %q: want 16 lowercase hex digits (nbdmover key list shows them)", id)
-		}
-	}
-	return nil
 }

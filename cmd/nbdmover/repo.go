@@ -106,8 +106,7 @@ func initCommand() *cli.Command {
 			case !c.Bool("encryption") && ro.Keys != nil:
 				return usagef("a password or key file was given: add --encryption to create an encrypted repository")
 			}
-			io.Keys = ro.Keys
-			r, err := ro.Init(c.Context, io)
+			r, err := ro.Init(c.Context, io) // with ro.Keys: encrypted
 			if err != nil {
 				return err
 			}
