@@ -168,7 +168,7 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	ms, skipped, err := listBackups(r.Context(), a.repo, domain)
+	ms, skipped, damaged, err := listBackups(r.Context(), a.repo, domain)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, err)
 		return
@@ -177,6 +177,15 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 		ms = []*repo.Manifest{}
 	}
 	out := map[string]any{"backups": ms}
+	if len(damaged) > 0 {
+		var names []string
+		for _, m := range ms {
+			if damaged[m.Domain+"/"+m.ID] {
+				names = append(names, m.Domain+"/"+m.ID)
+			}
+		}
+		out["damaged"] = names
+	}
 	if len(skipped) > 0 {
 		for _, p := range skipped {
 			a.log.Warn("skipping a backup whose manifest cannot be read", "object", p.Object, "error", p.Problem)
@@ -191,16 +200,21 @@ func (a *api) health(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "jobs_queued": queued, "jobs_running": running})
 }
 
-// listBackups lists the committed backups of domain ("" = all) and the
-// manifests it could not read; a repository that does not exist yet has
-// none.
-func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Manifest, []repo.Problem, error) {
+// listBackups lists the committed backups of domain ("" = all), the
+// manifests it could not read, and the backups verify found damaged; a
+// repository that does not exist yet has none.
+func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Manifest, []repo.Problem, map[string]bool, error) {
 	r, err := o.Open(ctx)
 	if errors.Is(err, repo.ErrNoRepository) {
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return r.Backups(ctx, domain)
+	ms, skipped, err := r.Backups(ctx, domain)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	_, damaged, err := r.Damage(ctx)
+	return ms, skipped, damaged, err
 }

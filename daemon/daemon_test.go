@@ -98,17 +98,21 @@ func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
 	return startDaemonWith(t, ro, maxJobs, nil)
 }
 
-// startDaemonWith is startDaemon with retention policy p.
-func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy) *testDaemon {
+// startDaemonWith is startDaemon with retention policy p, and the runner's
+// options changed by opts.
+func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy, opts ...func(*daemon.RunnerOptions)) *testDaemon {
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	ready := make(chan struct{})
+	ropts := daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro, RunDir: runDir}, Retention: p,
+		Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
+	for _, o := range opts {
+		o(&ropts)
+	}
 	go func() {
 		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t),
-			Ready: func(string) { close(ready) },
-			Runner: daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro, RunDir: runDir}, Retention: p,
-				Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+			Ready: func(string) { close(ready) }, Runner: ropts})
 	}()
 	select {
 	case <-ready:

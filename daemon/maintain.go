@@ -26,8 +26,8 @@ type VerifyReport struct {
 
 // checkBackupRequest refuses maintenance options in a backup request.
 func checkBackupRequest(req JobRequest) error {
-	if req.All || req.Policy != nil || req.Grace != "" || req.ReadData || req.DryRun {
-		return refuse(ErrInvalid, "all, policy, grace, read_data and dry_run are options of maintenance jobs (kind forget, gc or verify), not of backups")
+	if req.All || req.Policy != nil || req.Grace != "" || req.ReadData || req.ReadDataPercent != 0 || req.DryRun {
+		return refuse(ErrInvalid, "all, policy, grace, read_data, read_data_percent and dry_run are options of maintenance jobs (kind forget, gc or verify), not of backups")
 	}
 	return nil
 }
@@ -46,6 +46,9 @@ func checkMaintenance(req JobRequest) error {
 	}
 	switch req.Kind {
 	case KindForget:
+		if req.ReadData || req.ReadDataPercent != 0 {
+			return invalid("a forget job takes domain or all, policy and dry_run only")
+		}
 		if (req.Domain == "") == !req.All {
 			return invalid("a forget job needs a domain or all: true")
 		}
@@ -56,7 +59,7 @@ func checkMaintenance(req JobRequest) error {
 			return invalid("policy: %v", err)
 		}
 	case KindGC:
-		if req.Domain != "" || req.All || req.Policy != nil || req.ReadData {
+		if req.Domain != "" || req.All || req.Policy != nil || req.ReadData || req.ReadDataPercent != 0 {
 			return invalid("a gc job works on the whole repository: it takes grace and dry_run only")
 		}
 		if req.Grace != "" {
@@ -66,7 +69,10 @@ func checkMaintenance(req JobRequest) error {
 		}
 	case KindVerify:
 		if req.All || req.Policy != nil || req.Grace != "" || req.DryRun {
-			return invalid("a verify job takes domain and read_data only")
+			return invalid("a verify job takes domain, read_data and read_data_percent only")
+		}
+		if req.ReadDataPercent < 0 || req.ReadDataPercent > 100 {
+			return invalid("read_data_percent %d: want 1 to 100 (the share of the chunks read)", req.ReadDataPercent)
 		}
 	default:
 		return invalid("job kind %q: want backup, forget, gc or verify", req.Kind)
@@ -134,9 +140,11 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger)
 		}
 		return res, err
 	}
-	rep := &VerifyReport{ReadData: req.ReadData, Problems: []repo.Problem{}}
-	rep.VerifyStats, err = rp.Verify(ctx, repo.VerifyOptions{Domain: req.Domain, ReadData: req.ReadData, Log: log},
+	rep := &VerifyReport{Problems: []repo.Problem{}}
+	rep.VerifyStats, err = rp.Verify(ctx, repo.VerifyOptions{Domain: req.Domain, ReadData: req.ReadData,
+		ReadPercent: req.ReadDataPercent, Log: log},
 		func(p repo.Problem) { rep.Problems = append(rep.Problems, p) })
+	rep.ReadData = rep.ReadPercent > 0
 	if err == nil && len(rep.Problems) > 0 {
 		err = fmt.Errorf("verify found %d problems (the report lists them)", len(rep.Problems))
 	}

@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
@@ -98,5 +100,66 @@ func TestDaemonMaintenance(t *testing.T) {
 		if _, code, msg := d.submit(body); code != 422 || msg == "" {
 			t.Errorf("%s: %d %q", body, code, msg)
 		}
+	}
+}
+
+// The daemon's scheduled verify (--verify-every): it finds a corrupt
+// chunk, records it, reports it in its job and the metrics, and the
+// backups listing marks the backup damaged.
+func TestDaemonScheduledVerify(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	img := qemutest.NewImage(t, t.TempDir(), 4*backuptest.MiB)
+	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 2*backuptest.MiB, 9)+" 0 2M")
+	srv := qemutest.Serve(t, img, "-r")
+	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm1", Disk: "vda"}),
+		mover.Options{Repo: ro, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
+	srv.Kill()
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunks, _ := filepath.Glob(filepath.Join(ro.Location, "chunks", "*", "*"))
+	b, _ := os.ReadFile(chunks[2])
+	b[len(b)-1] ^= 1
+	os.WriteFile(chunks[2], b, 0o600)
+
+	d := startDaemonWith(t, ro, 1, nil, func(o *daemon.RunnerOptions) {
+		o.VerifyEvery, o.VerifyReadPercent = 300*time.Millisecond, 100
+	})
+	for _, body := range []string{`{"kind": "verify", "read_data_percent": 101}`, `{"kind": "gc", "read_data_percent": 5}`,
+		`{"domain": "vm1", "read_data_percent": 5}`} {
+		if _, code, msg := d.submit(body); code != 422 || msg == "" {
+			t.Errorf("%s: %d %q", body, code, msg)
+		}
+	}
+	var found *daemon.JobView
+	for deadline := time.Now().Add(time.Minute); found == nil; {
+		var jobs struct{ Jobs []daemon.JobView }
+		d.do("GET", "/v1/jobs", "", &jobs)
+		for _, j := range jobs.Jobs {
+			if j.Kind == daemon.KindVerify && j.State == daemon.JobFailed {
+				found = &j
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no scheduled verify finished: %+v", jobs)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var rep daemon.VerifyReport
+	rb, _ := json.Marshal(found.Report)
+	name := "vm1/" + res.ID
+	if json.Unmarshal(rb, &rep) != nil || rep.Corrupt != 1 || rep.Quarantined != 1 || rep.ReadPercent != 100 ||
+		len(rep.Damaged) != 1 || rep.Damaged[0] != name || !strings.Contains(found.Error, "1 problems") {
+		t.Fatalf("the scheduled verify: %+v %s", found, rb)
+	}
+	m := d.metrics()
+	for _, want := range []string{`nbdmover_verify_chunks_total{result="corrupt"} `, "nbdmover_verify_damaged_backups 1"} {
+		if !strings.Contains(m, want) || strings.Contains(m, want+"0\n") {
+			t.Errorf("metrics lack %q:\n%s", want, grepLines(m, "nbdmover_verify"))
+		}
+	}
+	var list struct{ Damaged []string }
+	if code := d.do("GET", "/v1/backups", "", &list); code != 200 || len(list.Damaged) != 1 || list.Damaged[0] != name {
+		t.Errorf("GET /v1/backups: %d %+v", code, list)
 	}
 }

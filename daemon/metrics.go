@@ -23,6 +23,12 @@ type metrics struct {
 	gcDel    *prometheus.CounterVec
 	gcLast   prometheus.Gauge
 	forgot   prometheus.Counter
+	// verify jobs: chunks by outcome, backups found damaged by the last
+	// one, when the last one ran to its end; chunks backups healed.
+	verified   *prometheus.CounterVec
+	damaged    prometheus.Gauge
+	verifyLast prometheus.Gauge
+	healed     prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -43,14 +49,26 @@ func newMetrics() *metrics {
 		Help: "When the last gc job that deleted (not a dry run) succeeded, in seconds since 1970; 0 before the first."})
 	m.forgot = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_backups_forgotten_total",
 		Help: "Backups forgotten by forget jobs and by the retention policy."})
+	m.verified = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_verify_chunks_total",
+		Help: "Chunks verify jobs read whole (verified), found corrupt or missing, quarantined, and found repaired."}, []string{"result"})
+	m.damaged = prometheus.NewGauge(prometheus.GaugeOpts{Name: "nbdmover_verify_damaged_backups",
+		Help: "Backups the last verify job that ran to its end found referencing damaged objects."})
+	m.verifyLast = prometheus.NewGauge(prometheus.GaugeOpts{Name: "nbdmover_verify_last_run_timestamp_seconds",
+		Help: "When the last verify job that ran to its end (with or without problems) ended, in seconds since 1970; 0 before the first."})
+	m.healed = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_chunks_healed_total",
+		Help: "Damaged chunks that backups built from the disks and stored again."})
 	jobs := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_running", Help: "Backup jobs running now."},
 		func() float64 { _, r := m.runner.Counts(); return float64(r) })
 	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_queued", Help: "Backup jobs waiting for a slot."},
 		func() float64 { q, _ := m.runner.Counts(); return float64(q) })
-	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot, jobs, queued,
+	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot,
+		m.verified, m.damaged, m.verifyLast, m.healed, jobs, queued,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	for _, s := range []string{JobSucceeded, JobFailed, JobCancelled} {
 		m.finished.WithLabelValues(s)
+	}
+	for _, k := range []string{"verified", "corrupt", "missing", "quarantined", "repaired"} {
+		m.verified.WithLabelValues(k)
 	}
 	for _, k := range []string{"chunks", "chunk_bytes", "metadata", "metadata_bytes"} {
 		m.gcDel.WithLabelValues(k)
@@ -75,6 +93,15 @@ func (m *metrics) observe(v JobView, err error) {
 				m.gcLast.SetToCurrentTime()
 			}
 		}
+	case *VerifyReport:
+		for k, n := range map[string]int{"verified": rep.Verified, "corrupt": rep.Corrupt, "missing": rep.Missing,
+			"quarantined": rep.Quarantined, "repaired": rep.Repaired} {
+			m.verified.WithLabelValues(k).Add(float64(n))
+		}
+		if v.State != JobCancelled && (err == nil || len(rep.Problems) > 0) {
+			m.damaged.Set(float64(len(rep.Damaged)))
+			m.verifyLast.SetToCurrentTime()
+		}
 	case []repo.ForgetResult:
 		for _, d := range rep {
 			if !v.Request.DryRun {
@@ -87,6 +114,7 @@ func (m *metrics) observe(v JobView, err error) {
 		m.bytes.WithLabelValues("written").Add(float64(res.BytesWritten))
 		m.bytes.WithLabelValues("dedup").Add(float64(res.BytesDedup))
 		m.bytes.WithLabelValues("zero").Add(float64(res.BytesZero))
+		m.healed.Add(float64(res.Healed))
 		if ver := res.Verification; ver != nil {
 			m.bytes.WithLabelValues("verified").Add(float64(ver.Bytes))
 			if ver.Outcome == "mismatch" {

@@ -46,13 +46,15 @@ type JobRequest struct {
 	// Maintenance: forget applies Policy to Domain's backups (or, with
 	// All, every domain's); gc deletes what is unreferenced and older than
 	// Grace (a duration, "24h" by default); verify checks Domain's (or
-	// every) backup, with ReadData their chunks' bytes. DryRun: forget and
-	// gc report without deleting.
-	All      bool         `json:"all,omitempty"`
-	Policy   *repo.Policy `json:"policy,omitempty"`
-	Grace    string       `json:"grace,omitempty"`
-	ReadData bool         `json:"read_data,omitempty"`
-	DryRun   bool         `json:"dry_run,omitempty"`
+	// every) backup, with ReadData their chunks' bytes (with
+	// ReadDataPercent, 1 to 100, that share of them, verified least
+	// recently first). DryRun: forget and gc report without deleting.
+	All             bool         `json:"all,omitempty"`
+	Policy          *repo.Policy `json:"policy,omitempty"`
+	Grace           string       `json:"grace,omitempty"`
+	ReadData        bool         `json:"read_data,omitempty"`
+	ReadDataPercent int          `json:"read_data_percent,omitempty"`
+	DryRun          bool         `json:"dry_run,omitempty"`
 }
 
 // The runner's refusals; the HTTP layer maps them to statuses.
@@ -200,6 +202,12 @@ type RunnerOptions struct {
 	// Retention, if set, is applied to a domain's backups after each of
 	// its backups succeeds.
 	Retention *repo.Policy
+	// VerifyEvery, if set, runs a verify job of the whole repository
+	// that often (the first one VerifyEvery after the start), reading
+	// VerifyReadPercent of the chunks (0: none, only that every chunk is
+	// stored). A tick when another maintenance job runs is skipped.
+	VerifyEvery       time.Duration
+	VerifyReadPercent int
 }
 
 // Runner queues and runs backup jobs: one per domain at a time, at most
@@ -239,8 +247,31 @@ func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	rctx, end := context.WithCancelCause(ctx)
-	return &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs), mem: semaphore.NewWeighted(o.MaxMemory),
+	r := &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs), mem: semaphore.NewWeighted(o.MaxMemory),
 		jobs: map[string]*job{}, byDomain: map[string]*job{}}
+	if o.VerifyEvery > 0 {
+		go r.verifyEvery()
+	}
+	return r
+}
+
+// verifyEvery submits the scheduled verify jobs until the runner ends.
+func (r *Runner) verifyEvery() {
+	t := time.NewTicker(r.o.VerifyEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-t.C:
+		}
+		v, err := r.submitMaintenance(JobRequest{Kind: KindVerify, ReadDataPercent: r.o.VerifyReadPercent})
+		if err != nil {
+			r.o.Log.Warn("the scheduled verify did not start (the next tick tries again)", "error", err)
+			continue
+		}
+		r.o.Log.Info("scheduled verify started", "job", v.ID, "read_data_percent", r.o.VerifyReadPercent)
+	}
 }
 
 func newJobID() string {

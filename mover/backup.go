@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/pipeline"
@@ -141,6 +143,9 @@ type BackupResult struct {
 	BytesDedup   int64   `json:"bytes_dedup"`
 	BytesZero    int64   `json:"bytes_zero"`
 	RateMBps     float64 `json:"rate_mb_per_s"` // disk bytes covered per second
+	// Healed counts the chunks verify had found damaged that this backup
+	// built from the disks and stored again.
+	Healed int `json:"healed_chunks,omitempty"`
 }
 
 // DiskResult is what the backup did for one disk.
@@ -267,6 +272,10 @@ type backup struct {
 
 	fallbacks    []string // why disks are read in full
 	verification *repo.Verification
+	// damaged: the chunks verify recorded as damaged, which the disks
+	// rebuild where they still hold them; healed: those stored again.
+	damaged map[chunker.Digest]bool
+	healed  []chunker.Digest
 	// The pipeline's buffers and the disks' counters, made by the first
 	// pass over the disks and reused by a second (after a lie).
 	bufs  *pipeline.Buffers
@@ -286,6 +295,12 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	parents, err := b.parents(ctx, disks)
 	if err != nil {
 		return nil, err
+	}
+	if b.damaged, err = b.r.DamagedChunks(ctx); err != nil {
+		return nil, fmt.Errorf("backup %s: %w", b.m.Domain, err)
+	}
+	if len(b.damaged) > 0 {
+		b.o.Log.Info("the repository holds damaged chunks: those still on the disks are stored again", "name", b.m.Domain, "damaged", len(b.damaged))
 	}
 	indexes, results, err := b.readDisks(ctx, disks, parents)
 	var lie *pipeline.BitmapError
@@ -424,6 +439,7 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 	}
 	data := make([]repo.DiskData, len(disks))
 	results := make([]DiskResult, len(disks))
+	healed := make([][]chunker.Digest, len(disks))
 	// A disk whose bitmap lies does not stop the others: every disk is
 	// read again in full then, over the same connections.
 	var lie atomic.Pointer[pipeline.BitmapError]
@@ -433,7 +449,7 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 			start := time.Now()
 			b.stats[i].Reset()
 			job := &pipeline.Job{Name: d.Name, Disk: d.Disk, Repo: b.r, Buffers: b.bufs, Tuning: tuning,
-				Stats: b.stats[i], Sample: -1, MinDirty: b.minDirty(d, parents[i])}
+				Stats: b.stats[i], Sample: -1, MinDirty: b.minDirty(d, parents[i]), Damaged: b.damaged}
 			if parents[i] != nil {
 				job.Parent = parents[i].Index
 			}
@@ -450,6 +466,7 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 				return err
 			}
 			data[i] = repo.DiskData{Full: res.Index, Parent: parents[i], Delta: res.Delta}
+			healed[i] = res.Healed
 			size := d.Disk.Info().Size
 			results[i] = diskResult(d.Name, size, parents[i] != nil, job.Stats, time.Since(start))
 			b.o.Log.Info("disk done", "disk", d.Name, "mode", results[i].Mode, "size", size,
@@ -463,6 +480,7 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 	if be := lie.Load(); be != nil {
 		return nil, nil, be
 	}
+	b.healed = slices.Concat(healed...)
 	return data, results, nil
 }
 
@@ -509,6 +527,15 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 	defer cancel()
 	if err := b.r.Commit(cctx, m, dds, files); err != nil {
 		return nil, fmt.Errorf("commit backup %s/%s: %w", m.Domain, m.ID, err)
+	}
+	if len(b.healed) > 0 {
+		n, err := b.r.Healed(ctx, b.healed)
+		if err != nil {
+			b.o.Log.Warn("damaged chunks were stored again, but their damage records were not all cleared (verify clears them)",
+				"domain", m.Domain, "healed", len(b.healed), "error", err)
+		}
+		res.Healed = n
+		b.o.Log.Info("damaged chunks stored again from the disks", "domain", m.Domain, "healed", n)
 	}
 	if err := b.r.UpdateCatalog(ctx, m.Domain); err != nil {
 		b.o.Log.Warn("the catalog of backups was not updated (listing is slower until the next backup updates it)",

@@ -191,6 +191,11 @@ type Job struct {
 	// bytes it marked at the parent: marking fewer now means it was
 	// cleared or re-created, and the run fails with a *BitmapError.
 	MinDirty int64
+	// Damaged are the chunks the repository holds damaged (verify's
+	// records): never trusted from the parent or the store, but built
+	// from the disk where the parent has them, and stored again. Not
+	// modified.
+	Damaged map[chunker.Digest]bool
 }
 
 // Result is what a disk's backup made: the disk's index (a full run), or
@@ -198,6 +203,8 @@ type Job struct {
 type Result struct {
 	Index *repo.Index
 	Delta *repo.Delta
+	// Healed are the damaged chunks the run stored again from the disk.
+	Healed []chunker.Digest
 }
 
 // run is the state of one Job.Run.
@@ -206,7 +213,8 @@ type run struct {
 	resized *repo.Index             // the parent's index resized to the disk; nil on a full run
 	known   map[chunker.Digest]bool // digests the parent references: stored, no upload or check
 	mu      sync.Mutex
-	built   repo.Builder // the digests of the chunks built, under mu
+	built   repo.Builder     // the digests of the chunks built, under mu
+	healed  []chunker.Digest // damaged chunks stored again, under mu
 	// uploading holds the digests this run is uploading or has uploaded.
 	uploading sync.Map
 	// planned, planReads: chunks and bytes the planner sent; done: plans
@@ -250,9 +258,9 @@ func (j *Job) Run(ctx context.Context) (Result, error) {
 			j.Name, r.planned.Load(), r.planReads.Load(), r.done.Load(), j.Stats.BytesRead.Load())
 	}
 	if j.Parent == nil {
-		return Result{Index: r.built.Index(chunkSize, size)}, nil
+		return Result{Index: r.built.Index(chunkSize, size), Healed: r.healed}, nil
 	}
-	return Result{Delta: r.built.Delta(j.Parent, size)}, nil
+	return Result{Delta: r.built.Delta(j.Parent, size), Healed: r.healed}, nil
 }
 
 // parentState sets up an incremental run: the parent resized to the disk,
@@ -262,7 +270,12 @@ func (r *run) parentState(p *planner, size int64) {
 	r.resized, stale = r.Parent.Resized(size)
 	r.known = make(map[chunker.Digest]bool, r.Parent.Len())
 	for _, d := range r.Parent.All() {
-		r.known[d] = true
+		if !r.Damaged[d] {
+			r.known[d] = true
+		}
+	}
+	if len(r.Damaged) > 0 {
+		p.heal = func(i int64) bool { return r.Damaged[r.resized.Digest(i)] }
 	}
 	p.parent = r.resized
 	p.stale = map[int64]bool{}
@@ -419,13 +432,20 @@ func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upl
 // is the uploader's question: asked here, a round trip to S3 would stall
 // the compressing workers.
 func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
-	if chunker.IsZero(rc.buf) {
-		r.set(rc.index, chunker.ZeroChunk)
+	d := chunker.ZeroChunk
+	if !chunker.IsZero(rc.buf) {
+		d = r.Repo.Sum(rc.buf)
+	}
+	if rc.kind == planHeal && d != r.resized.Digest(rc.index) {
+		want := r.resized.Digest(rc.index)
+		r.recordLie(&BitmapError{Chunk: rc.index, Offset: rc.off,
+			Detail: fmt.Sprintf("reads as %s, the parent's index says %s (read to rebuild its damaged copy)", digestName(d), digestName(want))})
+	}
+	r.set(rc.index, d)
+	if d.IsZeroChunk() {
 		r.Stats.BytesZero.Add(rc.n)
 		return upload{}, nil
 	}
-	d := r.Repo.Sum(rc.buf)
-	r.set(rc.index, d)
 	if r.known[d] {
 		r.Stats.BytesDedup.Add(rc.n)
 		return upload{}, nil
@@ -485,19 +505,28 @@ func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 
 // store puts an upload's blob unless the store already holds the chunk
 // (stored by a backup other than the parent, or by one that failed before
-// its commit).
+// its commit). A damaged chunk is put whatever the store holds: that
+// heals it.
 func (r *run) store(ctx context.Context, u upload) error {
-	stored, err := r.Repo.HasChunk(ctx, u.digest)
-	if err != nil {
-		return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
-	}
-	if stored {
-		r.Stats.BytesDedup.Add(u.plain)
-		return nil
+	damaged := r.Damaged[u.digest]
+	if !damaged {
+		stored, err := r.Repo.HasChunk(ctx, u.digest)
+		if err != nil {
+			return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
+		}
+		if stored {
+			r.Stats.BytesDedup.Add(u.plain)
+			return nil
+		}
 	}
 	if err := r.Repo.Store().Put(ctx, repo.ChunkKey(u.digest), u.blob); err != nil {
 		return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 	}
 	r.Stats.BytesWritten.Add(int64(len(u.blob)))
+	if damaged {
+		r.mu.Lock()
+		r.healed = append(r.healed, u.digest)
+		r.mu.Unlock()
+	}
 	return nil
 }

@@ -18,6 +18,7 @@ type span struct{ off, n int64 }
 const (
 	planBuild  = iota // build the chunk: its digest goes into the index
 	planVerify        // a clean chunk: its digest must equal the parent's
+	planHeal          // a clean chunk whose stored copy is damaged: built, and must equal the parent's
 )
 
 // chunkPlan says how to build one chunk: read the spans, zero the rest.
@@ -75,6 +76,9 @@ type planner struct {
 	grown  int64
 	sample int        // clean chunks to verify on an incremental run
 	rng    *rand.Rand // picks them
+	// heal reports whether the parent's digest of clean chunk i is
+	// damaged in the repository (nil: none is): the chunk is built then.
+	heal func(i int64) bool
 	// minDirty: a bitmap that is never cleared must mark at least this
 	// many bytes (what it marked at the parent); 0 for no such check.
 	minDirty int64
@@ -160,6 +164,8 @@ func (p *planner) decide(c chunkPlan, touched bool) error {
 	case touched || p.stale[c.index] || c.index >= p.grown:
 	case len(c.reads) == 0 && p.parentHas(c.index):
 		p.zeroedClean++
+	case len(c.reads) > 0 && p.heal != nil && p.heal(c.index):
+		c.kind = planHeal
 	case len(c.reads) > 0:
 		p.offer(c)
 		fallthrough

@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -116,4 +118,81 @@ func BenchmarkList10k(b *testing.B) {
 		b.ReportMetric(list.Seconds(), "list-s")
 		b.ReportMetric(latest.Seconds()*1000, "latest-ms")
 	}
+}
+
+// BenchmarkVerifyReadData stores NBDMOVER_BENCH_VERIFY_MIB (default 2048)
+// MiB of incompressible 1 MiB chunks in one backup, on the local store
+// and on MinIO, and times verify --read-data at 100% and at 10%: wall
+// time and this process's CPU (user+sys) per GB of chunks read. With
+// NBDMOVER_BENCH_DROP_CACHES=1 (root) the page cache is dropped before
+// each run: the local store's figures are then of a cold cache.
+//
+//	go test -run '^$' -bench VerifyReadData -benchtime 1x ./repo   (needs make test's MinIO)
+func BenchmarkVerifyReadData(b *testing.B) {
+	mib := 2048
+	if v := os.Getenv("NBDMOVER_BENCH_VERIFY_MIB"); v != "" {
+		fmt.Sscan(v, &mib)
+	}
+	for _, st := range []struct {
+		name  string
+		store func() sink.Store
+	}{
+		{"local", func() sink.Store { s, _ := sink.NewLocal(b.TempDir()); return s }},
+		{"minio", func() sink.Store { return sinktest.NewS3(b, "bench/") }},
+	} {
+		b.Run(st.name, func(b *testing.B) {
+			s := st.store()
+			r, err := Init(b.Context(), s, InitOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			var ib Builder
+			rng := rand.NewChaCha8([32]byte{1})
+			g, ctx := errgroup.WithContext(b.Context())
+			g.SetLimit(8)
+			for i := range mib {
+				plain := make([]byte, 1<<20)
+				rng.Read(plain)
+				d := r.Sum(plain)
+				ib.Set(int64(i), d)
+				g.Go(func() error { return s.Put(ctx, ChunkKey(d), r.EncodeChunk(nil, d, plain)) })
+			}
+			if err := g.Wait(); err != nil {
+				b.Fatal(err)
+			}
+			ix := ib.Index(r.Config().ChunkSize, int64(mib)<<20)
+			m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
+				Disks: []DiskManifest{{Name: "vda", Size: ix.Size, Mode: "full"}}}
+			if err := r.Commit(b.Context(), m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				for _, p := range []int{100, 10} {
+					if os.Getenv("NBDMOVER_BENCH_DROP_CACHES") == "1" {
+						if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0); err != nil {
+							b.Fatal(err)
+						}
+					}
+					cpu0, t0 := cpuSeconds(), time.Now()
+					vs, err := r.Verify(b.Context(), VerifyOptions{ReadPercent: p}, func(p Problem) { b.Error(p) })
+					if err != nil {
+						b.Fatal(err)
+					}
+					wall, cpu := time.Since(t0).Seconds(), cpuSeconds()-cpu0
+					gb := float64(vs.VerifiedBytes) / 1e9
+					fmt.Printf("verify %s --read-data=%d%%: %d of %d chunks (%.2f GB) in %.2f s, %.2f CPU s: %.2f s/GB, %.2f CPU s/GB\n",
+						st.name, p, vs.Verified, vs.Chunks, gb, wall, cpu, wall/gb, cpu/gb)
+					b.ReportMetric(wall/gb, fmt.Sprintf("s/GB-%d%%", p))
+					b.ReportMetric(cpu/gb, fmt.Sprintf("cpu-s/GB-%d%%", p))
+				}
+			}
+		})
+	}
+}
+
+// cpuSeconds is this process's user and system time.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }

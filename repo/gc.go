@@ -59,13 +59,18 @@ type GCResult struct {
 	Backups int    `json:"backups"` // committed backups whose references were kept
 	// Late: backups committed while gc ran, whose references were
 	// added before the sweep; Rescued: candidates they referenced.
-	Late      int     `json:"late_backups"`
-	Rescued   int64   `json:"rescued"`
-	Chunks    GCCount `json:"chunks"`
-	Metadata  GCCount `json:"metadata"` // index objects and extra files
-	Catalogs  int     `json:"catalogs_deleted"`
-	TempFiles int     `json:"temp_files_deleted"`
-	Seconds   float64 `json:"seconds"`
+	Late     int     `json:"late_backups"`
+	Rescued  int64   `json:"rescued"`
+	Chunks   GCCount `json:"chunks"`
+	Metadata GCCount `json:"metadata"` // index objects and extra files
+	Catalogs int     `json:"catalogs_deleted"`
+	// Damage: damage records of objects that no backup references and
+	// that are gone; Quarantine: quarantined copies of chunks whose
+	// record is gone, older than the grace period.
+	Damage     int     `json:"damage_records_deleted"`
+	Quarantine int     `json:"quarantined_deleted"`
+	TempFiles  int     `json:"temp_files_deleted"`
+	Seconds    float64 `json:"seconds"`
 }
 
 // GC deletes what no committed backup references: chunks, index objects
@@ -150,6 +155,9 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		return g.res, err
 	}
 	if err := g.catalogs(ctx, keys, lock); err != nil {
+		return g.res, err
+	}
+	if err := g.damage(ctx, lock); err != nil {
 		return g.res, err
 	}
 	if !o.DryRun {
@@ -536,6 +544,64 @@ func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, lock *Lock) e
 		return err
 	}
 	return sink.DeleteMany(ctx, g.r.store, dead, g.o.Parallel, nil)
+}
+
+// damage deletes the damage records of objects no backup references that
+// are gone (deleted by this sweep, or missing), and the quarantined copies
+// of chunks without a record that are older than the grace period. A
+// record of an object that still exists is kept even when nothing
+// references it: without it a later backup would deduplicate against the
+// damaged copy.
+func (g *gc) damage(ctx context.Context, lock *Lock) error {
+	recs, err := g.r.damageRecords(ctx)
+	if err != nil {
+		return err
+	}
+	var dead []string
+	for rec, obj := range recs {
+		kind, d := byte(candChunk), chunker.Digest{}
+		for k, p := range candPrefix {
+			if strings.HasPrefix(obj, p) {
+				kind = byte(k)
+				d, _ = chunker.ParseDigest(obj[len(p)+3:])
+			}
+		}
+		if g.referenced(kind, obj, d) {
+			continue
+		}
+		if _, err := g.r.store.Stat(ctx, obj); !isNotFound(err) {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		dead = append(dead, rec)
+		delete(recs, rec)
+	}
+	g.res.Damage = len(dead)
+	kept := map[string]bool{}
+	for _, obj := range recs {
+		kept[obj] = true
+	}
+	var copies []string
+	err = g.r.store.List(ctx, quarantinePrefix, func(o sink.ObjectInfo) error {
+		obj := strings.TrimPrefix(o.Key, quarantinePrefix)
+		if isObjectKey("chunks/", obj) && !kept[obj] && !o.Modified.IsZero() && o.Modified.Before(g.cutoff) {
+			copies = append(copies, o.Key)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	g.res.Quarantine = len(copies)
+	if lock == nil || len(dead)+len(copies) == 0 {
+		return nil
+	}
+	if _, err := lock.Check(ctx); err != nil {
+		return err
+	}
+	return sink.DeleteMany(ctx, g.r.store, append(dead, copies...), g.o.Parallel, nil)
 }
 
 // digestSet is a set of chunk digests kept as their first 8 bytes: 8

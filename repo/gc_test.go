@@ -235,14 +235,14 @@ func TestGCAfterForget(t *testing.T) {
 				}
 			}
 			// Forgetting everything, then gc, leaves nothing but the config and
-			// the catalogs' absence.
+			// the verification state (when each part was last read).
 			if _, err := r.Forget(ctx, "", Policy{KeepLast: intp(0)}, false); err != nil {
 				t.Fatal(err)
 			}
 			if g, err = r.GC(ctx, GCOptions{Grace: time.Millisecond}); err != nil || g.Chunks.Deleted != 4 {
 				t.Fatalf("gc of an emptied repository: %+v %v", g, err)
 			}
-			if left := keysUnder(t, r.Store(), ""); len(left) != 1 || left[0] != "config" {
+			if left := keysUnder(t, r.Store(), ""); len(left) != 2 || left[0] != "config" || left[1] != "state/verified" {
 				t.Fatalf("left after forgetting everything: %v", left)
 			}
 		})

@@ -1,13 +1,19 @@
 package repo
 
 import (
+	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/sink"
@@ -20,22 +26,43 @@ type Problem struct {
 	Backup  string `json:"backup"` // domain/id of a backup that needs it
 	Disk    string `json:"disk,omitempty"`
 	Problem string `json:"problem"` // what is wrong
+	// Backups: every backup of the selection that references a damaged
+	// chunk, index object or file ("domain/id"), when more than Backup.
+	Backups []string `json:"backups,omitempty"`
 }
 
 // VerifyOptions select what Verify checks.
 type VerifyOptions struct {
-	Domain   string // "" = every domain
-	Backup   string // "" = every backup of Domain
-	ReadData bool   // also fetch, decode and re-hash every chunk
-	Parallel int    // chunk fetches in flight (default 16)
-	Log      *slog.Logger
+	Domain string // "" = every domain
+	Backup string // "" = every backup of Domain
+	// ReadData: also fetch, decode and re-hash every chunk (ReadPercent
+	// 100).
+	ReadData bool
+	// ReadPercent, 1 to 99, reads that share of the chunks: the parts of
+	// the repository verified least recently (docs/format.md, "Damage and
+	// verification state"), so that runs at 10% read every chunk in ten
+	// runs. Chunks with a damage record are read whatever the share.
+	ReadPercent int
+	Seed        uint64 // breaks ties between parts as old as each other; 0 = random
+	Parallel    int    // chunk fetches in flight (default 16)
+	Log         *slog.Logger
 }
 
-// VerifyStats counts what Verify looked at.
+// VerifyStats counts what Verify looked at and found.
 type VerifyStats struct {
-	Backups int   `json:"backups"`
-	Chunks  int   `json:"chunks"` // distinct chunks referenced
-	Bytes   int64 `json:"bytes"`  // stored bytes of those chunks
+	Backups       int   `json:"backups"`
+	Chunks        int   `json:"chunks"` // distinct chunks referenced
+	Bytes         int64 `json:"bytes"`  // stored bytes of those chunks
+	ReadPercent   int   `json:"read_percent"`
+	Verified      int   `json:"verified"` // chunks read, decoded and found whole
+	VerifiedBytes int64 `json:"verified_bytes"`
+	Corrupt       int   `json:"corrupt"`     // chunks that do not decode to their name (or are truncated)
+	Missing       int   `json:"missing"`     // chunks not stored
+	Quarantined   int   `json:"quarantined"` // corrupt chunks whose bytes were kept under state/quarantine/
+	Repaired      int   `json:"repaired"`    // damaged chunks (and index objects, files) found whole again
+	// Damaged: the backups of the selection that reference a damaged
+	// object ("domain/id"), sorted.
+	Damaged []string `json:"damaged_backups"`
 }
 
 type chunkRef struct {
@@ -43,42 +70,93 @@ type chunkRef struct {
 	index        int64
 }
 
+// verify is the state of one Verify.
+type verify struct {
+	r     *Repo
+	o     VerifyOptions
+	now   time.Time
+	stats VerifyStats
+	refs  map[chunker.Digest]chunkRef // every referenced chunk, with the first place that references it
+	// Damage found: chunk problems by digest, index objects' and files'
+	// by key, with the backups that need them.
+	mu       sync.Mutex
+	chunks   map[chunker.Digest]*damage
+	objects  map[string]*damage
+	readOK   map[chunker.Digest]bool // chunks read whole
+	loadedOK map[string]bool         // index objects and files read whole
+	records  map[string]string       // damage records before: object key by record key
+}
+
+type damage struct {
+	problem, quarantined string
+	backups              map[string]bool
+}
+
 // Verify checks the selected backups: every manifest and index decodes and
 // matches its checksum, and every chunk they reference is stored (and with
-// ReadData, decodes to bytes that hash to its name). It reports every
-// problem through report, not only the first, and returns an error only
-// when it could not check (the store failed).
+// ReadData or ReadPercent, decodes to bytes that hash to its name). It
+// reports every problem through report, not only the first, and returns
+// an error only when it could not check (the store failed).
+//
+// What it finds damaged it records (state/damage/), with the backups that
+// reference it, and the bytes of a corrupt chunk it keeps under
+// state/quarantine/; damage recorded before that it finds whole again it
+// clears (Repaired). See "Damage and verification state" in
+// docs/format.md.
 func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)) (VerifyStats, error) {
-	var stats VerifyStats
+	v := &verify{r: r, o: o, now: time.Now().UTC(), chunks: map[chunker.Digest]*damage{}, objects: map[string]*damage{},
+		readOK: map[chunker.Digest]bool{}, loadedOK: map[string]bool{}}
+	if o.ReadData || o.ReadPercent >= 100 {
+		v.o.ReadPercent = 100
+	}
+	v.stats.ReadPercent = v.o.ReadPercent
+	v.stats.Damaged = []string{}
 	// Under a shared lock, so that no gc deletes what a backup forgotten
 	// meanwhile referenced: verify reports only what is really wrong.
 	lock, ctx, err := r.Lock(ctx, LockShared, "verify", o.Log)
 	if err != nil {
-		return stats, err
+		return v.stats, err
 	}
 	defer lock.Release()
 	if err := r.verifyKeys(ctx, report); err != nil {
-		return stats, err
+		return v.stats, err
 	}
 	ms, err := r.verifySelection(ctx, o, report)
 	if err != nil {
-		return stats, err
+		return v.stats, err
 	}
-	stats.Backups = len(ms)
-	refs, err := r.chunkRefs(ctx, ms, report)
+	v.stats.Backups = len(ms)
+	if err := v.chunkRefs(ctx, ms, report); err != nil {
+		return v.stats, err
+	}
+	v.stats.Chunks = len(v.refs)
+	if v.records, err = r.damageRecords(ctx); err != nil {
+		return v.stats, err
+	}
+	present, err := v.listedChunks(ctx)
 	if err != nil {
-		return stats, err
+		return v.stats, err
 	}
-	stats.Chunks = len(refs)
-	present, err := r.listedChunks(ctx, refs, report, &stats)
-	if err != nil || !o.ReadData {
-		return stats, err
+	sample, err := v.sample(ctx)
+	if err != nil {
+		return v.stats, err
 	}
-	parallel := o.Parallel
-	if parallel <= 0 {
-		parallel = 16
+	if err := v.readChunks(ctx, v.toRead(present, sample)); err != nil {
+		return v.stats, err
 	}
-	return stats, r.readChunks(ctx, present, refs, parallel, report)
+	if err := v.record(ctx, ms, report); err != nil {
+		return v.stats, err
+	}
+	if err := v.repaired(ctx); err != nil {
+		return v.stats, err
+	}
+	// The parts read are verified now, for the whole repository only.
+	if sample != nil && o.Domain == "" && o.Backup == "" {
+		if err := r.saveVerified(ctx, sample); err != nil {
+			return v.stats, err
+		}
+	}
+	return v.stats, nil
 }
 
 // verifySelection returns the backups Verify checks; manifests that cannot
@@ -98,80 +176,134 @@ func (r *Repo) verifySelection(ctx context.Context, o VerifyOptions, report func
 	return ms, err
 }
 
-// chunkRefs checks the backups' indexes and files and returns every chunk
-// they reference, each with the first place that references it.
-func (r *Repo) chunkRefs(ctx context.Context, ms []*Manifest, report func(Problem)) (map[chunker.Digest]chunkRef, error) {
-	refs := map[chunker.Digest]chunkRef{}
+// chunkRefs checks the backups' indexes and files and collects every
+// chunk they reference, each with the first place that references it.
+func (v *verify) chunkRefs(ctx context.Context, ms []*Manifest, report func(Problem)) error {
+	v.refs = map[chunker.Digest]chunkRef{}
 	for _, m := range ms {
 		name := m.Domain + "/" + m.ID
-		for _, d := range m.Disks {
-			ix, err := r.LoadIndex(ctx, m, d.Name)
-			if isStoreFailure(err) {
-				return nil, err
-			}
-			if err != nil {
-				report(Problem{Object: problemObject(err, "index of disk "+d.Name), Backup: name, Disk: d.Name, Problem: err.Error()})
-				continue
-			}
+		err := v.indexes(ctx, m, func(disk string, ix *Index) {
 			for i, dg := range ix.All() {
-				if _, seen := refs[dg]; !seen {
-					refs[dg] = chunkRef{backup: name, disk: d.Name, index: i}
+				if _, seen := v.refs[dg]; !seen {
+					v.refs[dg] = chunkRef{backup: name, disk: disk, index: i}
 				}
 			}
+		}, report)
+		if err != nil {
+			return err
 		}
-		for f := range m.Files {
-			_, err := r.ReadFile(ctx, m, f)
+		for f, key := range m.Files {
+			_, err := v.r.ReadFile(ctx, m, f)
 			if isStoreFailure(err) {
-				return nil, err
+				return err
 			}
 			if err != nil {
-				report(Problem{Object: problemObject(err, m.Files[f]), Backup: name, Problem: err.Error()})
+				v.objectDamage(problemObject(err, key), err.Error(), name)
+				report(Problem{Object: problemObject(err, key), Backup: name, Problem: err.Error()})
+				continue
 			}
+			v.loadedOK[key] = true
 		}
 	}
-	return refs, nil
+	return nil
 }
 
-// listedChunks reports the referenced chunks that are missing or too
-// short to be a blob, from one listing instead of a request per chunk, and
+// indexes loads the index of each disk of m and calls f with it. One that
+// cannot be loaded is a problem (reported when report is not nil).
+func (v *verify) indexes(ctx context.Context, m *Manifest, f func(disk string, ix *Index), report func(Problem)) error {
+	name := m.Domain + "/" + m.ID
+	for _, d := range m.Disks {
+		ix, err := v.r.LoadIndex(ctx, m, d.Name)
+		if isStoreFailure(err) {
+			return err
+		}
+		if err != nil {
+			if report != nil {
+				v.objectDamage(problemObject(err, ""), err.Error(), name)
+				report(Problem{Object: problemObject(err, "index of disk "+d.Name), Backup: name, Disk: d.Name, Problem: err.Error()})
+			}
+			continue
+		}
+		for _, link := range d.Index {
+			for _, key := range link.Objects {
+				v.loadedOK[key] = true
+			}
+		}
+		f(d.Name, ix)
+	}
+	return nil
+}
+
+// objectDamage notes a damaged index object or file (key "" when the
+// problem names none: it is then reported only).
+func (v *verify) objectDamage(key, problem, backup string) {
+	if key == "" || !isObjectKey("indexes/", key) && !isObjectKey("files/", key) {
+		return
+	}
+	d := v.objects[key]
+	if d == nil {
+		d = &damage{problem: problem, backups: map[string]bool{}}
+		v.objects[key] = d
+	}
+	d.backups[backup] = true
+}
+
+// listedChunks notes the referenced chunks that are missing or too short
+// to be a blob, from one listing instead of a request per chunk, and
 // returns the others in disk order.
-func (r *Repo) listedChunks(ctx context.Context, refs map[chunker.Digest]chunkRef, report func(Problem), stats *VerifyStats) ([]chunker.Digest, error) {
+func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, error) {
 	sizes := map[string]int64{}
-	if err := r.store.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
+	if err := v.r.store.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
 		sizes[o.Key] = o.Size
 		return nil
 	}); err != nil {
 		return nil, err
 	}
-	digests := make([]chunker.Digest, 0, len(refs))
-	for dg := range refs {
+	digests := make([]chunker.Digest, 0, len(v.refs))
+	for dg := range v.refs {
 		digests = append(digests, dg)
 	}
-	sort.Slice(digests, func(i, j int) bool { return refs[digests[i]].index < refs[digests[j]].index })
+	sort.Slice(digests, func(i, j int) bool { return v.refs[digests[i]].index < v.refs[digests[j]].index })
 	var present []chunker.Digest
 	for _, dg := range digests {
-		key, ref := ChunkKey(dg), refs[dg]
-		size, ok := sizes[key]
+		size, ok := sizes[ChunkKey(dg)]
 		switch {
 		case !ok:
-			report(Problem{Object: key, Backup: ref.backup, Disk: ref.disk,
-				Problem: fmt.Sprintf("missing (chunk %d of the disk)", ref.index)})
+			v.chunks[dg] = &damage{problem: "missing"}
+			v.stats.Missing++
 		case size < chunker.HeaderSize:
-			report(Problem{Object: key, Backup: ref.backup, Disk: ref.disk,
-				Problem: fmt.Sprintf("truncated to %d bytes (chunk %d of the disk)", size, ref.index)})
+			v.chunks[dg] = &damage{problem: fmt.Sprintf("truncated to %d bytes", size)}
+			v.stats.Corrupt++
 		default:
-			stats.Bytes += size
+			v.stats.Bytes += size
 			present = append(present, dg)
 		}
 	}
 	return present, nil
 }
 
-// readChunks fetches, decodes and re-hashes the chunks, parallel at once,
-// and reports each one that is damaged.
-func (r *Repo) readChunks(ctx context.Context, present []chunker.Digest, refs map[chunker.Digest]chunkRef,
-	parallel int, report func(Problem)) error {
-	var mu sync.Mutex
+// toRead is the chunks of present to read: those in the parts sampled
+// (every one without a sample), and those with a damage record.
+func (v *verify) toRead(present []chunker.Digest, sample *sampleState) []chunker.Digest {
+	if v.o.ReadPercent >= 100 {
+		return present
+	}
+	var out []chunker.Digest
+	for _, dg := range present {
+		if sample != nil && sample.picked[bucketOf(dg)] || v.records[damageKey(ChunkKey(dg))] != "" {
+			out = append(out, dg)
+		}
+	}
+	return out
+}
+
+// readChunks fetches, decodes and re-hashes the chunks, Parallel at once,
+// notes each one that is damaged, and keeps the bytes of a corrupt one.
+func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error {
+	parallel := v.o.Parallel
+	if parallel <= 0 {
+		parallel = 16
+	}
 	var next atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	for range parallel {
@@ -179,28 +311,121 @@ func (r *Repo) readChunks(ctx context.Context, present []chunker.Digest, refs ma
 			var plain, blob []byte
 			for {
 				i := next.Add(1) - 1
-				if i >= int64(len(present)) {
+				if i >= int64(len(chunks)) {
 					return nil
 				}
-				dg := present[i]
+				dg := chunks[i]
 				var err error
-				plain, blob, err = r.GetChunk(gctx, dg, plain, blob)
+				plain, blob, err = v.r.GetChunk(gctx, dg, plain, blob)
 				if err == nil {
+					v.mu.Lock()
+					v.stats.Verified++
+					v.stats.VerifiedBytes += int64(len(blob))
+					v.readOK[dg] = true
+					v.mu.Unlock()
 					continue
 				}
 				var ce *chunker.CorruptError
 				if !errors.As(err, &ce) && !errors.Is(err, sink.ErrNotFound) {
 					return err
 				}
-				ref := refs[dg]
-				mu.Lock()
-				report(Problem{Object: ChunkKey(dg), Backup: ref.backup, Disk: ref.disk,
-					Problem: fmt.Sprintf("%v (chunk %d of the disk)", errors.Unwrap(err), ref.index)})
-				mu.Unlock()
+				d := &damage{problem: errors.Unwrap(err).Error()}
+				if ce != nil {
+					// The bytes as stored: decoding may have changed blob.
+					raw, err := v.r.store.Get(gctx, ChunkKey(dg), nil)
+					if isStoreFailure(err) {
+						return err
+					}
+					if err == nil {
+						if d.quarantined, err = v.r.quarantine(gctx, dg, raw); err != nil {
+							return err
+						}
+					}
+				}
+				v.mu.Lock()
+				v.chunks[dg] = d
+				if ce != nil {
+					v.stats.Corrupt++
+					v.stats.Quarantined++
+				} else {
+					v.stats.Missing++ // deleted since the listing
+				}
+				v.mu.Unlock()
 			}
 		})
 	}
 	return g.Wait()
+}
+
+// record finds every backup of the selection that references a damaged
+// chunk, writes the damage records, and reports the damaged chunks.
+func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem)) error {
+	if len(v.chunks) > 0 {
+		for _, d := range v.chunks {
+			d.backups = map[string]bool{}
+		}
+		// A second pass over the indexes, only when something is
+		// damaged: the first keeps one place per chunk, not every
+		// backup (memory).
+		for _, m := range ms {
+			name := m.Domain + "/" + m.ID
+			err := v.indexes(ctx, m, func(_ string, ix *Index) {
+				for _, dg := range ix.All() {
+					if d := v.chunks[dg]; d != nil {
+						d.backups[name] = true
+					}
+				}
+			}, nil)
+			if err != nil {
+				return err
+			}
+		}
+	}
+	damaged := map[string]bool{}
+	write := func(key string, d *damage) error {
+		backups := slices.Sorted(maps.Keys(d.backups))
+		for _, b := range backups {
+			damaged[b] = true
+		}
+		return v.r.recordDamage(ctx, key, d.problem, d.quarantined, backups, v.now)
+	}
+	digests := slices.SortedFunc(maps.Keys(v.chunks), func(a, b chunker.Digest) int { return cmp.Compare(v.refs[a].index, v.refs[b].index) })
+	for _, dg := range digests {
+		d, ref := v.chunks[dg], v.refs[dg]
+		if err := write(ChunkKey(dg), d); err != nil {
+			return err
+		}
+		p := Problem{Object: ChunkKey(dg), Backup: ref.backup, Disk: ref.disk,
+			Problem: fmt.Sprintf("%s (chunk %d of the disk)", d.problem, ref.index)}
+		if len(d.backups) > 1 {
+			p.Backups = slices.Sorted(maps.Keys(d.backups))
+		}
+		if d.quarantined != "" {
+			p.Problem += "; its bytes are kept in " + d.quarantined
+		}
+		report(p)
+	}
+	for _, key := range slices.Sorted(maps.Keys(v.objects)) {
+		if err := write(key, v.objects[key]); err != nil {
+			return err
+		}
+	}
+	v.stats.Damaged = append([]string{}, slices.Sorted(maps.Keys(damaged))...)
+	return nil
+}
+
+// repaired deletes the damage records of the objects this verify read
+// whole: a backup stored the chunk again (or someone put the object
+// back).
+func (v *verify) repaired(ctx context.Context) error {
+	var keys []string
+	for rec, obj := range v.records {
+		if d, ok := chunkDigest(obj); ok && v.readOK[d] && v.chunks[d] == nil || v.loadedOK[obj] && v.objects[obj] == nil {
+			keys = append(keys, rec)
+		}
+	}
+	v.stats.Repaired = len(keys)
+	return sink.DeleteMany(ctx, v.r.store, keys, 8, nil)
 }
 
 // isStoreFailure tells a failing store (stop: we cannot check) from a bad
@@ -240,4 +465,108 @@ func (r *Repo) verifyKeys(ctx context.Context, report func(Problem)) error {
 		}
 	}
 	return nil
+}
+
+// Sampled verification divides the chunks into sampleParts parts by the
+// top 12 bits of their digest (uniform: a hash, or in an encrypted
+// repository a keyed one) and reads, each run, the parts verified least
+// recently. state/verified records when each part was last read.
+const (
+	sampleParts = 4096
+	verifiedKey = "state/verified"
+)
+
+func bucketOf(d chunker.Digest) int { return int(d[0])<<4 | int(d[1])>>4 }
+
+// verifiedState is state/verified (a meta blob of JSON).
+type verifiedState struct {
+	Version int     `json:"version"`
+	Parts   int     `json:"parts"`
+	Read    []int64 `json:"read"` // per part: when a verify last read it (Unix nanoseconds; 0 never)
+}
+
+// sampleState is the parts one sampled Verify reads.
+type sampleState struct {
+	state  verifiedState
+	picked [sampleParts]bool
+	now    int64
+}
+
+// sample picks the parts a run at ReadPercent reads: the share of them
+// read least recently, ties broken at random (every part at 100%; nil
+// when no chunk is read).
+func (v *verify) sample(ctx context.Context) (*sampleState, error) {
+	p := v.o.ReadPercent
+	if p <= 0 {
+		return nil, nil
+	}
+	st, err := v.r.loadVerified(ctx, v.o.Log)
+	if err != nil {
+		return nil, err
+	}
+	s := &sampleState{state: st, now: v.now.UnixNano()}
+	for _, t := range st.Read { // always later than every part read before
+		s.now = max(s.now, t+1)
+	}
+	seed := v.o.Seed
+	if seed == 0 {
+		seed = rand.Uint64()
+	}
+	order := rand.New(rand.NewPCG(seed, 0)).Perm(sampleParts)
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(st.Read[a], st.Read[b]) })
+	n := min(sampleParts, (sampleParts*p+99)/100)
+	for _, part := range order[:n] {
+		s.picked[part] = true
+	}
+	return s, nil
+}
+
+// loadVerified reads state/verified; one that is missing or cannot be
+// read is a repository never verified (with a warning).
+func (r *Repo) loadVerified(ctx context.Context, log *slog.Logger) (verifiedState, error) {
+	fresh := verifiedState{Version: FormatVersion, Parts: sampleParts, Read: make([]int64, sampleParts)}
+	blob, err := r.store.Get(ctx, verifiedKey, nil)
+	if isNotFound(err) {
+		return fresh, nil
+	}
+	if err != nil {
+		return fresh, err
+	}
+	var st verifiedState
+	b, err := r.decodeMeta(verifiedKey, blob)
+	if err == nil {
+		err = strictUnmarshal(b, &st)
+	}
+	if err == nil && (st.Parts != sampleParts || len(st.Read) != sampleParts) {
+		err = fmt.Errorf("%d parts, want %d", len(st.Read), sampleParts)
+	}
+	if err != nil {
+		if log != nil {
+			log.Warn("the verification state cannot be read: starting it again (every part counts as never verified)",
+				"object", verifiedKey, "error", err)
+		}
+		return fresh, nil
+	}
+	return st, nil
+}
+
+// saveVerified records that the parts s picked were read now. Two
+// verifies saving at once: the last one wins, and the parts only the
+// other read are read again sooner than needed.
+func (r *Repo) saveVerified(ctx context.Context, s *sampleState) error {
+	for part, ok := range s.picked {
+		if ok {
+			s.state.Read[part] = s.now
+		}
+	}
+	b, _ := json.Marshal(s.state)
+	return r.store.Put(ctx, verifiedKey, r.encodeMeta(verifiedKey, b))
+}
+
+// AllBackups is every backup the problem concerns.
+func (p Problem) AllBackups() []string {
+	if len(p.Backups) > 0 {
+		return p.Backups
+	}
+	return []string{p.Backup}
 }

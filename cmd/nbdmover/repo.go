@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -145,19 +146,23 @@ func listCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			_, damaged, err := r.Damage(c.Context)
+			if err != nil {
+				return err
+			}
 			for _, p := range skipped {
 				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: skipped %s: %s (nbdmover verify reports it)\n", p.Object, p.Problem)
 			}
 			if c.Bool("json") {
-				return printJSON(c.App.Writer, listJSON(ms, skipped, protected))
+				return printJSON(c.App.Writer, listJSON(ms, skipped, protected, damaged))
 			}
-			return printList(c.App.Writer, ms, protected)
+			return printList(c.App.Writer, ms, protected, damaged)
 		},
 	}
 }
 
 // listJSON is the document of list --json.
-func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected map[string]bool) any {
+func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected, damaged map[string]bool) any {
 	type disk struct {
 		Name string `json:"name"`
 		Size int64  `json:"size"`
@@ -170,6 +175,7 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected map[string]
 		Parent      string    `json:"parent,omitempty"`
 		Consistency string    `json:"consistency"`
 		Protected   bool      `json:"protected,omitempty"`
+		Damaged     bool      `json:"damaged,omitempty"` // references an object verify found damaged
 		Disks       []disk    `json:"disks"`
 	}
 	out := struct {
@@ -178,7 +184,7 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected map[string]
 	}{Backups: []backup{}, Skipped: skipped}
 	for _, m := range ms {
 		b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency,
-			Protected: protected[m.Domain+"/"+m.ID]}
+			Protected: protected[m.Domain+"/"+m.ID], Damaged: damaged[m.Domain+"/"+m.ID]}
 		for _, d := range m.Disks {
 			b.Disks = append(b.Disks, disk{d.Name, d.Size})
 		}
@@ -188,13 +194,14 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected map[string]
 }
 
 // printList prints the backups as a table.
-func printList(w io.Writer, ms []*repo.Manifest, protected map[string]bool) error {
+func printList(w io.Writer, ms []*repo.Manifest, protected, damaged map[string]bool) error {
 	if len(ms) == 0 {
 		fmt.Fprintln(w, "no backups")
 		return nil
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tPROTECTED\tDISKS")
+	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tPROTECTED\tDAMAGED\tDISKS")
+	ndamaged := 0
 	for _, m := range ms {
 		var disks []string
 		for _, d := range m.Disks {
@@ -204,9 +211,20 @@ func printList(w io.Writer, ms []*repo.Manifest, protected map[string]bool) erro
 		if protected[m.Domain+"/"+m.ID] {
 			prot = "yes"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, prot, strings.Join(disks, " "))
+		dmg := "-"
+		if damaged[m.Domain+"/"+m.ID] {
+			dmg = "DAMAGED"
+			ndamaged++
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, prot, dmg, strings.Join(disks, " "))
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if ndamaged > 0 {
+		fmt.Fprintf(w, "%d backups reference chunks verify found damaged: they do not restore until the next backups store those chunks again (nbdmover verify shows what is left)\n", ndamaged)
+	}
+	return nil
 }
 
 func restoreCommand() *cli.Command {
@@ -250,14 +268,55 @@ func restoreCommand() *cli.Command {
 	}
 }
 
+// readShare is --read-data: alone, every chunk; =PERCENT (e.g. 10%), that
+// share of them, the least recently verified first.
+type readShare struct{ percent int }
+
+func (r *readShare) IsBoolFlag() bool { return true }
+
+func (r *readShare) String() string {
+	if r == nil || r.percent == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d%%", r.percent)
+}
+
+func (r *readShare) Set(s string) error {
+	p, err := parsePercent(s)
+	if err != nil {
+		return err
+	}
+	r.percent = p
+	return nil
+}
+
+// parsePercent parses "true" (100), "false" (0), "N" or "N%" (1 to 100).
+func parsePercent(s string) (int, error) {
+	switch s {
+	case "true":
+		return 100, nil
+	case "false":
+		return 0, nil
+	}
+	p, err := strconv.Atoi(strings.TrimSuffix(s, "%"))
+	if err != nil || p < 1 || p > 100 {
+		return 0, fmt.Errorf("%q: want a share of the chunks from 1%% to 100%%, e.g. 10%%", s)
+	}
+	return p, nil
+}
+
 func verifyCommand() *cli.Command {
+	share := &readShare{}
 	return &cli.Command{
-		Name:  "verify",
-		Usage: "check that backups are complete (and with --read-data, intact); exit 1: problems found, 3: could not check",
+		Name: "verify",
+		Usage: "check that backups are complete (and with --read-data, intact), record what is damaged so that the next backups heal it; " +
+			"exit 1: problems found, 3: could not check",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
 			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
-			&cli.BoolFlag{Name: "read-data", Usage: "also read, decode and re-hash every chunk"},
+			&cli.GenericFlag{Name: "read-data", Value: share,
+				Usage: "also read, decode and re-hash every chunk; --read-data=10% reads a tenth of them, those verified least recently (ten nightly runs read every chunk)"},
+			&cli.Uint64Flag{Name: "seed", Hidden: true, Usage: "seed of the choice among parts verified as long ago (tests)"},
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -276,31 +335,58 @@ func verifyCommand() *cli.Command {
 			if err != nil {
 				return checkError{err}
 			}
-			stats, err := r.Verify(c.Context, repo.VerifyOptions{
-				Domain: c.String("domain"), Backup: c.String("backup"), ReadData: c.Bool("read-data"), Log: log},
+			stats, err := r.Verify(c.Context, repo.VerifyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
+				ReadPercent: share.percent, Seed: c.Uint64("seed"), Log: log},
 				func(p repo.Problem) {
 					problems = append(problems, p)
 					if !c.Bool("json") {
-						fmt.Fprintf(c.App.Writer, "BAD %s: %s (backup %s)\n", p.Object, p.Problem, p.Backup)
+						fmt.Fprintf(c.App.Writer, "BAD %s: %s (backup %s)\n", p.Object, p.Problem, strings.Join(p.AllBackups(), ", "))
 					}
 				})
 			if err != nil {
 				return checkError{fmt.Errorf("verify could not finish (%d problems found before): %w", len(problems), err)}
 			}
 			if c.Bool("json") {
-				if err := printJSON(c.App.Writer, map[string]any{"backups": stats.Backups, "chunks": stats.Chunks,
-					"bytes": stats.Bytes, "read_data": c.Bool("read-data"), "problems": problems}); err != nil {
+				if err := printJSON(c.App.Writer, verifyJSON{VerifyStats: stats, ReadData: stats.ReadPercent > 0, Problems: problems}); err != nil {
 					return err
 				}
 			} else {
-				fmt.Fprintf(c.App.Writer, "checked %d backups, %d chunks (%s)%s: %d problems\n", stats.Backups, stats.Chunks,
-					humanBytes(stats.Bytes), map[bool]string{true: " with their data", false: ""}[c.Bool("read-data")], len(problems))
+				printVerify(c.App.Writer, stats, len(problems))
 			}
 			if len(problems) > 0 {
 				return fmt.Errorf("verify found %d problems", len(problems))
 			}
 			return nil
 		},
+	}
+}
+
+// verifyJSON is the document of verify --json.
+type verifyJSON struct {
+	repo.VerifyStats
+	ReadData bool           `json:"read_data"`
+	Problems []repo.Problem `json:"problems"`
+}
+
+// printVerify prints verify's summary.
+func printVerify(w io.Writer, st repo.VerifyStats, problems int) {
+	read := ""
+	switch {
+	case st.ReadPercent >= 100:
+		read = fmt.Sprintf(", read %d of them whole", st.Verified)
+	case st.ReadPercent > 0:
+		read = fmt.Sprintf(", read %d of them whole (the %d%% verified least recently, and any recorded damaged)", st.Verified, st.ReadPercent)
+	}
+	fmt.Fprintf(w, "checked %d backups, %d chunks (%s)%s: %d problems\n", st.Backups, st.Chunks, humanBytes(st.Bytes), read, problems)
+	if st.Corrupt+st.Missing > 0 {
+		fmt.Fprintf(w, "damaged: %d corrupt chunks (%d quarantined), %d missing; %d backups reference them: %s\n",
+			st.Corrupt, st.Quarantined, st.Missing, len(st.Damaged), strings.Join(st.Damaged, " "))
+		fmt.Fprintln(w, "the next backup of a domain stores again those chunks its disks still hold; nbdmover list marks the damaged backups")
+	} else if len(st.Damaged) > 0 {
+		fmt.Fprintf(w, "damaged backups: %s\n", strings.Join(st.Damaged, " "))
+	}
+	if st.Repaired > 0 {
+		fmt.Fprintf(w, "repaired: %d objects recorded damaged before are whole again\n", st.Repaired)
 	}
 }
 

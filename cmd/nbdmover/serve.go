@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"strings"
+	"time"
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
@@ -33,6 +34,8 @@ func serveCommand() *cli.Command {
 			&cli.DurationFlag{Name: "keep-for", Value: 0, Usage: "keep finished jobs this long (default 24h)"},
 			&cli.IntFlag{Name: "keep-max", Value: 0, Usage: "keep at most this many finished jobs (default 1000)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 0, Usage: "on SIGTERM, wait this long for jobs to end (default 2m)"},
+			&cli.DurationFlag{Name: "verify-every", Usage: "run a verify job of the whole repository this often (e.g. 24h; default never)"},
+			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
 		), retentionFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -54,6 +57,15 @@ func serveCommand() *cli.Command {
 			if set {
 				retention = &policy
 			}
+			verifyShare := 0
+			if v := c.String("verify-read-data"); v != "0" && v != "0%" {
+				if verifyShare, err = parsePercent(v); err != nil {
+					return usagef("--verify-read-data: %v", err)
+				}
+			}
+			if c.IsSet("verify-every") && c.Duration("verify-every") < time.Minute {
+				return usagef("--verify-every %s: want at least 1m", c.Duration("verify-every"))
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -67,9 +79,9 @@ func serveCommand() *cli.Command {
 				MaxConnections: c.Int("max-connections"), ShutdownTimeout: c.Duration("shutdown-timeout"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
-					Retention: retention,
-					Backup:    mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
-					Domain:    mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
+					Retention: retention, VerifyEvery: c.Duration("verify-every"), VerifyReadPercent: verifyShare,
+					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
+					Domain: mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})
 		},
