@@ -168,7 +168,7 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	ms, skipped, damaged, err := listBackups(r.Context(), a.repo, domain)
+	ms, skipped, damaged, err := a.listBackups(r.Context(), domain)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, err)
 		return
@@ -201,10 +201,11 @@ func (a *api) health(w http.ResponseWriter, r *http.Request) {
 }
 
 // listBackups lists the committed backups of domain ("" = all), the
-// manifests it could not read, and the backups verify found damaged; a
+// manifests it could not read, and the backups verify found damaged (not
+// marked, with a warning, when the damage records cannot be read); a
 // repository that does not exist yet has none.
-func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Manifest, []repo.Problem, map[string]bool, error) {
-	r, err := o.Open(ctx)
+func (a *api) listBackups(ctx context.Context, domain string) ([]*repo.Manifest, []repo.Problem, map[string]bool, error) {
+	r, err := a.repo.Open(ctx)
 	if errors.Is(err, repo.ErrNoRepository) {
 		return nil, nil, nil, nil
 	}
@@ -216,5 +217,8 @@ func listBackups(ctx context.Context, o repo.Options, domain string) ([]*repo.Ma
 		return nil, nil, nil, err
 	}
 	_, damaged, err := r.Damage(ctx)
-	return ms, skipped, damaged, err
+	if err != nil {
+		a.log.Warn("the backups verify found damaged are not marked: the damage records cannot be read", "error", err)
+	}
+	return ms, skipped, damaged, nil
 }

@@ -22,6 +22,9 @@ type VerifyReport struct {
 	repo.VerifyStats
 	ReadData bool           `json:"read_data"`
 	Problems []repo.Problem `json:"problems"`
+	// Complete: verify checked everything it was to check (with or
+	// without problems); false when the store failed or it was cancelled.
+	Complete bool `json:"complete"`
 }
 
 // checkBackupRequest refuses maintenance options in a backup request.
@@ -144,7 +147,7 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger)
 	rep.VerifyStats, err = rp.Verify(ctx, repo.VerifyOptions{Domain: req.Domain, ReadData: req.ReadData,
 		ReadPercent: req.ReadDataPercent, Log: log},
 		func(p repo.Problem) { rep.Problems = append(rep.Problems, p) })
-	rep.ReadData = rep.ReadPercent > 0
+	rep.ReadData, rep.Complete = rep.ReadPercent > 0, err == nil
 	if err == nil && len(rep.Problems) > 0 {
 		err = fmt.Errorf("verify found %d problems (the report lists them)", len(rep.Problems))
 	}

@@ -52,9 +52,9 @@ func newMetrics() *metrics {
 	m.verified = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_verify_chunks_total",
 		Help: "Chunks verify jobs read whole (verified), found corrupt or missing, quarantined, and found repaired."}, []string{"result"})
 	m.damaged = prometheus.NewGauge(prometheus.GaugeOpts{Name: "nbdmover_verify_damaged_backups",
-		Help: "Backups the last verify job that ran to its end found referencing damaged objects."})
+		Help: "Backups the last verify job of the whole repository that ran to its end found referencing damaged objects."})
 	m.verifyLast = prometheus.NewGauge(prometheus.GaugeOpts{Name: "nbdmover_verify_last_run_timestamp_seconds",
-		Help: "When the last verify job that ran to its end (with or without problems) ended, in seconds since 1970; 0 before the first."})
+		Help: "When the last verify job of the whole repository that ran to its end (with or without problems) ended, in seconds since 1970; 0 before the first."})
 	m.healed = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_chunks_healed_total",
 		Help: "Damaged chunks that backups built from the disks and stored again."})
 	jobs := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_running", Help: "Backup jobs running now."},
@@ -98,7 +98,7 @@ func (m *metrics) observe(v JobView, err error) {
 			"quarantined": rep.Quarantined, "repaired": rep.Repaired} {
 			m.verified.WithLabelValues(k).Add(float64(n))
 		}
-		if v.State != JobCancelled && (err == nil || len(rep.Problems) > 0) {
+		if rep.Complete && v.Request.Domain == "" { // of the whole repository
 			m.damaged.Set(float64(len(rep.Damaged)))
 			m.verifyLast.SetToCurrentTime()
 		}

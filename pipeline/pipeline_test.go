@@ -421,3 +421,36 @@ func chunkDirty(d *fakeDisk, i int64) bool {
 	}
 	return false
 }
+
+// Chunks the repository holds damaged are built from the disk although
+// the bitmap calls them clean, stored again (Healed), and checked against
+// the parent's digest: a difference is a change the bitmap missed.
+func TestHealPlans(t *testing.T) {
+	d := newFakeDisk(t, 20*cs)
+	d.set(0, 20*cs, 0, 1)
+	parent := indexOf(d)
+	// The pattern repeats every 4 chunks: 1, 5, 9, ... share a digest.
+	damaged := map[chunker.Digest]bool{parent.Digests[1]: true, parent.Digests[2]: true}
+	heal := func() (Result, error) {
+		tuning := Tuning{Readers: 3, Workers: 2, Uploads: 2}
+		j := &Job{Name: "vda", Disk: d, Repo: testRepo(t), Buffers: NewBuffers(tuning, 1, cs), Tuning: tuning,
+			Stats: &Stats{}, Sample: 0, Parent: parent.sparse(),
+			Damaged: damaged}
+		d.reads = 0
+		return j.Run(context.Background())
+	}
+	res, err := heal()
+	if err != nil || len(res.Healed) != 2 || d.reads != 10*cs || res.Delta.Len() != 0 {
+		t.Fatalf("heal: %+v %v, read %d", res, err, d.reads)
+	}
+	for _, h := range res.Healed {
+		if !damaged[h] {
+			t.Errorf("healed %s", h)
+		}
+	}
+	d.set(6*cs, unit, 0, 0x40) // changed, but not marked dirty
+	var be *BitmapError
+	if _, err := heal(); !errors.As(err, &be) || be.Chunk != 6 {
+		t.Fatalf("a damaged chunk that changed behind the bitmap: %v", err)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -198,5 +199,37 @@ func TestGCDamageRecords(t *testing.T) {
 	}
 	if left := keysUnder(t, s, "state/"); len(left) != 1 || left[0] != "state/verified" {
 		t.Fatalf("state left: %v", left)
+	}
+}
+
+// A verify the store fails in the middle of its reads still reports, and
+// records, the damage it found before. (The fault is injected: no real
+// store fails on demand between two reads.)
+func TestVerifyFailsLate(t *testing.T) {
+	ctx := t.Context()
+	s := localStore(t)
+	r := initTestRepo(t, s)
+	ds := commitDistinct(t, r, 40)
+	s.Delete(ctx, ChunkKey(ds[0]))
+	f := &sinktest.Faulty{Store: s, Fail: func(op, key string, n int) error {
+		if op == "get" && key == ChunkKey(ds[30]) {
+			return &sink.Error{Op: "get", Key: key, Err: errors.New("injected: connection reset")}
+		}
+		return nil
+	}}
+	rf, err := Open(ctx, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var problems []Problem
+	_, err = rf.Verify(ctx, VerifyOptions{ReadData: true, Parallel: 1}, func(p Problem) { problems = append(problems, p) })
+	if err == nil || !strings.Contains(err.Error(), "connection reset") {
+		t.Fatalf("verify over a failing store: %v", err)
+	}
+	if len(problems) != 1 || problems[0].Object != ChunkKey(ds[0]) || !strings.Contains(problems[0].Problem, "missing") {
+		t.Fatalf("problems reported: %+v", problems)
+	}
+	if dmg, err := r.DamagedChunks(ctx); err != nil || len(dmg) != 1 || !dmg[ds[0]] {
+		t.Fatalf("recorded: %v %v", dmg, err)
 	}
 }

@@ -551,13 +551,17 @@ func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, lock *Lock) e
 // of chunks without a record that are older than the grace period. A
 // record of an object that still exists is kept even when nothing
 // references it: without it a later backup would deduplicate against the
-// damaged copy.
+// damaged copy. (A dry run, which deleted nothing, counts only the records
+// of objects gone already.)
 func (g *gc) damage(ctx context.Context, lock *Lock) error {
 	recs, err := g.r.damageRecords(ctx)
 	if err != nil {
 		return err
 	}
+	var mu sync.Mutex
 	var dead []string
+	eg, ectx := errgroup.WithContext(ctx)
+	eg.SetLimit(g.o.Parallel)
 	for rec, obj := range recs {
 		kind, d := byte(candChunk), chunker.Digest{}
 		for k, p := range candPrefix {
@@ -569,13 +573,20 @@ func (g *gc) damage(ctx context.Context, lock *Lock) error {
 		if g.referenced(kind, obj, d) {
 			continue
 		}
-		if _, err := g.r.store.Stat(ctx, obj); !isNotFound(err) {
-			if err != nil {
-				return err
+		eg.Go(func() error {
+			if _, err := g.r.store.Stat(ectx, obj); !isNotFound(err) {
+				return err // nil: it exists, the record stays
 			}
-			continue
-		}
-		dead = append(dead, rec)
+			mu.Lock()
+			dead = append(dead, rec)
+			mu.Unlock()
+			return nil
+		})
+	}
+	if err := eg.Wait(); err != nil {
+		return err
+	}
+	for _, rec := range dead {
 		delete(recs, rec)
 	}
 	g.res.Damage = len(dead)

@@ -38,10 +38,11 @@ type VerifyOptions struct {
 	// ReadData: also fetch, decode and re-hash every chunk (ReadPercent
 	// 100).
 	ReadData bool
-	// ReadPercent, 1 to 99, reads that share of the chunks: the parts of
+	// ReadPercent, 1 to 100, reads that share of the chunks: the parts of
 	// the repository verified least recently (docs/format.md, "Damage and
-	// verification state"), so that runs at 10% read every chunk in ten
-	// runs. Chunks with a damage record are read whatever the share.
+	// verification state"), so that runs at 10% of the whole repository
+	// read every chunk in ten runs. Chunks with a damage record are read
+	// whatever the share (also at 0).
 	ReadPercent int
 	Seed        uint64 // breaks ties between parts as old as each other; 0 = random
 	Parallel    int    // chunk fetches in flight (default 16)
@@ -142,6 +143,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 		return v.stats, err
 	}
 	if err := v.readChunks(ctx, v.toRead(present, sample)); err != nil {
+		v.record(ctx, ms, report) // what was found before, as far as the store still answers
 		return v.stats, err
 	}
 	if err := v.record(ctx, ms, report); err != nil {
@@ -308,47 +310,51 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 	g, gctx := errgroup.WithContext(ctx)
 	for range parallel {
 		g.Go(func() error {
-			var plain, blob []byte
+			var plain, blob, raw []byte
 			for {
 				i := next.Add(1) - 1
 				if i >= int64(len(chunks)) {
 					return nil
 				}
 				dg := chunks[i]
+				key := ChunkKey(dg)
 				var err error
-				plain, blob, err = v.r.GetChunk(gctx, dg, plain, blob)
-				if err == nil {
-					v.mu.Lock()
-					v.stats.Verified++
-					v.stats.VerifiedBytes += int64(len(blob))
-					v.readOK[dg] = true
-					v.mu.Unlock()
-					continue
-				}
-				var ce *chunker.CorruptError
-				if !errors.As(err, &ce) && !errors.Is(err, sink.ErrNotFound) {
+				blob, err = v.r.store.Get(gctx, key, blob)
+				if isStoreFailure(err) {
 					return err
 				}
-				d := &damage{problem: errors.Unwrap(err).Error()}
-				if ce != nil {
-					// The bytes as stored: decoding may have changed blob.
-					raw, err := v.r.store.Get(gctx, ChunkKey(dg), nil)
-					if isStoreFailure(err) {
-						return err
+				d := &damage{}
+				if err != nil {
+					d.problem = "missing" // deleted since the listing
+				} else {
+					// Decoding an encrypted blob changes it: keep the
+					// bytes as stored for the quarantine.
+					stored := blob
+					if v.r.keys != nil {
+						raw = append(raw[:0], blob...)
+						stored = raw
 					}
-					if err == nil {
-						if d.quarantined, err = v.r.quarantine(gctx, dg, raw); err != nil {
-							return err
-						}
+					var derr error
+					if plain, derr = v.r.codec.Decode(plain, blob, key, dg); derr == nil {
+						v.mu.Lock()
+						v.stats.Verified++
+						v.stats.VerifiedBytes += int64(len(stored))
+						v.readOK[dg] = true
+						v.mu.Unlock()
+						continue
+					}
+					d.problem = derr.Error() // a *chunker.CorruptError
+					if d.quarantined, err = v.r.quarantine(gctx, dg, stored); err != nil {
+						return err
 					}
 				}
 				v.mu.Lock()
 				v.chunks[dg] = d
-				if ce != nil {
+				if d.quarantined != "" {
 					v.stats.Corrupt++
 					v.stats.Quarantined++
 				} else {
-					v.stats.Missing++ // deleted since the listing
+					v.stats.Missing++
 				}
 				v.mu.Unlock()
 			}
@@ -358,43 +364,36 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 }
 
 // record finds every backup of the selection that references a damaged
-// chunk, writes the damage records, and reports the damaged chunks.
+// chunk, reports the damaged chunks, and writes the damage records (16 at
+// once). A second pass over the indexes that fails (the store, or ctx)
+// leaves each chunk with the first backup found to need it; every problem
+// is reported whatever fails.
 func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem)) error {
+	var passErr error
 	if len(v.chunks) > 0 {
-		for _, d := range v.chunks {
-			d.backups = map[string]bool{}
+		// Only when something is damaged: the first pass keeps one place
+		// per chunk, not every backup (memory).
+		for dg, d := range v.chunks {
+			d.backups = map[string]bool{v.refs[dg].backup: true}
 		}
-		// A second pass over the indexes, only when something is
-		// damaged: the first keeps one place per chunk, not every
-		// backup (memory).
 		for _, m := range ms {
 			name := m.Domain + "/" + m.ID
-			err := v.indexes(ctx, m, func(_ string, ix *Index) {
+			passErr = v.indexes(ctx, m, func(_ string, ix *Index) {
 				for _, dg := range ix.All() {
 					if d := v.chunks[dg]; d != nil {
 						d.backups[name] = true
 					}
 				}
 			}, nil)
-			if err != nil {
-				return err
+			if passErr != nil {
+				break
 			}
 		}
 	}
 	damaged := map[string]bool{}
-	write := func(key string, d *damage) error {
-		backups := slices.Sorted(maps.Keys(d.backups))
-		for _, b := range backups {
-			damaged[b] = true
-		}
-		return v.r.recordDamage(ctx, key, d.problem, d.quarantined, backups, v.now)
-	}
 	digests := slices.SortedFunc(maps.Keys(v.chunks), func(a, b chunker.Digest) int { return cmp.Compare(v.refs[a].index, v.refs[b].index) })
 	for _, dg := range digests {
 		d, ref := v.chunks[dg], v.refs[dg]
-		if err := write(ChunkKey(dg), d); err != nil {
-			return err
-		}
 		p := Problem{Object: ChunkKey(dg), Backup: ref.backup, Disk: ref.disk,
 			Problem: fmt.Sprintf("%s (chunk %d of the disk)", d.problem, ref.index)}
 		if len(d.backups) > 1 {
@@ -405,13 +404,26 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 		}
 		report(p)
 	}
-	for _, key := range slices.Sorted(maps.Keys(v.objects)) {
-		if err := write(key, v.objects[key]); err != nil {
-			return err
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	write := func(key string, d *damage) {
+		backups := slices.Sorted(maps.Keys(d.backups))
+		for _, b := range backups {
+			damaged[b] = true
 		}
+		g.Go(func() error { return v.r.recordDamage(gctx, key, d.problem, d.quarantined, backups, v.now) })
+	}
+	for _, dg := range digests {
+		write(ChunkKey(dg), v.chunks[dg])
+	}
+	for _, key := range slices.Sorted(maps.Keys(v.objects)) {
+		write(key, v.objects[key])
 	}
 	v.stats.Damaged = append([]string{}, slices.Sorted(maps.Keys(damaged))...)
-	return nil
+	if err := g.Wait(); err != nil {
+		return fmt.Errorf("recording what is damaged: %w", err)
+	}
+	return passErr
 }
 
 // repaired deletes the damage records of the objects this verify read
@@ -538,7 +550,7 @@ func (r *Repo) loadVerified(ctx context.Context, log *slog.Logger) (verifiedStat
 		err = strictUnmarshal(b, &st)
 	}
 	if err == nil && (st.Parts != sampleParts || len(st.Read) != sampleParts) {
-		err = fmt.Errorf("%d parts, want %d", len(st.Read), sampleParts)
+		err = fmt.Errorf("%d parts (%d times), want %d", st.Parts, len(st.Read), sampleParts)
 	}
 	if err != nil {
 		if log != nil {

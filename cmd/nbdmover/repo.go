@@ -148,7 +148,7 @@ func listCommand() *cli.Command {
 			}
 			_, damaged, err := r.Damage(c.Context)
 			if err != nil {
-				return err
+				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: the backups verify found damaged are not marked: %v\n", err)
 			}
 			for _, p := range skipped {
 				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: skipped %s: %s (nbdmover verify reports it)\n", p.Object, p.Problem)
@@ -222,7 +222,7 @@ func printList(w io.Writer, ms []*repo.Manifest, protected, damaged map[string]b
 		return err
 	}
 	if ndamaged > 0 {
-		fmt.Fprintf(w, "%d backups reference chunks verify found damaged: they do not restore until the next backups store those chunks again (nbdmover verify shows what is left)\n", ndamaged)
+		fmt.Fprintf(w, "%d backups reference objects verify found damaged: a restore of one fails on them until the next backups store those chunks again (nbdmover verify --read-data shows what is left)\n", ndamaged)
 	}
 	return nil
 }
@@ -315,7 +315,7 @@ func verifyCommand() *cli.Command {
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
 			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
 			&cli.GenericFlag{Name: "read-data", Value: share,
-				Usage: "also read, decode and re-hash every chunk; --read-data=10% reads a tenth of them, those verified least recently (ten nightly runs read every chunk)"},
+				Usage: "also read, decode and re-hash every chunk; --read-data=10% reads a tenth of them, those verified least recently (ten nightly runs of the whole repository read every chunk; with --domain or --backup the share is read, not recorded)"},
 			&cli.Uint64Flag{Name: "seed", Hidden: true, Usage: "seed of the choice among parts verified as long ago (tests)"},
 			jsonFlag(),
 		),
@@ -340,7 +340,7 @@ func verifyCommand() *cli.Command {
 				func(p repo.Problem) {
 					problems = append(problems, p)
 					if !c.Bool("json") {
-						fmt.Fprintf(c.App.Writer, "BAD %s: %s (backup %s)\n", p.Object, p.Problem, strings.Join(p.AllBackups(), ", "))
+						fmt.Fprintf(c.App.Writer, "BAD %s: %s (backup %s)\n", p.Object, p.Problem, shortList(p.AllBackups(), 5))
 					}
 				})
 			if err != nil {
@@ -359,6 +359,14 @@ func verifyCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// shortList joins the first n names, and counts the rest.
+func shortList(names []string, n int) string {
+	if len(names) <= n {
+		return strings.Join(names, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(names[:n], ", "), len(names)-n)
 }
 
 // verifyJSON is the document of verify --json.
@@ -380,10 +388,10 @@ func printVerify(w io.Writer, st repo.VerifyStats, problems int) {
 	fmt.Fprintf(w, "checked %d backups, %d chunks (%s)%s: %d problems\n", st.Backups, st.Chunks, humanBytes(st.Bytes), read, problems)
 	if st.Corrupt+st.Missing > 0 {
 		fmt.Fprintf(w, "damaged: %d corrupt chunks (%d quarantined), %d missing; %d backups reference them: %s\n",
-			st.Corrupt, st.Quarantined, st.Missing, len(st.Damaged), strings.Join(st.Damaged, " "))
+			st.Corrupt, st.Quarantined, st.Missing, len(st.Damaged), shortList(st.Damaged, 20))
 		fmt.Fprintln(w, "the next backup of a domain stores again those chunks its disks still hold; nbdmover list marks the damaged backups")
 	} else if len(st.Damaged) > 0 {
-		fmt.Fprintf(w, "damaged backups: %s\n", strings.Join(st.Damaged, " "))
+		fmt.Fprintf(w, "damaged backups: %s\n", shortList(st.Damaged, 20))
 	}
 	if st.Repaired > 0 {
 		fmt.Fprintf(w, "repaired: %d objects recorded damaged before are whole again\n", st.Repaired)
