@@ -139,16 +139,31 @@ func heal(t *testing.T, ro repo.Options) {
 	}
 	backuptest.CheckRestores(t, ro, "heal-vm", points)
 
+	// The next backup of any domain heals what its disk holds: a full
+	// of a copy under another name stores a lost chunk again.
+	if err := store.Delete(t.Context(), repo.ChunkKey(missing)); err != nil {
+		t.Fatal(err)
+	}
+	check(map[chunker.Digest]string{missing: "missing"}, append(names, "heal-vm/"+inc2.ID))
+	other, err := exportBackup(t, ro, img, "heal-copy", "full")
+	if err != nil || other.Healed != 1 {
+		t.Fatalf("a full of another domain: %+v %v", other, err)
+	}
+	check(nil, nil)
+	backuptest.CheckRestores(t, ro, "heal-vm", points)
+
 	// A chunk damaged whose data then changed on the disk: nothing can
 	// store it again, and its backups stay damaged.
 	flip(gone)
 	qemutest.IO(t, img, fmt.Sprintf("write -P 0x44 %d %d", 5*chunk, chunk))
-	st = check(map[chunker.Digest]string{gone: "corrupt"}, append(names, "heal-vm/"+inc2.ID))
+	names = append(names, "heal-copy/"+other.ID, "heal-vm/"+inc2.ID)
+	slices.Sort(names)
+	st = check(map[chunker.Digest]string{gone: "corrupt"}, names)
 	inc3 := take("incremental")
 	if inc3.Healed != 0 || inc3.Mode != "incremental" {
 		t.Fatalf("an incremental that cannot heal: %+v", inc3)
 	}
-	st = check(map[chunker.Digest]string{gone: "corrupt"}, append(names, "heal-vm/"+inc2.ID))
+	st = check(map[chunker.Digest]string{gone: "corrupt"}, names)
 	if st.Repaired != 0 || st.Corrupt != 1 {
 		t.Errorf("verify stats %+v", st)
 	}
