@@ -16,8 +16,12 @@
 # incremental of each tool after each. Page cache dropped before every
 # command.
 #
+# MinIO is also reached through bench/wanproxy (50 ms round trip, 1 Gbit/s
+# per connection and direction): a full backup and a restore each way.
+#
 # Prints a Markdown table (median, min, max wall seconds; MB/s of the disk's
-# data; CPU seconds; peak RSS; output size; ratios) and the issue's goals,
+# data; CPU seconds of the command and of the domain's QEMU process, host
+# CPU per GB; peak RSS; output size; ratios) and the issue's goals,
 # and writes report.md, results.json and chart.svg to $BENCH_OUT.
 # Everything it creates (domains, checkpoints, MinIO, files) is removed at
 # the end, also when interrupted; the test disk is cached in
@@ -78,6 +82,7 @@ domains="$dom $mdom $vdom $sdom"
 virsh_() { virsh -q -c qemu:///system "$@"; }
 cleanup() {
 	for d in $domains; do virsh_ destroy "$d" >/dev/null 2>&1 || true; done
+	[ -z "${wanpid:-}" ] || kill "$wanpid" 2>/dev/null || true
 	scripts/minio.sh stop "$work/minio" || true
 	rm -rf "$work"
 	if [ "$started" = started ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
@@ -108,6 +113,12 @@ scripts/minio.sh start "$work/minio"
 set -a
 . "$work/minio/minio.env"
 set +a
+go build -o "$work/wanproxy" ./bench/wanproxy
+"$work/wanproxy" -to "${NBDMOVER_TEST_S3_ENDPOINT#http://}" -rtt 50ms -rate 1000 -ready "$work/wan.addr" >/dev/null &
+wanpid=$!
+for _ in $(seq 50); do [ -s "$work/wan.addr" ] && break; sleep 0.1; done
+[ -s "$work/wan.addr" ] || die "the WAN proxy did not start"
+wan=(--s3-endpoint "http://$(cat "$work/wan.addr")")
 disk_bytes=$(qemu-img info --output=json "$base" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
 data_bytes=$(qemu-img map --output=json "$base" | grep '"data": true' |
 	sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)
@@ -132,23 +143,35 @@ EOT
 
 SAMPLES="$work/samples.jsonl"
 : >"$SAMPLES"
-# measure NAME OUTPUT_PATH CMD...: time CMD (wall, CPU, peak RSS) and record
-# the size of OUTPUT_PATH ("" for none).
+# qemu_cpu DOMAIN: CPU seconds (user+sys) the domain's QEMU process used so
+# far; 0 without a domain.
+qemu_cpu() {
+	local pid
+	[ -n "$1" ] && pid=$(cat "/run/libvirt/qemu/$1.pid" 2>/dev/null) || { echo 0; return; }
+	awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$pid/stat" 2>/dev/null || echo 0
+}
+# [QDOM=DOMAIN] measure NAME OUTPUT_PATH CMD...: time CMD (wall, CPU, peak
+# RSS, and the CPU of QDOM's QEMU process, the domain the command reads)
+# and record the size of OUTPUT_PATH ("" for none).
 measure() {
 	local name=$1 output=$2
 	shift 2
 	local tf="$work/time.$$"
 	sync
 	echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+	local q0
+	q0=$(qemu_cpu "${QDOM:-}")
 	if ! /usr/bin/time -f '%e %U %S %M' -o "$tf" bash -c '"$@"' _ "$@" >"$work/last.log" 2>&1; then
 		cat "$work/last.log" >&2
 		die "$name failed"
 	fi
+	local qemu
+	qemu=$(echo "$(qemu_cpu "${QDOM:-}") $q0" | awk '{printf "%.2f", $1 - $2}')
 	read -r wall user sys rss <"$tf"
 	local size=0
 	[ -n "$output" ] && [ -e "$output" ] && size=$(du -sb "$output" | cut -f1)
-	printf '{"name":"%s","round":%d,"wall":%s,"cpu":%s,"rss_kib":%s,"output_bytes":%s}\n' \
-		"$name" "$round" "$wall" "$(echo "$user $sys" | awk '{printf "%.2f", $1 + $2}')" "$rss" "$size" >>"$SAMPLES"
+	printf '{"name":"%s","round":%d,"wall":%s,"cpu":%s,"qemu_cpu":%s,"rss_kib":%s,"output_bytes":%s}\n' \
+		"$name" "$round" "$wall" "$(echo "$user $sys" | awk '{printf "%.2f", $1 + $2}')" "$qemu" "$rss" "$size" >>"$SAMPLES"
 	printf '  %-28s %7.2fs  rss %6d MiB  out %s\n' "$name" "$wall" $((rss / 1024)) "$(numfmt --to=iec "$size")" >&2
 }
 
@@ -176,18 +199,23 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	nbdcopy_file() { nbdcopy "nbd+unix:///vda?socket=$SOCK" "$r/nbdcopy.raw"; }
 	export -f pull_export nbdcopy_null nbdcopy_file virsh_ nbdmover backup
 	export work dom vdom r
-	measure nbdcopy-null "" pull_export nbdcopy_null
-	measure nbdcopy-to-file "$r/nbdcopy.raw" pull_export nbdcopy_file
+	QDOM=$vdom measure nbdcopy-null "" pull_export nbdcopy_null
+	QDOM=$vdom measure nbdcopy-to-file "$r/nbdcopy.raw" pull_export nbdcopy_file
 	rm -f "$r/nbdcopy.raw"
-	measure virtnbdbackup-full-z "$r/vnbz" virtnbdbackup -q -d "$vdom" -l full -z -o "$r/vnbz"
+	QDOM=$vdom measure virtnbdbackup-full-z "$r/vnbz" virtnbdbackup -q -d "$vdom" -l full -z -o "$r/vnbz"
 	rm -rf "$r/vnbz"
-	measure virtnbdbackup-full "$r/vnb" virtnbdbackup -q -d "$vdom" -l full -o "$r/vnb"
+	QDOM=$vdom measure virtnbdbackup-full "$r/vnb" virtnbdbackup -q -d "$vdom" -l full -o "$r/vnb"
 	measure virtnbdrestore "$r/vnbrestore" virtnbdrestore -n -i "$r/vnb" -o "$r/vnbrestore"
 	rm -rf "$r/vnbrestore"
-	measure nbdmover-full-null "" backup --domain "$dom" --repo null: --mode full
-	measure nbdmover-full-null-nocomp "" backup --domain "$dom" --repo null: --mode full --compression none
-	measure nbdmover-full-minio "" backup --domain "$dom" --repo "s3://bench/r$round" "${s3[@]}" --mode full
-	measure nbdmover-full-local-s2 "$r/repo-s2" backup --domain "$dom" --repo "$r/repo-s2" --mode full --compression s2
+	QDOM=$dom measure nbdmover-full-null "" backup --domain "$dom" --repo null: --mode full
+	QDOM=$dom measure nbdmover-full-null-nocomp "" backup --domain "$dom" --repo null: --mode full --compression none
+	QDOM=$dom measure nbdmover-full-minio "" backup --domain "$dom" --repo "s3://bench/r$round" "${s3[@]}" --mode full
+	QDOM=$dom measure nbdmover-full-minio-wan "" backup --domain "$dom" --repo "s3://bench/r$round-wan" "${wan[@]}" --mode full
+	measure nbdmover-restore-minio "$r/restore.raw" nbdmover restore --repo "s3://bench/r$round" "${s3[@]}" --domain "$dom" --disk vda --output "$r/restore.raw"
+	rm -f "$r/restore.raw"
+	measure nbdmover-restore-minio-wan "$r/restore.raw" nbdmover restore --repo "s3://bench/r$round" "${wan[@]}" --domain "$dom" --disk vda --output "$r/restore.raw"
+	rm -f "$r/restore.raw"
+	QDOM=$dom measure nbdmover-full-local-s2 "$r/repo-s2" backup --domain "$dom" --repo "$r/repo-s2" --mode full --compression s2
 	rm -rf "$r/repo-s2"
 	# Encrypted, the same full: through a key file (the data path's cost),
 	# and through a password (plus one Argon2id derivation). Before the
@@ -196,14 +224,14 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	NBDMOVER_PASSWORD=bench-password nbdmover init --repo "$r/repo-enc" --encryption >/dev/null
 	NBDMOVER_PASSWORD=bench-password nbdmover init --repo "$r/repo-enc-pw" --encryption >/dev/null
 	NBDMOVER_PASSWORD=bench-password nbdmover key add --repo "$r/repo-enc" --new-key-file "$r/enc.key" >/dev/null
-	measure nbdmover-full-local-enc "$r/repo-enc" backup --domain "$dom" --repo "$r/repo-enc" --key-file "$r/enc.key" --mode full
-	measure nbdmover-full-local-enc-pw "$r/repo-enc-pw" env NBDMOVER_PASSWORD=bench-password "$PWD/bin/nbdmover" --log-level warn \
+	QDOM=$dom measure nbdmover-full-local-enc "$r/repo-enc" backup --domain "$dom" --repo "$r/repo-enc" --key-file "$r/enc.key" --mode full
+	QDOM=$dom measure nbdmover-full-local-enc-pw "$r/repo-enc-pw" env NBDMOVER_PASSWORD=bench-password "$PWD/bin/nbdmover" --log-level warn \
 		backup --scratch-dir "$work/scratch" --domain "$dom" --repo "$r/repo-enc-pw" --mode full
 	measure nbdmover-restore-raw-enc "$r/restore.raw" nbdmover restore --repo "$r/repo-enc" --key-file "$r/enc.key" --domain "$dom" --disk vda --output "$r/restore.raw"
 	rm -rf "$r/restore.raw" "$r/repo-enc" "$r/repo-enc-pw"
-	measure nbdmover-full-local "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode full
+	QDOM=$dom measure nbdmover-full-local "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode full
 	nbdmover init --repo "$r/repo-4m" --chunk-size 4MiB >/dev/null
-	measure nbdmover-4m-full-local "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode full
+	QDOM=$mdom measure nbdmover-4m-full-local "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode full
 	backup --domain "$sdom" --repo "$r/repo-nosample" --mode full >/dev/null
 	measure nbdmover-restore-raw "$r/restore.raw" nbdmover restore --repo "$r/repo" --domain "$dom" --disk vda --output "$r/restore.raw"
 	rm -f "$r/restore.raw"
@@ -211,10 +239,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	rm -f "$r/restore.qcow2"
 	for pct in 1 10; do
 		dirty "$pct"
-		measure "nbdmover-inc-${pct}pct" "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode incremental
-		measure "nbdmover-4m-inc-${pct}pct" "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode incremental
-		measure "nbdmover-inc-${pct}pct-nosample" "$r/repo-nosample" backup --domain "$sdom" --repo "$r/repo-nosample" --mode incremental --verify-sample 0
-		measure "virtnbdbackup-inc-${pct}pct" "$r/vnb" virtnbdbackup -q -d "$vdom" -l inc -o "$r/vnb"
+		QDOM=$dom measure "nbdmover-inc-${pct}pct" "$r/repo" backup --domain "$dom" --repo "$r/repo" --mode incremental
+		QDOM=$mdom measure "nbdmover-4m-inc-${pct}pct" "$r/repo-4m" backup --domain "$mdom" --repo "$r/repo-4m" --mode incremental
+		QDOM=$sdom measure "nbdmover-inc-${pct}pct-nosample" "$r/repo-nosample" backup --domain "$sdom" --repo "$r/repo-nosample" --mode incremental --verify-sample 0
+		QDOM=$vdom measure "virtnbdbackup-inc-${pct}pct" "$r/vnb" virtnbdbackup -q -d "$vdom" -l inc -o "$r/vnb"
 	done
 	rm -rf "$r"
 done

@@ -30,19 +30,26 @@ func TestMedian(t *testing.T) {
 func TestReport(t *testing.T) {
 	dir := t.TempDir()
 	var lines []string
-	add := func(name string, round int, wall float64, rss, out int64) {
-		b, _ := json.Marshal(sample{Name: name, Round: round, Wall: wall, CPU: wall / 2, RSSKiB: rss, OutputBytes: out})
+	add := func(name string, round int, wall, qemu float64, rss, out int64) {
+		b, _ := json.Marshal(sample{Name: name, Round: round, Wall: wall, CPU: wall / 2, QemuCPU: qemu, RSSKiB: rss, OutputBytes: out})
 		lines = append(lines, string(b))
 	}
 	for round, f := range []float64{1, 1.1, 0.9} {
-		add("nbdcopy-null", round+1, 4*f, 40<<10, 0)
-		add("nbdcopy-to-file", round+1, 6*f, 40<<10, 4<<30)
-		add("virtnbdbackup-full-z", round+1, 20*f, 200<<10, 1000)
-		add("nbdmover-full-null-nocomp", round+1, 5*f, 100<<10, 0)
-		add("nbdmover-full-local", round+1, 10*f, 120<<10, 900)
-		add("nbdmover-restore-raw", round+1, 10*f, 350<<10, 4<<30)
-		add("nbdmover-inc-1pct", round+1, 0.4*f, 90<<10, 900)
-		add("nbdmover-inc-1pct-nosample", round+1, 0.38*f, 90<<10, 900)
+		add("nbdcopy-null", round+1, 4*f, 1, 40<<10, 0)
+		add("nbdcopy-to-file", round+1, 6*f, 1, 40<<10, 4<<30)
+		add("virtnbdbackup-full-z", round+1, 20*f, 4*f, 200<<10, 1000)
+		add("nbdmover-full-null", round+1, 9*f, 2, 100<<10, 0)
+		add("nbdmover-full-null-nocomp", round+1, 5*f, 2, 100<<10, 0)
+		add("nbdmover-full-local", round+1, 10*f, 2*f, 120<<10, 900)
+		add("nbdmover-full-minio", round+1, 10*f, 2, 120<<10, 0)
+		add("nbdmover-full-minio-wan", round+1, 11*f, 2, 120<<10, 0)
+		add("nbdmover-restore-minio", round+1, 8*f, 0, 120<<10, 4<<30)
+		add("nbdmover-restore-minio-wan", round+1, 12*f, 0, 120<<10, 4<<30)
+		add("nbdmover-restore-raw", round+1, 10*f, 0, 350<<10, 4<<30)
+		add("nbdmover-inc-1pct", round+1, 0.4*f, 0.1, 90<<10, 900)
+		add("nbdmover-inc-1pct-nosample", round+1, 0.38*f, 0.1, 90<<10, 900)
+		add("nbdmover-inc-10pct", round+1, 2*f, 0.5, 90<<10, 900)
+		add("virtnbdbackup-inc-10pct", round+1, 1.5*f, 0.5, 90<<10, 900)
 	}
 	in := filepath.Join(dir, "samples.jsonl")
 	if err := os.WriteFile(in, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
@@ -68,18 +75,24 @@ func TestReport(t *testing.T) {
 	if err := json.Unmarshal(b, &doc); err != nil {
 		t.Fatal(err)
 	}
-	local := doc.Rows[4]
-	if local.Name != "nbdmover-full-local" || local.Rounds != 3 || local.Median != 10 || local.Min != 9 || local.Max != 11 {
+	local := doc.Rows[5]
+	if local.Name != "nbdmover-full-local" || local.Rounds != 3 || local.Median != 10 || local.Min != 9 || local.Max != 11 ||
+		local.QemuCPU != 2 || local.HostCPU() != 7 {
 		t.Errorf("row %+v", local)
 	}
 	want := map[string]bool{ // what -> met
-		"full backup to the local store, time vs virtnbdbackup -l full -z": false, // 0.5
-		"full backup output size vs virtnbdbackup -z (lz4)":                true,  // 0.9
-		"full backup to null, no compression: rate vs nbdcopy":             true,  // 0.8
-		"1%-dirty incremental time vs the full":                            true,  // 0.04
-		"1%-dirty incremental with the bitmap check vs without":            true,  // 1.05
-		"restore to raw: rate vs nbdcopy writing a file":                   false, // 0.6
-		"peak RSS of any nbdmover command, MiB":                            false, // 350
+		"full backup to the local store (defaults), time vs virtnbdbackup -l full -z": true,  // 0.5
+		"full backup output size vs virtnbdbackup -z":                                 false, // 0.9
+		"full backup to the local store vs the same to the null store":                true,  // 1.11
+		"full backup to null, no compression, time vs nbdcopy to null:":               true,  // 1.25
+		"host CPU (nbdmover + QEMU) of the default full vs virtnbdbackup -z's":        true,  // 7/14
+		"10%-dirty incremental time vs virtnbdbackup -l inc":                          false, // 1.33
+		"1%-dirty incremental time vs the full":                                       true,  // 0.04
+		"restore to raw: rate vs nbdcopy writing a file":                              false, // 0.6
+		"full backup to MinIO through a 50 ms, 1 Gbit/s link vs direct":               true,  // 1.1
+		"restore from MinIO through a 50 ms, 1 Gbit/s link vs direct":                 false, // 1.5
+		"1%-dirty incremental with the bitmap check vs without":                       true,  // 1.05
+		"peak RSS of any nbdmover command, MiB":                                       false, // 350
 	}
 	if len(doc.Goals) != len(want) {
 		t.Fatalf("%d goals, want %d: %+v", len(doc.Goals), len(want), doc.Goals)
@@ -109,7 +122,7 @@ func TestReport(t *testing.T) {
 			bars++
 		}
 	}
-	if bars != 1+8 { // background + one bar per row
-		t.Errorf("chart has %d rects, want 9", bars)
+	if bars != 1+15 { // background + one bar per row
+		t.Errorf("chart has %d rects, want 16", bars)
 	}
 }

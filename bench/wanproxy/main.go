@@ -1,0 +1,121 @@
+// Command wanproxy is a TCP proxy on 127.0.0.1 that makes a local server
+// look like one across a WAN: every byte is delayed by half the round trip
+// in each direction, and each direction of each connection is limited to
+// a bandwidth (bench/run.sh puts it in front of MinIO).
+//
+//	go run ./bench/wanproxy -listen 127.0.0.1:0 -to 127.0.0.1:9000 -rtt 50ms -rate 1000 [-ready FILE]
+//
+// It prints (and writes to -ready) the address it listens on, and runs
+// until killed.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"time"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:0", "address to listen on")
+	to := flag.String("to", "", "address to forward to")
+	rtt := flag.Duration("rtt", 50*time.Millisecond, "round trip time to add")
+	rate := flag.Float64("rate", 1000, "bandwidth per direction and connection, Mbit/s")
+	ready := flag.String("ready", "", "file to write the listening address to")
+	flag.Parse()
+	if *to == "" {
+		log.Fatal("wanproxy: -to is required")
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		log.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	fmt.Println(addr)
+	if *ready != "" {
+		if err := os.WriteFile(*ready, []byte(addr+"\n"), 0o644); err != nil {
+			log.Fatal(err)
+		}
+	}
+	link := link{delay: *rtt / 2, bytesPerSec: *rate * 1e6 / 8}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			log.Fatal(err)
+		}
+		go link.serve(c, *to)
+	}
+}
+
+// link is one direction's delay and bandwidth.
+type link struct {
+	delay       time.Duration
+	bytesPerSec float64
+}
+
+func (l link) serve(c net.Conn, to string) {
+	s, err := net.Dial("tcp", to)
+	if err != nil {
+		log.Print(err)
+		c.Close()
+		return
+	}
+	done := make(chan struct{}, 2)
+	go func() { l.pump(s, c); done <- struct{}{} }()
+	go func() { l.pump(c, s); done <- struct{}{} }()
+	<-done
+	<-done
+	c.Close()
+	s.Close()
+}
+
+// packet is bytes read at a time, due at the other end delay later.
+type packet struct {
+	data []byte
+	due  time.Time
+}
+
+// pump copies src to dst: a reader stamps what it reads with the time its
+// last byte leaves at the bandwidth, a writer sends it half a round trip
+// later. The queue between them is the bytes in flight on the link.
+func (l link) pump(dst, src net.Conn) {
+	q := make(chan packet, 4096)
+	go func() {
+		defer close(q)
+		free := time.Now() // when the link is free to send the next byte
+		for {
+			buf := make([]byte, 32<<10)
+			n, err := src.Read(buf)
+			if n > 0 {
+				now := time.Now()
+				if free.Before(now) {
+					free = now
+				}
+				free = free.Add(time.Duration(float64(n) / l.bytesPerSec * float64(time.Second)))
+				q <- packet{buf[:n], free.Add(l.delay)}
+				// Read no faster than the link sends (a few ms of
+				// buffer): the sender feels the bandwidth as TCP
+				// backpressure, as across a real link.
+				if ahead := time.Until(free); ahead > 5*time.Millisecond {
+					time.Sleep(ahead - 5*time.Millisecond)
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for p := range q {
+		time.Sleep(time.Until(p.due))
+		if _, err := dst.Write(p.data); err != nil {
+			break
+		}
+	}
+	for range q { // drain: the reader may be blocked on a full queue
+	}
+	if tc, ok := dst.(*net.TCPConn); ok {
+		tc.CloseWrite()
+	}
+}
