@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"iter"
 	"math/rand/v2"
@@ -11,6 +12,7 @@ import (
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -217,6 +219,10 @@ type run struct {
 	healed  []chunker.Digest // damaged chunks stored again, under mu
 	// uploading holds the digests this run is uploading or has uploaded.
 	uploading sync.Map
+	// remote: the store's requests are round trips (S3); stored, found:
+	// chunks the uploaders offered to it, and of them those it held.
+	remote        bool
+	stored, found atomic.Int64
 	// planned, planReads: chunks and bytes the planner sent; done: plans
 	// the workers finished.
 	planned, planReads, done atomic.Int64
@@ -232,7 +238,7 @@ type run struct {
 func (j *Job) Run(ctx context.Context) (Result, error) {
 	size := j.Disk.Info().Size
 	chunkSize := j.Repo.Config().ChunkSize
-	r := &run{Job: j}
+	r := &run{Job: j, remote: sink.Remote(j.Repo.Store())}
 	j.Stats.Total.Store(size)
 	p := &planner{grid: chunker.Grid{ChunkSize: chunkSize, Size: size}, build: r.plan, zero: r.zero, skip: r.skip,
 		lie: r.recordLie, lied: func() bool { return r.lie.Load() != nil }}
@@ -507,26 +513,59 @@ func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 // (stored by a backup other than the parent, or by one that failed before
 // its commit). A damaged chunk is put whatever the store holds: that
 // heals it.
+//
+// Asking first (a HEAD) spares the upload of a chunk the store holds, at
+// a round trip for every chunk it lacks. On a remote store, once 16
+// chunks were offered and fewer than a quarter were held (a new disk),
+// the uploaders create instead (a conditional PUT, one round trip), and a
+// chunk held costs its upload; they ask again when the share rises.
 func (r *run) store(ctx context.Context, u upload) error {
-	damaged := r.Damaged[u.digest]
-	if !damaged {
-		stored, err := r.Repo.HasChunk(ctx, u.digest)
-		if err != nil {
-			return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
+	key := repo.ChunkKey(u.digest)
+	switch {
+	case r.Damaged[u.digest]:
+		if err := r.Repo.Store().Put(ctx, key, u.blob); err != nil {
+			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 		}
-		if stored {
-			r.Stats.BytesDedup.Add(u.plain)
-			return nil
-		}
-	}
-	if err := r.Repo.Store().Put(ctx, repo.ChunkKey(u.digest), u.blob); err != nil {
-		return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
-	}
-	r.Stats.BytesWritten.Add(int64(len(u.blob)))
-	if damaged {
 		r.mu.Lock()
 		r.healed = append(r.healed, u.digest)
 		r.mu.Unlock()
+	case r.askFirst():
+		held, err := r.Repo.HasChunk(ctx, u.digest)
+		if err != nil {
+			return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
+		}
+		if r.offered(held) {
+			r.Stats.BytesDedup.Add(u.plain)
+			return nil
+		}
+		if err := r.Repo.Store().Put(ctx, key, u.blob); err != nil {
+			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
+		}
+	default:
+		err := r.Repo.Store().Create(ctx, key, u.blob)
+		if r.offered(errors.Is(err, sink.ErrExists)) {
+			r.Stats.BytesDedup.Add(u.plain)
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
+		}
 	}
+	r.Stats.BytesWritten.Add(int64(len(u.blob)))
 	return nil
+}
+
+// askFirst says whether the uploaders ask the store before a put.
+func (r *run) askFirst() bool {
+	n := r.stored.Load()
+	return !r.remote || n < 16 || r.found.Load()*4 >= n
+}
+
+// offered counts a chunk offered to the store, and returns held.
+func (r *run) offered(held bool) bool {
+	r.stored.Add(1)
+	if held {
+		r.found.Add(1)
+	}
+	return held
 }

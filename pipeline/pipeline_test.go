@@ -7,12 +7,14 @@ import (
 	"iter"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
 
 // unit is the granularity of a fakeDisk's flags.
@@ -452,5 +454,66 @@ func TestHealPlans(t *testing.T) {
 	var be *BitmapError
 	if _, err := heal(); !errors.As(err, &be) || be.Chunk != 6 {
 		t.Fatalf("a damaged chunk that changed behind the bitmap: %v", err)
+	}
+}
+
+// requestCounter counts the stats, creates and puts of chunks a store
+// gets; it unwraps, so the store stays remote (sink.Remote).
+type requestCounter struct {
+	sink.Store
+	stats, creates, puts atomic.Int64
+}
+
+func (c *requestCounter) Unwrap() sink.Store { return c.Store }
+
+func (c *requestCounter) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
+	c.stats.Add(1)
+	return c.Store.Stat(ctx, key)
+}
+
+func (c *requestCounter) Create(ctx context.Context, key string, data []byte) error {
+	c.creates.Add(1)
+	return c.Store.Create(ctx, key, data)
+}
+
+func (c *requestCounter) Put(ctx context.Context, key string, data []byte) error {
+	c.puts.Add(1)
+	return c.Store.Put(ctx, key, data)
+}
+
+// On S3 the uploaders ask before a put only while it pays: a new disk's
+// chunks are created at one round trip each after the first 16; a disk
+// whose chunks are stored keeps being asked about, and nothing is
+// uploaded twice.
+func TestStoreAsksWhileItPays(t *testing.T) {
+	c := &requestCounter{Store: sinktest.NewS3(t, "")}
+	r, err := repo.Init(t.Context(), c, repo.InitOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 64
+	d := newFakeDisk(t, n*cs)
+	d.set(0, n*cs, 0, 1)
+	rand.NewChaCha8([32]byte{1}).Read(d.data)
+	run := func() *Stats {
+		t.Helper()
+		c.stats.Store(0)
+		c.creates.Store(0)
+		c.puts.Store(0)
+		tuning := Tuning{Readers: 2, Workers: 2, Uploads: 4}
+		j := &Job{Name: "vda", Disk: d, Repo: r, Buffers: NewBuffers(tuning, 1, cs), Tuning: tuning, Stats: &Stats{}}
+		res, err := j.Run(t.Context())
+		if err != nil || !sameDigests(denseOf(res.Index), indexOf(d)) {
+			t.Fatalf("run: %v", err)
+		}
+		return j.Stats
+	}
+	st := run()
+	if c.stats.Load() > 16+4 || c.creates.Load() < n-16-4 || c.stats.Load()+c.creates.Load() != n || st.BytesDedup.Load() != 0 {
+		t.Errorf("a new disk: %d stats, %d creates, %d puts, %d bytes deduplicated", c.stats.Load(), c.creates.Load(), c.puts.Load(), st.BytesDedup.Load())
+	}
+	st = run()
+	if c.stats.Load() != n || c.creates.Load()+c.puts.Load() != 0 || st.BytesWritten.Load() != 0 || st.BytesDedup.Load() != n*cs {
+		t.Errorf("a stored disk: %d stats, %d creates, %d puts, %d bytes written", c.stats.Load(), c.creates.Load(), c.puts.Load(), st.BytesWritten.Load())
 	}
 }

@@ -3,6 +3,8 @@ package repo
 import (
 	"context"
 	"fmt"
+	"runtime"
+	"sync"
 	"sync/atomic"
 
 	"github.com/nbdmover/nbdmover/chunker"
@@ -21,37 +23,80 @@ const sparseBlock = 64 << 10
 
 // RestoreDisk writes one disk of a backup to t, which must read as zeroes
 // where nothing is written (a new sparse file or a new qcow2 image): zero
-// chunks and zero runs are not written. parallel chunks are fetched at once.
-// A missing or damaged chunk stops the restore with a *ChunkError naming it.
+// chunks and zero runs are not written. parallel chunks are fetched at
+// once, by fetchers that only wait for the store; as many decoders as
+// CPUs decompress, check and write them. A missing or damaged chunk stops
+// the restore with a *ChunkError naming it.
 func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Target, parallel int) error {
 	ix, err := r.LoadIndex(ctx, m, disk)
 	if err != nil {
 		return err
 	}
 	g := ix.Grid()
+	fetchers, decoders := max(parallel, 1), runtime.NumCPU()
+	type fetched struct {
+		k    int
+		blob []byte
+	}
+	// Blob buffers: one per fetch in flight and per decode, reused.
+	free := make(chan []byte, fetchers+decoders)
+	for range fetchers + decoders {
+		free <- nil
+	}
+	blobs := make(chan fetched, decoders)
 	var next atomic.Int64
 	eg, ctx := errgroup.WithContext(ctx)
-	for range max(parallel, 1) {
+	var fetching sync.WaitGroup
+	for range fetchers {
+		fetching.Add(1)
 		eg.Go(func() error {
-			var plain, blob []byte
+			defer fetching.Done()
 			for {
 				k := int(next.Add(1) - 1)
 				if k >= ix.Len() {
 					return nil
 				}
-				i, dg := ix.At(k)
-				off, n := g.Chunk(i)
-				var err error
-				if plain, blob, err = r.GetChunk(ctx, dg, plain, blob); err != nil {
-					return err
+				var blob []byte
+				select {
+				case blob = <-free:
+				case <-ctx.Done():
+					return context.Cause(ctx)
 				}
+				_, dg := ix.At(k)
+				key := ChunkKey(dg)
+				blob, err := r.store.Get(ctx, key, blob)
+				if err != nil {
+					return &ChunkError{Key: key, Err: err}
+				}
+				select {
+				case blobs <- fetched{k, blob}:
+				case <-ctx.Done():
+					return context.Cause(ctx)
+				}
+			}
+		})
+	}
+	eg.Go(func() error { fetching.Wait(); close(blobs); return nil })
+	for range decoders {
+		eg.Go(func() error {
+			var plain []byte
+			for f := range blobs {
+				i, dg := ix.At(f.k)
+				off, n := g.Chunk(i)
+				key := ChunkKey(dg)
+				var err error
+				if plain, err = r.codec.Decode(plain, f.blob, key, dg); err != nil {
+					return &ChunkError{Key: key, Err: err}
+				}
+				free <- f.blob
 				if int64(len(plain)) != n {
-					return &ChunkError{Key: ChunkKey(dg), Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(plain), i, n)}
+					return &ChunkError{Key: key, Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(plain), i, n)}
 				}
 				if err := writeNonZero(ctx, t, plain, off); err != nil {
 					return err
 				}
 			}
+			return nil
 		})
 	}
 	return eg.Wait()

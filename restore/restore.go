@@ -15,6 +15,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
 )
 
 // Options say what to restore where.
@@ -27,7 +28,7 @@ type Options struct {
 	Disk     string
 	Output   string
 	Format   string // "raw" (default) or "qcow2"
-	Parallel int    // chunks in flight (default 8)
+	Parallel int    // chunks fetched at once (default 8; from S3, 32)
 	Log      *slog.Logger
 }
 
@@ -69,15 +70,18 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if o.Output == "" {
 		return nil, nil, invalidError{errors.New("restore: no --output given")}
 	}
-	if o.Parallel <= 0 {
-		o.Parallel = 8
-	}
 	if err := repo.ValidName("domain", o.Domain); err != nil {
 		return nil, nil, invalidError{err}
 	}
 	r, err := o.Repo.Open(ctx)
 	if err != nil {
 		return nil, nil, err
+	}
+	if o.Parallel <= 0 {
+		o.Parallel = 8
+		if sink.Remote(r.Store()) { // a fetch waits a round trip: more in flight
+			o.Parallel = 32
+		}
 	}
 	// The shared lock keeps a gc from deleting the backup's objects while
 	// they are read (should it be forgotten meanwhile).

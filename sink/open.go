@@ -94,6 +94,13 @@ func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
 	return 0, nil
 }
 
+// Remote reports whether s's requests are network round trips (S3): worth
+// keeping many in flight, and sparing where one can do.
+func Remote(s Store) bool {
+	_, ok := underlying[*S3](s)
+	return ok
+}
+
 // underlying returns the first store that is a T: s, or one the wrappers
 // around it (Limit, Retry) wrap.
 func underlying[T any](s Store) (T, bool) {

@@ -1,7 +1,7 @@
 // Command wanproxy is a TCP proxy on 127.0.0.1 that makes a local server
 // look like one across a WAN: every byte is delayed by half the round trip
-// in each direction, and each direction of each connection is limited to
-// a bandwidth (bench/run.sh puts it in front of MinIO).
+// in each direction, and each direction is one link of a bandwidth shared
+// by every connection (bench/run.sh puts it in front of MinIO).
 //
 //	go run ./bench/wanproxy -listen 127.0.0.1:0 -to 127.0.0.1:9000 -rtt 50ms -rate 1000 [-ready FILE]
 //
@@ -15,6 +15,7 @@ import (
 	"log"
 	"net"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -22,7 +23,7 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on")
 	to := flag.String("to", "", "address to forward to")
 	rtt := flag.Duration("rtt", 50*time.Millisecond, "round trip time to add")
-	rate := flag.Float64("rate", 1000, "bandwidth per direction and connection, Mbit/s")
+	rate := flag.Float64("rate", 1000, "bandwidth of each direction, shared by the connections, Mbit/s")
 	ready := flag.String("ready", "", "file to write the listening address to")
 	flag.Parse()
 	if *to == "" {
@@ -39,23 +40,39 @@ func main() {
 			log.Fatal(err)
 		}
 	}
-	link := link{delay: *rtt / 2, bytesPerSec: *rate * 1e6 / 8}
+	up := &link{delay: *rtt / 2, bytesPerSec: *rate * 1e6 / 8}
+	down := &link{delay: *rtt / 2, bytesPerSec: *rate * 1e6 / 8}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			log.Fatal(err)
 		}
-		go link.serve(c, *to)
+		go serve(c, *to, up, down)
 	}
 }
 
-// link is one direction's delay and bandwidth.
+// link is one direction: its delay, and its bandwidth, which the
+// connections share.
 type link struct {
 	delay       time.Duration
 	bytesPerSec float64
+	mu          sync.Mutex
+	free        time.Time // when the link is free to send the next byte
 }
 
-func (l link) serve(c net.Conn, to string) {
+// send books n bytes on the link and returns when their last byte has
+// left.
+func (l *link) send(n int) time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now := time.Now(); l.free.Before(now) {
+		l.free = now
+	}
+	l.free = l.free.Add(time.Duration(float64(n) / l.bytesPerSec * float64(time.Second)))
+	return l.free
+}
+
+func serve(c net.Conn, to string, up, down *link) {
 	s, err := net.Dial("tcp", to)
 	if err != nil {
 		log.Print(err)
@@ -63,8 +80,8 @@ func (l link) serve(c net.Conn, to string) {
 		return
 	}
 	done := make(chan struct{}, 2)
-	go func() { l.pump(s, c); done <- struct{}{} }()
-	go func() { l.pump(c, s); done <- struct{}{} }()
+	go func() { up.pump(s, c); done <- struct{}{} }()
+	go func() { down.pump(c, s); done <- struct{}{} }()
 	<-done
 	<-done
 	c.Close()
@@ -80,20 +97,15 @@ type packet struct {
 // pump copies src to dst: a reader stamps what it reads with the time its
 // last byte leaves at the bandwidth, a writer sends it half a round trip
 // later. The queue between them is the bytes in flight on the link.
-func (l link) pump(dst, src net.Conn) {
+func (l *link) pump(dst, src net.Conn) {
 	q := make(chan packet, 4096)
 	go func() {
 		defer close(q)
-		free := time.Now() // when the link is free to send the next byte
 		for {
 			buf := make([]byte, 32<<10)
 			n, err := src.Read(buf)
 			if n > 0 {
-				now := time.Now()
-				if free.Before(now) {
-					free = now
-				}
-				free = free.Add(time.Duration(float64(n) / l.bytesPerSec * float64(time.Second)))
+				free := l.send(n)
 				q <- packet{buf[:n], free.Add(l.delay)}
 				// Read no faster than the link sends (a few ms of
 				// buffer): the sender feels the bandwidth as TCP
