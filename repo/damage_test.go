@@ -31,6 +31,22 @@ func (s *readsStore) Get(ctx context.Context, key string, buf []byte) ([]byte, e
 	return s.Store.Get(ctx, key, buf)
 }
 
+// corruptChunk flips a bit of chunk d as stored, and returns the blob
+// before and after.
+func corruptChunk(t *testing.T, s sink.Store, d chunker.Digest) (good, bad []byte) {
+	t.Helper()
+	good, err := s.Get(t.Context(), ChunkKey(d), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad = bytes.Clone(good)
+	bad[len(bad)-1] ^= 1
+	if err := s.Put(t.Context(), ChunkKey(d), bad); err != nil {
+		t.Fatal(err)
+	}
+	return good, bad
+}
+
 // commitDistinct stores n distinct chunks and a backup of them.
 func commitDistinct(t *testing.T, r *Repo, n int) []chunker.Digest {
 	t.Helper()
@@ -111,13 +127,7 @@ func TestSampledVerify(t *testing.T) {
 			// A damaged chunk is read by every sampled run until it is
 			// whole again, then its record is cleared (repaired).
 			d := ds[7]
-			blob, err := base.Get(ctx, ChunkKey(d), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			bad := bytes.Clone(blob)
-			bad[len(bad)-1] ^= 1
-			base.Put(ctx, ChunkKey(d), bad)
+			blob, bad := corruptChunk(t, base, d)
 			if st, _ := rr.Verify(ctx, VerifyOptions{ReadData: true}, func(Problem) {}); st.Corrupt != 1 || st.Quarantined != 1 {
 				t.Fatalf("verify of a corrupt chunk: %+v", st)
 			}
@@ -166,9 +176,7 @@ func TestGCDamageRecords(t *testing.T) {
 	r := initTestRepo(t, s)
 	ds := commitDistinct(t, r, 3)
 	s.Delete(ctx, ChunkKey(ds[0]))
-	blob, _ := s.Get(ctx, ChunkKey(ds[1]), nil)
-	blob[len(blob)-1] ^= 1
-	s.Put(ctx, ChunkKey(ds[1]), blob)
+	corruptChunk(t, s, ds[1])
 	if st, _ := r.Verify(ctx, VerifyOptions{ReadData: true}, func(Problem) {}); st.Corrupt != 1 || st.Missing != 1 || len(st.Damaged) != 1 {
 		t.Fatalf("verify: %+v", st)
 	}

@@ -28,7 +28,7 @@ type Options struct {
 	Disk     string
 	Output   string
 	Format   string // "raw" (default) or "qcow2"
-	Parallel int    // chunks fetched at once (default 8; from S3, 32)
+	Parallel int    // chunks fetched at once (default 8; from S3, 32 MiB of chunks, at least 8)
 	Log      *slog.Logger
 }
 
@@ -79,8 +79,8 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	}
 	if o.Parallel <= 0 {
 		o.Parallel = 8
-		if sink.Remote(r.Store()) { // a fetch waits a round trip: more in flight
-			o.Parallel = 32
+		if sink.Remote(r.Store()) { // a fetch waits a round trip: 32 MiB of chunks in flight
+			o.Parallel = int(max(8, (32<<20)/r.Config().ChunkSize))
 		}
 	}
 	// The shared lock keeps a gc from deleting the backup's objects while

@@ -158,6 +158,11 @@ func (s *S3) fail(ctx context.Context, op, key string, err error) error {
 	case "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "XMinioServerNotInitialized":
 		e.Transient = true
 		return e
+	case "ConditionalRequestConflict":
+		// Two conditional writes of one key overlapped (S3 answers the
+		// loser 409 and says to retry): the retry gets 412, ErrExists.
+		e.Transient = true
+		return e
 	}
 	if resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests {
 		e.Transient = true
