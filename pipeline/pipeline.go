@@ -219,10 +219,12 @@ type run struct {
 	healed  []chunker.Digest // damaged chunks stored again, under mu
 	// uploading holds the digests this run is uploading or has uploaded.
 	uploading sync.Map
-	// remote: the store's requests are round trips (S3); stored, found:
-	// chunks the uploaders offered to it, and of them those it held.
-	remote        bool
-	stored, found atomic.Int64
+	// remote: the store's requests are round trips (S3); offers, held:
+	// chunks the uploaders offered to it lately, and of them those it
+	// held (halved every 64 offers: a recent share), under offerMu.
+	remote       bool
+	offerMu      sync.Mutex
+	offers, held int
 	// planned, planReads: chunks and bytes the planner sent; done: plans
 	// the workers finished.
 	planned, planReads, done atomic.Int64
@@ -516,9 +518,10 @@ func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 //
 // Asking first (a HEAD) spares the upload of a chunk the store holds, at
 // a round trip for every chunk it lacks. On a remote store, once 16
-// chunks were offered and fewer than a quarter were held (a new disk),
-// the uploaders create instead (a conditional PUT, one round trip), and a
-// chunk held costs its upload; they ask again when the share rises.
+// chunks were offered and fewer than a quarter of those offered lately
+// were held (a new disk), the uploaders create instead (a conditional
+// PUT, one round trip), and a chunk held costs its upload; they ask again
+// when the share rises.
 func (r *run) store(ctx context.Context, u upload) error {
 	key := repo.ChunkKey(u.digest)
 	switch {
@@ -557,15 +560,24 @@ func (r *run) store(ctx context.Context, u upload) error {
 
 // askFirst says whether the uploaders ask the store before a put.
 func (r *run) askFirst() bool {
-	n := r.stored.Load()
-	return !r.remote || n < 16 || r.found.Load()*4 >= n
+	if !r.remote {
+		return true
+	}
+	r.offerMu.Lock()
+	defer r.offerMu.Unlock()
+	return r.offers < 16 || r.held*4 >= r.offers
 }
 
 // offered counts a chunk offered to the store, and returns held.
 func (r *run) offered(held bool) bool {
-	r.stored.Add(1)
+	r.offerMu.Lock()
+	defer r.offerMu.Unlock()
+	r.offers++
 	if held {
-		r.found.Add(1)
+		r.held++
+	}
+	if r.offers == 64 {
+		r.offers, r.held = 32, r.held/2
 	}
 	return held
 }
