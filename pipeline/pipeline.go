@@ -444,10 +444,11 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 	if !chunker.IsZero(rc.buf) {
 		d = r.Repo.Sum(rc.buf)
 	}
-	if rc.kind == planHeal && d != r.resized.Digest(rc.index) {
-		want := r.resized.Digest(rc.index)
-		r.recordLie(&BitmapError{Chunk: rc.index, Offset: rc.off,
-			Detail: fmt.Sprintf("reads as %s, the parent's index says %s (read to rebuild its damaged copy)", digestName(d), digestName(want))})
+	if rc.kind == planHeal {
+		if want := r.resized.Digest(rc.index); d != want {
+			r.recordLie(&BitmapError{Chunk: rc.index, Offset: rc.off,
+				Detail: fmt.Sprintf("reads as %s, the parent's index says %s (read to rebuild its damaged copy)", digestName(d), digestName(want))})
+		}
 	}
 	r.set(rc.index, d)
 	if d.IsZeroChunk() {

@@ -2,9 +2,7 @@ package repo
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -68,10 +66,8 @@ func (r *Repo) damageRecords(ctx context.Context) (map[string]string, error) {
 	out := map[string]string{}
 	err := r.store.List(ctx, damagePrefix, func(o sink.ObjectInfo) error {
 		obj := strings.TrimPrefix(o.Key, damagePrefix)
-		for _, p := range candPrefix {
-			if isObjectKey(p, obj) {
-				out[o.Key] = obj
-			}
+		if _, _, ok := parseObjectKey(obj); ok {
+			out[o.Key] = obj
 		}
 		return nil
 	})
@@ -97,11 +93,8 @@ func (r *Repo) DamagedChunks(ctx context.Context) (map[chunker.Digest]bool, erro
 
 // chunkDigest returns the digest a chunk key names.
 func chunkDigest(key string) (chunker.Digest, bool) {
-	if !isObjectKey("chunks/", key) {
-		return chunker.Digest{}, false
-	}
-	d, err := chunker.ParseDigest(key[len("chunks/")+3:])
-	return d, err == nil
+	kind, d, ok := parseObjectKey(key)
+	return d, ok && kind == candChunk
 }
 
 // readDamage reads the damage records (16 at once).
@@ -138,17 +131,9 @@ func (r *Repo) readDamage(ctx context.Context) ([]*DamageRecord, error) {
 }
 
 func (r *Repo) readRecord(ctx context.Context, key string) (*DamageRecord, error) {
-	blob, err := r.store.Get(ctx, key, nil)
-	if err != nil {
-		return nil, err
-	}
-	b, err := r.decodeMeta(key, blob)
-	if err != nil {
-		return nil, &ObjectError{Key: key, Err: err}
-	}
 	var rec DamageRecord
-	if err := strictUnmarshal(b, &rec); err != nil {
-		return nil, &ObjectError{Key: key, Err: fmt.Errorf("damage record: %w", err)}
+	if err := r.getMeta(ctx, key, &rec); err != nil {
+		return nil, err
 	}
 	return &rec, nil
 }
@@ -187,8 +172,7 @@ func (r *Repo) recordDamage(ctx context.Context, obj, problem, quarantined strin
 	backups = slices.Compact(backups)
 	rec.BackupCount = len(backups)
 	rec.Backups = backups[:min(len(backups), maxRecordBackups)]
-	b, _ := json.MarshalIndent(rec, "", "  ")
-	return r.store.Put(ctx, key, r.encodeMeta(key, b))
+	return r.putMeta(ctx, key, rec)
 }
 
 // quarantine keeps the bytes a corrupt chunk had, once: the first copy

@@ -329,8 +329,7 @@ func (r *Repo) Protect(ctx context.Context, domain, id string, on bool) error {
 	if !on {
 		return r.store.Delete(ctx, key)
 	}
-	b, _ := json.Marshal(protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()})
-	if err := r.store.Put(ctx, key, r.encodeMeta(key, b)); err != nil {
+	if err := r.putMeta(ctx, key, protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()}); err != nil {
 		return err
 	}
 	// A forget may have deleted the manifest between the check and the

@@ -380,6 +380,18 @@ const (
 
 var candPrefix = [...]string{candChunk: "chunks/", candIndex: "indexes/", candFile: "files/"}
 
+// parseObjectKey returns the kind (candChunk, candIndex or candFile) and
+// digest of a well-formed chunk, index object or file key.
+func parseObjectKey(key string) (kind byte, d chunker.Digest, ok bool) {
+	for k, p := range candPrefix {
+		if isObjectKey(p, key) {
+			d, _ = chunker.ParseDigest(key[len(p)+3:])
+			return byte(k), d, true
+		}
+	}
+	return 0, d, false
+}
+
 // candidates lists chunks, index objects and files, counts them, and
 // writes those unreferenced and older than the cutoff to a temporary file
 // (41 bytes each), which it returns rewound.
@@ -563,13 +575,7 @@ func (g *gc) damage(ctx context.Context, lock *Lock) error {
 	eg, ectx := errgroup.WithContext(ctx)
 	eg.SetLimit(g.o.Parallel)
 	for rec, obj := range recs {
-		kind, d := byte(candChunk), chunker.Digest{}
-		for k, p := range candPrefix {
-			if strings.HasPrefix(obj, p) {
-				kind = byte(k)
-				d, _ = chunker.ParseDigest(obj[len(p)+3:])
-			}
-		}
+		kind, d, _ := parseObjectKey(obj) // damageRecords keeps only object keys
 		if g.referenced(kind, obj, d) {
 			continue
 		}

@@ -186,16 +186,8 @@ func (r *Repo) catalogs(ctx context.Context, domain string) (map[string]cached, 
 }
 
 func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, error) {
-	blob, err := r.store.Get(ctx, key, nil)
-	if err != nil {
-		return nil, err
-	}
-	b, err := r.decodeMeta(key, blob)
-	if err != nil {
-		return nil, err
-	}
 	var c catalog
-	if err := strictUnmarshal(b, &c); err != nil {
+	if err := r.getMeta(ctx, key, &c); err != nil {
 		return nil, err
 	}
 	if c.Version != FormatVersion || c.Domain != domain {

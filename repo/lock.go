@@ -389,9 +389,8 @@ type tombstone struct {
 // breakLock writes lock o's tombstone.
 func (r *Repo) breakLock(ctx context.Context, o *LockInfo, why, by string) error {
 	host, _ := os.Hostname()
-	b, _ := json.Marshal(tombstone{Version: FormatVersion, Lock: o.Key, Holder: o.Holder(), Why: why,
+	return r.putMeta(ctx, tombstoneKey(o.ID), tombstone{Version: FormatVersion, Lock: o.Key, Holder: o.Holder(), Why: why,
 		By: fmt.Sprintf("%s (pid %d on %s)", by, os.Getpid(), host), Broken: time.Now().UTC()})
-	return r.store.Put(ctx, tombstoneKey(o.ID), r.encodeMeta(tombstoneKey(o.ID), b))
 }
 
 // tombstoned reports whether lock id has a tombstone.

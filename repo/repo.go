@@ -320,6 +320,33 @@ func (r *Repo) decodeMeta(key string, blob []byte) ([]byte, error) {
 	return r.meta.DecodeMeta(nil, blob, key)
 }
 
+// putMeta stores v, as JSON, as the meta blob under key.
+func (r *Repo) putMeta(ctx context.Context, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return r.store.Put(ctx, key, r.encodeMeta(key, b))
+}
+
+// getMeta reads the meta blob under key into v (JSON; unknown fields are
+// refused). The store's error is returned as it is (sink.ErrNotFound when
+// there is none); an object that does not decode is an *ObjectError.
+func (r *Repo) getMeta(ctx context.Context, key string, v any) error {
+	blob, err := r.store.Get(ctx, key, nil)
+	if err != nil {
+		return err
+	}
+	b, err := r.decodeMeta(key, blob)
+	if err == nil {
+		err = strictUnmarshal(b, v)
+	}
+	if err != nil {
+		return &ObjectError{Key: key, Err: err}
+	}
+	return nil
+}
+
 // ChunkError is a chunk that cannot be read back intact.
 type ChunkError struct {
 	Key string

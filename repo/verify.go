@@ -3,7 +3,6 @@ package repo
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -537,17 +536,13 @@ func (v *verify) sample(ctx context.Context) (*sampleState, error) {
 // read is a repository never verified (with a warning).
 func (r *Repo) loadVerified(ctx context.Context, log *slog.Logger) (verifiedState, error) {
 	fresh := verifiedState{Version: FormatVersion, Parts: sampleParts, Read: make([]int64, sampleParts)}
-	blob, err := r.store.Get(ctx, verifiedKey, nil)
-	if isNotFound(err) {
-		return fresh, nil
-	}
-	if err != nil {
-		return fresh, err
-	}
 	var st verifiedState
-	b, err := r.decodeMeta(verifiedKey, blob)
-	if err == nil {
-		err = strictUnmarshal(b, &st)
+	err := r.getMeta(ctx, verifiedKey, &st)
+	switch {
+	case isNotFound(err):
+		return fresh, nil
+	case isStoreFailure(err):
+		return fresh, err
 	}
 	if err == nil && (st.Parts != sampleParts || len(st.Read) != sampleParts) {
 		err = fmt.Errorf("%d parts (%d times), want %d", st.Parts, len(st.Read), sampleParts)
@@ -571,8 +566,7 @@ func (r *Repo) saveVerified(ctx context.Context, s *sampleState) error {
 			s.state.Read[part] = s.now
 		}
 	}
-	b, _ := json.Marshal(s.state)
-	return r.store.Put(ctx, verifiedKey, r.encodeMeta(verifiedKey, b))
+	return r.putMeta(ctx, verifiedKey, s.state)
 }
 
 // AllBackups is every backup the problem concerns.
