@@ -31,7 +31,7 @@ func BitmapContext(bitmap string) string { return bitmapPrefix + bitmap }
 // Defaults for Config fields left zero.
 const (
 	DefaultIOTimeout    = 60 * time.Second
-	DefaultRequestSize  = 1 << 20
+	DefaultRequestSize  = 256 << 10 // see RequestSize
 	DefaultMaxInFlight  = 16
 	DefaultExtentWindow = 1 << 30
 )
@@ -52,7 +52,11 @@ type Config struct {
 	// progress (connect, read, block status).
 	IOTimeout time.Duration
 	// RequestSize is the largest single NBD read; ReadAt splits larger reads
-	// (and never exceeds the server's maximum block size).
+	// (and never exceeds the server's maximum block size). The default,
+	// 256 KiB (nbdcopy's too), is what QEMU serves fastest: it allocates a
+	// buffer per request, and at 1 MiB from 8 connections its I/O threads
+	// spent most of their time faulting those buffers in and unmapping
+	// them (docs/performance.md, 2026-12-03).
 	RequestSize int
 	// MaxInFlight is how many read requests one ReadAt keeps in flight on
 	// its connection.

@@ -527,7 +527,7 @@ func (r *run) store(ctx context.Context, u upload) error {
 	key := repo.ChunkKey(u.digest)
 	switch {
 	case r.Damaged[u.digest]:
-		if err := r.Repo.Store().Put(ctx, key, u.blob); err != nil {
+		if err := sink.PutDeferred(ctx, r.Repo.Store(), key, u.blob); err != nil {
 			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 		}
 		r.mu.Lock()
@@ -542,7 +542,7 @@ func (r *run) store(ctx context.Context, u upload) error {
 			r.Stats.BytesDedup.Add(u.plain)
 			return nil
 		}
-		if err := r.Repo.Store().Put(ctx, key, u.blob); err != nil {
+		if err := sink.PutDeferred(ctx, r.Repo.Store(), key, u.blob); err != nil {
 			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 		}
 	default:

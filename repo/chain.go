@@ -199,7 +199,7 @@ func (r *Repo) putObject(ctx context.Context, prefix string, plain []byte) (stri
 		h := hex.EncodeToString(sum[:])
 		key = prefix + h[:2] + "/" + h
 	}
-	if err := r.store.Put(ctx, key, blob); err != nil {
+	if err := sink.PutDeferred(ctx, r.store, key, blob); err != nil {
 		return "", err
 	}
 	return key, nil

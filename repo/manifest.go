@@ -130,9 +130,11 @@ func parseManifestKey(key string) (domain, id string, ok bool) {
 
 // Commit stores a backup: the extra files, then every disk's index
 // objects, then the manifest, which commits it. The chunks the indexes
-// name must already be stored. It fills in the manifest's index chains,
-// chunk counts and file keys. The manifest is created with a conditional
-// write: a backup id is committed once.
+// name must already be stored, with Put or sink.PutDeferred: before the
+// manifest, Commit makes every deferred put of the store durable. It
+// fills in the manifest's index chains, chunk counts and file keys. The
+// manifest is created with a conditional write: a backup id is committed
+// once.
 func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskData, files map[string][]byte) error {
 	if err := ValidName("domain", m.Domain); err != nil {
 		return err
@@ -174,6 +176,9 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 	b, err := json.Marshal(m)
 	if err != nil {
 		return err
+	}
+	if err := sink.Sync(ctx, r.store); err != nil {
+		return fmt.Errorf("backup %s/%s: make its chunks and indexes durable: %w", m.Domain, m.ID, err)
 	}
 	err = r.store.Create(ctx, m.Key(), r.encodeMeta(m.Key(), b))
 	if errors.Is(err, sink.ErrExists) && r.sameManifest(ctx, m.Key(), b) {

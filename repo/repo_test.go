@@ -10,6 +10,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -256,6 +257,34 @@ func TestCommitIsAtomic(t *testing.T) {
 	}
 	if ms, _, err := r.Backups(ctx, "vm1"); err != nil || len(ms) != 0 {
 		t.Fatalf("a failed commit is listed: %v %v", ms, err)
+	}
+}
+
+// Commit makes the store's deferred puts (the pipeline's chunks, the
+// indexes) durable before the manifest: when that fails, nothing commits.
+// The fault is a real one: the directory of a chunk put deferred is gone.
+func TestCommitSyncsDeferredPuts(t *testing.T) {
+	s := localStore(t)
+	r := initTestRepo(t, s)
+	ctx := t.Context()
+	plain := bytes.Repeat([]byte("late"), 64<<10)
+	d := r.Sum(plain)
+	if err := sink.PutDeferred(ctx, s, ChunkKey(d), r.EncodeChunk(nil, d, plain)); err != nil {
+		t.Fatal(err)
+	}
+	key := ChunkKey(d)
+	if err := os.RemoveAll(filepath.Join(s.Location(), filepath.Dir(key))); err != nil {
+		t.Fatal(err)
+	}
+	ix := indexOf(r.Config().ChunkSize, 256<<10, map[int64]chunker.Digest{0: d})
+	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
+		Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
+	err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, nil)
+	if err == nil || !strings.Contains(err.Error(), "durable") || !strings.Contains(err.Error(), path.Dir(key)+"/") {
+		t.Fatalf("commit with a deferred put that cannot be synced: %v", err)
+	}
+	if ms, _, err := r.Backups(ctx, "vm1"); err != nil || len(ms) != 0 {
+		t.Fatalf("a commit that could not sync is listed: %v %v", ms, err)
 	}
 }
 

@@ -8,7 +8,7 @@ pkgs=(
 	libnbd-dev libnbd-bin nbdkit
 	libvirt-dev libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 	qemu-system-x86 qemu-utils e2fsprogs
-	virtnbdbackup hyperfine time bc
+	virtnbdbackup hyperfine time bc strace
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -8,16 +8,23 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // Local is a store in a directory of the local filesystem. Objects are
 // files; a Put writes a temporary file, fsyncs it, renames it into place
 // and fsyncs the directory, so an object is either absent or whole, even
-// after a crash. Temporary files (".tmp-*") left by a crash are invisible to
-// List and Get.
+// after a crash. PutDeferred leaves the directory's fsync to the next Sync,
+// which syncs each directory once. Temporary files (".tmp-*") left by a
+// crash are invisible to List and Get.
 type Local struct {
 	root string
+
+	mu       sync.Mutex
+	unsynced map[string]bool // directories with names PutDeferred made that no Sync has synced
 }
 
 var _ Store = (*Local)(nil)
@@ -49,18 +56,73 @@ func (l *Local) path(op, key string) (string, error) {
 }
 
 func (l *Local) Put(ctx context.Context, key string, data []byte) error {
-	return l.write(ctx, "put", key, data, os.Rename)
+	return l.write(ctx, "put", key, data, os.Rename, false)
 }
 
 // Create writes the object like Put and links it into place: link(2)
 // fails when the name exists, so of concurrent Creates one wins.
 func (l *Local) Create(ctx context.Context, key string, data []byte) error {
-	return l.write(ctx, "create", key, data, os.Link)
+	return l.write(ctx, "create", key, data, os.Link, false)
+}
+
+// PutDeferred is Put without the directory's fsync: the data is synced
+// before the name appears, so the object is whole whenever it is seen,
+// also after a crash, but its name is durable only once Sync returns.
+func (l *Local) PutDeferred(ctx context.Context, key string, data []byte) error {
+	return l.write(ctx, "put", key, data, os.Rename, true)
+}
+
+// Sync makes the names of every PutDeferred so far durable: it fsyncs each
+// of their directories once. A directory that fails stays to be synced by
+// the next Sync, unless it is gone (and its names with it).
+func (l *Local) Sync(ctx context.Context) error {
+	l.mu.Lock()
+	dirs := l.unsynced
+	l.unsynced = nil
+	l.mu.Unlock()
+	g, ctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for dir := range dirs {
+		g.Go(func() error {
+			if err := ctx.Err(); err != nil {
+				l.deferDir(dir)
+				return err
+			}
+			if err := syncDir(dir); err != nil {
+				if !errors.Is(err, fs.ErrNotExist) {
+					l.deferDir(dir)
+				}
+				return &Error{Op: "sync", Key: l.keyOf(dir), Location: l.root, Err: err}
+			}
+			return nil
+		})
+	}
+	return g.Wait()
+}
+
+// deferDir records dir as holding names not yet durable.
+func (l *Local) deferDir(dir string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.unsynced == nil {
+		l.unsynced = map[string]bool{}
+	}
+	l.unsynced[dir] = true
+}
+
+// keyOf is the key prefix a directory of the store holds.
+func (l *Local) keyOf(dir string) string {
+	rel, err := filepath.Rel(l.root, dir)
+	if err != nil {
+		return dir
+	}
+	return filepath.ToSlash(rel) + "/"
 }
 
 // write writes data to a temporary file in the object's directory, syncs
-// it and moves it into place with place (rename or link).
-func (l *Local) write(ctx context.Context, op, key string, data []byte, place func(tmp, path string) error) error {
+// it and moves it into place with place (rename or link), then syncs the
+// directory or, when deferred, leaves it to Sync.
+func (l *Local) write(ctx context.Context, op, key string, data []byte, place func(tmp, path string) error, deferred bool) error {
 	path, err := l.path(op, key)
 	if err != nil {
 		return err
@@ -92,6 +154,10 @@ func (l *Local) write(ctx context.Context, op, key string, data []byte, place fu
 	}
 	if err != nil {
 		return l.fail(op, key, err)
+	}
+	if deferred {
+		l.deferDir(dir)
+		return nil
 	}
 	if err := syncDir(dir); err != nil {
 		return l.fail(op, key, err)

@@ -94,6 +94,36 @@ func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
 	return 0, nil
 }
 
+// deferredPutter is a store whose puts can leave making an object's name
+// durable to a later Sync (the local store).
+type deferredPutter interface {
+	PutDeferred(ctx context.Context, key string, data []byte) error
+	Sync(ctx context.Context) error
+}
+
+// PutDeferred stores data under key like Put, except that the object may
+// become durable only when Sync returns: for objects committed together,
+// as a backup's chunks and indexes are by its manifest. The object is
+// whole whenever it can be seen, also after a crash. On the local store
+// only the directory entry waits (Sync fsyncs each directory once, not
+// once per object); on other stores it is Put. The local store's calls
+// bypass the Limit and Retry wrappers: its failures are not transient and
+// the callers bound their own concurrency.
+func PutDeferred(ctx context.Context, s Store, key string, data []byte) error {
+	if d, ok := underlying[deferredPutter](s); ok {
+		return d.PutDeferred(ctx, key, data)
+	}
+	return s.Put(ctx, key, data)
+}
+
+// Sync makes every PutDeferred on s so far durable (from any goroutine).
+func Sync(ctx context.Context, s Store) error {
+	if d, ok := underlying[deferredPutter](s); ok {
+		return d.Sync(ctx)
+	}
+	return nil
+}
+
 // Remote reports whether s's requests are network round trips (S3): worth
 // keeping many in flight, and sparing where one can do.
 func Remote(s Store) bool {

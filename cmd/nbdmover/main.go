@@ -63,7 +63,7 @@ func newApp() *cli.App {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json (logs go to stderr)"},
-			&cli.StringFlag{Name: "profile-dir", Usage: "write pprof profiles of the run (cpu, allocs, heap, block, mutex) into this directory", Hidden: true},
+			&cli.StringFlag{Name: "profile-dir", Usage: "write pprof profiles (cpu, allocs, heap, block, mutex) and an execution trace of the run into this directory", Hidden: true},
 		},
 		Before: func(c *cli.Context) error {
 			if name := c.Args().First(); name != "" && c.App.Command(name) == nil {
