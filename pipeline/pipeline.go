@@ -527,7 +527,10 @@ func (r *run) store(ctx context.Context, u upload) error {
 	key := repo.ChunkKey(u.digest)
 	switch {
 	case r.Damaged[u.digest]:
-		if err := sink.PutDeferred(ctx, r.Repo.Store(), key, u.blob); err != nil {
+		// A plain Put: a verify may read the healed chunk and delete its
+		// damage record before this backup commits, so the chunk must be
+		// durable first.
+		if err := r.Repo.Store().Put(ctx, key, u.blob); err != nil {
 			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 		}
 		r.mu.Lock()
@@ -539,6 +542,9 @@ func (r *run) store(ctx context.Context, u upload) error {
 			return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
 		}
 		if r.offered(held) {
+			// Held, perhaps put deferred by another backup that has not
+			// committed: the commit makes its name durable too.
+			sink.SyncLater(r.Repo.Store(), key)
 			r.Stats.BytesDedup.Add(u.plain)
 			return nil
 		}

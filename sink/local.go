@@ -23,8 +23,9 @@ import (
 type Local struct {
 	root string
 
+	syncing  sync.Mutex // one Sync at a time: a second waits for the first's directories
 	mu       sync.Mutex
-	unsynced map[string]bool // directories with names PutDeferred made that no Sync has synced
+	unsynced map[string]bool // directories with names not yet durable that no Sync has synced
 }
 
 var _ Store = (*Local)(nil)
@@ -72,10 +73,22 @@ func (l *Local) PutDeferred(ctx context.Context, key string, data []byte) error 
 	return l.write(ctx, "put", key, data, os.Rename, true)
 }
 
-// Sync makes the names of every PutDeferred so far durable: it fsyncs each
-// of their directories once. A directory that fails stays to be synced by
-// the next Sync, unless it is gone (and its names with it).
+// SyncLater has the next Sync make key's name durable too: for an object
+// found in place that another writer may have put deferred and not yet
+// synced (a chunk a backup deduplicates against).
+func (l *Local) SyncLater(key string) {
+	if path, err := l.path("sync", key); err == nil {
+		l.deferDir(filepath.Dir(path))
+	}
+}
+
+// Sync makes the names of every PutDeferred (and SyncLater) so far
+// durable: it fsyncs each of their directories once. A directory that
+// fails stays to be synced by the next Sync, unless it is gone (and its
+// names with it).
 func (l *Local) Sync(ctx context.Context) error {
+	l.syncing.Lock()
+	defer l.syncing.Unlock()
 	l.mu.Lock()
 	dirs := l.unsynced
 	l.unsynced = nil

@@ -98,6 +98,7 @@ func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
 // durable to a later Sync (the local store).
 type deferredPutter interface {
 	PutDeferred(ctx context.Context, key string, data []byte) error
+	SyncLater(key string)
 	Sync(ctx context.Context) error
 }
 
@@ -116,7 +117,19 @@ func PutDeferred(ctx context.Context, s Store, key string, data []byte) error {
 	return s.Put(ctx, key, data)
 }
 
-// Sync makes every PutDeferred on s so far durable (from any goroutine).
+// SyncLater has the next Sync on s make the name of the object at key
+// durable, when s is a store whose names can wait (the local store): for an
+// object a caller relies on without having put it, which another writer
+// may have put deferred (a chunk found stored). On other stores it does
+// nothing.
+func SyncLater(s Store, key string) {
+	if d, ok := underlying[deferredPutter](s); ok {
+		d.SyncLater(key)
+	}
+}
+
+// Sync makes every PutDeferred and SyncLater on s so far durable. Calls
+// from several goroutines run one at a time.
 func Sync(ctx context.Context, s Store) error {
 	if d, ok := underlying[deferredPutter](s); ok {
 		return d.Sync(ctx)
