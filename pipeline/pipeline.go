@@ -230,7 +230,7 @@ type run struct {
 	planned, planReads, done atomic.Int64
 	verified, verifiedBytes  atomic.Int64
 	lie                      atomic.Pointer[BitmapError] // the first lie found
-	plans                    chan<- chunkPlan            // the planner's output, while it runs
+	plans                    []chan chunkPlan            // the planner's output, one channel per reader, while it runs
 	planCtx                  context.Context
 }
 
@@ -317,29 +317,44 @@ func (r *run) set(i int64, d chunker.Digest) {
 
 // pipe runs the stages: planner -> readers -> workers -> uploaders.
 func (r *run) pipe(ctx context.Context, p *planner) error {
-	plans := make(chan chunkPlan, r.Tuning.Readers)
+	plans := make([]chan chunkPlan, r.Tuning.Readers)
+	for i := range plans {
+		plans[i] = make(chan chunkPlan, readStretch)
+	}
 	reads := make(chan readChunk, r.Tuning.Workers)
 	uploads := make(chan upload, r.Tuning.Uploads)
 	g, ctx := errgroup.WithContext(ctx)
 	r.plans, r.planCtx = plans, ctx
 	g.Go(func() error {
-		defer close(plans)
+		defer func() {
+			for _, c := range plans {
+				close(c)
+			}
+		}()
 		if err := p.run(ctx, r.Disk.Extents(ctx, 0, p.grid.Size)); err != nil {
 			return fmt.Errorf("disk %s: %w", r.Name, err)
 		}
 		return nil
 	})
-	stage(g, r.Tuning.Readers, func() { close(reads) }, func() error { return r.readAll(ctx, plans, reads) })
-	stage(g, r.Tuning.Workers, func() { close(uploads) }, func() error { return r.digestAll(ctx, reads, uploads) })
-	stage(g, r.Tuning.Uploads, func() {}, func() error { return r.storeAll(ctx, uploads) })
+	stage(g, r.Tuning.Readers, func() { close(reads) }, func(i int) error { return r.readAll(ctx, plans[i], reads) })
+	stage(g, r.Tuning.Workers, func() { close(uploads) }, func(int) error { return r.digestAll(ctx, reads, uploads) })
+	stage(g, r.Tuning.Uploads, func() {}, func(int) error { return r.storeAll(ctx, uploads) })
 	return g.Wait()
 }
 
-// plan sends a chunk to the readers.
+// readStretch is how many consecutive plans one reader takes before the
+// next reader's turn: each NBD connection then reads runs of the disk, as
+// nbdcopy does. Readers that took the next plan from one shared channel
+// read neighbouring chunks at once, and QEMU's I/O threads spent 2-4x the
+// CPU on the same bytes (4.5-6.8 against 1.1-1.9 core-s in a cold full;
+// docs/performance.md, 2026-12-03).
+const readStretch = 16
+
+// plan sends a chunk to its reader.
 func (r *run) plan(c chunkPlan) error {
-	r.planned.Add(1)
+	n := r.planned.Add(1) - 1
 	r.planReads.Add(c.readBytes())
-	return send(r.planCtx, r.plans, c)
+	return send(r.planCtx, r.plans[int(n/int64(readStretch))%len(r.plans)], c)
 }
 
 // zero records a chunk built as the zero chunk without reading it.
@@ -358,12 +373,12 @@ func (r *run) skip(_, _, bytes int64) {
 	r.Stats.Done.Add(bytes)
 }
 
-// stage runs n copies of f in g and calls done once all have returned.
-func stage(g *errgroup.Group, n int, done func(), f func() error) {
+// stage runs f(0) .. f(n-1) in g and calls done once all have returned.
+func stage(g *errgroup.Group, n int, done func(), f func(i int) error) {
 	var wg sync.WaitGroup
-	for range n {
+	for i := range n {
 		wg.Add(1)
-		g.Go(func() error { defer wg.Done(); return f() })
+		g.Go(func() error { defer wg.Done(); return f(i) })
 	}
 	g.Go(func() error { wg.Wait(); done(); return nil })
 }
