@@ -7,7 +7,6 @@ import (
 	"iter"
 	"math/rand/v2"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	"github.com/nbdmover/nbdmover/chunker"
@@ -457,36 +456,12 @@ func TestHealPlans(t *testing.T) {
 	}
 }
 
-// requestCounter counts the stats, creates and puts of chunks a store
-// gets; it unwraps, so the store stays remote (sink.Remote).
-type requestCounter struct {
-	sink.Store
-	stats, creates, puts atomic.Int64
-}
-
-func (c *requestCounter) Unwrap() sink.Store { return c.Store }
-
-func (c *requestCounter) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
-	c.stats.Add(1)
-	return c.Store.Stat(ctx, key)
-}
-
-func (c *requestCounter) Create(ctx context.Context, key string, data []byte) error {
-	c.creates.Add(1)
-	return c.Store.Create(ctx, key, data)
-}
-
-func (c *requestCounter) Put(ctx context.Context, key string, data []byte) error {
-	c.puts.Add(1)
-	return c.Store.Put(ctx, key, data)
-}
-
 // On S3 the uploaders ask before a put only while it pays: a new disk's
 // chunks are created at one round trip each after the first 16; a disk
 // whose chunks are stored keeps being asked about, and nothing is
 // uploaded twice.
 func TestStoreAsksWhileItPays(t *testing.T) {
-	c := &requestCounter{Store: sinktest.NewS3(t, "")}
+	c := &sinktest.Counting{Store: sinktest.NewS3(t, "")}
 	r, err := repo.Init(t.Context(), c, repo.InitOptions{ChunkSize: cs})
 	if err != nil {
 		t.Fatal(err)
@@ -497,9 +472,9 @@ func TestStoreAsksWhileItPays(t *testing.T) {
 	rand.NewChaCha8([32]byte{1}).Read(d.data)
 	run := func() *Stats {
 		t.Helper()
-		c.stats.Store(0)
-		c.creates.Store(0)
-		c.puts.Store(0)
+		c.Stats.Store(0)
+		c.Creates.Store(0)
+		c.Puts.Store(0)
 		tuning := Tuning{Readers: 2, Workers: 2, Uploads: 4}
 		j := &Job{Name: "vda", Disk: d, Repo: r, Buffers: NewBuffers(tuning, 1, cs), Tuning: tuning, Stats: &Stats{}}
 		res, err := j.Run(t.Context())
@@ -509,11 +484,11 @@ func TestStoreAsksWhileItPays(t *testing.T) {
 		return j.Stats
 	}
 	st := run()
-	if c.stats.Load() > 16+4 || c.creates.Load() < n-16-4 || c.stats.Load()+c.creates.Load() != n || st.BytesDedup.Load() != 0 {
-		t.Errorf("a new disk: %d stats, %d creates, %d puts, %d bytes deduplicated", c.stats.Load(), c.creates.Load(), c.puts.Load(), st.BytesDedup.Load())
+	if c.Stats.Load() > 16+4 || c.Creates.Load() < n-16-4 || c.Stats.Load()+c.Creates.Load() != n || st.BytesDedup.Load() != 0 {
+		t.Errorf("a new disk: %d stats, %d creates, %d puts, %d bytes deduplicated", c.Stats.Load(), c.Creates.Load(), c.Puts.Load(), st.BytesDedup.Load())
 	}
 	st = run()
-	if c.stats.Load() != n || c.creates.Load()+c.puts.Load() != 0 || st.BytesWritten.Load() != 0 || st.BytesDedup.Load() != n*cs {
-		t.Errorf("a stored disk: %d stats, %d creates, %d puts, %d bytes written", c.stats.Load(), c.creates.Load(), c.puts.Load(), st.BytesWritten.Load())
+	if c.Stats.Load() != n || c.Creates.Load()+c.Puts.Load() != 0 || st.BytesWritten.Load() != 0 || st.BytesDedup.Load() != n*cs {
+		t.Errorf("a stored disk: %d stats, %d creates, %d puts, %d bytes written", c.Stats.Load(), c.Creates.Load(), c.Puts.Load(), st.BytesWritten.Load())
 	}
 }

@@ -1,12 +1,10 @@
 package repo
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -16,42 +14,6 @@ import (
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 	"golang.org/x/sync/errgroup"
 )
-
-// countingRequests counts the requests a store gets, by kind. It
-// unwraps, so that sink.DeleteMany still finds the store's multi-object
-// delete (deletes are not counted).
-type countingRequests struct {
-	sink.Store
-	lists, gets, puts, stats atomic.Int64
-}
-
-func (c *countingRequests) Unwrap() sink.Store { return c.Store }
-
-func (c *countingRequests) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
-	c.stats.Add(1)
-	return c.Store.Stat(ctx, key)
-}
-
-func (c *countingRequests) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {
-	c.lists.Add(1)
-	n := 0
-	return c.Store.List(ctx, prefix, func(o sink.ObjectInfo) error {
-		if n++; n%1000 == 0 {
-			c.lists.Add(1) // S3 returns up to 1000 keys a request
-		}
-		return fn(o)
-	})
-}
-
-func (c *countingRequests) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
-	c.gets.Add(1)
-	return c.Store.Get(ctx, key, buf)
-}
-
-func (c *countingRequests) Put(ctx context.Context, key string, data []byte) error {
-	c.puts.Add(1)
-	return c.Store.Put(ctx, key, data)
-}
 
 // BenchmarkList10k commits NBDMOVER_BENCH_BACKUPS (default 10,000) small
 // backups of one domain to MinIO (as backups do: a catalog now and then)
@@ -92,11 +54,11 @@ func BenchmarkList10k(b *testing.B) {
 		}
 	}
 	b.Logf("committed %d backups in %v", n, time.Since(start))
-	c := &countingRequests{Store: s}
+	c := &sinktest.Counting{Store: s}
 	rc, _ := Open(b.Context(), c)
 	for b.Loop() {
-		c.lists.Store(0)
-		c.gets.Store(0)
+		c.Lists.Store(0)
+		c.Gets.Store(0)
 		t := time.Now()
 		ms, skipped, err := rc.Backups(b.Context(), "")
 		if err != nil || len(ms) != n || len(skipped) > 0 {
@@ -104,9 +66,9 @@ func BenchmarkList10k(b *testing.B) {
 		}
 		js, _ := json.Marshal(map[string]any{"backups": ms}) // what GET /v1/backups sends
 		list := time.Since(t)
-		lists, gets := c.lists.Load(), c.gets.Load()
-		c.lists.Store(0)
-		c.gets.Store(0)
+		lists, gets := c.Lists.Load(), c.Gets.Load()
+		c.Lists.Store(0)
+		c.Gets.Store(0)
 		t = time.Now()
 		last, _, _, err := rc.Latest(b.Context(), "vm1")
 		if err != nil || last.ID != ms[len(ms)-1].ID {
@@ -114,7 +76,7 @@ func BenchmarkList10k(b *testing.B) {
 		}
 		latest := time.Since(t)
 		fmt.Printf("list of %d backups on MinIO: %v, %d list + %d get requests, %d bytes of JSON; latest: %v, %d list + %d get requests\n",
-			n, list, lists, gets, len(js), latest, c.lists.Load(), c.gets.Load())
+			n, list, lists, gets, len(js), latest, c.Lists.Load(), c.Gets.Load())
 		b.ReportMetric(list.Seconds(), "list-s")
 		b.ReportMetric(latest.Seconds()*1000, "latest-ms")
 	}

@@ -324,7 +324,7 @@ func gcReal(t *testing.T, location string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &countingRequests{Store: store}
+	c := &sinktest.Counting{Store: store}
 	r, err := Open(t.Context(), c)
 	if err != nil {
 		t.Fatal(err)
@@ -335,7 +335,7 @@ func gcReal(t *testing.T, location string) {
 		t.Fatal(err)
 	}
 	b, _ := json.Marshal(map[string]any{"seconds": time.Since(start).Seconds(), "peakrss": vmHWM(),
-		"lists": c.lists.Load(), "gets": c.gets.Load(), "puts": c.puts.Load(), "stats": c.stats.Load(),
+		"lists": c.Lists.Load(), "gets": c.Gets.Load(), "puts": c.Puts.Load(), "stats": c.Stats.Load(),
 		"deleted": res.Chunks.Deleted, "deletedmetadata": res.Metadata.Deleted})
 	fmt.Println(string(b))
 }

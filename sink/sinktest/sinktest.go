@@ -390,3 +390,47 @@ func Transient(op, key string) error {
 func Permanent(op, key string) error {
 	return &sink.Error{Op: op, Key: key, Location: "faulty", Err: errors.New("injected permanent failure")}
 }
+
+// Counting counts the requests a store gets, by kind (deletes are not
+// counted; a List counts one request per 1000 keys it returns, as S3
+// pages them). It unwraps, so that the store beneath stays visible to
+// sink.Remote and to sink.DeleteMany's multi-object delete; calls that
+// look through wrappers that way (DeleteMany, PutDeferred on a local
+// store) are not counted.
+type Counting struct {
+	sink.Store
+	Lists, Gets, Puts, Creates, Stats atomic.Int64
+}
+
+func (c *Counting) Unwrap() sink.Store { return c.Store }
+
+func (c *Counting) Stat(ctx context.Context, key string) (sink.ObjectInfo, error) {
+	c.Stats.Add(1)
+	return c.Store.Stat(ctx, key)
+}
+
+func (c *Counting) List(ctx context.Context, prefix string, fn func(sink.ObjectInfo) error) error {
+	c.Lists.Add(1)
+	n := 0
+	return c.Store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+		if n++; n%1000 == 0 {
+			c.Lists.Add(1)
+		}
+		return fn(o)
+	})
+}
+
+func (c *Counting) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+	c.Gets.Add(1)
+	return c.Store.Get(ctx, key, buf)
+}
+
+func (c *Counting) Put(ctx context.Context, key string, data []byte) error {
+	c.Puts.Add(1)
+	return c.Store.Put(ctx, key, data)
+}
+
+func (c *Counting) Create(ctx context.Context, key string, data []byte) error {
+	c.Creates.Add(1)
+	return c.Store.Create(ctx, key, data)
+}
