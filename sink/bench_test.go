@@ -59,7 +59,7 @@ func benchStore(b *testing.B, s sink.Store) {
 								if op == "put" {
 									err = s.Put(ctx, key, buf)
 								} else {
-									buf, err = s.Get(ctx, key, buf)
+									buf, err = s.Get(ctx, key, buf, 1<<30)
 								}
 								if err != nil {
 									return err

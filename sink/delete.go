@@ -4,12 +4,11 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/minio/minio-go/v7"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
 )
 
 // batchDeleter is a store that deletes many objects in one operation.
@@ -64,25 +63,54 @@ func DeleteMany(ctx context.Context, s Store, keys []string, parallel int, done 
 
 func (l *Local) maxBatch() int { return 256 }
 
+// deleteBatch unlinks the keys, each relative to its directory's
+// descriptor (beneath.go), and syncs each directory once.
 func (l *Local) deleteBatch(ctx context.Context, keys []string) error {
-	dirs := map[string]bool{}
+	byDir := map[string][]string{}
+	for _, key := range keys {
+		if err := l.check("delete", key); err != nil {
+			return err
+		}
+		byDir[dirOf(key)] = append(byDir[dirOf(key)], key)
+	}
+	root, err := l.openRoot(false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return l.fail("delete", keys[0], err)
+	}
+	defer unix.Close(root)
+	for dir, keys := range byDir {
+		if err := l.deleteIn(ctx, root, dir, keys); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deleteIn unlinks keys, all in the directory dir, and syncs it. A
+// missing directory holds nothing to delete; a symbolic link in its place
+// is not followed (a *DamagedError).
+func (l *Local) deleteIn(ctx context.Context, root int, dir string, keys []string) error {
+	dfd, err := l.openDir(root, dir, false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return l.fail("delete", keys[0], err)
+	}
+	defer unix.Close(dfd)
 	for _, key := range keys {
 		if err := ctx.Err(); err != nil {
 			return l.fail("delete", key, err)
 		}
-		path, err := l.path("delete", key)
-		if err != nil {
-			return err
-		}
-		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := unix.Unlinkat(dfd, key[strings.LastIndexByte(key, '/')+1:], 0); err != nil && !errors.Is(err, unix.ENOENT) {
 			return l.fail("delete", key, err)
 		}
-		dirs[filepath.Dir(path)] = true
 	}
-	for dir := range dirs {
-		if err := syncDir(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return l.fail("delete", dir, err)
-		}
+	if err := unix.Fsync(dfd); err != nil {
+		return l.fail("delete", dir+"/", err)
 	}
 	return nil
 }

@@ -3,15 +3,19 @@ package sink
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
 )
 
 // Local is a store in a directory of the local filesystem. Objects are
@@ -19,13 +23,14 @@ import (
 // and fsyncs the directory, so an object is either absent or whole, even
 // after a crash. PutDeferred leaves the directory's fsync to the next Sync,
 // which syncs each directory once. Temporary files (".tmp-*") left by a
-// crash are invisible to List and Get.
+// crash are invisible to List and Get. No operation follows a symbolic
+// link beneath the root or reads anything but a regular file (beneath.go).
 type Local struct {
 	root string
 
 	syncing  sync.Mutex // one Sync at a time: a second waits for the first's directories
 	mu       sync.Mutex
-	unsynced map[string]bool // directories with names not yet durable that no Sync has synced
+	unsynced map[string]bool // directories (keys' directory parts) with names not yet durable that no Sync has synced
 }
 
 var _ Store = (*Local)(nil)
@@ -49,36 +54,36 @@ func (l *Local) fail(op, key string, err error) error {
 	return &Error{Op: op, Key: key, Location: l.root, Err: err}
 }
 
-func (l *Local) path(op, key string) (string, error) {
+func (l *Local) check(op, key string) error {
 	if err := ValidKey(key); err != nil {
-		return "", &Error{Op: op, Key: key, Location: l.root, Err: err}
+		return &Error{Op: op, Key: key, Location: l.root, Err: err}
 	}
-	return filepath.Join(l.root, filepath.FromSlash(key)), nil
+	return nil
 }
 
 func (l *Local) Put(ctx context.Context, key string, data []byte) error {
-	return l.write(ctx, "put", key, data, os.Rename, false)
+	return l.write(ctx, "put", key, data, false, false)
 }
 
 // Create writes the object like Put and links it into place: link(2)
 // fails when the name exists, so of concurrent Creates one wins.
 func (l *Local) Create(ctx context.Context, key string, data []byte) error {
-	return l.write(ctx, "create", key, data, os.Link, false)
+	return l.write(ctx, "create", key, data, true, false)
 }
 
 // PutDeferred is Put without the directory's fsync: the data is synced
 // before the name appears, so the object is whole whenever it is seen,
 // also after a crash, but its name is durable only once Sync returns.
 func (l *Local) PutDeferred(ctx context.Context, key string, data []byte) error {
-	return l.write(ctx, "put", key, data, os.Rename, true)
+	return l.write(ctx, "put", key, data, false, true)
 }
 
 // SyncLater has the next Sync make key's name durable too: for an object
 // found in place that another writer may have put deferred and not yet
 // synced (a chunk a backup deduplicates against).
 func (l *Local) SyncLater(key string) {
-	if path, err := l.path("sync", key); err == nil {
-		l.deferDir(filepath.Dir(path))
+	if ValidKey(key) == nil {
+		l.deferDir(dirOf(key))
 	}
 }
 
@@ -93,6 +98,17 @@ func (l *Local) Sync(ctx context.Context) error {
 	dirs := l.unsynced
 	l.unsynced = nil
 	l.mu.Unlock()
+	if len(dirs) == 0 {
+		return nil
+	}
+	root, err := l.openRoot(false)
+	if err != nil {
+		for dir := range dirs {
+			l.deferDir(dir)
+		}
+		return l.fail("sync", "", err)
+	}
+	defer unix.Close(root)
 	g, ctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
 	for dir := range dirs {
@@ -101,11 +117,11 @@ func (l *Local) Sync(ctx context.Context) error {
 				l.deferDir(dir)
 				return err
 			}
-			if err := syncDir(dir); err != nil {
+			if err := l.syncDir(root, dir); err != nil {
 				if !errors.Is(err, fs.ErrNotExist) {
 					l.deferDir(dir)
 				}
-				return &Error{Op: "sync", Key: l.keyOf(dir), Location: l.root, Err: err}
+				return &Error{Op: "sync", Key: dir + "/", Location: l.root, Err: err}
 			}
 			return nil
 		})
@@ -123,46 +139,48 @@ func (l *Local) deferDir(dir string) {
 	l.unsynced[dir] = true
 }
 
-// keyOf is the key prefix a directory of the store holds.
-func (l *Local) keyOf(dir string) string {
-	rel, err := filepath.Rel(l.root, dir)
+// syncDir fsyncs the directory dir beneath root.
+func (l *Local) syncDir(root int, dir string) error {
+	fd, err := l.openDir(root, dir, false)
 	if err != nil {
-		return dir
+		return err
 	}
-	return filepath.ToSlash(rel) + "/"
+	defer unix.Close(fd)
+	return unix.Fsync(fd)
 }
 
 // write writes data to a temporary file in the object's directory, syncs
-// it and moves it into place with place (rename or link), then syncs the
-// directory or, when deferred, leaves it to Sync.
-func (l *Local) write(ctx context.Context, op, key string, data []byte, place func(tmp, path string) error, deferred bool) error {
-	path, err := l.path(op, key)
-	if err != nil {
+// it and moves it into place (renameat, or linkat when exclusive), then
+// syncs the directory or, when deferred, leaves it to Sync.
+func (l *Local) write(ctx context.Context, op, key string, data []byte, exclusive, deferred bool) error {
+	if err := l.check(op, key); err != nil {
 		return err
 	}
 	if err := ctx.Err(); err != nil {
 		return l.fail(op, key, err)
 	}
-	dir := filepath.Dir(path)
-	if err := l.mkdirs(dir); err != nil {
-		return l.fail(op, key, err)
-	}
-	f, err := os.CreateTemp(dir, ".tmp-*")
+	dir, name := dirOf(key), key[strings.LastIndexByte(key, '/')+1:]
+	root, err := l.openRoot(true)
 	if err != nil {
 		return l.fail(op, key, err)
 	}
-	defer os.Remove(f.Name()) // gone after a rename; the extra name after a link
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
+	defer unix.Close(root)
+	dfd, err := l.openDir(root, dir, true)
+	if err != nil {
+		return l.fail(op, key, err)
 	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	defer unix.Close(dfd)
+	tmp, err := writeTemp(dfd, data)
+	if err != nil {
+		return l.fail(op, key, err)
 	}
-	if err == nil {
-		err = place(f.Name(), path)
+	if exclusive {
+		err = unix.Linkat(dfd, tmp, dfd, name, 0)
+		unix.Unlinkat(dfd, tmp, 0)
+	} else if err = unix.Renameat(dfd, tmp, dfd, name); err != nil {
+		unix.Unlinkat(dfd, tmp, 0)
 	}
-	if errors.Is(err, fs.ErrExist) {
+	if errors.Is(err, unix.EEXIST) {
 		return &Error{Op: op, Key: key, Location: l.root, Err: ErrExists}
 	}
 	if err != nil {
@@ -172,62 +190,98 @@ func (l *Local) write(ctx context.Context, op, key string, data []byte, place fu
 		l.deferDir(dir)
 		return nil
 	}
-	if err := syncDir(dir); err != nil {
+	if err := unix.Fsync(dfd); err != nil {
 		return l.fail(op, key, err)
 	}
 	return nil
 }
 
-// mkdirs creates dir and its missing parents, and makes the new entries
-// durable by syncing each parent up to the root.
-func (l *Local) mkdirs(dir string) error {
-	if _, err := os.Stat(dir); err == nil {
-		return nil
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	for d := dir; d != l.root && strings.HasPrefix(d, l.root); d = filepath.Dir(d) {
-		if err := syncDir(filepath.Dir(d)); err != nil {
-			return err
+// writeTemp writes data to a new temporary file (".tmp-*", 0600) in the
+// directory dfd, syncs it, and returns its name.
+func writeTemp(dfd int, data []byte) (string, error) {
+	for range 8 {
+		name := fmt.Sprintf(".tmp-%016x", rand.Uint64())
+		fd, err := unix.Openat(dfd, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if errors.Is(err, unix.EEXIST) {
+			continue
 		}
+		if err != nil {
+			return "", err
+		}
+		f := os.NewFile(uintptr(fd), name)
+		_, err = f.Write(data)
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			unix.Unlinkat(dfd, name, 0)
+			return "", err
+		}
+		return name, nil
 	}
-	return nil
+	return "", errors.New("no free temporary file name")
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
+// openObject opens key's object with O_PATH (no read, no side effect on a
+// FIFO or device) and returns it with its stat; a missing object matches
+// fs.ErrNotExist, anything but a regular file is a *DamagedError.
+func (l *Local) openObject(key string) (int, unix.Stat_t, error) {
+	var st unix.Stat_t
+	root, err := l.openRoot(false)
 	if err != nil {
-		return err
+		return -1, st, err
 	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
+	defer unix.Close(root)
+	fd, err := l.openBeneath(root, key, unix.O_PATH)
+	if err != nil {
+		return -1, st, err
 	}
-	return err
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return -1, st, err
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		return fd, st, nil
+	case unix.S_IFDIR: // a key prefix, as "a" is of "a/b"
+		unix.Close(fd)
+		return -1, st, fs.ErrNotExist
+	}
+	unix.Close(fd)
+	return -1, st, &DamagedError{Why: fmt.Sprintf("%s is %s where an object belongs", key, describe(st.Mode))}
 }
 
-func (l *Local) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
-	path, err := l.path("get", key)
-	if err != nil {
+func (l *Local) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
+	if err := l.check("get", key); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, l.fail("get", key, err)
 	}
-	f, err := os.Open(path)
+	pfd, st, err := l.openObject(key)
 	if err != nil {
 		return nil, l.fail("get", key, err)
 	}
+	defer unix.Close(pfd)
+	if st.Size > limit {
+		return nil, l.fail("get", key, tooLarge(st.Size, limit))
+	}
+	fd, err := reopen(pfd)
+	if err != nil {
+		return nil, l.fail("get", key, err)
+	}
+	f := os.NewFile(uintptr(fd), key)
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
+	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, l.fail("get", key, err)
 	}
-	if !st.Mode().IsRegular() {
-		return nil, l.fail("get", key, ErrNotFound)
+	if st.Size > limit { // grew since
+		return nil, l.fail("get", key, tooLarge(st.Size, limit))
 	}
-	buf = append(buf[:0], make([]byte, st.Size())...)
+	buf = append(buf[:0], make([]byte, st.Size)...)
 	if _, err := io.ReadFull(f, buf); err != nil {
 		return nil, l.fail("get", key, err)
 	}
@@ -235,18 +289,15 @@ func (l *Local) Get(ctx context.Context, key string, buf []byte) ([]byte, error)
 }
 
 func (l *Local) Stat(ctx context.Context, key string) (ObjectInfo, error) {
-	path, err := l.path("stat", key)
-	if err != nil {
+	if err := l.check("stat", key); err != nil {
 		return ObjectInfo{}, err
 	}
-	st, err := os.Stat(path)
-	if err == nil && !st.Mode().IsRegular() {
-		err = ErrNotFound
-	}
+	fd, st, err := l.openObject(key)
 	if err != nil {
 		return ObjectInfo{}, l.fail("stat", key, err)
 	}
-	return ObjectInfo{Key: key, Size: st.Size(), Modified: st.ModTime()}, nil
+	unix.Close(fd)
+	return ObjectInfo{Key: key, Size: st.Size, Modified: time.Unix(st.Mtim.Unix())}, nil
 }
 
 func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) error) error {
@@ -254,23 +305,15 @@ func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) err
 		return &Error{Op: "list", Key: prefix, Location: l.root, Err: err}
 	}
 	// Walk the deepest directory the prefix names; filter the rest.
-	start := l.root
+	start := ""
 	if i := strings.LastIndex(prefix, "/"); i >= 0 {
-		start = filepath.Join(l.root, filepath.FromSlash(prefix[:i]))
+		start = prefix[:i]
 	}
-	err := walkFiles(ctx, start, func(path string, d fs.DirEntry) error {
-		if strings.HasPrefix(d.Name(), ".tmp-") {
+	err := l.walkFiles(ctx, start, func(e entry) error {
+		if e.what != "" || strings.HasPrefix(e.name, ".tmp-") || !strings.HasPrefix(e.key, prefix) {
 			return nil
 		}
-		key := filepath.ToSlash(strings.TrimPrefix(path, l.root+string(filepath.Separator)))
-		if !strings.HasPrefix(key, prefix) {
-			return nil
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		if err := fn(ObjectInfo{Key: key, Size: info.Size(), Modified: info.ModTime()}); err != nil {
+		if err := fn(ObjectInfo{Key: e.key, Size: e.st.Size, Modified: time.Unix(e.st.Mtim.Unix())}); err != nil {
 			return callerError{err}
 		}
 		return nil
@@ -285,46 +328,119 @@ func (l *Local) List(ctx context.Context, prefix string, fn func(ObjectInfo) err
 	return nil
 }
 
-// walkFiles calls fn for every regular file below dir (none when dir does
-// not exist), checking ctx as it goes.
-func walkFiles(ctx context.Context, dir string, fn func(path string, d fs.DirEntry) error) error {
-	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
+// entry is a file walkFiles found.
+type entry struct {
+	dfd  int    // its directory
+	name string // its name there
+	key  string // its key
+	st   unix.Stat_t
+	what string // "" for a regular file; else what it is (a symbolic link, a FIFO, ...)
+}
+
+// walkFiles calls fn for every entry below the directory dir ("" for the
+// root) that is not a directory, in key order, checking ctx as it goes:
+// regular files, and, with what set, symbolic links and special files. It
+// descends into directories only, never through a symbolic link. A
+// missing dir, or one that is not a directory, has no entries (Strays
+// reports the latter).
+func (l *Local) walkFiles(ctx context.Context, dir string, fn func(entry) error) error {
+	root, err := l.openRoot(false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer unix.Close(root)
+	dfd, err := l.openDir(root, dir, false)
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrDamaged) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return l.walkDir(ctx, dfd, dir, fn) // closes dfd
+}
+
+// walkDir walks the open directory dfd, whose key prefix is dir, and
+// closes it.
+func (l *Local) walkDir(ctx context.Context, dfd int, dir string, fn func(entry) error) error {
+	f := os.NewFile(uintptr(dfd), dir)
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return err
+	}
+	slices.Sort(names)
+	for _, name := range names {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if !d.Type().IsRegular() {
-			return nil
+		e := entry{dfd: dfd, name: name, key: name}
+		if dir != "" {
+			e.key = dir + "/" + name
 		}
-		return fn(path, d)
-	})
+		if err := unix.Fstatat(dfd, name, &e.st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				continue // removed meanwhile
+			}
+			return err
+		}
+		if e.st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			sub, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if err := l.walkDir(ctx, sub, e.key, fn); err != nil {
+				return err
+			}
+			continue
+		}
+		e.what = irregular(e.st.Mode)
+		if err := fn(e); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-// callerError carries an error of List's callback through a walk unchanged.
+// callerError carries an error of a callback through a walk unchanged.
 type callerError struct{ err error }
 
 func (e callerError) Error() string { return e.err.Error() }
 
-func (l *Local) Delete(ctx context.Context, key string) error {
-	path, err := l.path("delete", key)
-	if err != nil {
-		return err
-	}
-	if err := os.Remove(path); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
+// Strays calls fn with the key of everything below the root that is
+// neither a regular file nor a directory (symbolic links, FIFOs, devices,
+// sockets) and says what it is: nbdmover never makes one, List skips them
+// and reads refuse them. verify reports them.
+func (l *Local) Strays(ctx context.Context, fn func(key, what string) error) error {
+	err := l.walkFiles(ctx, "", func(e entry) error {
+		if e.what == "" {
 			return nil
 		}
-		return l.fail("delete", key, err)
+		if err := fn(e.key, e.what); err != nil {
+			return callerError{err}
+		}
+		return nil
+	})
+	var ce callerError
+	if errors.As(err, &ce) {
+		return ce.err
 	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
-		return l.fail("delete", key, err)
+	if err != nil {
+		return l.fail("list", "", err)
 	}
 	return nil
+}
+
+func (l *Local) Delete(ctx context.Context, key string) error {
+	if err := l.check("delete", key); err != nil {
+		return err
+	}
+	return l.deleteBatch(ctx, []string{key})
 }
 
 // RemoveTemp removes the temporary files (".tmp-*") that crashed writes
@@ -333,14 +449,12 @@ func (l *Local) Delete(ctx context.Context, key string) error {
 func (l *Local) RemoveTemp(ctx context.Context, age time.Duration) (int, error) {
 	cutoff := time.Now().Add(-age)
 	n := 0
-	err := walkFiles(ctx, l.root, func(path string, d fs.DirEntry) error {
-		if !strings.HasPrefix(d.Name(), ".tmp-") {
+	err := l.walkFiles(ctx, "", func(e entry) error {
+		if e.what != "" || !strings.HasPrefix(e.name, ".tmp-") || !time.Unix(e.st.Mtim.Unix()).Before(cutoff) {
 			return nil
 		}
-		if info, err := d.Info(); err == nil && info.ModTime().Before(cutoff) {
-			if err := os.Remove(path); err == nil {
-				n++
-			}
+		if unix.Unlinkat(e.dfd, e.name, 0) == nil {
+			n++
 		}
 		return nil
 	})

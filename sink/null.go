@@ -52,12 +52,15 @@ func (n *Null) write(op, key string, data []byte, replace bool) error {
 	return nil
 }
 
-func (n *Null) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (n *Null) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	data, ok := n.meta[key]
 	if !ok {
 		return nil, &Error{Op: "get", Key: key, Location: n.Location(), Err: ErrNotFound}
+	}
+	if int64(len(data)) > limit {
+		return nil, &Error{Op: "get", Key: key, Location: n.Location(), Err: tooLarge(int64(len(data)), limit)}
 	}
 	return append(buf[:0], data...), nil
 }

@@ -219,7 +219,7 @@ func (s *S3) put(ctx context.Context, op, key string, data []byte, ifAbsent bool
 	return nil
 }
 
-func (s *S3) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (s *S3) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	k, err := s.key("get", key)
 	if err != nil {
 		return nil, err
@@ -229,12 +229,15 @@ func (s *S3) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
 		return nil, s.fail(ctx, "get", key, err)
 	}
 	defer obj.Close()
-	st, err := obj.Stat()
+	st, err := obj.Stat() // the response's headers: the body is not read yet
 	if err != nil {
 		return nil, s.fail(ctx, "get", key, err)
 	}
+	if st.Size > limit || st.Size < 0 {
+		return nil, &Error{Op: "get", Key: key, Location: s.location, Err: tooLarge(st.Size, limit)}
+	}
 	buf = append(buf[:0], make([]byte, st.Size)...)
-	if _, err := io.ReadFull(obj, buf); err != nil {
+	if _, err := io.ReadFull(io.LimitReader(obj, st.Size), buf); err != nil {
 		return nil, s.fail(ctx, "get", key, err)
 	}
 	return buf, nil

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -57,7 +58,7 @@ func TestLocalHidesCrashLeftovers(t *testing.T) {
 	if strings.Join(keys, ",") != "chunks/ab/good" {
 		t.Fatalf("listed %v", keys)
 	}
-	if _, err := s.Get(t.Context(), "chunks/ab/.tmp-123456", nil); err == nil {
+	if _, err := s.Get(t.Context(), "chunks/ab/.tmp-123456", nil, 1<<30); err == nil {
 		t.Fatal("a temporary file is readable as an object")
 	}
 	// RemoveTemp (through the wrappers Open adds) removes leftovers older
@@ -93,7 +94,7 @@ func TestLocalFullDisk(t *testing.T) {
 		t.Fatalf("got %v, want a permanent ENOSPC error naming the key", err)
 	}
 	t.Log(err)
-	if got, _ := s.Get(ctx, "backups/vm/manifest.json", nil); string(got) != "old" {
+	if got, _ := s.Get(ctx, "backups/vm/manifest.json", nil, 1<<30); string(got) != "old" {
 		t.Fatalf("the old object was damaged: %q", got)
 	}
 	ents, _ := os.ReadDir(filepath.Join(dir, "backups/vm"))
@@ -202,7 +203,7 @@ func TestRetry(t *testing.T) {
 	})
 	t.Run("not found is final", func(t *testing.T) {
 		f := &sinktest.Faulty{Store: newLocal(t)}
-		if _, err := sink.Retry(f, policy).Get(ctx, "k", nil); !errors.Is(err, sink.ErrNotFound) || f.Calls("get", "k") != 1 {
+		if _, err := sink.Retry(f, policy).Get(ctx, "k", nil, 1<<30); !errors.Is(err, sink.ErrNotFound) || f.Calls("get", "k") != 1 {
 			t.Fatalf("%v after %d calls", err, f.Calls("get", "k"))
 		}
 	})
@@ -289,10 +290,10 @@ func TestNull(t *testing.T) {
 	ctx := t.Context()
 	n.Put(ctx, "chunks/ab/x", make([]byte, 100))
 	n.Put(ctx, "config", []byte("c"))
-	if _, err := n.Get(ctx, "chunks/ab/x", nil); !errors.Is(err, sink.ErrNotFound) || n.Discarded.Load() != 100 {
+	if _, err := n.Get(ctx, "chunks/ab/x", nil, 1<<30); !errors.Is(err, sink.ErrNotFound) || n.Discarded.Load() != 100 {
 		t.Fatal("chunks must be discarded and counted")
 	}
-	if got, _ := n.Get(ctx, "config", nil); !bytes.Equal(got, []byte("c")) {
+	if got, _ := n.Get(ctx, "config", nil, 1<<30); !bytes.Equal(got, []byte("c")) {
 		t.Fatal("metadata must be kept")
 	}
 	// Create refuses a key that is taken; Put replaces it.
@@ -303,7 +304,7 @@ func TestNull(t *testing.T) {
 		t.Fatalf("create: %v", err)
 	}
 	n.Put(ctx, "config", []byte("e"))
-	if got, _ := n.Get(ctx, "config", nil); !bytes.Equal(got, []byte("e")) {
+	if got, _ := n.Get(ctx, "config", nil, 1<<30); !bytes.Equal(got, []byte("e")) {
 		t.Fatalf("put did not replace: %q", got)
 	}
 }
@@ -312,6 +313,9 @@ func TestNull(t *testing.T) {
 // strace, what PutDeferred and Sync promise: each object's data is synced
 // before its name appears; its directory is not synced per object but
 // once by Sync; a plain Put still syncs its directory before it returns.
+// renameArg is a directory descriptor and a name in strace -y's output.
+var renameArg = regexp.MustCompile(`\d+<([^>]+)>, "([^"]+)"`)
+
 func TestLocalDeferredPuts(t *testing.T) {
 	if dir := os.Getenv("NBDMOVER_TEST_DEFERRED_DIR"); dir != "" {
 		deferredPuts(t, dir)
@@ -351,11 +355,10 @@ func TestLocalDeferredPuts(t *testing.T) {
 			synced[path] = true
 			dirSyncs[path] = append(dirSyncs[path], phase)
 		case strings.Contains(line, "rename") && strings.Contains(line, dir):
+			// renameat(5</dir/chunks/0a>, ".tmp-…", 5</dir/chunks/0a>, "name")
 			var paths []string
-			for _, f := range strings.Split(line, "\"")[1:] {
-				if strings.HasPrefix(f, dir) {
-					paths = append(paths, f)
-				}
+			for _, m := range renameArg.FindAllStringSubmatch(line, -1) {
+				paths = append(paths, m[1]+"/"+m[2])
 			}
 			if len(paths) != 2 {
 				t.Fatalf("cannot read %q", line)
@@ -394,7 +397,7 @@ func deferredPuts(t *testing.T, dir string) {
 		if err := sink.PutDeferred(ctx, s, key, []byte(key)); err != nil {
 			t.Fatal(err)
 		}
-		if got, err := s.Get(ctx, key, nil); err != nil || string(got) != key {
+		if got, err := s.Get(ctx, key, nil, 1<<30); err != nil || string(got) != key {
 			t.Fatalf("a deferred put reads back as %q, %v", got, err)
 		}
 	}

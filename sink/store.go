@@ -24,9 +24,15 @@ type Store interface {
 	// same call created the object: callers that care read it back.
 	Create(ctx context.Context, key string, data []byte) error
 	// Get appends the whole object to buf[:0] and returns it. A missing
-	// object is an error matching ErrNotFound.
-	Get(ctx context.Context, key string, buf []byte) ([]byte, error)
-	// Stat returns the object's size; ErrNotFound when it is missing.
+	// object is an error matching ErrNotFound. An object of more than
+	// limit bytes is not read: its error matches ErrDamaged and gives its
+	// size (the store learns the size before it allocates: a planted huge
+	// object costs nothing). The local store reads only regular files: a
+	// symbolic link, FIFO, device or socket where an object belongs
+	// matches ErrDamaged too, and is never opened for reading.
+	Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error)
+	// Stat returns the object's size; ErrNotFound when it is missing,
+	// ErrDamaged when something other than an object is there.
 	Stat(ctx context.Context, key string) (ObjectInfo, error)
 	// List calls fn for every object whose key starts with prefix, in
 	// lexical key order; an error from fn stops the listing and is returned.
@@ -56,6 +62,28 @@ var ErrNoBucket = errors.New("bucket does not exist")
 
 // ErrExists is matched by the error of a Create whose key is taken.
 var ErrExists = errors.New("object exists")
+
+// ErrDamaged is matched by the error of a read of something nbdmover
+// never writes where an object belongs: an object larger than its kind
+// allows, or (locally) a symbolic link, FIFO, device, socket or directory,
+// or a path beneath one. It is a damaged or planted object, not a failure
+// of the store: readers report it and go on as for a corrupt object.
+var ErrDamaged = errors.New("damaged object")
+
+// DamagedError says what is wrong; it matches ErrDamaged.
+type DamagedError struct{ Why string }
+
+func (e *DamagedError) Error() string {
+	return e.Why + " (nbdmover never writes that: the object was planted or damaged; nbdmover verify lists such objects)"
+}
+
+func (e *DamagedError) Is(target error) bool { return target == ErrDamaged }
+
+// tooLarge is the error of an object of size bytes read with a smaller
+// limit.
+func tooLarge(size, limit int64) error {
+	return &DamagedError{Why: fmt.Sprintf("%d bytes, more than the %d an object of its kind may have", size, limit)}
+}
 
 // Error is a failed store operation.
 type Error struct {

@@ -82,8 +82,8 @@ func (r *retryStore) Create(ctx context.Context, key string, data []byte) error 
 	return r.do(ctx, func() error { return r.Store.Create(ctx, key, data) })
 }
 
-func (r *retryStore) Get(ctx context.Context, key string, buf []byte) (out []byte, err error) {
-	err = r.do(ctx, func() error { out, err = r.Store.Get(ctx, key, buf); return err })
+func (r *retryStore) Get(ctx context.Context, key string, buf []byte, limit int64) (out []byte, err error) {
+	err = r.do(ctx, func() error { out, err = r.Store.Get(ctx, key, buf, limit); return err })
 	return out, err
 }
 
@@ -156,12 +156,12 @@ func (l *limitStore) Create(ctx context.Context, key string, data []byte) error 
 	return l.Store.Create(ctx, key, data)
 }
 
-func (l *limitStore) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (l *limitStore) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	if err := l.acquire(ctx); err != nil {
 		return nil, err
 	}
 	defer func() { <-l.sem }()
-	return l.Store.Get(ctx, key, buf)
+	return l.Store.Get(ctx, key, buf, limit)
 }
 
 func (l *limitStore) Stat(ctx context.Context, key string) (ObjectInfo, error) {

@@ -88,7 +88,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 				t.Fatal(err)
 			}
 			buf := make([]byte, 10, 100)
-			got, err := s.Get(ctx, key, buf)
+			got, err := s.Get(ctx, key, buf, 1<<30)
 			if err != nil || !bytes.Equal(got, data) {
 				t.Fatalf("get %s: %v (%d bytes, want %d)", key, err, len(got), n)
 			}
@@ -105,7 +105,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 			if err := s.Put(ctx, "backups/vm/manifest.json", []byte(v)); err != nil {
 				t.Fatal(err)
 			}
-			got, err := s.Get(ctx, "backups/vm/manifest.json", nil)
+			got, err := s.Get(ctx, "backups/vm/manifest.json", nil, 1<<30)
 			if err != nil || string(got) != v {
 				t.Fatalf("got %q %v, want %q", got, err, v)
 			}
@@ -114,7 +114,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 	t.Run("Missing", func(t *testing.T) {
 		s := newStore(t)
 		ctx := t.Context()
-		if _, err := s.Get(ctx, "nope/x", nil); !errors.Is(err, sink.ErrNotFound) {
+		if _, err := s.Get(ctx, "nope/x", nil, 1<<30); !errors.Is(err, sink.ErrNotFound) {
 			t.Errorf("get missing: %v", err)
 		}
 		if _, err := s.Stat(ctx, "nope/x"); !errors.Is(err, sink.ErrNotFound) {
@@ -127,11 +127,29 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 		if err := s.Delete(ctx, "a/b"); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Get(ctx, "a/b", nil); !errors.Is(err, sink.ErrNotFound) {
+		if _, err := s.Get(ctx, "a/b", nil, 1<<30); !errors.Is(err, sink.ErrNotFound) {
 			t.Errorf("get deleted: %v", err)
 		}
 		if _, err := s.Stat(ctx, "a"); !errors.Is(err, sink.ErrNotFound) {
 			t.Errorf("stat of a key prefix: %v", err)
+		}
+	})
+	t.Run("Limit", func(t *testing.T) {
+		// An object larger than the reader's limit is a damaged object,
+		// reported with its size and never read into memory.
+		s := newStore(t)
+		ctx := t.Context()
+		data := fill(4097, 7)
+		if err := s.Put(ctx, "locks/big", data); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := s.Get(ctx, "locks/big", nil, 4097); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("get at the limit: %v", err)
+		}
+		_, err := s.Get(ctx, "locks/big", nil, 4096)
+		if !errors.Is(err, sink.ErrDamaged) || errors.Is(err, sink.ErrNotFound) || sink.IsTransient(err) ||
+			!strings.Contains(err.Error(), "4097 bytes") || !strings.Contains(err.Error(), "locks/big") {
+			t.Fatalf("get over the limit: %v", err)
 		}
 	})
 	t.Run("List", func(t *testing.T) {
@@ -171,7 +189,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 			if err := s.Put(t.Context(), k, []byte("x")); err == nil {
 				t.Errorf("put %q accepted", k)
 			}
-			if _, err := s.Get(t.Context(), k, nil); err == nil || errors.Is(err, sink.ErrNotFound) {
+			if _, err := s.Get(t.Context(), k, nil, 1<<30); err == nil || errors.Is(err, sink.ErrNotFound) {
 				t.Errorf("get %q: %v, want a validation error", k, err)
 			}
 		}
@@ -185,7 +203,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 				if err := s.Put(ctx, key, fill(64<<10, uint64(i))); err != nil {
 					return err
 				}
-				got, err := s.Get(ctx, key, nil)
+				got, err := s.Get(ctx, key, nil, 1<<30)
 				if err == nil && !bytes.Equal(got, fill(64<<10, uint64(i))) {
 					err = fmt.Errorf("%s: wrong bytes", key)
 				}
@@ -208,7 +226,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 		if err := s.Create(ctx, "locks/a", []byte("second")); !errors.Is(err, sink.ErrExists) {
 			t.Fatalf("create over an object: %v", err)
 		}
-		if got, err := s.Get(ctx, "locks/a", nil); err != nil || string(got) != "first" {
+		if got, err := s.Get(ctx, "locks/a", nil, 1<<30); err != nil || string(got) != "first" {
 			t.Fatalf("after a refused create: %q %v", got, err)
 		}
 		// Of concurrent creates of one key, exactly one wins, and its
@@ -231,7 +249,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 		}
 		var winner []int
 		wins.Range(func(k, _ any) bool { winner = append(winner, k.(int)); return true })
-		got, _ := s.Get(ctx, "config", nil)
+		got, _ := s.Get(ctx, "config", nil, 1<<30)
 		if len(winner) != 1 || string(got) != fmt.Sprint("host-", winner[0]) {
 			t.Fatalf("winners %v, stored %q", winner, got)
 		}
@@ -282,7 +300,7 @@ func TestStore(t *testing.T, newStore func(t *testing.T) sink.Store) {
 		if err := s.Put(ctx, "x", []byte("x")); err == nil {
 			t.Error("put with a cancelled context succeeded")
 		}
-		if _, err := s.Get(ctx, "x", nil); err == nil {
+		if _, err := s.Get(ctx, "x", nil, 1<<30); err == nil {
 			t.Error("get with a cancelled context succeeded")
 		}
 	})
@@ -349,11 +367,11 @@ func (f *Faulty) Create(ctx context.Context, key string, data []byte) error {
 	return f.Store.Create(ctx, key, data)
 }
 
-func (f *Faulty) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (f *Faulty) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	if err := f.before(ctx, "get", key); err != nil {
 		return nil, err
 	}
-	out, err := f.Store.Get(ctx, key, buf)
+	out, err := f.Store.Get(ctx, key, buf, limit)
 	if err == nil && f.Truncate != nil {
 		out = out[:max(0, len(out)-f.Truncate(key))]
 	}
@@ -420,9 +438,9 @@ func (c *Counting) List(ctx context.Context, prefix string, fn func(sink.ObjectI
 	})
 }
 
-func (c *Counting) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (c *Counting) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	c.Gets.Add(1)
-	return c.Store.Get(ctx, key, buf)
+	return c.Store.Get(ctx, key, buf, limit)
 }
 
 func (c *Counting) Put(ctx context.Context, key string, data []byte) error {
