@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -126,8 +127,10 @@ func newCodec(c Compression, limit int) (*Codec, error) {
 		return e
 	}
 	codec.decoders.New = func() any {
+		// DecodeAll decodes into at most the capacity it is given: the
+		// plaintext length the header states, which the caller bounds.
 		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(limit)),
-			zstd.WithDecoderMaxWindow(MaxChunkSize))
+			zstd.WithDecoderMaxWindow(MaxChunkSize), zstd.WithDecodeAllCapLimit(true))
 		if err != nil {
 			panic(err)
 		}
@@ -231,7 +234,7 @@ func additionalData(blob []byte, name string) []byte {
 // bytes are not kept. Every failure matches ErrCorrupt and is a
 // *CorruptError naming the check.
 func (c *Codec) Decode(dst, blob []byte, name string, want Digest) ([]byte, error) {
-	out, err := c.DecodeMeta(dst, blob, name)
+	out, err := c.DecodeMeta(dst, blob, name, c.limit)
 	if err != nil {
 		return nil, err
 	}
@@ -244,8 +247,11 @@ func (c *Codec) Decode(dst, blob []byte, name string, want Digest) ([]byte, erro
 // DecodeMeta checks a blob that holds metadata rather than a chunk (an
 // index, a manifest: whose names are not the digest of their plaintext)
 // and appends its plaintext to dst[:0]: every check of Decode but the
-// digest. name is the object key the blob was read from.
-func (c *Codec) DecodeMeta(dst, blob []byte, name string) ([]byte, error) {
+// digest. name is the object key the blob was read from. A plaintext of
+// more than limit bytes (or the codec's limit) is refused before anything
+// is decoded: the memory a blob can make a reader take is bounded by what
+// the reader expects of its kind.
+func (c *Codec) DecodeMeta(dst, blob []byte, name string, limit int) ([]byte, error) {
 	if len(blob) < HeaderSize {
 		return nil, corrupt("length", "%d bytes is shorter than the %d-byte header", len(blob), HeaderSize)
 	}
@@ -269,8 +275,8 @@ func (c *Codec) DecodeMeta(dst, blob []byte, name string) ([]byte, error) {
 	if storedLen != len(payload) {
 		return nil, corrupt("length", "header says %d payload bytes, blob has %d (truncated?)", storedLen, len(payload))
 	}
-	if plainLen > c.limit {
-		return nil, corrupt("header", "plaintext length %d exceeds the limit of %d", plainLen, c.limit)
+	if limit = min(limit, c.limit); plainLen > limit {
+		return nil, corrupt("header", "plaintext length %d exceeds the limit of %d", plainLen, limit)
 	}
 	if sum := crc32.Checksum(payload, castagnoli); sum != binary.LittleEndian.Uint32(blob[16:]) {
 		return nil, corrupt("crc", "CRC32C of the payload is %08x, header says %08x", sum, binary.LittleEndian.Uint32(blob[16:]))
@@ -294,7 +300,7 @@ func (c *Codec) DecodeMeta(dst, blob []byte, name string) ([]byte, error) {
 	case codecZstd:
 		d := c.decoders.Get().(*zstd.Decoder)
 		var err error
-		out, err = d.DecodeAll(payload, dst[:0])
+		out, err = d.DecodeAll(payload, slices.Grow(dst[:0], plainLen)[:0])
 		c.decoders.Put(d)
 		if err != nil {
 			return nil, corrupt("decompress", "%v", err)

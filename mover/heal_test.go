@@ -64,7 +64,7 @@ func heal(t *testing.T, ro repo.Options) {
 	store := r.Store()
 	flip := func(d chunker.Digest) []byte {
 		t.Helper()
-		b, err := store.Get(t.Context(), repo.ChunkKey(d), nil)
+		b, err := store.Get(t.Context(), repo.ChunkKey(d), nil, 1<<30)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -116,7 +116,7 @@ func heal(t *testing.T, ro repo.Options) {
 	if st.Corrupt != 1 || st.Missing != 1 || st.Quarantined != 1 || st.Repaired != 0 {
 		t.Errorf("verify stats %+v", st)
 	}
-	if q, err := store.Get(t.Context(), repo.QuarantineKey(corrupt), nil); err != nil || !bytes.Equal(q, bad) {
+	if q, err := store.Get(t.Context(), repo.QuarantineKey(corrupt), nil, 1<<30); err != nil || !bytes.Equal(q, bad) {
 		t.Errorf("the quarantined copy is not the corrupt chunk's bytes: %v", err)
 	}
 	// A restore of a damaged backup fails and names the chunk; it does not

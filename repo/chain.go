@@ -187,6 +187,9 @@ func (r *Repo) writeLink(ctx context.Context, kind string, backups int, ps []*in
 
 // putObject stores plain as an object under prefix and returns its key.
 func (r *Repo) putObject(ctx context.Context, prefix string, plain []byte) (string, error) {
+	if err := r.fits(prefix, len(plain)); err != nil {
+		return "", err
+	}
 	var key string
 	var blob []byte
 	if r.keys != nil {
@@ -223,13 +226,13 @@ func (r *Repo) getObject(ctx context.Context, key string) ([]byte, error) {
 // getObjectInto is getObject decoding into plain[:0] with blob as
 // scratch space; both are returned for reuse.
 func (r *Repo) getObjectInto(ctx context.Context, key string, plain, blob []byte) ([]byte, []byte, error) {
-	blob, err := r.store.Get(ctx, key, blob)
+	blob, err := r.get(ctx, key, blob)
 	if err != nil {
 		return plain, blob, &ObjectError{Key: key, Err: err}
 	}
 	name := key[strings.LastIndex(key, "/")+1:]
 	if r.keys != nil {
-		b, err := r.meta.DecodeMeta(plain, blob, key)
+		b, err := r.meta.DecodeMeta(plain, blob, key, int(r.bound(key)))
 		if err != nil {
 			return plain, blob, &ObjectError{Key: key, Err: err}
 		}
@@ -241,7 +244,7 @@ func (r *Repo) getObjectInto(ctx context.Context, key string, plain, blob []byte
 	if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != name {
 		return plain, blob, &ObjectError{Key: key, Err: errors.New("damaged: its bytes do not hash to its name")}
 	}
-	b, err := r.meta.DecodeMeta(plain, blob, key)
+	b, err := r.meta.DecodeMeta(plain, blob, key, int(r.bound(key)))
 	if err != nil {
 		return plain, blob, &ObjectError{Key: key, Err: err}
 	}

@@ -22,20 +22,20 @@ type readsStore struct {
 	reads map[string]int
 }
 
-func (s *readsStore) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (s *readsStore) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	if strings.HasPrefix(key, "chunks/") {
 		s.mu.Lock()
 		s.reads[key]++
 		s.mu.Unlock()
 	}
-	return s.Store.Get(ctx, key, buf)
+	return s.Store.Get(ctx, key, buf, limit)
 }
 
 // corruptChunk flips a bit of chunk d as stored, and returns the blob
 // before and after.
 func corruptChunk(t *testing.T, s sink.Store, d chunker.Digest) (good, bad []byte) {
 	t.Helper()
-	good, err := s.Get(t.Context(), ChunkKey(d), nil)
+	good, err := s.Get(t.Context(), ChunkKey(d), nil, 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestSampledVerify(t *testing.T) {
 				t.Fatalf("damaged chunks after repair: %v %v", dmg, err)
 			}
 			// The quarantined copy stays until a gc past the grace period.
-			if q, err := base.Get(ctx, QuarantineKey(d), nil); err != nil || !bytes.Equal(q, bad) {
+			if q, err := base.Get(ctx, QuarantineKey(d), nil, 1<<30); err != nil || !bytes.Equal(q, bad) {
 				t.Fatalf("quarantined copy: %v", err)
 			}
 			time.Sleep(1100 * time.Millisecond) // S3's Last-Modified has whole seconds

@@ -277,7 +277,7 @@ func (r *Repo) forgetOne(ctx context.Context, lock *Lock, domain, id string) err
 		return err
 	}
 	key := ManifestKey(domain, id)
-	blob, err := r.store.Get(ctx, key, nil)
+	blob, err := r.get(ctx, key, nil)
 	if isNotFound(err) {
 		return nil // forgotten meanwhile
 	}

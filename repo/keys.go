@@ -1,6 +1,7 @@
 package repo
 
 import (
+	"cmp"
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/crypto/argon2"
 )
@@ -58,10 +60,53 @@ const (
 // on this project's 2-core machines. Tests lower it.
 var argonCost = KDF{Name: kdfArgon2id, Time: 10, MemoryKiB: 128 << 10, Threads: 2}
 
+// legacyCost is the cost of the password keys of repositories whose
+// config does not record one (made before it did): argonCost's default.
+var legacyCost = Cost{Time: 10, MemoryKiB: 128 << 10, Threads: 2}
+
+// maxKeyTries bounds the password key objects an open tries: each costs a
+// derivation, and anyone who can write the repository can add objects.
+const maxKeyTries = 8
+
 // Encryption is the config's description of an encrypted repository.
 type Encryption struct {
 	Cipher string `json:"cipher"` // "aes-256-gcm"
 	Names  string `json:"names"`  // "hmac-sha256": how chunks and objects are named
+	// PasswordCost is the Argon2id cost the repository's password keys
+	// are made with (absent in repositories made before it was
+	// recorded: legacyCost). A key object asking more than twice that is
+	// refused: a planted one cannot make every open slow.
+	PasswordCost *Cost `json:"password_cost,omitempty"`
+}
+
+// Cost is an Argon2id cost.
+type Cost struct {
+	Time      uint32 `json:"time"`
+	MemoryKiB uint32 `json:"memory_kib"`
+	Threads   uint8  `json:"threads"`
+}
+
+// passwordCap is the most a password key object of the repository whose
+// config is cfg may ask: twice the recorded cost in passes and memory,
+// and twice its lanes (at least 4).
+func passwordCap(cfg Config) Cost {
+	c := legacyCost
+	if e := cfg.Encryption; e != nil && e.PasswordCost != nil {
+		c = *e.PasswordCost
+	}
+	return Cost{Time: 2 * c.Time, MemoryKiB: 2 * c.MemoryKiB, Threads: max(2*c.Threads, 4)}
+}
+
+// aboveCap says why a password key object asks more than the cap allows
+// ("" when it does not).
+func aboveCap(o *KeyObject, limit Cost) string {
+	k := o.KDF
+	if k.Time <= limit.Time && k.MemoryKiB <= limit.MemoryKiB && k.Threads <= limit.Threads {
+		return ""
+	}
+	return fmt.Sprintf("its Argon2id cost (%d passes, %d MiB, %d lanes) is above what this repository's keys may ask "+
+		"(%d passes, %d MiB, %d lanes): it is never tried (nbdmover does not make such keys; remove it unless you know whose it is)",
+		k.Time, k.MemoryKiB>>10, k.Threads, limit.Time, limit.MemoryKiB>>10, limit.Threads)
 }
 
 // KDF is how a key object's wrapping key is derived.
@@ -114,7 +159,22 @@ type Keys struct {
 	mu       sync.Mutex
 	password []byte
 	keyFile  *keyFileDoc
+	keyID    string // the password key object to try ("": the cheapest few)
 	open     *unlocked
+}
+
+// OnlyKey makes a password try only key object id (nbdmover key list
+// shows the ids): an open then costs one derivation, however many key
+// objects the repository holds.
+func (k *Keys) OnlyKey(id string) error {
+	if err := ValidKeyID(id); err != nil {
+		return err
+	}
+	if k.keyFile != nil {
+		return errors.New("a key file names its key already; --key-id goes with a password")
+	}
+	k.keyID = id
+	return nil
 }
 
 // unlocked is a repository's master key set, in memory.
@@ -280,7 +340,7 @@ func kindWord(kind string) string {
 
 // readKeyObject reads and decodes keys/<id>.
 func readKeyObject(ctx context.Context, store sink.Store, key string) (*KeyObject, error) {
-	b, err := store.Get(ctx, key, nil)
+	b, err := store.Get(ctx, key, nil, maxSmallObject)
 	if err != nil {
 		return nil, err
 	}
@@ -328,7 +388,7 @@ func (k *Keys) unlock(ctx context.Context, store sink.Store, cfg Config, raw []b
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.open == nil {
-		master, id, err := k.unwrap(ctx, store, cfg.ID)
+		master, id, err := k.unwrap(ctx, store, cfg)
 		if err != nil {
 			return nil, err
 		}
@@ -352,7 +412,8 @@ func (k *Keys) unlock(ctx context.Context, store sink.Store, cfg Config, raw []b
 // unwrap finds the key object that k opens and returns the master key
 // set and the object's id. Every candidate's derivation runs in full,
 // whatever fails, so the time taken says nothing about which check did.
-func (k *Keys) unwrap(ctx context.Context, store sink.Store, repository string) ([]byte, string, error) {
+func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte, string, error) {
+	repository := cfg.ID
 	if k.keyFile != nil {
 		f := k.keyFile
 		if f.Repository != repository {
@@ -378,11 +439,20 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, repository string) 
 	if err != nil {
 		return nil, "", err
 	}
+	cands, skipped := passwordCandidates(objs, cfg, k.keyID)
+	if k.keyID != "" && len(cands) == 0 {
+		why := "there is no such key (nbdmover key list shows them)"
+		if len(skipped) > 0 {
+			why = skipped[0]
+		}
+		return nil, "", fmt.Errorf("%s: --key-id %s: %s", store.Location(), k.keyID, why)
+	}
 	var damaged error
 	tried := 0
-	for _, o := range objs {
-		if o.Kind != "password" || o.Repository != repository {
-			continue
+	for _, o := range cands {
+		if tried == maxKeyTries {
+			return nil, "", fmt.Errorf("%s: %w (tried the %d password keys that cost least of %d; name yours with --key-id or %s: nbdmover key list shows them)",
+				store.Location(), ErrWrongPassword, maxKeyTries, len(cands), KeyIDEnv)
 		}
 		tried++
 		master, err := openKey(o, k.password)
@@ -396,12 +466,41 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, repository string) 
 	switch {
 	case damaged != nil:
 		return nil, "", fmt.Errorf("%s: %w", store.Location(), damaged)
+	case tried == 0 && len(skipped) > 0:
+		return nil, "", fmt.Errorf("%s: no password key can be tried: %s", store.Location(), skipped[0])
 	case tried == 0 && len(probs) > 0:
 		return nil, "", fmt.Errorf("%s: no password key can be read: %s: %s", store.Location(), probs[0].Object, probs[0].Problem)
 	case tried == 0:
 		return nil, "", fmt.Errorf("%s: the repository has no password key (open it with its key file)", store.Location())
 	}
 	return nil, "", fmt.Errorf("%s: %w", store.Location(), ErrWrongPassword)
+}
+
+// KeyIDEnv names the password key to try, like --key-id.
+const KeyIDEnv = "NBDMOVER_KEY_ID"
+
+// passwordCandidates returns the password key objects of the repository
+// whose config is cfg that an open may try, cheapest first (only id, when
+// given), and why the others above the cost cap are not tried.
+func passwordCandidates(objs []*KeyObject, cfg Config, id string) ([]*KeyObject, []string) {
+	limit := passwordCap(cfg)
+	var out []*KeyObject
+	var skipped []string
+	for _, o := range objs {
+		if o.Kind != "password" || o.Repository != cfg.ID || id != "" && o.ID != id {
+			continue
+		}
+		if why := aboveCap(o, limit); why != "" {
+			skipped = append(skipped, keyObjectKey(o.ID)+": "+why)
+			continue
+		}
+		out = append(out, o)
+	}
+	slices.SortStableFunc(out, func(a, b *KeyObject) int {
+		return cmp.Or(cmp.Compare(uint64(a.KDF.Time)*uint64(a.KDF.MemoryKiB), uint64(b.KDF.Time)*uint64(b.KDF.MemoryKiB)),
+			a.Created.Compare(b.Created), strings.Compare(a.ID, b.ID))
+	})
+	return out, skipped
 }
 
 func newUnlocked(repository, keyID string, master []byte) (*unlocked, error) {
@@ -520,10 +619,16 @@ func (r *Repo) addKey(ctx context.Context, kind, label string, kdf KDF, credenti
 }
 
 // RemoveKey deletes key object id. It refuses the key this process opened
-// the repository with (open it with another key to remove this one) and
-// so the last key. Removing a key stops its password or key file from
-// opening the repository; it does not change the master keys, which
-// whoever held that key could have kept.
+// the repository with (open it with another key to remove this one), and
+// it never leaves the repository without a key, even when other sessions
+// remove keys at once: after the delete it checks that the key this
+// process opened with still exists, and if another session removed it
+// meanwhile, it puts the removed object back, byte for byte, and fails.
+// (Of sessions that each removed a key and then found their own key
+// present, the last delete was followed by a check that found its
+// session's key: so a key is left.) Removing a key stops its password or
+// key file from opening the repository; it does not change the master
+// keys, which whoever held that key could have kept.
 func (r *Repo) RemoveKey(ctx context.Context, id string) error {
 	if err := r.needKeys(); err != nil {
 		return err
@@ -534,10 +639,43 @@ func (r *Repo) RemoveKey(ctx context.Context, id string) error {
 	if id == r.keys.keyID {
 		return fmt.Errorf("key %s is the one this command opened the repository with: open it with another key to remove this one (a repository keeps at least one key)", id)
 	}
-	if _, err := readKeyObject(ctx, r.store, keyObjectKey(id)); isNotFound(err) {
+	key := keyObjectKey(id)
+	raw, err := r.store.Get(ctx, key, nil, maxSmallObject)
+	if isNotFound(err) {
 		return fmt.Errorf("%s: no key %s (nbdmover key list shows them)", r.Location(), id)
 	}
-	return r.store.Delete(ctx, keyObjectKey(id))
+	if err != nil && !errors.Is(err, sink.ErrDamaged) {
+		return err
+	}
+	if err := r.store.Delete(ctx, key); err != nil {
+		return err
+	}
+	hold.At("key-removed")
+	return r.keepOwnKey(ctx, key, raw)
+}
+
+// keepOwnKey checks, after key was deleted, that the key object this
+// process opened the repository with still exists; if not (another
+// session removed it meanwhile), it puts raw back under key and fails.
+func (r *Repo) keepOwnKey(ctx context.Context, key string, raw []byte) error {
+	own := keyObjectKey(r.keys.keyID)
+	_, err := r.store.Stat(ctx, own)
+	if err == nil {
+		return nil
+	}
+	why := "was removed meanwhile (by nbdmover key remove or key passwd in another session)"
+	if !isNotFound(err) {
+		why = fmt.Sprintf("cannot be checked (%v)", err)
+	}
+	if raw == nil { // a damaged object: nothing to put back
+		return fmt.Errorf("the key this command opened the repository with, %s, %s: check nbdmover key list", own, why)
+	}
+	if perr := r.store.Create(ctx, key, raw); perr != nil && !errors.Is(perr, sink.ErrExists) {
+		return fmt.Errorf("the key this command opened the repository with, %s, %s, and %s could not be put back: %w; "+
+			"check nbdmover key list at once", own, why, key, perr)
+	}
+	return fmt.Errorf("%s was not removed: the key this command opened the repository with, %s, %s, so removing %s too "+
+		"could have left the repository without a key; it was put back (open the repository with a key that exists and try again)", key, own, why, key)
 }
 
 // ChangePassword replaces the password key this process opened the
@@ -555,6 +693,10 @@ func (r *Repo) ChangePassword(ctx context.Context, password []byte) (KeyInfo, er
 		clear(password)
 		return KeyInfo{}, errors.New("the repository was opened with a key file, which has no password: open it with the password to change")
 	}
+	raw, err := r.store.Get(ctx, keyObjectKey(old.ID), nil, maxSmallObject)
+	if err != nil {
+		return KeyInfo{}, err
+	}
 	info, err := r.AddPasswordKey(ctx, old.Label, password)
 	if err != nil {
 		return info, err
@@ -563,5 +705,10 @@ func (r *Repo) ChangePassword(ctx context.Context, password []byte) (KeyInfo, er
 		return info, fmt.Errorf("the new password works (key %s), but the old key %s could not be removed: %w (nbdmover key remove %s)", info.ID, old.ID, err, old.ID)
 	}
 	r.keys.keyID = info.ID
+	// As RemoveKey: the new key must still exist once the old one is gone.
+	if err := r.keepOwnKey(ctx, keyObjectKey(old.ID), raw); err != nil {
+		r.keys.keyID = old.ID
+		return info, err
+	}
 	return info, nil
 }

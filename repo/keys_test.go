@@ -73,7 +73,7 @@ func TestEncryptedRepository(t *testing.T) {
 			var all []string
 			s.List(ctx, "", func(o sink.ObjectInfo) error { all = append(all, o.Key); return nil })
 			for _, k := range all {
-				b, err := s.Get(ctx, k, nil)
+				b, err := s.Get(ctx, k, nil, 1<<30)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -122,7 +122,7 @@ func TestEncryptedRepository(t *testing.T) {
 			if err != nil || len(locks) != 1 || locks[0].Damaged != "" || locks[0].Purpose != "verify" {
 				t.Fatalf("locks: %+v %v", locks, err)
 			}
-			b, _ := s.Get(ctx, locks[0].Key, nil)
+			b, _ := s.Get(ctx, locks[0].Key, nil, 1<<30)
 			if host, _ := os.Hostname(); bytes.Contains(b, []byte(host)) {
 				t.Fatalf("a lock shows its host in the clear")
 			}
@@ -305,7 +305,7 @@ func TestEncryptedTampering(t *testing.T) {
 			m := commitChunks(t, r, "vm1", testTime(0), ds)
 			tamper := func(key string, f func(b []byte)) (restore func()) {
 				t.Helper()
-				orig, err := s.Get(ctx, key, nil)
+				orig, err := s.Get(ctx, key, nil, 1<<30)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -347,8 +347,8 @@ func TestEncryptedTampering(t *testing.T) {
 			undo()
 
 			// Chunk 1's blob stored under chunk 0's name.
-			blob1, _ := s.Get(ctx, ChunkKey(ds[1]), nil)
-			orig0, _ := s.Get(ctx, ChunkKey(ds[0]), nil)
+			blob1, _ := s.Get(ctx, ChunkKey(ds[1]), nil, 1<<30)
+			orig0, _ := s.Get(ctx, ChunkKey(ds[0]), nil, 1<<30)
 			s.Put(ctx, ChunkKey(ds[0]), blob1)
 			expect("swapped chunk", ChunkKey(ds[0]), "another name")
 			s.Put(ctx, ChunkKey(ds[0]), orig0)
@@ -363,7 +363,7 @@ func TestEncryptedTampering(t *testing.T) {
 			undo()
 
 			// A manifest copied to another domain's name.
-			mb, _ := s.Get(ctx, m.Key(), nil)
+			mb, _ := s.Get(ctx, m.Key(), nil, 1<<30)
 			fake := ManifestKey("vm2", m.ID)
 			s.Put(ctx, fake, mb)
 			expect("copied manifest", fake, "auth")

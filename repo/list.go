@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/sync/errgroup"
 )
@@ -287,7 +286,7 @@ func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
 		c.Manifests[m.Key()], c.Sizes[m.Key()] = m, sizes[m.Key()]
 	}
 	b, err := json.Marshal(c)
-	if err != nil || len(b) > chunker.MaxMetaSize {
+	if err != nil || len(b) > maxCatalog {
 		return err // too many backups for one catalog: listing reads manifests
 	}
 	_, newestID, _ := parseManifestKey(keys[0].Key)

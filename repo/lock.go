@@ -35,8 +35,11 @@ const (
 // lock without a heartbeat is stale, how long before that a holder gives
 // up its lock (and fails) rather than risk being thought dead, and how
 // often a waiter looks again. Tests shorten them.
-var lockTiming = struct{ Refresh, Stale, Margin, Poll time.Duration }{
-	time.Minute, 30 * time.Minute, 5 * time.Minute, 2 * time.Second}
+// Wait bounds every wait for a lock (a backup for a gc's sweep, a gc for
+// running backups); Damaged is how long a lock object that cannot be read
+// counts as held (a live holder rewrites its lock every minute).
+var lockTiming = struct{ Refresh, Stale, Margin, Poll, Wait, Damaged time.Duration }{
+	time.Minute, 30 * time.Minute, 5 * time.Minute, 2 * time.Second, 2 * time.Hour, 2 * time.Minute}
 
 // ErrLocked: the lock cannot be had (another gc holds the exclusive lock).
 var ErrLocked = errors.New("the repository is locked")
@@ -60,6 +63,8 @@ type LockInfo struct {
 
 	Key     string `json:"-"`
 	Damaged string `json:"-"` // why the object could not be read (then only Kind, Key and Heartbeat, its mtime, are known)
+	// seen is when this process first saw the damaged lock.
+	seen time.Time
 }
 
 func lockKey(kind, id string) string { return "locks/" + kind + "-" + id }
@@ -90,6 +95,16 @@ func parseLockKey(key string) (kind, id string, ok bool) {
 func (l *LockInfo) Stale(now time.Time) string {
 	if age := now.Round(0).Sub(l.Heartbeat); age > lockTiming.Stale {
 		return fmt.Sprintf("no heartbeat for %s", age.Round(time.Second))
+	}
+	// A lock that cannot be read is no lock a live holder keeps: one
+	// rewrites its lock every minute. Counting it as held while it is
+	// recent by its mtime (which its writer can keep touching) would let
+	// one planted object stop gc and hold up every backup; so it counts
+	// only briefly, also by when this process first saw it.
+	if l.Damaged != "" {
+		if a := max(now.Round(0).Sub(l.Heartbeat), now.Sub(l.seen)); a > lockTiming.Damaged {
+			return fmt.Sprintf("unreadable for over %s (nbdmover unlock removes it)", lockTiming.Damaged)
+		}
 	}
 	host, _ := os.Hostname()
 	if l.Damaged == "" && l.Host == host && l.Machine != "" && l.Machine == machineID() && processGone(l.PID, l.Process) {
@@ -194,23 +209,38 @@ func (r *Repo) Locks(ctx context.Context) ([]*LockInfo, error) {
 // like any other.
 func (r *Repo) readLock(ctx context.Context, o sink.ObjectInfo) (*LockInfo, error) {
 	kind, id, _ := parseLockKey(o.Key)
-	blob, err := r.store.Get(ctx, o.Key, nil)
-	if err != nil {
+	blob, err := r.get(ctx, o.Key, nil)
+	if err != nil && !errors.Is(err, sink.ErrDamaged) {
 		return nil, err
 	}
 	var l LockInfo
-	b, err := r.decodeMeta(o.Key, blob)
+	var b []byte
 	if err == nil {
-		err = strictUnmarshal(b, &l)
+		b, err = r.decodeMeta(o.Key, blob)
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &l) // fields a later nbdmover adds are fine
 	}
 	if err == nil && (l.Kind != kind || l.ID != id) {
 		err = fmt.Errorf("names lock %s-%s", l.Kind, l.ID)
 	}
 	if err != nil {
-		return &LockInfo{Kind: kind, ID: id, Key: o.Key, Heartbeat: o.Modified, Damaged: err.Error()}, nil
+		return &LockInfo{Kind: kind, ID: id, Key: o.Key, Heartbeat: o.Modified, Damaged: err.Error(), seen: r.firstSeen(o.Key)}, nil
 	}
 	l.Key = o.Key
 	return &l, nil
+}
+
+// firstSeen is when this process first saw the damaged lock at key.
+func (r *Repo) firstSeen(key string) time.Time {
+	r.seen.mu.Lock()
+	defer r.seen.mu.Unlock()
+	t, ok := r.seen.at[key]
+	if !ok {
+		t = time.Now()
+		r.seen.at[key] = t
+	}
+	return t
 }
 
 // Lock is a held repository lock.
@@ -247,6 +277,7 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 	}
 	host, _ := os.Hostname()
 	pid := os.Getpid()
+	began := time.Now()
 	for attempt := 0; ; attempt++ {
 		l := &Lock{r: r, log: log, done: make(chan struct{}), broken: map[string]bool{}, info: LockInfo{Version: FormatVersion,
 			Kind: kind, ID: randomHex(8), Purpose: purpose, Host: host, Machine: machineID(), PID: pid,
@@ -282,8 +313,12 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 			return nil, nil, fmt.Errorf("%s: %w by another gc: %s (if that process is dead, nbdmover unlock removes its lock once it is stale)",
 				r.Location(), ErrLocked, blocker.Holder())
 		}
+		if time.Since(began) > lockTiming.Wait {
+			return nil, nil, fmt.Errorf("%s: %w: waited %s for the %s (if that process is dead, nbdmover unlock removes its lock once it is stale)",
+				r.Location(), ErrLocked, lockTiming.Wait, blocker.Holder())
+		}
 		if attempt == 0 {
-			log.Info("waiting for the repository's exclusive lock to be released", "holder", blocker.Holder())
+			log.Info("waiting for the repository's exclusive lock to be released", "holder", blocker.Holder(), "at most", lockTiming.Wait)
 		}
 		// Back off with jitter: two exclusive lockers that saw each other
 		// do not meet again.
@@ -324,6 +359,7 @@ func (l *Lock) blocker(ctx context.Context) (*LockInfo, error) {
 // they be alive after all, refuse to commit.
 func (l *Lock) waitShared(ctx context.Context) error {
 	logged := ""
+	deadline := time.Now().Add(lockTiming.Wait)
 	for {
 		live, err := l.sharedHolders(ctx)
 		if err != nil {
@@ -336,8 +372,12 @@ func (l *Lock) waitShared(ctx context.Context) error {
 		for _, o := range live {
 			names = append(names, o.Holder())
 		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: %w: waited %s for the backups, restores, verifies and forgets that hold it to finish: %s",
+				l.r.Location(), ErrLocked, lockTiming.Wait, strings.Join(names, "; "))
+		}
 		if s := strings.Join(names, "; "); s != logged {
-			l.log.Info("waiting for the backups, restores, verifies and forgets that hold the repository to finish", "holders", s)
+			l.log.Info("waiting for the backups, restores, verifies and forgets that hold the repository to finish", "holders", s, "at most", time.Until(deadline).Round(time.Second))
 			logged = s
 		}
 		if err := sleep(ctx, lockTiming.Poll); err != nil {

@@ -174,6 +174,9 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 		d.Index, d.Chunks, d.ZeroChunks = refs, ix.Count(), ix.Count()-int64(ix.Len())
 	}
 	b, err := json.Marshal(m)
+	if err == nil {
+		err = r.fits(m.Key(), len(b))
+	}
 	if err != nil {
 		return err
 	}
@@ -192,7 +195,7 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 
 // sameManifest reports whether the manifest at key holds json.
 func (r *Repo) sameManifest(ctx context.Context, key string, json []byte) bool {
-	blob, err := r.store.Get(ctx, key, nil)
+	blob, err := r.get(ctx, key, nil)
 	if err != nil {
 		return false
 	}
@@ -270,7 +273,7 @@ func checkChain(refs []IndexRef) error {
 
 // loadManifest reads the manifest at key (a manifest key).
 func (r *Repo) loadManifest(ctx context.Context, key string) (*Manifest, error) {
-	blob, err := r.store.Get(ctx, key, nil)
+	blob, err := r.get(ctx, key, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
@@ -56,6 +57,12 @@ type Repo struct {
 	codec *chunker.Codec // chunks
 	meta  *chunker.Codec // indexes, manifests, catalogs, files, locks
 	keys  *unlocked      // an encrypted repository's master keys; nil when not encrypted
+	seen  *seenLocks     // damaged locks: when this process first saw each (shared by views)
+}
+
+type seenLocks struct {
+	mu sync.Mutex
+	at map[string]time.Time
 }
 
 // Init creates a repository in store (and its bucket, for S3). It refuses
@@ -80,7 +87,8 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	cfg := Config{Version: FormatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
 		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String()}
 	if o.Keys != nil {
-		cfg.Digest, cfg.Encryption = namesHMAC, &Encryption{Cipher: cipherName, Names: namesHMAC}
+		cfg.Digest, cfg.Encryption = namesHMAC, &Encryption{Cipher: cipherName, Names: namesHMAC,
+			PasswordCost: &Cost{Time: argonCost.Time, MemoryKiB: argonCost.MemoryKiB, Threads: argonCost.Threads}}
 	}
 	b, _ := json.MarshalIndent(cfg, "", "  ")
 	b = append(b, '\n')
@@ -134,7 +142,7 @@ func readConfig(ctx context.Context, store sink.Store) (Config, error) {
 
 // readConfigBytes returns the config object as stored.
 func readConfigBytes(ctx context.Context, store sink.Store) ([]byte, error) {
-	b, err := store.Get(ctx, configKey, nil)
+	b, err := store.Get(ctx, configKey, nil, maxSmallObject)
 	if errors.Is(err, sink.ErrNotFound) || errors.Is(err, sink.ErrNoBucket) {
 		return nil, fmt.Errorf("%s: %w", store.Location(), ErrNoRepository)
 	}
@@ -244,7 +252,7 @@ func newRepo(store sink.Store, cfg Config) (*Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Repo{store: store, cfg: cfg, codec: codec, meta: chunker.NewMetaCodec()}, nil
+	return &Repo{store: store, cfg: cfg, codec: codec, meta: chunker.NewMetaCodec(), seen: &seenLocks{at: map[string]time.Time{}}}, nil
 }
 
 func strictUnmarshal(b []byte, v any) error {
@@ -317,12 +325,15 @@ func (r *Repo) encodeMeta(key string, plain []byte) []byte { return r.meta.Encod
 
 // decodeMeta decodes the meta blob read from key.
 func (r *Repo) decodeMeta(key string, blob []byte) ([]byte, error) {
-	return r.meta.DecodeMeta(nil, blob, key)
+	return r.meta.DecodeMeta(nil, blob, key, int(r.bound(key)))
 }
 
 // putMeta stores v, as JSON, as the meta blob under key.
 func (r *Repo) putMeta(ctx context.Context, key string, v any) error {
 	b, err := json.Marshal(v)
+	if err == nil {
+		err = r.fits(key, len(b))
+	}
 	if err != nil {
 		return err
 	}
@@ -333,7 +344,7 @@ func (r *Repo) putMeta(ctx context.Context, key string, v any) error {
 // refused). The store's error is returned as it is (sink.ErrNotFound when
 // there is none); an object that does not decode is an *ObjectError.
 func (r *Repo) getMeta(ctx context.Context, key string, v any) error {
-	blob, err := r.store.Get(ctx, key, nil)
+	blob, err := r.get(ctx, key, nil)
 	if err != nil {
 		return err
 	}
@@ -361,7 +372,7 @@ func (e *ChunkError) Unwrap() error { return e.Err }
 // A missing or damaged chunk is a *ChunkError naming its key.
 func (r *Repo) GetChunk(ctx context.Context, d chunker.Digest, plain, blob []byte) ([]byte, []byte, error) {
 	key := ChunkKey(d)
-	blob, err := r.store.Get(ctx, key, blob)
+	blob, err := r.get(ctx, key, blob)
 	if err != nil {
 		return plain, blob, &ChunkError{Key: key, Err: err}
 	}

@@ -459,14 +459,14 @@ type countingStore struct {
 	now, top int
 }
 
-func (c *countingStore) Get(ctx context.Context, key string, buf []byte) ([]byte, error) {
+func (c *countingStore) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
 	c.mu.Lock()
 	c.now++
 	c.top = max(c.top, c.now)
 	c.mu.Unlock()
 	time.Sleep(2 * time.Millisecond)
 	defer func() { c.mu.Lock(); c.now--; c.mu.Unlock() }()
-	return c.Store.Get(ctx, key, buf)
+	return c.Store.Get(ctx, key, buf, limit)
 }
 
 // Verify fetches at most Parallel chunks at once (16 by default).

@@ -64,7 +64,7 @@ func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Targ
 				}
 				_, dg := ix.At(k)
 				key := ChunkKey(dg)
-				blob, err := r.store.Get(ctx, key, blob)
+				blob, err := r.get(ctx, key, blob)
 				if err != nil {
 					return &ChunkError{Key: key, Err: err}
 				}

@@ -78,7 +78,7 @@ func v1ManifestKeys(ctx context.Context, s sink.Store) ([]string, error) {
 
 // v1Load reads a format-1 manifest.
 func v1Load(ctx context.Context, s sink.Store, key string) (*v1Manifest, error) {
-	b, err := s.Get(ctx, key, nil)
+	b, err := s.Get(ctx, key, nil, maxManifest)
 	if err != nil {
 		return nil, err
 	}
@@ -104,7 +104,13 @@ func v1Load(ctx context.Context, s sink.Store, key string) (*v1Manifest, error) 
 // v1LoadIndex reads and checks a format-1 index, as a sparse Index.
 func v1LoadIndex(ctx context.Context, s sink.Store, m *v1Manifest, d v1DiskManifest) (*Index, error) {
 	key := v1Dir(m.Domain, m.ID) + d.Index
-	b, err := s.Get(ctx, key, nil)
+	// A complete index: a digest per chunk of the disk the manifest
+	// describes, so its bound is that disk's.
+	if d.Size < 0 || chunker.CheckChunkSize(m.ChunkSize) != nil {
+		return nil, fmt.Errorf("%s: %w: the manifest's disk size or chunk size is out of range", key, ErrBadIndex)
+	}
+	limit := v1IndexHeaderSize + 32*(chunker.Grid{ChunkSize: m.ChunkSize, Size: d.Size}.Count()+1)
+	b, err := s.Get(ctx, key, nil, limit)
 	if err != nil {
 		return nil, err
 	}
@@ -157,7 +163,7 @@ func v1UnmarshalIndex(b []byte) (*Index, error) {
 // the manifest.
 func v1ReadFile(ctx context.Context, s sink.Store, m *v1Manifest, name string) ([]byte, error) {
 	key := v1Dir(m.Domain, m.ID) + name
-	b, err := s.Get(ctx, key, nil)
+	b, err := s.Get(ctx, key, nil, maxFile)
 	if err != nil {
 		return nil, err
 	}

@@ -60,6 +60,7 @@ type VerifyStats struct {
 	Missing       int   `json:"missing"`     // chunks not stored
 	Quarantined   int   `json:"quarantined"` // corrupt chunks whose bytes were kept under state/quarantine/
 	Repaired      int   `json:"repaired"`    // damaged chunks (and index objects, files) found whole again
+	Strays        int   `json:"strays"`      // symbolic links, FIFOs, devices, sockets in a local repository (whole-repository runs)
 	// Damaged: the backups of the selection that reference a damaged
 	// object ("domain/id"), sorted.
 	Damaged []string `json:"damaged_backups"`
@@ -151,6 +152,11 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	if err := v.repaired(ctx); err != nil {
 		return v.stats, err
 	}
+	if o.Domain == "" && o.Backup == "" {
+		if err := v.strays(ctx, report); err != nil {
+			return v.stats, err
+		}
+	}
 	// The parts read are verified now, for the whole repository only.
 	if sample != nil && o.Domain == "" && o.Backup == "" {
 		if err := r.saveVerified(ctx, sample); err != nil {
@@ -158,6 +164,18 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 		}
 	}
 	return v.stats, nil
+}
+
+// strays reports what the store holds that nbdmover never writes and
+// refuses to read: a symbolic link (to anywhere) or a special file in a
+// local repository, which someone with write access to it planted.
+func (v *verify) strays(ctx context.Context, report func(Problem)) error {
+	return sink.Strays(ctx, v.r.store, func(key, what string) error {
+		v.stats.Strays++
+		report(Problem{Object: key, Problem: what + ": nbdmover never makes one and does not follow or read it " +
+			"(someone with write access to the repository put it there); see what it points to, then remove it"})
+		return nil
+	})
 }
 
 // verifySelection returns the backups Verify checks; manifests that cannot
@@ -275,6 +293,9 @@ func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, error) {
 		case size < chunker.HeaderSize:
 			v.chunks[dg] = &damage{problem: fmt.Sprintf("truncated to %d bytes", size)}
 			v.stats.Corrupt++
+		case size > int64(chunker.MaxBlobLen(int(v.r.cfg.ChunkSize))):
+			v.chunks[dg] = &damage{problem: fmt.Sprintf("%d bytes, more than a chunk of %d bytes can be stored in (planted or damaged; never read)", size, v.r.cfg.ChunkSize)}
+			v.stats.Corrupt++
 		default:
 			v.stats.Bytes += size
 			present = append(present, dg)
@@ -318,14 +339,17 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 				dg := chunks[i]
 				key := ChunkKey(dg)
 				var err error
-				blob, err = v.r.store.Get(gctx, key, blob)
+				blob, err = v.r.get(gctx, key, blob)
 				if isStoreFailure(err) {
 					return err
 				}
 				d := &damage{}
-				if err != nil {
+				switch {
+				case errors.Is(err, sink.ErrDamaged): // too large, or not a file: never read
+					d.problem = err.Error()
+				case err != nil:
 					d.problem = "missing" // deleted since the listing
-				} else {
+				default:
 					// Decoding an encrypted blob changes it: keep the
 					// bytes as stored for the quarantine.
 					stored := blob
@@ -349,11 +373,14 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 				}
 				v.mu.Lock()
 				v.chunks[dg] = d
-				if d.quarantined != "" {
+				switch {
+				case d.quarantined != "":
 					v.stats.Corrupt++
 					v.stats.Quarantined++
-				} else {
+				case d.problem == "missing":
 					v.stats.Missing++
+				default:
+					v.stats.Corrupt++
 				}
 				v.mu.Unlock()
 			}
@@ -443,7 +470,7 @@ func (v *verify) repaired(ctx context.Context) error {
 // or missing object (a problem to report).
 func isStoreFailure(err error) bool {
 	var se *sink.Error
-	return errors.As(err, &se) && !errors.Is(err, sink.ErrNotFound)
+	return errors.As(err, &se) && !errors.Is(err, sink.ErrNotFound) && !errors.Is(err, sink.ErrDamaged)
 }
 
 // problemObject names the object a problem is about: the one an
@@ -470,9 +497,12 @@ func (r *Repo) verifyKeys(ctx context.Context, report func(Problem)) error {
 	for _, p := range probs {
 		report(p)
 	}
+	limit := passwordCap(r.cfg)
 	for _, o := range objs {
 		if o.Repository != r.cfg.ID {
 			report(Problem{Object: keyObjectKey(o.ID), Problem: fmt.Sprintf("a key of another repository (%s): left by an init that lost a race, or planted", o.Repository)})
+		} else if why := aboveCap(o, limit); o.Kind == "password" && why != "" {
+			report(Problem{Object: keyObjectKey(o.ID), Problem: why})
 		}
 	}
 	return nil

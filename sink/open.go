@@ -94,6 +94,17 @@ func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
 	return 0, nil
 }
 
+// Strays calls fn with the key of everything in the store that nbdmover
+// never writes and its reads refuse: in a local store, the symbolic links,
+// FIFOs, devices and sockets below the root, with what each is. Other
+// stores hold only objects.
+func Strays(ctx context.Context, s Store, fn func(key, what string) error) error {
+	if l, ok := underlying[*Local](s); ok {
+		return l.Strays(ctx, fn)
+	}
+	return nil
+}
+
 // deferredPutter is a store whose puts can leave making an object's name
 // durable to a later Sync (the local store).
 type deferredPutter interface {

@@ -30,6 +30,8 @@ func keyFlags() []cli.Flag {
 			Usage: "run this shell command and use its output as the password (e.g. a secret manager's)"},
 		&cli.StringFlag{Name: "key-file", EnvVars: []string{"NBDMOVER_KEY_FILE"},
 			Usage: "open an encrypted repository with this key file (nbdmover key add --new-key-file makes one)"},
+		&cli.StringFlag{Name: "key-id", EnvVars: []string{repo.KeyIDEnv},
+			Usage: "with a password: try only this key (nbdmover key list shows the ids; default: the few that cost least)"},
 	}
 }
 
@@ -61,11 +63,19 @@ func resolveKeys(c *cli.Context) (*repo.Keys, error) {
 		}
 	} else {
 		pw, err := readPassword(c, passwordEnv, "password-file", "password-command")
+		if err == nil && pw == nil && c.String("key-id") != "" {
+			err = usagef("--key-id names the key of a password: give the password too (%s, --password-file or --password-command)", passwordEnv)
+		}
 		if err != nil || pw == nil {
 			return nil, err
 		}
 		if keys, err = repo.PasswordKeys(pw); err != nil {
 			return nil, usagef("%v", err)
+		}
+	}
+	if id := c.String("key-id"); id != "" {
+		if err := keys.OnlyKey(id); err != nil {
+			return nil, usagef("--key-id: %v", err)
 		}
 	}
 	noCoreDumps()

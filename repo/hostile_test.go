@@ -1,0 +1,286 @@
+package repo
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/sink"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
+)
+
+// What a writer of the repository can plant, against the repository's
+// own logic (the local store's path rules are tested in package sink, the
+// commands in cmd/nbdmover): objects over their kind's bound, locks that
+// cannot be read, key objects that are expensive or many.
+
+var hostileStores = []struct {
+	name string
+	new  func(t *testing.T) sink.Store
+}{{"local", localStore}, {"s3", func(t *testing.T) sink.Store { return sinktest.NewS3(t, "") }}}
+
+// Every object kind is read through its bound: an object over it is
+// damaged, named with its size, and never read into memory.
+func TestObjectsOverTheirBound(t *testing.T) {
+	for _, st := range hostileStores {
+		t.Run(st.name, func(t *testing.T) {
+			ctx := t.Context()
+			s := st.new(t)
+			r := initTestRepo(t, s)
+			m := commitSample(t, r, "vm1")
+			m2 := commitSample(t, r, "vm2")
+			big := make([]byte, maxManifest+blobOverhead+1)
+			// The newest manifest of vm1, oversized: skipped by listings,
+			// refused by name, and reported by verify.
+			bad := ManifestKey("vm1", NewBackupID(time.Now().Add(time.Hour), ""))
+			if err := s.Put(ctx, bad, big); err != nil {
+				t.Fatal(err)
+			}
+			ms, skipped, err := r.Backups(ctx, "")
+			if err != nil || len(ms) != 2 || len(skipped) != 1 || !strings.Contains(skipped[0].Problem, fmt.Sprint(len(big), " bytes")) {
+				t.Fatalf("list beside an oversized manifest: %d %v %v", len(ms), skipped, err)
+			}
+			if _, err := r.Backup(ctx, "vm1", "latest"); err == nil || !strings.Contains(err.Error(), bad[strings.LastIndex(bad, "-")+1:]) {
+				t.Fatalf("latest with an oversized newest manifest: %v", err)
+			}
+			// An oversized chunk and index object: restore fails naming
+			// them; verify reports them.
+			ix, err := r.LoadIndex(ctx, m2, "vda")
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, dg := ix.At(0)
+			if err := s.Put(ctx, ChunkKey(dg), make([]byte, 3*r.Config().ChunkSize)); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := r.GetChunk(ctx, dg, nil, nil); !errors.Is(err, sink.ErrDamaged) || !strings.Contains(err.Error(), ChunkKey(dg)) {
+				t.Fatalf("an oversized chunk: %v", err)
+			}
+			verify := func(want ...string) {
+				t.Helper()
+				var problems []string
+				if _, err := r.Verify(ctx, VerifyOptions{ReadData: true}, func(p Problem) { problems = append(problems, p.Object+": "+p.Problem) }); err != nil {
+					t.Fatal(err)
+				}
+				for _, w := range want {
+					if !strings.Contains(strings.Join(problems, "\n"), w+": ") {
+						t.Errorf("verify does not report %s: %v", w, problems)
+					}
+				}
+			}
+			verify(bad, ChunkKey(dg))
+			obj := m.Disks[0].Index[0].Objects[0]
+			if err := s.Put(ctx, obj, make([]byte, maxIndexObject+blobOverhead+1)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := r.LoadIndex(ctx, m, "vda"); !errors.Is(err, sink.ErrDamaged) || !strings.Contains(err.Error(), obj) {
+				t.Fatalf("an oversized index object: %v", err)
+			}
+			verify(obj)
+			// An oversized lock is a damaged lock, not a failure of Locks.
+			lk := lockKey(LockShared, randomHex(8))
+			if err := s.Put(ctx, lk, make([]byte, maxSmallObject+blobOverhead+1)); err != nil {
+				t.Fatal(err)
+			}
+			locks, err := r.Locks(ctx)
+			if err != nil || len(locks) != 1 || locks[0].Damaged == "" || !strings.Contains(locks[0].Holder(), lk) {
+				t.Fatalf("locks beside an oversized lock: %+v %v", locks, err)
+			}
+			// An oversized config: every open says so.
+			if err := s.Put(ctx, configKey, make([]byte, maxSmallObject+1)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Open(ctx, s); !errors.Is(err, sink.ErrDamaged) || !strings.Contains(err.Error(), "config") {
+				t.Fatalf("open with an oversized config: %v", err)
+			}
+		})
+	}
+}
+
+// A meta blob whose header states a plaintext larger than its kind's
+// bound is refused before it is decompressed (a zstd bomb of a few KiB).
+func TestMetaBlobBoundedPlaintext(t *testing.T) {
+	r := initTestRepo(t, localStore(t))
+	plain := bytes.Repeat([]byte{'{'}, maxSmallObject*4)
+	key := lockKey(LockShared, randomHex(8))
+	blob := r.meta.Encode(nil, plain, key)
+	if len(blob) > maxSmallObject {
+		t.Fatalf("the bomb is %d bytes", len(blob))
+	}
+	if _, err := r.decodeMeta(key, blob); !errors.Is(err, chunker.ErrCorrupt) || !strings.Contains(err.Error(), "exceeds the limit") {
+		t.Fatalf("decode of a lock whose plaintext is over its bound: %v", err)
+	}
+}
+
+// A lock that cannot be read holds the repository only briefly, even when
+// its writer keeps touching it; then lockers go past it (tombstoned) and
+// say whose it was.
+func TestDamagedLockCannotHoldRepository(t *testing.T) {
+	shortLocks(t, 50*time.Millisecond, time.Hour, 10*time.Millisecond)
+	lockTiming.Damaged = 300 * time.Millisecond
+	for _, st := range hostileStores {
+		t.Run(st.name, func(t *testing.T) {
+			ctx := t.Context()
+			s := st.new(t)
+			r := initTestRepo(t, s)
+			garbage := func(kind string) string {
+				key := lockKey(kind, randomHex(8))
+				tctx, cancel := context.WithCancel(ctx)
+				t.Cleanup(cancel)
+				go func() { // the attacker keeps it fresh
+					for tctx.Err() == nil {
+						s.Put(tctx, key, []byte("garbage"))
+						time.Sleep(20 * time.Millisecond)
+					}
+				}()
+				return key
+			}
+			for _, kind := range []string{LockExclusive, LockShared} {
+				key := garbage(kind)
+				time.Sleep(50 * time.Millisecond)
+				want := LockShared // a shared locker waits for exclusive locks, the exclusive one for shared ones
+				if kind == LockShared {
+					want = LockExclusive
+				}
+				start := time.Now()
+				l, _, err := r.Lock(ctx, want, "test", nil)
+				if err != nil {
+					t.Fatalf("%s lock beside a garbage %s lock: %v", want, kind, err)
+				}
+				if d := time.Since(start); d > 5*time.Second {
+					t.Fatalf("%s lock took %v beside a garbage lock", want, d)
+				}
+				if !l.broken[key[strings.LastIndex(key, "-")+1:]] {
+					t.Errorf("the garbage lock %s was not tombstoned", key)
+				}
+				l.Release()
+			}
+		})
+	}
+}
+
+// Every wait for a lock ends: a shared locker behind a live exclusive lock,
+// and an exclusive locker behind a live shared lock, fail with ErrLocked
+// naming the holder once lockTiming.Wait has passed.
+func TestLockWaitsHaveDeadlines(t *testing.T) {
+	shortLocks(t, 50*time.Millisecond, time.Hour, 10*time.Millisecond)
+	lockTiming.Wait = 400 * time.Millisecond
+	ctx := t.Context()
+	r := initTestRepo(t, localStore(t))
+	for _, c := range []struct{ held, want string }{{LockExclusive, LockShared}, {LockShared, LockExclusive}} {
+		putLock(t, r, LockInfo{Kind: c.held, Purpose: "work elsewhere", Host: "other-host", PID: 1, Started: time.Now(), Heartbeat: time.Now()})
+		_, _, err := r.Lock(ctx, c.want, "test", nil)
+		if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "work elsewhere") || !strings.Contains(err.Error(), "other-host") {
+			t.Fatalf("%s lock behind a live %s lock: %v", c.want, c.held, err)
+		}
+		r.Unlock(ctx, true)
+	}
+}
+
+// plantKey stores a password key object for the repository with the given
+// Argon2id cost, wrapping nothing that opens.
+func plantKey(t *testing.T, r *Repo, cost Cost, created time.Time) string {
+	t.Helper()
+	o := &KeyObject{Version: FormatVersion, ID: newKeyID(), Repository: r.cfg.ID, Kind: "password", Created: created,
+		KDF: KDF{Name: kdfArgon2id, Time: cost.Time, MemoryKiB: cost.MemoryKiB, Threads: cost.Threads, Salt: make([]byte, 16)},
+		Check: make([]byte, 16), Nonce: make([]byte, 12), Wrapped: make([]byte, masterLen+16)}
+	if err := putKeyObject(t.Context(), r.store, o); err != nil {
+		t.Fatal(err)
+	}
+	return o.ID
+}
+
+// Planted key objects cannot make an open slow: those asking more than
+// twice the repository's recorded cost are never tried (and verify names
+// them), and of many, an open tries the few that cost least; --key-id
+// names the one to try.
+func TestPlantedKeyObjects(t *testing.T) {
+	fastKDF(t)
+	for _, st := range hostileStores {
+		t.Run(st.name, func(t *testing.T) {
+			ctx := t.Context()
+			s := st.new(t)
+			r := initEncrypted(t, s, "right")
+			recorded := *r.cfg.Encryption.PasswordCost
+			if recorded != (Cost{argonCost.Time, argonCost.MemoryKiB, argonCost.Threads}) {
+				t.Fatalf("the config records cost %+v", recorded)
+			}
+			var costly []string
+			for _, c := range []Cost{{100, 8 << 10, 1}, {1, 1 << 20, 1}, {1, 8 << 10, 255}} { // the format's extremes
+				costly = append(costly, plantKey(t, r, c, time.Unix(0, 0)))
+			}
+			start := time.Now()
+			if _, err := openWith(t, s, passwordKeys(t, "right")); err != nil {
+				t.Fatal(err)
+			}
+			if d := time.Since(start); d > 3*time.Second {
+				t.Fatalf("open took %v beside key objects of extreme cost", d)
+			}
+			var problems []string
+			r2, _ := openWith(t, s, passwordKeys(t, "right"))
+			r2.Verify(ctx, VerifyOptions{}, func(p Problem) { problems = append(problems, p.Object+": "+p.Problem) })
+			for _, id := range costly {
+				if !strings.Contains(strings.Join(problems, "\n"), keyObjectKey(id)+": its Argon2id cost") {
+					t.Errorf("verify does not report the costly key %s: %v", id, problems)
+				}
+			}
+			// Forty planted keys at the cap, older than the real one: an
+			// open with a wrong password tries the cheapest eight, with
+			// the right one the real key (which costs least) first.
+			cap := passwordCap(r.cfg)
+			for range 40 {
+				plantKey(t, r, Cost{cap.Time, cap.MemoryKiB, 1}, time.Unix(0, 0))
+			}
+			_, err := openWith(t, s, passwordKeys(t, "wrong"))
+			if !errors.Is(err, ErrWrongPassword) || !strings.Contains(err.Error(), "tried the 8 password keys that cost least of 41") {
+				t.Fatalf("open with a wrong password beside 40 planted keys: %v", err)
+			}
+			if _, err := openWith(t, s, passwordKeys(t, "right")); err != nil {
+				t.Fatal(err)
+			}
+			// Planted keys as cheap as the real one, older: the real one is
+			// not among the eight, and --key-id names it.
+			for range 10 {
+				plantKey(t, r, recorded, time.Unix(0, 0))
+			}
+			if _, err := openWith(t, s, passwordKeys(t, "right")); !errors.Is(err, ErrWrongPassword) || !strings.Contains(err.Error(), "--key-id") {
+				t.Fatalf("open beside 10 planted keys as cheap as the real one: %v", err)
+			}
+			k := passwordKeys(t, "right")
+			if err := k.OnlyKey(r.keys.keyID); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := openWith(t, s, k); err != nil {
+				t.Fatalf("open with --key-id: %v", err)
+			}
+			k = passwordKeys(t, "right")
+			k.OnlyKey(costly[0])
+			if _, err := openWith(t, s, k); err == nil || !strings.Contains(err.Error(), "its Argon2id cost") {
+				t.Fatalf("open with --key-id of a costly key: %v", err)
+			}
+		})
+	}
+}
+
+// A config that records a cost outside the format, written by someone
+// else, changes nothing: it fails the keys' check of the config.
+func TestConfigCostIsAuthenticated(t *testing.T) {
+	fastKDF(t)
+	s := localStore(t)
+	r := initEncrypted(t, s, "right")
+	cfg := r.cfg
+	cfg.Encryption = &Encryption{Cipher: cipherName, Names: namesHMAC, PasswordCost: &Cost{100, 1 << 20, 255}}
+	b, _ := json.MarshalIndent(cfg, "", "  ")
+	if err := s.Put(t.Context(), configKey, append(b, '\n')); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := openWith(t, s, passwordKeys(t, "right")); err == nil || !strings.Contains(err.Error(), "config is not the one") {
+		t.Fatalf("open with a changed config: %v", err)
+	}
+}
