@@ -188,7 +188,7 @@ func TestLockWaitsHaveDeadlines(t *testing.T) {
 func plantKey(t *testing.T, r *Repo, cost Cost, created time.Time) string {
 	t.Helper()
 	o := &KeyObject{Version: FormatVersion, ID: newKeyID(), Repository: r.cfg.ID, Kind: "password", Created: created,
-		KDF: KDF{Name: kdfArgon2id, Time: cost.Time, MemoryKiB: cost.MemoryKiB, Threads: cost.Threads, Salt: make([]byte, 16)},
+		KDF:   KDF{Name: kdfArgon2id, Time: cost.Time, MemoryKiB: cost.MemoryKiB, Threads: cost.Threads, Salt: make([]byte, 16)},
 		Check: make([]byte, 16), Nonce: make([]byte, 12), Wrapped: make([]byte, masterLen+16)}
 	if err := putKeyObject(t.Context(), r.store, o); err != nil {
 		t.Fatal(err)
