@@ -421,7 +421,7 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte
 		}
 		o, err := readKeyObject(ctx, store, keyObjectKey(f.Key))
 		if isNotFound(err) {
-			return nil, "", fmt.Errorf("%s: the key file's key %s was removed from the repository (nbdmover key list shows the keys left)", store.Location(), f.Key)
+			return nil, "", fmt.Errorf("%s: the key file's key %s was removed from the repository (nbdmover key list shows the keys left)%s", store.Location(), f.Key, strays(ctx, store, keyPrefix))
 		}
 		if err != nil {
 			return nil, "", err
@@ -471,9 +471,23 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte
 	case tried == 0 && len(probs) > 0:
 		return nil, "", fmt.Errorf("%s: no password key can be read: %s: %s", store.Location(), probs[0].Object, probs[0].Problem)
 	case tried == 0:
-		return nil, "", fmt.Errorf("%s: the repository has no password key (open it with its key file)", store.Location())
+		return nil, "", fmt.Errorf("%s: the repository has no password key (open it with its key file)%s", store.Location(), strays(ctx, store, keyPrefix))
 	}
 	return nil, "", fmt.Errorf("%s: %w", store.Location(), ErrWrongPassword)
+}
+
+// strays names, for an error's end, what lies under prefix that is not an
+// object (a link or FIFO planted where a key belongs), or returns "".
+func strays(ctx context.Context, store sink.Store, prefix string) string {
+	var found []string
+	sink.Strays(ctx, store, prefix, func(key, what string) error {
+		found = append(found, key+" is "+what)
+		return nil
+	})
+	if len(found) == 0 {
+		return ""
+	}
+	return "; " + strings.Join(found, ", ") + ", which nbdmover never makes nor reads (planted by someone who can write the repository?)"
 }
 
 // KeyIDEnv names the password key to try, like --key-id.
@@ -647,6 +661,7 @@ func (r *Repo) RemoveKey(ctx context.Context, id string) error {
 	if err != nil && !errors.Is(err, sink.ErrDamaged) {
 		return err
 	}
+	hold.At("key-remove")
 	if err := r.store.Delete(ctx, key); err != nil {
 		return err
 	}

@@ -170,7 +170,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 // refuses to read: a symbolic link (to anywhere) or a special file in a
 // local repository, which someone with write access to it planted.
 func (v *verify) strays(ctx context.Context, report func(Problem)) error {
-	return sink.Strays(ctx, v.r.store, func(key, what string) error {
+	return sink.Strays(ctx, v.r.store, "", func(key, what string) error {
 		v.stats.Strays++
 		report(Problem{Object: key, Problem: what + ": nbdmover never makes one and does not follow or read it " +
 			"(someone with write access to the repository put it there); see what it points to, then remove it"})
@@ -367,7 +367,10 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 						continue
 					}
 					d.problem = derr.Error() // a *chunker.CorruptError
-					if d.quarantined, err = v.r.quarantine(gctx, dg, stored); err != nil {
+					d.quarantined, err = v.r.quarantine(gctx, dg, stored)
+					if errors.Is(err, sink.ErrDamaged) { // its place is a planted link: keep nothing
+						d.problem, d.quarantined = d.problem+"; its bytes could not be kept: "+err.Error(), ""
+					} else if err != nil {
 						return err
 					}
 				}

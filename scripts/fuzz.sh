@@ -3,7 +3,8 @@
 . "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 t=${FUZZTIME:-20s}
-for target in nbdclient:FuzzMergeWindow chunker:FuzzDecode repo:FuzzUnmarshalIndexPart repo:FuzzUnmarshalManifest pipeline:FuzzPlan; do
+for target in nbdclient:FuzzMergeWindow chunker:FuzzDecode repo:FuzzUnmarshalIndexPart repo:FuzzUnmarshalManifest pipeline:FuzzPlan \
+	repo:FuzzConfig repo:FuzzKeyObject repo:FuzzLock repo:FuzzCatalog repo:FuzzDamageRecord repo:FuzzVerifiedState repo:FuzzV1Manifest repo:FuzzV1Index; do
 	pkg=${target%%:*} fn=${target#*:}
 	say "fuzzing $fn ($pkg) for $t"
 	go test -run '^$' -fuzz "^$fn\$" -fuzztime "$t" "./$pkg"

@@ -341,8 +341,8 @@ type entry struct {
 // root) that is not a directory, in key order, checking ctx as it goes:
 // regular files, and, with what set, symbolic links and special files. It
 // descends into directories only, never through a symbolic link. A
-// missing dir, or one that is not a directory, has no entries (Strays
-// reports the latter).
+// missing dir has no entries; a link or file in its place is an error
+// (below it, links are skipped: Strays reports them).
 func (l *Local) walkFiles(ctx context.Context, dir string, fn func(entry) error) error {
 	root, err := l.openRoot(false)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -353,7 +353,7 @@ func (l *Local) walkFiles(ctx context.Context, dir string, fn func(entry) error)
 	}
 	defer unix.Close(root)
 	dfd, err := l.openDir(root, dir, false)
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, ErrDamaged) {
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
@@ -412,13 +412,20 @@ type callerError struct{ err error }
 
 func (e callerError) Error() string { return e.err.Error() }
 
-// Strays calls fn with the key of everything below the root that is
-// neither a regular file nor a directory (symbolic links, FIFOs, devices,
-// sockets) and says what it is: nbdmover never makes one, List skips them
-// and reads refuse them. verify reports them.
-func (l *Local) Strays(ctx context.Context, fn func(key, what string) error) error {
-	err := l.walkFiles(ctx, "", func(e entry) error {
-		if e.what == "" {
+// Strays calls fn with the key of everything whose key starts with prefix
+// that is neither a regular file nor a directory (symbolic links, FIFOs,
+// devices, sockets) and says what it is: nbdmover never makes one, List
+// skips them and reads refuse them. verify reports them.
+func (l *Local) Strays(ctx context.Context, prefix string, fn func(key, what string) error) error {
+	if err := validPrefix(prefix); err != nil {
+		return &Error{Op: "list", Key: prefix, Location: l.root, Err: err}
+	}
+	start := ""
+	if i := strings.LastIndex(prefix, "/"); i >= 0 {
+		start = prefix[:i]
+	}
+	err := l.walkFiles(ctx, start, func(e entry) error {
+		if e.what == "" || !strings.HasPrefix(e.key, prefix) {
 			return nil
 		}
 		if err := fn(e.key, e.what); err != nil {

@@ -94,13 +94,13 @@ func RemoveTemp(ctx context.Context, s Store, age time.Duration) (int, error) {
 	return 0, nil
 }
 
-// Strays calls fn with the key of everything in the store that nbdmover
-// never writes and its reads refuse: in a local store, the symbolic links,
+// Strays calls fn with the key of everything in the store whose key
+// starts with prefix that nbdmover never writes and its reads refuse: in a local store, the symbolic links,
 // FIFOs, devices and sockets below the root, with what each is. Other
 // stores hold only objects.
-func Strays(ctx context.Context, s Store, fn func(key, what string) error) error {
+func Strays(ctx context.Context, s Store, prefix string, fn func(key, what string) error) error {
 	if l, ok := underlying[*Local](s); ok {
-		return l.Strays(ctx, fn)
+		return l.Strays(ctx, prefix, fn)
 	}
 	return nil
 }

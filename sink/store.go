@@ -74,7 +74,7 @@ var ErrDamaged = errors.New("damaged object")
 type DamagedError struct{ Why string }
 
 func (e *DamagedError) Error() string {
-	return e.Why + " (nbdmover never writes that: the object was planted or damaged; nbdmover verify lists such objects)"
+	return e.Why + " (nbdmover never makes that: it was planted or damaged; nbdmover verify lists such entries)"
 }
 
 func (e *DamagedError) Is(target error) bool { return target == ErrDamaged }

@@ -195,7 +195,9 @@ func keyCommand() *cli.Command {
 					return err
 				}
 				if c.Bool("json") {
-					return printJSON(c.App.Writer, keys)
+					return printJSON(c.App.Writer, struct {
+						Keys []repo.KeyInfo `json:"keys"`
+					}{keys})
 				}
 				tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "ID\tKIND\tCREATED\tLABEL\t")

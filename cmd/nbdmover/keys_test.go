@@ -150,9 +150,9 @@ func TestEncryptedCommands(t *testing.T) {
 		t.Fatalf("key file: %v %v", st, err)
 	}
 	s.must([]string{"NBDMOVER_NEW_PASSWORD=" + pw2}, append([]string{"key", "add", "--label", "second"}, withPw...)...)
-	var keys []nbdrepo.KeyInfo
-	if err := json.Unmarshal([]byte(s.must(nil, append([]string{"key", "list", "--json"}, withPw...)...)), &keys); err != nil || len(keys) != 3 {
-		t.Fatalf("key list: %v %+v", err, keys)
+	var keyDoc struct{ Keys []nbdrepo.KeyInfo }
+	if err := json.Unmarshal([]byte(s.must(nil, append([]string{"key", "list", "--json"}, withPw...)...)), &keyDoc); err != nil || len(keyDoc.Keys) != 3 {
+		t.Fatalf("key list: %v %+v", err, keyDoc)
 	}
 
 	// The second backup through the key file; restores through each key.
@@ -192,9 +192,9 @@ func TestEncryptedCommands(t *testing.T) {
 	pw3Env := []string{"NBDMOVER_PASSWORD=" + pw3}
 	s.must(pw3Env, "list", "--repo", repo)
 	// remove: the key file's key goes, the key in use cannot.
-	json.Unmarshal([]byte(s.must(pw3Env, "key", "list", "--repo", repo, "--json")), &keys)
+	json.Unmarshal([]byte(s.must(pw3Env, "key", "list", "--repo", repo, "--json")), &keyDoc)
 	var current, fileKey string
-	for _, k := range keys {
+	for _, k := range keyDoc.Keys {
 		if k.Current {
 			current = k.ID
 		}
