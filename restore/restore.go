@@ -14,9 +14,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink"
+	"golang.org/x/sys/unix"
 )
 
 // Options say what to restore where.
@@ -56,11 +58,12 @@ func ValidFormat(format string) error {
 }
 
 // Restore writes disks of a backup to new files. It never overwrites: an
-// existing output file is an error. Each image is written as
-// <output>.partial and linked to its name only once complete, so a failed
-// or killed restore never leaves a file that looks whole (a failed one
-// removes its .partial; a killed one leaves it, which the next restore to
-// the same output reports).
+// existing output file is an error. Each image is written in a private
+// directory <output>.partial and linked to its name only once complete
+// and synced, so a failed or killed restore never leaves a file that
+// looks whole (a failed one removes its .partial; a killed one leaves it,
+// which the next restore to the same output reports). Nothing is opened
+// by a name someone else could change (see place).
 func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if o.Format == "" {
 		o.Format = "raw"
@@ -116,7 +119,7 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	}
 	var done []Disk
 	for _, d := range todo {
-		if err := restoreFile(d, func(tmp string) error { return write(ctx, r, m, d, tmp, o.Parallel) }); err != nil {
+		if err := restoreFile(d, func(p *place) error { return write(ctx, r, m, d, p, o.Parallel) }); err != nil {
 			return m, done, fmt.Errorf("restore %s/%s disk %s to %s: %w", m.Domain, m.ID, d.Name, d.Path, err)
 		}
 		done = append(done, d)
@@ -124,45 +127,107 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	return m, done, nil
 }
 
-// restoreFile has write fill a new <path>.partial and links it to path
-// when write succeeds; on failure the partial file is removed.
-func restoreFile(d Disk, write func(tmp string) error) error {
-	if _, err := os.Lstat(d.Path); err == nil {
-		return fmt.Errorf("%s exists; remove it or choose another output", d.Path)
-	}
-	tmp := d.Path + ".partial"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("%s exists: another restore is writing it, or one was killed (remove it)", tmp)
-	}
+// place is where one image is written. The output's directory may belong
+// to someone else (root restoring into a VM owner's directory), who can
+// rename and replace its entries at any moment: so the image is made in
+// a private directory, <output>.partial (mode 0700, ours, checked after
+// it was opened without following links), and reached only through
+// descriptors, never by a name in the output directory: the raw image is
+// written through the descriptor of its exclusive create, the qcow2 tools
+// get the private directory as their file descriptor 3
+// (/proc/self/fd/3/image, a name that no user's output name can make
+// them misparse), and the finished image is linked from the private
+// directory to the output's name, which fails if anything is there.
+type place struct {
+	out     *os.File // the output's directory
+	name    string   // the output's name in it
+	partial string   // the private directory's name in it
+	priv    *os.File // the private directory
+}
+
+// imageName is the image's name in the private directory.
+const imageName = "image"
+
+// restoreFile makes the private directory, has write fill the image in
+// it, and links it to the output's name when write succeeds; on failure
+// the private directory is removed.
+func restoreFile(d Disk, write func(p *place) error) error {
+	p, err := newPlace(d.Path)
 	if err != nil {
 		return err
 	}
-	f.Close()
-	if err := write(tmp); err != nil {
-		os.Remove(tmp)
+	defer p.close()
+	if err := write(p); err != nil {
+		p.remove()
 		return err
 	}
 	// A link never replaces an existing file: an output created meanwhile
 	// is not overwritten.
-	if err := os.Link(tmp, d.Path); err != nil {
-		os.Remove(tmp)
-		if errors.Is(err, os.ErrExist) {
-			return fmt.Errorf("%s exists; remove it or choose another output", d.Path)
-		}
-		return err
+	err = unix.Linkat(int(p.priv.Fd()), imageName, int(p.out.Fd()), p.name, 0)
+	p.remove()
+	if errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("%s exists; remove it or choose another output", d.Path)
 	}
-	os.Remove(tmp)
-	return syncDir(filepath.Dir(d.Path))
+	if err != nil {
+		return fmt.Errorf("link the finished image to %s: %w", d.Path, err)
+	}
+	return p.out.Sync()
 }
 
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
+// newPlace opens the output's directory and makes the private directory
+// in it.
+func newPlace(path string) (*place, error) {
+	out, err := os.OpenFile(filepath.Dir(path), os.O_RDONLY|unix.O_DIRECTORY, 0)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer f.Close()
-	return f.Sync()
+	p := &place{out: out, name: filepath.Base(path), partial: filepath.Base(path) + ".partial"}
+	dfd := int(out.Fd())
+	var st unix.Stat_t
+	if unix.Fstatat(dfd, p.name, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
+		out.Close()
+		return nil, fmt.Errorf("%s exists; remove it or choose another output", path)
+	}
+	if err := unix.Mkdirat(dfd, p.partial, 0o700); err != nil {
+		out.Close()
+		if errors.Is(err, unix.EEXIST) {
+			return nil, fmt.Errorf("%s.partial exists: another restore is writing it, or one was killed (remove it)", path)
+		}
+		return nil, fmt.Errorf("make %s.partial: %w", path, err)
+	}
+	hold.At("restore-partial")
+	fd, err := unix.Openat(dfd, p.partial, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err == nil {
+		// Ours and private, or someone swapped it between the mkdir
+		// and the open: only root could make such a directory.
+		if err = unix.Fstat(fd, &st); err == nil && (st.Uid != uint32(os.Geteuid()) || st.Mode&0o077 != 0) {
+			err = fmt.Errorf("it is not the private directory this restore made (owner %d, mode %o): someone replaced it", st.Uid, st.Mode&0o7777)
+		}
+		if err != nil {
+			unix.Close(fd)
+		}
+	}
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+		err = errors.New("it was replaced by a link or a file (by someone who can write its directory)")
+	}
+	if err != nil {
+		out.Close()
+		return nil, fmt.Errorf("open %s.partial, the restore's private directory: %w", path, err)
+	}
+	p.priv = os.NewFile(uintptr(fd), path+".partial")
+	return p, nil
+}
+
+// remove removes the image and the private directory (by its name: what
+// someone put there instead is removed only if it is an empty directory).
+func (p *place) remove() {
+	unix.Unlinkat(int(p.priv.Fd()), imageName, 0)
+	unix.Unlinkat(int(p.out.Fd()), p.partial, unix.AT_REMOVEDIR)
+}
+
+func (p *place) close() {
+	p.priv.Close()
+	p.out.Close()
 }
 
 // fileTarget writes a raw image file, one write at a time: a buffered
@@ -181,18 +246,20 @@ func (t fileTarget) WriteAt(_ context.Context, p []byte, off int64) error {
 	return err
 }
 
-// restoreRaw writes the disk into the (empty) file tmp as a sparse raw
-// image.
-func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, tmp string, parallel int) (err error) {
-	f, err := os.OpenFile(tmp, os.O_WRONLY, 0)
+// restoreRaw writes the disk as a sparse raw image, through the
+// descriptor of the image's exclusive create.
+func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, p *place, parallel int) (err error) {
+	fd, err := unix.Openat(int(p.priv.Fd()), imageName, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return err
+		return fmt.Errorf("create the image: %w", err)
 	}
+	f := os.NewFile(uintptr(fd), imageName)
 	defer func() {
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
 	}()
+	hold.At("restore-writing")
 	if err := f.Truncate(d.Size); err != nil {
 		return err
 	}
@@ -208,13 +275,17 @@ func (t poolTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 	return t.p.WriteAt(ctx, p, off)
 }
 
-// restoreQcow2 makes tmp a qcow2 image with qemu-img, serves it with
-// qemu-nbd on a private socket and writes the disk through NBD.
-func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, tmp string, parallel int) (err error) {
-	if out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", tmp, strconv.FormatInt(d.Size, 10)).CombinedOutput(); err != nil {
+// restoreQcow2 makes the image with qemu-img, serves it with qemu-nbd on
+// a private socket and writes the disk through NBD. Both tools reach the
+// image through the private directory, their file descriptor 3.
+func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, p *place, parallel int) (err error) {
+	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "--", imagePath, strconv.FormatInt(d.Size, 10))
+	cmd.ExtraFiles = []*os.File{p.priv}
+	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("qemu-img create: %v: %s", err, bytes.TrimSpace(out))
 	}
-	srv, pool, err := startQemuNBD(ctx, tmp, parallel)
+	hold.At("restore-writing")
+	srv, pool, err := startQemuNBD(ctx, p.priv, parallel)
 	if err != nil {
 		return err
 	}
@@ -230,6 +301,10 @@ func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, t
 	return pool.Flush(ctx)
 }
 
+// imagePath is the image as qemu-img and qemu-nbd see it: in the private
+// directory, handed to them as file descriptor 3.
+const imagePath = "/proc/self/fd/3/" + imageName
+
 // qemuNBD is a qemu-nbd serving one writable image on a private socket.
 type qemuNBD struct {
 	cmd    *exec.Cmd
@@ -242,13 +317,14 @@ type qemuNBD struct {
 // startQemuNBD serves image and connects conns clients to it. qemu-nbd is
 // killed if this process dies (PR_SET_PDEATHSIG), and it is ready when a
 // connection succeeds: its socket file appears before it listens.
-func startQemuNBD(ctx context.Context, image string, conns int) (*qemuNBD, *nbdclient.Pool, error) {
+func startQemuNBD(ctx context.Context, priv *os.File, conns int) (*qemuNBD, *nbdclient.Pool, error) {
 	dir, err := os.MkdirTemp("", "nbdmover-restore-") // mode 0700
 	if err != nil {
 		return nil, nil, err
 	}
 	s := &qemuNBD{dir: dir, sock: filepath.Join(dir, "nbd.sock"), exited: make(chan struct{})}
-	s.cmd = exec.Command("qemu-nbd", "-f", "qcow2", "--cache=writeback", "-e", strconv.Itoa(conns+1), "-k", s.sock, image)
+	s.cmd = exec.Command("qemu-nbd", "-f", "qcow2", "--cache=writeback", "-e", strconv.Itoa(conns+1), "-k", s.sock, "--", imagePath)
+	s.cmd.ExtraFiles = []*os.File{priv}
 	s.cmd.Stderr = &s.stderr
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -197,7 +196,7 @@ func TestRestoreKilled(t *testing.T) {
 			}
 			partial := out + ".partial"
 			for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-				if st, err := os.Stat(partial); err == nil && st.Size() > 0 && (format == "raw" || qemuNBDServing(partial)) {
+				if st, err := os.Stat(filepath.Join(partial, "image")); err == nil && st.Size() > 0 && (format == "raw" || qemuNBDServing(partial)) {
 					break
 				}
 				if time.Now().After(deadline) {
@@ -222,7 +221,7 @@ func TestRestoreKilled(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), partial) {
 				t.Fatalf("restore over a killed one's leftover: %v", err)
 			}
-			os.Remove(partial)
+			os.RemoveAll(partial)
 			if _, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Disk: "vda", Output: out, Format: format}); err != nil {
 				t.Fatal(err)
 			}
@@ -231,17 +230,20 @@ func TestRestoreKilled(t *testing.T) {
 	}
 }
 
-// qemuNBDServing reports whether a qemu-nbd process serves image.
-func qemuNBDServing(image string) bool {
+// qemuNBDServing reports whether a qemu-nbd process has the image in the
+// restore's private directory partial open.
+func qemuNBDServing(partial string) bool {
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		b, err := os.ReadFile(p)
-		if err != nil {
+		if err != nil || filepath.Base(strings.Split(string(b), "\x00")[0]) != "qemu-nbd" {
 			continue
 		}
-		args := strings.Split(string(b), "\x00")
-		if filepath.Base(args[0]) == "qemu-nbd" && slices.Contains(args, image) {
-			return true
+		fds, _ := filepath.Glob(filepath.Join(filepath.Dir(p), "fd", "*"))
+		for _, fd := range fds {
+			if target, _ := os.Readlink(fd); target == filepath.Join(partial, "image") {
+				return true
+			}
 		}
 	}
 	return false
