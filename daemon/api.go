@@ -70,10 +70,12 @@ func (a *api) auth(next http.Handler) http.Handler {
 			sum := sha256.Sum256([]byte(got))
 			if !ok || subtle.ConstantTimeCompare(sum[:], want[:]) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="nbdmover"`)
+				w.Header().Set("Connection", "close") // a refused peer keeps no connection
 				writeError(w, http.StatusUnauthorized, errors.New("missing or wrong bearer token"))
 				return
 			}
 		}
+		authenticated(r)
 		next.ServeHTTP(w, r)
 	})
 }
@@ -121,6 +123,7 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 		if errors.As(err, &tooBig) {
 			status = http.StatusRequestEntityTooLarge
 			err = fmt.Errorf("more than %d bytes", maxBody)
+			w.Header().Set("Connection", "close")
 		}
 		writeError(w, status, fmt.Errorf("request body: %w", err))
 		return

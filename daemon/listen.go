@@ -9,7 +9,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"net/http"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -133,35 +135,94 @@ func loopback(spec string) bool {
 	return err == nil && a.IsLoopback()
 }
 
-// limitListener accepts at most n connections at once; Accept waits for
-// one to close beyond that.
+// limitListener accepts at most n connections at once. Beyond that, a
+// connection on which no request has passed authentication yet (an idle
+// new one, or one a 401 is being answered on) is closed to make room,
+// the oldest first; only when all n have authenticated does Accept wait
+// for one to close. So clients without the token cannot hold the slots
+// the clients with it need.
 func limitListener(l net.Listener, n int) net.Listener {
-	return &limited{Listener: l, sem: make(chan struct{}, max(n, 1))}
+	lim := &limited{Listener: l, max: max(n, 1), open: map[*limitedConn]bool{}}
+	lim.freed = sync.NewCond(&lim.mu)
+	return lim
 }
 
 type limited struct {
 	net.Listener
-	sem chan struct{}
+	max   int
+	mu    sync.Mutex
+	freed *sync.Cond
+	open  map[*limitedConn]bool
+	seq   uint64
 }
 
 func (l *limited) Accept() (net.Conn, error) {
-	l.sem <- struct{}{}
-	c, err := l.Listener.Accept()
+	l.mu.Lock()
+	for len(l.open) >= l.max {
+		if victim := l.oldestUnauthenticated(); victim != nil {
+			l.mu.Unlock()
+			victim.Close()
+			l.mu.Lock()
+			continue
+		}
+		l.freed.Wait()
+	}
+	l.seq++
+	c := &limitedConn{l: l, seq: l.seq}
+	l.open[c] = true // reserved before Accept returns
+	l.mu.Unlock()
+	conn, err := l.Listener.Accept()
 	if err != nil {
-		<-l.sem
+		c.release()
 		return nil, err
 	}
-	return &limitedConn{Conn: c, release: func() { <-l.sem }}, nil
+	c.Conn = conn
+	return c, nil
+}
+
+// oldestUnauthenticated is the open connection accepted first that has
+// not authenticated, nil when there is none. l.mu is held.
+func (l *limited) oldestUnauthenticated() *limitedConn {
+	var oldest *limitedConn
+	for c := range l.open {
+		if c.Conn != nil && !c.authed.Load() && (oldest == nil || c.seq < oldest.seq) {
+			oldest = c
+		}
+	}
+	return oldest
 }
 
 type limitedConn struct {
 	net.Conn
-	once    sync.Once
-	release func()
+	l      *limited
+	seq    uint64
+	authed atomic.Bool
+	once   sync.Once
 }
 
 func (c *limitedConn) Close() error {
 	err := c.Conn.Close()
-	c.once.Do(c.release)
+	c.release()
 	return err
+}
+
+func (c *limitedConn) release() {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		delete(c.l.open, c)
+		c.l.mu.Unlock()
+		c.l.freed.Signal()
+	})
+}
+
+// connKey finds a request's connection in its context (http.Server's
+// ConnContext puts it there).
+type connKey struct{}
+
+// authenticated marks the connection of a request that passed
+// authentication: it is no longer closed to make room for others.
+func authenticated(r *http.Request) {
+	if c, ok := r.Context().Value(connKey{}).(*limitedConn); ok {
+		c.authed.Store(true)
+	}
 }

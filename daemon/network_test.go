@@ -112,6 +112,56 @@ func TestDaemonTimeoutsAndLimits(t *testing.T) {
 	}
 }
 
+// Clients without the token cannot hold the connection slots: with
+// --max-connections 4, four idle connections and four that got 401 on a
+// keep-alive request leave room for an authorised request at once; the
+// 401 closes its connection.
+func TestDaemonUnauthenticatedSlots(t *testing.T) {
+	addr := serveTCP(t, daemon.ServeOptions{Token: "tok", MaxConnections: 4})
+	var idle []net.Conn
+	for range 4 { // connected, never a byte sent
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	for range 4 { // a request without the token, keep-alive asked for
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+		r := bufio.NewReader(c)
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("a tokenless request got no answer: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != 401 || !resp.Close {
+			t.Fatalf("tokenless request: %d, close %v", resp.StatusCode, resp.Close)
+		}
+		if _, err := r.ReadByte(); err != io.EOF {
+			t.Fatalf("the connection of a 401 stays open: %v", err)
+		}
+	}
+	for range 3 {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+addr+"/healthz", nil)
+		req.Header.Set("Authorization", "Bearer tok")
+		resp, err := (&http.Client{Transport: &http.Transport{}}).Do(req)
+		cancel()
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("an authorised request beside tokenless connections: %v %v after %v", resp, err, time.Since(start))
+		}
+		resp.Body.Close()
+	}
+}
+
 // Plain TCP is refused off loopback, and TLS is not offered on a unix
 // socket.
 func TestDaemonListenRules(t *testing.T) {

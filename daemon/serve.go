@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -71,6 +72,15 @@ func (o ServeOptions) withDefaults() ServeOptions {
 // cleanly within ShutdownTimeout.
 func Serve(ctx context.Context, o ServeOptions) error {
 	o = o.withDefaults()
+	for _, d := range []struct{ what, dir, def string }{{"--run-dir", o.Runner.Backup.RunDir, mover.DefaultRunDir},
+		{"--scratch-dir", o.Runner.Domain.ScratchDir, mover.DefaultScratchDir}} {
+		if d.dir == "" {
+			d.dir = d.def
+		}
+		if err := mover.CheckDir(d.dir); err != nil {
+			return refuse(ErrInvalid, "%s: %v", d.what, err)
+		}
+	}
 	if keys := o.Runner.Backup.Repo.Keys; keys != nil {
 		// Unlock an encrypted repository now: a wrong password stops the
 		// daemon at start, not every job later; jobs reuse the key.
@@ -103,7 +113,8 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	m.runner = runner
 	srv := &http.Server{Handler: newAPI(runner, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
 		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
-		ErrorLog: slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug)}
+		ErrorLog:    slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
 	o.Log.Info("serving", "listen", o.Listen, "tls", o.TLS.enabled(), "repository", ro.Backup.Repo.Location, "max_jobs", ro.MaxJobs)

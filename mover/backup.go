@@ -88,6 +88,11 @@ func (o Options) Validate() error {
 	if o.VerifySample != nil && *o.VerifySample < 0 {
 		return invalidf("verify sample %d: want a number of chunks, or 0 for none", *o.VerifySample)
 	}
+	if o.RunDir != "" {
+		if err := CheckDir(o.RunDir); err != nil {
+			return fmt.Errorf("run directory: %w", err)
+		}
+	}
 	return nil
 }
 

@@ -56,6 +56,9 @@ func (s *domainSource) Validate() error {
 			return invalidf("%w", err)
 		}
 	}
+	if err := CheckDir(s.o.ScratchDir); err != nil {
+		return fmt.Errorf("scratch directory: %w", err)
+	}
 	return nil
 }
 

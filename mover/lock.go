@@ -36,10 +36,41 @@ func lockName(runDir, name string) (*os.File, error) {
 
 // traversableDir creates dir (and missing parents) with mode 0711, so that
 // QEMU, running as another user, can reach the private directories inside
-// it without listing them.
+// it without listing them. A directory that exists keeps its mode (a
+// shared one such as /tmp must not be made private), and must pass
+// CheckDir.
 func traversableDir(dir string) error {
+	if err := CheckDir(dir); err != nil {
+		return err
+	}
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return err
 	}
-	return os.Chmod(dir, 0o711)
+	return os.Chmod(dir, 0o711) // whatever the umask
+}
+
+// CheckDir refuses, as a run or scratch directory, an existing directory
+// that others may write (or a file): whoever can write it could replace
+// the locks and the backup jobs' sockets and scratch files nbdmover keeps
+// there. A directory that does not exist is fine (it is made with mode
+// 0711). Errors match ErrInvalid.
+func CheckDir(dir string) error {
+	var st syscall.Stat_t
+	err := syscall.Stat(dir, &st)
+	switch {
+	case errors.Is(err, syscall.ENOENT):
+		return nil
+	case err != nil:
+		return fmt.Errorf("%s: %w", dir, err)
+	case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
+		return invalidf("%s is not a directory", dir)
+	case st.Mode&0o022 != 0:
+		return invalidf("%s may be written by others (mode %04o): nbdmover keeps its locks and the backup jobs' sockets and scratch files there, "+
+			"which another user could replace; give a directory only root can write (one that does not exist is made with mode 0711)",
+			dir, st.Mode&0o7777)
+	}
+	return nil
 }

@@ -328,10 +328,12 @@ func (c *Conn) call(ctx context.Context, op string, off, n int64,
 	f func(e *C.struct_nbdm_err, timeoutMs C.int) C.int) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.drainCancel()
+	// Checked before any descriptor is touched: after Close, c.efd's
+	// number may belong to a file someone else opened since.
 	if c.closed.Load() || c.h == nil {
 		return &Error{Op: op, Target: c.cfg.target(), Offset: off, Length: n, Msg: ErrClosed.Error(), Err: ErrClosed}
 	}
+	c.drainCancel()
 	if err := ctx.Err(); err != nil {
 		return &Error{Op: op, Target: c.cfg.target(), Offset: off, Length: n, Msg: err.Error(), Err: context.Cause(ctx)}
 	}
@@ -407,5 +409,6 @@ func (c *Conn) Close() error {
 		C.free(unsafe.Pointer(s))
 	}
 	syscall.Close(c.efd)
+	c.efd = -1
 	return nil
 }

@@ -384,6 +384,40 @@ func TestNoHandleLeaks(t *testing.T) {
 	}
 }
 
+// A Conn used after Close touches no descriptor: a pipe opened since,
+// which got the number of the Conn's old eventfd, loses no byte to a
+// later ReadAt (which returns ErrClosed).
+func TestUseAfterCloseTouchesNoDescriptor(t *testing.T) {
+	img := patternImage(t, 16*MiB, 5)
+	srv := serve(t, img)
+	c := dial(t, Config{URI: srv.URI})
+	old := c.efd
+	c.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	if int(r.Fd()) != old {
+		t.Skipf("the pipe got descriptor %d, not the eventfd's old %d", r.Fd(), old)
+	}
+	w.Write([]byte("8 bytes!"))
+	buf := make([]byte, 4096)
+	for range 3 {
+		if err := c.ReadAt(t.Context(), buf, 0); !errors.Is(err, ErrClosed) {
+			t.Fatalf("ReadAt after Close: %v", err)
+		}
+	}
+	w.Close()
+	got := make([]byte, 16)
+	r.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, _ := r.Read(got)
+	if string(got[:n]) != "8 bytes!" {
+		t.Fatalf("the pipe holds %q: a closed Conn read from it", got[:n])
+	}
+}
+
 // readUntilError reads the export in a loop and returns the first error and
 // when it came.
 func readUntilError(ctx context.Context, c *Conn, started chan<- struct{}) (error, time.Time) {

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/childenv"
 	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
@@ -280,7 +281,7 @@ func (t poolTarget) WriteAt(ctx context.Context, p []byte, off int64) error {
 // image through the private directory, their file descriptor 3.
 func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, p *place, parallel int) (err error) {
 	cmd := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "--", imagePath, strconv.FormatInt(d.Size, 10))
-	cmd.ExtraFiles = []*os.File{p.priv}
+	cmd.ExtraFiles, cmd.Env = []*os.File{p.priv}, childenv.Env()
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("qemu-img create: %v: %s", err, bytes.TrimSpace(out))
 	}
@@ -324,7 +325,7 @@ func startQemuNBD(ctx context.Context, priv *os.File, conns int) (*qemuNBD, *nbd
 	}
 	s := &qemuNBD{dir: dir, sock: filepath.Join(dir, "nbd.sock"), exited: make(chan struct{})}
 	s.cmd = exec.Command("qemu-nbd", "-f", "qcow2", "--cache=writeback", "-e", strconv.Itoa(conns+1), "-k", s.sock, "--", imagePath)
-	s.cmd.ExtraFiles = []*os.File{priv}
+	s.cmd.ExtraFiles, s.cmd.Env = []*os.File{priv}, childenv.Env()
 	s.cmd.Stderr = &s.stderr
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := s.cmd.Start(); err != nil {

@@ -3,12 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"text/tabwriter"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/childenv"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
@@ -138,14 +140,20 @@ func readSecretFile(c *cli.Context, flag, path string) ([]byte, error) {
 	return b, nil
 }
 
-// runPasswordCommand runs command with sh -c and returns its standard
-// output. Its output never appears in an error.
+// runPasswordCommand runs command with sh -c (in an environment without
+// nbdmover's secrets) and returns its standard output. Its output never
+// appears in an error. It takes at most a minute, and a second after the
+// command ends: a process it left in the background that still holds its
+// output is not waited for.
 func runPasswordCommand(ctx context.Context, flag, command string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "/bin/sh", "-c", command)
-	cmd.Stderr = os.Stderr
+	cmd.Stderr, cmd.Env, cmd.WaitDelay = os.Stderr, childenv.Env(), time.Second
 	out, err := cmd.Output()
+	if errors.Is(err, exec.ErrWaitDelay) {
+		err = nil // it succeeded; something it started keeps its output open
+	}
 	if err != nil {
 		clear(out)
 		return nil, fmt.Errorf("%s: the password command failed: %v", flag, err)
