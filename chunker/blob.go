@@ -234,7 +234,14 @@ func additionalData(blob []byte, name string) []byte {
 // bytes are not kept. Every failure matches ErrCorrupt and is a
 // *CorruptError naming the check.
 func (c *Codec) Decode(dst, blob []byte, name string, want Digest) ([]byte, error) {
-	out, err := c.DecodeMeta(dst, blob, name, c.limit)
+	return c.DecodeChunk(dst, blob, name, want, c.limit)
+}
+
+// DecodeChunk is Decode for a chunk of at most limit bytes (a repository's
+// chunk size): a blob whose header states more is refused before it is
+// decompressed.
+func (c *Codec) DecodeChunk(dst, blob []byte, name string, want Digest, limit int) ([]byte, error) {
+	out, err := c.DecodeMeta(dst, blob, name, limit)
 	if err != nil {
 		return nil, err
 	}

@@ -185,6 +185,9 @@ func (g *gc) awaitQuiet(ctx context.Context) error {
 		busy := 0
 		for _, l := range locks {
 			if l.Kind == LockShared && l.Stale(time.Now()) == "" {
+				if l.Damaged != "" {
+					return damagedShared(g.r, l)
+				}
 				busy++
 			}
 		}

@@ -119,17 +119,20 @@ func TestMetaBlobBoundedPlaintext(t *testing.T) {
 }
 
 // A lock that cannot be read holds the repository only briefly, even when
-// its writer keeps touching it; then lockers go past it (tombstoned) and
-// say whose it was.
+// its writer keeps touching it: a damaged exclusive lock is gone past
+// (tombstoned) after lockTiming.Damaged; a damaged shared lock makes gc
+// fail at once, naming it, rather than wait with every backup queued
+// behind it (or go past what may be a live backup's lock); unlock removes
+// both. A heartbeat from the future counts from when it was first seen.
 func TestDamagedLockCannotHoldRepository(t *testing.T) {
-	shortLocks(t, 50*time.Millisecond, time.Hour, 10*time.Millisecond)
+	shortLocks(t, 50*time.Millisecond, 2*time.Second, 10*time.Millisecond)
 	lockTiming.Damaged = 300 * time.Millisecond
 	for _, st := range hostileStores {
 		t.Run(st.name, func(t *testing.T) {
 			ctx := t.Context()
 			s := st.new(t)
 			r := initTestRepo(t, s)
-			garbage := func(kind string) string {
+			garbage := func(kind string) (string, context.CancelFunc) {
 				key := lockKey(kind, randomHex(8))
 				tctx, cancel := context.WithCancel(ctx)
 				t.Cleanup(cancel)
@@ -139,28 +142,42 @@ func TestDamagedLockCannotHoldRepository(t *testing.T) {
 						time.Sleep(20 * time.Millisecond)
 					}
 				}()
-				return key
-			}
-			for _, kind := range []string{LockExclusive, LockShared} {
-				key := garbage(kind)
 				time.Sleep(50 * time.Millisecond)
-				want := LockShared // a shared locker waits for exclusive locks, the exclusive one for shared ones
-				if kind == LockShared {
-					want = LockExclusive
-				}
-				start := time.Now()
-				l, _, err := r.Lock(ctx, want, "test", nil)
-				if err != nil {
-					t.Fatalf("%s lock beside a garbage %s lock: %v", want, kind, err)
-				}
-				if d := time.Since(start); d > 5*time.Second {
-					t.Fatalf("%s lock took %v beside a garbage lock", want, d)
-				}
-				if !l.broken[key[strings.LastIndex(key, "-")+1:]] {
-					t.Errorf("the garbage lock %s was not tombstoned", key)
-				}
-				l.Release()
+				return key, cancel
 			}
+			key, stop := garbage(LockExclusive)
+			start := time.Now()
+			l, _, err := r.Lock(ctx, LockShared, "backup", nil)
+			if err != nil || time.Since(start) > 5*time.Second || !l.broken[key[strings.LastIndex(key, "-")+1:]] {
+				t.Fatalf("a shared lock beside a garbage exclusive lock: %v after %v", err, time.Since(start))
+			}
+			l.Release()
+			stop()
+			r.Unlock(ctx, true)
+
+			key, stop = garbage(LockShared)
+			start = time.Now()
+			_, _, err = r.Lock(ctx, LockExclusive, "gc", nil)
+			if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), key) || !strings.Contains(err.Error(), "nbdmover unlock") || time.Since(start) > 5*time.Second {
+				t.Fatalf("gc's lock beside a garbage shared lock: %v after %v", err, time.Since(start))
+			}
+			if _, err := r.GC(ctx, GCOptions{Grace: time.Nanosecond}); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), key) {
+				t.Fatalf("gc beside a garbage shared lock: %v", err)
+			}
+			stop()
+			if removed, _, err := r.Unlock(ctx, false); err != nil || len(removed) != 1 || removed[0].Key != key {
+				t.Fatalf("unlock of a garbage lock: %v %v", removed, err)
+			}
+
+			// A readable lock whose heartbeat is years ahead.
+			putLock(t, r, LockInfo{Kind: LockExclusive, Purpose: "gc from the future", Host: "other-host", PID: 1,
+				Started: time.Now(), Heartbeat: time.Now().AddDate(10, 0, 0)})
+			start = time.Now()
+			l, _, err = r.Lock(ctx, LockShared, "backup", nil)
+			if err != nil || time.Since(start) < lockTiming.Stale || time.Since(start) > 10*time.Second {
+				t.Fatalf("a shared lock beside a lock from the future: %v after %v", err, time.Since(start))
+			}
+			l.Release()
 		})
 	}
 }
@@ -277,19 +294,48 @@ func TestPlantedKeyObjects(t *testing.T) {
 	}
 }
 
-// A config that records a cost outside the format, written by someone
-// else, changes nothing: it fails the keys' check of the config.
-func TestConfigCostIsAuthenticated(t *testing.T) {
+// A config that records a higher cost, written by someone else, does not
+// raise the cap (the config is read before the keys authenticate it), and
+// fails the keys' check of the config. A key file's key object must be an
+// HKDF one: one that asks for Argon2id is damaged, never derived.
+func TestConfigCostAndKeyFileKDF(t *testing.T) {
 	fastKDF(t)
+	ctx := t.Context()
 	s := localStore(t)
 	r := initEncrypted(t, s, "right")
+	costly := plantKey(t, r, Cost{100, 8 << 10, 1}, time.Unix(0, 0))
 	cfg := r.cfg
 	cfg.Encryption = &Encryption{Cipher: cipherName, Names: namesHMAC, PasswordCost: &Cost{100, 1 << 20, 255}}
 	b, _ := json.MarshalIndent(cfg, "", "  ")
-	if err := s.Put(t.Context(), configKey, append(b, '\n')); err != nil {
+	if err := s.Put(ctx, configKey, append(b, '\n')); err != nil {
 		t.Fatal(err)
 	}
+	start := time.Now()
 	if _, err := openWith(t, s, passwordKeys(t, "right")); err == nil || !strings.Contains(err.Error(), "config is not the one") {
 		t.Fatalf("open with a changed config: %v", err)
+	}
+	if _, err := openWith(t, s, passwordKeys(t, "wrong")); !errors.Is(err, ErrWrongPassword) || time.Since(start) > 3*time.Second {
+		t.Fatalf("the raised config let key %s (100 passes) be derived: %v after %v", costly, err, time.Since(start))
+	}
+
+	s2 := localStore(t)
+	r2 := initEncrypted(t, s2, "right")
+	info, file2, err := r2.AddKeyFile(ctx, "host2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var o KeyObject
+	raw, _ := s2.Get(ctx, keyObjectKey(info.ID), nil, maxSmallObject)
+	json.Unmarshal(raw, &o)
+	o.KDF = KDF{Name: kdfArgon2id, Time: 100, MemoryKiB: 64 << 10, Threads: 1, Salt: o.KDF.Salt}
+	raw, _ = json.Marshal(o)
+	s2.Put(ctx, keyObjectKey(info.ID), raw)
+	kf, err := KeyFileKeys(file2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	if _, err := openWith(t, s2, kf); err == nil || !strings.Contains(err.Error(), "damaged") || time.Since(start) > time.Second {
+		t.Fatalf("a key file's key object asking for Argon2id: %v after %v", err, time.Since(start))
 	}
 }

@@ -65,8 +65,12 @@ var argonCost = KDF{Name: kdfArgon2id, Time: 10, MemoryKiB: 128 << 10, Threads: 
 var legacyCost = Cost{Time: 10, MemoryKiB: 128 << 10, Threads: 2}
 
 // maxKeyTries bounds the password key objects an open tries: each costs a
-// derivation, and anyone who can write the repository can add objects.
-const maxKeyTries = 8
+// derivation, and anyone who can write the repository can add objects;
+// maxKeyObjects bounds those it reads at all.
+const (
+	maxKeyTries   = 8
+	maxKeyObjects = 256
+)
 
 // Encryption is the config's description of an encrypted repository.
 type Encryption struct {
@@ -88,13 +92,17 @@ type Cost struct {
 
 // passwordCap is the most a password key object of the repository whose
 // config is cfg may ask: twice the recorded cost in passes and memory,
-// and twice its lanes (at least 4).
+// and twice its lanes (at least 4), but never more than twice the cost
+// this nbdmover makes keys with. The config is read before the keys can
+// authenticate it, so a raised record must not raise the cap: it can
+// only lower it.
 func passwordCap(cfg Config) Cost {
 	c := legacyCost
 	if e := cfg.Encryption; e != nil && e.PasswordCost != nil {
 		c = *e.PasswordCost
 	}
-	return Cost{Time: 2 * c.Time, MemoryKiB: 2 * c.MemoryKiB, Threads: max(2*c.Threads, 4)}
+	return Cost{Time: 2 * min(c.Time, legacyCost.Time), MemoryKiB: 2 * min(c.MemoryKiB, legacyCost.MemoryKiB),
+		Threads: max(2*min(c.Threads, legacyCost.Threads), 4)}
 }
 
 // aboveCap says why a password key object asks more than the cap allows
@@ -348,8 +356,9 @@ func readKeyObject(ctx context.Context, store sink.Store, key string) (*KeyObjec
 	if err := strictUnmarshal(b, &o); err != nil {
 		return nil, fmt.Errorf("key object %s is damaged: %v", key, err)
 	}
-	if o.Version != FormatVersion || keyObjectKey(o.ID) != key || (o.Kind != "password" && o.Kind != "key-file") {
-		return nil, fmt.Errorf("key object %s is damaged: version %d, id %q, kind %q", key, o.Version, o.ID, o.Kind)
+	kdf := map[string]string{"password": kdfArgon2id, "key-file": kdfHKDF}[o.Kind]
+	if o.Version != FormatVersion || keyObjectKey(o.ID) != key || kdf == "" || o.KDF.Name != kdf {
+		return nil, fmt.Errorf("key object %s is damaged: version %d, id %q, kind %q, derivation %q", key, o.Version, o.ID, o.Kind, o.KDF.Name)
 	}
 	return &o, nil
 }
@@ -358,12 +367,20 @@ func readKeyObject(ctx context.Context, store sink.Store, key string) (*KeyObjec
 // read come back as problems.
 func keyObjects(ctx context.Context, store sink.Store) ([]*KeyObject, []Problem, error) {
 	var keys []string
+	errEnough := errors.New("enough")
 	err := store.List(ctx, keyPrefix, func(info sink.ObjectInfo) error {
 		if validHexID(strings.TrimPrefix(info.Key, keyPrefix), 16) {
 			keys = append(keys, info.Key)
 		}
+		if len(keys) > maxKeyObjects {
+			return errEnough
+		}
 		return nil
 	})
+	if errors.Is(err, errEnough) {
+		return nil, nil, fmt.Errorf("%s: more than %d key objects under %s: nbdmover never makes that many (planted?); "+
+			"remove those you do not know (a key file or --key-id opens the repository meanwhile)", store.Location(), maxKeyObjects, keyPrefix)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -435,13 +452,24 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte
 		}
 		return master, o.ID, err
 	}
-	objs, probs, err := keyObjects(ctx, store)
-	if err != nil {
+	var objs []*KeyObject
+	var probs []Problem
+	var err error
+	if k.keyID != "" { // one read, however many key objects there are
+		o, rerr := readKeyObject(ctx, store, keyObjectKey(k.keyID))
+		switch {
+		case isNotFound(rerr):
+			return nil, "", fmt.Errorf("%s: --key-id %s: there is no such key (nbdmover key list shows them)", store.Location(), k.keyID)
+		case rerr != nil:
+			return nil, "", fmt.Errorf("%s: --key-id %s: %w", store.Location(), k.keyID, rerr)
+		}
+		objs = []*KeyObject{o}
+	} else if objs, probs, err = keyObjects(ctx, store); err != nil {
 		return nil, "", err
 	}
 	cands, skipped := passwordCandidates(objs, cfg, k.keyID)
 	if k.keyID != "" && len(cands) == 0 {
-		why := "there is no such key (nbdmover key list shows them)"
+		why := "it is not a password key of this repository"
 		if len(skipped) > 0 {
 			why = skipped[0]
 		}

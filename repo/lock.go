@@ -91,19 +91,29 @@ func parseLockKey(key string) (kind, id string, ok bool) {
 // Stale says why the lock is no longer held by a live process ("" when it
 // may be): no heartbeat for lockTiming.Stale, or, on this machine (same
 // host name and machine id), its process is provably gone. When /proc
-// cannot tell, the process counts as alive.
+// cannot tell, the process counts as alive. A heartbeat further ahead of
+// this clock than clocks may differ (lockTiming.Margin) proves nothing:
+// such a lock ages from when this process first saw it.
+//
+// A lock object that cannot be read (Damaged) is no lock a live holder
+// keeps, as one rewrites its lock every minute, but one damaged under a
+// live holder cannot be told from a planted one. A damaged exclusive lock
+// is stale lockTiming.Damaged after it was written or first seen,
+// whichever came first (its writer can keep touching it; going past a
+// live gc is safe, as its tombstone stops it). A damaged shared lock goes
+// stale only as any other does: gc never goes past a backup that may be
+// live, and refuses to wait for one instead (damagedShared).
 func (l *LockInfo) Stale(now time.Time) string {
-	if age := now.Round(0).Sub(l.Heartbeat); age > lockTiming.Stale {
+	hb := l.Heartbeat
+	if hb.Round(0).Sub(now.Round(0)) > lockTiming.Margin && !l.seen.IsZero() {
+		hb = l.seen
+	}
+	if age := now.Round(0).Sub(hb.Round(0)); age > lockTiming.Stale {
 		return fmt.Sprintf("no heartbeat for %s", age.Round(time.Second))
 	}
-	// A lock that cannot be read is no lock a live holder keeps: one
-	// rewrites its lock every minute. Counting it as held while it is
-	// recent by its mtime (which its writer can keep touching) would let
-	// one planted object stop gc and hold up every backup; so it counts
-	// only briefly, also by when this process first saw it.
-	if l.Damaged != "" {
-		if a := max(now.Round(0).Sub(l.Heartbeat), now.Sub(l.seen)); a > lockTiming.Damaged {
-			return fmt.Sprintf("unreadable for over %s (nbdmover unlock removes it)", lockTiming.Damaged)
+	if l.Damaged != "" && l.Kind == LockExclusive {
+		if a := max(now.Round(0).Sub(l.Heartbeat.Round(0)), now.Sub(l.seen)); a > lockTiming.Damaged {
+			return fmt.Sprintf("unreadable for over %s", lockTiming.Damaged)
 		}
 	}
 	host, _ := os.Hostname()
@@ -191,6 +201,7 @@ func (r *Repo) Locks(ctx context.Context) ([]*LockInfo, error) {
 		return nil, err
 	}
 	var out []*LockInfo
+	listed := map[string]bool{}
 	for _, o := range objs {
 		l, err := r.readLock(ctx, o)
 		if isNotFound(err) {
@@ -200,17 +211,19 @@ func (r *Repo) Locks(ctx context.Context) ([]*LockInfo, error) {
 			return nil, err
 		}
 		out = append(out, l)
+		listed[o.Key] = true
 	}
+	r.forgetUnseen(listed)
 	return out, nil
 }
 
-// readLock reads a lock object. One that cannot be decoded is returned as
-// Damaged, its heartbeat the object's modification time, so it goes stale
-// like any other.
+// readLock reads a lock object. One that cannot be read or decoded (but
+// is there, and the store answers) is returned as Damaged, its heartbeat
+// the object's modification time.
 func (r *Repo) readLock(ctx context.Context, o sink.ObjectInfo) (*LockInfo, error) {
 	kind, id, _ := parseLockKey(o.Key)
 	blob, err := r.get(ctx, o.Key, nil)
-	if err != nil && !errors.Is(err, sink.ErrDamaged) {
+	if isNotFound(err) || sink.IsTransient(err) || ctx.Err() != nil {
 		return nil, err
 	}
 	var l LockInfo
@@ -227,11 +240,23 @@ func (r *Repo) readLock(ctx context.Context, o sink.ObjectInfo) (*LockInfo, erro
 	if err != nil {
 		return &LockInfo{Kind: kind, ID: id, Key: o.Key, Heartbeat: o.Modified, Damaged: err.Error(), seen: r.firstSeen(o.Key)}, nil
 	}
-	l.Key = o.Key
+	l.Key, l.seen = o.Key, r.firstSeen(o.Key)
 	return &l, nil
 }
 
-// firstSeen is when this process first saw the damaged lock at key.
+// forgetUnseen drops, of the times locks were first seen, those of locks
+// no longer listed.
+func (r *Repo) forgetUnseen(listed map[string]bool) {
+	r.seen.mu.Lock()
+	defer r.seen.mu.Unlock()
+	for k := range r.seen.at {
+		if !listed[k] {
+			delete(r.seen.at, k)
+		}
+	}
+}
+
+// firstSeen is when this process first saw the lock at key.
 func (r *Repo) firstSeen(key string) time.Time {
 	r.seen.mu.Lock()
 	defer r.seen.mu.Unlock()
@@ -403,6 +428,9 @@ func (l *Lock) sharedHolders(ctx context.Context) ([]*LockInfo, error) {
 			continue
 		}
 		why := o.Stale(now)
+		if why == "" && o.Damaged != "" {
+			return nil, damagedShared(l.r, o)
+		}
 		if why == "" {
 			live = append(live, o)
 			continue
@@ -414,6 +442,14 @@ func (l *Lock) sharedHolders(ctx context.Context) ([]*LockInfo, error) {
 		l.log.Warn("going past a stale lock", "holder", o.Holder(), "why", why)
 	}
 	return live, nil
+}
+
+// damagedShared is gc's refusal of a shared lock it cannot read: it may be
+// a live backup's, whose chunks gc must not delete, and waiting for it
+// would hold up every backup behind gc's exclusive lock.
+func damagedShared(r *Repo, o *LockInfo) error {
+	return fmt.Errorf("%s: %w: %s cannot be read (%s), so gc cannot tell whether a backup holds it; "+
+		"if no nbdmover uses the repository now, nbdmover unlock removes it", r.Location(), ErrLocked, o.Key, o.Damaged)
 }
 
 // tombstone is the content of locks/broken-<id>.
@@ -616,6 +652,9 @@ func (r *Repo) Unlock(ctx context.Context, all bool) (removed, live []*LockInfo,
 	now := time.Now()
 	for _, l := range locks {
 		why := l.Stale(now)
+		if why == "" && l.Damaged != "" {
+			why = "unreadable: " + l.Damaged // no holder can be told, none refreshes it
+		}
 		if !all && why == "" {
 			live = append(live, l)
 			continue

@@ -376,7 +376,7 @@ func (r *Repo) GetChunk(ctx context.Context, d chunker.Digest, plain, blob []byt
 	if err != nil {
 		return plain, blob, &ChunkError{Key: key, Err: err}
 	}
-	out, err := r.codec.Decode(plain, blob, key, d)
+	out, err := r.codec.DecodeChunk(plain, blob, key, d, int(r.cfg.ChunkSize))
 	if err != nil {
 		return plain, blob, &ChunkError{Key: key, Err: err}
 	}

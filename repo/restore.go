@@ -85,7 +85,7 @@ func (r *Repo) RestoreDisk(ctx context.Context, m *Manifest, disk string, t Targ
 				off, n := g.Chunk(i)
 				key := ChunkKey(dg)
 				var err error
-				if plain, err = r.codec.Decode(plain, f.blob, key, dg); err != nil {
+				if plain, err = r.codec.DecodeChunk(plain, f.blob, key, dg, int(r.cfg.ChunkSize)); err != nil {
 					return &ChunkError{Key: key, Err: err}
 				}
 				free <- f.blob

@@ -109,7 +109,9 @@ func v1LoadIndex(ctx context.Context, s sink.Store, m *v1Manifest, d v1DiskManif
 	if d.Size < 0 || chunker.CheckChunkSize(m.ChunkSize) != nil {
 		return nil, fmt.Errorf("%s: %w: the manifest's disk size or chunk size is out of range", key, ErrBadIndex)
 	}
-	limit := v1IndexHeaderSize + 32*(chunker.Grid{ChunkSize: m.ChunkSize, Size: d.Size}.Count()+1)
+	// At most 1 GiB whatever a manifest claims: 32 million chunks, a
+	// 32 TiB disk at 1 MiB (format 1 was never used for larger ones).
+	limit := min(v1IndexHeaderSize+32*(chunker.Grid{ChunkSize: m.ChunkSize, Size: d.Size}.Count()+1), 1<<30)
 	b, err := s.Get(ctx, key, nil, limit)
 	if err != nil {
 		return nil, err

@@ -358,7 +358,7 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 						stored = raw
 					}
 					var derr error
-					if plain, derr = v.r.codec.Decode(plain, blob, key, dg); derr == nil {
+					if plain, derr = v.r.codec.DecodeChunk(plain, blob, key, dg, int(v.r.cfg.ChunkSize)); derr == nil {
 						v.mu.Lock()
 						v.stats.Verified++
 						v.stats.VerifiedBytes += int64(len(stored))

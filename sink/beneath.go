@@ -193,6 +193,13 @@ func dirOf(key string) string {
 // reopen opens for reading the regular file that the O_PATH descriptor
 // fd refers to, through /proc/self/fd: the file checked is the file read,
 // whatever happened to its name meanwhile.
+// O_NONBLOCK: a file another process holds a lease on (F_SETLEASE) fails
+// with EWOULDBLOCK instead of stalling the open until the lease breaks;
+// reads of a regular file are unaffected.
 func reopen(fd int) (int, error) {
-	return unix.Open("/proc/self/fd/"+strconv.Itoa(fd), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	rfd, err := unix.Open("/proc/self/fd/"+strconv.Itoa(fd), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return -1, &DamagedError{Why: "the file is leased by another process, which would make every read of it wait"}
+	}
+	return rfd, err
 }

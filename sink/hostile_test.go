@@ -3,6 +3,7 @@ package sink_test
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -144,5 +145,72 @@ func testNeverLeavesRoot(t *testing.T) {
 	want = append(want, "state/quarantine/chunks/cd a symbolic link")
 	if strings.Join(strays, ", ") != strings.Join(want, ", ") {
 		t.Errorf("strays: %v, want %v", strays, want)
+	}
+}
+
+// A directory tree thousands deep (a few thousand mkdirs for whoever
+// writes the repository) is not descended past the deepest level the
+// repository has: a walk keeps a descriptor and a key per level. The
+// deep directory, and one whose name no key can have, are strays.
+func TestLocalDeepTree(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := sink.NewLocal(dir)
+	ctx := t.Context()
+	if err := s.Put(ctx, "chunks/00/good", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	deep := filepath.Join(dir, "chunks")
+	name := strings.Repeat("d", 200)
+	for range 15 { // as deep as a path name may be
+		deep = filepath.Join(deep, name)
+		if err := os.Mkdir(deep, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.Mkdir(filepath.Join(dir, "chunks", "no spaces allowed"), 0o700)
+	var keys, strays []string
+	if err := s.List(ctx, "", func(o sink.ObjectInfo) error { keys = append(keys, o.Key); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Strays(ctx, "", func(key, what string) error { strays = append(strays, key); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(keys, " ") != "chunks/00/good" || len(strays) != 2 || strings.Count(strays[0], "/") != 8 || strays[1] != "chunks/no spaces allowed" {
+		t.Fatalf("listed %v, %d strays", keys, len(strays))
+	}
+}
+
+// A file someone holds a write lease on would make every open of it wait
+// for the lease to break (45 s, and the holder takes it again): a read
+// refuses it at once.
+func TestLocalLeasedObject(t *testing.T) {
+	py, err := exec.LookPath("/usr/bin/python3")
+	if err != nil {
+		t.Skip("no python3 to hold a lease")
+	}
+	dir := t.TempDir()
+	s, _ := sink.NewLocal(dir)
+	ctx := t.Context()
+	if err := s.Put(ctx, "locks/shared-0123456789abcdef", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	holder := exec.Command(py, "-c", `import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+fcntl.fcntl(fd, 1024, fcntl.F_WRLCK)  # F_SETLEASE
+print("held", flush=True)
+time.sleep(60)`, filepath.Join(dir, "locks/shared-0123456789abcdef"))
+	out, _ := holder.StdoutPipe()
+	holder.Stderr = os.Stderr
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { holder.Process.Kill(); holder.Wait() }()
+	if b := make([]byte, 5); func() bool { n, _ := out.Read(b); return string(b[:n]) != "held\n" }() {
+		t.Skip("the lease could not be taken here")
+	}
+	start := time.Now()
+	_, err = s.Get(ctx, "locks/shared-0123456789abcdef", nil, 1<<20)
+	if !errors.Is(err, sink.ErrDamaged) || !strings.Contains(err.Error(), "leased") || time.Since(start) > 5*time.Second {
+		t.Fatalf("get of a leased object: %v after %v", err, time.Since(start))
 	}
 }

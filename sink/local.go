@@ -362,6 +362,13 @@ func (l *Local) walkFiles(ctx context.Context, dir string, fn func(entry) error)
 	return l.walkDir(ctx, dfd, dir, fn) // closes dfd
 }
 
+// maxDepth bounds the directories a walk descends: the deepest the
+// repository has is state/quarantine/chunks/ab. Deeper ones are planted
+// (each level of a walk keeps a descriptor and its key's prefix: a tree
+// thousands deep would take memory quadratic in its depth), reported as
+// strays and never descended.
+const maxDepth = 8
+
 // walkDir walks the open directory dfd, whose key prefix is dir, and
 // closes it.
 func (l *Local) walkDir(ctx context.Context, dfd int, dir string, fn func(entry) error) error {
@@ -385,6 +392,16 @@ func (l *Local) walkDir(ctx context.Context, dfd int, dir string, fn func(entry)
 				continue // removed meanwhile
 			}
 			return err
+		}
+		if e.key == "lost+found" { // a file system's, when the repository is its root
+			continue
+		}
+		if e.st.Mode&unix.S_IFMT == unix.S_IFDIR && (strings.Count(e.key, "/") >= maxDepth || ValidKey(e.key) != nil) {
+			e.what = "a directory no key can name (too deep, or a name a key cannot have)"
+			if err := fn(e); err != nil {
+				return err
+			}
+			continue
 		}
 		if e.st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			sub, err := unix.Openat(dfd, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
