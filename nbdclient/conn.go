@@ -34,6 +34,9 @@ const (
 	DefaultRequestSize  = 256 << 10 // see RequestSize
 	DefaultMaxInFlight  = 16
 	DefaultExtentWindow = 1 << 30
+	// MaxExportSize is the largest export Dial accepts: a server claiming
+	// more (up to 2^63 - 1) is misbehaving, and walking it would not end.
+	MaxExportSize = 1 << 50
 )
 
 // Config says where an export is and how to talk to it.
@@ -79,7 +82,7 @@ func (cfg Config) withDefaults() Config {
 	if cfg.ExtentWindow <= 0 {
 		cfg.ExtentWindow = DefaultExtentWindow
 	}
-	cfg.ExtentWindow = min(cfg.ExtentWindow, 1<<32-1<<16) // NBD counts are 32-bit
+	cfg.ExtentWindow = min(cfg.ExtentWindow, maxWindow)
 	return cfg
 }
 
@@ -187,6 +190,10 @@ func (c *Conn) readInfo(wanted []string) error {
 	var ci C.struct_nbdm_info
 	if C.nbdm_info(c.h, &ci, &e) != C.NBDM_OK {
 		return c.errorFrom("connect", 0, 0, &e, C.NBDM_ERR, nil)
+	}
+	if ci.size < 0 || int64(ci.size) > MaxExportSize {
+		return &Error{Op: "connect", Target: c.cfg.target(), Errno: syscall.EFBIG,
+			Msg: fmt.Sprintf("the export claims %d bytes, more than the %d (1 PiB) nbdmover reads: a misbehaving server? (no disk is that large)", int64(ci.size), MaxExportSize)}
 	}
 	c.info = Info{
 		Size:           int64(ci.size),

@@ -139,6 +139,9 @@ func (c *Conn) Extents(ctx context.Context, off, length int64) iter.Seq2[Extent,
 	return walkExtents(ctx, c.cfg, c.info, off, length, c.blockStatus)
 }
 
+// maxWindow is the largest block status request: NBD counts are 32-bit.
+const maxWindow = 1<<32 - 1<<16
+
 type blockStatusFunc func(ctx context.Context, off, n int64) (alloc, dirty []span, err error)
 
 func walkExtents(ctx context.Context, cfg Config, info Info, off, length int64, bs blockStatusFunc) iter.Seq2[Extent, error] {
@@ -152,8 +155,13 @@ func walkExtents(ctx context.Context, cfg Config, info Info, off, length int64, 
 		useAlloc := info.HasContext(ContextAllocation)
 		useDirty := cfg.Bitmap != "" && info.HasContext(BitmapContext(cfg.Bitmap))
 		var pending Extent
+		// A window that came back as one extent doubles the next (up to
+		// the largest count NBD carries), so a walk's requests grow with
+		// what the export holds, not with its size: a 1 PiB export of
+		// nothing takes 2^18 requests, not 2^20.
+		window := cfg.ExtentWindow
 		for pos := off; pos < end; {
-			n := min(end-pos, cfg.ExtentWindow)
+			n := min(end-pos, window)
 			var alloc, dirty []span
 			if useAlloc || useDirty {
 				var err error
@@ -168,6 +176,11 @@ func walkExtents(ctx context.Context, cfg Config, info Info, off, length int64, 
 				yield(Extent{}, &Error{Op: "block status", Target: cfg.target(), Offset: pos, Length: n,
 					Errno: syscall.EPROTO, Msg: err.Error()})
 				return
+			}
+			if len(exts) == 1 && next == pos+n {
+				window = min(2*window, maxWindow)
+			} else {
+				window = cfg.ExtentWindow
 			}
 			for _, e := range exts {
 				if pending.Length > 0 && pending.Flags == e.Flags {

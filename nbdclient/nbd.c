@@ -136,7 +136,11 @@ int nbdm_info(struct nbd_handle *h, struct nbdm_info *info, struct nbdm_err *e)
 {
 	info->size = nbd_get_size(h);
 	if (info->size == -1) {
-		set_nbd_err(e, 0);
+		if (nbd_get_error() == NULL) {
+			set_msg(e, EFBIG, 0, "the export's size does not fit 63 bits: a misbehaving server?");
+		} else {
+			set_nbd_err(e, 0);
+		}
 		return NBDM_ERR;
 	}
 	/* 0 means the server did not say; -1 cannot happen once connected. */

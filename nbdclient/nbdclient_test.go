@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"syscall"
@@ -521,4 +522,44 @@ func TestContextCancelStopsRead(t *testing.T) {
 	if err := c.ReadAt(t.Context(), make([]byte, 512), 0); !errors.Is(err, ErrClosed) {
 		t.Fatalf("read after an abandoned call: got %v, want ErrClosed", err)
 	}
+}
+
+// An export claiming 2^63 - 1 bytes (nbdkit null) is refused at connect,
+// naming its size; one of 64 TiB holding nothing is walked in requests
+// that grow with its extents, not its size.
+func TestHugeExports(t *testing.T) {
+	if _, err := exec.LookPath("nbdkit"); err != nil {
+		if os.Getenv("NBDMOVER_TEST_REQUIRE_PEERS") != "" {
+			t.Fatal("nbdkit is missing")
+		}
+		t.Skip("nbdkit is missing")
+	}
+	nbdkit := func(size string) string {
+		sock := t.TempDir() + "/nbd.sock"
+		cmd := exec.Command("nbdkit", "-f", "-U", sock, "null", "size="+size)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if _, err := os.Stat(sock); err == nil {
+				return "nbd+unix:///?socket=" + sock
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("nbdkit did not start")
+			}
+		}
+	}
+	start := time.Now()
+	_, err := Dial(t.Context(), Config{URI: nbdkit("9223372036854775807")})
+	if err == nil || !strings.Contains(err.Error(), "9223372036854775807") || time.Since(start) > 5*time.Second {
+		t.Fatalf("an export of 2^63-1 bytes: %v after %v", err, time.Since(start))
+	}
+	c := dial(t, Config{URI: nbdkit(fmt.Sprint(int64(64) << 40))})
+	start = time.Now()
+	exts := collect(t, c.Extents(t.Context(), 0, c.Info().Size))
+	if len(exts) != 1 || exts[0].Length != 64<<40 || time.Since(start) > 20*time.Second {
+		t.Fatalf("64 TiB of nothing: %d extents in %v", len(exts), time.Since(start))
+	}
+	t.Logf("64 TiB walked in %v", time.Since(start))
 }
