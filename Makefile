@@ -7,7 +7,7 @@ export PATH := $(PATH):/usr/local/go/bin
 all: build
 
 build:
-	$(GO) build -o bin/nbdmover ./cmd/nbdmover
+	$(GO) build -ldflags "-X main.buildCommit=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" -o bin/nbdmover ./cmd/nbdmover
 
 # Installs what is missing, starts libvirtd and MinIO, runs every test.
 test:

@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -21,6 +23,10 @@ type api struct {
 	token  []byte
 	m      *metrics
 	log    *slog.Logger
+
+	healthMu  sync.Mutex
+	healthAt  time.Time // when the repository was last opened for /healthz
+	healthErr error
 }
 
 func newAPI(r *Runner, repo repo.Options, token string, m *metrics, log *slog.Logger) http.Handler {
@@ -198,9 +204,38 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
+// health answers 200 while the repository can be opened (checked at most
+// every healthEvery, within healthTimeout), 503 with the reason when it
+// cannot: a store gone away, a repository removed, a config no key opens.
 func (a *api) health(w http.ResponseWriter, r *http.Request) {
 	queued, running := a.runner.Counts()
+	if err := a.repoUsable(r.Context()); err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "unavailable", "error": "the repository cannot be used: " + err.Error(),
+			"jobs_queued": queued, "jobs_running": running})
+		return
+	}
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "jobs_queued": queued, "jobs_running": running})
+}
+
+const (
+	healthEvery   = 5 * time.Second
+	healthTimeout = 10 * time.Second
+)
+
+// repoUsable opens the repository, or returns the last answer when it is
+// younger than healthEvery (a health probe every second costs a read
+// every five).
+func (a *api) repoUsable(ctx context.Context) error {
+	a.healthMu.Lock()
+	defer a.healthMu.Unlock()
+	if time.Since(a.healthAt) < healthEvery {
+		return a.healthErr
+	}
+	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
+	_, a.healthErr = a.repo.Open(ctx)
+	a.healthAt = time.Now()
+	return a.healthErr
 }
 
 // listBackups lists the committed backups of domain ("" = all), the

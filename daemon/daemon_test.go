@@ -111,7 +111,7 @@ func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy,
 		o(&ropts)
 	}
 	go func() {
-		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t),
+		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t), Init: true,
 			Ready: func(string) { close(ready) }, Runner: ropts})
 	}()
 	select {
@@ -357,7 +357,7 @@ func TestDaemonTCPNeedsToken(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	addr := make(chan string, 1)
-	go daemon.Serve(ctx, daemon.ServeOptions{Listen: "127.0.0.1:0", Token: "s3cret-token",
+	go daemon.Serve(ctx, daemon.ServeOptions{Listen: "127.0.0.1:0", Token: "s3cret-token", Init: true,
 		Ready:  func(a string) { addr <- a },
 		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir}}})
 	d := &testDaemon{t: t, client: &http.Client{Timeout: 10 * time.Second}, base: "http://" + <-addr}
@@ -379,7 +379,7 @@ func TestDaemonSIGTERM(t *testing.T) {
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	dom := slowDomain(t)
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
-	spec, _ := json.Marshal(daemon.ServeOptions{Listen: "unix://" + sock,
+	spec, _ := json.Marshal(daemon.ServeOptions{Listen: "unix://" + sock, Init: true,
 		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir},
 			Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -439,7 +439,11 @@ func TestDaemonBitmapMismatch(t *testing.T) {
 		t.Fatalf("submit: %d %s", code, msg)
 	}
 	full := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
-	dom.BehindBitmap("vda", "nbdmover-"+full.BackupID, func() { dom.Write("vda", "write -P 0x52 0 4M") })
+	r, err := ro.Open(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dom.BehindBitmap("vda", mover.CheckpointName(r.Config().ID, full.BackupID), func() { dom.Write("vda", "write -P 0x52 0 4M") })
 	refs := dom.Snapshot()
 	id, _, _ = d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
 	v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
@@ -460,7 +464,7 @@ func TestDaemonBackupsSkipDamaged(t *testing.T) {
 	srv := qemutest.Serve(t, img, "-r")
 	var ids []string
 	for range 2 {
-		res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm"}), mover.Options{Repo: ro, RunDir: runDir})
+		res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm"}), mover.Options{Repo: ro, RunDir: runDir, Init: true})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -112,7 +112,7 @@ func TestDaemonScheduledVerify(t *testing.T) {
 	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 2*backuptest.MiB, 9)+" 0 2M")
 	srv := qemutest.Serve(t, img, "-r")
 	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm1", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
+		mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 	srv.Kill()
 	if err != nil {
 		t.Fatal(err)

@@ -38,6 +38,7 @@ func serveTCP(t *testing.T, o daemon.ServeOptions) string {
 	}
 	o.Runner.Backup.Repo = repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	o.Runner.Backup.RunDir = runDir
+	o.Init = true
 	ctx, cancel := context.WithCancel(t.Context())
 	addr := make(chan string, 1)
 	done := make(chan error, 1)
@@ -298,7 +299,7 @@ func TestDaemonMemoryBudget(t *testing.T) {
 	done := make(chan error, 1)
 	ready := make(chan struct{})
 	go func() {
-		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t), Ready: func(string) { close(ready) },
+		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t), Ready: func(string) { close(ready) }, Init: true,
 			Runner: daemon.RunnerOptions{MaxJobs: 2, MaxMemory: one * 3 / 2,
 				Backup: mover.Options{Repo: ro, RunDir: runDir},
 				Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})

@@ -34,6 +34,9 @@ type ServeOptions struct {
 	Runner                                                    RunnerOptions
 	// ShutdownTimeout bounds how long SIGTERM waits for jobs to end.
 	ShutdownTimeout time.Duration
+	// Init creates the repository at start when there is none; without
+	// it, a missing repository stops the daemon (repo.ErrNoRepository).
+	Init bool
 	Log             *slog.Logger `json:"-"`
 	// Ready, if set, is called with the listener's address once serving.
 	Ready func(addr string) `json:"-"`
@@ -81,16 +84,18 @@ func Serve(ctx context.Context, o ServeOptions) error {
 			return refuse(ErrInvalid, "%s: %v", d.what, err)
 		}
 	}
-	if keys := o.Runner.Backup.Repo.Keys; keys != nil {
-		// Unlock an encrypted repository now: a wrong password stops the
-		// daemon at start, not every job later; jobs reuse the key.
-		if _, err := o.Runner.Backup.Repo.Open(ctx); err != nil {
-			return fmt.Errorf("open the encrypted repository with its %s: %w", keys.Kind(), err)
-		}
-		o.Log.Info("encrypted repository unlocked", "repo", o.Runner.Backup.Repo.Location)
-	}
 	l, err := listen(o.Listen, o.Token, o.TLS, o.MaxConnections)
 	if err != nil {
+		return err
+	}
+	// Open the repository now: one that is missing, unreachable, or
+	// encrypted with another password stops the daemon at start, not
+	// every job later (jobs reuse an encrypted repository's key).
+	if err := openAtStart(ctx, o); err != nil {
+		l.Close()
+		if path, ok := strings.CutPrefix(o.Listen, "unix://"); ok {
+			os.Remove(path)
+		}
 		return err
 	}
 	m := newMetrics()
@@ -138,6 +143,33 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		os.Remove(strings.TrimPrefix(o.Listen, "unix://"))
 	}
 	return jobErr
+}
+
+// openAtStart opens (with Init, creates) the daemon's repository.
+func openAtStart(ctx context.Context, o ServeOptions) error {
+	ro := o.Runner.Backup.Repo
+	var err error
+	created := false
+	if o.Init {
+		init, perr := repo.ParseInit(o.Runner.Backup.ChunkSize, "")
+		if perr != nil {
+			return refuse(ErrInvalid, "%v", perr)
+		}
+		_, created, err = ro.OpenOrInit(ctx, init)
+	} else {
+		_, err = ro.Open(ctx)
+	}
+	switch {
+	case err != nil && ro.Keys != nil:
+		return fmt.Errorf("open the encrypted repository with its %s: %w", ro.Keys.Kind(), err)
+	case err != nil:
+		return fmt.Errorf("open the repository: %w", err)
+	case created:
+		o.Log.Info("created the repository", "repo", ro.Location)
+	case ro.Keys != nil:
+		o.Log.Info("encrypted repository unlocked", "repo", ro.Location)
+	}
+	return nil
 }
 
 // startupCleanup ends what crashed runs left on the domains

@@ -54,8 +54,11 @@ type Options struct {
 	ChunkSize   int64  // for a repository this backup creates
 	Compression string // for new chunks; "" = the repository's default
 	Mode        string // auto (default), full, incremental
-	Tuning      pipeline.Tuning
-	RunDir      string // locks and job sockets (default DefaultRunDir)
+	// Init creates the repository when there is none (else a missing
+	// repository is an error matching repo.ErrNoRepository).
+	Init   bool
+	Tuning pipeline.Tuning
+	RunDir string // locks and job sockets (default DefaultRunDir)
 	// MaxMemory bounds the buffers of the pipeline (default
 	// DefaultMaxMemory): a backup whose readers, disks and chunk size need
 	// more is refused before it reads.
@@ -138,6 +141,13 @@ type BackupResult struct {
 	Fallback    string `json:"fallback,omitempty"`
 	Consistency string `json:"consistency"`
 	Repository  string `json:"repository"`
+	// RepositoryID is the repository's id; CreatedRepository says this
+	// backup created the repository (Init).
+	RepositoryID      string `json:"repository_id"`
+	CreatedRepository bool   `json:"created_repository,omitempty"`
+	// Checkpoint is what the next incremental starts from: the libvirt
+	// checkpoint (CheckpointName) or the NBD export's bitmap.
+	Checkpoint string `json:"checkpoint,omitempty"`
 	// Verification is what the check of the dirty bitmaps found.
 	Verification *repo.Verification `json:"verification,omitempty"`
 	Seconds      float64            `json:"seconds"`
@@ -184,15 +194,33 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	if err := src.Validate(); err != nil {
 		return nil, err
 	}
+	// Everything that can refuse the backup is checked before anything is
+	// made: the repository (read), the source's disks (a domain libvirt
+	// does not know leaves no lock file behind) and the memory they need.
+	r, init, err := openForBackup(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	if err := o.checkSource(src, r, init); err != nil {
+		return nil, err
+	}
+	created := false
+	if r == nil {
+		if r, created, err = o.Repo.OpenOrInit(ctx, init); err != nil {
+			return nil, err
+		}
+		if created {
+			o.Log.Info("created the repository", "repository", r.Location(), "chunk_size", r.Config().ChunkSize)
+		}
+		if r, err = withCompression(r, o, init); err != nil {
+			return nil, err
+		}
+	}
 	lock, err := lockName(o.RunDir, src.Name())
 	if err != nil {
 		return nil, err
 	}
 	defer lock.Close()
-	r, err := openForBackup(ctx, o)
-	if err != nil {
-		return nil, err
-	}
 	// The shared lock keeps gc from deleting what this backup will
 	// reference (chunks it finds stored, its parent's chunks and index
 	// objects) until it has committed; ctx ends if the lock is lost.
@@ -211,7 +239,7 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &backup{o: o, r: r, lock: rlock, m: m, last: last, sess: sess, start: start}
+	b := &backup{o: o, r: r, lock: rlock, m: m, last: last, sess: sess, start: start, created: created}
 	res, err := b.run(ctx)
 	// From here on the session is ended on every path, also when ctx is
 	// done: the job must not outlive the backup.
@@ -228,18 +256,59 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	return res, nil
 }
 
-// openForBackup opens (creating on first use) the repository, with the
-// chosen compression for new chunks.
-func openForBackup(ctx context.Context, o Options) (*repo.Repo, error) {
+// openForBackup opens the repository with the chosen compression for new
+// chunks, and returns the parameters a repository it creates gets. With
+// Init, a missing repository is not an error: r is nil, and the caller
+// creates it once the options are checked.
+func openForBackup(ctx context.Context, o Options) (*repo.Repo, repo.InitOptions, error) {
 	init, err := repo.ParseInit(o.ChunkSize, o.Compression)
 	if err != nil {
-		return nil, err
+		return nil, init, err
 	}
-	r, err := o.Repo.OpenOrInit(ctx, init)
-	if err != nil || o.Compression == "" {
-		return r, err
+	r, err := o.Repo.Open(ctx)
+	if errors.Is(err, repo.ErrNoRepository) && o.Init {
+		return nil, init, nil
+	}
+	if err != nil {
+		return nil, init, err
+	}
+	r, err = withCompression(r, o, init)
+	return r, init, err
+}
+
+// withCompression is r compressing new chunks as the options ask.
+func withCompression(r *repo.Repo, o Options, init repo.InitOptions) (*repo.Repo, error) {
+	if o.Compression == "" {
+		return r, nil
 	}
 	return r.WithCompression(init.Compression)
+}
+
+// diskCounter is a source that can tell how many disks it will read
+// before it starts (a domain, from libvirt).
+type diskCounter interface {
+	countDisks() (int, error)
+}
+
+// checkSource checks, before anything is made, that the source exists
+// and that its disks' buffers fit MaxMemory (at the chunk size of r, or
+// of the repository init would create).
+func (o Options) checkSource(src Source, r *repo.Repo, init repo.InitOptions) error {
+	disks := 1
+	if dc, ok := src.(diskCounter); ok {
+		n, err := dc.countDisks()
+		if err != nil {
+			return fmt.Errorf("backup of %s: %w", src.Name(), err)
+		}
+		disks = n
+	}
+	chunk := init.ChunkSize
+	if r != nil {
+		chunk = r.Config().ChunkSize
+	} else if chunk == 0 {
+		chunk = chunker.DefaultChunkSize
+	}
+	return o.checkMemory(src.Name(), disks, chunk)
 }
 
 // newManifest starts the manifest of a full backup of name taken at
@@ -267,13 +336,14 @@ func lastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger
 
 // backup is one Backup between the session's start and end.
 type backup struct {
-	o     Options
-	r     *repo.Repo
-	lock  *repo.Lock
-	m     *repo.Manifest
-	last  *repo.Manifest
-	sess  Session
-	start time.Time
+	o       Options
+	r       *repo.Repo
+	lock    *repo.Lock
+	m       *repo.Manifest
+	last    *repo.Manifest
+	sess    Session
+	start   time.Time
+	created bool // the repository, by this backup
 
 	fallbacks    []string // why disks are read in full
 	verification *repo.Verification
@@ -506,7 +576,8 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 	m := b.m
 	dds := map[string]repo.DiskData{}
 	res := &BackupResult{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Parent: m.Parent, Fallback: m.Fallback,
-		Consistency: m.Consistency, Repository: b.r.Location(), Disks: results, Verification: m.Verification}
+		Consistency: m.Consistency, Repository: b.r.Location(), RepositoryID: b.r.Config().ID, Checkpoint: m.Checkpoint,
+		CreatedRepository: b.created, Disks: results, Verification: m.Verification}
 	var covered int64
 	for i, d := range disks {
 		dds[d.Name] = data[i]

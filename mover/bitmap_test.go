@@ -29,7 +29,7 @@ func exportBackupWith(t *testing.T, ro repo.Options, img, name, mode, compressio
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	defer srv.Kill()
 	return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: name, Bitmap: "b0", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: testLog(t)})
+		mover.Options{Repo: ro, Init: true, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: testLog(t)})
 }
 
 // checkRestore restores the newest backup of name and compares it with img.
@@ -179,7 +179,7 @@ func TestBitmapLiesInRunningDomain(t *testing.T) {
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
 	dom.Write("vda", "write -P 0x51 0 4M")
 	full := domainBackup(t, ro, dom, "auto")
-	dom.BehindBitmap("vda", "nbdmover-"+full.ID, func() {
+	dom.BehindBitmap("vda", full.Checkpoint, func() {
 		dom.Write("vda", "write -P 0x52 0 4M") // every chunk that holds data, unseen
 	})
 	dom.Write("vda", "write -P 0x53 8M 64k") // seen

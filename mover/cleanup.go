@@ -28,6 +28,10 @@ type CleanupOptions struct {
 	// local store takes a while).
 	TempAge       time.Duration
 	SkipStoreTemp bool
+	// ForgetRepository retires a repository no longer backed up to: its
+	// checkpoints (the id, or its first 12 hex digits) are deleted
+	// instead of the uncommitted ones of Repo.
+	ForgetRepository string
 	Log           *slog.Logger `json:"-"`
 }
 
@@ -45,6 +49,10 @@ type DomainCleanup struct {
 	EndedJob           string   `json:"ended_job,omitempty"` // the NBD socket of the backup job it ended
 	Thawed             bool     `json:"thawed,omitempty"`
 	DeletedCheckpoints []string `json:"deleted_checkpoints,omitempty"`
+	// KeptCheckpoints are the nbdmover checkpoints left alone: the last
+	// committed backup's, other repositories', and those that cannot be
+	// told.
+	KeptCheckpoints []KeptCheckpoint `json:"kept_checkpoints,omitempty"`
 	RemovedDirs        []string `json:"removed_dirs,omitempty"`
 	// Skipped says why the domain was left alone (a backup of it runs,
 	// or its state could not be read); Problems what failed.
@@ -58,17 +66,20 @@ func (d DomainCleanup) changed() bool {
 }
 
 // Cleanup ends what crashed runs of nbdmover left behind: backup jobs it
-// started, guests it froze, checkpoints of backups that never committed,
-// stale job directories, and the store's temporary files older than
-// TempAge. Domains a backup is working on are left alone. Nothing that
-// nbdmover did not create is touched; without Domain, the checkpoints of
-// a domain with no backup in this repository are left alone too.
+// started, guests it froze, the repository's checkpoints of backups that
+// never committed, stale job directories, and the store's temporary files
+// older than TempAge. Domains a backup is working on are left alone.
+// Nothing that nbdmover did not create is touched, nor another
+// repository's checkpoints (they are listed in the report).
 func Cleanup(ctx context.Context, o CleanupOptions) (*CleanupReport, error) {
 	o = o.withDefaults()
 	if o.Domain != "" {
 		if err := repo.ValidName("domain", o.Domain); err != nil {
 			return nil, invalidf("%w", err)
 		}
+	}
+	if f := o.ForgetRepository; f != "" && (len(f) < 12 || strings.Trim(f, "0123456789abcdef") != "") {
+		return nil, invalidf("repository id %q: want its id (nbdmover list shows it) or its first 12 hex digits, as checkpoint names hold them", f)
 	}
 	r, err := o.Repo.Open(ctx)
 	if err != nil && !errors.Is(err, repo.ErrNoRepository) {
@@ -181,8 +192,8 @@ func cleanupDomain(ctx context.Context, conn *libvirt.Connect, r *repo.Repo, nam
 	}
 	t := tidyDomain(ctx, conn, dom, name, o.RunDir, o.ScratchDir, log)
 	d.EndedJob, d.Thawed, d.RemovedDirs, d.Problems = t.endedJob, t.thawed, t.removedDirs, t.problems
-	if dom != nil && r != nil {
-		d.DeletedCheckpoints, d.Problems = deleteUncommitted(ctx, r, dom, name, o.Domain == name, log, d.Problems)
+	if dom != nil {
+		deleteUncommitted(ctx, r, dom, name, o, log, &d)
 	}
 	return d
 }
@@ -204,29 +215,37 @@ func runningDomain(conn *libvirt.Connect, name, uri string) (*libvirt.Domain, er
 	return dom, nil
 }
 
-// deleteUncommitted deletes the domain's nbdmover checkpoints except the
-// last committed backup's. Without a readable repository it deletes none;
-// for a domain with no backup in the repository, only when asked for by
-// name (explicit): its checkpoints may belong to backups in another
-// repository.
-func deleteUncommitted(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, name string, explicit bool,
-	log *slog.Logger, problems []string) ([]string, []string) {
-	last, _, err := lastBackup(ctx, r, name, log)
-	if err != nil {
-		return nil, append(problems, "checkpoints left alone: "+err.Error())
-	}
-	if last == nil && !explicit {
-		return nil, problems
+// deleteUncommitted deletes this repository's checkpoints of the domain
+// except its last committed backup's (or, with o.ForgetRepository, the
+// checkpoints of that repository), and says which it left alone and why.
+// Without a readable repository it deletes none.
+func deleteUncommitted(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, name string, o CleanupOptions, log *slog.Logger, d *DomainCleanup) {
+	if r == nil && o.ForgetRepository == "" {
+		names, err := nbdmoverCheckpoints(dom)
+		if err != nil {
+			d.Problems = append(d.Problems, "list checkpoints: "+err.Error())
+		}
+		for _, n := range names {
+			d.KeptCheckpoints = append(d.KeptCheckpoints, KeptCheckpoint{n, "no repository here to tell whose it is (--repo)"})
+		}
+		return
 	}
 	keep := ""
-	if last != nil {
-		keep = last.Checkpoint
+	if o.ForgetRepository == "" {
+		last, _, err := lastBackup(ctx, r, name, log)
+		if err != nil {
+			d.Problems = append(d.Problems, "checkpoints left alone: "+err.Error())
+			return
+		}
+		if last != nil {
+			keep = last.Checkpoint
+		}
 	}
-	deleted, errs := deleteCheckpointsExcept(dom, keep)
-	for _, err := range errs {
-		problems = append(problems, err.Error())
+	p := deleteOwnCheckpoints(ctx, r, dom, name, keep, o.ForgetRepository)
+	d.DeletedCheckpoints, d.KeptCheckpoints = p.deleted, p.kept
+	for _, err := range p.errs {
+		d.Problems = append(d.Problems, err.Error())
 	}
-	return deleted, problems
 }
 
 // tidied is what tidyDomain did.

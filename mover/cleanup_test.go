@@ -28,7 +28,7 @@ func TestCleanupAfterKill(t *testing.T) {
 		dom.Write("vda", fmt.Sprintf("write -P 0x%02x %dM 128M", 0x30+off/128, off))
 	}
 	full := domainBackup(t, ro, dom, "full")
-	slow := helperSpec{Options: mover.Options{Repo: ro, Mode: "full", Compression: "zstd:4",
+	slow := helperSpec{Options: mover.Options{Repo: ro, Init: true, Mode: "full", Compression: "zstd:4",
 		Tuning: pipeline.Tuning{Readers: 1, Workers: 1, Uploads: 1}},
 		Domain: mover.DomainOptions{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
 	cmd := runHelper(t, slow, dom)
@@ -53,7 +53,7 @@ func TestCleanupAfterKill(t *testing.T) {
 		t.Fatalf("cleanup did %+v, store temp files %d", d, rep.StoreTempFiles)
 	}
 	checkNoLeftovers(t, dom)
-	if cps := dom.Checkpoints(); !slices.Equal(cps, []string{"nbdmover-" + full.ID}) {
+	if cps := dom.Checkpoints(); !slices.Equal(cps, []string{full.Checkpoint}) {
 		t.Fatalf("checkpoints after cleanup: %v", cps)
 	}
 	if _, err := os.Stat(old); err == nil {

@@ -45,6 +45,15 @@ func NewDomain(o DomainOptions) Source {
 
 type domainSource struct{ o DomainOptions }
 
+// countDisks is how many disks a backup of the domain would read.
+func (s *domainSource) countDisks() (int, error) {
+	n, err := DomainDisks(s.o.Connect, s.o.Name, s.o.Disks)
+	if err == nil && n == 0 {
+		err = errors.New("no disk to back up")
+	}
+	return n, err
+}
+
 func (s *domainSource) Name() string { return s.o.Name }
 
 func (s *domainSource) Validate() error {
@@ -145,11 +154,11 @@ func (ds *domainSession) planDisks(ctx context.Context) error {
 	if len(disks) == 0 {
 		return fmt.Errorf("no disk to back up (skipped: %s)", strings.Join(skipped, ", "))
 	}
-	if ds.plan, err = planDomain(ctx, ds.req, ds.dom, ds.log, disks); err != nil {
+	if ds.plan, err = planDomain(ctx, ds.req, ds.dom, ds.o.Name, ds.log, disks); err != nil {
 		return err
 	}
 	if ds.plan.hasBitmaps() {
-		ds.plan.checkpoint = checkpointPrefix + ds.req.ID
+		ds.plan.checkpoint = CheckpointName(ds.req.Repo.Config().ID, ds.req.ID)
 	}
 	return nil
 }
@@ -264,7 +273,7 @@ func (ds *domainSession) End(ctx context.Context, committed bool) error {
 	}
 	if ds.plan != nil && ds.plan.checkpoint != "" && ended {
 		if committed {
-			pruneCheckpoints(ds.dom, ds.plan.checkpoint, ds.log)
+			pruneCheckpoints(ctx, ds.req.Repo, ds.dom, ds.o.Name, ds.plan.checkpoint, ds.log)
 		} else if err := deleteCheckpoint(ds.dom, ds.plan.checkpoint); err != nil {
 			ds.log.Warn("could not delete the uncommitted checkpoint", "checkpoint", ds.plan.checkpoint, "error", err)
 		}
@@ -303,16 +312,17 @@ func (p *domainPlan) hasBitmaps() bool {
 
 // planDomain decides which disks go incremental, from which checkpoint. The
 // base is always the checkpoint of the last committed backup, never
-// libvirt's newest; checkpoints of ours that are not it (left by runs that
-// did not commit) are deleted first, which merges their changes into it.
-func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, log *slog.Logger, disks []domainDisk) (*domainPlan, error) {
+// libvirt's newest; this repository's checkpoints that are not it (left
+// by runs that did not commit) are deleted first, which merges their
+// changes into it. Other repositories' checkpoints are left alone.
+func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, name string, log *slog.Logger, disks []domainDisk) (*domainPlan, error) {
 	plan := &domainPlan{disks: disks, incr: map[string]bool{}}
 	last := req.Last
 	keep := ""
 	if last != nil {
 		keep = last.Checkpoint
 	}
-	pruneCheckpoints(dom, keep, log)
+	pruneCheckpoints(ctx, req.Repo, dom, name, keep, log)
 	if req.Mode == ModeFull {
 		return plan, nil
 	}
@@ -394,7 +404,12 @@ func ensureCheckpoint(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, la
 		return fmt.Sprintf("libvirt lost checkpoint %s and the repository's copy is unreadable: %v", last.Checkpoint, err)
 	}
 	if err := redefineCheckpoint(dom, x); err != nil {
-		return fmt.Sprintf("libvirt lost checkpoint %s and it could not be redefined: %v", last.Checkpoint, err)
+		if libvirtCode(err) == libvirt.ERR_CHECKPOINT_INCONSISTENT {
+			return fmt.Sprintf("checkpoint %s is gone from libvirt and its bitmaps from the disk images, so the changes since it are unknown "+
+				"(something other than this repository's backups deleted it: virsh checkpoint-delete, another backup tool, "+
+				"or an nbdmover older than per-repository checkpoints backing the domain up to another repository): %v", last.Checkpoint, err)
+		}
+		return fmt.Sprintf("libvirt lost checkpoint %s and it could not be redefined from the repository's copy: %v", last.Checkpoint, err)
 	}
 	log.Info("redefined a checkpoint libvirt had lost", "checkpoint", last.Checkpoint)
 	return ""

@@ -65,7 +65,7 @@ func backupDomain(t *testing.T, ro repo.Options, o mover.DomainOptions, mode str
 	if o.ScratchDir == "" {
 		o.ScratchDir = filepath.Join(t.TempDir(), "scratch")
 	}
-	return mover.Backup(t.Context(), mover.NewDomain(o), mover.Options{Repo: ro, Mode: mode, Log: testLog(t)})
+	return mover.Backup(t.Context(), mover.NewDomain(o), mover.Options{Repo: ro, Init: true, Mode: mode, Log: testLog(t)})
 }
 
 func domainBackup(t *testing.T, ro repo.Options, dom *qemutest.Domain, mode string) *mover.BackupResult {
@@ -129,7 +129,7 @@ func domainChain(t *testing.T, ro repo.Options) {
 		t.Fatalf("second incremental: %+v", inc2)
 	}
 	points = append(points, backuptest.Point{ID: inc2.ID, Refs: dom.Snapshot()})
-	if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != "nbdmover-"+inc2.ID {
+	if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != inc2.Checkpoint {
 		t.Fatalf("checkpoints: %v", cps)
 	}
 	checkDomainRestores(t, ro, dom.Name, points)
@@ -179,7 +179,7 @@ func TestDomainInterrupted(t *testing.T) {
 
 	// A slow backup (one reader, the slowest compression, everything
 	// re-read) so that it is surely killed mid-way.
-	slow := helperSpec{Options: mover.Options{Repo: ro, Mode: "full", Compression: "zstd:4",
+	slow := helperSpec{Options: mover.Options{Repo: ro, Init: true, Mode: "full", Compression: "zstd:4",
 		Tuning: pipeline.Tuning{Readers: 1, Workers: 1, Uploads: 1}},
 		Domain: mover.DomainOptions{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
 
@@ -193,7 +193,7 @@ func TestDomainInterrupted(t *testing.T) {
 		// A clean stop: the job is ended and the uncommitted checkpoint
 		// dropped by the process itself.
 		checkNoLeftovers(t, dom)
-		if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != "nbdmover-"+full.ID {
+		if cps := dom.Checkpoints(); len(cps) != 1 || cps[0] != full.Checkpoint {
 			t.Fatalf("checkpoints after SIGTERM: %v", cps)
 		}
 	})
@@ -225,7 +225,7 @@ func TestDomainCheckpointLost(t *testing.T) {
 	full := domainBackup(t, ro, dom, "auto")
 	dom.Write("vda", "write -P 0x42 20M 1M")
 	// libvirt forgets the checkpoint; the bitmap stays in the image.
-	qemutest.Virsh(t, "checkpoint-delete", dom.Name, "nbdmover-"+full.ID, "--metadata")
+	qemutest.Virsh(t, "checkpoint-delete", dom.Name, full.Checkpoint, "--metadata")
 	refs := dom.Snapshot()
 	inc := domainBackup(t, ro, dom, "incremental")
 	if inc.Mode != "incremental" || inc.Disks[0].BytesRead-inc.Disks[0].VerifiedBytes > 4*MiB {
@@ -242,7 +242,7 @@ func TestDomainBitmapRemoved(t *testing.T) {
 	// Stop the domain, remove the checkpoint's bitmap from the image behind
 	// libvirt's back, start it again.
 	qemutest.Virsh(t, "destroy", dom.Name)
-	qemutest.Run(t, "qemu-img", "bitmap", "--remove", dom.Path("vda"), "nbdmover-"+full.ID)
+	qemutest.Run(t, "qemu-img", "bitmap", "--remove", dom.Path("vda"), full.Checkpoint)
 	qemutest.Virsh(t, "start", dom.Name)
 	dom.Write("vda", "write -P 0x43 24M 1M")
 	refs := dom.Snapshot()

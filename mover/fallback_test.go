@@ -28,7 +28,7 @@ func TestFailedBeginKeepsChain(t *testing.T) {
 		t.Fatalf("quiesce without an agent: %v", err)
 	}
 	checkNoLeftovers(t, dom)
-	if cps := dom.Checkpoints(); !slices.Equal(cps, []string{"nbdmover-" + full.ID}) {
+	if cps := dom.Checkpoints(); !slices.Equal(cps, []string{full.Checkpoint}) {
 		t.Fatalf("the failed run changed the chain: checkpoints %v", cps)
 	}
 	if inc := domainBackup(t, ro, dom, "auto"); inc.Mode != "incremental" || inc.Parent != full.ID {
@@ -91,7 +91,7 @@ func TestCheckpointDeleteFailureKeepsMetadata(t *testing.T) {
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
 	dom.Write("vda", "write -P 0x41 0 4M")
 	full := domainBackup(t, ro, dom, "auto")
-	old := "nbdmover-" + full.ID
+	old := full.Checkpoint
 	dom.Write("vda", "write -P 0x42 1M 64k")
 	restoreHook := mover.SetDeleteCheckpointHook(func(name string) error {
 		return libvirt.Error{Code: libvirt.ERR_OPERATION_TIMEOUT, Domain: libvirt.FROM_QEMU,
@@ -106,7 +106,7 @@ func TestCheckpointDeleteFailureKeepsMetadata(t *testing.T) {
 		t.Fatalf("checkpoints %v, bitmaps %v: the old checkpoint must stay whole", cps, dom.Bitmaps("vda"))
 	}
 	next := domainBackup(t, ro, dom, "auto")
-	if bm := dom.Bitmaps("vda"); len(bm) != 1 || bm[0] != "nbdmover-"+next.ID {
+	if bm := dom.Bitmaps("vda"); len(bm) != 1 || bm[0] != next.Checkpoint {
 		t.Fatalf("bitmaps after the next run: %v", bm)
 	}
 }
@@ -123,7 +123,7 @@ func TestParentChunkSizeDiffers(t *testing.T) {
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	backup := func() (*mover.BackupResult, error) {
 		return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Bitmap: "b0"}),
-			mover.Options{Repo: ro, ChunkSize: 512 << 10, RunDir: t.TempDir(), Log: testLog(t)})
+			mover.Options{Repo: ro, Init: true, ChunkSize: 512 << 10, RunDir: t.TempDir(), Log: testLog(t)})
 	}
 	if _, err := backup(); err != nil {
 		t.Fatal(err)

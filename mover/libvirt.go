@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nbdmover/nbdmover/repo"
 	"libvirt.org/go/libvirt"
 	"libvirt.org/go/libvirtxml"
 )
@@ -222,8 +223,48 @@ func endBackupJob(ctx context.Context, conn *libvirt.Connect, dom *libvirt.Domai
 // checkpoint is ever touched.
 const checkpointPrefix = "nbdmover-"
 
-// ourCheckpoints lists the names of nbdmover's checkpoints on the domain.
-func ourCheckpoints(dom *libvirt.Domain) ([]string, error) {
+// CheckpointName is the name of the checkpoint a backup (id) of a domain
+// into the repository whose id is repoID creates: nbdmover-<the first 12
+// hex digits of the repository's id>-<backup id>. A domain backed up to
+// several repositories keeps one chain per repository, and each
+// repository's backups (and cleanups) delete only their own.
+func CheckpointName(repoID, id string) string {
+	return checkpointPrefix + repoTag(repoID) + "-" + id
+}
+
+func repoTag(repoID string) string { return repoID[:min(len(repoID), 12)] }
+
+// checkpointOwner says whether the checkpoint name belongs to the
+// repository r (for the domain's backups), and if not whose it is. Names
+// from before checkpoints named their repository (nbdmover-<backup id>)
+// are r's when r holds that backup of the domain: then r made it (ids are
+// times to the millisecond; a backup of another repository of the same
+// millisecond is not a risk worth a lost chain, and costs at most a full).
+func checkpointOwner(ctx context.Context, r *repo.Repo, domain, name string) (ours bool, whose string) {
+	rest, ok := strings.CutPrefix(name, checkpointPrefix)
+	if !ok {
+		return false, "not made by nbdmover"
+	}
+	if tag, id, found := strings.Cut(rest, "-"); found && repo.ValidBackupID(id) == nil {
+		if r != nil && tag == repoTag(r.Config().ID) {
+			return true, ""
+		}
+		return false, "repository " + tag + "…'s"
+	}
+	if repo.ValidBackupID(rest) != nil {
+		return false, "not named as nbdmover names checkpoints"
+	}
+	if r != nil {
+		if _, err := r.Backup(ctx, domain, rest); err == nil {
+			return true, ""
+		}
+	}
+	return false, "from before checkpoints named their repository, and not a backup in this repository"
+}
+
+// nbdmoverCheckpoints lists the names of the checkpoints on the domain
+// whose names start with checkpointPrefix.
+func nbdmoverCheckpoints(dom *libvirt.Domain) ([]string, error) {
 	cps, err := dom.ListAllCheckpoints(0)
 	if err != nil {
 		return nil, err
@@ -303,32 +344,58 @@ func bitmapRefused(err error) bool {
 	return false
 }
 
-// deleteCheckpointsExcept deletes every checkpoint of ours but keep (""
-// keeps none) and returns the ones it deleted and what failed. A failure
-// leaves the chain correct: only a bitmap is kept longer than needed.
-func deleteCheckpointsExcept(dom *libvirt.Domain, keep string) (deleted []string, errs []error) {
-	names, err := ourCheckpoints(dom)
+// KeptCheckpoint is a checkpoint a cleanup left alone, and why.
+type KeptCheckpoint struct {
+	Name string `json:"name"`
+	Why  string `json:"why"`
+}
+
+// pruned is what deleteOwnCheckpoints did.
+type pruned struct {
+	deleted []string
+	kept    []KeptCheckpoint
+	errs    []error
+}
+
+// deleteOwnCheckpoints deletes the repository r's checkpoints on the
+// domain but keep (its last committed backup's), and keeps every other:
+// those of other repositories, and those nbdmover did not make. With
+// retire set, it deletes instead the checkpoints of the repository whose
+// id starts with retire (nbdmover cleanup --forget-repository).
+func deleteOwnCheckpoints(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, domain, keep, retire string) pruned {
+	var p pruned
+	names, err := nbdmoverCheckpoints(dom)
 	if err != nil {
-		return nil, []error{fmt.Errorf("list checkpoints: %w", err)}
+		p.errs = append(p.errs, fmt.Errorf("list checkpoints: %w", err))
+		return p
 	}
 	for _, n := range names {
-		if n == keep {
+		ours, whose := checkpointOwner(ctx, r, domain, n)
+		if retire != "" {
+			tag, _, _ := strings.Cut(strings.TrimPrefix(n, checkpointPrefix), "-")
+			ours, whose = tag == repoTag(retire), "not of the repository being forgotten"
+		}
+		switch {
+		case n == keep:
+			p.kept = append(p.kept, KeptCheckpoint{n, "the last committed backup's: the next incremental starts there"})
+			continue
+		case !ours:
+			p.kept = append(p.kept, KeptCheckpoint{n, whose})
 			continue
 		}
 		if err := deleteCheckpoint(dom, n); err != nil {
-			errs = append(errs, err)
+			p.errs = append(p.errs, err)
 			continue
 		}
-		deleted = append(deleted, n)
+		p.deleted = append(p.deleted, n)
 	}
-	return deleted, errs
+	return p
 }
 
-// pruneCheckpoints is deleteCheckpointsExcept for a backup: a failure is
+// pruneCheckpoints is deleteOwnCheckpoints for a backup: a failure is
 // logged, not fatal.
-func pruneCheckpoints(dom *libvirt.Domain, keep string, log *slog.Logger) {
-	_, errs := deleteCheckpointsExcept(dom, keep)
-	for _, err := range errs {
+func pruneCheckpoints(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, domain, keep string, log *slog.Logger) {
+	for _, err := range deleteOwnCheckpoints(ctx, r, dom, domain, keep, "").errs {
 		log.Warn("could not delete a checkpoint", "error", err)
 	}
 }
@@ -460,4 +527,13 @@ func qemuOwner(def *libvirtxml.Domain) (uid, gid int) {
 		}
 	}
 	return -1, -1
+}
+
+// LibvirtVersion is the version of the libvirt library in use.
+func LibvirtVersion() string {
+	v, err := libvirt.GetVersion()
+	if err != nil {
+		return "unknown"
+	}
+	return fmt.Sprintf("%d.%d.%d", v/1000000, v/1000%1000, v%1000)
 }

@@ -8,6 +8,10 @@ import (
 	"syscall"
 )
 
+// ErrBusy is matched by the error of a backup or cleanup of a name
+// another nbdmover on this host is working on.
+var ErrBusy = errors.New("busy")
+
 // lockName takes the host-wide lock of a name's backups
 // (<runDir>/locks/<name>.lock, flock). Holding it proves that no other
 // nbdmover on this host works on the name, so a backup job or files found
@@ -27,7 +31,7 @@ func lockName(runDir, name string) (*os.File, error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%s: another nbdmover (a backup of it, or a cleanup) is working on it on this host; try again when it is done", name)
+			return nil, fmt.Errorf("%s: %w: another nbdmover (a backup of it, or a cleanup) is working on it on this host; try again when it is done", name, ErrBusy)
 		}
 		return nil, err
 	}

@@ -115,7 +115,7 @@ func roundTrip(t *testing.T, ro repo.Options, compression string) {
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	defer srv.Kill()
 	dup, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "offline-copy", Bitmap: "b0", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: "full", RunDir: t.TempDir(), Log: testLog(t)})
+		mover.Options{Repo: ro, Init: true, Mode: "full", RunDir: t.TempDir(), Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +196,7 @@ func TestModeDecisions(t *testing.T) {
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0", "-B", "b1")
 	backup := func(bitmap, mode string) (*mover.BackupResult, error) {
 		return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "d", Bitmap: bitmap}),
-			mover.Options{Repo: ro, Mode: mode, RunDir: t.TempDir()})
+			mover.Options{Repo: ro, Init: true, Mode: mode, RunDir: t.TempDir()})
 	}
 	if _, err := backup("b0", "incremental"); err == nil || !strings.Contains(err.Error(), "no earlier backup") {
 		t.Fatalf("forced incremental without a parent: %v", err)

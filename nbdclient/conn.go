@@ -419,3 +419,13 @@ func (c *Conn) Close() error {
 	c.efd = -1
 	return nil
 }
+
+// LibraryVersion is the version of the libnbd library in use.
+func LibraryVersion() string {
+	h := C.nbd_create()
+	if h == nil {
+		return "unknown"
+	}
+	defer C.nbd_close(h)
+	return C.GoString(C.nbd_get_version(h))
+}

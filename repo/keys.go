@@ -34,6 +34,9 @@ import (
 // ErrWrongPassword: no key object opens with the password given.
 var ErrWrongPassword = errors.New("wrong password: no key of the repository opens with it")
 
+// ErrKeyMismatch: a key file does not open this repository.
+var ErrKeyMismatch = errors.New("the key file does not open this repository")
+
 // ErrNotEncrypted: a password or key file was given for a repository
 // that is not encrypted.
 var ErrNotEncrypted = errors.New("the repository is not encrypted")
@@ -434,11 +437,11 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte
 	if k.keyFile != nil {
 		f := k.keyFile
 		if f.Repository != repository {
-			return nil, "", fmt.Errorf("%s: the key file is for repository %s, this is %s", store.Location(), f.Repository, repository)
+			return nil, "", fmt.Errorf("%s: %w: the key file is for repository %s, this is %s", store.Location(), ErrKeyMismatch, f.Repository, repository)
 		}
 		o, err := readKeyObject(ctx, store, keyObjectKey(f.Key))
 		if isNotFound(err) {
-			return nil, "", fmt.Errorf("%s: the key file's key %s was removed from the repository (nbdmover key list shows the keys left)%s", store.Location(), f.Key, strays(ctx, store, keyPrefix))
+			return nil, "", fmt.Errorf("%s: %w: the key file's key %s was removed from the repository (nbdmover key list shows the keys left)%s", store.Location(), ErrKeyMismatch, f.Key, strays(ctx, store, keyPrefix))
 		}
 		if err != nil {
 			return nil, "", err

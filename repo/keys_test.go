@@ -134,7 +134,7 @@ func TestEncryptedRepository(t *testing.T) {
 				t.Fatalf("plain repository opened with a password: %v", err)
 			}
 			// OpenOrInit with keys never creates a repository.
-			if _, err := OpenOrInit(ctx, localStore(t), InitOptions{Keys: passwordKeys(t, "x")}); !errors.Is(err, ErrNoRepository) {
+			if _, _, err := OpenOrInit(ctx, localStore(t), InitOptions{Keys: passwordKeys(t, "x")}); !errors.Is(err, ErrNoRepository) {
 				t.Fatalf("OpenOrInit with keys on an empty store: %v", err)
 			}
 		})

@@ -48,11 +48,12 @@ func (o Options) Init(ctx context.Context, io InitOptions) (*Repo, error) {
 	return Init(ctx, s, io)
 }
 
-// OpenOrInit opens the repository, creating it with io on first use.
-func (o Options) OpenOrInit(ctx context.Context, io InitOptions) (*Repo, error) {
+// OpenOrInit opens the repository, creating it with io on first use, and
+// says whether it created it.
+func (o Options) OpenOrInit(ctx context.Context, io InitOptions) (*Repo, bool, error) {
 	s, err := o.Store()
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	io.Keys = o.Keys
 	return OpenOrInit(ctx, s, io)

@@ -174,7 +174,7 @@ func Open(ctx context.Context, store sink.Store) (*Repo, error) {
 func OpenKeys(ctx context.Context, store sink.Store, keys *Keys) (*Repo, error) {
 	cfg, raw, err := readConfigRaw(ctx, store)
 	if errors.Is(err, ErrNoRepository) {
-		return nil, fmt.Errorf("%w (run nbdmover init, or back up once to create it)", err)
+		return nil, fmt.Errorf("%w: run nbdmover init (or back up with --init) to create one here", err)
 	}
 	if err != nil {
 		return nil, err
@@ -213,25 +213,27 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 }
 
 // OpenOrInit opens the repository, creating it (and its bucket) with o
-// when the store has none: Open finds no repository where the bucket is
-// missing, and Init creates the bucket, so an existing repository costs
-// one read.
+// when the store has none, and says whether it created it: Open finds no
+// repository where the bucket is missing, and Init creates the bucket, so
+// an existing repository costs one read.
 //
 // With keys (o.Keys) it never creates: an encrypted repository is made by
 // nbdmover init --encryption, so that a mistyped location does not start
 // a new repository under a password nobody wrote down.
-func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
+func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, bool, error) {
 	r, err := OpenKeys(ctx, store, o.Keys)
 	if errors.Is(err, ErrNoRepository) && o.Keys != nil {
-		return nil, fmt.Errorf("%w; an encrypted repository is created by nbdmover init --encryption", err)
+		return nil, false, fmt.Errorf("%w; an encrypted repository is created by nbdmover init --encryption", err)
 	}
-	if errors.Is(err, ErrNoRepository) {
-		r, err = Init(ctx, store, o)
-		if errors.Is(err, ErrExists) { // created concurrently
-			r, err = Open(ctx, store)
-		}
+	if !errors.Is(err, ErrNoRepository) {
+		return r, false, err
 	}
-	return r, err
+	r, err = Init(ctx, store, o)
+	if errors.Is(err, ErrExists) { // created concurrently
+		r, err = Open(ctx, store)
+		return r, false, err
+	}
+	return r, err == nil, err
 }
 
 func newRepo(store sink.Store, cfg Config) (*Repo, error) {

@@ -416,7 +416,7 @@ func TestConcurrentInit(t *testing.T) {
 						var err error
 						o := InitOptions{ChunkSize: int64(256<<10) * int64(1+i%3)}
 						if openOrInit {
-							r, err = OpenOrInit(t.Context(), store(), o)
+							r, _, err = OpenOrInit(t.Context(), store(), o)
 						} else {
 							r, err = Init(t.Context(), store(), o)
 						}

@@ -27,7 +27,7 @@ func backupImage(t *testing.T, ro repo.Options, img string) *mover.BackupResult 
 	srv := qemutest.Serve(t, img, "-r")
 	defer srv.Kill()
 	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "offline-vm", Disk: "vda"}),
-		mover.Options{Repo: ro, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
+		mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,14 +22,16 @@ func backupCommand() *cli.Command {
 			&cli.StringFlag{Name: "bitmap", Usage: "with --nbd: dirty bitmap for incremental backups"},
 			&cli.StringFlag{Name: "mode", Value: "auto", Usage: "auto, full or incremental"},
 			&cli.StringSliceFlag{Name: "disk", Usage: "back up only this disk (repeatable); with --nbd, the disk's name"},
-			&cli.IntFlag{Name: "readers", Value: 8, Usage: "NBD connections (parallel readers) per disk"},
+			&cli.IntFlag{Name: "readers", Value: 8, Usage: "NBD connections (parallel readers) per disk, 1 to 64"},
 			&cli.StringFlag{Name: "compression", Usage: "zstd, zstd:1..4, s2 (fastest, larger) or none (default: the repository's)"},
-			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size of a repository this backup creates"},
+			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size of a repository this backup creates (--init)"},
 			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent; fail if that is impossible"},
 			&cli.BoolFlag{Name: "quiesce-optional", Usage: "like --quiesce, but continue crash-consistent without a guest agent"},
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for the backup job's scratch files"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "most the backup's buffers may take (readers x disks x chunk size, roughly)"},
-			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none; default 16 + 0.1% of the chunks holding data, at most 256)"},
+			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none)",
+				DefaultText: "16 + 0.1% of the chunks holding data, at most 256"},
+			&cli.BoolFlag{Name: "init", Usage: "create the repository if there is none (without it, only the default repository is created on first use)"},
 			jsonFlag(),
 		),
 		Action: runBackup,
@@ -66,6 +68,9 @@ func runBackup(c *cli.Context) error {
 		return printJSON(c.App.Writer, res)
 	}
 	w := c.App.Writer
+	if res.CreatedRepository {
+		fmt.Fprintf(w, "created repository %s (id %s)\n", res.Repository, res.RepositoryID)
+	}
 	fmt.Fprintf(w, "committed %s backup %s/%s in %.1fs: read %s, stored %s, deduplicated %s, zero %s\n",
 		res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), humanBytes(res.BytesWritten),
 		humanBytes(res.BytesDedup), humanBytes(res.BytesZero))
@@ -92,8 +97,14 @@ func backupOptions(c *cli.Context) (mover.Options, error) {
 	if err != nil {
 		return mover.Options{}, err
 	}
+	if n := c.Int("readers"); n < 1 || n > 64 {
+		return mover.Options{}, usagef("--readers %d: want 1 to 64", n)
+	}
+	// A repository is created on first use only where none was ever
+	// configured (the default), or when asked: a mistyped --repo must not
+	// start a new repository (and a new chain of checkpoints).
 	o := mover.Options{Repo: repoOptions(c), ChunkSize: chunk, Compression: c.String("compression"), Mode: c.String("mode"),
-		Tuning: pipeline.Tuning{Readers: c.Int("readers")}, MaxMemory: mem, Log: log}
+		Init: c.Bool("init") || !c.IsSet("repo"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}, MaxMemory: mem, Log: log}
 	if c.IsSet("verify-sample") {
 		n := c.Int("verify-sample")
 		o.VerifySample = &n

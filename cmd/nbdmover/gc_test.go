@@ -173,7 +173,7 @@ func testGCBesideBackups(t *testing.T, repoArgs []string) {
 		}
 		return out
 	}
-	backupArgs := append([]string{"backup", "--nbd", srv.URI, "--name", "d1", "--disk", "vda", "--json"}, repoArgs...)
+	backupArgs := append([]string{"backup", "--init", "--nbd", srv.URI, "--name", "d1", "--disk", "vda", "--json"}, repoArgs...)
 	gcArgs := append([]string{"gc", "--grace", "1ms", "--json"}, repoArgs...)
 	backupID := func(out string) string {
 		t.Helper()
@@ -275,7 +275,7 @@ func testGCBesideBackups(t *testing.T, repoArgs []string) {
 	reached = gate(t, holds, "gc-locked")
 	g = start(t, holds, gcArgs...)
 	reached()
-	if _, stderr, code := run(gcArgs[:len(gcArgs)-len(repoArgs)]...); code != 1 || !strings.Contains(stderr, "another gc") {
+	if _, stderr, code := run(gcArgs[:len(gcArgs)-len(repoArgs)]...); code != 11 || !strings.Contains(stderr, "another gc") {
 		t.Fatalf("a second gc: %d %s", code, stderr)
 	}
 	open(holds, "gc-locked")
@@ -332,7 +332,7 @@ func TestProtectForgetCommands(t *testing.T) {
 	srv := qemutest.Serve(t, img, "-r")
 	var ids []string
 	for range 3 {
-		out, stderr, code := nbdmover(t, "backup", "--repo", repo, "--nbd", srv.URI, "--name", "d1", "--json")
+		out, stderr, code := nbdmover(t, "backup", "--init", "--repo", repo, "--nbd", srv.URI, "--name", "d1", "--json")
 		var res struct{ ID string }
 		if code != 0 || json.Unmarshal([]byte(out), &res) != nil {
 			t.Fatalf("backup: %d %s", code, stderr)
@@ -412,7 +412,7 @@ func testGCBesideIncremental(t *testing.T, repoArgs []string) {
 	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	backupArgs := func(mode string) []string {
-		return append([]string{"backup", "--nbd", srv.URI, "--name", "d2", "--disk", "vda", "--bitmap", "b0", "--mode", mode, "--json"}, repoArgs...)
+		return append([]string{"backup", "--init", "--nbd", srv.URI, "--name", "d2", "--disk", "vda", "--bitmap", "b0", "--mode", mode, "--json"}, repoArgs...)
 	}
 	if _, stderr, code := nbdmover(t, backupArgs("full")...); code != 0 {
 		t.Fatalf("full: %s", stderr)

@@ -23,7 +23,7 @@ func TestVerifyHealCommands(t *testing.T) {
 		t.Helper()
 		srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 		defer srv.Kill()
-		out, stderr, code := nbdmover(t, "backup", "--repo", repo, "--chunk-size", "256KiB", "--nbd", srv.URI,
+		out, stderr, code := nbdmover(t, "backup", "--init", "--repo", repo, "--chunk-size", "256KiB", "--nbd", srv.URI,
 			"--name", "vm1", "--bitmap", "b0", "--disk", "vda", "--json")
 		if code != 0 {
 			t.Fatalf("backup: %d %s", code, stderr)

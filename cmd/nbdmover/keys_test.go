@@ -137,8 +137,8 @@ func TestEncryptedCommands(t *testing.T) {
 	s.must(nil, append([]string{"backup", "--nbd", srv.URI, "--name", "disk1"}, withPw...)...)
 	srv.Kill()
 
-	s.fails(1, "encrypted", nil, "list", "--repo", repo)
-	s.fails(1, "wrong password", []string{"NBDMOVER_PASSWORD=wrong"}, "list", "--repo", repo)
+	s.fails(12, "encrypted", nil, "list", "--repo", repo)
+	s.fails(12, "wrong password", []string{"NBDMOVER_PASSWORD=wrong"}, "list", "--repo", repo)
 	s.must([]string{"NBDMOVER_PASSWORD=" + pw1}, "list", "--repo", repo)
 	s.must(nil, "list", "--repo", repo, "--password-command", "cat "+pwFile)
 	s.fails(1, "password command failed", nil, "list", "--repo", repo, "--password-command", "exit 3")
@@ -188,7 +188,7 @@ func TestEncryptedCommands(t *testing.T) {
 
 	// passwd: the old password stops working.
 	s.must([]string{"NBDMOVER_NEW_PASSWORD=" + pw3}, append([]string{"key", "passwd"}, withPw...)...)
-	s.fails(1, "wrong password", nil, append([]string{"list"}, withPw...)...)
+	s.fails(12, "wrong password", nil, append([]string{"list"}, withPw...)...)
 	pw3Env := []string{"NBDMOVER_PASSWORD=" + pw3}
 	s.must(pw3Env, "list", "--repo", repo)
 	// remove: the key file's key goes, the key in use cannot.
@@ -204,7 +204,7 @@ func TestEncryptedCommands(t *testing.T) {
 	}
 	s.fails(1, "another key", pw3Env, "key", "remove", "--repo", repo, current)
 	s.must(pw3Env, "key", "remove", "--repo", repo, fileKey)
-	s.fails(1, "removed", nil, "list", "--repo", repo, "--key-file", keyFile)
+	s.fails(12, "removed", nil, "list", "--repo", repo, "--key-file", keyFile)
 
 	// A flipped bit in a chunk: verify names it.
 	chunks, _ := filepath.Glob(filepath.Join(repo, "chunks", "*", "*"))
@@ -281,7 +281,7 @@ func TestServeEncrypted(t *testing.T) {
 	}
 	bad := start(t, t.TempDir(), serve(badFile)...)
 	_, errOut, code := bad.wait(t)
-	if code != 1 || !strings.Contains(errOut, "wrong password") {
+	if code != 12 || !strings.Contains(errOut, "wrong password") {
 		t.Fatalf("serve with a wrong password: %d %q", code, errOut)
 	}
 	s.logs.WriteString(errOut)

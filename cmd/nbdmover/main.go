@@ -11,10 +11,15 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/nbdclient"
+	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
 	"github.com/urfave/cli/v2"
 )
@@ -25,29 +30,86 @@ type usageError struct{ error }
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	err := newApp().RunContext(ctx, os.Args)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var got atomic.Value // the signal that ended the run
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		got.Store(s)
+		cancel()
+		signal.Stop(sigs) // a second ^C kills at once
+	}()
+	args := normalizeArgs(os.Args)
+	err := newApp().RunContext(ctx, args)
 	if err == nil {
 		return
 	}
+	sig, _ := got.Load().(os.Signal)
+	code, kind := exitStatus(err, sig)
 	fmt.Fprintln(os.Stderr, "nbdmover:", err)
-	os.Exit(exitStatus(err))
+	if wantsJSON(args) {
+		printJSON(os.Stdout, struct {
+			Version int    `json:"version"`
+			Error   string `json:"error"`
+			Kind    string `json:"kind"`
+			Exit    int    `json:"exit"`
+		}{1, err.Error(), kind, code})
+	}
+	os.Exit(code)
 }
 
-// exitStatus is the exit status for a command's error: 2 for bad usage
-// (flags, and option values the library calls invalid), 3 for a verify
-// that could not check, 1 for every other failure.
-func exitStatus(err error) int {
+// Exit statuses (README, "Exit status").
+const (
+	exitFailure      = 1
+	exitUsage        = 2
+	exitUnchecked    = 3 // verify could not check
+	exitNoRepository = 10
+	exitLocked       = 11
+	exitKey          = 12
+	exitInterrupted  = 130 // SIGINT
+	exitTerminated   = 143 // SIGTERM
+)
+
+// exitStatus is the exit status for a command's error, and its kind (in
+// the JSON error document): a signal that ended the run first, then bad
+// usage (flags, and option values the library calls invalid), no
+// repository, a lock or a busy name, a wrong password or key, a verify
+// that could not check, and 1 for every other failure.
+func exitStatus(err error, sig os.Signal) (int, string) {
 	var ue usageError
 	var ce checkError
 	switch {
+	case sig == os.Interrupt:
+		return exitInterrupted, "interrupted"
+	case sig == syscall.SIGTERM:
+		return exitTerminated, "terminated"
 	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid):
-		return 2
+		return exitUsage, "usage"
+	case errors.Is(err, repo.ErrNoRepository):
+		return exitNoRepository, "no-repository"
+	case errors.Is(err, repo.ErrLocked), errors.Is(err, mover.ErrBusy):
+		return exitLocked, "locked"
+	case errors.Is(err, repo.ErrWrongPassword), errors.Is(err, repo.ErrKeyNeeded), errors.Is(err, repo.ErrNotEncrypted), errors.Is(err, repo.ErrKeyMismatch):
+		return exitKey, "key"
 	case errors.As(err, &ce):
-		return 3
+		return exitUnchecked, "could-not-check"
 	}
-	return 1
+	return exitFailure, "failure"
+}
+
+// wantsJSON reports whether the command line asks for --json.
+func wantsJSON(args []string) bool {
+	for _, a := range args[1:] {
+		if a == "--" {
+			return false
+		}
+		if a == "--json" || a == "-json" || a == "--json=true" {
+			return true
+		}
+	}
+	return false
 }
 
 // checkError marks a verify that could not check the repository (exit
@@ -55,6 +117,30 @@ func exitStatus(err error) int {
 type checkError struct{ error }
 
 func (e checkError) Unwrap() error { return e.error }
+
+// buildCommit is set by make build (-ldflags -X), where the build has no
+// version control information of its own.
+var buildCommit = "unknown"
+
+// version is what --version prints: the module's version and commit, and
+// the versions of Go, libnbd and libvirt this binary runs with.
+func version() string {
+	v, commit := "(devel)", buildCommit
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		v = bi.Main.Version
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				commit = s.Value
+			case "vcs.modified":
+				if s.Value == "true" {
+					commit += " (modified)"
+				}
+			}
+		}
+	}
+	return fmt.Sprintf("%s\ncommit %s\n%s\nlibnbd %s\nlibvirt %s", v, commit, runtime.Version(), nbdclient.LibraryVersion(), mover.LibvirtVersion())
+}
 
 func newApp() *cli.App {
 	app := &cli.App{
@@ -65,9 +151,10 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json (logs go to stderr)"},
 			&cli.StringFlag{Name: "profile-dir", Usage: "write pprof profiles (cpu, allocs, heap, block, mutex) and an execution trace of the run into this directory", Hidden: true},
 		},
+		Version: version(),
 		Before: func(c *cli.Context) error {
 			if name := c.Args().First(); name != "" && c.App.Command(name) == nil {
-				return usagef("unknown command %q (nbdmover --help lists them)", name)
+				return unknownCommand(c.App, name)
 			}
 			if dir := c.String("profile-dir"); dir != "" {
 				p, err := startProfiles(dir)
@@ -89,14 +176,18 @@ func newApp() *cli.App {
 			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
 			keyCommand(),
 		},
-		OnUsageError: func(_ *cli.Context, err error, _ bool) error { return usageError{err} },
+		OnUsageError: func(c *cli.Context, err error, _ bool) error { return usageErrorOf(c, err) },
 		ExitErrHandler: func(*cli.Context, error) {
 			// main prints errors and picks the exit status.
 		},
 	}
 	for _, c := range app.Commands {
 		c.OnUsageError = app.OnUsageError
+		for _, sub := range c.Subcommands {
+			sub.OnUsageError = app.OnUsageError
+		}
 	}
+	cli.VersionPrinter = func(c *cli.Context) { fmt.Fprintf(c.App.Writer, "nbdmover %s\n", c.App.Version) }
 	return app
 }
 

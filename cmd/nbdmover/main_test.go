@@ -108,7 +108,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 
 func TestCommandsAndJSON(t *testing.T) {
 	repo := filepath.Join(t.TempDir(), "repo")
-	if _, stderr, code := nbdmover(t, "list", "--repo", repo); code != 1 || !strings.Contains(stderr, "nbdmover init") {
+	if _, stderr, code := nbdmover(t, "list", "--repo", repo); code != 10 || !strings.Contains(stderr, "nbdmover init") {
 		t.Fatalf("list of a missing repository: %d %q", code, stderr)
 	}
 	if out, _, code := nbdmover(t, "init", "--repo", repo, "--chunk-size", "256KiB"); code != 0 || !strings.Contains(out, "262144") {
@@ -181,9 +181,10 @@ func TestCommandsAndJSON(t *testing.T) {
 	}
 }
 
-// verify says whether it found problems (1) or could not check (3).
+// verify says whether it found problems (1) or could not check (3; 10
+// when there is no repository).
 func TestVerifyCannotCheckExit3(t *testing.T) {
-	if _, stderr, code := nbdmover(t, "verify", "--repo", filepath.Join(t.TempDir(), "none")); code != 3 || !strings.Contains(stderr, "nbdmover init") {
+	if _, stderr, code := nbdmover(t, "verify", "--repo", filepath.Join(t.TempDir(), "none")); code != 10 || !strings.Contains(stderr, "nbdmover init") {
 		t.Fatalf("verify of a missing repository: %d %q", code, stderr)
 	}
 	_, stderr, code := nbdmover(t, "verify", "--repo", "s3://bucket", "--s3-endpoint", "http://127.0.0.1:9")

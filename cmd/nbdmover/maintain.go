@@ -15,7 +15,7 @@ func policyFlags() []cli.Flag {
 		{"weekly", "ISO weeks"}, {"monthly", "months"}, {"yearly", "years"}} {
 		fs = append(fs, &cli.IntFlag{Name: "keep-" + p.name, Usage: fmt.Sprintf("keep the newest backup of each of the last N %s", p.what)})
 	}
-	return append(fs, &cli.DurationFlag{Name: "keep-within", Usage: "keep every backup this much younger than the domain's newest (e.g. 72h)"})
+	return append(fs, durationFlag("keep-within", 0, "keep every backup this much younger than the domain's newest (e.g. 7d, 72h)", "none"))
 }
 
 // retentionFlags are serve's --keep-* options: the policy applied to a
@@ -26,7 +26,7 @@ func retentionFlags() []cli.Flag {
 		switch f := f.(type) {
 		case *cli.IntFlag:
 			f.Usage = "retention after each backup: " + f.Usage
-		case *cli.DurationFlag:
+		case *cli.GenericFlag:
 			f.Usage = "retention after each backup: " + f.Usage
 		}
 	}
@@ -46,7 +46,7 @@ func parsePolicy(c *cli.Context) (p repo.Policy, set bool, err error) {
 		}
 	}
 	if c.IsSet("keep-within") {
-		p.KeepWithin, set = repo.Duration(c.Duration("keep-within")), true
+		p.KeepWithin, set = repo.Duration(flagDuration(c, "keep-within")), true
 	}
 	if set {
 		if err := p.Validate(); err != nil {
@@ -154,18 +154,18 @@ func gcCommand() *cli.Command {
 		Name:  "gc",
 		Usage: "delete the chunks and objects no committed backup references (safe beside running backups; new ones wait while it deletes)",
 		Flags: append(repoFlags(),
-			&cli.DurationFlag{Name: "grace", Value: repo.DefaultGrace, Usage: "only delete objects older than this"},
+			durationFlag("grace", repo.DefaultGrace, "only delete objects older than this (e.g. 1d, 36h)", ""),
 			&cli.BoolFlag{Name: "dry-run", Usage: "count what would be deleted, delete nothing"},
 			&cli.IntFlag{Name: "parallel", Value: 8, Usage: "delete requests in flight"},
-			&cli.DurationFlag{Name: "patience", Value: 30 * time.Minute, Usage: "wait this long for a moment without running backups before making new ones wait for the sweep"},
+			durationFlag("patience", 30*time.Minute, "wait this long for a moment without running backups before making new ones wait for the sweep", ""),
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
 			}
-			if c.Duration("grace") <= 0 {
-				return usagef("--grace %s: must be positive", c.Duration("grace"))
+			if flagDuration(c, "grace") <= 0 {
+				return usagef("--grace %s: must be positive", formatDuration(flagDuration(c, "grace")))
 			}
 			log, err := newLogger(c)
 			if err != nil {
@@ -175,8 +175,8 @@ func gcCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			res, err := r.GC(c.Context, repo.GCOptions{Grace: c.Duration("grace"), DryRun: c.Bool("dry-run"),
-				Parallel: c.Int("parallel"), Patience: c.Duration("patience"), Log: log})
+			res, err := r.GC(c.Context, repo.GCOptions{Grace: flagDuration(c, "grace"), DryRun: c.Bool("dry-run"),
+				Parallel: c.Int("parallel"), Patience: flagDuration(c, "patience"), Log: log})
 			if err != nil {
 				return err
 			}

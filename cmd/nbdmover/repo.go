@@ -237,7 +237,7 @@ func restoreCommand() *cli.Command {
 			&cli.StringFlag{Name: "disk", Usage: "restore only this disk, to the file --output"},
 			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory (required)"},
 			&cli.StringFlag{Name: "format", Value: "raw", Usage: "raw or qcow2"},
-			&cli.IntFlag{Name: "parallel", Usage: "chunks fetched at once (default 8; from S3, 32 MiB of chunks, at least 8: 32 at 1 MiB)"},
+			&cli.IntFlag{Name: "parallel", Usage: "chunks fetched at once", DefaultText: "8; from S3, 32 MiB of chunks, at least 8: 32 at 1 MiB"},
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {

@@ -27,7 +27,7 @@ func TestRestoreOutputRace(t *testing.T) {
 	qemutest.IO(t, img, "write -P 0x42 1M 2M", "write -P 0x17 6M 1M")
 	ref := qemutest.RawCopy(t, img)
 	srv := qemutest.Serve(t, img, "-r")
-	if _, stderr, code := nbdmover(t, "backup", "--repo", repo, "--nbd", srv.URI, "--name", "vm", "--disk", "vda"); code != 0 {
+	if _, stderr, code := nbdmover(t, "backup", "--init", "--repo", repo, "--nbd", srv.URI, "--name", "vm", "--disk", "vda"); code != 0 {
 		t.Fatal(stderr)
 	}
 	victims, check := sentinel.New(t)
@@ -113,7 +113,7 @@ func TestRestoreOddNames(t *testing.T) {
 	img := qemutest.NewImage(t, t.TempDir(), 4<<20)
 	qemutest.IO(t, img, "write -P 0x42 1M 1M")
 	srv := qemutest.Serve(t, img, "-r")
-	if _, stderr, code := nbdmover(t, "backup", "--repo", repo, "--nbd", srv.URI, "--name", "vm", "--disk", "vda"); code != 0 {
+	if _, stderr, code := nbdmover(t, "backup", "--init", "--repo", repo, "--nbd", srv.URI, "--name", "vm", "--disk", "vda"); code != 0 {
 		t.Fatal(stderr)
 	}
 	dir := t.TempDir()

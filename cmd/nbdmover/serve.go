@@ -28,13 +28,14 @@ func serveCommand() *cli.Command {
 			connectFlag(),
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
-			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk (a job may ask for another number)"},
+			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk of a job that does not ask for a number (4, not backup's 8: jobs share the host and its memory budget)"},
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for backup jobs' scratch files"},
 			&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the per-domain locks and the jobs' NBD sockets"},
-			&cli.DurationFlag{Name: "keep-for", Value: 0, Usage: "keep finished jobs this long (default 24h)"},
-			&cli.IntFlag{Name: "keep-max", Value: 0, Usage: "keep at most this many finished jobs (default 1000)"},
-			&cli.DurationFlag{Name: "shutdown-timeout", Value: 0, Usage: "on SIGTERM, wait this long for jobs to end (default 2m)"},
-			&cli.DurationFlag{Name: "verify-every", Usage: "run a verify job of the whole repository this often (e.g. 24h; default never)"},
+			durationFlag("keep-for", 24*time.Hour, "keep finished jobs (for GET /v1/jobs) this long", ""),
+			&cli.IntFlag{Name: "keep-max", Value: 1000, Usage: "keep at most this many finished jobs"},
+			durationFlag("shutdown-timeout", 2*time.Minute, "on SIGTERM, wait this long for jobs to end", ""),
+			durationFlag("verify-every", 0, "run a verify job of the whole repository this often (e.g. 1d)", "never"),
+			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, only the default repository is created)"},
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
 		), retentionFlags()...),
 		Action: func(c *cli.Context) error {
@@ -48,6 +49,9 @@ func serveCommand() *cli.Command {
 			mem, err := parseSize(c.String("max-memory"))
 			if err != nil {
 				return usagef("--max-memory: %v", err)
+			}
+			if n := c.Int("readers"); n < 1 || n > 64 {
+				return usagef("--readers %d: want 1 to 64", n)
 			}
 			policy, set, err := parsePolicy(c)
 			if err != nil {
@@ -63,8 +67,8 @@ func serveCommand() *cli.Command {
 					return usagef("--verify-read-data: %v", err)
 				}
 			}
-			if c.IsSet("verify-every") && c.Duration("verify-every") < time.Minute {
-				return usagef("--verify-every %s: want at least 1m", c.Duration("verify-every"))
+			if c.IsSet("verify-every") && flagDuration(c, "verify-every") < time.Minute {
+				return usagef("--verify-every %s: want at least 1m", formatDuration(flagDuration(c, "verify-every")))
 			}
 			token, err := serveToken(c)
 			if err != nil {
@@ -76,10 +80,11 @@ func serveCommand() *cli.Command {
 			return daemon.Serve(c.Context, daemon.ServeOptions{
 				Listen: c.String("listen"), Token: token, Log: log,
 				TLS:            daemon.TLSOptions{Cert: c.String("tls-cert"), Key: c.String("tls-key"), ClientCA: c.String("tls-client-ca")},
-				MaxConnections: c.Int("max-connections"), ShutdownTimeout: c.Duration("shutdown-timeout"),
+				MaxConnections: c.Int("max-connections"), ShutdownTimeout: flagDuration(c, "shutdown-timeout"),
+				Init: c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
-					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: c.Duration("keep-for"), KeepMax: c.Int("keep-max"),
-					Retention: retention, VerifyEvery: c.Duration("verify-every"), VerifyReadPercent: verifyShare,
+					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
+					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
 					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
 					Domain: mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},

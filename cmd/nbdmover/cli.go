@@ -1,0 +1,217 @@
+package main
+
+import (
+	"fmt"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+)
+
+// What makes the command line forgiving: durations in days and weeks,
+// global flags after the command, --read-data 10% without the =, and
+// "did you mean" for unknown flags and commands.
+
+// duration is a flag value: a Go duration, or one with days and weeks
+// (1d, 2w, 1d12h).
+type duration struct{ d time.Duration }
+
+func (v *duration) Set(s string) error {
+	d, err := parseDuration(s)
+	if err != nil {
+		return err
+	}
+	v.d = d
+	return nil
+}
+
+func (v *duration) String() string {
+	if v == nil {
+		return ""
+	}
+	return formatDuration(v.d)
+}
+
+// durationFlag is a --NAME DURATION flag (value def, never shown as
+// "0s" when there is none: shown as noDefault instead when set).
+func durationFlag(name string, def time.Duration, usage, noDefault string) *cli.GenericFlag {
+	f := &cli.GenericFlag{Name: name, Value: &duration{def}, Usage: usage}
+	if def == 0 {
+		f.DefaultText = noDefault
+	}
+	return f
+}
+
+// flagDuration reads a durationFlag.
+func flagDuration(c *cli.Context, name string) time.Duration {
+	if v, ok := c.Generic(name).(*duration); ok {
+		return v.d
+	}
+	return 0
+}
+
+var dayWeek = regexp.MustCompile(`^(\d+)([dw])(.*)$`)
+
+// parseDuration parses a Go duration (72h, 90m) that may start with
+// whole days or weeks (7d, 2w, 1d12h).
+func parseDuration(s string) (time.Duration, error) {
+	var extra time.Duration
+	rest := s
+	if m := dayWeek.FindStringSubmatch(s); m != nil {
+		n, err := strconv.ParseInt(m[1], 10, 64)
+		if err != nil || n > 100*365 {
+			return 0, fmt.Errorf("duration %q: too long", s)
+		}
+		extra = time.Duration(n) * 24 * time.Hour
+		if m[2] == "w" {
+			extra *= 7
+		}
+		if rest = m[3]; rest == "" {
+			return extra, nil
+		}
+	}
+	d, err := time.ParseDuration(rest)
+	if err != nil {
+		return 0, fmt.Errorf("duration %q: want a number and a unit: s, m, h, d (days), w (weeks), e.g. 90m, 36h, 7d, 1d12h", s)
+	}
+	return extra + d, nil
+}
+
+// formatDuration writes d as parseDuration reads it, shortly: 7d, 36h,
+// 2m, 1h30m.
+func formatDuration(d time.Duration) string {
+	if d != 0 && d%(24*time.Hour) == 0 {
+		return fmt.Sprintf("%dd", d/(24*time.Hour))
+	}
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
+}
+
+// globalFlags are the app's flags that take a value; they may be given
+// anywhere on the command line.
+var globalFlags = []string{"log-level", "log-format", "profile-dir"}
+
+var percent = regexp.MustCompile(`^\d+%?$`)
+
+// normalizeArgs rewrites a command line as urfave/cli wants it: global
+// flags found after the command move before it, and "--read-data 10%"
+// becomes "--read-data=10%" (a flag that is also a switch cannot take a
+// separate value otherwise). Everything after "--" is left alone.
+func normalizeArgs(args []string) []string {
+	if len(args) < 2 {
+		return args
+	}
+	var globals, rest []string
+	for i := 1; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			rest = append(rest, args[i:]...)
+			break
+		}
+		name, hasValue := flagName(a)
+		switch {
+		case slices.Contains(globalFlags, name):
+			globals = append(globals, a)
+			if !hasValue && i+1 < len(args) {
+				globals = append(globals, args[i+1])
+				i++
+			}
+		case name == "read-data" && !hasValue && i+1 < len(args) && percent.MatchString(args[i+1]):
+			rest = append(rest, a+"="+args[i+1])
+			i++
+		default:
+			rest = append(rest, a)
+		}
+	}
+	return append(append([]string{args[0]}, globals...), rest...)
+}
+
+// flagName returns the name of a flag argument ("" if a is none) and
+// whether it holds its value (--name=value).
+func flagName(a string) (string, bool) {
+	if !strings.HasPrefix(a, "-") || a == "-" {
+		return "", false
+	}
+	name := strings.TrimLeft(a, "-")
+	name, _, hasValue := strings.Cut(name, "=")
+	return name, hasValue
+}
+
+// closest returns the candidate nearest to s by edit distance, if it is
+// near enough to be a typo (at most a third of its length, and 3).
+func closest(s string, candidates []string) string {
+	best, bestD := "", 4
+	for _, c := range candidates {
+		d := editDistance(s, c)
+		if d < bestD && d <= max(1, len(c)/3) {
+			best, bestD = c, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
+}
+
+var undefinedFlag = regexp.MustCompile(`flag provided but not defined: -+(\S+)`)
+
+// usageErrorOf rewrites urfave/cli's and the flag package's usage errors
+// with the flag as it is written (--name) and a suggestion.
+func usageErrorOf(c *cli.Context, err error) error {
+	m := undefinedFlag.FindStringSubmatch(err.Error())
+	if m == nil {
+		return usageError{err}
+	}
+	var names []string
+	where := "nbdmover"
+	flags := c.App.Flags
+	if c.Command != nil && c.Command.Name != "" {
+		flags, where = c.Command.Flags, "nbdmover "+c.Command.FullName()
+	}
+	for _, f := range flags {
+		names = append(names, f.Names()...)
+	}
+	hint := ""
+	if s := closest(m[1], names); s != "" {
+		hint = fmt.Sprintf(": did you mean --%s?", s)
+	}
+	return usagef("unknown option --%s%s (%s --help lists them)", m[1], hint, where)
+}
+
+// unknownCommand is the error for a command that does not exist.
+func unknownCommand(app *cli.App, name string) error {
+	var names []string
+	for _, c := range app.Commands {
+		names = append(names, c.Names()...)
+	}
+	if s := closest(name, names); s != "" {
+		return usagef("unknown command %q: did you mean %s? (nbdmover --help lists them)", name, s)
+	}
+	return usagef("unknown command %q (nbdmover --help lists them)", name)
+}
