@@ -2,12 +2,23 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build test demo bench bench-large fuzz clean
+.PHONY: all build install test demo bench bench-large fuzz clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "-X main.buildCommit=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" -o bin/nbdmover ./cmd/nbdmover
+
+# The binary, the systemd units and timers (docs/examples), the docs they
+# point at, and an environment file to edit (kept if there is one).
+# DESTDIR stages it elsewhere (packaging).
+install: build
+	install -D -m 0755 bin/nbdmover $(DESTDIR)/usr/local/bin/nbdmover
+	install -d -m 0755 $(DESTDIR)/etc/systemd/system $(DESTDIR)/usr/share/doc/nbdmover
+	install -m 0644 docs/examples/*.service docs/examples/*.timer $(DESTDIR)/etc/systemd/system/
+	install -m 0644 README.md docs/*.md docs/examples/nbdmover-alerts.yml $(DESTDIR)/usr/share/doc/nbdmover/
+	install -d -m 0700 $(DESTDIR)/etc/nbdmover
+	[ -e $(DESTDIR)/etc/nbdmover/nbdmover.env ] || install -m 0600 docs/examples/nbdmover.env $(DESTDIR)/etc/nbdmover/nbdmover.env
 
 # Installs what is missing, starts libvirtd and MinIO, runs every test.
 test:

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -185,7 +186,7 @@ func (a *api) backups(w http.ResponseWriter, r *http.Request) {
 	if ms == nil {
 		ms = []*repo.Manifest{}
 	}
-	out := map[string]any{"backups": ms}
+	out := map[string]any{"backups": ms, "domains": newestByDomain(ms, time.Now())}
 	if len(damaged) > 0 {
 		var names []string
 		for _, m := range ms {
@@ -236,6 +237,38 @@ func (a *api) repoUsable(ctx context.Context) error {
 	_, a.healthErr = a.repo.Open(ctx)
 	a.healthAt = time.Now()
 	return a.healthErr
+}
+
+// DomainSummary is what GET /v1/backups says of each domain: its newest
+// backup and how old it is (the alert operators write first).
+type DomainSummary struct {
+	Domain           string    `json:"domain"`
+	Backups          int       `json:"backups"`
+	Newest           string    `json:"newest"`
+	NewestCompleted  time.Time `json:"newest_completed"`
+	NewestAgeSeconds float64   `json:"newest_age_seconds"`
+}
+
+// newestByDomain sums up ms (oldest first) by domain, in domain order.
+func newestByDomain(ms []*repo.Manifest, now time.Time) []DomainSummary {
+	by := map[string]*DomainSummary{}
+	var names []string
+	for _, m := range ms {
+		d := by[m.Domain]
+		if d == nil {
+			d = &DomainSummary{Domain: m.Domain}
+			by[m.Domain] = d
+			names = append(names, m.Domain)
+		}
+		d.Backups++
+		d.Newest, d.NewestCompleted, d.NewestAgeSeconds = m.ID, m.Completed, now.Sub(m.Completed).Seconds()
+	}
+	slices.Sort(names)
+	out := []DomainSummary{}
+	for _, n := range names {
+		out = append(out, *by[n])
+	}
+	return out
 }
 
 // listBackups lists the committed backups of domain ("" = all), the

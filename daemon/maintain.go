@@ -32,6 +32,9 @@ func checkBackupRequest(req JobRequest) error {
 	if req.All || req.Policy != nil || req.Grace != "" || req.ReadData || req.ReadDataPercent != 0 || req.DryRun {
 		return refuse(ErrInvalid, "all, policy, grace, read_data, read_data_percent and dry_run are options of maintenance jobs (kind forget, gc or verify), not of backups")
 	}
+	if req.Domain == "" {
+		return refuse(ErrInvalid, `a backup job needs "domain": the libvirt domain to back up, e.g. {"domain": "web1"}`)
+	}
 	return nil
 }
 
@@ -149,7 +152,7 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger)
 		func(p repo.Problem) { rep.Problems = append(rep.Problems, p) })
 	rep.ReadData, rep.Complete = rep.ReadPercent > 0, err == nil
 	if err == nil && len(rep.Problems) > 0 {
-		err = fmt.Errorf("verify found %d problems (the report lists them)", len(rep.Problems))
+		err = fmt.Errorf("verify found %d problem(s) (the report lists them)", len(rep.Problems))
 	}
 	return rep, err
 }

@@ -29,6 +29,11 @@ type metrics struct {
 	damaged    prometheus.Gauge
 	verifyLast prometheus.Gauge
 	healed     prometheus.Counter
+	// backup jobs, per domain: when the last one succeeded (seeded at
+	// start from the repository's newest backups), and whether the last
+	// one did.
+	lastSuccess *prometheus.GaugeVec
+	lastResult  *prometheus.GaugeVec
 }
 
 func newMetrics() *metrics {
@@ -57,12 +62,16 @@ func newMetrics() *metrics {
 		Help: "When the last verify job of the whole repository that ran to its end (with or without problems) ended, in seconds since 1970; 0 before the first."})
 	m.healed = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_chunks_healed_total",
 		Help: "Damaged chunks that backups built from the disks and stored again."})
+	m.lastSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "nbdmover_backup_last_success_timestamp_seconds",
+		Help: "When the last backup of the domain that succeeded ended, in seconds since 1970 (from the repository's newest backup at start-up)."}, []string{"domain"})
+	m.lastResult = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "nbdmover_backup_last_result",
+		Help: "Whether the last backup job of the domain this daemon ran succeeded (1) or not (0: failed or cancelled)."}, []string{"domain"})
 	jobs := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_running", Help: "Backup jobs running now."},
 		func() float64 { _, r := m.runner.Counts(); return float64(r) })
 	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_queued", Help: "Backup jobs waiting for a slot."},
 		func() float64 { q, _ := m.runner.Counts(); return float64(q) })
 	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot,
-		m.verified, m.damaged, m.verifyLast, m.healed, jobs, queued,
+		m.verified, m.damaged, m.verifyLast, m.healed, m.lastSuccess, m.lastResult, jobs, queued,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	for _, s := range []string{JobSucceeded, JobFailed, JobCancelled} {
 		m.finished.WithLabelValues(s)
@@ -76,8 +85,24 @@ func newMetrics() *metrics {
 	return m
 }
 
+// seedLastSuccess sets each domain's last success from its newest
+// committed backup, so the alert on its age survives a restart.
+func (m *metrics) seedLastSuccess(ms []*repo.Manifest) {
+	for _, b := range ms { // oldest first: the newest of a domain is set last
+		m.lastSuccess.WithLabelValues(b.Domain).Set(float64(b.Completed.UnixNano()) / 1e9)
+	}
+}
+
 func (m *metrics) observe(v JobView, err error) {
 	m.finished.WithLabelValues(v.State).Inc()
+	if v.Kind == KindBackup || v.Kind == "" {
+		ok := 0.0
+		if v.State == JobSucceeded {
+			ok = 1
+			m.lastSuccess.WithLabelValues(v.Request.Domain).SetToCurrentTime()
+		}
+		m.lastResult.WithLabelValues(v.Request.Domain).Set(ok)
+	}
 	m.duration.WithLabelValues(v.State).Observe(v.Seconds)
 	if v.Retention != nil {
 		m.forgot.Add(float64(v.Retention.Forgotten))

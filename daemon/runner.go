@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"strings"
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
@@ -362,6 +363,8 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	case err == nil:
 		r.retain(ctx, j, log)
 		finish(JobSucceeded, res, nil)
+	case ctx.Err() != nil && strings.Contains(err.Error(), context.Cause(ctx).Error()):
+		finish(JobCancelled, nil, err) // says it already
 	case ctx.Err() != nil:
 		finish(JobCancelled, nil, fmt.Errorf("%w: %v", context.Cause(ctx), err))
 	default:

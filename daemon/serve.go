@@ -91,7 +91,8 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	// Open the repository now: one that is missing, unreachable, or
 	// encrypted with another password stops the daemon at start, not
 	// every job later (jobs reuse an encrypted repository's key).
-	if err := openAtStart(ctx, o); err != nil {
+	r, err := openAtStart(ctx, o)
+	if err != nil {
 		l.Close()
 		if path, ok := strings.CutPrefix(o.Listen, "unix://"); ok {
 			os.Remove(path)
@@ -99,6 +100,11 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		return err
 	}
 	m := newMetrics()
+	if ms, _, err := r.Backups(ctx, ""); err == nil {
+		m.seedLastSuccess(ms)
+	} else {
+		o.Log.Warn("cannot list the backups: the last-success metrics start empty", "error", err)
+	}
 	ro := o.Runner
 	ro.Log = o.Log
 	ro.Observe = m.observe
@@ -146,30 +152,31 @@ func Serve(ctx context.Context, o ServeOptions) error {
 }
 
 // openAtStart opens (with Init, creates) the daemon's repository.
-func openAtStart(ctx context.Context, o ServeOptions) error {
+func openAtStart(ctx context.Context, o ServeOptions) (*repo.Repo, error) {
 	ro := o.Runner.Backup.Repo
+	var r *repo.Repo
 	var err error
 	created := false
 	if o.Init {
 		init, perr := repo.ParseInit(o.Runner.Backup.ChunkSize, "")
 		if perr != nil {
-			return refuse(ErrInvalid, "%v", perr)
+			return nil, refuse(ErrInvalid, "%v", perr)
 		}
-		_, created, err = ro.OpenOrInit(ctx, init)
+		r, created, err = ro.OpenOrInit(ctx, init)
 	} else {
-		_, err = ro.Open(ctx)
+		r, err = ro.Open(ctx)
 	}
 	switch {
 	case err != nil && ro.Keys != nil:
-		return fmt.Errorf("open the encrypted repository with its %s: %w", ro.Keys.Kind(), err)
+		return nil, fmt.Errorf("open the encrypted repository with its %s: %w", ro.Keys.Kind(), err)
 	case err != nil:
-		return fmt.Errorf("open the repository: %w", err)
+		return nil, fmt.Errorf("open the repository: %w", err)
 	case created:
 		o.Log.Info("created the repository", "repo", ro.Location)
 	case ro.Keys != nil:
 		o.Log.Info("encrypted repository unlocked", "repo", ro.Location)
 	}
-	return nil
+	return r, nil
 }
 
 // startupCleanup ends what crashed runs left on the domains

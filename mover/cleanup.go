@@ -60,9 +60,12 @@ type DomainCleanup struct {
 	Problems []string `json:"problems,omitempty"`
 }
 
+// changed says whether the report names the domain: something was done,
+// or checkpoints were left alone that are not simply its last backup's.
 func (d DomainCleanup) changed() bool {
+	others := slices.ContainsFunc(d.KeptCheckpoints, func(k KeptCheckpoint) bool { return k.Why != keptLast })
 	return d.EndedJob != "" || d.Thawed || len(d.DeletedCheckpoints) > 0 || len(d.RemovedDirs) > 0 ||
-		d.Skipped != "" || len(d.Problems) > 0
+		d.Skipped != "" || len(d.Problems) > 0 || others
 }
 
 // Cleanup ends what crashed runs of nbdmover left behind: backup jobs it

@@ -350,6 +350,9 @@ type KeptCheckpoint struct {
 	Why  string `json:"why"`
 }
 
+// keptLast is why the last committed backup's checkpoint is kept.
+const keptLast = "the last committed backup's: the next incremental starts there"
+
 // pruned is what deleteOwnCheckpoints did.
 type pruned struct {
 	deleted []string
@@ -377,7 +380,7 @@ func deleteOwnCheckpoints(ctx context.Context, r *repo.Repo, dom *libvirt.Domain
 		}
 		switch {
 		case n == keep:
-			p.kept = append(p.kept, KeptCheckpoint{n, "the last committed backup's: the next incremental starts there"})
+			p.kept = append(p.kept, KeptCheckpoint{n, keptLast})
 			continue
 		case !ours:
 			p.kept = append(p.kept, KeptCheckpoint{n, whose})

@@ -268,6 +268,17 @@ func (r *Repo) firstSeen(key string) time.Time {
 	return t
 }
 
+// NoLockHint adds to the error of a shared lock that could not be
+// written for want of permission (a read-only repository) that --no-lock
+// reads without it, and what that risks.
+func NoLockHint(err error) error {
+	if !sink.IsDenied(err) {
+		return err
+	}
+	return fmt.Errorf("%w: the repository's shared lock cannot be written here (a read-only repository?); "+
+		"--no-lock reads without it, at the risk that a gc running elsewhere deletes what is being read", err)
+}
+
 // Lock is a held repository lock.
 type Lock struct {
 	r      *Repo

@@ -112,7 +112,8 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	if err != nil && !errors.Is(err, sink.ErrExists) {
 		return nil, err
 	}
-	if key != nil && err == nil {
+	created := err == nil
+	if key != nil && created {
 		if err := o.Keys.adopt(cfg.ID, key.ID, master); err != nil {
 			return nil, err
 		}
@@ -125,7 +126,10 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 		if key != nil {
 			store.Delete(ctx, keyObjectKey(key.ID))
 		}
-		return nil, fmt.Errorf("init %s: %w (created by another host just now)", store.Location(), ErrExists)
+		if created {
+			return nil, fmt.Errorf("init %s: %w: another host wrote its config over this one just now (the store ignores conditional writes?)", store.Location(), ErrExists)
+		}
+		return nil, fmt.Errorf("init %s: %w (id %s, created %s)", store.Location(), ErrExists, held.ID, held.Created.Format(time.RFC3339))
 	}
 	if rerr != nil {
 		return nil, rerr
@@ -196,7 +200,9 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 	}
 	switch {
 	case cfg.Encryption == nil && keys != nil:
-		return nil, fmt.Errorf("%s: %w, but a %s was given: refusing to write to it in the clear (drop the %s to use it)", store.Location(), ErrNotEncrypted, keys.Kind(), keys.Kind())
+		return nil, fmt.Errorf("%s: %w, but a %s was given: if it should be, its config was replaced, and nbdmover refuses it "+
+			"so that nothing is written there in the clear; if not, drop the %s (NBDMOVER_PASSWORD, --password-file, --password-command, --key-file)",
+			store.Location(), ErrNotEncrypted, keys.Kind(), keys.Kind())
 	case cfg.Encryption == nil:
 		return r, nil
 	case keys == nil:

@@ -45,7 +45,12 @@ type VerifyOptions struct {
 	ReadPercent int
 	Seed        uint64 // breaks ties between parts as old as each other; 0 = random
 	Parallel    int    // chunk fetches in flight (default 16)
-	Log         *slog.Logger
+	// NoLock verifies without the shared lock and writes nothing (no
+	// damage records, quarantine or verification state): for a
+	// read-only repository. A gc running elsewhere may then delete what
+	// verify reads, which it reports as missing.
+	NoLock bool
+	Log    *slog.Logger
 }
 
 // VerifyStats counts what Verify looked at and found.
@@ -114,11 +119,15 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	v.stats.Damaged = []string{}
 	// Under a shared lock, so that no gc deletes what a backup forgotten
 	// meanwhile referenced: verify reports only what is really wrong.
-	lock, ctx, err := r.Lock(ctx, LockShared, "verify", o.Log)
-	if err != nil {
-		return v.stats, err
+	if !o.NoLock {
+		lock, lctx, err := r.Lock(ctx, LockShared, "verify", o.Log)
+		if err != nil {
+			return v.stats, NoLockHint(err)
+		}
+		defer lock.Release()
+		ctx = lctx
 	}
-	defer lock.Release()
+	var err error
 	if err := r.verifyKeys(ctx, report); err != nil {
 		return v.stats, err
 	}
@@ -148,6 +157,9 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	}
 	if err := v.record(ctx, ms, report); err != nil {
 		return v.stats, err
+	}
+	if o.NoLock {
+		return v.stats, nil // writes nothing
 	}
 	if err := v.repaired(ctx); err != nil {
 		return v.stats, err
@@ -367,7 +379,11 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 						continue
 					}
 					d.problem = derr.Error() // a *chunker.CorruptError
-					d.quarantined, err = v.r.quarantine(gctx, dg, stored)
+					if v.o.NoLock {
+						d.problem += " (not quarantined: --no-lock writes nothing)"
+					} else {
+						d.quarantined, err = v.r.quarantine(gctx, dg, stored)
+					}
 					if errors.Is(err, sink.ErrDamaged) { // its place is a planted link: keep nothing
 						d.problem, d.quarantined = d.problem+"; its bytes could not be kept: "+err.Error(), ""
 					} else if err != nil {
@@ -440,7 +456,9 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 		for _, b := range backups {
 			damaged[b] = true
 		}
-		g.Go(func() error { return v.r.recordDamage(gctx, key, d.problem, d.quarantined, backups, v.now) })
+		if !v.o.NoLock {
+			g.Go(func() error { return v.r.recordDamage(gctx, key, d.problem, d.quarantined, backups, v.now) })
+		}
 	}
 	for _, dg := range digests {
 		write(ChunkKey(dg), v.chunks[dg])

@@ -33,14 +33,18 @@ type Options struct {
 	Output   string
 	Format   string // "raw" (default) or "qcow2"
 	Parallel int    // chunks fetched at once (default 8; from S3, 32 MiB of chunks, at least 8)
-	Log      *slog.Logger
+	// NoLock reads without the repository's shared lock (a read-only
+	// repository): a gc running elsewhere may then delete what is read.
+	NoLock bool
+	Log    *slog.Logger
 }
 
 // Disk is one file a restore wrote.
 type Disk struct {
-	Name string `json:"name"`
-	Path string `json:"path"`
-	Size int64  `json:"size"`
+	Name    string  `json:"name"`
+	Path    string  `json:"path"`
+	Size    int64   `json:"size"`
+	Seconds float64 `json:"seconds"`
 }
 
 // ErrInvalid is matched by the errors for options that can never work.
@@ -90,11 +94,14 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	}
 	// The shared lock keeps a gc from deleting the backup's objects while
 	// they are read (should it be forgotten meanwhile).
-	lock, ctx, err := r.Lock(ctx, repo.LockShared, "restore "+o.Domain, o.Log)
-	if err != nil {
-		return nil, nil, err
+	if !o.NoLock {
+		lock, lctx, err := r.Lock(ctx, repo.LockShared, "restore "+o.Domain, o.Log)
+		if err != nil {
+			return nil, nil, repo.NoLockHint(err)
+		}
+		defer lock.Release()
+		ctx = lctx
 	}
-	defer lock.Release()
 	m, err := r.Backup(ctx, o.Domain, o.Backup)
 	if err != nil {
 		return nil, nil, err
@@ -120,9 +127,11 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	}
 	var done []Disk
 	for _, d := range todo {
+		start := time.Now()
 		if err := restoreFile(d, func(p *place) error { return write(ctx, r, m, d, p, o.Parallel) }); err != nil {
 			return m, done, fmt.Errorf("restore %s/%s disk %s to %s: %w", m.Domain, m.ID, d.Name, d.Path, err)
 		}
+		d.Seconds = time.Since(start).Seconds()
 		done = append(done, d)
 	}
 	return m, done, nil

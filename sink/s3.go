@@ -153,7 +153,7 @@ func (s *S3) fail(ctx context.Context, op, key string, err error) error {
 		e.Err = fmt.Errorf("%w: %q (nbdmover init creates it)", ErrNoBucket, s.bucket)
 		return e
 	case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken":
-		e.Err = fmt.Errorf("%s: %s (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", resp.Code, resp.Message)
+		e.Err = fmt.Errorf("%w: %s: %s (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and what they may do)", ErrDenied, resp.Code, resp.Message)
 		return e
 	case "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "XMinioServerNotInitialized":
 		e.Transient = true

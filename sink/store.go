@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -62,6 +64,17 @@ var ErrNoBucket = errors.New("bucket does not exist")
 
 // ErrExists is matched by the error of a Create whose key is taken.
 var ErrExists = errors.New("object exists")
+
+// ErrDenied is matched by the error of an operation the store refused
+// for want of permission (S3's AccessDenied and its kin). IsDenied also
+// takes a local store's EACCES, EPERM and EROFS.
+var ErrDenied = errors.New("access denied")
+
+// IsDenied reports whether err is a store refusing for want of permission
+// (or a read-only file system): nothing can be written there.
+func IsDenied(err error) bool {
+	return errors.Is(err, ErrDenied) || errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS)
+}
 
 // ErrDamaged is matched by the error of a read of something nbdmover
 // never writes where an object belongs: an object larger than its kind

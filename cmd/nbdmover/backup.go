@@ -31,7 +31,7 @@ func backupCommand() *cli.Command {
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "most the backup's buffers may take (readers x disks x chunk size, roughly)"},
 			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none)",
 				DefaultText: "16 + 0.1% of the chunks holding data, at most 256"},
-			&cli.BoolFlag{Name: "init", Usage: "create the repository if there is none (without it, only the default repository is created on first use)"},
+			&cli.BoolFlag{Name: "init", Usage: "create the repository if there is none (without it, one is created on first use only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			jsonFlag(),
 		),
 		Action: runBackup,

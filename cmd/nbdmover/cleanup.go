@@ -16,6 +16,7 @@ func cleanupCommand() *cli.Command {
 			&cli.StringFlag{Name: "domain", Usage: "only this domain (default: every domain)"},
 			connectFlag(),
 			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory of backup jobs' scratch files"},
+			&cli.StringFlag{Name: "forget-repository", Usage: "retire a repository no longer backed up to: delete its checkpoints (its id, or the 12 hex digits checkpoint names hold) instead of the uncommitted ones"},
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -27,7 +28,7 @@ func cleanupCommand() *cli.Command {
 				return err
 			}
 			rep, err := mover.Cleanup(c.Context, mover.CleanupOptions{Repo: repoOptions(c), Connect: c.String("connect"),
-				Domain: c.String("domain"), ScratchDir: c.String("scratch-dir"), Log: log})
+				Domain: c.String("domain"), ScratchDir: c.String("scratch-dir"), ForgetRepository: c.String("forget-repository"), Log: log})
 			if err != nil {
 				return err
 			}
@@ -43,7 +44,7 @@ func cleanupCommand() *cli.Command {
 				problems += len(d.Problems)
 			}
 			if problems > 0 {
-				return fmt.Errorf("cleanup: %d problems (above)", problems)
+				return fmt.Errorf("cleanup: %s (above)", count(problems, "problem"))
 			}
 			return nil
 		},
@@ -62,6 +63,9 @@ func printCleanup(c *cli.Context, rep *mover.CleanupReport) {
 		}
 		if len(d.DeletedCheckpoints) > 0 {
 			did = append(did, "deleted checkpoints "+strings.Join(d.DeletedCheckpoints, ", "))
+		}
+		for _, k := range d.KeptCheckpoints {
+			did = append(did, "left checkpoint "+k.Name+" alone ("+k.Why+")")
 		}
 		if len(d.RemovedDirs) > 0 {
 			did = append(did, "removed "+strings.Join(d.RemovedDirs, ", "))

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -49,13 +50,13 @@ func main() {
 	sig, _ := got.Load().(os.Signal)
 	code, kind := exitStatus(err, sig)
 	fmt.Fprintln(os.Stderr, "nbdmover:", err)
-	if wantsJSON(args) {
+	if wantsJSON(args) && !printedJSON.Load() { // a result already printed (verify's) says it all
 		printJSON(os.Stdout, struct {
 			Version int    `json:"version"`
 			Error   string `json:"error"`
 			Kind    string `json:"kind"`
 			Exit    int    `json:"exit"`
-		}{1, err.Error(), kind, code})
+		}{jsonVersion, err.Error(), kind, code})
 	}
 	os.Exit(code)
 }
@@ -207,10 +208,37 @@ func newLogger(c *cli.Context) (*slog.Logger, error) {
 	return nil, usagef("--log-format %q: want text or json", c.String("log-format"))
 }
 
+// printedJSON: the command printed its JSON document.
+var printedJSON atomic.Bool
+
+// jsonVersion is the version of the shape of every --json document, its
+// first field: a consumer that knows version 1 can read every document
+// of version 1 (fields may be added; none is removed or changes meaning
+// without a new version; docs/api.md's changelog).
+const jsonVersion = 1
+
+// printJSON prints v, an object, as the command's one JSON document, with
+// "version" first.
 func printJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+	printedJSON.Store(true)
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(b) >= 2 && b[0] == '{' && !bytes.HasPrefix(b, []byte(`{"version":`)) {
+		head := fmt.Sprintf(`{"version":%d`, jsonVersion)
+		if string(b) != "{}" {
+			head += ","
+		}
+		b = append([]byte(head), b[1:]...)
+	}
+	var out bytes.Buffer
+	if err := json.Indent(&out, b, "", "  "); err != nil {
+		return err
+	}
+	out.WriteByte('\n')
+	_, err = w.Write(out.Bytes())
+	return err
 }
 
 func isTerminal(f *os.File) bool {

@@ -133,8 +133,12 @@ func protectCommand(on bool) *cli.Command {
 			if err := checkFlags(c); err != nil {
 				return err
 			}
-			if c.String("domain") == "" || c.String("backup") == "" || c.String("backup") == "latest" {
+			switch {
+			case c.String("domain") == "" || c.String("backup") == "":
 				return usagef("%s needs --domain NAME and --backup ID", name)
+			case c.String("backup") == "latest":
+				return usagef("%s --backup latest: name the backup by its id (nbdmover list --domain %s shows them); "+
+					"latest changes with every backup", name, c.String("domain"))
 			}
 			r, err := repoOptions(c).Open(c.Context)
 			if err != nil {

@@ -26,6 +26,13 @@ func repoFlags() []cli.Flag {
 	}, keyFlags()...)
 }
 
+// noLockFlag is --no-lock, for the commands that can read a read-only
+// repository.
+func noLockFlag() cli.Flag {
+	return &cli.BoolFlag{Name: "no-lock", Usage: "read without the repository's shared lock, and write nothing to it (a read-only repository); " +
+		"a gc running elsewhere meanwhile may delete what is being read"}
+}
+
 // jsonFlag is --json, which every command that prints a result has.
 func jsonFlag() cli.Flag {
 	return &cli.BoolFlag{Name: "json", Usage: "print one JSON document"}
@@ -83,8 +90,9 @@ func initCommand() *cli.Command {
 		Usage: "create a repository (backup creates one with defaults on first use)",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
-			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "default compression: zstd, zstd:1..4, s2 (fastest, larger) or none"},
+			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "compression of new chunks: zstd, zstd:1..4, s2 (fastest, larger) or none"},
 			&cli.BoolFlag{Name: "encryption", Usage: "encrypt everything with a key wrapped by the password (" + passwordEnv + ", --password-file or --password-command)"},
+			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -99,6 +107,11 @@ func initCommand() *cli.Command {
 				return usagef("%v", err)
 			}
 			ro := repoOptions(c)
+			if store, err := ro.Store(); err == nil {
+				if _, err := store.Stat(c.Context, "config"); err == nil {
+					return fmt.Errorf("init %s: %w: nothing to create (nbdmover list shows what it holds)", store.Location(), repo.ErrExists)
+				}
+			}
 			switch {
 			case c.Bool("encryption") && ro.Keys == nil:
 				return usagef("init --encryption: give the new repository's password in %s, --password-file or --password-command", passwordEnv)
@@ -112,6 +125,10 @@ func initCommand() *cli.Command {
 				return err
 			}
 			cfg := r.Config()
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, map[string]any{"repository": r.Location(), "id": cfg.ID, "chunk_size": cfg.ChunkSize,
+					"compression": cfg.Compression, "encrypted": r.Encrypted()})
+			}
 			enc := ""
 			if r.Encrypted() {
 				enc = ", encrypted with " + cfg.Encryption.Cipher + "; keep the password safe: without it the backups cannot be read"
@@ -222,7 +239,7 @@ func printList(w io.Writer, ms []*repo.Manifest, protected, damaged map[string]b
 		return err
 	}
 	if ndamaged > 0 {
-		fmt.Fprintf(w, "%d backups reference objects verify found damaged: a restore of one fails on them until the next backups store those chunks again (nbdmover verify --read-data shows what is left)\n", ndamaged)
+		fmt.Fprintf(w, "%s reference objects verify found damaged: a restore of one fails on them until the next backups store those chunks again (nbdmover verify --read-data shows what is left)\n", count(ndamaged, "backup"))
 	}
 	return nil
 }
@@ -238,6 +255,7 @@ func restoreCommand() *cli.Command {
 			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory (required)"},
 			&cli.StringFlag{Name: "format", Value: "raw", Usage: "raw or qcow2"},
 			&cli.IntFlag{Name: "parallel", Usage: "chunks fetched at once", DefaultText: "8; from S3, 32 MiB of chunks, at least 8: 32 at 1 MiB"},
+			noLockFlag(),
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -251,17 +269,25 @@ func restoreCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			start := time.Now()
 			m, disks, err := restore.Restore(c.Context, restore.Options{Repo: repoOptions(c), Domain: c.String("domain"),
 				Backup: c.String("backup"), Disk: c.String("disk"), Output: c.String("output"),
-				Format: c.String("format"), Parallel: c.Int("parallel"), Log: log})
+				Format: c.String("format"), Parallel: c.Int("parallel"), NoLock: c.Bool("no-lock"), Log: log})
 			if err != nil {
 				return err
 			}
+			secs := time.Since(start).Seconds()
+			var size int64
+			for _, d := range disks {
+				size += d.Size
+			}
 			if c.Bool("json") {
-				return printJSON(c.App.Writer, map[string]any{"domain": m.Domain, "id": m.ID, "disks": disks})
+				return printJSON(c.App.Writer, map[string]any{"domain": m.Domain, "id": m.ID, "format": c.String("format"), "disks": disks,
+					"bytes": size, "seconds": secs, "mb_per_s": float64(size) / 1e6 / max(secs, 1e-9)})
 			}
 			for _, d := range disks {
-				fmt.Fprintf(c.App.Writer, "restored %s/%s disk %s to %s (%s)\n", m.Domain, m.ID, d.Name, d.Path, humanBytes(d.Size))
+				fmt.Fprintf(c.App.Writer, "restored %s/%s disk %s to %s (%s in %.1fs, %.0f MB/s)\n", m.Domain, m.ID, d.Name, d.Path,
+					humanBytes(d.Size), d.Seconds, float64(d.Size)/1e6/max(d.Seconds, 1e-9))
 			}
 			return nil
 		},
@@ -317,6 +343,7 @@ func verifyCommand() *cli.Command {
 			&cli.GenericFlag{Name: "read-data", Value: share,
 				Usage: "also read, decode and re-hash every chunk; --read-data=10% reads a tenth of them, those verified least recently (ten nightly runs of the whole repository read every chunk; with --domain or --backup the share is read, not recorded)"},
 			&cli.Uint64Flag{Name: "seed", Hidden: true, Usage: "seed of the choice among parts verified as long ago (tests)"},
+			noLockFlag(),
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -336,7 +363,7 @@ func verifyCommand() *cli.Command {
 				return checkError{err}
 			}
 			stats, err := r.Verify(c.Context, repo.VerifyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
-				ReadPercent: share.percent, Seed: c.Uint64("seed"), Log: log},
+				ReadPercent: share.percent, Seed: c.Uint64("seed"), NoLock: c.Bool("no-lock"), Log: log},
 				func(p repo.Problem) {
 					problems = append(problems, p)
 					if !c.Bool("json") {
@@ -344,7 +371,7 @@ func verifyCommand() *cli.Command {
 					}
 				})
 			if err != nil {
-				return checkError{fmt.Errorf("verify could not finish (%d problems found before): %w", len(problems), err)}
+				return checkError{fmt.Errorf("verify could not finish (%s found before): %w", count(len(problems), "problem"), err)}
 			}
 			if c.Bool("json") {
 				if err := printJSON(c.App.Writer, verifyJSON{VerifyStats: stats, ReadData: stats.ReadPercent > 0, Problems: problems}); err != nil {
@@ -354,7 +381,7 @@ func verifyCommand() *cli.Command {
 				printVerify(c.App.Writer, stats, len(problems))
 			}
 			if len(problems) > 0 {
-				return fmt.Errorf("verify found %d problems", len(problems))
+				return fmt.Errorf("verify found %s", count(len(problems), "problem"))
 			}
 			return nil
 		},
@@ -385,10 +412,10 @@ func printVerify(w io.Writer, st repo.VerifyStats, problems int) {
 	case st.ReadPercent > 0:
 		read = fmt.Sprintf(", read %d of them whole (the %d%% verified least recently, and any recorded damaged)", st.Verified, st.ReadPercent)
 	}
-	fmt.Fprintf(w, "checked %d backups, %d chunks (%s)%s: %d problems\n", st.Backups, st.Chunks, humanBytes(st.Bytes), read, problems)
+	fmt.Fprintf(w, "checked %s, %s (%s)%s: %s\n", count(st.Backups, "backup"), count(st.Chunks, "chunk"), humanBytes(st.Bytes), read, count(problems, "problem"))
 	if st.Corrupt+st.Missing > 0 {
-		fmt.Fprintf(w, "damaged: %d corrupt chunks (%d quarantined), %d missing; %d backups reference them: %s\n",
-			st.Corrupt, st.Quarantined, st.Missing, len(st.Damaged), shortList(st.Damaged, 20))
+		fmt.Fprintf(w, "damaged: %s (%d quarantined), %d missing; %s reference them: %s\n",
+			count(st.Corrupt, "corrupt chunk"), st.Quarantined, st.Missing, count(len(st.Damaged), "backup"), shortList(st.Damaged, 20))
 		fmt.Fprintln(w, "the next backup of a domain stores again those chunks its disks still hold; nbdmover list marks the damaged backups")
 	} else if len(st.Damaged) > 0 {
 		fmt.Fprintf(w, "damaged backups: %s\n", shortList(st.Damaged, 20))
@@ -423,9 +450,9 @@ func migrateCommand() *cli.Command {
 			if c.Bool("json") {
 				return printJSON(c.App.Writer, res)
 			}
-			fmt.Fprintf(c.App.Writer, "format 2: %d backups, %d format-1 objects removed", res.Backups, res.Removed)
+			fmt.Fprintf(c.App.Writer, "format 2: %s, %s removed", count(res.Backups, "backup"), count(res.Removed, "format-1 object"))
 			if res.Skipped > 0 {
-				fmt.Fprintf(c.App.Writer, "; %d backups could not be read and were left under backups/", res.Skipped)
+				fmt.Fprintf(c.App.Writer, "; %s could not be read and were left under backups/", count(res.Skipped, "backup"))
 			}
 			fmt.Fprintln(c.App.Writer)
 			return nil

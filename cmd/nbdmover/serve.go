@@ -35,7 +35,7 @@ func serveCommand() *cli.Command {
 			&cli.IntFlag{Name: "keep-max", Value: 1000, Usage: "keep at most this many finished jobs"},
 			durationFlag("shutdown-timeout", 2*time.Minute, "on SIGTERM, wait this long for jobs to end", ""),
 			durationFlag("verify-every", 0, "run a verify job of the whole repository this often (e.g. 1d)", "never"),
-			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, only the default repository is created)"},
+			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, one is created only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
 		), retentionFlags()...),
 		Action: func(c *cli.Context) error {
