@@ -8,8 +8,8 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
-	"sync"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"

@@ -37,7 +37,7 @@ type ServeOptions struct {
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
 	Init bool
-	Log             *slog.Logger `json:"-"`
+	Log  *slog.Logger `json:"-"`
 	// Ready, if set, is called with the listener's address once serving.
 	Ready func(addr string) `json:"-"`
 }

@@ -32,7 +32,7 @@ type CleanupOptions struct {
 	// checkpoints (the id, or its first 12 hex digits) are deleted
 	// instead of the uncommitted ones of Repo.
 	ForgetRepository string
-	Log           *slog.Logger `json:"-"`
+	Log              *slog.Logger `json:"-"`
 }
 
 // CleanupReport is what Cleanup did.
@@ -53,7 +53,7 @@ type DomainCleanup struct {
 	// committed backup's, other repositories', and those that cannot be
 	// told.
 	KeptCheckpoints []KeptCheckpoint `json:"kept_checkpoints,omitempty"`
-	RemovedDirs        []string `json:"removed_dirs,omitempty"`
+	RemovedDirs     []string         `json:"removed_dirs,omitempty"`
 	// Skipped says why the domain was left alone (a backup of it runs,
 	// or its state could not be read); Problems what failed.
 	Skipped  string   `json:"skipped,omitempty"`
