@@ -167,7 +167,7 @@ func (a *api) cancel(w http.ResponseWriter, r *http.Request) {
 		writeRunnerError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": "cancelling"})
+	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": v.State})
 }
 
 func (a *api) backups(w http.ResponseWriter, r *http.Request) {

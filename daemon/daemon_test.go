@@ -279,7 +279,7 @@ func TestDaemonConcurrencyAndCancel(t *testing.T) {
 		t.Fatalf("with max-jobs 1 the second job must queue, it is %s", v.State)
 	}
 	var cancelled map[string]string
-	if code := d.do("DELETE", "/v1/jobs/"+a, "", &cancelled); code != 202 {
+	if code := d.do("DELETE", "/v1/jobs/"+a, "", &cancelled); code != 202 || cancelled["state"] != daemon.JobCancelling && cancelled["state"] != daemon.JobCancelled {
 		t.Fatalf("cancel: %d %v", code, cancelled)
 	}
 	if v := d.wait(a, daemon.JobCancelled, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobCancelled {

@@ -152,7 +152,11 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger)
 		func(p repo.Problem) { rep.Problems = append(rep.Problems, p) })
 	rep.ReadData, rep.Complete = rep.ReadPercent > 0, err == nil
 	if err == nil && len(rep.Problems) > 0 {
-		err = fmt.Errorf("verify found %d problem(s) (the report lists them)", len(rep.Problems))
+		noun := "problems"
+		if len(rep.Problems) == 1 {
+			noun = "problem"
+		}
+		err = fmt.Errorf("verify found %d %s (the report lists them)", len(rep.Problems), noun)
 	}
 	return rep, err
 }

@@ -149,7 +149,7 @@ func TestDaemonScheduledVerify(t *testing.T) {
 	rb, _ := json.Marshal(found.Report)
 	name := "vm1/" + res.ID
 	if json.Unmarshal(rb, &rep) != nil || rep.Corrupt != 1 || rep.Quarantined != 1 || rep.ReadPercent != 100 ||
-		len(rep.Damaged) != 1 || rep.Damaged[0] != name || !strings.Contains(found.Error, "1 problems") {
+		len(rep.Damaged) != 1 || rep.Damaged[0] != name || !strings.Contains(found.Error, "1 problem ") {
 		t.Fatalf("the scheduled verify: %+v %s", found, rb)
 	}
 	m := d.metrics()

@@ -26,6 +26,9 @@ const (
 	JobSucceeded = "succeeded"
 	JobFailed    = "failed"
 	JobCancelled = "cancelled"
+	// JobCancelling: DELETE asked a queued or running job to stop, and it
+	// has not ended yet (a backup ends its libvirt job first).
+	JobCancelling = "cancelling"
 )
 
 // JobRequest is a job a scheduler asks the daemon for: a backup (the
@@ -129,16 +132,17 @@ type job struct {
 	cancel  context.CancelCauseFunc
 	memory  int64 // of the budget
 
-	mu       sync.Mutex
-	state    string
-	started  time.Time
-	finished time.Time
-	disks    []string
-	stats    []*pipeline.Stats
-	result   *mover.BackupResult
-	report   any
-	retained *repo.ForgetResult
-	err      error
+	mu         sync.Mutex
+	state      string
+	cancelling bool // DELETE asked it to stop
+	started    time.Time
+	finished   time.Time
+	disks      []string
+	stats      []*pipeline.Stats
+	result     *mover.BackupResult
+	report     any
+	retained   *repo.ForgetResult
+	err        error
 }
 
 func (j *job) view() JobView {
@@ -146,6 +150,9 @@ func (j *job) view() JobView {
 	defer j.mu.Unlock()
 	v := JobView{ID: j.id, Kind: j.req.Kind, Domain: j.req.Domain, State: j.state, Request: j.req, Created: j.created,
 		Result: j.result, Report: j.report, Retention: j.retained, Disks: []JobDisk{}, Memory: j.memory}
+	if j.cancelling && (j.state == JobQueued || j.state == JobRunning) {
+		v.State = JobCancelling
+	}
 	end := time.Now()
 	if !j.finished.IsZero() {
 		end = j.finished
@@ -519,12 +526,17 @@ func (r *Runner) Cancel(id string) (JobView, error) {
 	if !ok {
 		return JobView{}, refuse(ErrNotFound, "no job %s", id)
 	}
-	v := j.view()
-	if v.State != JobQueued && v.State != JobRunning {
-		return v, refuse(ErrConflict, "job %s already %s", id, v.State)
+	j.mu.Lock()
+	state := j.state
+	if state == JobQueued || state == JobRunning {
+		j.cancelling = true
+	}
+	j.mu.Unlock()
+	if state != JobQueued && state != JobRunning {
+		return j.view(), refuse(ErrConflict, "job %s already %s", id, state)
 	}
 	j.cancel(errCancelled)
-	return v, nil
+	return j.view(), nil
 }
 
 // Counts returns how many jobs are queued and running (for the metrics

@@ -63,6 +63,13 @@ const (
 // on this project's 2-core machines. Tests lower it.
 var argonCost = KDF{Name: kdfArgon2id, Time: 10, MemoryKiB: 128 << 10, Threads: 2}
 
+// SetPasswordCost sets the Argon2id cost of the password keys this
+// process makes (its repositories' config records it). Tests lower it:
+// under the race detector one derivation at the real cost takes seconds.
+func SetPasswordCost(c Cost) {
+	argonCost = KDF{Name: kdfArgon2id, Time: c.Time, MemoryKiB: c.MemoryKiB, Threads: c.Threads}
+}
+
 // legacyCost is the cost of the password keys of repositories whose
 // config does not record one (made before it did): argonCost's default.
 var legacyCost = Cost{Time: 10, MemoryKiB: 128 << 10, Threads: 2}

@@ -40,7 +40,7 @@ func TestVerifyHealCommands(t *testing.T) {
 	os.WriteFile(chunks[3], b, 0o600)
 	os.Remove(chunks[9])
 	out, _, code := nbdmover(t, "verify", "--repo", repo, "--read-data")
-	if code != 1 || strings.Count(out, "BAD ") != 2 || !strings.Contains(out, "1 corrupt chunks (1 quarantined), 1 missing; 1 backups reference them: vm1/") {
+	if code != 1 || strings.Count(out, "BAD ") != 2 || !strings.Contains(out, "1 corrupt chunk (1 quarantined), 1 missing, referenced by 1 backup: vm1/") {
 		t.Fatalf("verify of a damaged repository: %d %s", code, out)
 	}
 	for _, c := range []string{chunks[3], chunks[9]} {

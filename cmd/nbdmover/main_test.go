@@ -16,6 +16,9 @@ import (
 // TestMain runs the real main in a helper process when NBDMOVER_MAIN_ARGS
 // holds its arguments (a JSON list), so tests see real exit statuses.
 func TestMain(m *testing.M) {
+	// Password keys cheap to derive (the repositories these tests make
+	// record it); TestEncryptedCommands checks a key by the format alone.
+	nbdrepo.SetPasswordCost(nbdrepo.Cost{Time: 1, MemoryKiB: 8 << 10, Threads: 1})
 	if args := os.Getenv("NBDMOVER_MAIN_ARGS"); args != "" {
 		if err := json.Unmarshal([]byte(args), &os.Args); err != nil {
 			panic(err)

@@ -414,7 +414,7 @@ func printVerify(w io.Writer, st repo.VerifyStats, problems int) {
 	}
 	fmt.Fprintf(w, "checked %s, %s (%s)%s: %s\n", count(st.Backups, "backup"), count(st.Chunks, "chunk"), humanBytes(st.Bytes), read, count(problems, "problem"))
 	if st.Corrupt+st.Missing > 0 {
-		fmt.Fprintf(w, "damaged: %s (%d quarantined), %d missing; %s reference them: %s\n",
+		fmt.Fprintf(w, "damaged: %s (%d quarantined), %d missing, referenced by %s: %s\n",
 			count(st.Corrupt, "corrupt chunk"), st.Quarantined, st.Missing, count(len(st.Damaged), "backup"), shortList(st.Damaged, 20))
 		fmt.Fprintln(w, "the next backup of a domain stores again those chunks its disks still hold; nbdmover list marks the damaged backups")
 	} else if len(st.Damaged) > 0 {
