@@ -208,19 +208,29 @@ func daemonBackupAndRestore(t *testing.T, ro repo.Options) {
 	backuptest.CheckNoLeftovers(t, dom, runDir)
 	backuptest.CheckRestores(t, ro, dom.Name, []backuptest.Point{{ID: v.BackupID, Refs: refs}})
 
-	var backups struct{ Backups []map[string]any }
-	if code := d.do("GET", "/v1/backups?domain="+dom.Name, "", &backups); code != 200 || len(backups.Backups) != 1 {
+	var backups struct {
+		Backups []map[string]any
+		Domains []daemon.DomainSummary
+	}
+	if code := d.do("GET", "/v1/backups?domain="+dom.Name, "", &backups); code != 200 || len(backups.Backups) != 1 ||
+		len(backups.Domains) != 1 || backups.Domains[0].Newest != v.BackupID || backups.Domains[0].NewestAgeSeconds <= 0 {
 		t.Fatalf("backups: %d %+v", code, backups)
 	}
 	m := d.metrics()
 	for _, want := range []string{`nbdmover_jobs_finished_total{state="succeeded"} 1`, `nbdmover_jobs_running 0`,
-		`nbdmover_job_duration_seconds_count{state="succeeded"} 1`} {
+		`nbdmover_job_duration_seconds_count{state="succeeded"} 1`, `nbdmover_backup_last_result{domain="` + dom.Name + `"} 1`,
+		`nbdmover_backup_last_success_timestamp_seconds{domain="` + dom.Name + `"} 1.`} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %q", want)
 		}
 	}
 	if !strings.Contains(m, `nbdmover_bytes_total{kind="read"} 2.097152e+07`) {
 		t.Errorf("metrics do not count the 20 MiB read:\n%s", grepLines(m, "nbdmover_bytes"))
+	}
+	// A daemon started later knows the domain's last success from the
+	// repository.
+	if m := startDaemon(t, ro, 1).metrics(); !strings.Contains(m, `nbdmover_backup_last_success_timestamp_seconds{domain="`+dom.Name+`"} 1.`) {
+		t.Errorf("a new daemon's metrics lack the last success:\n%s", grepLines(m, "nbdmover_backup_last"))
 	}
 }
 
@@ -319,6 +329,7 @@ func TestDaemonBadRequests(t *testing.T) {
 		{"POST", "/v1/jobs", `{"domain": "x", "color": "red"}`, 400},
 		{"POST", "/v1/jobs", `{"domain": "x"} {"domain": "y"}`, 400},
 		{"POST", "/v1/jobs", `{"domain": "../../etc"}`, 422},
+		{"POST", "/v1/jobs", `{}`, 422},
 		{"POST", "/v1/jobs", `{"domain": "vm1", "disks": ["vda/../x"]}`, 422},
 		{"POST", "/v1/jobs", `{"domain": "vm1", "mode": "sideways"}`, 422},
 		{"POST", "/v1/jobs", `{"domain": "vm1", "compression": "lz4"}`, 422},

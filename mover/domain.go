@@ -71,6 +71,10 @@ func (s *domainSource) Validate() error {
 	return nil
 }
 
+// testHookLegacyNames, set by a test, names checkpoints as nbdmover did
+// before they named their repository (nbdmover-<backup id>).
+var testHookLegacyNames bool
+
 // domainSession is a running pull-mode backup job of a domain.
 type domainSession struct {
 	o     DomainOptions
@@ -159,6 +163,9 @@ func (ds *domainSession) planDisks(ctx context.Context) error {
 	}
 	if ds.plan.hasBitmaps() {
 		ds.plan.checkpoint = CheckpointName(ds.req.Repo.Config().ID, ds.req.ID)
+		if testHookLegacyNames {
+			ds.plan.checkpoint = checkpointPrefix + ds.req.ID
+		}
 	}
 	return nil
 }

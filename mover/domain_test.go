@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -343,4 +344,46 @@ func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error
 	}
 	ms, _, err := r.Backups(t.Context(), domain)
 	return ms, err
+}
+
+// Checkpoints named before checkpoints named their repository
+// (nbdmover-<backup id>): one is the repository's that holds that backup,
+// so its next backup is incremental from it and then deletes it; one no
+// backup of the repository names is another's, and left alone.
+func TestLegacyCheckpointNames(t *testing.T) {
+	legacyBackup := func(t *testing.T, ro repo.Options, dom *qemutest.Domain, mode string) *mover.BackupResult {
+		t.Helper()
+		res, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, mode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	dom.Write("vda", "write -P 0x11 0 4M")
+	a := repo.Options{Location: filepath.Join(t.TempDir(), "a")}
+	b := repo.Options{Location: filepath.Join(t.TempDir(), "b")}
+	restore := mover.NameCheckpointsAsBefore()
+	fullA := legacyBackup(t, a, dom, "full")
+	dom.Write("vda", "write -P 0x12 4M 1M")
+	fullB := legacyBackup(t, b, dom, "full")
+	restore()
+	if fullA.Checkpoint != "nbdmover-"+fullA.ID || !slices.Equal(dom.Checkpoints(), []string{fullA.Checkpoint, fullB.Checkpoint}) {
+		t.Fatalf("old-style checkpoints: %v", dom.Checkpoints())
+	}
+	dom.Write("vda", "write -P 0x13 8M 1M")
+	inc := legacyBackup(t, a, dom, "incremental")
+	if inc.Mode != "incremental" || inc.Parent != fullA.ID {
+		t.Fatalf("the incremental from an old-style checkpoint: %+v", inc)
+	}
+	if cps := dom.Checkpoints(); !slices.Equal(cps, []string{fullB.Checkpoint, inc.Checkpoint}) {
+		t.Fatalf("checkpoints after the incremental: %v (want %s kept, %s gone)", cps, fullB.Checkpoint, fullA.Checkpoint)
+	}
+	refs := dom.Snapshot()
+	dom.Write("vda", "write -P 0x14 12M 1M")
+	incB := legacyBackup(t, b, dom, "incremental")
+	if incB.Parent != fullB.ID {
+		t.Fatalf("B's incremental: %+v", incB)
+	}
+	checkDomainRestores(t, a, dom.Name, []backuptest.Point{{ID: inc.ID, Refs: refs}})
 }

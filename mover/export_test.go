@@ -15,3 +15,11 @@ func SetDeleteCheckpointHook(f func(name string) error) func() {
 	testHookDeleteCheckpoint = f
 	return func() { testHookDeleteCheckpoint = nil }
 }
+
+// NameCheckpointsAsBefore makes backups name their checkpoints as before
+// checkpoints named their repository, until the returned function is
+// called.
+func NameCheckpointsAsBefore() func() {
+	testHookLegacyNames = true
+	return func() { testHookLegacyNames = false }
+}

@@ -353,6 +353,23 @@ func TestForgivingCommandLine(t *testing.T) {
 			t.Errorf("%v: exit %d: %s (want 2 and %q)", c.args, code, stderr, c.says)
 		}
 	}
+	// Messages that say what happened.
+	pw := filepath.Join(t.TempDir(), "pw")
+	os.WriteFile(pw, []byte("pw"), 0o600)
+	for _, c := range []struct {
+		code      int
+		args      []string
+		says, not string
+	}{
+		{2, []string{"protect", "--repo", repoDir, "--domain", "vm", "--backup", "latest"}, "name the backup by its id", "needs --domain"},
+		{1, []string{"init", "--repo", repoDir, "--password-file", pw}, "already exists", "--encryption"},
+		{12, []string{"list", "--repo", repoDir, "--password-file", pw}, "drop the password", "write to it in the clear"},
+	} {
+		_, stderr, code := nbdmover(t, c.args...)
+		if code != c.code || !strings.Contains(stderr, c.says) || strings.Contains(stderr, c.not) {
+			t.Errorf("%v: exit %d: %s", c.args, code, stderr)
+		}
+	}
 	if out, _, code := nbdmover(t, "--version"); code != 0 || !strings.Contains(out, "libnbd") || !strings.Contains(out, "libvirt") || !strings.Contains(out, "go1.") {
 		t.Errorf("--version: %q", out)
 	}
