@@ -96,7 +96,7 @@ for case in $CASES; do
 	*) die "unknown case $case" ;;
 	esac
 	serve
-	backup=("$nbdmover" --log-level warn backup --repo "$work/repo" --nbd "nbd+unix:///?socket=$work/nbd.sock"
+	backup=("$nbdmover" --log-level warn backup --init --repo "$work/repo" --nbd "nbd+unix:///?socket=$work/nbd.sock"
 		--name "$case" --bitmap b0 --disk vda --json)
 	run "$case" "backup full" "${backup[@]}"
 	unserve

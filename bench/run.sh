@@ -188,7 +188,7 @@ dirty() {
 }
 
 nbdmover() { "$PWD/bin/nbdmover" --log-level warn "$@"; }
-backup() { nbdmover backup --scratch-dir "$work/scratch" "$@"; }
+backup() { nbdmover backup --init --scratch-dir "$work/scratch" "$@"; }
 s3=(--s3-endpoint "$NBDMOVER_TEST_S3_ENDPOINT")
 for ((round = 1; round <= ROUNDS; round++)); do
 	say "round $round"

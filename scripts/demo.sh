@@ -47,7 +47,7 @@ snapshot() { # raw reference copy of vda as it is now
 }
 
 step "full backup into $repo"
-out=$("$nbdmover" --log-level warn backup --domain "$dom" --repo "$repo")
+out=$("$nbdmover" --log-level warn backup --init --domain "$dom" --repo "$repo")
 done_ "$out"
 snapshot "$work/ref1.raw"
 
@@ -59,7 +59,7 @@ done_
 snapshot "$work/ref2.raw"
 
 step "incremental backup"
-out=$("$nbdmover" --log-level warn backup --domain "$dom" --repo "$repo")
+out=$("$nbdmover" --log-level warn backup --init --domain "$dom" --repo "$repo")
 done_ "$out"
 
 "$nbdmover" list --repo "$repo" >&2
