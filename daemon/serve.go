@@ -12,7 +12,6 @@ import (
 
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
-	"github.com/nbdmover/nbdmover/sink"
 )
 
 // DefaultListen is where the daemon listens unless told otherwise.
@@ -203,7 +202,7 @@ func removeStoreTemp(ctx context.Context, o repo.Options, log *slog.Logger) {
 	if err != nil {
 		return // no repository yet, or unreachable: the first job says so
 	}
-	if n, err := sink.RemoveTemp(ctx, r.Store(), time.Hour); err != nil {
+	if n, err := r.RemoveTemp(ctx, time.Hour); err != nil {
 		log.Warn("removing the store's temporary files failed", "error", err)
 	} else if n > 0 {
 		log.Info("removed temporary files of interrupted writes", "store_temp_files", n)

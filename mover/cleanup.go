@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/repo"
-	"github.com/nbdmover/nbdmover/sink"
 	"libvirt.org/go/libvirt"
 )
 
@@ -107,7 +106,7 @@ func Cleanup(ctx context.Context, o CleanupOptions) (*CleanupReport, error) {
 		}
 	}
 	if r != nil && !o.SkipStoreTemp {
-		if rep.StoreTempFiles, err = sink.RemoveTemp(ctx, r.Store(), o.TempAge); err != nil {
+		if rep.StoreTempFiles, err = r.RemoveTemp(ctx, o.TempAge); err != nil {
 			return rep, err
 		}
 	}

@@ -2,7 +2,6 @@ package pipeline
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"iter"
 	"math/rand/v2"
@@ -12,7 +11,6 @@ import (
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
-	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -219,12 +217,7 @@ type run struct {
 	healed  []chunker.Digest // damaged chunks stored again, under mu
 	// uploading holds the digests this run is uploading or has uploaded.
 	uploading sync.Map
-	// remote: the store's requests are round trips (S3); offers, held:
-	// chunks the uploaders offered to it lately, and of them those it
-	// held (halved every 64 offers: a recent share), under offerMu.
-	remote       bool
-	offerMu      sync.Mutex
-	offers, held int
+	putter    *repo.Putter // stores the chunks (and learns whether asking the store first pays)
 	// planned, planReads: chunks and bytes the planner sent; done: plans
 	// the workers finished.
 	planned, planReads, done atomic.Int64
@@ -240,7 +233,7 @@ type run struct {
 func (j *Job) Run(ctx context.Context) (Result, error) {
 	size := j.Disk.Info().Size
 	chunkSize := j.Repo.Config().ChunkSize
-	r := &run{Job: j, remote: sink.Remote(j.Repo.Store())}
+	r := &run{Job: j, putter: j.Repo.NewPutter()}
 	j.Stats.Total.Store(size)
 	p := &planner{grid: chunker.Grid{ChunkSize: chunkSize, Size: size}, build: r.plan, zero: r.zero, skip: r.skip,
 		lie: r.recordLie, lied: func() bool { return r.lie.Load() != nil }}
@@ -527,79 +520,24 @@ func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 	return nil
 }
 
-// store puts an upload's blob unless the store already holds the chunk
-// (stored by a backup other than the parent, or by one that failed before
-// its commit). A damaged chunk is put whatever the store holds: that
-// heals it.
-//
-// Asking first (a HEAD) spares the upload of a chunk the store holds, at
-// a round trip for every chunk it lacks. On a remote store, once 16
-// chunks were offered and fewer than a quarter of those offered lately
-// were held (a new disk), the uploaders create instead (a conditional
-// PUT, one round trip), and a chunk held costs its upload; they ask again
-// when the share rises.
+// store hands an upload's blob to the repository, which stores it unless
+// it holds the chunk already (repo.Putter). A damaged chunk is stored
+// whatever the store holds: that heals it.
 func (r *run) store(ctx context.Context, u upload) error {
-	key := repo.ChunkKey(u.digest)
-	switch {
-	case r.Damaged[u.digest]:
-		// A plain Put: a verify may read the healed chunk and delete its
-		// damage record before this backup commits, so the chunk must be
-		// durable first.
-		if err := r.Repo.Store().Put(ctx, key, u.blob); err != nil {
-			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
-		}
+	heal := r.Damaged[u.digest]
+	held, err := r.putter.Put(ctx, u.digest, u.blob, heal)
+	if err != nil {
+		return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
+	}
+	if held {
+		r.Stats.BytesDedup.Add(u.plain)
+		return nil
+	}
+	if heal {
 		r.mu.Lock()
 		r.healed = append(r.healed, u.digest)
 		r.mu.Unlock()
-	case r.askFirst():
-		held, err := r.Repo.HasChunk(ctx, u.digest)
-		if err != nil {
-			return fmt.Errorf("disk %s: chunk %d: %w", r.Name, u.index, err)
-		}
-		if r.offered(held) {
-			// Held, perhaps put deferred by another backup that has not
-			// committed: the commit makes its name durable too.
-			sink.SyncLater(r.Repo.Store(), key)
-			r.Stats.BytesDedup.Add(u.plain)
-			return nil
-		}
-		if err := sink.PutDeferred(ctx, r.Repo.Store(), key, u.blob); err != nil {
-			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
-		}
-	default:
-		err := r.Repo.Store().Create(ctx, key, u.blob)
-		if r.offered(errors.Is(err, sink.ErrExists)) {
-			r.Stats.BytesDedup.Add(u.plain)
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
-		}
 	}
 	r.Stats.BytesWritten.Add(int64(len(u.blob)))
 	return nil
-}
-
-// askFirst says whether the uploaders ask the store before a put.
-func (r *run) askFirst() bool {
-	if !r.remote {
-		return true
-	}
-	r.offerMu.Lock()
-	defer r.offerMu.Unlock()
-	return r.offers < 16 || r.held*4 >= r.offers
-}
-
-// offered counts a chunk offered to the store, and returns held.
-func (r *run) offered(held bool) bool {
-	r.offerMu.Lock()
-	defer r.offerMu.Unlock()
-	r.offers++
-	if held {
-		r.held++
-	}
-	if r.offers == 64 {
-		r.offers, r.held = 32, r.held/2
-	}
-	return held
 }

@@ -18,7 +18,6 @@ import (
 	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
-	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/sys/unix"
 )
 
@@ -88,7 +87,7 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	}
 	if o.Parallel <= 0 {
 		o.Parallel = 8
-		if sink.Remote(r.Store()) { // a fetch waits a round trip: 32 MiB of chunks in flight
+		if r.Remote() { // a fetch waits a round trip: 32 MiB of chunks in flight
 			o.Parallel = int(max(8, (32<<20)/r.Config().ChunkSize))
 		}
 	}
