@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdmover/nbdmover/diskview"
 	"github.com/nbdmover/nbdmover/internal/childenv"
 	"github.com/nbdmover/nbdmover/internal/hold"
 	"github.com/nbdmover/nbdmover/nbdclient"
@@ -85,12 +86,7 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if o.Parallel <= 0 {
-		o.Parallel = 8
-		if r.Remote() { // a fetch waits a round trip: 32 MiB of chunks in flight
-			o.Parallel = int(max(8, (32<<20)/r.Config().ChunkSize))
-		}
-	}
+
 	// The shared lock keeps a gc from deleting the backup's objects while
 	// they are read (should it be forgotten meanwhile).
 	if !o.NoLock {
@@ -272,10 +268,21 @@ func restoreRaw(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, p *
 	if err := f.Truncate(d.Size); err != nil {
 		return err
 	}
-	if err := r.RestoreDisk(ctx, m, d.Name, fileTarget{f, new(sync.Mutex)}, parallel); err != nil {
+	if err := copyDisk(ctx, r, m, d.Name, fileTarget{f, new(sync.Mutex)}, parallel); err != nil {
 		return err
 	}
 	return f.Sync()
+}
+
+// copyDisk copies disk of backup m to t through a view of it, with
+// parallel chunks fetched ahead.
+func copyDisk(ctx context.Context, r *repo.Repo, m *repo.Manifest, disk string, t diskview.Target, parallel int) error {
+	v, err := diskview.Open(ctx, r, m, disk, diskview.Options{ReadAhead: parallel})
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	return v.Copy(ctx, t)
 }
 
 type poolTarget struct{ p *nbdclient.Pool }
@@ -304,7 +311,7 @@ func restoreQcow2(ctx context.Context, r *repo.Repo, m *repo.Manifest, d Disk, p
 			err = serr
 		}
 	}()
-	if err := r.RestoreDisk(ctx, m, d.Name, poolTarget{pool}, parallel); err != nil {
+	if err := copyDisk(ctx, r, m, d.Name, poolTarget{pool}, parallel); err != nil {
 		return err
 	}
 	return pool.Flush(ctx)

@@ -1,0 +1,324 @@
+// Package diskview reads one disk of one backup at any offset, as a block
+// device is read: restore copies it to an image, and an NBD export (or a
+// file-level restore) serves it.
+//
+// Words used here:
+//
+//   - A View is one disk of one backup. Its chunk grid (chunker.Grid) cuts
+//     it into chunks; a chunk its index does not list is a zero chunk,
+//     which reads as zeroes and is never fetched.
+//   - A data chunk is fetched, decoded and checked against its name once
+//     (repo.GetChunk: a damaged chunk is an error naming it, never wrong
+//     bytes), then kept in a cache of decoded chunks bounded in bytes, the
+//     least recently used going first.
+//   - A flight is a fetch in progress: readers of a chunk being fetched
+//     wait for it rather than fetch it again.
+//   - A stream is a reader going forward: when a read starts at the data
+//     chunk after the one a stream read last, the next data chunks are
+//     fetched ahead (Options.ReadAhead) while it copies.
+//
+// Memory: the cache (Options.CacheBytes) plus the blobs of the fetches in
+// flight (Options.Fetchers), whatever the disk's size.
+package diskview
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/repo"
+)
+
+// Options tune a View.
+type Options struct {
+	// CacheBytes bounds the decoded chunks kept (default 64 MiB, and at
+	// least 2 x (ReadAhead + 4) chunks, so read-ahead never evicts what a
+	// stream is about to read).
+	CacheBytes int64
+	// ReadAhead is how many data chunks are fetched ahead of a stream
+	// (default 8; from a remote store, 32 MiB of chunks, at least 8).
+	ReadAhead int
+	// Fetchers bounds the fetches in flight (default ReadAhead + 4).
+	Fetchers int
+}
+
+// View is a disk of a backup, readable at any offset by any number of
+// goroutines at once.
+type View struct {
+	r    *repo.Repo
+	ix   *repo.Index
+	grid chunker.Grid
+	name string // "domain/id disk", for errors
+	o    Options
+	sem  chan struct{} // fetch slots
+
+	bg     context.Context // prefetches; ends with Close
+	stop   context.CancelFunc
+	bgDone sync.WaitGroup
+
+	mu      sync.Mutex
+	cache   map[int64]*list.Element // of *entry, by chunk
+	lru     *list.List              // front: most recently used
+	used    int64                   // bytes in the cache
+	flights map[int64]*flight
+	streams []stream
+}
+
+type entry struct {
+	chunk int64
+	data  []byte
+}
+
+type flight struct {
+	done chan struct{}
+	data []byte
+	err  error
+}
+
+// stream is a reader going forward: last is the data chunk (its index
+// in the index) it read last, ahead the furthest it had fetched ahead.
+type stream struct {
+	last, ahead int
+	used        uint64 // when it was last used (a counter), to replace the oldest
+}
+
+const maxStreams = 8
+
+// Open returns the view of disk of backup m.
+func Open(ctx context.Context, r *repo.Repo, m *repo.Manifest, disk string, o Options) (*View, error) {
+	ix, err := r.LoadIndex(ctx, m, disk)
+	if err != nil {
+		return nil, err
+	}
+	chunk := r.Config().ChunkSize
+	if o.ReadAhead <= 0 {
+		o.ReadAhead = 8
+		if r.Remote() { // a fetch waits a round trip: 32 MiB of chunks in flight
+			o.ReadAhead = int(max(8, (32<<20)/chunk))
+		}
+	}
+	if o.Fetchers <= 0 {
+		o.Fetchers = o.ReadAhead + 4
+	}
+	o.CacheBytes = max(o.CacheBytes, 64<<20, 2*int64(o.ReadAhead+4)*chunk)
+	bg, stop := context.WithCancel(context.WithoutCancel(ctx))
+	return &View{r: r, ix: ix, grid: ix.Grid(), name: fmt.Sprintf("%s/%s disk %s", m.Domain, m.ID, disk), o: o,
+		sem: make(chan struct{}, o.Fetchers), bg: bg, stop: stop, cache: map[int64]*list.Element{}, lru: list.New(),
+		flights: map[int64]*flight{}}, nil
+}
+
+// Close stops the fetches ahead and drops the cache. Reads after Close
+// still work, without the cache's help.
+func (v *View) Close() {
+	v.stop()
+	v.bgDone.Wait()
+	v.mu.Lock()
+	v.cache, v.lru, v.used = map[int64]*list.Element{}, list.New(), 0
+	v.mu.Unlock()
+}
+
+// Size is the disk's size in bytes.
+func (v *View) Size() int64 { return v.grid.Size }
+
+// Grid is the disk's chunk grid.
+func (v *View) Grid() chunker.Grid { return v.grid }
+
+// DataChunks is how many chunks hold data (the others read as zeroes).
+func (v *View) DataChunks() int { return v.ix.Len() }
+
+// DataChunk returns the k-th chunk that holds data (0 <= k < DataChunks):
+// its index in the grid.
+func (v *View) DataChunk(k int) int64 {
+	i, _ := v.ix.At(k)
+	return i
+}
+
+// ErrRange is matched by the error of a read outside the disk.
+var ErrRange = errors.New("read outside the disk")
+
+// ReadAt reads len(p) bytes at off: zeroes where the backup holds none,
+// the backup's bytes elsewhere. A chunk that cannot be read whole is an
+// error naming it (a *repo.ChunkError); p is then partly filled.
+func (v *View) ReadAt(ctx context.Context, p []byte, off int64) error {
+	end := off + int64(len(p))
+	if off < 0 || end > v.grid.Size || end < off {
+		return fmt.Errorf("%s: %w: %d bytes at %d of %d", v.name, ErrRange, len(p), off, v.grid.Size)
+	}
+	first, last := int64(-1), int64(-1)
+	for pos := off; pos < end; {
+		i := pos / v.grid.ChunkSize
+		cOff, cLen := v.grid.Chunk(i)
+		n := min(end, cOff+cLen) - pos
+		dst := p[pos-off : pos-off+n]
+		data, err := v.Chunk(ctx, i)
+		if err != nil {
+			return err
+		}
+		if data == nil {
+			clear(dst)
+		} else {
+			copy(dst, data[pos-cOff:])
+		}
+		if first < 0 {
+			first = i
+		}
+		last = i
+		pos += n
+	}
+	if first >= 0 {
+		v.stream(first, last)
+	}
+	return nil
+}
+
+// Chunk returns the decoded bytes of chunk i of the grid (nil for a zero
+// chunk), fetching it unless it is cached or being fetched. The bytes
+// are shared: callers must not change them.
+func (v *View) Chunk(ctx context.Context, i int64) ([]byte, error) {
+	if v.ix.Digest(i).IsZeroChunk() {
+		return nil, nil
+	}
+	v.mu.Lock()
+	if e, ok := v.cache[i]; ok {
+		v.lru.MoveToFront(e)
+		v.mu.Unlock()
+		return e.Value.(*entry).data, nil
+	}
+	f, ok := v.flights[i]
+	if !ok {
+		f = &flight{done: make(chan struct{})}
+		v.flights[i] = f
+	}
+	v.mu.Unlock()
+	if !ok {
+		v.fetch(ctx, i, f)
+	}
+	select {
+	case <-f.done:
+		return f.data, f.err
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
+// Prefetch starts fetching chunk i of the grid in the background unless it
+// is a zero chunk, cached or being fetched.
+func (v *View) Prefetch(i int64) {
+	if v.ix.Digest(i).IsZeroChunk() || v.bg.Err() != nil {
+		return
+	}
+	v.mu.Lock()
+	_, cached := v.cache[i]
+	_, flying := v.flights[i]
+	if cached || flying {
+		v.mu.Unlock()
+		return
+	}
+	f := &flight{done: make(chan struct{})}
+	v.flights[i] = f
+	v.bgDone.Add(1)
+	v.mu.Unlock()
+	go func() {
+		defer v.bgDone.Done()
+		v.fetch(v.bg, i, f)
+	}()
+}
+
+// fetch fetches and decodes chunk i for the flight f (one fetch slot),
+// caches it, and lands the flight.
+func (v *View) fetch(ctx context.Context, i int64, f *flight) {
+	select {
+	case v.sem <- struct{}{}:
+		d := v.ix.Digest(i)
+		f.data, _, f.err = v.r.GetChunk(ctx, d, nil, nil)
+		<-v.sem
+		if _, n := v.grid.Chunk(i); f.err == nil && int64(len(f.data)) != n {
+			f.err = &repo.ChunkError{Key: repo.ChunkKey(d),
+				Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(f.data), i, n)}
+		}
+	case <-ctx.Done():
+		f.err = context.Cause(ctx)
+	}
+	if f.err != nil {
+		f.err = fmt.Errorf("%s: %w", v.name, f.err)
+		f.data = nil
+	}
+	v.mu.Lock()
+	delete(v.flights, i)
+	if f.err == nil {
+		v.insert(i, f.data)
+	}
+	v.mu.Unlock()
+	close(f.done)
+}
+
+// insert caches chunk i's bytes, dropping the least recently used chunks
+// beyond CacheBytes. v.mu is held.
+func (v *View) insert(i int64, data []byte) {
+	if _, ok := v.cache[i]; ok {
+		return
+	}
+	v.cache[i] = v.lru.PushFront(&entry{i, data})
+	v.used += int64(len(data))
+	for v.used > v.o.CacheBytes && v.lru.Len() > 1 {
+		e := v.lru.Back().Value.(*entry)
+		v.lru.Remove(v.lru.Back())
+		delete(v.cache, e.chunk)
+		v.used -= int64(len(e.data))
+	}
+}
+
+// stream notes a read of chunks first..last of the grid and, when it goes
+// on from where a stream stopped, fetches the next data chunks ahead.
+func (v *View) stream(first, last int64) {
+	kFirst := v.dataAtOrAfter(first)
+	kLast := v.dataAtOrAfter(last+1) - 1 // the last data chunk read (kFirst-1 when none)
+	v.mu.Lock()
+	var s *stream
+	var tick uint64
+	for j := range v.streams {
+		tick = max(tick, v.streams[j].used)
+	}
+	for j := range v.streams {
+		// Going on: the read starts at the data chunk a stream read last
+		// (small reads within one chunk), or the one after it.
+		if st := &v.streams[j]; kFirst == st.last || kFirst == st.last+1 {
+			s = st
+			break
+		}
+	}
+	if s == nil {
+		if len(v.streams) < maxStreams {
+			v.streams = append(v.streams, stream{last: kLast, ahead: kLast, used: tick + 1})
+		} else {
+			oldest := 0
+			for j := range v.streams {
+				if v.streams[j].used < v.streams[oldest].used {
+					oldest = j
+				}
+			}
+			v.streams[oldest] = stream{last: kLast, ahead: kLast, used: tick + 1}
+		}
+		v.mu.Unlock()
+		return
+	}
+	s.last, s.used = max(s.last, kLast), tick+1
+	from, to := max(s.ahead, s.last)+1, min(s.last+v.o.ReadAhead, v.ix.Len()-1)
+	if to >= from {
+		s.ahead = to
+	}
+	v.mu.Unlock()
+	for k := from; k <= to; k++ {
+		v.Prefetch(v.DataChunk(k))
+	}
+}
+
+// dataAtOrAfter is the position in the index of the first data chunk at
+// or after chunk i of the grid (DataChunks when there is none).
+func (v *View) dataAtOrAfter(i int64) int {
+	return sort.Search(v.ix.Len(), func(k int) bool { c, _ := v.ix.At(k); return c >= i })
+}

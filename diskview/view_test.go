@@ -1,0 +1,210 @@
+package diskview_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nbdmover/nbdmover/diskview"
+	"github.com/nbdmover/nbdmover/internal/backuptest"
+	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
+	"github.com/nbdmover/nbdmover/sink/sinktest"
+)
+
+const MiB = backuptest.MiB
+
+// backup takes a full backup of a test image (holes, zero runs, data, a
+// short last chunk) served by qemu-nbd, into 256 KiB chunks, and returns
+// the repository, the manifest and a raw copy of the image.
+func backup(t *testing.T, ro repo.Options) (*repo.Repo, *repo.Manifest, []byte) {
+	t.Helper()
+	qemutest.Need(t, "qemu-nbd", "qemu-img", "qemu-io")
+	img := backuptest.Image(t, 25*MiB+3*512)
+	srv := qemutest.Serve(t, img, "-r")
+	defer srv.Kill()
+	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Disk: "vda"}),
+		mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := ro.Open(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := r.Backup(t.Context(), "vm", res.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(qemutest.RawCopy(t, img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, m, raw
+}
+
+// Reads at any offset and length, from many goroutines at once, return the
+// source's bytes, local and on MinIO, with a cache far smaller than the
+// disk.
+func TestViewReadsWhatWasBackedUp(t *testing.T) {
+	for _, where := range []string{"local", "s3"} {
+		t.Run(where, func(t *testing.T) {
+			ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+			if where == "s3" {
+				s := sinktest.NewS3(t, "v/")
+				ro = repo.Options{Location: "s3://" + strings.TrimPrefix(strings.Fields(s.Location())[0], "s3://"), S3Endpoint: sinktest.S3Endpoint(t)}
+			}
+			r, m, raw := backup(t, ro)
+			v, err := diskview.Open(t.Context(), r, m, "vda", diskview.Options{CacheBytes: 1 * MiB, ReadAhead: 4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer v.Close()
+			if v.Size() != int64(len(raw)) {
+				t.Fatalf("size %d, want %d", v.Size(), len(raw))
+			}
+			var wg sync.WaitGroup
+			for g := range 8 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					rnd := rand.New(rand.NewPCG(uint64(g), 9))
+					for range 200 {
+						n := 1 + rnd.IntN(3*MiB)
+						off := rnd.Int64N(int64(len(raw) - n + 1))
+						if g%2 == 0 { // sequential readers
+							off = int64(g) * MiB
+							for off+int64(n) <= int64(len(raw)) {
+								if !readsBack(t, v, raw, off, n) {
+									return
+								}
+								off += int64(n)
+							}
+							return
+						}
+						if !readsBack(t, v, raw, off, n) {
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			// The whole disk in one read, and the last byte.
+			readsBack(t, v, raw, 0, len(raw))
+			readsBack(t, v, raw, int64(len(raw)-1), 1)
+			if err := v.ReadAt(t.Context(), make([]byte, 2), int64(len(raw)-1)); !errors.Is(err, diskview.ErrRange) {
+				t.Fatalf("a read past the end: %v", err)
+			}
+		})
+	}
+}
+
+func readsBack(t *testing.T, v *diskview.View, raw []byte, off int64, n int) bool {
+	t.Helper()
+	p := make([]byte, n)
+	if err := v.ReadAt(context.Background(), p, off); err != nil {
+		t.Errorf("read %d at %d: %v", n, off, err)
+		return false
+	}
+	if !bytes.Equal(p, raw[off:off+int64(n)]) {
+		t.Errorf("read %d at %d: wrong bytes", n, off)
+		return false
+	}
+	return true
+}
+
+// getCounter counts the gets of each chunk.
+type getCounter struct {
+	sink.Store
+	mu   sync.Mutex
+	gets map[string]int
+	all  atomic.Int64
+}
+
+func (c *getCounter) Unwrap() sink.Store { return c.Store }
+
+func (c *getCounter) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
+	if strings.HasPrefix(key, "chunks/") {
+		c.mu.Lock()
+		c.gets[key]++
+		c.mu.Unlock()
+		c.all.Add(1)
+	}
+	return c.Store.Get(ctx, key, buf, limit)
+}
+
+// Readers of one chunk at once fetch it once; a cached chunk is not
+// fetched again; a sequential reader gets the next chunks fetched ahead;
+// a damaged chunk is an error naming it, never wrong bytes.
+func TestViewFetchesOnceAndAhead(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	_, m, raw := backup(t, ro)
+	store, _ := ro.Store()
+	c := &getCounter{Store: store, gets: map[string]int{}}
+	r, err := repo.Open(t.Context(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := diskview.Open(t.Context(), r, m, "vda", diskview.Options{ReadAhead: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	first := v.DataChunk(0)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Add(1)
+		go func() { defer wg.Done(); v.Chunk(t.Context(), first) }()
+	}
+	wg.Wait()
+	if c.all.Load() != 1 {
+		t.Fatalf("16 readers of one chunk: %d fetches", c.all.Load())
+	}
+	v.Chunk(t.Context(), first)
+	if c.all.Load() != 1 {
+		t.Fatalf("a cached chunk was fetched again")
+	}
+	// Two sequential reads: the next 4 data chunks are fetched ahead.
+	grid := v.Grid()
+	for k := 1; k <= 2; k++ {
+		off, n := grid.Chunk(v.DataChunk(k))
+		readsBack(t, v, raw, off, int(n))
+	}
+	for deadline := time.Now().Add(20 * time.Second); c.all.Load() < 3+4 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	}
+	v.Close()
+	if got := c.all.Load(); got != 3+4 {
+		t.Fatalf("after two sequential reads: %d fetches, want 3 and 4 ahead", got)
+	}
+	for key, n := range c.gets {
+		if n != 1 {
+			t.Errorf("%s fetched %d times", key, n)
+		}
+	}
+
+	// A chunk damaged in the store: the read fails naming it.
+	i := v.DataChunk(5)
+	off, n := grid.Chunk(i)
+	ix, _ := r.LoadIndex(t.Context(), m, "vda")
+	key := repo.ChunkKey(ix.Digest(i))
+	b, _ := store.Get(t.Context(), key, nil, 1<<30)
+	b[len(b)-1] ^= 1
+	store.Put(t.Context(), key, b)
+	v2, _ := diskview.Open(t.Context(), r, m, "vda", diskview.Options{})
+	defer v2.Close()
+	p := make([]byte, n)
+	var ce *repo.ChunkError
+	if err := v2.ReadAt(t.Context(), p, off); !errors.As(err, &ce) || ce.Key != key {
+		t.Fatalf("a read of a damaged chunk: %v", err)
+	}
+}
