@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // invalidf is a refusal of bad configuration (ErrInvalid).
@@ -137,10 +139,14 @@ func loopback(spec string) bool {
 
 // limitListener accepts at most n connections at once. Beyond that, a
 // connection on which no request has passed authentication yet (an idle
-// new one, or one a 401 is being answered on) is closed to make room,
-// the oldest first; only when all n have authenticated does Accept wait
-// for one to close. So clients without the token cannot hold the slots
-// the clients with it need.
+// new one, or one a 401 is being answered on) is closed to make room:
+// the one accepted longest ago if one was over a quarter of a second ago
+// (slow lorises, clients that connect and wait: a client with the token
+// sends its request at once), else one chosen at random (a flood of new
+// connections then evicts a client with the token, not yet through its
+// first request, only by chance, not by order: at 64 slots, each
+// eviction has a 1 in 64 chance to hit it); only when all n have
+// authenticated does Accept wait for one to close.
 func limitListener(l net.Listener, n int) net.Listener {
 	lim := &limited{Listener: l, max: max(n, 1), open: map[*limitedConn]bool{}}
 	lim.freed = sync.NewCond(&lim.mu)
@@ -153,22 +159,22 @@ type limited struct {
 	mu    sync.Mutex
 	freed *sync.Cond
 	open  map[*limitedConn]bool
-	seq   uint64
 }
 
 func (l *limited) Accept() (net.Conn, error) {
 	l.mu.Lock()
 	for len(l.open) >= l.max {
-		if victim := l.oldestUnauthenticated(); victim != nil {
+		if victim := l.unauthenticated(); victim != nil {
 			l.mu.Unlock()
-			victim.Close()
+			if !victim.authed.Load() { // it may have authenticated since
+				victim.Close()
+			}
 			l.mu.Lock()
 			continue
 		}
 		l.freed.Wait()
 	}
-	l.seq++
-	c := &limitedConn{l: l, seq: l.seq}
+	c := &limitedConn{l: l, since: time.Now()}
 	l.open[c] = true // reserved before Accept returns
 	l.mu.Unlock()
 	conn, err := l.Listener.Accept()
@@ -180,22 +186,37 @@ func (l *limited) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// oldestUnauthenticated is the open connection accepted first that has
-// not authenticated, nil when there is none. l.mu is held.
-func (l *limited) oldestUnauthenticated() *limitedConn {
+// unauthenticated picks an open connection that has not authenticated:
+// the one accepted first if one was accepted over graceNew ago, else one
+// at random; nil when there is none. l.mu is held.
+func (l *limited) unauthenticated() *limitedConn {
 	var oldest *limitedConn
+	var young []*limitedConn
 	for c := range l.open {
-		if c.Conn != nil && !c.authed.Load() && (oldest == nil || c.seq < oldest.seq) {
-			oldest = c
+		switch {
+		case c.Conn == nil || c.authed.Load():
+		case time.Since(c.since) > graceNew:
+			if oldest == nil || c.since.Before(oldest.since) {
+				oldest = c
+			}
+		default:
+			young = append(young, c)
 		}
 	}
-	return oldest
+	if oldest != nil || len(young) == 0 {
+		return oldest
+	}
+	return young[mrand.IntN(len(young))]
 }
+
+// graceNew is how long a new connection has to send its first request
+// before it counts as idle (and is closed first to make room).
+const graceNew = 250 * time.Millisecond
 
 type limitedConn struct {
 	net.Conn
 	l      *limited
-	seq    uint64
+	since  time.Time // accepted
 	authed atomic.Bool
 	once   sync.Once
 }

@@ -87,6 +87,10 @@ func Cleanup(ctx context.Context, o CleanupOptions) (*CleanupReport, error) {
 	if err != nil && !errors.Is(err, repo.ErrNoRepository) {
 		return nil, err
 	}
+	if f := o.ForgetRepository; f != "" && r != nil && strings.HasPrefix(r.Config().ID, f[:12]) {
+		return nil, invalidf("--forget-repository %s is the repository of --repo %s: forgetting it would drop the checkpoint its next backup starts from "+
+			"(give another repository's id; to retire this one, run the cleanup with another --repo)", f, r.Location())
+	}
 	conn, err := connectLibvirt(o.Connect)
 	if err != nil {
 		return nil, err

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"github.com/nbdmover/nbdmover/internal/safedir"
 )
 
 // ErrBusy is matched by the error of a backup or cleanup of a name
@@ -47,34 +49,37 @@ func traversableDir(dir string) error {
 	if err := CheckDir(dir); err != nil {
 		return err
 	}
-	if _, err := os.Stat(dir); err == nil {
-		return nil
+	f, err := safedir.Open(dir, safedir.Options{Chain: true})
+	if err == nil {
+		return f.Close() // there, and checked
 	}
-	if err := os.MkdirAll(dir, 0o711); err != nil {
-		return err
+	if f, err = safedir.Open(dir, safedir.Options{Create: true, Perm: 0o711, Chain: true}); err != nil {
+		return invalidf("%v", err)
 	}
-	return os.Chmod(dir, 0o711) // whatever the umask
+	defer f.Close()
+	return f.Chmod(0o711) // whatever the umask
 }
 
-// CheckDir refuses, as a run or scratch directory, an existing directory
-// that others may write (or a file): whoever can write it could replace
-// the locks and the backup jobs' sockets and scratch files nbdmover keeps
-// there. A directory that does not exist is fine (it is made with mode
-// 0711). Errors match ErrInvalid.
+// CheckDir refuses, as a run or scratch directory, a directory that
+// another user could replace what nbdmover keeps in: one owned by another
+// user or writable by others, or one reached through a directory (or a
+// symbolic link) another user could rename or change. Backups, libvirt
+// and cleanup reach what is inside by its path. A directory that does
+// not exist yet is fine (it is made with mode 0711, through trusted
+// directories). Errors match ErrInvalid.
 func CheckDir(dir string) error {
-	var st syscall.Stat_t
-	err := syscall.Stat(dir, &st)
+	f, err := safedir.Open(dir, safedir.Options{Chain: true})
 	switch {
 	case errors.Is(err, syscall.ENOENT):
 		return nil
+	case errors.Is(err, safedir.ErrUntrusted), errors.Is(err, syscall.ENOTDIR):
+		return invalidf("%v: nbdmover keeps its locks and the backup jobs' sockets and scratch files there; give a directory only root can change", err)
 	case err != nil:
 		return fmt.Errorf("%s: %w", dir, err)
-	case st.Mode&syscall.S_IFMT != syscall.S_IFDIR:
-		return invalidf("%s is not a directory", dir)
-	case st.Mode&0o022 != 0:
-		return invalidf("%s may be written by others (mode %04o): nbdmover keeps its locks and the backup jobs' sockets and scratch files there, "+
-			"which another user could replace; give a directory only root can write (one that does not exist is made with mode 0711)",
-			dir, st.Mode&0o7777)
+	}
+	defer f.Close()
+	if err := safedir.Private(f); err != nil {
+		return invalidf("%v; give a directory only root can write (one that does not exist is made with mode 0711)", err)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/nbdmover/nbdmover/diskview"
 	"github.com/nbdmover/nbdmover/internal/childenv"
 	"github.com/nbdmover/nbdmover/internal/hold"
+	"github.com/nbdmover/nbdmover/internal/safedir"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 	"golang.org/x/sys/unix"
@@ -79,6 +81,9 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if o.Output == "" {
 		return nil, nil, invalidError{errors.New("restore: no --output given")}
 	}
+	if b := filepath.Base(o.Output); o.Disk != "" && (strings.HasSuffix(o.Output, "/") || b == "." || b == "..") {
+		return nil, nil, invalidError{fmt.Errorf("restore --disk: --output %s names a directory; give the image file's name", o.Output)}
+	}
 	if err := repo.ValidName("domain", o.Domain); err != nil {
 		return nil, nil, invalidError{err}
 	}
@@ -101,21 +106,27 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// The output's directory is opened once, following no link another
+	// user could change, and every image goes into it by its descriptor.
 	var todo []Disk
+	dir, create := o.Output, true // every disk into the directory Output
 	if o.Disk != "" {
 		d, err := m.Disk(o.Disk)
 		if err != nil {
 			return nil, nil, err
 		}
 		todo = append(todo, Disk{Name: d.Name, Path: o.Output, Size: d.Size})
+		dir, create = filepath.Dir(o.Output), false
 	} else {
-		if err := os.MkdirAll(o.Output, 0o700); err != nil {
-			return nil, nil, fmt.Errorf("restore: %w", err)
-		}
 		for _, d := range m.Disks {
 			todo = append(todo, Disk{Name: d.Name, Path: filepath.Join(o.Output, d.Name+"."+o.Format), Size: d.Size})
 		}
 	}
+	out, err := safedir.Open(dir, safedir.Options{Create: create, Perm: 0o700})
+	if err != nil {
+		return nil, nil, fmt.Errorf("restore: the output's directory: %w", err)
+	}
+	defer out.Close()
 	write := restoreRaw
 	if o.Format == "qcow2" {
 		write = restoreQcow2
@@ -123,7 +134,7 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	var done []Disk
 	for _, d := range todo {
 		start := time.Now()
-		if err := restoreFile(d, func(p *place) error { return write(ctx, r, m, d, p, o.Parallel) }); err != nil {
+		if err := restoreFile(out, d, func(p *place) error { return write(ctx, r, m, d, p, o.Parallel) }); err != nil {
 			return m, done, fmt.Errorf("restore %s/%s disk %s to %s: %w", m.Domain, m.ID, d.Name, d.Path, err)
 		}
 		d.Seconds = time.Since(start).Seconds()
@@ -156,8 +167,8 @@ const imageName = "image"
 // restoreFile makes the private directory, has write fill the image in
 // it, and links it to the output's name when write succeeds; on failure
 // the private directory is removed.
-func restoreFile(d Disk, write func(p *place) error) error {
-	p, err := newPlace(d.Path)
+func restoreFile(out *os.File, d Disk, write func(p *place) error) error {
+	p, err := newPlace(out, d.Path)
 	if err != nil {
 		return err
 	}
@@ -179,22 +190,16 @@ func restoreFile(d Disk, write func(p *place) error) error {
 	return p.out.Sync()
 }
 
-// newPlace opens the output's directory and makes the private directory
-// in it.
-func newPlace(path string) (*place, error) {
-	out, err := os.OpenFile(filepath.Dir(path), os.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return nil, err
-	}
+// newPlace makes the private directory for the image at path in the
+// output's directory out.
+func newPlace(out *os.File, path string) (*place, error) {
 	p := &place{out: out, name: filepath.Base(path), partial: filepath.Base(path) + ".partial"}
 	dfd := int(out.Fd())
 	var st unix.Stat_t
 	if unix.Fstatat(dfd, p.name, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
-		out.Close()
 		return nil, fmt.Errorf("%s exists; remove it or choose another output", path)
 	}
 	if err := unix.Mkdirat(dfd, p.partial, 0o700); err != nil {
-		out.Close()
 		if errors.Is(err, unix.EEXIST) {
 			return nil, fmt.Errorf("%s.partial exists: another restore is writing it, or one was killed (remove it)", path)
 		}
@@ -206,7 +211,8 @@ func newPlace(path string) (*place, error) {
 		// Ours and private, or someone swapped it between the mkdir
 		// and the open: only root could make such a directory.
 		if err = unix.Fstat(fd, &st); err == nil && (st.Uid != uint32(os.Geteuid()) || st.Mode&0o077 != 0) {
-			err = fmt.Errorf("it is not the private directory this restore made (owner %d, mode %o): someone replaced it", st.Uid, st.Mode&0o7777)
+			err = fmt.Errorf("it is not the private directory this restore made (owner %d, mode %o): someone replaced it, "+
+				"or the file system does not keep owners and modes (FAT, some CIFS or NFS mounts): restore elsewhere", st.Uid, st.Mode&0o7777)
 		}
 		if err != nil {
 			unix.Close(fd)
@@ -216,7 +222,7 @@ func newPlace(path string) (*place, error) {
 		err = errors.New("it was replaced by a link or a file (by someone who can write its directory)")
 	}
 	if err != nil {
-		out.Close()
+		unix.Unlinkat(dfd, p.partial, unix.AT_REMOVEDIR) // ours, if empty; another's, only if empty too
 		return nil, fmt.Errorf("open %s.partial, the restore's private directory: %w", path, err)
 	}
 	p.priv = os.NewFile(uintptr(fd), path+".partial")
@@ -232,7 +238,6 @@ func (p *place) remove() {
 
 func (p *place) close() {
 	p.priv.Close()
-	p.out.Close()
 }
 
 // fileTarget writes a raw image file, one write at a time: a buffered

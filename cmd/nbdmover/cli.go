@@ -53,31 +53,45 @@ func flagDuration(c *cli.Context, name string) time.Duration {
 	return 0
 }
 
-var dayWeek = regexp.MustCompile(`^(\d+)([dw])(.*)$`)
+var dayWeek = regexp.MustCompile(`^(\d+)([dw])`)
+
+// maxDuration bounds durations: a hundred years is plenty, and sums stay
+// far from overflowing.
+const maxDuration = 100 * 365 * 24 * time.Hour
 
 // parseDuration parses a Go duration (72h, 90m) that may start with
-// whole days or weeks (7d, 2w, 1d12h).
+// whole weeks and days (2w, 7d, 1w2d, 1d12h). Negative ones are refused.
 func parseDuration(s string) (time.Duration, error) {
-	var extra time.Duration
+	bad := fmt.Errorf("duration %q: want numbers with units: s, m, h, d (days), w (weeks), e.g. 90m, 36h, 7d, 1w2d, 1d12h", s)
+	var total time.Duration
 	rest := s
-	if m := dayWeek.FindStringSubmatch(s); m != nil {
+	for {
+		m := dayWeek.FindStringSubmatch(rest)
+		if m == nil {
+			break
+		}
 		n, err := strconv.ParseInt(m[1], 10, 64)
-		if err != nil || n > 100*365 {
-			return 0, fmt.Errorf("duration %q: too long", s)
-		}
-		extra = time.Duration(n) * 24 * time.Hour
+		unit := 24 * time.Hour
 		if m[2] == "w" {
-			extra *= 7
+			unit *= 7
 		}
-		if rest = m[3]; rest == "" {
-			return extra, nil
+		if err != nil || n > int64(maxDuration/unit) {
+			return 0, fmt.Errorf("duration %q: more than a hundred years", s)
 		}
+		total += time.Duration(n) * unit
+		rest = rest[len(m[0]):]
 	}
-	d, err := time.ParseDuration(rest)
-	if err != nil {
-		return 0, fmt.Errorf("duration %q: want a number and a unit: s, m, h, d (days), w (weeks), e.g. 90m, 36h, 7d, 1d12h", s)
+	if rest != "" {
+		d, err := time.ParseDuration(rest)
+		if err != nil || d < 0 || d > maxDuration || strings.HasPrefix(rest, "-") || strings.HasPrefix(rest, "+") {
+			return 0, bad
+		}
+		total += d // at most 2 x maxDuration: no overflow
 	}
-	return extra + d, nil
+	if rest == s && s == "" || total > maxDuration {
+		return 0, bad
+	}
+	return total, nil
 }
 
 // formatDuration writes d as parseDuration reads it, shortly: 7d, 36h,
@@ -119,9 +133,11 @@ func normalizeArgs(args []string) []string {
 		}
 		name, hasValue := flagName(a)
 		switch {
-		case slices.Contains(globalFlags, name):
+		case slices.Contains(globalFlags, name) && (hasValue || i+1 < len(args) && !strings.HasPrefix(args[i+1], "-")):
+			// (One without its value stays where it is, for urfave/cli
+			// to say so, rather than take the next option as its value.)
 			globals = append(globals, a)
-			if !hasValue && i+1 < len(args) {
+			if !hasValue {
 				globals = append(globals, args[i+1])
 				i++
 			}
@@ -179,21 +195,27 @@ func editDistance(a, b string) int {
 	return prev[len(b)]
 }
 
-var undefinedFlag = regexp.MustCompile(`flag provided but not defined: -+(\S+)`)
+var (
+	undefinedFlag = regexp.MustCompile(`flag provided but not defined: -+(\S+)`)
+	flagNoValue   = regexp.MustCompile(`flag needs an argument: -+(\S+)`)
+)
 
 // usageErrorOf rewrites urfave/cli's and the flag package's usage errors
 // with the flag as it is written (--name) and a suggestion.
 func usageErrorOf(c *cli.Context, err error) error {
+	where := "nbdmover"
+	flags := c.App.Flags
+	if c.Command != nil && c.Command.Name != "" && c.Command.Name != c.App.Name {
+		flags, where = c.Command.Flags, "nbdmover "+c.Command.FullName()
+	}
+	if m := flagNoValue.FindStringSubmatch(err.Error()); m != nil {
+		return usagef("--%s needs a value (%s --help says what it takes)", m[1], where)
+	}
 	m := undefinedFlag.FindStringSubmatch(err.Error())
 	if m == nil {
 		return usageError{err}
 	}
 	var names []string
-	where := "nbdmover"
-	flags := c.App.Flags
-	if c.Command != nil && c.Command.Name != "" {
-		flags, where = c.Command.Flags, "nbdmover "+c.Command.FullName()
-	}
 	for _, f := range flags {
 		names = append(names, f.Names()...)
 	}

@@ -161,6 +161,12 @@ func TestSeveralRepositories(t *testing.T) {
 	if cps := dom.Checkpoints(); len(cps) != 3 || slices.ContainsFunc(cps, func(c string) bool { return strings.Contains(c, cfg.ID[:12]) }) {
 		t.Fatalf("checkpoints after retiring the killed run's repository: %v", cps)
 	}
+	// Not the repository --repo names: its next backup starts there.
+	b, _ = os.ReadFile(filepath.Join(repos["local"][1], "config"))
+	json.Unmarshal(b, &cfg)
+	if _, stderr, code := nbdmover(t, append([]string{"cleanup", "--domain", dom.Name, "--forget-repository", cfg.ID}, repos["local"]...)...); code != 2 {
+		t.Fatalf("cleanup --forget-repository of --repo's own: exit %d: %s", code, stderr)
+	}
 	for _, p := range points {
 		dest := filepath.Join(t.TempDir(), "vda.raw")
 		if _, stderr, code := nbdmover(t, append([]string{"restore", "--domain", dom.Name, "--backup", p.id, "--disk", "vda", "--output", dest}, repos[p.repo]...)...); code != 0 {
@@ -524,5 +530,36 @@ func TestJSONDocumentsAreVersioned(t *testing.T) {
 	out, _, _ := nbdmover(t, "restore", "--repo", repoDir, "--domain", "vm", "--output", filepath.Join(dir, "out2"), "--json")
 	if json.Unmarshal([]byte(out), &res) != nil || res.Bytes != 8<<20 || res.Seconds <= 0 || len(res.Disks) != 1 {
 		t.Errorf("restore --json: %s", out)
+	}
+}
+
+func TestParseDuration(t *testing.T) {
+	for in, want := range map[string]time.Duration{"90m": 90 * time.Minute, "36h": 36 * time.Hour, "7d": 7 * 24 * time.Hour,
+		"2w": 14 * 24 * time.Hour, "1w2d": 9 * 24 * time.Hour, "1d12h": 36 * time.Hour, "1ms": time.Millisecond} {
+		if got, err := parseDuration(in); err != nil || got != want {
+			t.Errorf("%s: %v %v, want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "1 day", "d", "1d-30h", "-1h", "100d2562047h", "99999999999w", "1x"} {
+		if got, err := parseDuration(in); err == nil {
+			t.Errorf("%q accepted as %v", in, got)
+		}
+	}
+	for _, c := range []struct{ in, out []string }{
+		{[]string{"nbdmover", "gc", "--log-level", "debug", "--repo", "x"}, []string{"nbdmover", "--log-level", "debug", "gc", "--repo", "x"}},
+		{[]string{"nbdmover", "gc", "--log-level"}, []string{"nbdmover", "gc", "--log-level"}},
+		{[]string{"nbdmover", "gc", "--log-level", "--repo", "x"}, []string{"nbdmover", "gc", "--log-level", "--repo", "x"}},
+		{[]string{"nbdmover", "verify", "--read-data", "10%"}, []string{"nbdmover", "verify", "--read-data=10%"}},
+		{[]string{"nbdmover", "list", "--", "--log-level", "x"}, []string{"nbdmover", "list", "--", "--log-level", "x"}},
+	} {
+		if got := normalizeArgs(c.in); !slices.Equal(got, c.out) {
+			t.Errorf("%v: %v, want %v", c.in, got, c.out)
+		}
+	}
+	if _, stderr, code := nbdmover(t, "gc", "--repo", t.TempDir(), "--log-level"); code != 2 {
+		t.Errorf("a trailing --log-level: exit %d: %s", code, stderr)
+	}
+	if _, stderr, _ := nbdmover(t, "--bogus"); strings.Contains(stderr, "nbdmover nbdmover") {
+		t.Errorf("%s", stderr)
 	}
 }

@@ -125,3 +125,39 @@ func TestRestoreOddNames(t *testing.T) {
 		qemutest.Compare(t, img, "qcow2", filepath.Join(dir, name), "qcow2")
 	}
 }
+
+// The owner of the output directory's parent (a VM owner's home) replaces
+// the output directory with a link to a root-only directory before the
+// restore opens it: the link is not followed. And --disk with an output
+// that names a directory is bad usage.
+func TestRestoreOutputDirectoryLink(t *testing.T) {
+	qemutest.Need(t, "qemu-nbd", "qemu-img", "qemu-io")
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to act as another user")
+	}
+	repo := filepath.Join(t.TempDir(), "repo")
+	img := qemutest.NewImage(t, t.TempDir(), 4<<20)
+	qemutest.IO(t, img, "write -P 0x42 1M 1M")
+	srv := qemutest.Serve(t, img, "-r")
+	if _, stderr, code := nbdmover(t, "backup", "--init", "--repo", repo, "--nbd", srv.URI, "--name", "vm", "--disk", "vda"); code != 0 {
+		t.Fatal(stderr)
+	}
+	victims, check := sentinel.New(t)
+	defer check()
+	home := ownedByNobody(t)
+	asNobody(t, `mkdir "$1/vms" && mv "$1/vms" "$1/old" && ln -s "$2" "$1/vms"`, home, victims)
+	_, stderr, code := nbdmover(t, "restore", "--repo", repo, "--domain", "vm", "--disk", "vda", "--output", filepath.Join(home, "vms", "disk.raw"))
+	if code == 0 || !strings.Contains(stderr, "another user could change it") {
+		t.Fatalf("a restore through a link the directory's owner planted: exit %d: %s", code, stderr)
+	}
+	_, stderr, code = nbdmover(t, "restore", "--repo", repo, "--domain", "vm", "--disk", "vda", "--output", home+"/")
+	if code != 2 || !strings.Contains(stderr, "names a directory") {
+		t.Fatalf("--disk with a directory as --output: exit %d: %s", code, stderr)
+	}
+	// A run directory owned by another user, or reached through one.
+	for _, dir := range []string{home, filepath.Join(home, "vms")} {
+		if _, stderr, code := nbdmover(t, "backup", "--repo", repo, "--domain", "vm1", "--scratch-dir", dir); code != 2 {
+			t.Errorf("--scratch-dir %s: exit %d: %s", dir, code, stderr)
+		}
+	}
+}

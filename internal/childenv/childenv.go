@@ -10,7 +10,8 @@ import (
 )
 
 // Secrets are the variables no child sees.
-var Secrets = []string{"NBDMOVER_PASSWORD", "NBDMOVER_NEW_PASSWORD", "NBDMOVER_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+var Secrets = []string{"NBDMOVER_PASSWORD", "NBDMOVER_NEW_PASSWORD", "NBDMOVER_TOKEN",
+	"AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_SESSION_TOKEN"} // minio-go reads AWS_SECRET_KEY too
 
 // Env returns the process's environment without Secrets.
 func Env() []string {
