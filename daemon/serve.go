@@ -6,8 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/nbdmover/nbdmover/mover"
@@ -83,7 +81,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 			return refuse(ErrInvalid, "%s: %v", d.what, err)
 		}
 	}
-	l, err := listen(o.Listen, o.Token, o.TLS, o.MaxConnections)
+	l, err := listenAPI(o.Listen, o.Token, o.TLS, o.MaxConnections)
 	if err != nil {
 		return err
 	}
@@ -93,9 +91,6 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	r, err := openAtStart(ctx, o)
 	if err != nil {
 		l.Close()
-		if path, ok := strings.CutPrefix(o.Listen, "unix://"); ok {
-			os.Remove(path)
-		}
 		return err
 	}
 	m := newMetrics()
@@ -127,7 +122,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
-	o.Log.Info("serving", "listen", o.Listen, "tls", o.TLS.enabled(), "repository", ro.Backup.Repo.Location, "max_jobs", ro.MaxJobs)
+	o.Log.Info("serving", "listen", o.Listen, "tls", o.TLS.Enabled(), "repository", ro.Backup.Repo.Location, "max_jobs", ro.MaxJobs)
 	if o.Ready != nil {
 		o.Ready(l.Addr().String())
 	}
@@ -144,9 +139,6 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	l.Close() // stop accepting at once; requests in progress finish below
 	jobErr := runner.Shutdown(sctx)
 	srv.Shutdown(sctx)
-	if strings.HasPrefix(o.Listen, "unix://") {
-		os.Remove(strings.TrimPrefix(o.Listen, "unix://"))
-	}
 	return jobErr
 }
 

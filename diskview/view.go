@@ -28,6 +28,8 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/repo"
@@ -59,6 +61,9 @@ type View struct {
 	bg     context.Context // prefetches; ends with Close
 	stop   context.CancelFunc
 	bgDone sync.WaitGroup
+
+	hits, fetches atomic.Int64
+	fetchTime     atomic.Int64 // nanoseconds
 
 	mu      sync.Mutex
 	cache   map[int64]*list.Element // of *entry, by chunk
@@ -144,35 +149,105 @@ var ErrRange = errors.New("read outside the disk")
 // the backup's bytes elsewhere. A chunk that cannot be read whole is an
 // error naming it (a *repo.ChunkError); p is then partly filled.
 func (v *View) ReadAt(ctx context.Context, p []byte, off int64) error {
-	end := off + int64(len(p))
-	if off < 0 || end > v.grid.Size || end < off {
-		return fmt.Errorf("%s: %w: %d bytes at %d of %d", v.name, ErrRange, len(p), off, v.grid.Size)
+	return v.Pieces(ctx, off, int64(len(p)), func(pos int64, data []byte, n int64) error {
+		dst := p[pos-off : pos-off+n]
+		if data == nil {
+			clear(dst)
+		} else {
+			copy(dst, data)
+		}
+		return nil
+	})
+}
+
+// Pieces calls fn with the bytes of [off, off+n), in order, without
+// copying them: data is part of a cached chunk (shared: it must not be
+// changed; it stays valid after fn returns), or nil for n bytes of
+// zeroes (zero chunks next to each other are one piece). The chunks of
+// the range are fetched in parallel, and a read that goes on from where
+// an earlier one stopped fetches the data chunks after it ahead.
+func (v *View) Pieces(ctx context.Context, off, n int64, fn func(off int64, data []byte, n int64) error) error {
+	end := off + n
+	if off < 0 || n < 0 || end > v.grid.Size || end < off {
+		return fmt.Errorf("%s: %w: %d bytes at %d of %d", v.name, ErrRange, n, off, v.grid.Size)
 	}
-	first, last := int64(-1), int64(-1)
+	if n == 0 {
+		return nil
+	}
+	first, last := off/v.grid.ChunkSize, (end-1)/v.grid.ChunkSize
+	for i := first + 1; i <= last; i++ { // the first is fetched below, at once
+		v.Prefetch(i)
+	}
+	zeroFrom := int64(-1) // start of the pending zero piece
 	for pos := off; pos < end; {
 		i := pos / v.grid.ChunkSize
 		cOff, cLen := v.grid.Chunk(i)
-		n := min(end, cOff+cLen) - pos
-		dst := p[pos-off : pos-off+n]
+		m := min(end, cOff+cLen) - pos
 		data, err := v.Chunk(ctx, i)
 		if err != nil {
 			return err
 		}
-		if data == nil {
-			clear(dst)
-		} else {
-			copy(dst, data[pos-cOff:])
+		switch {
+		case data == nil && zeroFrom < 0:
+			zeroFrom = pos
+		case data != nil:
+			if zeroFrom >= 0 {
+				if err := fn(zeroFrom, nil, pos-zeroFrom); err != nil {
+					return err
+				}
+				zeroFrom = -1
+			}
+			if err := fn(pos, data[pos-cOff:pos-cOff+m], m); err != nil {
+				return err
+			}
 		}
-		if first < 0 {
-			first = i
+		pos += m
+	}
+	if zeroFrom >= 0 {
+		if err := fn(zeroFrom, nil, end-zeroFrom); err != nil {
+			return err
 		}
-		last = i
-		pos += n
 	}
-	if first >= 0 {
-		v.stream(first, last)
-	}
+	v.stream(first, last)
 	return nil
+}
+
+// Run is a stretch of the disk: zero chunks, or data chunks.
+type Run struct {
+	Length int64
+	Zero   bool
+}
+
+// Allocation describes [off, off+n) as at most max runs (max >= 1), in
+// order, alternating between zero and data; the last run may end before
+// off+n when max runs do not reach it. It reads only the index: its cost
+// is in the runs, not in the chunks they span.
+func (v *View) Allocation(off, n int64, max int) []Run {
+	end := min(off+n, v.grid.Size)
+	var runs []Run
+	for pos := off; pos < end && len(runs) < max; {
+		i := pos / v.grid.ChunkSize
+		k := v.dataAtOrAfter(i)
+		var next int64 // where the run starting at pos ends
+		zero := k == v.ix.Len() || v.DataChunk(k) != i
+		if zero {
+			next = end
+			if k < v.ix.Len() {
+				next, _ = v.grid.Chunk(v.DataChunk(k))
+			}
+		} else { // data: up to the first chunk after a run of consecutive data chunks
+			j := k
+			for j+1 < v.ix.Len() && v.DataChunk(j+1) == v.DataChunk(j)+1 && v.DataChunk(j+1)*v.grid.ChunkSize < end {
+				j++
+			}
+			c, l := v.grid.Chunk(v.DataChunk(j))
+			next = c + l
+		}
+		next = min(next, end)
+		runs = append(runs, Run{Length: next - pos, Zero: zero})
+		pos = next
+	}
+	return runs
 }
 
 // Chunk returns the decoded bytes of chunk i of the grid (nil for a zero
@@ -186,6 +261,7 @@ func (v *View) Chunk(ctx context.Context, i int64) ([]byte, error) {
 	if e, ok := v.cache[i]; ok {
 		v.lru.MoveToFront(e)
 		v.mu.Unlock()
+		v.hits.Add(1)
 		return e.Value.(*entry).data, nil
 	}
 	f, ok := v.flights[i]
@@ -202,6 +278,35 @@ func (v *View) Chunk(ctx context.Context, i int64) ([]byte, error) {
 		return f.data, f.err
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
+	}
+}
+
+// Stats count a view's reads of chunks.
+type Stats struct {
+	Hits      int64         // chunks found in the cache
+	Fetches   int64         // chunks fetched from the repository
+	FetchTime time.Duration // their fetches' time, added up
+}
+
+// Stats returns what the view did so far.
+func (v *View) Stats() Stats {
+	return Stats{Hits: v.hits.Load(), Fetches: v.fetches.Load(), FetchTime: time.Duration(v.fetchTime.Load())}
+}
+
+// PrefetchRange starts fetching the data chunks of [off, off+n) (at most
+// as many as the cache holds: the rest would evict the first).
+func (v *View) PrefetchRange(off, n int64) {
+	end := min(off+n, v.grid.Size)
+	if off < 0 || off >= end {
+		return
+	}
+	budget := v.o.CacheBytes / v.grid.ChunkSize / 2
+	for k := v.dataAtOrAfter(off / v.grid.ChunkSize); k < v.ix.Len() && budget > 0; k, budget = k+1, budget-1 {
+		i := v.DataChunk(k)
+		if i*v.grid.ChunkSize >= end {
+			return
+		}
+		v.Prefetch(i)
 	}
 }
 
@@ -234,8 +339,11 @@ func (v *View) fetch(ctx context.Context, i int64, f *flight) {
 	select {
 	case v.sem <- struct{}{}:
 		d := v.ix.Digest(i)
+		start := time.Now()
 		f.data, _, f.err = v.r.GetChunk(ctx, d, nil, nil)
 		<-v.sem
+		v.fetches.Add(1)
+		v.fetchTime.Add(int64(time.Since(start)))
 		if _, n := v.grid.Chunk(i); f.err == nil && int64(len(f.data)) != n {
 			f.err = &repo.ChunkError{Key: repo.ChunkKey(d),
 				Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(f.data), i, n)}

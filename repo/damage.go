@@ -3,6 +3,7 @@ package repo
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -206,4 +207,32 @@ func (r *Repo) Healed(ctx context.Context, ds []chunker.Digest) (int, error) {
 		return 0, err
 	}
 	return len(keys), nil
+}
+
+// ChunkDamage says whether err, from reading a chunk (GetChunk), means
+// the chunk is damaged (missing, corrupt, or not a readable object) rather
+// than unreachable (a store failure, a cancelled read): then it returns
+// the chunk's key and the problem, as verify would record them.
+func ChunkDamage(err error) (key, problem string, ok bool) {
+	var ce *ChunkError
+	if !errors.As(err, &ce) || isStoreFailure(ce.Err) || errors.Is(ce.Err, context.Canceled) || errors.Is(ce.Err, context.DeadlineExceeded) {
+		return "", "", false
+	}
+	problem = ce.Err.Error()
+	if isNotFound(ce.Err) {
+		problem = "missing"
+	}
+	return ce.Key, problem, true
+}
+
+// RecordDamage records, as verify does, that a reader found the chunk at
+// key damaged (ChunkDamage), naming the backups ("domain/id") that were
+// being read: list marks them, and the next backups of their domains
+// store the chunk again rather than deduplicate against it. The chunk's
+// bytes are not quarantined (the next verify --read-data does that).
+func (r *Repo) RecordDamage(ctx context.Context, key, problem string, backups []string) error {
+	if _, ok := chunkDigest(key); !ok {
+		return fmt.Errorf("%s is not a chunk's key", key)
+	}
+	return r.recordDamage(ctx, key, problem, "", backups, time.Now())
 }

@@ -183,15 +183,28 @@ func (g *gc) awaitQuiet(ctx context.Context) error {
 			return err
 		}
 		busy := 0
+		var export *LockInfo
 		for _, l := range locks {
 			if l.Kind == LockShared && l.Stale(time.Now()) == "" {
 				if l.Damaged != "" {
 					return damagedShared(g.r, l)
 				}
+				if _, ok := ExportedBackup(l.Purpose); ok && export == nil {
+					export = l
+				}
 				busy++
 			}
 		}
-		if busy == 0 || time.Now().After(deadline) {
+		if busy == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if export != nil {
+				// An export may serve for days: the exclusive lock would
+				// wait for it while new backups wait behind it.
+				return fmt.Errorf("%w: %s serves a backup (an NBD export): stop it, or run gc when no export is running",
+					ErrLocked, export.Holder())
+			}
 			return nil
 		}
 		if !logged {

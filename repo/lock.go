@@ -31,6 +31,16 @@ const (
 	LockExclusive = "exclusive"
 )
 
+// ExportPurpose is the purpose of the shared lock of an NBD export of
+// backup domain/id: list shows such backups as exported, and gc does not
+// take its exclusive lock while one is live (it would wait for an export
+// that may serve for days, and new backups with it).
+func ExportPurpose(domain, id string) string { return "export " + domain + "/" + id }
+
+// ExportedBackup says which backup ("domain/id") a lock's purpose
+// exports, if it is an export's.
+func ExportedBackup(purpose string) (string, bool) { return strings.CutPrefix(purpose, "export ") }
+
 // lockTiming: how often a holder refreshes its lock's heartbeat, when a
 // lock without a heartbeat is stale, how long before that a holder gives
 // up its lock (and fails) rather than risk being thought dead, and how

@@ -18,6 +18,8 @@ import (
 	"syscall"
 
 	"github.com/nbdmover/nbdmover/daemon"
+	"github.com/nbdmover/nbdmover/export"
+	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
@@ -86,7 +88,8 @@ func exitStatus(err error, sig os.Signal) (int, string) {
 		return exitInterrupted, "interrupted"
 	case sig == syscall.SIGTERM:
 		return exitTerminated, "terminated"
-	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid):
+	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid),
+		errors.Is(err, export.ErrInvalid), errors.Is(err, listen.ErrInvalid):
 		return exitUsage, "usage"
 	case errors.Is(err, repo.ErrNoRepository):
 		return exitNoRepository, "no-repository"
@@ -173,7 +176,7 @@ func newApp() *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), verifyCommand(), forgetCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), exportCommand(), verifyCommand(), forgetCommand(),
 			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
 			keyCommand(),
 		},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"strconv"
@@ -170,16 +171,41 @@ func listCommand() *cli.Command {
 			for _, p := range skipped {
 				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: skipped %s: %s (nbdmover verify reports it)\n", p.Object, p.Problem)
 			}
-			if c.Bool("json") {
-				return printJSON(c.App.Writer, listJSON(ms, skipped, protected, damaged))
+			exported, err := exportedBackups(c.Context, r)
+			if err != nil {
+				fmt.Fprintf(c.App.ErrWriter, "nbdmover: warning: the backups being exported are not marked: %v\n", err)
 			}
-			return printList(c.App.Writer, ms, protected, damaged)
+			marks := listMarks{protected, damaged, exported}
+			if c.Bool("json") {
+				return printJSON(c.App.Writer, listJSON(ms, skipped, marks))
+			}
+			return printList(c.App.Writer, ms, marks)
 		},
 	}
 }
 
+// listMarks: the backups ("domain/id") protected, referencing damaged
+// objects, and being exported (by whom: "host pid").
+type listMarks struct {
+	protected, damaged map[string]bool
+	exported           map[string][]string
+}
+
+// exportedBackups reads the live locks of NBD exports: the backups they
+// serve, and their holders.
+func exportedBackups(ctx context.Context, r *repo.Repo) (map[string][]string, error) {
+	locks, err := r.Locks(ctx)
+	out := map[string][]string{}
+	for _, l := range locks {
+		if b, ok := repo.ExportedBackup(l.Purpose); ok && l.Damaged == "" && l.Stale(time.Now()) == "" {
+			out[b] = append(out[b], l.Holder())
+		}
+	}
+	return out, err
+}
+
 // listJSON is the document of list --json.
-func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected, damaged map[string]bool) any {
+func listJSON(ms []*repo.Manifest, skipped []repo.Problem, marks listMarks) any {
 	type disk struct {
 		Name string `json:"name"`
 		Size int64  `json:"size"`
@@ -192,7 +218,8 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected, damaged ma
 		Parent      string    `json:"parent,omitempty"`
 		Consistency string    `json:"consistency"`
 		Protected   bool      `json:"protected,omitempty"`
-		Damaged     bool      `json:"damaged,omitempty"` // references an object verify found damaged
+		Damaged     bool      `json:"damaged,omitempty"`     // references an object verify found damaged
+		ExportedBy  []string  `json:"exported_by,omitempty"` // the NBD exports serving it
 		Disks       []disk    `json:"disks"`
 	}
 	out := struct {
@@ -201,7 +228,7 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected, damaged ma
 	}{Backups: []backup{}, Skipped: skipped}
 	for _, m := range ms {
 		b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency,
-			Protected: protected[m.Domain+"/"+m.ID], Damaged: damaged[m.Domain+"/"+m.ID]}
+			Protected: marks.protected[m.Domain+"/"+m.ID], Damaged: marks.damaged[m.Domain+"/"+m.ID], ExportedBy: marks.exported[m.Domain+"/"+m.ID]}
 		for _, d := range m.Disks {
 			b.Disks = append(b.Disks, disk{d.Name, d.Size})
 		}
@@ -211,13 +238,13 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, protected, damaged ma
 }
 
 // printList prints the backups as a table.
-func printList(w io.Writer, ms []*repo.Manifest, protected, damaged map[string]bool) error {
+func printList(w io.Writer, ms []*repo.Manifest, marks listMarks) error {
 	if len(ms) == 0 {
 		fmt.Fprintln(w, "no backups")
 		return nil
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tPROTECTED\tDAMAGED\tDISKS")
+	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tCONSISTENCY\tPROTECTED\tDAMAGED\tEXPORTED\tDISKS")
 	ndamaged := 0
 	for _, m := range ms {
 		var disks []string
@@ -225,15 +252,19 @@ func printList(w io.Writer, ms []*repo.Manifest, protected, damaged map[string]b
 			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, humanBytes(d.Size)))
 		}
 		prot := "-"
-		if protected[m.Domain+"/"+m.ID] {
+		if marks.protected[m.Domain+"/"+m.ID] {
 			prot = "yes"
 		}
 		dmg := "-"
-		if damaged[m.Domain+"/"+m.ID] {
+		if marks.damaged[m.Domain+"/"+m.ID] {
 			dmg = "DAMAGED"
 			ndamaged++
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, prot, dmg, strings.Join(disks, " "))
+		exp := "-"
+		if n := len(marks.exported[m.Domain+"/"+m.ID]); n > 0 {
+			exp = fmt.Sprintf("yes (%d)", n)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Domain, m.ID, m.Mode, m.Consistency, prot, dmg, exp, strings.Join(disks, " "))
 	}
 	if err := tw.Flush(); err != nil {
 		return err

@@ -1,0 +1,178 @@
+// Package listen opens the listeners of nbdmover's servers (the daemon's
+// API and NBD exports): unix sockets that only their owner can connect to
+// from the moment they exist, and TCP with TLS.
+package listen
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/nbdmover/nbdmover/internal/safedir"
+	"golang.org/x/sys/unix"
+)
+
+// ErrInvalid is matched by the errors for addresses and TLS options that
+// can never work (bad usage).
+var ErrInvalid = errors.New("invalid listen option")
+
+type invalidError struct{ error }
+
+func (invalidError) Is(target error) bool { return target == ErrInvalid }
+
+func invalidf(format string, args ...any) error {
+	return invalidError{fmt.Errorf(format, args...)}
+}
+
+// TLS configures TLS on a TCP listener.
+type TLS struct {
+	Cert, Key string // PEM files of the server's certificate and key
+	// ClientCA, when set, is a PEM file of the CAs client certificates must
+	// chain to (mutual TLS).
+	ClientCA string
+}
+
+// Enabled says whether any TLS option was given.
+func (t TLS) Enabled() bool { return t.Cert != "" || t.Key != "" || t.ClientCA != "" }
+
+// Config loads the certificates.
+func (t TLS) Config() (*tls.Config, error) {
+	if t.Cert == "" || t.Key == "" {
+		return nil, invalidf("TLS needs both --tls-cert and --tls-key")
+	}
+	cert, err := tls.LoadX509KeyPair(t.Cert, t.Key)
+	if err != nil {
+		return nil, invalidf("--tls-cert %s / --tls-key %s: %w", t.Cert, t.Key, err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if t.ClientCA != "" {
+		pem, err := os.ReadFile(t.ClientCA)
+		if err != nil {
+			return nil, invalidf("--tls-client-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, invalidf("--tls-client-ca %s: no PEM certificate in it", t.ClientCA)
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
+}
+
+// Split parses a listen address: unix:///absolute/path (path returned) or
+// host:port (addr returned).
+func Split(spec string) (path, addr string, err error) {
+	if p, ok := strings.CutPrefix(spec, "unix://"); ok {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || strings.ContainsAny(p, "?#") {
+			return "", "", invalidf("--listen %s: want unix:///absolute/path (clean, without ? or #)", spec)
+		}
+		return p, "", nil
+	}
+	if strings.Contains(spec, "://") {
+		return "", "", invalidf("--listen %s: want unix:///path or host:port", spec)
+	}
+	if _, _, err := net.SplitHostPort(spec); err != nil {
+		return "", "", invalidf("--listen %s: want unix:///path or host:port: %v", spec, err)
+	}
+	return "", spec, nil
+}
+
+// Loopback reports whether host:port names a loopback address (or
+// localhost).
+func Loopback(spec string) bool {
+	host, _, err := net.SplitHostPort(spec)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
+}
+
+// Unix listens on a unix socket at path that only this process's user
+// (and root) can connect to: mode 0600 from the moment it has its name.
+// The socket's directory is made (mode 0711) if missing and must be one
+// no other user can change (reached through such directories), so the
+// name stays ours; a stale socket there (no one listening) is replaced,
+// anything else is an error. Closing the listener removes the socket.
+func Unix(path string) (net.Listener, error) {
+	dirPath, name := filepath.Split(path)
+	dir, err := safedir.Open(dirPath, safedir.Options{Create: true, Perm: 0o711, Chain: true})
+	if err != nil {
+		return nil, invalidf("the socket's directory %s: %w; give a socket in a directory only root can change", dirPath, err)
+	}
+	defer dir.Close()
+	if err := safedir.Private(dir); err != nil {
+		return nil, invalidf("the socket's directory: %w", err)
+	}
+	dfd := int(dir.Fd())
+	var st unix.Stat_t
+	if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
+		if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+			return nil, invalidf("%s exists and is not a socket; remove it or listen elsewhere", path)
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: another process is listening there; stop it or listen elsewhere", path)
+		}
+		// A stale socket of a process that died: the directory is ours
+		// alone, so the name cannot change under us.
+		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return nil, fmt.Errorf("remove the stale socket %s: %w", path, err)
+		}
+	}
+	// Bound in a private directory, made 0600, then renamed to its name:
+	// never connectable by others, whatever the umask.
+	tmp, err := os.MkdirTemp(dirPath, "."+name+".")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(tmp)
+	tmpSock := filepath.Join(tmp, "s")
+	l, err := net.Listen("unix", tmpSock)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	ul := l.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	if err := os.Chmod(tmpSock, 0o600); err != nil {
+		l.Close()
+		os.Remove(tmpSock)
+		return nil, err
+	}
+	if err := unix.Renameat2(unix.AT_FDCWD, tmpSock, dfd, name, unix.RENAME_NOREPLACE); err != nil {
+		l.Close()
+		os.Remove(tmpSock)
+		if errors.Is(err, unix.EEXIST) {
+			return nil, fmt.Errorf("%s appeared while nbdmover was listening; remove it or listen elsewhere", path)
+		}
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	return &unixListener{UnixListener: ul, path: path}, nil
+}
+
+// unixListener removes its socket when closed (its name, not the temporary
+// one it was bound to, which net would remove).
+type unixListener struct {
+	*net.UnixListener
+	path string
+	once sync.Once
+}
+
+func (l *unixListener) Close() error {
+	err := l.UnixListener.Close()
+	l.once.Do(func() { os.Remove(l.path) })
+	return err
+}
+
+// Addr is the socket's name.
+func (l *unixListener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
