@@ -208,3 +208,73 @@ func TestViewFetchesOnceAndAhead(t *testing.T) {
 		t.Fatalf("a read of a damaged chunk: %v", err)
 	}
 }
+
+// Allocation describes any range as runs that alternate between zero and
+// data chunks exactly as the index has them, at most max of them; Pieces
+// gives the range's bytes without copies, zero chunks as nil pieces.
+func TestAllocationAndPieces(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	r, m, raw := backup(t, ro)
+	v, err := diskview.Open(t.Context(), r, m, "vda", diskview.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	g := v.Grid()
+	data := map[int64]bool{}
+	for k := range v.DataChunks() {
+		data[v.DataChunk(k)] = true
+	}
+	rnd := rand.New(rand.NewPCG(4, 4))
+	for range 2000 {
+		off := rnd.Int64N(v.Size())
+		n := 1 + rnd.Int64N(v.Size()-off)
+		max := 1 + rnd.IntN(4)
+		runs := v.Allocation(off, n, max)
+		if len(runs) == 0 || len(runs) > max {
+			t.Fatalf("Allocation(%d, %d, %d): %d runs", off, n, max, len(runs))
+		}
+		pos := off
+		for j, run := range runs {
+			if run.Length <= 0 || j > 0 && run.Zero == runs[j-1].Zero {
+				t.Fatalf("Allocation(%d, %d, %d): %+v", off, n, max, runs)
+			}
+			for i := pos / g.ChunkSize; i*g.ChunkSize < pos+run.Length; i++ {
+				if data[i] == run.Zero {
+					t.Fatalf("Allocation(%d, %d, %d): run %+v at %d, chunk %d has data: %v", off, n, max, run, pos, i, data[i])
+				}
+			}
+			pos += run.Length
+		}
+		if pos > off+n || len(runs) < max && pos != off+n {
+			t.Fatalf("Allocation(%d, %d, %d): runs end at %d", off, n, max, pos)
+		}
+	}
+	for range 200 {
+		off := rnd.Int64N(v.Size())
+		n := 1 + rnd.Int64N(min(v.Size()-off, 3*MiB))
+		pos := off
+		err := v.Pieces(t.Context(), off, n, func(at int64, p []byte, l int64) error {
+			if at != pos || p != nil && int64(len(p)) != l {
+				t.Fatalf("piece at %d of %d (%d bytes), want at %d", at, l, len(p), pos)
+			}
+			if p == nil && !isZero(raw[at:at+l]) || p != nil && !bytes.Equal(p, raw[at:at+l]) {
+				t.Fatalf("piece at %d of %d: wrong bytes", at, l)
+			}
+			pos += l
+			return nil
+		})
+		if err != nil || pos != off+n {
+			t.Fatalf("Pieces(%d, %d): %v, ended at %d", off, n, err, pos)
+		}
+	}
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -2,9 +2,16 @@ package export_test
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -14,6 +21,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nbdmover/nbdmover/export"
 	"github.com/nbdmover/nbdmover/internal/backuptest"
@@ -349,4 +357,160 @@ func mustOpen(t *testing.T, ro repo.Options) *repo.Repo {
 		t.Fatal(err)
 	}
 	return r
+}
+
+// A QEMU domain whose disk is a qcow2 overlay backed by an export reads
+// the backup through its device, and its writes stay in the overlay: the
+// export (and the backup) are unchanged.
+func TestExportBacksAQemuOverlay(t *testing.T) {
+	qemutest.NeedLibvirt(t)
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	_, raw := backup(t, ro, 24*MiB)
+	// QEMU runs as another user: loopback TCP, which it can reach.
+	e := start(t, export.Options{Repo: ro, Domain: "vm", Listen: "127.0.0.1:0"})
+	uri := e.Disks[0].URI
+	if !strings.HasPrefix(uri, "nbd://127.0.0.1:") {
+		t.Fatalf("URI %s", uri)
+	}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Backing: uri})
+	// QEMU's own NBD server exports the guest disk's node (the overlay
+	// over our export): what it serves is what the guest device reads.
+	qdir := t.TempDir()
+	os.Chmod(qdir, 0o777)
+	qsock := filepath.Join(qdir, "qemu.sock")
+	dom.QMP(fmt.Sprintf(`{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":%q}}}}`, qsock))
+	dom.QMP(fmt.Sprintf(`{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":%q,"name":"vda"}}`, dom.NodeName("vda")))
+	guest := func() []byte {
+		t.Helper()
+		c, err := nbdclient.Dial(t.Context(), nbdclient.Config{Socket: qsock, Export: "vda"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		p := make([]byte, len(raw))
+		if err := c.ReadAt(t.Context(), p, 0); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	if !bytes.Equal(guest(), raw) {
+		t.Fatal("the guest's disk is not the backup")
+	}
+	if s := e.Stats(); s.Reads == 0 {
+		t.Fatalf("QEMU read nothing from the export: %+v", s)
+	}
+	dom.Write("vda", "write -P 0x77 22M 4k")
+	want := bytes.Clone(raw)
+	copy(want[22*MiB:], bytes.Repeat([]byte{0x77}, 4096))
+	if !bytes.Equal(guest(), want) {
+		t.Fatal("the guest's disk after its write is not the backup with the write")
+	}
+	c, err := nbdclient.Dial(t.Context(), nbdclient.Config{URI: uri})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	p := make([]byte, len(raw))
+	if err := c.ReadAt(t.Context(), p, 0); err != nil || !bytes.Equal(p, raw) {
+		t.Fatalf("the export after the guest wrote: %v (changed: %v)", err, !bytes.Equal(p, raw))
+	}
+}
+
+// Over TCP with TLS and client certificates: a client with a certificate
+// reads (nbds://), one without is refused, and nothing is negotiated in
+// the clear.
+func TestExportTLS(t *testing.T) {
+	qemutest.Need(t, "nbdinfo")
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	_, raw := backup(t, ro, 24*MiB)
+	pki := newPKI(t)
+	e := start(t, export.Options{Repo: ro, Domain: "vm", Listen: "127.0.0.1:0",
+		TLS: listen.TLS{Cert: pki.serverCert, Key: pki.serverKey, ClientCA: pki.caCert}})
+	uri := e.Disks[0].URI
+	if !strings.HasPrefix(uri, "nbds://127.0.0.1:") {
+		t.Fatalf("URI %s", uri)
+	}
+	out := run(t, "nbdinfo", "--json", uri+"?tls-certificates="+pki.clientDir)
+	if !strings.Contains(out, fmt.Sprintf(`"export-size": %d`, len(raw))) {
+		t.Fatalf("nbdinfo over TLS: %s", out)
+	}
+	for _, bad := range []string{
+		strings.Replace(uri, "nbds://", "nbd://", 1), // plain
+		uri + "?tls-certificates=" + pki.caOnlyDir,   // no client certificate
+	} {
+		if out, err := exec.Command("nbdinfo", bad).CombinedOutput(); err == nil {
+			t.Fatalf("nbdinfo %s: %s", bad, out)
+		}
+	}
+	dst := filepath.Join(t.TempDir(), "copy.raw")
+	run(t, "nbdcopy", uri+"?tls-certificates="+pki.clientDir, dst)
+	if got, _ := os.ReadFile(dst); !bytes.Equal(got, raw) {
+		t.Fatal("nbdcopy over TLS: the copy differs")
+	}
+}
+
+// pki is a CA, a server certificate for 127.0.0.1 and a client
+// certificate, as files; clientDir is laid out as libnbd (GnuTLS) wants
+// it: ca-cert.pem, client-cert.pem, client-key.pem.
+type pki struct {
+	caCert, serverCert, serverKey string
+	clientDir, caOnlyDir          string
+}
+
+func newPKI(t *testing.T) pki {
+	t.Helper()
+	dir := t.TempDir()
+	write := func(name string, typ string, der []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	key := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	keyDER := func(k *ecdsa.PrivateKey) []byte {
+		b, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	now := time.Now()
+	caKey := key()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, NotBefore: now.Add(-time.Hour),
+		NotAfter: now.Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(crand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	leaf := func(serial int64, usage x509.ExtKeyUsage) ([]byte, *ecdsa.PrivateKey) {
+		k := key()
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "127.0.0.1"}, NotBefore: now.Add(-time.Hour),
+			NotAfter: now.Add(time.Hour), IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, ExtKeyUsage: []x509.ExtKeyUsage{usage},
+			KeyUsage: x509.KeyUsageDigitalSignature}
+		der, err := x509.CreateCertificate(crand.Reader, tmpl, ca, &k.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der, k
+	}
+	srvDER, srvKey := leaf(2, x509.ExtKeyUsageServerAuth)
+	cliDER, cliKey := leaf(3, x509.ExtKeyUsageClientAuth)
+	p := pki{caCert: write("ca.pem", "CERTIFICATE", caDER), serverCert: write("server.pem", "CERTIFICATE", srvDER),
+		serverKey: write("server-key.pem", "PRIVATE KEY", keyDER(srvKey)), clientDir: filepath.Join(dir, "client"), caOnlyDir: filepath.Join(dir, "ca-only")}
+	write("client/ca-cert.pem", "CERTIFICATE", caDER)
+	write("client/client-cert.pem", "CERTIFICATE", cliDER)
+	write("client/client-key.pem", "PRIVATE KEY", keyDER(cliKey))
+	write("ca-only/ca-cert.pem", "CERTIFICATE", caDER)
+	return p
 }

@@ -36,6 +36,9 @@ type DiskSpec struct {
 	Dev    string // target: vda, vdb, ...
 	Format string // qcow2 or raw
 	Size   int64
+	// Backing, when set, is the URI of a raw backing image (an NBD
+	// export): the disk is a qcow2 overlay of it, of its size.
+	Backing string
 }
 
 // Domain is a throwaway running libvirt domain with no guest OS (the BIOS
@@ -75,7 +78,11 @@ func NewDomain(tb testing.TB, persistent bool, disks ...DiskSpec) *Domain {
 	var devs strings.Builder
 	for i, s := range disks {
 		img := filepath.Join(dir, s.Dev+"."+s.Format)
-		Run(tb, "qemu-img", "create", "-q", "-f", s.Format, img, strconv.FormatInt(s.Size, 10))
+		if s.Backing != "" {
+			Run(tb, "qemu-img", "create", "-q", "-f", "qcow2", "-b", s.Backing, "-F", "raw", img)
+		} else {
+			Run(tb, "qemu-img", "create", "-q", "-f", s.Format, img, strconv.FormatInt(s.Size, 10))
+		}
 		fmt.Fprintf(&devs, `<disk type='file' device='disk'><driver name='qemu' type='%s'/><source file='%s'/><target dev='%s' bus='virtio'/><alias name='ua-disk%d'/></disk>`,
 			s.Format, img, s.Dev, i)
 	}
