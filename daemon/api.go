@@ -19,25 +19,30 @@ import (
 )
 
 type api struct {
-	runner *Runner
-	repo   repo.Options
-	token  []byte
-	m      *metrics
-	log    *slog.Logger
+	runner  *Runner
+	exports *exports
+	repo    repo.Options
+	token   []byte
+	m       *metrics
+	log     *slog.Logger
 
 	healthMu  sync.Mutex
 	healthAt  time.Time // when the repository was last opened for /healthz
 	healthErr error
 }
 
-func newAPI(r *Runner, repo repo.Options, token string, m *metrics, log *slog.Logger) http.Handler {
-	a := &api{runner: r, repo: repo, token: []byte(token), m: m, log: log}
+func newAPI(r *Runner, x *exports, repo repo.Options, token string, m *metrics, log *slog.Logger) http.Handler {
+	a := &api{runner: r, exports: x, repo: repo, token: []byte(token), m: m, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/jobs", a.submit)
 	mux.HandleFunc("GET /v1/jobs", a.list)
 	mux.HandleFunc("GET /v1/jobs/{id}", a.get)
 	mux.HandleFunc("DELETE /v1/jobs/{id}", a.cancel)
 	mux.HandleFunc("GET /v1/backups", a.backups)
+	mux.HandleFunc("POST /v1/exports", a.startExport)
+	mux.HandleFunc("GET /v1/exports", a.listExports)
+	mux.HandleFunc("GET /v1/exports/{id}", a.getExport)
+	mux.HandleFunc("DELETE /v1/exports/{id}", a.stopExport)
 	mux.HandleFunc("GET /healthz", a.health)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	return a.auth(jsonErrors(mux))
@@ -120,11 +125,13 @@ func writeRunnerError(w http.ResponseWriter, err error) {
 	writeError(w, status, err)
 }
 
-func (a *api) submit(w http.ResponseWriter, r *http.Request) {
-	var req JobRequest
+// decodeBody reads a request's JSON object into v (at most maxBody
+// bytes, no unknown fields, nothing after it); false when it answered
+// with an error.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
+	if err := dec.Decode(v); err != nil {
 		status := http.StatusBadRequest
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
@@ -133,10 +140,18 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Connection", "close")
 		}
 		writeError(w, status, fmt.Errorf("request body: %w", err))
-		return
+		return false
 	}
 	if dec.More() {
 		writeError(w, http.StatusBadRequest, errors.New("request body: trailing data after the JSON object"))
+		return false
+	}
+	return true
+}
+
+func (a *api) submit(w http.ResponseWriter, r *http.Request) {
+	var req JobRequest
+	if !decodeBody(w, r, &req) {
 		return
 	}
 	v, err := a.runner.Submit(r.Context(), req)
@@ -146,6 +161,42 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Location", "/v1/jobs/"+v.ID)
 	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": v.State})
+}
+
+func (a *api) startExport(w http.ResponseWriter, r *http.Request) {
+	var req ExportRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	v, err := a.exports.start(r.Context(), req)
+	if err != nil {
+		writeRunnerError(w, err)
+		return
+	}
+	w.Header().Set("Location", "/v1/exports/"+v.ID)
+	writeJSON(w, http.StatusCreated, v)
+}
+
+func (a *api) listExports(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{"exports": a.exports.list()})
+}
+
+func (a *api) getExport(w http.ResponseWriter, r *http.Request) {
+	v, ok := a.exports.get(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Errorf("no export %s", r.PathValue("id")))
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (a *api) stopExport(w http.ResponseWriter, r *http.Request) {
+	v, err := a.exports.stop(r.PathValue("id"))
+	if err != nil {
+		writeRunnerError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
 }
 
 func (a *api) list(w http.ResponseWriter, r *http.Request) {

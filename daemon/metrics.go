@@ -3,6 +3,7 @@ package daemon
 import (
 	"errors"
 
+	"github.com/nbdmover/nbdmover/export"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
@@ -34,6 +35,7 @@ type metrics struct {
 	// one did.
 	lastSuccess *prometheus.GaugeVec
 	lastResult  *prometheus.GaugeVec
+	exports     *exports
 }
 
 func newMetrics() *metrics {
@@ -70,6 +72,41 @@ func newMetrics() *metrics {
 		func() float64 { _, r := m.runner.Counts(); return float64(r) })
 	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_queued", Help: "Backup jobs waiting for a slot."},
 		func() float64 { q, _ := m.runner.Counts(); return float64(q) })
+	exportStat := func(f func(s export.Stats) float64) func() float64 {
+		return func() float64 {
+			if m.exports == nil {
+				return 0
+			}
+			s, _ := m.exports.totals()
+			return f(s)
+		}
+	}
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_exports_open", Help: "NBD exports being served."},
+			func() float64 {
+				if m.exports == nil {
+					return 0
+				}
+				_, open := m.exports.totals()
+				return float64(open)
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_export_clients", Help: "NBD clients connected to the exports."},
+			exportStat(func(s export.Stats) float64 { return float64(s.Clients) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nbdmover_export_reads_total", Help: "Read requests the exports answered."},
+			exportStat(func(s export.Stats) float64 { return float64(s.Reads) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nbdmover_export_bytes_served_total", Help: "Bytes the exports' reads returned."},
+			exportStat(func(s export.Stats) float64 { return float64(s.BytesServed) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nbdmover_export_read_errors_total",
+			Help: "Reads the exports answered with EIO (a damaged chunk is also recorded as damage; a store failure is not)."},
+			exportStat(func(s export.Stats) float64 { return float64(s.ReadErrors) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nbdmover_export_cache_hits_total", Help: "Chunks the exports found in their caches."},
+			exportStat(func(s export.Stats) float64 { return float64(s.CacheHits) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nbdmover_export_fetches_total", Help: "Chunks the exports fetched from the repository."},
+			exportStat(func(s export.Stats) float64 { return float64(s.Fetches) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "nbdmover_export_fetch_seconds_total",
+			Help: "Time the exports' chunk fetches took, added up (divided by nbdmover_export_fetches_total: the mean fetch latency)."},
+			exportStat(func(s export.Stats) float64 { return s.FetchSeconds })),
+	)
 	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot,
 		m.verified, m.damaged, m.verifyLast, m.healed, m.lastSuccess, m.lastResult, jobs, queued,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/nbdmover/nbdmover/mover"
@@ -31,6 +32,11 @@ type ServeOptions struct {
 	Runner                                                    RunnerOptions
 	// ShutdownTimeout bounds how long SIGTERM waits for jobs to end.
 	ShutdownTimeout time.Duration
+	// MaxExports bounds the NBD exports served at once (default 4);
+	// ExportCacheBytes is each one's cache of decoded chunks (default
+	// 256 MiB).
+	MaxExports       int
+	ExportCacheBytes int64
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
 	Init bool
@@ -54,6 +60,12 @@ func (o ServeOptions) withDefaults() ServeOptions {
 	}
 	if o.MaxConnections <= 0 {
 		o.MaxConnections = 64
+	}
+	if o.MaxExports <= 0 {
+		o.MaxExports = 4
+	}
+	if o.ExportCacheBytes <= 0 {
+		o.ExportCacheBytes = 256 << 20
 	}
 	for _, d := range []struct {
 		t   *time.Duration
@@ -116,7 +128,17 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	go func() { removeStoreTemp(runner.ctx, ro.Backup.Repo, o.Log); close(cleaned) }()
 	defer func() { <-cleaned }()
 	m.runner = runner
-	srv := &http.Server{Handler: newAPI(runner, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
+	runDir := ro.Backup.RunDir
+	if runDir == "" {
+		runDir = mover.DefaultRunDir
+	}
+	xctx, stopExports := context.WithCancel(ctx)
+	x := newExports(xctx, exportsOptions{repo: ro.Backup.Repo, dir: filepath.Join(runDir, "exports"), max: o.MaxExports,
+		cacheBytes: o.ExportCacheBytes}, o.Log)
+	defer x.wait()
+	defer stopExports()
+	m.exports = x
+	srv := &http.Server{Handler: newAPI(runner, x, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
 		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
 		ErrorLog:    slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }}

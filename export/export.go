@@ -145,9 +145,14 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 		}
 	}
 	e := &Export{Domain: o.Domain, log: o.Log, r: r, done: make(chan struct{}), Started: time.Now()}
+	// The export outlives ctx (a daemon's request), which only bounds
+	// its start: the lock's wait, the manifest and the indexes.
+	caller := ctx
 	ctx, e.cancel = context.WithCancelCause(context.WithoutCancel(ctx))
+	stopSetup := context.AfterFunc(caller, func() { e.cancel(context.Cause(caller)) })
 	ok := false
 	defer func() {
+		stopSetup()
 		if !ok {
 			e.stop(nil)
 		}

@@ -96,7 +96,7 @@ func (m *Manifest) Disk(name string) (*DiskManifest, error) {
 	for i, d := range m.Disks {
 		names[i] = d.Name
 	}
-	return nil, fmt.Errorf("backup %s/%s has no disk %q (it has %s)", m.Domain, m.ID, name, strings.Join(names, ", "))
+	return nil, noDisk{fmt.Errorf("backup %s/%s has no disk %q (it has %s)", m.Domain, m.ID, name, strings.Join(names, ", "))}
 }
 
 // Key is the object key of the manifest.
@@ -205,6 +205,13 @@ func (r *Repo) sameManifest(ctx context.Context, key string, json []byte) bool {
 
 // ErrNoBackup: the domain has no (such) committed backup.
 var ErrNoBackup = errors.New("no such backup")
+
+// ErrNoDisk is matched by the error for a disk a backup does not have.
+var ErrNoDisk = errors.New("no such disk")
+
+type noDisk struct{ error }
+
+func (noDisk) Is(target error) bool { return target == ErrNoDisk }
 
 // UnmarshalManifest decodes and checks a manifest's JSON.
 func UnmarshalManifest(b []byte) (*Manifest, error) {

@@ -26,6 +26,8 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls-client-ca", Usage: "PEM CA certificates that client certificates must chain to (mutual TLS)"},
 			&cli.IntFlag{Name: "max-connections", Value: 64, Usage: "connections served at once"},
 			connectFlag(),
+			&cli.IntFlag{Name: "max-exports", Value: 4, Usage: "NBD exports (POST /v1/exports) served at once"},
+			&cli.StringFlag{Name: "export-cache-size", Value: "256MiB", Usage: "decoded chunks each export keeps in memory"},
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk of a job that does not ask for a number (4, not backup's 8: jobs share the host and its memory budget)"},
@@ -70,6 +72,13 @@ func serveCommand() *cli.Command {
 			if c.IsSet("verify-every") && flagDuration(c, "verify-every") < time.Minute {
 				return usagef("--verify-every %s: want at least 1m", formatDuration(flagDuration(c, "verify-every")))
 			}
+			exportCache, err := parseSize(c.String("export-cache-size"))
+			if err != nil || exportCache < 16<<20 {
+				return usagef("--export-cache-size %s: want at least 16MiB", c.String("export-cache-size"))
+			}
+			if n := c.Int("max-exports"); n < 1 || n > 256 {
+				return usagef("--max-exports %d: want 1 to 256", n)
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -81,6 +90,7 @@ func serveCommand() *cli.Command {
 				Listen: c.String("listen"), Token: token, Log: log,
 				TLS:            daemon.TLSOptions{Cert: c.String("tls-cert"), Key: c.String("tls-key"), ClientCA: c.String("tls-client-ca")},
 				MaxConnections: c.Int("max-connections"), ShutdownTimeout: flagDuration(c, "shutdown-timeout"),
+				MaxExports: c.Int("max-exports"), ExportCacheBytes: exportCache,
 				Init: c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
