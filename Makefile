@@ -2,7 +2,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build install test demo bench bench-large fuzz clean
+.PHONY: all build install test demo bench bench-export bench-large fuzz clean
 
 all: build
 
@@ -31,6 +31,11 @@ demo:
 # nbdmover next to nbdcopy and virtnbdbackup (bench/run.sh; docs/performance.md).
 bench:
 	bench/run.sh
+
+# The NBD export next to restore and qemu-nbd; its first byte, scale and
+# random reads (bench/export.sh; docs/performance.md).
+bench-export:
+	bench/export.sh
 
 # Memory and metadata on a 16 TiB sparse and a 64 GiB allocated disk.
 bench-large:

@@ -57,6 +57,10 @@ type View struct {
 	name string // "domain/id disk", for errors
 	o    Options
 	sem  chan struct{} // fetch slots
+	// demand: more slots, for fetches a reader waits for, so that
+	// fetches ahead never make a reader wait behind all of them.
+	demand chan struct{}
+	ahead  atomic.Int64 // fetches ahead started and not done
 
 	bg     context.Context // prefetches; ends with Close
 	stop   context.CancelFunc
@@ -109,11 +113,14 @@ func Open(ctx context.Context, r *repo.Repo, m *repo.Manifest, disk string, o Op
 	if o.Fetchers <= 0 {
 		o.Fetchers = o.ReadAhead + 4
 	}
-	o.CacheBytes = max(o.CacheBytes, 64<<20, 2*int64(o.ReadAhead+4)*chunk)
+	if o.CacheBytes <= 0 {
+		o.CacheBytes = 64 << 20
+	}
+	o.CacheBytes = max(o.CacheBytes, 2*int64(o.ReadAhead+4)*chunk)
 	bg, stop := context.WithCancel(context.WithoutCancel(ctx))
 	return &View{r: r, ix: ix, grid: ix.Grid(), name: fmt.Sprintf("%s/%s disk %s", m.Domain, m.ID, disk), o: o,
-		sem: make(chan struct{}, o.Fetchers), bg: bg, stop: stop, cache: map[int64]*list.Element{}, lru: list.New(),
-		flights: map[int64]*flight{}}, nil
+		sem: make(chan struct{}, o.Fetchers), demand: make(chan struct{}, max(2, o.Fetchers/4)), bg: bg, stop: stop,
+		cache: map[int64]*list.Element{}, lru: list.New(), flights: map[int64]*flight{}}, nil
 }
 
 // Close stops the fetches ahead and drops the cache. Reads after Close
@@ -252,7 +259,9 @@ func (v *View) Allocation(off, n int64, max int) []Run {
 
 // Chunk returns the decoded bytes of chunk i of the grid (nil for a zero
 // chunk), fetching it unless it is cached or being fetched. The bytes
-// are shared: callers must not change them.
+// are shared: callers must not change them. A fetch serves every reader
+// waiting for it, so it does not end with the context of the reader that
+// started it: a cancelled reader only stops waiting.
 func (v *View) Chunk(ctx context.Context, i int64) ([]byte, error) {
 	if v.ix.Digest(i).IsZeroChunk() {
 		return nil, nil
@@ -268,11 +277,17 @@ func (v *View) Chunk(ctx context.Context, i int64) ([]byte, error) {
 	if !ok {
 		f = &flight{done: make(chan struct{})}
 		v.flights[i] = f
+		v.bgDone.Add(1)
+		go func() {
+			defer v.bgDone.Done()
+			fctx := v.bg
+			if fctx.Err() != nil { // after Close
+				fctx = context.WithoutCancel(ctx)
+			}
+			v.fetch(fctx, i, f, true)
+		}()
 	}
 	v.mu.Unlock()
-	if !ok {
-		v.fetch(ctx, i, f)
-	}
 	select {
 	case <-f.done:
 		return f.data, f.err
@@ -311,7 +326,9 @@ func (v *View) PrefetchRange(off, n int64) {
 }
 
 // Prefetch starts fetching chunk i of the grid in the background unless it
-// is a zero chunk, cached or being fetched.
+// is a zero chunk, cached or being fetched, or twice Fetchers fetches
+// ahead are waiting or running already (it is then dropped: a flood of
+// NBD_CMD_CACHE starts no more).
 func (v *View) Prefetch(i int64) {
 	if v.ix.Digest(i).IsZeroChunk() || v.bg.Err() != nil {
 		return
@@ -319,36 +336,54 @@ func (v *View) Prefetch(i int64) {
 	v.mu.Lock()
 	_, cached := v.cache[i]
 	_, flying := v.flights[i]
-	if cached || flying {
+	if cached || flying || v.ahead.Load() >= 2*int64(v.o.Fetchers) {
 		v.mu.Unlock()
 		return
 	}
 	f := &flight{done: make(chan struct{})}
 	v.flights[i] = f
 	v.bgDone.Add(1)
+	v.ahead.Add(1)
 	v.mu.Unlock()
 	go func() {
 		defer v.bgDone.Done()
-		v.fetch(v.bg, i, f)
+		defer v.ahead.Add(-1)
+		v.fetch(v.bg, i, f, false)
 	}()
 }
 
-// fetch fetches and decodes chunk i for the flight f (one fetch slot),
-// caches it, and lands the flight.
-func (v *View) fetch(ctx context.Context, i int64, f *flight) {
-	select {
-	case v.sem <- struct{}{}:
+// fetch fetches and decodes chunk i for the flight f (one fetch slot;
+// a reader's fetch may also take a demand slot), caches it, and lands
+// the flight.
+func (v *View) fetch(ctx context.Context, i int64, f *flight, demand bool) {
+	var slot chan struct{}
+	if demand {
+		select {
+		case v.sem <- struct{}{}:
+			slot = v.sem
+		case v.demand <- struct{}{}:
+			slot = v.demand
+		case <-ctx.Done():
+		}
+	} else {
+		select {
+		case v.sem <- struct{}{}:
+			slot = v.sem
+		case <-ctx.Done():
+		}
+	}
+	if slot != nil {
 		d := v.ix.Digest(i)
 		start := time.Now()
 		f.data, _, f.err = v.r.GetChunk(ctx, d, nil, nil)
-		<-v.sem
+		<-slot
 		v.fetches.Add(1)
 		v.fetchTime.Add(int64(time.Since(start)))
 		if _, n := v.grid.Chunk(i); f.err == nil && int64(len(f.data)) != n {
 			f.err = &repo.ChunkError{Key: repo.ChunkKey(d),
 				Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(f.data), i, n)}
 		}
-	case <-ctx.Done():
+	} else {
 		f.err = context.Cause(ctx)
 	}
 	if f.err != nil {

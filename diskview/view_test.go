@@ -278,3 +278,71 @@ func isZero(b []byte) bool {
 	}
 	return true
 }
+
+// slowStore delays every chunk's get.
+type slowStore struct {
+	sink.Store
+	delay time.Duration
+}
+
+func (s *slowStore) Unwrap() sink.Store { return s.Store }
+
+func (s *slowStore) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
+	if strings.HasPrefix(key, "chunks/") {
+		select {
+		case <-time.After(s.delay):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return s.Store.Get(ctx, key, buf, limit)
+}
+
+// A fetch serves every reader waiting for it: the reader that started it
+// giving up fails no other. Fetches ahead, however many are asked for (a
+// flood of NBD_CMD_CACHE), never make a reader wait behind all of them.
+func TestFetchesOutliveTheirReaderAndPrefetchesYield(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	_, m, raw := backup(t, ro)
+	store, _ := ro.Store()
+	const delay = 300 * time.Millisecond
+	r, err := repo.Open(t.Context(), &slowStore{Store: store, delay: delay})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := diskview.Open(t.Context(), r, m, "vda", diskview.Options{ReadAhead: 1, Fetchers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	g := v.Grid()
+	i := v.DataChunk(2)
+	off, n := g.Chunk(i)
+	ctx, cancel := context.WithCancel(t.Context())
+	errA := make(chan error, 1)
+	go func() { _, err := v.Chunk(ctx, i); errA <- err }()
+	time.Sleep(20 * time.Millisecond)
+	errB := make(chan error, 1)
+	go func() { errB <- v.ReadAt(t.Context(), make([]byte, n), off) }()
+	time.Sleep(20 * time.Millisecond)
+	cancel()
+	if err := <-errA; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the cancelled reader: %v", err)
+	}
+	if err := <-errB; err != nil {
+		t.Fatalf("another reader of the chunk, after the first gave up: %v", err)
+	}
+
+	for range 50 {
+		v.PrefetchRange(0, v.Size())
+	}
+	j := v.DataChunk(v.DataChunks() - 1) // not among the first fetched ahead
+	off, n = g.Chunk(j)
+	start := time.Now()
+	if !readsBack(t, v, raw, off, int(n)) {
+		return
+	}
+	if d := time.Since(start); d > 4*delay {
+		t.Fatalf("a read took %s behind fetches ahead (a fetch takes %s)", d, delay)
+	}
+}

@@ -5,6 +5,7 @@
 package export
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -129,9 +130,11 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 	switch {
 	case path != "" && o.TLS.Enabled():
 		return nil, invalidf("--listen %s: TLS is for TCP; a unix socket is private by its mode (0600)", o.Listen)
-	case path == "" && !o.TLS.Enabled() && !listen.Loopback(addr):
-		return nil, invalidf("--listen %s: plain TCP is allowed on loopback addresses only; give --tls-cert and --tls-key, "+
-			"and --tls-client-ca so that only clients with a certificate read the disks", o.Listen)
+	case path == "" && !listen.Loopback(addr) && (!o.TLS.Enabled() || o.TLS.ClientCA == ""):
+		// Whoever reaches the port reads the disks: off loopback, only
+		// clients with a certificate may.
+		return nil, invalidf("--listen %s: off loopback, an export needs TLS with client certificates: "+
+			"give --tls-cert, --tls-key and --tls-client-ca (or listen on a unix socket or a loopback address)", o.Listen)
 	case o.TLS.Enabled():
 		if tlsConfig, err = o.TLS.Config(); err != nil {
 			return nil, invalidError{err}
@@ -170,7 +173,6 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 			return nil, repo.NoLockHint(err)
 		}
 		e.lock = lock
-		context.AfterFunc(lctx, func() { e.stop(context.Cause(lctx)) }) // lost: a gc may delete what is served
 		ctx = lctx
 	}
 	disks := m.Disks
@@ -219,6 +221,9 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 		err := e.srv.Serve(ctx, e.l)
 		e.stop(err)
 	}()
+	if e.lock != nil { // lost: a gc may delete what is served
+		context.AfterFunc(ctx, func() { e.stop(context.Cause(ctx)) })
+	}
 	ok = true
 	return e, nil
 }
@@ -340,7 +345,15 @@ type disk struct {
 func (d *disk) Size() int64 { return d.v.Size() }
 
 func (d *disk) Read(ctx context.Context, off, n int64, fn func(off int64, data []byte, n int64) error) error {
-	err := d.v.Pieces(ctx, off, n, fn)
+	chunk := d.v.Grid().ChunkSize
+	err := d.v.Pieces(ctx, off, n, func(off int64, data []byte, n int64) error {
+		if data != nil && int64(len(data)) < chunk/4 {
+			// A small part of a chunk is copied: a reply waiting on a
+			// slow client then holds its bytes, not the whole chunk.
+			data = bytes.Clone(data)
+		}
+		return fn(off, data, n)
+	})
 	if err != nil && ctx.Err() == nil {
 		d.e.readFailed(d.backup, err)
 	}

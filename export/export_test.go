@@ -312,6 +312,7 @@ func TestExportRefusals(t *testing.T) {
 		{export.Options{Listen: "unix://" + notSocket}, true, "not a socket"},
 		{export.Options{Listen: "unix://relative/s.sock"}, true, "absolute"},
 		{export.Options{Listen: "0.0.0.0:0"}, true, "loopback"},
+		{export.Options{Listen: "0.0.0.0:0", TLS: listen.TLS{Cert: "c.pem", Key: "k.pem"}}, true, "client certificates"},
 		{export.Options{Listen: "tcp://127.0.0.1:0"}, true, "host:port"},
 		{export.Options{TLS: listen.TLS{Cert: "c.pem", Key: "k.pem"}}, true, "unix socket"},
 		{export.Options{CacheBytes: 1 << 20}, true, "16 MiB"},

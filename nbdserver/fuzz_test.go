@@ -7,6 +7,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // The parsers of what clients send never panic, and what they accept is
@@ -55,7 +57,7 @@ func FuzzConnection(f *testing.F) {
 	s := New(Options{Exports: map[string]Export{"vda": newMemExport(1<<20, 9)}, Timeout: 2 * time.Second})
 	f.Fuzz(func(t *testing.T, in []byte) {
 		client, server := net.Pipe()
-		c := &conn{s: s, raw: server, nc: server, log: s.o.Log}
+		c := &conn{s: s, raw: server, nc: server, log: s.o.Log, mem: semaphore.NewWeighted(s.o.MaxInFlight / 4)}
 		done := make(chan struct{})
 		go func() { c.serve(context.Background()); close(done) }()
 		go io.Copy(io.Discard, client) // replies

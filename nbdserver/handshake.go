@@ -10,6 +10,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // conn is one client's connection.
@@ -30,13 +32,14 @@ type conn struct {
 	export Export
 	flags  uint16
 
-	wmu sync.Mutex // one reply at a time on the wire
+	wmu sync.Mutex          // one reply at a time on the wire
+	mem *semaphore.Weighted // this connection's share of the server's bytes in flight
 }
 
 // serve runs the handshake, then the transmission phase, and closes the
 // connection.
 func (c *conn) serve(ctx context.Context) {
-	defer c.nc.Close()
+	defer func() { c.nc.Close() }() // c.nc as it is then: TLS sends its close_notify
 	err := c.handshake()
 	if err == nil && c.export != nil {
 		c.s.enter()
@@ -48,12 +51,10 @@ func (c *conn) serve(ctx context.Context) {
 	}
 }
 
-func (c *conn) deadline() { c.nc.SetDeadline(time.Now().Add(c.s.o.Timeout)) }
-
 // handshake runs the fixed newstyle negotiation until the client picks an
-// export (c.export) or leaves (c.export nil).
+// export (c.export) or leaves (c.export nil), within one Timeout.
 func (c *conn) handshake() error {
-	c.deadline()
+	c.nc.SetDeadline(time.Now().Add(c.s.o.Timeout))
 	var hello [18]byte
 	binary.BigEndian.PutUint64(hello[0:], magicNBD)
 	binary.BigEndian.PutUint64(hello[8:], magicOpt)
@@ -74,7 +75,6 @@ func (c *conn) handshake() error {
 		if n == maxOptionsPerConn {
 			return breach("more than %d options", maxOptionsPerConn)
 		}
-		c.deadline()
 		var h [16]byte
 		if _, err := io.ReadFull(c.nc, h[:]); err != nil {
 			return err
@@ -171,11 +171,20 @@ func (c *conn) exportName(name string) error {
 }
 
 func (c *conn) choose(name string, e Export) {
-	c.name, c.export = name, e
-	c.flags = tflagHasFlags | tflagReadOnly | tflagSendFlush | tflagSendDF | tflagCanMultiConn | tflagSendCache
+	c.name, c.export, c.flags = name, e, c.transmissionFlags()
 	if c.metaExport != name && c.metaExport != "" {
 		c.allocation = false // negotiated for another export
 	}
+}
+
+// transmissionFlags are the export's flags: read-only, multi-conn, cache
+// and flush; DF only with structured replies.
+func (c *conn) transmissionFlags() uint16 {
+	f := uint16(tflagHasFlags | tflagReadOnly | tflagSendFlush | tflagCanMultiConn | tflagSendCache)
+	if c.structured {
+		f |= tflagSendDF
+	}
+	return f
 }
 
 // infoGo is NBD_OPT_INFO and NBD_OPT_GO: the export's size, flags and
@@ -189,17 +198,16 @@ func (c *conn) infoGo(opt uint32, data []byte) (bool, error) {
 	if !ok {
 		return false, c.optReply(opt, repErrUnknown, []byte("no such export (NBD_OPT_LIST lists them)"))
 	}
-	flags := uint16(tflagHasFlags | tflagReadOnly | tflagSendFlush | tflagSendDF | tflagCanMultiConn | tflagSendCache)
 	b := binary.BigEndian.AppendUint16(nil, infoExport)
 	b = binary.BigEndian.AppendUint64(b, uint64(e.Size()))
-	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint16(b, c.transmissionFlags())
 	if err := c.optReply(opt, repInfo, b); err != nil {
 		return false, err
 	}
 	// Any alignment is served (minimum 1); 4 KiB is what pays.
 	b = binary.BigEndian.AppendUint16(nil, infoBlockSize)
 	b = binary.BigEndian.AppendUint32(b, 1)
-	b = binary.BigEndian.AppendUint32(b, 4096)
+	b = binary.BigEndian.AppendUint32(b, uint32(min(4096, c.s.o.MaxBlock)))
 	b = binary.BigEndian.AppendUint32(b, uint32(c.s.o.MaxBlock))
 	if err := c.optReply(opt, repInfo, b); err != nil {
 		return false, err
@@ -258,8 +266,11 @@ func readString32(b []byte) (string, []byte, error) {
 // metaContext is NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT:
 // base:allocation is the one context served.
 func (c *conn) metaContext(opt uint32, data []byte) error {
-	if opt == optSetMetaContext && !c.structured {
-		return c.optReply(opt, repErrInvalid, []byte("NBD_OPT_SET_META_CONTEXT needs structured replies"))
+	if opt == optSetMetaContext {
+		c.allocation, c.metaExport = false, "" // replaced, also by a failed one
+		if !c.structured {
+			return c.optReply(opt, repErrInvalid, []byte("NBD_OPT_SET_META_CONTEXT needs structured replies"))
+		}
 	}
 	name, queries, err := parseMetaRequest(data)
 	if err != nil {
@@ -284,7 +295,11 @@ func (c *conn) metaContext(opt uint32, data []byte) error {
 		}
 	}
 	if match {
-		b := binary.BigEndian.AppendUint32(nil, contextAllocID)
+		id := uint32(contextAllocID)
+		if opt == optListMetaContext {
+			id = 0 // ids are given by SET only
+		}
+		b := binary.BigEndian.AppendUint32(nil, id)
 		if err := c.optReply(opt, repMetaContext, append(b, contextAllocation...)); err != nil {
 			return err
 		}

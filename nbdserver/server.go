@@ -23,6 +23,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -63,12 +64,16 @@ type Options struct {
 	// MaxBlock is the largest read (default and at most 32 MiB).
 	MaxBlock int
 	// MaxInFlight bounds the bytes of read replies being prepared or sent
-	// by all connections together (default 128 MiB).
+	// by all connections together (default 128 MiB), and one connection's
+	// to a quarter of that (at least MaxBlock).
 	MaxInFlight int64
-	// Timeout bounds each step of a handshake and each reply's write
-	// (default 60 s); Idle, how long a connection may send nothing
-	// between requests (default none: clients may sit idle).
+	// Timeout bounds a whole handshake and each reply's write (default
+	// 60 s); Idle, how long a connection may send nothing between
+	// requests (default none: clients may sit idle).
 	Timeout, Idle time.Duration
+	// MaxConns bounds the connections open at once (default 128): one
+	// more is closed at once.
+	MaxConns int
 	// OnRead, if set, is told of the bytes every read served.
 	OnRead func(export string, n int64)
 	Log    *slog.Logger
@@ -84,9 +89,11 @@ type Server struct {
 	conns  map[*conn]bool
 	closed bool
 	wg     sync.WaitGroup
-	// active counts the connections past their handshake (Active).
+	// active counts the connections past their handshake (Active);
+	// served is set when the first got there.
 	active int
-	idle   chan struct{} // closed when active drops to 0 after being > 0
+	served bool
+	idle   chan struct{} // closed when no connection is left after one was served
 }
 
 // New returns a server of o's exports.
@@ -100,6 +107,9 @@ func New(o Options) *Server {
 	o.MaxInFlight = max(o.MaxInFlight, int64(o.MaxBlock))
 	if o.Timeout <= 0 {
 		o.Timeout = time.Minute
+	}
+	if o.MaxConns <= 0 {
+		o.MaxConns = 128
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
@@ -117,6 +127,7 @@ func New(o Options) *Server {
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close(); s.Close() })
 	defer stop()
+	backoff := time.Duration(0)
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -126,18 +137,30 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			if closed || ctx.Err() != nil {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
+			if !temporary(err) {
+				return err
 			}
-			return err
+			// Out of descriptors or memory for a moment (a flood of
+			// connections): wait and go on, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.o.Log.Warn("NBD accept failed: retrying", "error", err, "in", backoff)
+			time.Sleep(backoff)
+			continue
 		}
-		c := &conn{s: s, raw: nc, nc: nc, log: s.o.Log.With("client", nc.RemoteAddr().String())}
+		backoff = 0
+		c := &conn{s: s, raw: nc, nc: nc, log: s.o.Log.With("client", nc.RemoteAddr().String()),
+			mem: semaphore.NewWeighted(max(int64(s.o.MaxBlock), s.o.MaxInFlight/4))}
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
 			nc.Close()
 			return nil
+		}
+		if len(s.conns) >= s.o.MaxConns {
+			s.mu.Unlock()
+			s.o.Log.Warn("NBD connection refused: too many open", "max", s.o.MaxConns)
+			nc.Close()
+			continue
 		}
 		s.conns[c] = true
 		s.wg.Add(1)
@@ -147,9 +170,25 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			c.serve(ctx)
 			s.mu.Lock()
 			delete(s.conns, c)
+			if len(s.conns) == 0 && s.served {
+				select {
+				case <-s.idle:
+				default:
+					close(s.idle)
+				}
+			}
 			s.mu.Unlock()
 		}()
 	}
+}
+
+// temporary says whether an Accept error passes: a timeout, no
+// descriptor or memory left for now, a connection aborted before it was
+// accepted.
+func temporary(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ECONNABORTED)
 }
 
 // Close ends every connection and waits for them.
@@ -170,26 +209,21 @@ func (s *Server) Active() int {
 	return s.active
 }
 
-// Idle is closed once a client has connected to an export and every such
-// client has disconnected since (export --once).
+// Idle is closed once a client has reached an export and no connection
+// is left since (export --once).
 func (s *Server) Idle() <-chan struct{} { return s.idle }
 
 func (s *Server) enter() {
 	s.mu.Lock()
 	s.active++
+	s.served = true
 	s.mu.Unlock()
 }
 
 func (s *Server) leave() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.active--; s.active == 0 {
-		select {
-		case <-s.idle:
-		default:
-			close(s.idle)
-		}
-	}
+	s.active--
+	s.mu.Unlock()
 }
 
 // export finds an export by name ("" is the only one, when there is one).

@@ -516,3 +516,215 @@ func TestTLSRequired(t *testing.T) {
 		t.Fatal("EXPORT_NAME without TLS: not closed")
 	}
 }
+
+// zeroExport is a large export of zeroes (no memory).
+type zeroExport struct{ size int64 }
+
+func (z zeroExport) Size() int64 { return z.size }
+func (z zeroExport) Read(_ context.Context, off, n int64, fn func(int64, []byte, int64) error) error {
+	return fn(off, nil, n)
+}
+func (z zeroExport) Allocation(off, n int64, max int) []Run {
+	return []Run{{Length: min(n, z.size-off), Zero: true}}
+}
+func (z zeroExport) Prefetch(off, n int64) {}
+
+// blockingExport's reads wait until their context ends, and say so.
+type blockingExport struct {
+	zeroExport
+	started, cancelled chan struct{}
+}
+
+func (b blockingExport) Read(ctx context.Context, off, n int64, fn func(int64, []byte, int64) error) error {
+	b.started <- struct{}{}
+	<-ctx.Done()
+	b.cancelled <- struct{}{}
+	return ctx.Err()
+}
+
+// replyHeader reads a structured reply's header: flags, type, handle,
+// and its payload.
+func (r *raw) reply() (flags, typ uint16, handle uint64, payload []byte) {
+	r.t.Helper()
+	h := r.read(20)
+	if binary.BigEndian.Uint32(h) != magicStructure {
+		r.t.Fatalf("reply magic %x", h[:4])
+	}
+	return binary.BigEndian.Uint16(h[4:]), binary.BigEndian.Uint16(h[6:]), binary.BigEndian.Uint64(h[8:]),
+		r.read(int(binary.BigEndian.Uint32(h[16:])))
+}
+
+// What the protocol document asks of details: REQ_ONE gets exactly one
+// descriptor (even for a run longer than a descriptor holds); DF is only
+// advertised with structured replies; unknown command flags are refused;
+// a failed SET_META_CONTEXT drops the earlier selection; LIST gives
+// context id 0.
+func TestProtocolDetails(t *testing.T) {
+	sock, _ := serve(t, Options{Exports: map[string]Export{"big": zeroExport{8 << 30}}})
+
+	r := rawDial(t, sock)
+	r.write(option(optInfo, append(appendString32(nil, "big"), 0, 0)))
+	typ, data := r.optReply()
+	if typ != repInfo || binary.BigEndian.Uint16(data) != infoExport || binary.BigEndian.Uint16(data[10:])&tflagSendDF != 0 {
+		t.Fatalf("NBD_OPT_INFO without structured replies: %#x %x (DF must be clear)", typ, data)
+	}
+	for typ != repAck {
+		typ, _ = r.optReply()
+	}
+	meta := binary.BigEndian.AppendUint32(appendString32(nil, "big"), 1)
+	meta = appendString32(meta, "base:allocation")
+	r.write(option(optListMetaContext, meta))
+	if typ, data := r.optReply(); typ != repMetaContext || binary.BigEndian.Uint32(data) != 0 {
+		t.Fatalf("LIST_META_CONTEXT: %#x %x, want id 0", typ, data)
+	}
+	r.optReply()
+	r.write(option(optStructuredReply, nil))
+	r.optReply()
+	r.write(option(optSetMetaContext, meta))
+	if typ, data := r.optReply(); typ != repMetaContext || binary.BigEndian.Uint32(data) != contextAllocID {
+		t.Fatalf("SET_META_CONTEXT: %#x %x", typ, data)
+	}
+	r.optReply()
+	r.goExport("big")
+	b := req(cmdBlockStatus, 1, 0, 0xffffffff)
+	binary.BigEndian.PutUint16(b[4:], cmdFlagReqOne)
+	r.write(b)
+	if _, typ, _, p := r.reply(); typ != replyBlockStatus || len(p) != 4+8 {
+		t.Fatalf("REQ_ONE over a run of 4 GiB: type %d, %d bytes, want one descriptor", typ, len(p))
+	}
+	b = req(cmdCache, 2, 0, 4096)
+	binary.BigEndian.PutUint16(b[4:], 1<<9)
+	r.write(b)
+	if _, typ, _, p := r.reply(); typ != replyError || binary.BigEndian.Uint32(p) != errInval {
+		t.Fatalf("CACHE with an unknown flag: type %d %x", typ, p)
+	}
+
+	// A failed SET_META_CONTEXT replaces the selection with none.
+	r = rawDial(t, sock)
+	r.write(option(optStructuredReply, nil))
+	r.optReply()
+	r.write(option(optSetMetaContext, meta))
+	r.optReply()
+	r.optReply()
+	r.write(option(optSetMetaContext, appendString32(nil, "nope")))
+	if typ, _ := r.optReply(); typ&repFlagError == 0 {
+		t.Fatalf("SET_META_CONTEXT of a bad request: %#x", typ)
+	}
+	r.goExport("big")
+	r.write(req(cmdBlockStatus, 1, 0, 4096))
+	if _, typ, _, _ := r.reply(); typ != replyError {
+		t.Fatalf("block status after a failed SET_META_CONTEXT: type %d, want an error", typ)
+	}
+}
+
+// A client that hangs up with reads in progress has them cancelled (no
+// fetch goes on for no one); one more connection than MaxConns is closed
+// at once.
+func TestHangUpsAndConnectionLimit(t *testing.T) {
+	b := blockingExport{zeroExport{1 << 30}, make(chan struct{}, 16), make(chan struct{}, 16)}
+	sock, _ := serve(t, Options{Exports: map[string]Export{"vda": b}, MaxConns: 3})
+	r := rawDial(t, sock)
+	r.goExport("vda")
+	r.write(req(cmdRead, 1, 0, 4096))
+	<-b.started
+	r.c.Close()
+	select {
+	case <-b.cancelled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read of a client that hung up was not cancelled")
+	}
+
+	var open []*raw
+	for range 3 {
+		open = append(open, rawDial(t, sock))
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(make([]byte, 18)); err == nil || n != 0 {
+		t.Fatalf("a connection over MaxConns: read %d bytes, %v", n, err)
+	}
+	open[0].c.Close()
+	waitForActive := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("unix", sock)
+		if err == nil {
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			n, _ := io.ReadFull(c, make([]byte, 18))
+			c.Close()
+			if n == 18 {
+				break
+			}
+		}
+		if time.Now().After(waitForActive) {
+			t.Fatal("no connection accepted after one closed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Clients that ask for many 32 MiB reads and read none of the replies
+// (with a write deadline far off) hold their share of the server's
+// memory, not all of it: another client's read is answered at once.
+func TestSlowReadersDoNotStarveOthers(t *testing.T) {
+	e := newMemExport(64<<20, 8)
+	sock, _ := serve(t, Options{Exports: map[string]Export{"vda": e}, Timeout: time.Minute})
+	for range 3 {
+		r := rawDial(t, sock)
+		r.goExport("vda")
+		for i := range perConn {
+			r.write(req(cmdRead, uint64(i), 0, 32<<20))
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	good := dial(t, sock, "vda", nbdclient.Config{})
+	start := time.Now()
+	p := make([]byte, 4096)
+	if err := good.ReadAt(t.Context(), p, 0); err != nil || !bytes.Equal(p, e.data[:4096]) {
+		t.Fatalf("read: %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("a read waited %s behind clients that read nothing", d)
+	}
+}
+
+// An accept that fails for want of descriptors (EMFILE: simulated by a
+// listener, since exhausting the test process's descriptors would break
+// the test itself) is retried; the server goes on.
+func TestAcceptErrorsAreRetried(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &failingListener{Listener: l, fails: 3}
+	s := New(Options{Exports: map[string]Export{"vda": newMemExport(1<<20, 1)}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, fl) }()
+	c := dial(t, sock, "vda", nbdclient.Config{})
+	if err := c.ReadAt(t.Context(), make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+}
+
+type failingListener struct {
+	net.Listener
+	fails int
+}
+
+func (f *failingListener) Accept() (net.Conn, error) {
+	if f.fails > 0 {
+		f.fails--
+		return nil, &net.OpError{Op: "accept", Net: "unix", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	return f.Listener.Accept()
+}

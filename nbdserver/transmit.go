@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"time"
 )
@@ -38,9 +39,19 @@ const perConn = 16
 // carry their handle), each reply written whole under c.wmu.
 func (c *conn) transmit(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	err := c.requests(ctx, &wg)
+	if err != nil {
+		cancel() // a client gone or in breach: its reads in progress stop
+	}
+	wg.Wait() // NBD_CMD_DISC: the replies in flight are sent first
+	cancel()
+	return err
+}
+
+// requests reads requests and starts their answers, until NBD_CMD_DISC
+// (nil) or an error.
+func (c *conn) requests(ctx context.Context, wg *sync.WaitGroup) error {
 	slots := make(chan struct{}, perConn)
 	var hdr [28]byte
 	for {
@@ -59,7 +70,7 @@ func (c *conn) transmit(ctx context.Context) error {
 		}
 		switch r.typ {
 		case cmdDisc:
-			return nil // after the replies in flight (wg)
+			return nil
 		case cmdWrite:
 			// The payload follows; a read-only export takes none of it,
 			// but it must be read to find the next request.
@@ -80,8 +91,7 @@ func (c *conn) transmit(ctx context.Context) error {
 			defer func() { <-slots; wg.Done() }()
 			if err := c.handle(ctx, r); err != nil {
 				c.log.Debug("NBD reply failed: closing", "error", err)
-				cancel()
-				c.raw.Close()
+				c.raw.Close() // the request loop then ends, and cancels the others
 			}
 		}()
 	}
@@ -99,6 +109,8 @@ func (c *conn) handle(ctx context.Context, r request) error {
 		return c.simpleReply(r, 0)
 	case r.typ != cmdRead && r.typ != cmdCache && r.typ != cmdBlockStatus:
 		return c.errorReply(r, errInval, "unknown command")
+	case r.flags&^knownFlags[r.typ] != 0:
+		return c.errorReply(r, errInval, fmt.Sprintf("flags %#x not known for this command", r.flags))
 	case end < r.off || end > size:
 		return c.errorReply(r, errInval, fmt.Sprintf("%d bytes at %d: past the end of the export (%d bytes)", r.length, r.off, size))
 	case r.typ == cmdCache:
@@ -114,6 +126,9 @@ func (c *conn) handle(ctx context.Context, r request) error {
 	return c.read(ctx, r)
 }
 
+// knownFlags are the command flags each served command takes.
+var knownFlags = map[uint16]uint16{cmdRead: cmdFlagDF, cmdBlockStatus: cmdFlagReqOne, cmdCache: 0}
+
 // piece is part of a read's reply: data, or n bytes of zeroes.
 type piece struct {
 	off  int64
@@ -125,6 +140,12 @@ type piece struct {
 // (fetches can take a round trip each; no reply waits for them on the
 // wire), then sent, holes as holes in structured replies.
 func (c *conn) read(ctx context.Context, r request) error {
+	// This connection's share first, then the server's: a client that
+	// reads none of its replies holds at most its share.
+	if err := c.mem.Acquire(ctx, int64(r.length)); err != nil {
+		return err
+	}
+	defer c.mem.Release(int64(r.length))
 	if err := c.s.mem.Acquire(ctx, int64(r.length)); err != nil {
 		return err
 	}
@@ -135,8 +156,12 @@ func (c *conn) read(ctx context.Context, r request) error {
 		return nil
 	})
 	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 		c.log.Warn("NBD read failed", "export", c.name, "offset", r.off, "length", r.length, "error", err)
-		return c.errorReply(r, errIO, err.Error())
+		// The cause stays in the server's log (it names the repository).
+		return c.errorReply(r, errIO, "the export could not read these bytes (the server's log says why)")
 	}
 	if c.s.o.OnRead != nil {
 		c.s.o.OnRead(c.name, int64(r.length))
@@ -208,12 +233,13 @@ func (c *conn) blockStatus(r request) error {
 	}
 	runs := c.export.Allocation(int64(r.off), int64(r.length), max)
 	b := binary.BigEndian.AppendUint32(nil, contextAllocID)
+	descs := 0
 	for _, run := range runs {
 		flags := uint32(0)
 		if run.Zero {
 			flags = stateHole | stateZero
 		}
-		for n := run.Length; n > 0; { // a descriptor's length is 32-bit
+		for n := run.Length; n > 0 && descs < max; descs++ { // a descriptor's length is 32-bit
 			d := min(n, 1<<32-1<<16)
 			b = binary.BigEndian.AppendUint32(b, uint32(d))
 			b = binary.BigEndian.AppendUint32(b, flags)
@@ -257,7 +283,7 @@ func (c *conn) errorReply(r request, errno uint32, msg string) error {
 		return c.simpleReply(r, errno)
 	}
 	if len(msg) > 4096 {
-		msg = msg[:4096]
+		msg = strings.ToValidUTF8(msg[:4096], "")
 	}
 	b := binary.BigEndian.AppendUint32(nil, errno)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(msg)))

@@ -120,9 +120,12 @@ func Unix(path string) (net.Listener, error) {
 		if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
 			return nil, invalidf("%s exists and is not a socket; remove it or listen elsewhere", path)
 		}
-		if c, err := net.Dial("unix", path); err == nil {
+		c, err := net.Dial("unix", path)
+		if err == nil {
 			c.Close()
-			return nil, fmt.Errorf("%s: another process is listening there; stop it or listen elsewhere", path)
+		}
+		if !errors.Is(err, unix.ECONNREFUSED) { // listening (perhaps with a full backlog: EAGAIN)
+			return nil, fmt.Errorf("%s: another process is listening there (or may be: %v); stop it or listen elsewhere", path, err)
 		}
 		// A stale socket of a process that died: the directory is ours
 		// alone, so the name cannot change under us.
@@ -157,20 +160,32 @@ func Unix(path string) (net.Listener, error) {
 		}
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
-	return &unixListener{UnixListener: ul, path: path}, nil
+	var mine unix.Stat_t
+	if err := unix.Fstatat(dfd, name, &mine, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return &unixListener{UnixListener: ul, path: path, dev: mine.Dev, ino: mine.Ino}, nil
 }
 
 // unixListener removes its socket when closed (its name, not the temporary
-// one it was bound to, which net would remove).
+// one it was bound to, which net would remove), if the name is still its
+// socket and not another process's since.
 type unixListener struct {
 	*net.UnixListener
-	path string
-	once sync.Once
+	path     string
+	dev, ino uint64
+	once     sync.Once
 }
 
 func (l *unixListener) Close() error {
 	err := l.UnixListener.Close()
-	l.once.Do(func() { os.Remove(l.path) })
+	l.once.Do(func() {
+		var st unix.Stat_t
+		if unix.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
+			os.Remove(l.path)
+		}
+	})
 	return err
 }
 
