@@ -62,7 +62,7 @@ s3_repo=(--repo "s3://bench-export/r")
 # serve IMAGE FORMAT: run qemu-nbd on a socket; prints its URI.
 serve() {
 	local sock="$work/qemu-nbd.$RANDOM.sock"
-	qemu-nbd -r -t -k "$sock" -f "$2" --cache=none --aio=native "$1" >/dev/null 2>&1 &
+	qemu-nbd -r -t -e 32 -k "$sock" -f "$2" --cache=none --aio=native "$1" >/dev/null 2>&1 &
 	pids+=($!)
 	wait_for 20 qemu-nbd test -S "$sock"
 	echo "nbd+unix:///?socket=$sock"
@@ -129,7 +129,7 @@ done
 say "time to first byte of a 100 GiB backup"
 big="$work/big.qcow2"
 qemu-img create -q -f qcow2 "$big" 100G
-for i in $(seq 0 15); do qemu-io -q -f qcow2 -c "write -P $((i + 1)) $((i * 6))G 64M" "$big"; done
+for i in $(seq 0 15); do qemu-io -f qcow2 -c "write -P $((i + 1)) $((i * 6))G 64M" "$big"; done
 uri=$(serve "$big" qcow2)
 "$nbdmover" --log-level warn backup "${local_repo[@]}" --nbd "$uri" --name big --disk vda >/dev/null
 "$nbdmover" --log-level warn backup "${s3_repo[@]}" "${direct[@]}" --nbd "$uri" --name big --disk vda >/dev/null
@@ -154,7 +154,7 @@ ttfb_wan=$(ttfb "${s3_repo[@]}" "${wan[@]}")
 say "a 16 TiB sparse backup"
 huge="$work/huge.qcow2"
 qemu-img create -q -f qcow2 "$huge" 16T
-qemu-io -q -f qcow2 -c "write -P 7 0 4M" -c "write -P 8 8T 4M" -c "write -P 9 16383G 4M" "$huge"
+qemu-io -f qcow2 -c "write -P 7 0 4M" -c "write -P 8 8T 4M" -c "write -P 9 16383G 4M" "$huge"
 uri=$(serve "$huge" qcow2)
 "$nbdmover" --log-level warn backup "${local_repo[@]}" --nbd "$uri" --name huge --disk vda >/dev/null
 start_export "${local_repo[@]}" --domain huge

@@ -170,6 +170,9 @@ func TestExportServesTheBackup(t *testing.T) {
 			ref := filepath.Join(t.TempDir(), "ref.raw")
 			os.WriteFile(ref, raw, 0o600)
 			run(t, "qemu-img", "compare", "-f", "raw", ref, uri)
+			conv := filepath.Join(t.TempDir(), "conv.qcow2")
+			run(t, "qemu-img", "convert", "-O", "qcow2", uri, conv)
+			run(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", ref, conv)
 			if out := run(t, "qemu-img", "map", "--output=json", uri); !strings.Contains(out, `"zero": true`) {
 				t.Fatalf("qemu-img map shows no zero extent:\n%s", out)
 			}
