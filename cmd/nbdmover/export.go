@@ -2,7 +2,9 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
+	"runtime/debug"
 	"time"
 
 	"github.com/nbdmover/nbdmover/export"
@@ -10,6 +12,11 @@ import (
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/urfave/cli/v2"
 )
+
+// exportOverhead is what an export holds beside its cache, for its soft
+// memory limit: the fetches in flight, the replies being sent (at most
+// 128 MiB, nbdserver's bound, mostly parts of cached chunks), the index.
+const exportOverhead = 64 << 20
 
 func exportCommand() *cli.Command {
 	return &cli.Command{
@@ -44,6 +51,11 @@ func exportCommand() *cli.Command {
 			log, err := newLogger(c)
 			if err != nil {
 				return err
+			}
+			// The cache is most of what an export holds: the collector
+			// keeps the heap near it rather than at twice what is live.
+			if os.Getenv("GOMEMLIMIT") == "" {
+				debug.SetMemoryLimit(cache + exportOverhead)
 			}
 			addr := c.String("listen")
 			if addr == "" {
