@@ -5,13 +5,16 @@
 //   - The grid cuts a disk of Size bytes into chunks of ChunkSize bytes at
 //     aligned offsets; chunk i covers [i*ChunkSize, (i+1)*ChunkSize) and the
 //     last one may be short.
-//   - A Digest is the SHA-256 of a chunk's plaintext. The all-zero Digest
-//     (ZeroChunk) stands for a chunk whose bytes are all zero: such chunks
-//     are never stored.
-//   - A blob is how a chunk is stored: a 20-byte header (see docs/format.md)
-//     and the payload, zstd-compressed or raw when compression does not pay.
-//     Decoding checks the header, the payload's CRC32C, the plaintext length
-//     and the digest, and says which check failed.
+//   - A Digest names a chunk: the SHA-256 of its plaintext, or in an
+//     encrypted repository its HMAC-SHA256 under the naming key (a Codec
+//     knows which). The all-zero Digest (ZeroChunk) stands for a chunk
+//     whose bytes are all zero: such chunks are never stored.
+//   - A blob is how a chunk (or a meta object) is stored: a 20-byte header
+//     (docs/format.md) and the payload, zstd-compressed, s2-compressed or
+//     raw when compression does not pay; encrypted, the payload is sealed
+//     with AES-256-GCM. Decoding checks the header, the payload's CRC32C
+//     (or the AEAD tag), the plaintext length and the digest, never makes
+//     more than the caller's limit, and says which check failed.
 //
 // Everything here is safe for concurrent use; the Codec pools its zstd
 // encoders and decoders.

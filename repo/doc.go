@@ -1,18 +1,36 @@
-// Package repo is the nbdmover repository: a content-addressed chunk store
-// with per-backup manifests and per-disk indexes, kept in a sink.Store.
+// Package repo is the nbdmover repository (format 2): a content-addressed
+// chunk store with per-backup manifests and per-disk index chains, kept in
+// a sink.Store. docs/format.md has the bytes; docs/design.md the
+// protocols (locks, gc, damage).
 //
-// Words used here (the byte-level format is in docs/format.md):
+// Words used here:
 //
-//   - config: the repository's parameters (format version, chunk size,
-//     digest, compression), written once by Init.
-//   - chunk: a blob under chunks/<2 hex>/<64 hex>, named by the SHA-256 of
-//     its plaintext. Chunks are shared by every backup that holds the same
-//     data; all-zero chunks are never stored.
-//   - index: for one disk of one backup, the digest of every chunk of the
-//     disk in order (the zero digest for an all-zero chunk). Every index is
-//     complete on its own: a backup restores without its parents.
-//   - manifest: the JSON description of one backup. It is written last;
-//     its presence commits the backup, and nothing it references is missing
-//     when it appears.
+//   - config: the repository's parameters (format version, id, chunk size,
+//     digest, compression, encryption and its password cost), written once
+//     by Init; keys/ holds the wrapped keys of an encrypted repository.
+//   - chunk: a blob under chunks/<2 hex>/<64 hex>, named by the SHA-256
+//     of its plaintext (encrypted: its HMAC-SHA256 under the naming key).
+//     Chunks are shared by every backup that holds the same data; all-zero
+//     chunks are never stored. Chunk I/O goes through the repository
+//     (Putter, GetChunk), which owns the put policy and its durability.
+//   - index chain: a disk's index in a backup, a full index then deltas
+//     (chain.go shapes it as a binary counter: at most 12 deltas), stored
+//     as index objects under indexes/. Applied, it lists every chunk that
+//     holds data; a chunk it does not list is a zero chunk. Not to be
+//     confused with libvirt's checkpoints, which package mover keeps.
+//   - manifest: the JSON description of one backup, naming its disks'
+//     index chains. It is written last; its presence commits the backup,
+//     and nothing it references is missing when it appears.
 //   - backup id: a UTC timestamp (20060102T150405.000Z) that sorts by time.
+//   - domain: the name backups are kept under: a libvirt domain's, or any
+//     source's (--name).
+//   - lock: a shared or exclusive lock object under locks/; backups,
+//     restores, exports, verify and forget hold shared ones, gc the
+//     exclusive one while it deletes.
+//   - damage record: what verify (or a reader) found damaged, under
+//     state/damage/; backups heal what it names.
+//
+// Every object read is bounded by its kind (bounds.go) before it is read,
+// so a repository someone else wrote cannot make nbdmover read without
+// end.
 package repo
