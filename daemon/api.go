@@ -21,7 +21,8 @@ import (
 type api struct {
 	runner  *Runner
 	exports *exports
-	repo    repo.Options
+	repo    repo.Options // for /healthz, which opens it anew
+	opened  *repo.Repo   // for everything else
 	token   []byte
 	m       *metrics
 	log     *slog.Logger
@@ -31,8 +32,8 @@ type api struct {
 	healthErr error
 }
 
-func newAPI(r *Runner, x *exports, repo repo.Options, token string, m *metrics, log *slog.Logger) http.Handler {
-	a := &api{runner: r, exports: x, repo: repo, token: []byte(token), m: m, log: log}
+func newAPI(r *Runner, x *exports, ro repo.Options, opened *repo.Repo, token string, m *metrics, log *slog.Logger) http.Handler {
+	a := &api{runner: r, exports: x, repo: ro, opened: opened, token: []byte(token), m: m, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/jobs", a.submit)
 	mux.HandleFunc("GET /v1/jobs", a.list)
@@ -327,13 +328,7 @@ func newestByDomain(ms []*repo.Manifest, now time.Time) []DomainSummary {
 // marked, with a warning, when the damage records cannot be read); a
 // repository that does not exist yet has none.
 func (a *api) listBackups(ctx context.Context, domain string) ([]*repo.Manifest, []repo.Problem, map[string]bool, error) {
-	r, err := a.repo.Open(ctx)
-	if errors.Is(err, repo.ErrNoRepository) {
-		return nil, nil, nil, nil
-	}
-	if err != nil {
-		return nil, nil, nil, err
-	}
+	r := a.opened
 	ms, skipped, err := r.Backups(ctx, domain)
 	if err != nil {
 		return nil, nil, nil, err

@@ -48,7 +48,7 @@ type exports struct {
 }
 
 type exportsOptions struct {
-	repo       repo.Options
+	repo       *repo.Repo
 	dir        string // the sockets' directory
 	max        int
 	cacheBytes int64
@@ -89,7 +89,7 @@ func (x *exports) start(ctx context.Context, req ExportRequest) (ExportView, err
 	}
 	x.live[id] = reserved
 	x.mu.Unlock()
-	e, err := export.Start(ctx, export.Options{Repo: x.o.repo, Domain: req.Domain, Backup: req.Backup, Disks: req.Disks,
+	e, err := export.Start(ctx, export.Options{Repository: x.o.repo, Domain: req.Domain, Backup: req.Backup, Disks: req.Disks,
 		Listen: "unix://" + filepath.Join(x.o.dir, id+".sock"), CacheBytes: x.o.cacheBytes, Log: x.log.With("export", id)})
 	x.mu.Lock()
 	defer x.mu.Unlock()

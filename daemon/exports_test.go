@@ -108,3 +108,32 @@ func TestDaemonExports(t *testing.T) {
 		})
 	}
 }
+
+// The daemon opens its repository once and shares it: a config that
+// vanishes after the start leaves listings (and jobs) working on the
+// repository it opened, while /healthz, which opens it anew, says the
+// repository cannot be used.
+func TestDaemonOpensTheRepositoryOnce(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	img := qemutest.NewImage(t, t.TempDir(), 4*backuptest.MiB)
+	srv := qemutest.Serve(t, img, "-r")
+	if _, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Disk: "vda"}),
+		mover.Options{Repo: ro, Init: true, RunDir: t.TempDir()}); err != nil {
+		t.Fatal(err)
+	}
+	srv.Kill()
+	d := startDaemon(t, ro, 1)
+	cfg := filepath.Join(ro.Location, "config")
+	if err := os.Rename(cfg, cfg+".away"); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Rename(cfg+".away", cfg)
+	var list struct{ Backups []map[string]any }
+	if code := d.do("GET", "/v1/backups", "", &list); code != 200 || len(list.Backups) != 1 {
+		t.Fatalf("GET /v1/backups without the config on disk: %d %v", code, list)
+	}
+	var h map[string]any
+	if code := d.do("GET", "/healthz", "", &h); code != 503 {
+		t.Fatalf("/healthz without the config on disk: %d %v", code, h)
+	}
+}

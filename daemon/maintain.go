@@ -131,7 +131,7 @@ func (r *Runner) runMaintenance(ctx context.Context, j *job) {
 }
 
 func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger) (any, error) {
-	rp, err := r.o.Backup.Repo.Open(ctx)
+	rp, err := r.repository(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -168,7 +168,7 @@ func (r *Runner) retain(ctx context.Context, j *job, log *slog.Logger) {
 	if r.o.Retention == nil {
 		return
 	}
-	rp, err := r.o.Backup.Repo.Open(ctx)
+	rp, err := r.repository(ctx)
 	var res []repo.ForgetResult
 	if err == nil {
 		res, err = rp.Forget(ctx, j.req.Domain, *r.o.Retention, false)

@@ -436,7 +436,7 @@ func (r *Runner) memory(ctx context.Context, req JobRequest, o mover.Options) (i
 // chunkSize is the repository's chunk size (or the one a first backup
 // gives it).
 func (r *Runner) chunkSize(ctx context.Context) (int64, error) {
-	rp, err := r.o.Backup.Repo.Open(ctx)
+	rp, err := r.repository(ctx)
 	switch {
 	case errors.Is(err, repo.ErrNoRepository):
 		if r.o.Backup.ChunkSize > 0 {
@@ -447,6 +447,16 @@ func (r *Runner) chunkSize(ctx context.Context) (int64, error) {
 		return 0, err
 	}
 	return rp.Config().ChunkSize, nil
+}
+
+// repository is the daemon's open repository (shared by every job, and
+// with it the store's limit on requests in flight), or, for a runner
+// given none, the repository opened anew.
+func (r *Runner) repository(ctx context.Context) (*repo.Repo, error) {
+	if r.o.Backup.Repository != nil {
+		return r.o.Backup.Repository, nil
+	}
+	return r.o.Backup.Repo.Open(ctx)
 }
 
 // backup is the source and options of a request's backup.

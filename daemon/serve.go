@@ -113,6 +113,11 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	}
 	ro := o.Runner
 	ro.Log = o.Log
+	// One repository for the daemon's life: every job, export and listing
+	// uses it (and the store's limit on requests in flight). /healthz
+	// opens it anew (at most every 5 s), which is how a repository
+	// removed or re-keyed elsewhere shows.
+	ro.Backup.Repository = r
 	ro.Observe = m.observe
 	if ro.DomainDisks == nil {
 		uri := ro.Domain.Connect
@@ -125,7 +130,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	// The store's temporary files in the background: a large local store
 	// takes a while to walk, and no job needs them gone.
 	cleaned := make(chan struct{})
-	go func() { removeStoreTemp(runner.ctx, ro.Backup.Repo, o.Log); close(cleaned) }()
+	go func() { removeStoreTemp(runner.ctx, r, o.Log); close(cleaned) }()
 	defer func() { <-cleaned }()
 	m.runner = runner
 	runDir := ro.Backup.RunDir
@@ -133,12 +138,12 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		runDir = mover.DefaultRunDir
 	}
 	xctx, stopExports := context.WithCancel(ctx)
-	x := newExports(xctx, exportsOptions{repo: ro.Backup.Repo, dir: filepath.Join(runDir, "exports"), max: o.MaxExports,
+	x := newExports(xctx, exportsOptions{repo: r, dir: filepath.Join(runDir, "exports"), max: o.MaxExports,
 		cacheBytes: o.ExportCacheBytes}, o.Log)
 	defer x.wait()
 	defer stopExports()
 	m.exports = x
-	srv := &http.Server{Handler: newAPI(runner, x, ro.Backup.Repo, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
+	srv := &http.Server{Handler: newAPI(runner, x, ro.Backup.Repo, r, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
 		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
 		ErrorLog:    slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }}
@@ -211,11 +216,7 @@ func startupCleanup(ctx context.Context, ro RunnerOptions, log *slog.Logger) {
 
 // removeStoreTemp removes the temporary files crashed writes left in the
 // repository's store.
-func removeStoreTemp(ctx context.Context, o repo.Options, log *slog.Logger) {
-	r, err := o.Open(ctx)
-	if err != nil {
-		return // no repository yet, or unreachable: the first job says so
-	}
+func removeStoreTemp(ctx context.Context, r *repo.Repo, log *slog.Logger) {
 	if n, err := r.RemoveTemp(ctx, time.Hour); err != nil {
 		log.Warn("removing the store's temporary files failed", "error", err)
 	} else if n > 0 {

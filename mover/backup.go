@@ -50,10 +50,14 @@ func invalidf(format string, args ...any) error {
 
 // Options describe a backup, whatever its source.
 type Options struct {
-	Repo        repo.Options
-	ChunkSize   int64  // for a repository this backup creates
-	Compression string // for new chunks; "" = the repository's default
-	Mode        string // auto (default), full, incremental
+	Repo repo.Options
+	// Repository, when set, is the open repository to use instead of
+	// opening Repo (a daemon's, shared by its jobs and their store's
+	// limits).
+	Repository  *repo.Repo `json:"-"`
+	ChunkSize   int64      // for a repository this backup creates
+	Compression string     // for new chunks; "" = the repository's default
+	Mode        string     // auto (default), full, incremental
 	// Init creates the repository when there is none (else a missing
 	// repository is an error matching repo.ErrNoRepository).
 	Init   bool
@@ -265,7 +269,10 @@ func openForBackup(ctx context.Context, o Options) (*repo.Repo, repo.InitOptions
 	if err != nil {
 		return nil, init, err
 	}
-	r, err := o.Repo.Open(ctx)
+	r := o.Repository
+	if r == nil {
+		r, err = o.Repo.Open(ctx)
+	}
 	if errors.Is(err, repo.ErrNoRepository) && o.Init {
 		return nil, init, nil
 	}
