@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
 )
@@ -176,11 +177,12 @@ func openAtStart(ctx context.Context, o ServeOptions) (*repo.Repo, error) {
 	var err error
 	created := false
 	if o.Init {
-		init, perr := repo.ParseInit(o.Runner.Backup.ChunkSize, "")
-		if perr != nil {
-			return nil, refuse(ErrInvalid, "%v", perr)
+		if cs := o.Runner.Backup.ChunkSize; cs != 0 {
+			if err := chunker.CheckChunkSize(cs); err != nil {
+				return nil, refuse(ErrInvalid, "%v", err)
+			}
 		}
-		r, created, err = ro.OpenOrInit(ctx, init)
+		r, created, err = ro.OpenOrInit(ctx, repo.InitOptions{ChunkSize: o.Runner.Backup.ChunkSize})
 	} else {
 		r, err = ro.Open(ctx)
 	}

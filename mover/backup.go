@@ -81,26 +81,43 @@ type Options struct {
 // Validate checks the options without touching anything; its errors
 // match ErrInvalid.
 func (o Options) Validate() error {
+	_, err := o.validate()
+	return err
+}
+
+// validate is Validate, and returns the parameters a repository this backup
+// creates gets (ChunkSize, Compression parsed).
+func (o Options) validate() (repo.InitOptions, error) {
+	init := repo.InitOptions{ChunkSize: o.ChunkSize}
 	switch o.Mode {
 	case "", ModeAuto, ModeFull, ModeIncremental:
 	default:
-		return invalidf("backup mode %q: want auto, full or incremental", o.Mode)
+		return init, invalidf("backup mode %q: want auto, full or incremental", o.Mode)
 	}
-	if _, err := repo.ParseInit(o.ChunkSize, o.Compression); err != nil {
-		return invalidf("%w", err)
+	if o.ChunkSize != 0 {
+		if err := chunker.CheckChunkSize(o.ChunkSize); err != nil {
+			return init, invalidf("%w", err)
+		}
+	}
+	if o.Compression != "" {
+		c, err := chunker.ParseCompression(o.Compression)
+		if err != nil {
+			return init, invalidf("%w", err)
+		}
+		init.Compression = c
 	}
 	if r := o.Tuning.Readers; r < 0 || r > 64 {
-		return invalidf("readers %d: want 1 to 64", r)
+		return init, invalidf("readers %d: want 1 to 64", r)
 	}
 	if o.VerifySample != nil && *o.VerifySample < 0 {
-		return invalidf("verify sample %d: want a number of chunks, or 0 for none", *o.VerifySample)
+		return init, invalidf("verify sample %d: want a number of chunks, or 0 for none", *o.VerifySample)
 	}
 	if o.RunDir != "" {
 		if err := CheckDir(o.RunDir); err != nil {
-			return fmt.Errorf("run directory: %w", err)
+			return init, fmt.Errorf("run directory: %w", err)
 		}
 	}
-	return nil
+	return init, nil
 }
 
 func (o Options) withDefaults() Options {
@@ -192,7 +209,8 @@ type DiskResult struct {
 func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	start := time.Now()
 	o = o.withDefaults()
-	if err := o.Validate(); err != nil {
+	init, err := o.validate()
+	if err != nil {
 		return nil, err
 	}
 	if err := src.Validate(); err != nil {
@@ -201,7 +219,7 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	// Everything that can refuse the backup is checked before anything is
 	// made: the repository (read), the source's disks (a domain libvirt
 	// does not know leaves no lock file behind) and the memory they need.
-	r, init, err := openForBackup(ctx, o)
+	r, err := openForBackup(ctx, o, init)
 	if err != nil {
 		return nil, err
 	}
@@ -261,26 +279,21 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 }
 
 // openForBackup opens the repository with the chosen compression for new
-// chunks, and returns the parameters a repository it creates gets. With
-// Init, a missing repository is not an error: r is nil, and the caller
-// creates it once the options are checked.
-func openForBackup(ctx context.Context, o Options) (*repo.Repo, repo.InitOptions, error) {
-	init, err := repo.ParseInit(o.ChunkSize, o.Compression)
-	if err != nil {
-		return nil, init, err
-	}
+// chunks. With Init, a missing repository is not an error: r is nil, and
+// the caller creates it (with init) once the options are checked.
+func openForBackup(ctx context.Context, o Options, init repo.InitOptions) (*repo.Repo, error) {
 	r := o.Repository
+	var err error
 	if r == nil {
 		r, err = o.Repo.Open(ctx)
 	}
 	if errors.Is(err, repo.ErrNoRepository) && o.Init {
-		return nil, init, nil
+		return nil, nil
 	}
 	if err != nil {
-		return nil, init, err
+		return nil, err
 	}
-	r, err = withCompression(r, o, init)
-	return r, init, err
+	return withCompression(r, o, init)
 }
 
 // withCompression is r compressing new chunks as the options ask.

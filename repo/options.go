@@ -3,7 +3,6 @@ package repo
 import (
 	"context"
 
-	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/sink"
 )
 
@@ -57,23 +56,4 @@ func (o Options) OpenOrInit(ctx context.Context, io InitOptions) (*Repo, bool, e
 	}
 	io.Keys = o.Keys
 	return OpenOrInit(ctx, s, io)
-}
-
-// ParseInit turns the command line's chunk size and compression ("" for
-// the defaults) into InitOptions.
-func ParseInit(chunkSize int64, compression string) (InitOptions, error) {
-	io := InitOptions{ChunkSize: chunkSize}
-	if compression != "" {
-		c, err := chunker.ParseCompression(compression)
-		if err != nil {
-			return io, err
-		}
-		io.Compression = c
-	}
-	if io.ChunkSize != 0 {
-		if err := chunker.CheckChunkSize(io.ChunkSize); err != nil {
-			return io, err
-		}
-	}
-	return io, nil
 }

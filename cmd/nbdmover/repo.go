@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
 	"github.com/urfave/cli/v2"
@@ -103,9 +104,14 @@ func initCommand() *cli.Command {
 			if err != nil {
 				return usagef("--chunk-size: %v", err)
 			}
-			io, err := repo.ParseInit(size, c.String("compression"))
-			if err != nil {
-				return usagef("%v", err)
+			if err := chunker.CheckChunkSize(size); err != nil {
+				return usagef("--chunk-size: %v", err)
+			}
+			io := repo.InitOptions{ChunkSize: size}
+			if s := c.String("compression"); s != "" {
+				if io.Compression, err = chunker.ParseCompression(s); err != nil {
+					return usagef("--compression: %v", err)
+				}
 			}
 			ro := repoOptions(c)
 			if store, err := ro.Store(); err == nil {
