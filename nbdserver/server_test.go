@@ -492,7 +492,10 @@ func TestMemoryBound(t *testing.T) {
 			r.write(req(cmdRead, uint64(i), 0, 32<<20))
 		}
 	}
-	time.Sleep(time.Second) // before the write deadline frees anything
+	for deadline := time.Now().Add(10 * time.Second); e.reads.Load() == 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond) // long before the write deadline frees anything
 	if n := e.reads.Load(); n < 1 || n > 2 {
 		t.Fatalf("%d reads of 32 MiB gathered for replies no one reads, want at most 2 (MaxInFlight 64 MiB)", n)
 	}
