@@ -33,6 +33,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/repo/index"
 )
 
 // Options tune a View.
@@ -52,7 +53,7 @@ type Options struct {
 // goroutines at once.
 type View struct {
 	r    *repo.Repo
-	ix   *repo.Index
+	ix   *index.Index
 	grid chunker.Grid
 	name string // "domain/id disk", for errors
 	o    Options

@@ -11,6 +11,7 @@ import (
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -181,7 +182,7 @@ type Job struct {
 	Stats   *Stats
 	// Parent is the disk's index in the backup this one is incremental
 	// from; nil for a full backup. It is not modified.
-	Parent *repo.Index
+	Parent *index.Index
 	// Sample is how many clean chunks an incremental run reads to verify
 	// the dirty bitmap: below 0 for SampleSize, 0 for none.
 	Sample int
@@ -201,8 +202,8 @@ type Job struct {
 // Result is what a disk's backup made: the disk's index (a full run), or
 // what changed of the parent's (an incremental run).
 type Result struct {
-	Index *repo.Index
-	Delta *repo.Delta
+	Index *index.Index
+	Delta *index.Delta
 	// Healed are the damaged chunks the run stored again from the disk.
 	Healed []chunker.Digest
 }
@@ -210,10 +211,10 @@ type Result struct {
 // run is the state of one Job.Run.
 type run struct {
 	*Job
-	resized *repo.Index             // the parent's index resized to the disk; nil on a full run
+	resized *index.Index            // the parent's index resized to the disk; nil on a full run
 	known   map[chunker.Digest]bool // digests the parent references: stored, no upload or check
 	mu      sync.Mutex
-	built   repo.Builder     // the digests of the chunks built, under mu
+	built   index.Builder    // the digests of the chunks built, under mu
 	healed  []chunker.Digest // damaged chunks stored again, under mu
 	// uploading holds the digests this run is uploading or has uploaded.
 	uploading sync.Map

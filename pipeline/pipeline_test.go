@@ -12,6 +12,7 @@ import (
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -125,15 +126,15 @@ func newDense(size int64) *denseIndex {
 	return &denseIndex{Size: size, Digests: make([]chunker.Digest, (size+cs-1)/cs)}
 }
 
-func (x *denseIndex) sparse() *repo.Index {
-	var b repo.Builder
+func (x *denseIndex) sparse() *index.Index {
+	var b index.Builder
 	for i, d := range x.Digests {
 		b.Set(int64(i), d)
 	}
 	return b.Index(cs, x.Size)
 }
 
-func denseOf(ix *repo.Index) *denseIndex {
+func denseOf(ix *index.Index) *denseIndex {
 	x := newDense(ix.Size)
 	for i, d := range ix.All() {
 		x.Digests[i] = d
@@ -315,7 +316,7 @@ func TestSampleCatchesLies(t *testing.T) {
 
 func TestSampleSize(t *testing.T) {
 	for _, tt := range []struct{ data, want int }{{0, 16}, {1, 17}, {1000, 17}, {1001, 18}, {100000, 116}, {300000, 256}} {
-		var b repo.Builder
+		var b index.Builder
 		for i := range tt.data {
 			b.Set(int64(i), chunker.Digest{1})
 		}

@@ -8,7 +8,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
-	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/repo/index"
 )
 
 // span is a range of the disk, relative to a chunk's start.
@@ -69,7 +69,7 @@ func (p *chunkPlan) addRead(rel, n int64) {
 // planVerify: reading them proves the bitmap did not miss their changes.
 type planner struct {
 	grid   chunker.Grid
-	parent *repo.Index // the parent's index, resized to the disk; nil on a full run
+	parent *index.Index // the parent's index, resized to the disk; nil on a full run
 	stale  map[int64]bool
 	// grown: chunks from this index on were past the end of the disk at
 	// the parent (it grew): they are built, whatever the bitmap says.
@@ -311,6 +311,6 @@ func (w *walk) flush() error {
 
 // SampleSize is how many clean chunks an incremental verifies by default:
 // 16 plus 0.1% of the chunks that hold data (at the parent), at most 256.
-func SampleSize(parent *repo.Index) int {
+func SampleSize(parent *index.Index) int {
 	return int(min(256, 16+(int64(parent.Len())+999)/1000))
 }

@@ -3,6 +3,7 @@ package repo
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"math/rand/v2"
 	"os"
 	"syscall"
@@ -32,7 +33,7 @@ func BenchmarkList10k(b *testing.B) {
 		b.Fatal(err)
 	}
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	var ib Builder
+	var ib index.Builder
 	ib.Set(3, chunker.Sum([]byte("x")))
 	ix := ib.Index(r.Config().ChunkSize, 16<<30)
 	start := time.Now()
@@ -108,7 +109,7 @@ func BenchmarkVerifyReadData(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			var ib Builder
+			var ib index.Builder
 			rng := rand.NewChaCha8([32]byte{1})
 			g, ctx := errgroup.WithContext(b.Context())
 			g.SetLimit(8)

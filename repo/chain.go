@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"math/bits"
 	"strings"
 
@@ -27,17 +28,17 @@ const maxDeltas = 12
 // DiskData is what a backup commits of one disk: the full index of a full
 // backup, or for an incremental the parent's chain and what changed.
 type DiskData struct {
-	Full   *Index
+	Full   *index.Index
 	Parent *Chain
-	Delta  *Delta
+	Delta  *index.Delta
 }
 
 // Chain is a disk's index chain, loaded: its links, the index it makes,
 // and the parts (for the next incremental to merge).
 type Chain struct {
 	Refs   []IndexRef
-	Index  *Index   // the index of the disk at the backup
-	deltas []*Delta // the deltas of Refs[1:], in order
+	Index  *index.Index   // the index of the disk at the backup
+	deltas []*index.Delta // the deltas of Refs[1:], in order
 }
 
 // LoadChain reads and checks a disk's index chain.
@@ -47,7 +48,7 @@ func (r *Repo) LoadChain(ctx context.Context, m *Manifest, disk string) (*Chain,
 		return nil, err
 	}
 	if err := checkChain(d.Index); err != nil {
-		return nil, fmt.Errorf("backup %s/%s disk %s: %w: %v", m.Domain, m.ID, disk, ErrBadIndex, err)
+		return nil, fmt.Errorf("backup %s/%s disk %s: %w: %v", m.Domain, m.ID, disk, index.ErrBadIndex, err)
 	}
 	c := &Chain{Refs: d.Index}
 	for k, ref := range d.Index {
@@ -61,20 +62,20 @@ func (r *Repo) LoadChain(ctx context.Context, m *Manifest, disk string) (*Chain,
 		}
 		if delta.Trunc > c.Index.Size {
 			return nil, fmt.Errorf("backup %s/%s disk %s: %w: a delta truncates a %d-byte disk at %d",
-				m.Domain, m.ID, disk, ErrBadIndex, c.Index.Size, delta.Trunc)
+				m.Domain, m.ID, disk, index.ErrBadIndex, c.Index.Size, delta.Trunc)
 		}
 		c.Index = c.Index.Apply(delta)
 		c.deltas = append(c.deltas, delta)
 	}
 	if c.Index.Size != d.Size {
 		return nil, fmt.Errorf("backup %s/%s disk %s: %w: the index is of a %d-byte disk, the manifest says %d",
-			m.Domain, m.ID, disk, ErrBadIndex, c.Index.Size, d.Size)
+			m.Domain, m.ID, disk, index.ErrBadIndex, c.Index.Size, d.Size)
 	}
 	return c, nil
 }
 
 // LoadIndex reads and checks the index of a disk of a backup.
-func (r *Repo) LoadIndex(ctx context.Context, m *Manifest, disk string) (*Index, error) {
+func (r *Repo) LoadIndex(ctx context.Context, m *Manifest, disk string) (*index.Index, error) {
 	c, err := r.LoadChain(ctx, m, disk)
 	if err != nil {
 		return nil, err
@@ -83,55 +84,32 @@ func (r *Repo) LoadIndex(ctx context.Context, m *Manifest, disk string) (*Index,
 }
 
 // loadLink reads the index objects of one link (a full index or a delta).
-func (r *Repo) loadLink(ctx context.Context, ref IndexRef, chunkSize int64) (*Index, *Delta, error) {
-	var full Index
-	var delta Delta
-	for k, key := range ref.Objects {
+func (r *Repo) loadLink(ctx context.Context, ref IndexRef, chunkSize int64) (*index.Index, *index.Delta, error) {
+	kind := byte(index.KindFull)
+	if ref.Kind == "delta" {
+		kind = index.KindDelta
+	}
+	l := index.NewLink(kind, chunkSize, ref.Backups)
+	for _, key := range ref.Objects {
 		b, err := r.getObject(ctx, key)
 		if err != nil {
 			return nil, nil, err
 		}
-		p, err := unmarshalIndexPart(b)
-		if err != nil {
+		if err := l.Add(b); err != nil {
 			return nil, nil, &ObjectError{Key: key, Err: err}
 		}
-		want := byte(kindFull)
-		if ref.Kind == "delta" {
-			want = kindDelta
-		}
-		prevSize, prevTrunc := full.Size, delta.Trunc
-		if ref.Kind == "delta" {
-			prevSize = delta.Size
-		}
-		switch {
-		case p.kind != want || p.chunkSize != chunkSize:
-			return nil, nil, &ObjectError{Key: key, Err: fmt.Errorf("%w: not a %s index of %d-byte chunks", ErrBadIndex, ref.Kind, chunkSize)}
-		case k > 0 && (p.size != prevSize || p.trunc != prevTrunc && ref.Kind == "delta"):
-			return nil, nil, &ObjectError{Key: key, Err: fmt.Errorf("%w: its parts disagree on the disk's size", ErrBadIndex)}
-		case len(p.chunks) > 0 && (len(full.chunks) > 0 && p.chunks[0] <= full.chunks[len(full.chunks)-1] ||
-			len(delta.chunks) > 0 && p.chunks[0] <= delta.chunks[len(delta.chunks)-1]):
-			return nil, nil, &ObjectError{Key: key, Err: fmt.Errorf("%w: its parts overlap", ErrBadIndex)}
-		}
-		full.ChunkSize, full.Size = chunkSize, p.size
-		delta.ChunkSize, delta.Size, delta.Trunc, delta.Backups = chunkSize, p.size, p.trunc, ref.Backups
-		if ref.Kind == "full" {
-			full.chunks, full.digests = append(full.chunks, p.chunks...), append(full.digests, p.digests...)
-		} else {
-			delta.chunks, delta.digests = append(delta.chunks, p.chunks...), append(delta.digests, p.digests...)
-		}
 	}
-	n := int64(len(full.chunks) + len(delta.chunks))
-	if n != ref.Entries {
-		return nil, nil, &ObjectError{Key: ref.Objects[0], Err: fmt.Errorf("%w: %d entries, the manifest says %d", ErrBadIndex, n, ref.Entries)}
+	if n := l.Entries(); n != ref.Entries {
+		return nil, nil, &ObjectError{Key: ref.Objects[0], Err: fmt.Errorf("%w: %d entries, the manifest says %d", index.ErrBadIndex, n, ref.Entries)}
 	}
-	return &full, &delta, nil
+	return l.Index(), l.Delta(), nil
 }
 
 // writeIndex stores the index objects of a disk and returns its chain's
 // links and the index they make.
-func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *Index, error) {
+func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *index.Index, error) {
 	if dd.Full != nil {
-		ref, err := r.writeLink(ctx, "full", 0, dd.Full.parts())
+		ref, err := r.writeLink(ctx, "full", 0, dd.Full.Parts())
 		return []IndexRef{ref}, dd.Full, err
 	}
 	p, delta := dd.Parent, dd.Delta
@@ -147,17 +125,17 @@ func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *Index,
 	keep := max(0, len(p.deltas)-t) // the deltas that stay; the others merge with this one
 	merged := delta
 	for k := len(p.deltas) - 1; k >= keep; k-- {
-		merged = Merge(p.deltas[k], merged)
+		merged = index.Merge(p.deltas[k], merged)
 	}
 	entries := int64(merged.Len())
 	for _, d := range p.deltas[:keep] {
 		entries += int64(d.Len())
 	}
 	if keep+1 > maxDeltas || 2*entries > int64(ix.Len()) {
-		ref, err := r.writeLink(ctx, "full", 0, ix.parts())
+		ref, err := r.writeLink(ctx, "full", 0, ix.Parts())
 		return []IndexRef{ref}, ix, err
 	}
-	ref, err := r.writeLink(ctx, "delta", merged.Backups, merged.parts())
+	ref, err := r.writeLink(ctx, "delta", merged.Backups, merged.Parts())
 	if err != nil {
 		return nil, nil, err
 	}
@@ -166,15 +144,15 @@ func (r *Repo) writeIndex(ctx context.Context, dd DiskData) ([]IndexRef, *Index,
 }
 
 // writeLink stores the parts of one link.
-func (r *Repo) writeLink(ctx context.Context, kind string, backups int, ps []*indexPart) (IndexRef, error) {
+func (r *Repo) writeLink(ctx context.Context, kind string, backups int, ps []*index.Part) (IndexRef, error) {
 	ref := IndexRef{Kind: kind, Backups: backups}
 	for _, p := range ps {
-		key, err := r.putObject(ctx, "indexes/", p.marshal())
+		key, err := r.putObject(ctx, "indexes/", p.Marshal())
 		if err != nil {
 			return ref, err
 		}
 		ref.Objects = append(ref.Objects, key)
-		ref.Entries += int64(len(p.chunks))
+		ref.Entries += int64(p.Len())
 	}
 	return ref, nil
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"strings"
 	"sync"
 	"testing"
@@ -51,7 +52,7 @@ func corruptChunk(t *testing.T, s sink.Store, d chunker.Digest) (good, bad []byt
 func commitDistinct(t *testing.T, r *Repo, n int) []chunker.Digest {
 	t.Helper()
 	ctx := t.Context()
-	var ib Builder
+	var ib index.Builder
 	var ds []chunker.Digest
 	plain := make([]byte, 256<<10)
 	for i := range n {

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"io"
 	"log/slog"
 	"os"
@@ -309,12 +310,12 @@ func (g *gc) reference(ctx context.Context, keys []sink.ObjectInfo, cache map[st
 		eg.Go(func() error {
 			var plain, blob []byte
 			batch := make([]uint64, 0, 1<<16)
-			var hdr indexPart
+			var hdr index.Part
 			for key := range next {
 				var err error
 				plain, blob, err = g.r.getObjectInto(ectx, key, plain, blob)
 				if err == nil {
-					err = walkIndexPart(plain, &hdr, func(_ int64, d chunker.Digest) {
+					err = index.WalkPart(plain, &hdr, func(_ int64, d chunker.Digest) {
 						if !d.IsZeroChunk() {
 							if batch = append(batch, prefix64(d)); len(batch) == cap(batch) {
 								g.addRefs(batch)

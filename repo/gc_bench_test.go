@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"os"
 	"os/exec"
 	"strings"
@@ -84,14 +85,13 @@ func BenchmarkGCTenMillionChunks(b *testing.B) {
 	cs := r.Config().ChunkSize
 	size := int64(n) * cs
 	ref := IndexRef{Kind: "full", Entries: int64(n)}
-	for start := 0; start < n; start += partEntries {
-		end := min(start+partEntries, n)
-		p := &indexPart{kind: kindFull, chunkSize: cs, size: size, trunc: size}
+	for start := 0; start < n; start += index.PartEntries {
+		end := min(start+index.PartEntries, n)
+		p := &index.Part{Kind: index.KindFull, ChunkSize: cs, Size: size, Trunc: size}
 		for i := start; i < end; i++ {
-			p.chunks = append(p.chunks, int64(i))
-			p.digests = append(p.digests, digestN(i))
+			p.Add(int64(i), digestN(i))
 		}
-		key, err := r.putObject(ctx, "indexes/", p.marshal())
+		key, err := r.putObject(ctx, "indexes/", p.Marshal())
 		if err != nil {
 			b.Fatal(err)
 		}

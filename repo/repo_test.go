@@ -7,12 +7,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"maps"
 	"math/rand/v2"
 	"os"
 	"path"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -101,94 +101,12 @@ func TestInitAndOpen(t *testing.T) {
 
 // indexOf builds an index of a disk of size bytes from its digests by
 // chunk (zero digests are zero chunks).
-func indexOf(chunkSize, size int64, digests map[int64]chunker.Digest) *Index {
-	var b Builder
+func indexOf(chunkSize, size int64, digests map[int64]chunker.Digest) *index.Index {
+	var b index.Builder
 	for i, d := range digests {
 		b.Set(i, d)
 	}
 	return b.Index(chunkSize, size)
-}
-
-func sampleIndex() *Index {
-	return indexOf(256<<10, 5*(256<<10)+4096, map[int64]chunker.Digest{1: chunker.Sum([]byte("one")), 5: chunker.Sum([]byte("last"))})
-}
-
-func TestIndexPart(t *testing.T) {
-	ix := sampleIndex()
-	for _, p := range []*indexPart{
-		{kind: kindFull, chunkSize: ix.ChunkSize, size: ix.Size, trunc: ix.Size, chunks: ix.chunks, digests: ix.digests},
-		{kind: kindDelta, chunkSize: ix.ChunkSize, size: ix.Size, trunc: 256 << 10, chunks: []int64{0, 3},
-			digests: []chunker.Digest{chunker.ZeroChunk, chunker.Sum([]byte("x"))}},
-	} {
-		b := p.marshal()
-		got, err := unmarshalIndexPart(b)
-		if err != nil || got.size != p.size || got.trunc != p.trunc || !slices.Equal(got.chunks, p.chunks) || !slices.Equal(got.digests, p.digests) {
-			t.Fatalf("round trip: %v %+v", err, got)
-		}
-		for name, bad := range map[string][]byte{
-			"truncated":   b[:len(b)-1],
-			"header only": b[:indexHeaderSize-1],
-			"bad magic":   func() []byte { c := bytes.Clone(b); c[0] = 'X'; return c }(),
-			"more count":  func() []byte { c := bytes.Clone(b); c[28]++; return c }(),
-			"bad kind":    func() []byte { c := bytes.Clone(b); c[4] = 9; return c }(),
-			"extra byte":  append(bytes.Clone(b), 0),
-		} {
-			if _, err := unmarshalIndexPart(bad); !errors.Is(err, ErrBadIndex) {
-				t.Errorf("%s: %v", name, err)
-			}
-		}
-	}
-	// A full index never lists a zero chunk, and entries lie on the grid.
-	zero := &indexPart{kind: kindFull, chunkSize: 256 << 10, size: 1 << 20, trunc: 1 << 20, chunks: []int64{1}, digests: []chunker.Digest{{}}}
-	if _, err := unmarshalIndexPart(zero.marshal()); !errors.Is(err, ErrBadIndex) {
-		t.Errorf("zero chunk in a full index: %v", err)
-	}
-	past := &indexPart{kind: kindFull, chunkSize: 256 << 10, size: 1 << 20, trunc: 1 << 20, chunks: []int64{4}, digests: []chunker.Digest{{1}}}
-	if _, err := unmarshalIndexPart(past.marshal()); !errors.Is(err, ErrBadIndex) {
-		t.Errorf("chunk past the end: %v", err)
-	}
-}
-
-func TestResized(t *testing.T) {
-	ix := sampleIndex() // 6 chunks, the last 4096 bytes
-	grown, stale := ix.Resized(8 * (256 << 10))
-	if grown.Count() != 8 || grown.Digest(1) != ix.Digest(1) || !grown.Digest(5).IsZeroChunk() || !slices.Equal(stale, []int64{5}) {
-		t.Fatalf("grown: %d chunks, stale %v", grown.Count(), stale)
-	}
-	shrunk, stale := ix.Resized(2*(256<<10) - 512)
-	if shrunk.Count() != 2 || !shrunk.Digest(1).IsZeroChunk() || !slices.Equal(stale, []int64{1}) {
-		t.Fatalf("shrunk: %v stale %v", shrunk.chunks, stale)
-	}
-}
-
-// Deltas applied one by one and merged first give the same index, through
-// shrinks and grows (a chunk cut by a shrink is listed by its delta).
-func TestDeltaApplyMerge(t *testing.T) {
-	const cs = 256 << 10
-	d := func(n int) chunker.Digest { return chunker.Sum([]byte{byte(n)}) }
-	base := indexOf(cs, 8*cs, map[int64]chunker.Digest{0: d(0), 3: d(3), 6: d(6), 7: d(7)})
-	b1 := Builder{} // shrink to 4.5 chunks: chunk 4 changed length (zero now)
-	b1.Set(1, d(11))
-	b1.Set(4, chunker.ZeroChunk)
-	d1 := b1.Delta(base, 4*cs+cs/2)
-	ix1 := base.Apply(d1)
-	b2 := Builder{} // grow back to 8 chunks: chunk 4 again, 6 new
-	b2.Set(4, d(44))
-	b2.Set(6, d(66))
-	b2.Set(3, d(3)) // rebuilt, unchanged: not in the delta
-	d2 := b2.Delta(ix1, 8*cs)
-	ix2 := ix1.Apply(d2)
-	want := map[int64]chunker.Digest{0: d(0), 1: d(11), 3: d(3), 4: d(44), 6: d(66)}
-	if got := base.Apply(Merge(d1, d2)); !sameIndex(got, ix2) || !sameIndex(ix2, indexOf(cs, 8*cs, want)) || d2.Len() != 2 {
-		t.Fatalf("apply %v / merged %v, want %v (delta 2: %v)", ix2.chunks, got.chunks, want, d2.chunks)
-	}
-	if m := Merge(d1, d2); m.Backups != 2 || m.Trunc != 4*cs+cs/2 || m.Size != 8*cs {
-		t.Fatalf("merged delta %+v", m)
-	}
-}
-
-func sameIndex(a, b *Index) bool {
-	return a.Size == b.Size && a.ChunkSize == b.ChunkSize && slices.Equal(a.chunks, b.chunks) && slices.Equal(a.digests, b.digests)
 }
 
 func commitSample(t *testing.T, r *Repo, domain string) *Manifest {
@@ -223,14 +141,14 @@ func TestCommitAndRead(t *testing.T) {
 		t.Fatalf("missing domain: %v", err)
 	}
 	// A backup id is committed once.
-	if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: NewIndex(r.Config().ChunkSize, m.Disks[0].Size)}}, nil); !errors.Is(err, sink.ErrExists) {
+	if err := r.Commit(ctx, m, map[string]DiskData{"vda": {Full: index.New(r.Config().ChunkSize, m.Disks[0].Size)}}, nil); !errors.Is(err, sink.ErrExists) {
 		t.Fatalf("second commit of %s: %v", m.ID, err)
 	}
 	// An index object swapped for another valid one no longer matches its
 	// name.
-	other := &indexPart{kind: kindFull, chunkSize: r.Config().ChunkSize, size: 3 * (256 << 10), trunc: 3 * (256 << 10)}
+	other := &index.Part{Kind: index.KindFull, ChunkSize: r.Config().ChunkSize, Size: 3 * (256 << 10), Trunc: 3 * (256 << 10)}
 	obj := ms[0].Disks[0].Index[0].Objects[0]
-	r.Store().Put(ctx, obj, r.encodeMeta(obj, other.marshal()))
+	r.Store().Put(ctx, obj, r.encodeMeta(obj, other.Marshal()))
 	var oe *ObjectError
 	if _, err := r.LoadIndex(ctx, ms[0], "vda"); !errors.As(err, &oe) || oe.Key != obj {
 		t.Fatalf("swapped index: %v", err)
@@ -249,7 +167,7 @@ func TestCommitIsAtomic(t *testing.T) {
 	}}
 	rf, _ := Open(t.Context(), f)
 	ctx := t.Context()
-	ix := NewIndex(r.Config().ChunkSize, 256<<10)
+	ix := index.New(r.Config().ChunkSize, 256<<10)
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
 		Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
 	if err := rf.Commit(ctx, m, map[string]DiskData{"vda": {Full: ix}}, nil); err == nil {
@@ -335,31 +253,6 @@ func TestVerifyAndRestoreFaults(t *testing.T) {
 type discard struct{}
 
 func (discard) WriteAt(context.Context, []byte, int64) error { return nil }
-
-func FuzzUnmarshalIndexPart(f *testing.F) {
-	ix := sampleIndex()
-	f.Add((&indexPart{kind: kindFull, chunkSize: ix.ChunkSize, size: ix.Size, trunc: ix.Size, chunks: ix.chunks, digests: ix.digests}).marshal())
-	f.Add((&indexPart{kind: kindDelta, chunkSize: 4 << 20, size: 1 << 40, trunc: 1 << 30, chunks: []int64{7, 1 << 18},
-		digests: []chunker.Digest{{}, {9}}}).marshal())
-	f.Fuzz(func(t *testing.T, b []byte) {
-		p, err := unmarshalIndexPart(b)
-		if err != nil {
-			if !errors.Is(err, ErrBadIndex) {
-				t.Fatalf("error %v does not match ErrBadIndex", err)
-			}
-			return
-		}
-		count := (chunker.Grid{ChunkSize: p.chunkSize, Size: p.size}).Count()
-		for k, i := range p.chunks {
-			if i < 0 || i >= count || k > 0 && i <= p.chunks[k-1] || p.kind == kindFull && p.digests[k].IsZeroChunk() {
-				t.Fatalf("accepted entry %d: chunk %d of %d", k, i, count)
-			}
-		}
-		if !bytes.Equal(p.marshal(), b) {
-			t.Fatal("a decoded index part does not encode to the same bytes")
-		}
-	})
-}
 
 func FuzzUnmarshalManifest(f *testing.F) {
 	obj := "indexes/ab/ab" + strings.Repeat("0", 62)
@@ -474,7 +367,7 @@ func TestVerifyParallel(t *testing.T) {
 	s := localStore(t)
 	r := initTestRepo(t, s)
 	ctx := t.Context()
-	var ib Builder
+	var ib index.Builder
 	for i := range 40 {
 		plain := bytes.Repeat([]byte{byte(i + 1)}, 256<<10)
 		ib.Set(int64(i), chunker.Sum(plain))
@@ -646,7 +539,7 @@ func TestChainManyIncrementals(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var b Builder
+		var b index.Builder
 		for range 1 + rng.IntN(6) { // a few changes, some to zero, one resize now and then
 			i := rng.Int64N(size / cs)
 			d := chunker.Sum([]byte(fmt.Sprint(n, i)))
@@ -703,7 +596,7 @@ func TestCatalog(t *testing.T) {
 	r := initTestRepo(t, s)
 	ctx := t.Context()
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	ix := NewIndex(r.Config().ChunkSize, 1<<20)
+	ix := index.New(r.Config().ChunkSize, 1<<20)
 	const n = 2*catalogEvery + 5
 	for i := range n {
 		m := &Manifest{ID: NewBackupID(t0.Add(time.Duration(i)*time.Minute), ""), Domain: "vm1", Mode: "full", Source: "nbd",
@@ -772,7 +665,7 @@ func TestCommitRetriedCreate(t *testing.T) {
 	s := localStore(t)
 	initTestRepo(t, s)
 	r, _ := Open(t.Context(), sink.Retry(landThenFail{s}, sink.RetryPolicy{Attempts: 3, Base: time.Millisecond, Cap: time.Millisecond}))
-	ix := NewIndex(r.Config().ChunkSize, 1<<20)
+	ix := index.New(r.Config().ChunkSize, 1<<20)
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd", Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
 	if err := r.Commit(t.Context(), m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
 		t.Fatalf("commit: %v", err)
@@ -833,4 +726,18 @@ func TestMigrateLateAndDamaged(t *testing.T) {
 	if left := keysUnder(t, s, "backups/"); len(left) != 2 || !strings.Contains(left[0], damaged) {
 		t.Fatalf("left: %v", left)
 	}
+}
+
+func sameIndex(a, b *index.Index) bool {
+	if a.Size != b.Size || a.ChunkSize != b.ChunkSize || a.Len() != b.Len() {
+		return false
+	}
+	for k := range a.Len() {
+		i, d := a.At(k)
+		j, e := b.At(k)
+		if i != j || d != e {
+			return false
+		}
+	}
+	return true
 }

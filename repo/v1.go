@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"path"
 	"strings"
 	"time"
@@ -102,12 +103,12 @@ func v1Load(ctx context.Context, s sink.Store, key string) (*v1Manifest, error) 
 }
 
 // v1LoadIndex reads and checks a format-1 index, as a sparse Index.
-func v1LoadIndex(ctx context.Context, s sink.Store, m *v1Manifest, d v1DiskManifest) (*Index, error) {
+func v1LoadIndex(ctx context.Context, s sink.Store, m *v1Manifest, d v1DiskManifest) (*index.Index, error) {
 	key := v1Dir(m.Domain, m.ID) + d.Index
 	// A complete index: a digest per chunk of the disk the manifest
 	// describes, so its bound is that disk's.
 	if d.Size < 0 || chunker.CheckChunkSize(m.ChunkSize) != nil {
-		return nil, fmt.Errorf("%s: %w: the manifest's disk size or chunk size is out of range", key, ErrBadIndex)
+		return nil, fmt.Errorf("%s: %w: the manifest's disk size or chunk size is out of range", key, index.ErrBadIndex)
 	}
 	// At most 1 GiB whatever a manifest claims: 32 million chunks, a
 	// 32 TiB disk at 1 MiB (format 1 was never used for larger ones).
@@ -117,28 +118,28 @@ func v1LoadIndex(ctx context.Context, s sink.Store, m *v1Manifest, d v1DiskManif
 		return nil, err
 	}
 	if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != d.IndexSHA256 {
-		return nil, fmt.Errorf("%s: %w: does not match the manifest's checksum", key, ErrBadIndex)
+		return nil, fmt.Errorf("%s: %w: does not match the manifest's checksum", key, index.ErrBadIndex)
 	}
 	ix, err := v1UnmarshalIndex(b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", key, err)
 	}
 	if ix.Size != d.Size || ix.ChunkSize != m.ChunkSize {
-		return nil, fmt.Errorf("%s: %w: size or chunk size differs from the manifest", key, ErrBadIndex)
+		return nil, fmt.Errorf("%s: %w: size or chunk size differs from the manifest", key, index.ErrBadIndex)
 	}
 	return ix, nil
 }
 
 // v1UnmarshalIndex decodes a format-1 index: a 32-byte header, a digest
 // per chunk (zero: a zero chunk), the SHA-256 of all before it.
-func v1UnmarshalIndex(b []byte) (*Index, error) {
+func v1UnmarshalIndex(b []byte) (*index.Index, error) {
 	if len(b) < v1IndexHeaderSize+32 {
 		return nil, badIndex("%d bytes is too short (truncated?)", len(b))
 	}
 	if string(b[:4]) != v1IndexMagic || binary.LittleEndian.Uint16(b[4:]) != 1 || binary.LittleEndian.Uint16(b[6:]) != 0 {
 		return nil, badIndex("not a format-1 index")
 	}
-	ix := &Index{ChunkSize: int64(binary.LittleEndian.Uint32(b[8:])), Size: int64(binary.LittleEndian.Uint64(b[12:]))}
+	ix := &index.Index{ChunkSize: int64(binary.LittleEndian.Uint32(b[8:])), Size: int64(binary.LittleEndian.Uint64(b[12:]))}
 	count := binary.LittleEndian.Uint64(b[20:])
 	if chunker.CheckChunkSize(ix.ChunkSize) != nil || ix.Size < 0 || uint64(ix.Grid().Count()) != count {
 		return nil, badIndex("disk size %d and %d chunks do not fit the %d-byte grid", ix.Size, count, ix.ChunkSize)
@@ -150,15 +151,19 @@ func v1UnmarshalIndex(b []byte) (*Index, error) {
 	if got := sha256.Sum256(body); !bytes.Equal(got[:], sum) {
 		return nil, badIndex("checksum mismatch")
 	}
+	var ib index.Builder
 	for i := range int64(count) {
 		var d chunker.Digest
 		copy(d[:], body[v1IndexHeaderSize+32*i:])
 		if !d.IsZeroChunk() {
-			ix.chunks = append(ix.chunks, i)
-			ix.digests = append(ix.digests, d)
+			ib.Set(i, d)
 		}
 	}
-	return ix, nil
+	return ib.Index(ix.ChunkSize, ix.Size), nil
+}
+
+func badIndex(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", index.ErrBadIndex, fmt.Sprintf(format, args...))
 }
 
 // v1ReadFile reads an extra file of a format-1 backup, checked against

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/index"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
@@ -213,7 +214,7 @@ func (v *verify) chunkRefs(ctx context.Context, ms []*Manifest, report func(Prob
 	v.refs = map[chunker.Digest]chunkRef{}
 	for _, m := range ms {
 		name := m.Domain + "/" + m.ID
-		err := v.indexes(ctx, m, func(disk string, ix *Index) {
+		err := v.indexes(ctx, m, func(disk string, ix *index.Index) {
 			for i, dg := range ix.All() {
 				if _, seen := v.refs[dg]; !seen {
 					v.refs[dg] = chunkRef{backup: name, disk: disk, index: i}
@@ -241,7 +242,7 @@ func (v *verify) chunkRefs(ctx context.Context, ms []*Manifest, report func(Prob
 
 // indexes loads the index of each disk of m and calls f with it. One that
 // cannot be loaded is a problem (reported when report is not nil).
-func (v *verify) indexes(ctx context.Context, m *Manifest, f func(disk string, ix *Index), report func(Problem)) error {
+func (v *verify) indexes(ctx context.Context, m *Manifest, f func(disk string, ix *index.Index), report func(Problem)) error {
 	name := m.Domain + "/" + m.ID
 	for _, d := range m.Disks {
 		ix, err := v.r.LoadIndex(ctx, m, d.Name)
@@ -423,7 +424,7 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 		}
 		for _, m := range ms {
 			name := m.Domain + "/" + m.ID
-			passErr = v.indexes(ctx, m, func(_ string, ix *Index) {
+			passErr = v.indexes(ctx, m, func(_ string, ix *index.Index) {
 				for _, dg := range ix.All() {
 					if d := v.chunks[dg]; d != nil {
 						d.backups[name] = true

@@ -3,7 +3,7 @@
 . "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 t=${FUZZTIME:-20s}
-for target in nbdclient:FuzzMergeWindow chunker:FuzzDecode repo:FuzzUnmarshalIndexPart repo:FuzzUnmarshalManifest pipeline:FuzzPlan \
+for target in nbdclient:FuzzMergeWindow chunker:FuzzDecode repo/index:FuzzUnmarshalIndexPart repo:FuzzUnmarshalManifest pipeline:FuzzPlan \
 	repo:FuzzConfig repo:FuzzKeyObject repo:FuzzLock repo:FuzzCatalog repo:FuzzDamageRecord repo:FuzzVerifiedState repo:FuzzV1Manifest repo:FuzzV1Index \
 	nbdserver:FuzzParsers nbdserver:FuzzConnection; do
 	pkg=${target%%:*} fn=${target#*:}

@@ -1,4 +1,10 @@
-package repo
+// Package index is the index chain's data: an Index lists the chunks of
+// one disk of one backup that hold data, a Delta what changed from one
+// backup to the next, and both are stored as parts (index objects; byte
+// format in docs/format.md, "Index objects"). Package repo stores and
+// loads them; this package only builds, applies, merges, encodes and
+// decodes them, and checks what it decodes.
+package index
 
 import (
 	"cmp"
@@ -23,8 +29,8 @@ type Index struct {
 	digests   []chunker.Digest
 }
 
-// NewIndex returns an index of a disk of size bytes with every chunk zero.
-func NewIndex(chunkSize, size int64) *Index {
+// New returns an index of a disk of size bytes with every chunk zero.
+func New(chunkSize, size int64) *Index {
 	return &Index{ChunkSize: chunkSize, Size: size}
 }
 
@@ -232,11 +238,11 @@ func Merge(older, newer *Delta) *Delta {
 const (
 	indexMagic      = "NBX2"
 	indexHeaderSize = 40
-	kindFull        = 1
-	kindDelta       = 2
-	// partEntries bounds the entries of one index object, so that its
+	KindFull        = 1
+	KindDelta       = 2
+	// PartEntries bounds the entries of one index object, so that its
 	// plaintext stays well under chunker.MaxChunkSize.
-	partEntries = 256 << 10
+	PartEntries = 256 << 10
 )
 
 // ErrBadIndex is matched by every index decoding failure.
@@ -246,25 +252,36 @@ func badIndex(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", ErrBadIndex, fmt.Sprintf(format, args...))
 }
 
-// indexPart is the content of one index object.
-type indexPart struct {
-	kind        byte
-	chunkSize   int64
-	size, trunc int64
-	count       uint64 // entries, as the header says (walkIndexPart)
+// Part is the content of one index object: its header, and (decoded by
+// UnmarshalPart, or split from an index) its entries.
+type Part struct {
+	Kind        byte // KindFull or KindDelta
+	ChunkSize   int64
+	Size, Trunc int64
+	Count       uint64 // entries, as the header says (WalkPart)
 	chunks      []int64
 	digests     []chunker.Digest
 }
 
-// marshal encodes the part: header, then per entry the gap to the previous
+// Add appends an entry to a part being built by hand (entries in
+// increasing chunk order; the part's header set by the caller).
+func (p *Part) Add(i int64, d chunker.Digest) {
+	p.chunks = append(p.chunks, i)
+	p.digests = append(p.digests, d)
+}
+
+// Len is the number of entries the part holds.
+func (p *Part) Len() int { return len(p.chunks) }
+
+// Marshal encodes the part: header, then per entry the gap to the previous
 // chunk (uvarint) and the digest.
-func (p *indexPart) marshal() []byte {
+func (p *Part) Marshal() []byte {
 	b := make([]byte, indexHeaderSize, indexHeaderSize+34*len(p.chunks))
 	copy(b, indexMagic)
-	b[4] = p.kind
-	binary.LittleEndian.PutUint32(b[8:], uint32(p.chunkSize))
-	binary.LittleEndian.PutUint64(b[12:], uint64(p.size))
-	binary.LittleEndian.PutUint64(b[20:], uint64(p.trunc))
+	b[4] = p.Kind
+	binary.LittleEndian.PutUint32(b[8:], uint32(p.ChunkSize))
+	binary.LittleEndian.PutUint64(b[12:], uint64(p.Size))
+	binary.LittleEndian.PutUint64(b[20:], uint64(p.Trunc))
 	binary.LittleEndian.PutUint64(b[28:], uint64(len(p.chunks)))
 	prev := int64(-1)
 	for k, i := range p.chunks {
@@ -275,13 +292,13 @@ func (p *indexPart) marshal() []byte {
 	return b
 }
 
-// unmarshalIndexPart decodes and checks an index object's plaintext.
-func unmarshalIndexPart(b []byte) (*indexPart, error) {
-	p := &indexPart{}
-	err := walkIndexPart(b, p, func(i int64, d chunker.Digest) {
+// UnmarshalPart decodes and checks an index object's plaintext.
+func UnmarshalPart(b []byte) (*Part, error) {
+	p := &Part{}
+	err := WalkPart(b, p, func(i int64, d chunker.Digest) {
 		if p.chunks == nil {
-			p.chunks = make([]int64, 0, p.count)
-			p.digests = make([]chunker.Digest, 0, p.count)
+			p.chunks = make([]int64, 0, p.Count)
+			p.digests = make([]chunker.Digest, 0, p.Count)
 		}
 		p.chunks = append(p.chunks, i)
 		p.digests = append(p.digests, d)
@@ -292,45 +309,45 @@ func unmarshalIndexPart(b []byte) (*indexPart, error) {
 	return p, nil
 }
 
-// walkIndexPart checks an index object's plaintext, sets p's header
+// WalkPart checks an index object's plaintext, sets p's header
 // fields (not its entries) and calls fn for each entry, without keeping
 // them. Entries are checked as they are walked: fn may have seen some
 // when an error is returned.
-func walkIndexPart(b []byte, p *indexPart, fn func(i int64, d chunker.Digest)) error {
+func WalkPart(b []byte, p *Part, fn func(i int64, d chunker.Digest)) error {
 	if len(b) < indexHeaderSize {
 		return badIndex("%d bytes is too short (truncated?)", len(b))
 	}
 	if string(b[:4]) != indexMagic {
 		return badIndex("bad magic %q", b[:4])
 	}
-	*p = indexPart{kind: b[4], chunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
-		size: int64(binary.LittleEndian.Uint64(b[12:])), trunc: int64(binary.LittleEndian.Uint64(b[20:])),
-		count: binary.LittleEndian.Uint64(b[28:])}
+	*p = Part{Kind: b[4], ChunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
+		Size: int64(binary.LittleEndian.Uint64(b[12:])), Trunc: int64(binary.LittleEndian.Uint64(b[20:])),
+		Count: binary.LittleEndian.Uint64(b[28:])}
 	switch {
-	case p.kind != kindFull && p.kind != kindDelta:
-		return badIndex("unknown kind %d", p.kind)
+	case p.Kind != KindFull && p.Kind != KindDelta:
+		return badIndex("unknown kind %d", p.Kind)
 	case b[5] != 0 || b[6] != 0 || b[7] != 0 || binary.LittleEndian.Uint32(b[36:]) != 0:
 		return badIndex("reserved bytes are not zero")
-	case chunker.CheckChunkSize(p.chunkSize) != nil:
-		return badIndex("chunk size %d", p.chunkSize)
-	case p.size < 0 || p.trunc < 0 || p.trunc > p.size && p.kind == kindDelta || p.kind == kindFull && p.trunc != p.size:
-		return badIndex("disk size %d, truncated to %d", p.size, p.trunc)
-	case p.count > uint64(len(b)-indexHeaderSize)/33:
-		return badIndex("%d entries do not fit %d bytes (truncated?)", p.count, len(b))
+	case chunker.CheckChunkSize(p.ChunkSize) != nil:
+		return badIndex("chunk size %d", p.ChunkSize)
+	case p.Size < 0 || p.Trunc < 0 || p.Trunc > p.Size && p.Kind == KindDelta || p.Kind == KindFull && p.Trunc != p.Size:
+		return badIndex("disk size %d, truncated to %d", p.Size, p.Trunc)
+	case p.Count > uint64(len(b)-indexHeaderSize)/33:
+		return badIndex("%d entries do not fit %d bytes (truncated?)", p.Count, len(b))
 	}
-	grid := chunker.Grid{ChunkSize: p.chunkSize, Size: p.size}
+	grid := chunker.Grid{ChunkSize: p.ChunkSize, Size: p.Size}
 	rest, prev := b[indexHeaderSize:], int64(-1)
-	for k := range p.count {
+	for k := range p.Count {
 		gap, n := binary.Uvarint(rest)
 		if n <= 0 || n != uvarintLen(gap) || len(rest) < n+32 || gap >= uint64(grid.Count()) {
 			return badIndex("entry %d is damaged (truncated?)", k)
 		}
 		i := prev + 1 + int64(gap)
 		if i >= grid.Count() {
-			return badIndex("chunk %d is past the end of a %d-byte disk", i, p.size)
+			return badIndex("chunk %d is past the end of a %d-byte disk", i, p.Size)
 		}
 		d := chunker.Digest(rest[n : n+32])
-		if d.IsZeroChunk() && p.kind == kindFull {
+		if d.IsZeroChunk() && p.Kind == KindFull {
 			return badIndex("a full index lists zero chunk %d", i)
 		}
 		fn(i, d)
@@ -342,23 +359,23 @@ func walkIndexPart(b []byte, p *indexPart, fn func(i int64, d chunker.Digest)) e
 	return nil
 }
 
-// parts splits the index into its index objects.
-func (ix *Index) parts() []*indexPart {
-	return splitParts(kindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests)
+// Parts splits the index into its index objects.
+func (ix *Index) Parts() []*Part {
+	return splitParts(KindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests)
 }
 
-// parts splits the delta into its index objects.
-func (d *Delta) parts() []*indexPart {
-	return splitParts(kindDelta, d.ChunkSize, d.Size, d.Trunc, d.chunks, d.digests)
+// Parts splits the delta into its index objects.
+func (d *Delta) Parts() []*Part {
+	return splitParts(KindDelta, d.ChunkSize, d.Size, d.Trunc, d.chunks, d.digests)
 }
 
 // splitParts splits a full index or a delta into index objects of at most
-// partEntries entries (at least one, also when empty).
-func splitParts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest) []*indexPart {
-	var out []*indexPart
-	for lo := 0; lo == 0 || lo < len(chunks); lo += partEntries {
-		hi := min(lo+partEntries, len(chunks))
-		out = append(out, &indexPart{kind: kind, chunkSize: chunkSize, size: size, trunc: trunc,
+// PartEntries entries (at least one, also when empty).
+func splitParts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest) []*Part {
+	var out []*Part
+	for lo := 0; lo == 0 || lo < len(chunks); lo += PartEntries {
+		hi := min(lo+PartEntries, len(chunks))
+		out = append(out, &Part{Kind: kind, ChunkSize: chunkSize, Size: size, Trunc: trunc,
 			chunks: chunks[lo:hi], digests: digests[lo:hi]})
 	}
 	return out
@@ -370,3 +387,60 @@ func uvarintLen(gap uint64) int {
 	var b [binary.MaxVarintLen64]byte
 	return binary.PutUvarint(b[:], gap)
 }
+
+// Link assembles one link of a chain (a full index, or a delta) from its
+// parts, in order, checking that they belong together.
+type Link struct {
+	kind      byte
+	chunkSize int64
+	full      Index
+	delta     Delta
+	parts     int
+}
+
+// NewLink starts a link of kind (KindFull or KindDelta) of chunkSize-byte
+// chunks, holding backups incrementals' changes (a delta's).
+func NewLink(kind byte, chunkSize int64, backups int) *Link {
+	return &Link{kind: kind, chunkSize: chunkSize, delta: Delta{Backups: backups}}
+}
+
+// Add decodes the next part (an index object's plaintext) and appends it.
+func (l *Link) Add(b []byte) error {
+	p, err := UnmarshalPart(b)
+	if err != nil {
+		return err
+	}
+	prevSize, prevTrunc := l.full.Size, l.delta.Trunc
+	if l.kind == KindDelta {
+		prevSize = l.delta.Size
+	}
+	what := "full"
+	if l.kind == KindDelta {
+		what = "delta"
+	}
+	switch {
+	case p.Kind != l.kind || p.ChunkSize != l.chunkSize:
+		return badIndex("not a %s index of %d-byte chunks", what, l.chunkSize)
+	case l.parts > 0 && (p.Size != prevSize || p.Trunc != prevTrunc && l.kind == KindDelta):
+		return badIndex("its parts disagree on the disk's size")
+	case len(p.chunks) > 0 && (len(l.full.chunks) > 0 && p.chunks[0] <= l.full.chunks[len(l.full.chunks)-1] ||
+		len(l.delta.chunks) > 0 && p.chunks[0] <= l.delta.chunks[len(l.delta.chunks)-1]):
+		return badIndex("its parts overlap")
+	}
+	l.parts++
+	l.full.ChunkSize, l.full.Size = l.chunkSize, p.Size
+	l.delta.ChunkSize, l.delta.Size, l.delta.Trunc = l.chunkSize, p.Size, p.Trunc
+	if l.kind == KindFull {
+		l.full.chunks, l.full.digests = append(l.full.chunks, p.chunks...), append(l.full.digests, p.digests...)
+	} else {
+		l.delta.chunks, l.delta.digests = append(l.delta.chunks, p.chunks...), append(l.delta.digests, p.digests...)
+	}
+	return nil
+}
+
+// Entries is how many entries the parts added so far hold.
+func (l *Link) Entries() int64 { return int64(len(l.full.chunks) + len(l.delta.chunks)) }
+
+// Index is the link as a full index (a full link's), Delta as a delta.
+func (l *Link) Index() *Index { return &l.full }
+func (l *Link) Delta() *Delta { return &l.delta }
