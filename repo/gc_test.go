@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/internal/liveness"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -330,7 +331,7 @@ func TestLockStaleness(t *testing.T) {
 
 	dead := exec.Command("true")
 	dead.Run()
-	putLock(t, r, LockInfo{Kind: LockShared, Purpose: "backup crashed", Host: host, Machine: machineID(), PID: dead.Process.Pid,
+	putLock(t, r, LockInfo{Kind: LockShared, Purpose: "backup crashed", Host: host, Machine: liveness.MachineID(), PID: dead.Process.Pid,
 		Started: time.Now(), Heartbeat: time.Now()})
 	l, _, err := r.Lock(ctx, LockExclusive, "gc", nil)
 	if err != nil {
@@ -457,43 +458,6 @@ func TestForgetRacingProtect(t *testing.T) {
 	}
 	if got, err := r.Backup(ctx, "vm1", m.ID); err != nil || got.ID != m.ID {
 		t.Fatalf("the protected backup: %v %v", got, err)
-	}
-}
-
-// A process is gone only when that is provable.
-func TestProcessGone(t *testing.T) {
-	self := processIdentity(os.Getpid())
-	if self == "" || processGone(os.Getpid(), self) {
-		t.Fatalf("this process: %q", self)
-	}
-	cmd := exec.Command("sleep", "10")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	pid := cmd.Process.Pid
-	id := processIdentity(pid)
-	if processGone(pid, id) {
-		t.Fatal("a running process is gone")
-	}
-	cmd.Process.Kill()
-	cmd.Wait()
-	parts := strings.Split(id, "/")
-	for _, c := range []struct {
-		identity string
-		gone     bool
-	}{
-		{id, os.Geteuid() == 0},                             // exited (only root trusts /proc)
-		{"", false},                                         // unknown
-		{"/" + parts[1] + "/" + parts[2], false},            // no boot id
-		{parts[0] + "/pid:[1]/" + parts[2], false},          // another pid namespace
-		{"another-boot/" + parts[1] + "/" + parts[2], true}, // rebooted since
-	} {
-		if got := processGone(pid, c.identity); got != c.gone && os.Geteuid() == 0 {
-			t.Errorf("%q: gone %v, want %v", c.identity, got, c.gone)
-		}
-	}
-	if processGone(os.Getpid(), parts[0]+"/"+parts[1]+"/1") != (os.Geteuid() == 0) {
-		t.Error("a reused pid is not told apart")
 	}
 }
 

@@ -7,12 +7,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
+	"github.com/nbdmover/nbdmover/internal/liveness"
 	"log/slog"
 	mrand "math/rand/v2"
 	"os"
-	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -127,7 +125,7 @@ func (l *LockInfo) Stale(now time.Time) string {
 		}
 	}
 	host, _ := os.Hostname()
-	if l.Damaged == "" && l.Host == host && l.Machine != "" && l.Machine == machineID() && processGone(l.PID, l.Process) {
+	if l.Damaged == "" && l.Host == host && l.Machine != "" && l.Machine == liveness.MachineID() && liveness.Gone(l.PID, l.Process) {
 		return fmt.Sprintf("process %d is gone", l.PID)
 	}
 	return ""
@@ -140,63 +138,6 @@ func (l *LockInfo) Holder() string {
 	}
 	return fmt.Sprintf("%s lock of %s by pid %d on %s since %s (heartbeat %s)", l.Kind, l.Purpose, l.PID, l.Host,
 		l.Started.UTC().Format(time.RFC3339), l.Heartbeat.UTC().Format(time.RFC3339))
-}
-
-// processIdentity is the boot id, pid namespace and start time of
-// process pid, "BOOT/NS/START" ("" when it does not exist or /proc cannot
-// tell).
-func processIdentity(pid int) string {
-	dir := "/proc/" + strconv.Itoa(pid)
-	stat, err := os.ReadFile(dir + "/stat")
-	if err != nil {
-		return ""
-	}
-	// The command name (field 2) may hold spaces and parentheses: count
-	// fields after its closing parenthesis; the start time is field 22.
-	i := strings.LastIndexByte(string(stat), ')')
-	fields := strings.Fields(string(stat[i+1:]))
-	ns, _ := os.Readlink(dir + "/ns/pid")
-	boot := bootID()
-	if i < 0 || len(fields) < 20 || ns == "" || boot == "" {
-		return ""
-	}
-	return boot + "/" + ns + "/" + fields[19]
-}
-
-func bootID() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	return strings.TrimSpace(string(b))
-}
-
-// processGone reports whether the process of the given identity
-// (processIdentity when its lock was taken), pid, provably no longer
-// runs: the machine booted since, or, in the same pid namespace, /proc has
-// no such pid or it belongs to a process started at another time.
-// Anything that cannot be told counts as running: an unknown identity,
-// another pid namespace (a container), or a judge that is not root
-// (/proc may hide other users' processes).
-func processGone(pid int, identity string) bool {
-	parts := strings.Split(identity, "/")
-	if len(parts) != 3 || slices.Contains(parts, "") || os.Geteuid() != 0 {
-		return false
-	}
-	if boot := bootID(); boot == "" || boot != parts[0] {
-		return boot != "" // rebooted since (or cannot tell)
-	}
-	if ns, _ := os.Readlink("/proc/self/ns/pid"); ns != parts[1] {
-		return false
-	}
-	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); errors.Is(err, fs.ErrNotExist) {
-		return true
-	}
-	now := processIdentity(pid)
-	return now != "" && now != identity // the pid was reused
-}
-
-// machineID is /etc/machine-id ("" when there is none).
-func machineID() string {
-	b, _ := os.ReadFile("/etc/machine-id")
-	return strings.TrimSpace(string(b))
 }
 
 // Locks returns every lock object in the repository.
@@ -326,8 +267,8 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 	began := time.Now()
 	for attempt := 0; ; attempt++ {
 		l := &Lock{r: r, log: log, done: make(chan struct{}), broken: map[string]bool{}, info: LockInfo{Version: FormatVersion,
-			Kind: kind, ID: randomHex(8), Purpose: purpose, Host: host, Machine: machineID(), PID: pid,
-			Process: processIdentity(pid), Started: time.Now().UTC()}}
+			Kind: kind, ID: randomHex(8), Purpose: purpose, Host: host, Machine: liveness.MachineID(), PID: pid,
+			Process: liveness.Identity(pid), Started: time.Now().UTC()}}
 		l.info.Key = lockKey(kind, l.info.ID)
 		// A shared locker looks before it writes, so that while gc holds
 		// the exclusive lock, waiting backups do not keep adding locks;
