@@ -22,6 +22,8 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -106,7 +108,7 @@ func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy,
 	done := make(chan error, 1)
 	ready := make(chan struct{})
 	ropts := daemon.RunnerOptions{MaxJobs: maxJobs, Backup: mover.Options{Repo: ro, RunDir: runDir}, Retention: p,
-		Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
+		Domain: domain.Options{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
 	for _, o := range opts {
 		o(&ropts)
 	}
@@ -392,7 +394,7 @@ func TestDaemonSIGTERM(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	spec, _ := json.Marshal(daemon.ServeOptions{Listen: "unix://" + sock, Init: true,
 		Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir},
-			Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+			Domain: domain.Options{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "NBDMOVER_HELPER_SERVE="+string(spec))
 	var stderr bytes.Buffer
@@ -454,7 +456,7 @@ func TestDaemonBitmapMismatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dom.BehindBitmap("vda", mover.CheckpointName(r.Config().ID, full.BackupID), func() { dom.Write("vda", "write -P 0x52 0 4M") })
+	dom.BehindBitmap("vda", domain.CheckpointName(r.Config().ID, full.BackupID), func() { dom.Write("vda", "write -P 0x52 0 4M") })
 	refs := dom.Snapshot()
 	id, _, _ = d.submit(fmt.Sprintf(`{"domain": %q}`, dom.Name))
 	v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
@@ -475,7 +477,7 @@ func TestDaemonBackupsSkipDamaged(t *testing.T) {
 	srv := qemutest.Serve(t, img, "-r")
 	var ids []string
 	for range 2 {
-		res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm"}), mover.Options{Repo: ro, RunDir: runDir, Init: true})
+		res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "vm"}), mover.Options{Repo: ro, RunDir: runDir, Init: true})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -36,7 +37,7 @@ func TestDaemonExports(t *testing.T) {
 				t.Fatal(err)
 			}
 			srv := qemutest.Serve(t, img, "-r")
-			res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Disk: "vda"}),
+			res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "vm", Disk: "vda"}),
 				mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 			srv.Kill()
 			if err != nil {
@@ -117,7 +118,7 @@ func TestDaemonOpensTheRepositoryOnce(t *testing.T) {
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	img := qemutest.NewImage(t, t.TempDir(), 4*backuptest.MiB)
 	srv := qemutest.Serve(t, img, "-r")
-	if _, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Disk: "vda"}),
+	if _, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "vm", Disk: "vda"}),
 		mover.Options{Repo: ro, Init: true, RunDir: t.TempDir()}); err != nil {
 		t.Fatal(err)
 	}

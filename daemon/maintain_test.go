@@ -13,6 +13,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
@@ -111,7 +112,7 @@ func TestDaemonScheduledVerify(t *testing.T) {
 	img := qemutest.NewImage(t, t.TempDir(), 4*backuptest.MiB)
 	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 2*backuptest.MiB, 9)+" 0 2M")
 	srv := qemutest.Serve(t, img, "-r")
-	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm1", Disk: "vda"}),
+	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "vm1", Disk: "vda"}),
 		mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 	srv.Kill()
 	if err != nil {

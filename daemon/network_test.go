@@ -25,6 +25,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 )
@@ -308,7 +309,7 @@ func TestDaemonMemoryBudget(t *testing.T) {
 		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t), Ready: func(string) { close(ready) }, Init: true,
 			Runner: daemon.RunnerOptions{MaxJobs: 2, MaxMemory: one * 3 / 2,
 				Backup: mover.Options{Repo: ro, RunDir: runDir},
-				Domain: mover.DomainOptions{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
+				Domain: domain.Options{ScratchDir: filepath.Join(t.TempDir(), "scratch")}}})
 	}()
 	<-ready
 	defer func() { cancel(); <-done }()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 	"golang.org/x/sync/semaphore"
@@ -189,7 +190,7 @@ type RunnerOptions struct {
 	// (repository, tuning, libvirt URI, directories); requests fill in the
 	// rest.
 	Backup mover.Options
-	Domain mover.DomainOptions
+	Domain domain.Options
 	// MaxJobs is the host-wide limit on running jobs (default 2); more
 	// jobs queue.
 	MaxJobs int
@@ -201,7 +202,7 @@ type RunnerOptions struct {
 	// refused, one that would push the sum over waits in the queue.
 	MaxMemory int64
 	// DomainDisks, if set, is asked at submission how many disks a job
-	// backs up (mover.DomainDisks), so that an unknown domain or disk is
+	// backs up (domain.Disks), so that an unknown domain or disk is
 	// refused, not a failed job, and the job's memory is known.
 	DomainDisks func(ctx context.Context, name string, only []string) (int, error) `json:"-"`
 	Log         *slog.Logger                                                       `json:"-"`
@@ -414,7 +415,7 @@ func (r *Runner) memory(ctx context.Context, req JobRequest, o mover.Options) (i
 	}
 	disks, err := r.o.DomainDisks(ctx, req.Domain, req.Disks)
 	switch {
-	case errors.Is(err, mover.ErrNoDomain):
+	case errors.Is(err, domain.ErrNoDomain):
 		return 0, &refusal{kind: ErrNotFound, err: err}
 	case errors.Is(err, mover.ErrInvalid):
 		return 0, &refusal{kind: ErrInvalid, err: err}
@@ -474,7 +475,7 @@ func (r *Runner) backup(req JobRequest) (mover.Source, mover.Options) {
 	if req.VerifySample != nil {
 		o.VerifySample = req.VerifySample
 	}
-	return mover.NewDomain(d), o
+	return domain.New(d), o
 }
 
 // prune forgets finished jobs past their retention. Called with r.mu held.

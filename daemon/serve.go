@@ -11,6 +11,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
@@ -86,7 +87,7 @@ func (o ServeOptions) withDefaults() ServeOptions {
 func Serve(ctx context.Context, o ServeOptions) error {
 	o = o.withDefaults()
 	for _, d := range []struct{ what, dir, def string }{{"--run-dir", o.Runner.Backup.RunDir, mover.DefaultRunDir},
-		{"--scratch-dir", o.Runner.Domain.ScratchDir, mover.DefaultScratchDir}} {
+		{"--scratch-dir", o.Runner.Domain.ScratchDir, domain.DefaultScratchDir}} {
 		if d.dir == "" {
 			d.dir = d.def
 		}
@@ -123,7 +124,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	if ro.DomainDisks == nil {
 		uri := ro.Domain.Connect
 		ro.DomainDisks = func(ctx context.Context, name string, only []string) (int, error) {
-			return mover.DomainDisks(uri, name, only)
+			return domain.Disks(uri, name, only)
 		}
 	}
 	startupCleanup(ctx, ro, o.Log)
@@ -200,11 +201,11 @@ func openAtStart(ctx context.Context, o ServeOptions) (*repo.Repo, error) {
 }
 
 // startupCleanup ends what crashed runs left on the domains
-// (mover.Cleanup) before the daemon takes jobs (it holds each domain's
+// (domain.Cleanup) before the daemon takes jobs (it holds each domain's
 // lock while it tidies it, which a job would find taken); a failure is
 // logged, not fatal.
 func startupCleanup(ctx context.Context, ro RunnerOptions, log *slog.Logger) {
-	rep, err := mover.Cleanup(ctx, mover.CleanupOptions{Repo: ro.Backup.Repo, Connect: ro.Domain.Connect,
+	rep, err := domain.Cleanup(ctx, domain.CleanupOptions{Repo: ro.Backup.Repo, Connect: ro.Domain.Connect,
 		RunDir: ro.Backup.RunDir, ScratchDir: ro.Domain.ScratchDir, SkipStoreTemp: true, Log: log})
 	if err != nil {
 		log.Warn("start-up cleanup failed", "error", err)

@@ -28,6 +28,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
@@ -44,7 +45,7 @@ func backup(t *testing.T, ro repo.Options, size int64) (string, []byte) {
 	img := backuptest.Image(t, size)
 	srv := qemutest.Serve(t, img, "-r")
 	defer srv.Kill()
-	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Disk: "vda"}),
+	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "vm", Disk: "vda"}),
 		mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 	if err != nil {
 		t.Fatal(err)

@@ -43,8 +43,8 @@ func (e invalidError) Error() string        { return e.err.Error() }
 func (e invalidError) Unwrap() error        { return e.err }
 func (e invalidError) Is(target error) bool { return target == ErrInvalid }
 
-// invalidf returns an error that matches ErrInvalid.
-func invalidf(format string, args ...any) error {
+// Invalidf returns an error that matches ErrInvalid.
+func Invalidf(format string, args ...any) error {
 	return invalidError{fmt.Errorf(format, args...)}
 }
 
@@ -92,25 +92,25 @@ func (o Options) validate() (repo.InitOptions, error) {
 	switch o.Mode {
 	case "", ModeAuto, ModeFull, ModeIncremental:
 	default:
-		return init, invalidf("backup mode %q: want auto, full or incremental", o.Mode)
+		return init, Invalidf("backup mode %q: want auto, full or incremental", o.Mode)
 	}
 	if o.ChunkSize != 0 {
 		if err := chunker.CheckChunkSize(o.ChunkSize); err != nil {
-			return init, invalidf("%w", err)
+			return init, Invalidf("%w", err)
 		}
 	}
 	if o.Compression != "" {
 		c, err := chunker.ParseCompression(o.Compression)
 		if err != nil {
-			return init, invalidf("%w", err)
+			return init, Invalidf("%w", err)
 		}
 		init.Compression = c
 	}
 	if r := o.Tuning.Readers; r < 0 || r > 64 {
-		return init, invalidf("readers %d: want 1 to 64", r)
+		return init, Invalidf("readers %d: want 1 to 64", r)
 	}
 	if o.VerifySample != nil && *o.VerifySample < 0 {
-		return init, invalidf("verify sample %d: want a number of chunks, or 0 for none", *o.VerifySample)
+		return init, Invalidf("verify sample %d: want a number of chunks, or 0 for none", *o.VerifySample)
 	}
 	if o.RunDir != "" {
 		if err := CheckDir(o.RunDir); err != nil {
@@ -146,7 +146,7 @@ func (o Options) Memory(disks int, chunkSize int64) int64 {
 func (o Options) checkMemory(name string, disks int, chunkSize int64) error {
 	if need := o.Memory(disks, chunkSize); need > o.MaxMemory {
 		t := o.Tuning.WithDefaults(runtime.NumCPU(), chunkSize)
-		return invalidf("backup %s needs %d MiB of buffers (%d readers x %d disks of %d KiB chunks, %d workers, %d uploads), "+
+		return Invalidf("backup %s needs %d MiB of buffers (%d readers x %d disks of %d KiB chunks, %d workers, %d uploads), "+
 			"more than the limit of %d MiB: use fewer readers, or raise the limit", name, need>>20, t.Readers, disks,
 			chunkSize>>10, t.Workers, t.Uploads, o.MaxMemory>>20)
 	}
@@ -167,7 +167,7 @@ type BackupResult struct {
 	RepositoryID      string `json:"repository_id"`
 	CreatedRepository bool   `json:"created_repository,omitempty"`
 	// Checkpoint is what the next incremental starts from: the libvirt
-	// checkpoint (CheckpointName) or the NBD export's bitmap.
+	// checkpoint (domain.CheckpointName) or the NBD export's bitmap.
 	Checkpoint string `json:"checkpoint,omitempty"`
 	// Verification is what the check of the dirty bitmaps found.
 	Verification *repo.Verification `json:"verification,omitempty"`
@@ -238,7 +238,7 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 			return nil, err
 		}
 	}
-	lock, err := lockName(o.RunDir, src.Name())
+	lock, err := LockName(o.RunDir, src.Name())
 	if err != nil {
 		return nil, err
 	}
@@ -251,7 +251,7 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 		return nil, err
 	}
 	defer rlock.Release()
-	last, newest, err := lastBackup(ctx, r, src.Name(), o.Log)
+	last, newest, err := LastBackup(ctx, r, src.Name(), o.Log)
 	if err != nil {
 		return nil, err
 	}
@@ -304,10 +304,10 @@ func withCompression(r *repo.Repo, o Options, init repo.InitOptions) (*repo.Repo
 	return r.WithCompression(init.Compression)
 }
 
-// diskCounter is a source that can tell how many disks it will read
+// DiskCounter is a source that can tell how many disks it will read
 // before it starts (a domain, from libvirt).
-type diskCounter interface {
-	countDisks() (int, error)
+type DiskCounter interface {
+	CountDisks() (int, error)
 }
 
 // checkSource checks, before anything is made, that the source exists
@@ -315,8 +315,8 @@ type diskCounter interface {
 // of the repository init would create).
 func (o Options) checkSource(src Source, r *repo.Repo, init repo.InitOptions) error {
 	disks := 1
-	if dc, ok := src.(diskCounter); ok {
-		n, err := dc.countDisks()
+	if dc, ok := src.(DiskCounter); ok {
+		n, err := dc.CountDisks()
 		if err != nil {
 			return fmt.Errorf("backup of %s: %w", src.Name(), err)
 		}
@@ -343,10 +343,10 @@ func newManifest(r *repo.Repo, o Options, name, newest string, start time.Time) 
 	return m
 }
 
-// lastBackup returns the newest committed backup of name that can be read
+// LastBackup returns the newest committed backup of name that can be read
 // (nil when none), and the newest id of all, counting manifests that
 // cannot be read (which are skipped, with a warning).
-func lastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger) (*repo.Manifest, string, error) {
+func LastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger) (*repo.Manifest, string, error) {
 	last, newest, skipped, err := r.Latest(ctx, name)
 	for _, p := range skipped {
 		log.Warn("skipping a backup whose manifest cannot be read", "object", p.Object, "error", p.Problem)

@@ -1,5 +1,6 @@
 // Package mover takes backups: it drives a Source (a running libvirt
-// domain, or any NBD export) through one flow written once in Backup:
+// domain, package mover/domain, or any NBD export, package mover/nbd)
+// through one flow written once in Backup:
 // lock the name, find the last committed backup, start the source's
 // session (for a domain: the checkpoint chain and a pull-mode backup
 // job), read every disk through package pipeline, commit the manifest,

@@ -33,7 +33,7 @@ func heal(t *testing.T, ro repo.Options) {
 	var points []backuptest.Point
 	take := func(mode string) *mover.BackupResult {
 		t.Helper()
-		res, err := exportBackup(t, ro, img, "heal-vm", mode)
+		res, err := backuptest.ExportBackup(t, ro, img, "heal-vm", mode, "")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -145,7 +145,7 @@ func heal(t *testing.T, ro repo.Options) {
 		t.Fatal(err)
 	}
 	check(map[chunker.Digest]string{missing: "missing"}, append(names, "heal-vm/"+inc2.ID))
-	other, err := exportBackup(t, ro, img, "heal-copy", "full")
+	other, err := backuptest.ExportBackup(t, ro, img, "heal-copy", "full", "")
 	if err != nil || other.Healed != 1 {
 		t.Fatalf("a full of another domain: %+v %v", other, err)
 	}

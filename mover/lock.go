@@ -14,12 +14,12 @@ import (
 // another nbdmover on this host is working on.
 var ErrBusy = errors.New("busy")
 
-// lockName takes the host-wide lock of a name's backups
+// LockName takes the host-wide lock of a name's backups
 // (<runDir>/locks/<name>.lock, flock). Holding it proves that no other
 // nbdmover on this host works on the name, so a backup job or files found
 // for it were left by a crashed run. The lock ends with the process.
-func lockName(runDir, name string) (*os.File, error) {
-	if err := traversableDir(runDir); err != nil {
+func LockName(runDir, name string) (*os.File, error) {
+	if err := TraversableDir(runDir); err != nil {
 		return nil, err
 	}
 	dir := filepath.Join(runDir, "locks")
@@ -40,12 +40,12 @@ func lockName(runDir, name string) (*os.File, error) {
 	return f, nil
 }
 
-// traversableDir creates dir (and missing parents) with mode 0711, so that
+// TraversableDir creates dir (and missing parents) with mode 0711, so that
 // QEMU, running as another user, can reach the private directories inside
 // it without listing them. A directory that exists keeps its mode (a
 // shared one such as /tmp must not be made private), and must pass
 // CheckDir.
-func traversableDir(dir string) error {
+func TraversableDir(dir string) error {
 	if err := CheckDir(dir); err != nil {
 		return err
 	}
@@ -54,7 +54,7 @@ func traversableDir(dir string) error {
 		return f.Close() // there, and checked
 	}
 	if f, err = safedir.Open(dir, safedir.Options{Create: true, Perm: 0o711, Chain: true}); err != nil {
-		return invalidf("%v", err)
+		return Invalidf("%v", err)
 	}
 	defer f.Close()
 	return f.Chmod(0o711) // whatever the umask
@@ -73,13 +73,13 @@ func CheckDir(dir string) error {
 	case errors.Is(err, syscall.ENOENT):
 		return nil
 	case errors.Is(err, safedir.ErrUntrusted), errors.Is(err, syscall.ENOTDIR):
-		return invalidf("%v: nbdmover keeps its locks and the backup jobs' sockets and scratch files there; give a directory only root can change", err)
+		return Invalidf("%v: nbdmover keeps its locks and the backup jobs' sockets and scratch files there; give a directory only root can change", err)
 	case err != nil:
 		return fmt.Errorf("%s: %w", dir, err)
 	}
 	defer f.Close()
 	if err := safedir.Private(f); err != nil {
-		return invalidf("%v; give a directory only root can write (one that does not exist is made with mode 0711)", err)
+		return Invalidf("%v; give a directory only root can write (one that does not exist is made with mode 0711)", err)
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
@@ -34,7 +35,7 @@ func backupNBD(t *testing.T, ro repo.Options, img, mode string) *mover.BackupRes
 
 func backupNBDWith(t *testing.T, ro repo.Options, img, mode, compression string) *mover.BackupResult {
 	t.Helper()
-	res, err := exportBackupWith(t, ro, img, "offline-vm", mode, compression)
+	res, err := backuptest.ExportBackup(t, ro, img, "offline-vm", mode, compression)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +115,7 @@ func roundTrip(t *testing.T, ro repo.Options, compression string) {
 	// of the store, and none is stored again.
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	defer srv.Kill()
-	dup, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "offline-copy", Bitmap: "b0", Disk: "vda"}),
+	dup, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "offline-copy", Bitmap: "b0", Disk: "vda"}),
 		mover.Options{Repo: ro, Init: true, Mode: "full", RunDir: t.TempDir(), Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)
@@ -195,7 +196,7 @@ func TestModeDecisions(t *testing.T) {
 	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b1")
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0", "-B", "b1")
 	backup := func(bitmap, mode string) (*mover.BackupResult, error) {
-		return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "d", Bitmap: bitmap}),
+		return mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "d", Bitmap: bitmap}),
 			mover.Options{Repo: ro, Init: true, Mode: mode, RunDir: t.TempDir()})
 	}
 	if _, err := backup("b0", "incremental"); err == nil || !strings.Contains(err.Error(), "no earlier backup") {

@@ -8,8 +8,9 @@ import (
 	"github.com/nbdmover/nbdmover/repo"
 )
 
-// Source is what a backup reads: a running libvirt domain (NewDomain) or
-// any NBD export (NewNBDExport). Backup drives every source through the
+// Source is what a backup reads: a running libvirt domain (package
+// mover/domain) or any NBD export (package mover/nbd). Backup drives
+// every source through the
 // same steps; a source only knows how to reach its disks.
 type Source interface {
 	// Name is the name its backups are stored, listed and restored by.

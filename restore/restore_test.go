@@ -15,6 +15,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
 	"golang.org/x/sync/errgroup"
@@ -26,7 +27,7 @@ func backupImage(t *testing.T, ro repo.Options, img string) *mover.BackupResult 
 	t.Helper()
 	srv := qemutest.Serve(t, img, "-r")
 	defer srv.Kill()
-	res, err := mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "offline-vm", Disk: "vda"}),
+	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "offline-vm", Disk: "vda"}),
 		mover.Options{Repo: ro, Init: true, Mode: "full", ChunkSize: 256 << 10, RunDir: t.TempDir(), Log: backuptest.Log(t)})
 	if err != nil {
 		t.Fatal(err)

@@ -6,6 +6,8 @@ import (
 	"os"
 
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/urfave/cli/v2"
 )
@@ -27,7 +29,7 @@ func backupCommand() *cli.Command {
 			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size of a repository this backup creates (--init)"},
 			&cli.BoolFlag{Name: "quiesce", Usage: "freeze guest filesystems through the guest agent; fail if that is impossible"},
 			&cli.BoolFlag{Name: "quiesce-optional", Usage: "like --quiesce, but continue crash-consistent without a guest agent"},
-			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for the backup job's scratch files"},
+			&cli.StringFlag{Name: "scratch-dir", Value: domain.DefaultScratchDir, Usage: "directory for the backup job's scratch files"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "most the backup's buffers may take (readers x disks x chunk size, roughly)"},
 			&cli.IntFlag{Name: "verify-sample", Usage: "clean chunks per disk an incremental reads to check the dirty bitmap (0: none)",
 				DefaultText: "16 + 0.1% of the chunks holding data, at most 256"},
@@ -115,7 +117,7 @@ func backupOptions(c *cli.Context) (mover.Options, error) {
 // backupSource is the domain or NBD export the flags name.
 func backupSource(c *cli.Context) (mover.Source, error) {
 	if c.String("domain") != "" {
-		return mover.NewDomain(mover.DomainOptions{Name: c.String("domain"), Connect: c.String("connect"),
+		return domain.New(domain.Options{Name: c.String("domain"), Connect: c.String("connect"),
 			Disks: c.StringSlice("disk"), Quiesce: c.Bool("quiesce"), QuiesceOptional: c.Bool("quiesce-optional"),
 			ScratchDir: c.String("scratch-dir")}), nil
 	}
@@ -123,9 +125,9 @@ func backupSource(c *cli.Context) (mover.Source, error) {
 	if len(disks) > 1 {
 		return nil, usagef("backup --nbd: an NBD export is one disk; give at most one --disk name")
 	}
-	o := mover.NBDOptions{URI: c.String("nbd"), Name: c.String("name"), Bitmap: c.String("bitmap")}
+	o := nbd.Options{URI: c.String("nbd"), Name: c.String("name"), Bitmap: c.String("bitmap")}
 	if len(disks) == 1 {
 		o.Disk = disks[0]
 	}
-	return mover.NewNBDExport(o), nil
+	return nbd.New(o), nil
 }

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/urfave/cli/v2"
 )
 
@@ -15,7 +15,7 @@ func cleanupCommand() *cli.Command {
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain (default: every domain)"},
 			connectFlag(),
-			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory of backup jobs' scratch files"},
+			&cli.StringFlag{Name: "scratch-dir", Value: domain.DefaultScratchDir, Usage: "directory of backup jobs' scratch files"},
 			&cli.StringFlag{Name: "forget-repository", Usage: "retire a repository no longer backed up to: delete its checkpoints (its id, or the 12 hex digits checkpoint names hold) instead of the uncommitted ones"},
 			jsonFlag(),
 		),
@@ -27,7 +27,7 @@ func cleanupCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			rep, err := mover.Cleanup(c.Context, mover.CleanupOptions{Repo: repoOptions(c), Connect: c.String("connect"),
+			rep, err := domain.Cleanup(c.Context, domain.CleanupOptions{Repo: repoOptions(c), Connect: c.String("connect"),
 				Domain: c.String("domain"), ScratchDir: c.String("scratch-dir"), ForgetRepository: c.String("forget-repository"), Log: log})
 			if err != nil {
 				return err
@@ -51,7 +51,7 @@ func cleanupCommand() *cli.Command {
 	}
 }
 
-func printCleanup(c *cli.Context, rep *mover.CleanupReport) {
+func printCleanup(c *cli.Context, rep *domain.CleanupReport) {
 	w := c.App.Writer
 	for _, d := range rep.Domains {
 		var did []string

@@ -21,6 +21,7 @@ import (
 	"github.com/nbdmover/nbdmover/export"
 	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
@@ -143,7 +144,7 @@ func version() string {
 			}
 		}
 	}
-	return fmt.Sprintf("%s\ncommit %s\n%s\nlibnbd %s\nlibvirt %s", v, commit, runtime.Version(), nbdclient.LibraryVersion(), mover.LibvirtVersion())
+	return fmt.Sprintf("%s\ncommit %s\n%s\nlibnbd %s\nlibvirt %s", v, commit, runtime.Version(), nbdclient.LibraryVersion(), domain.LibvirtVersion())
 }
 
 func newApp() *cli.App {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/urfave/cli/v2"
@@ -31,7 +32,7 @@ func serveCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk of a job that does not ask for a number (4, not backup's 8: jobs share the host and its memory budget)"},
-			&cli.StringFlag{Name: "scratch-dir", Value: mover.DefaultScratchDir, Usage: "directory for backup jobs' scratch files"},
+			&cli.StringFlag{Name: "scratch-dir", Value: domain.DefaultScratchDir, Usage: "directory for backup jobs' scratch files"},
 			&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the per-domain locks and the jobs' NBD sockets"},
 			durationFlag("keep-for", 24*time.Hour, "keep finished jobs (for GET /v1/jobs) this long", ""),
 			&cli.IntFlag{Name: "keep-max", Value: 1000, Usage: "keep at most this many finished jobs"},
@@ -96,7 +97,7 @@ func serveCommand() *cli.Command {
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
 					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
-					Domain: mover.DomainOptions{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
+					Domain: domain.Options{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})
 		},

@@ -16,6 +16,8 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
 )
@@ -131,4 +133,26 @@ func PutManifest(t testing.TB, dir, domain, id string, content []byte, asBlob bo
 	if err := os.WriteFile(p, content, 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// ExportBackup backs up an image served by qemu-nbd -B b0 as name (disk
+// vda, 256 KiB chunks), compressing new chunks as compression says (""
+// for the repository's default).
+func ExportBackup(t *testing.T, ro repo.Options, img, name, mode, compression string) (*mover.BackupResult, error) {
+	t.Helper()
+	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
+	defer srv.Kill()
+	return mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: name, Bitmap: "b0", Disk: "vda"}),
+		mover.Options{Repo: ro, Init: true, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: Log(t)})
+}
+
+// List lists the committed backups of name.
+func List(t testing.TB, ro repo.Options, name string) ([]*repo.Manifest, error) {
+	t.Helper()
+	r, err := ro.Open(t.Context())
+	if err != nil {
+		return nil, err
+	}
+	ms, _, err := r.Backups(t.Context(), name)
+	return ms, err
 }

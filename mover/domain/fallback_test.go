@@ -1,4 +1,4 @@
-package mover_test
+package domain_test
 
 import (
 	"os"
@@ -10,6 +10,8 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
+	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"libvirt.org/go/libvirt"
 )
@@ -23,7 +25,7 @@ func TestFailedBeginKeepsChain(t *testing.T) {
 	dom.Write("vda", "write -P 0x41 0 4M")
 	full := domainBackup(t, ro, dom, "auto")
 	dom.Write("vda", "write -P 0x42 1M 64k")
-	_, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name, Quiesce: true}, "auto")
+	_, err := backupDomain(t, ro, domain.Options{Name: dom.Name, Quiesce: true}, "auto")
 	if err == nil || !strings.Contains(err.Error(), "guest agent") {
 		t.Fatalf("quiesce without an agent: %v", err)
 	}
@@ -50,7 +52,7 @@ func TestForeignBackupJob(t *testing.T) {
 		`<disks><disk name='vda' backup='yes' type='file'><scratch file='`+filepath.Join(dir, "vda.scratch")+`'/></disk></disks></domainbackup>`), 0o644)
 	qemutest.Virsh(t, "backup-begin", dom.Name, xml)
 	defer qemutest.Virsh(t, "domjobabort", dom.Name)
-	_, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "auto")
+	_, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, "auto")
 	if err == nil || !strings.Contains(err.Error(), "did not start") || !strings.Contains(err.Error(), sock) ||
 		!strings.Contains(err.Error(), "virsh domjobabort "+dom.Name) {
 		t.Fatalf("backup over a foreign job: %v", err)
@@ -93,11 +95,11 @@ func TestCheckpointDeleteFailureKeepsMetadata(t *testing.T) {
 	full := domainBackup(t, ro, dom, "auto")
 	old := full.Checkpoint
 	dom.Write("vda", "write -P 0x42 1M 64k")
-	restoreHook := mover.SetDeleteCheckpointHook(func(name string) error {
+	restoreHook := domain.SetDeleteCheckpointHook(func(name string) error {
 		return libvirt.Error{Code: libvirt.ERR_OPERATION_TIMEOUT, Domain: libvirt.FROM_QEMU,
 			Message: "Timed out during operation: cannot acquire state change lock"}
 	})
-	inc, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "auto")
+	inc, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, "auto")
 	restoreHook()
 	if err != nil || inc.Mode != "incremental" {
 		t.Fatalf("incremental: %+v %v", inc, err)
@@ -122,7 +124,7 @@ func TestParentChunkSizeDiffers(t *testing.T) {
 	qemutest.IO(t, img, "write -P 0x61 0 3M")
 	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 	backup := func() (*mover.BackupResult, error) {
-		return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: "vm", Bitmap: "b0"}),
+		return mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "vm", Bitmap: "b0"}),
 			mover.Options{Repo: ro, Init: true, ChunkSize: 512 << 10, RunDir: t.TempDir(), Log: testLog(t)})
 	}
 	if _, err := backup(); err != nil {
@@ -146,11 +148,11 @@ func TestUnreadableManifestSkipped(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "repo")
 	ro := repo.Options{Location: dir}
 	img := backuptest.Image(t, 24*MiB)
-	first, err := exportBackup(t, ro, img, "vm", "auto")
+	first, err := backuptest.ExportBackup(t, ro, img, "vm", "auto", "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	second, err := exportBackup(t, ro, img, "vm", "auto")
+	second, err := backuptest.ExportBackup(t, ro, img, "vm", "auto", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,7 +162,7 @@ func TestUnreadableManifestSkipped(t *testing.T) {
 	}{{`{"version": 3, "id": "` + second.ID + `"}`, true}, {`NBMC damaged`, false}} {
 		backuptest.PutManifest(t, dir, "vm", second.ID, []byte(damage.content), damage.asBlob)
 		qemutest.IO(t, img, "write -P 0x44 1M 64k")
-		res, err := exportBackup(t, ro, img, "vm", "auto")
+		res, err := backuptest.ExportBackup(t, ro, img, "vm", "auto", "")
 		if err != nil || res.Parent != first.ID || res.ID <= second.ID {
 			t.Fatalf("backup next to %q: %+v %v", damage.content, res, err)
 		}

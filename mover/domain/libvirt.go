@@ -1,9 +1,10 @@
-package mover
+package domain
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/mover"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -50,11 +51,11 @@ func libvirtCode(err error) libvirt.ErrorNumber {
 // ErrNoDomain is matched by the error for a domain libvirt does not know.
 var ErrNoDomain = errors.New("no such domain")
 
-// DomainDisks returns how many disks a backup of the domain (of only
+// Disks returns how many disks a backup of the domain (of only
 // those disks, when given) reads: an error matching ErrNoDomain when
-// libvirt at uri does not know it, ErrInvalid when it lacks a disk asked
+// libvirt at uri does not know it, mover.ErrInvalid when it lacks a disk asked
 // for, or why libvirt could not be asked.
-func DomainDisks(uri, name string, only []string) (int, error) {
+func Disks(uri, name string, only []string) (int, error) {
 	if uri == "" {
 		uri = "qemu:///system"
 	}
@@ -507,7 +508,7 @@ func diskSelection(def *libvirtxml.Domain, only []string) (disks []domainDisk, s
 		for n := range want {
 			missing = append(missing, n)
 		}
-		return nil, nil, invalidf("domain %s has no disk %s (it has %s)", def.Name, strings.Join(missing, ", "), strings.Join(all, ", "))
+		return nil, nil, mover.Invalidf("domain %s has no disk %s (it has %s)", def.Name, strings.Join(missing, ", "), strings.Join(all, ", "))
 	}
 	return disks, skipped, nil
 }

@@ -1,9 +1,10 @@
-package mover
+package domain
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/mover"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -19,8 +20,8 @@ import (
 // DefaultScratchDir holds the backup jobs' scratch images.
 const DefaultScratchDir = "/var/lib/nbdmover/scratch"
 
-// DomainOptions say which libvirt domain to back up and how.
-type DomainOptions struct {
+// Options say which libvirt domain to back up and how.
+type Options struct {
 	Name    string
 	Connect string   // libvirt URI (default qemu:///system)
 	Disks   []string // back up only these disks (default: every disk)
@@ -30,10 +31,10 @@ type DomainOptions struct {
 	ScratchDir               string // scratch images (default DefaultScratchDir)
 }
 
-// NewDomain returns the source that backs up a running libvirt domain
+// New returns the source that backs up a running libvirt domain
 // through a pull-mode backup job; see docs/design.md for the steps and
 // what each failure leaves behind.
-func NewDomain(o DomainOptions) Source {
+func New(o Options) mover.Source {
 	if o.Connect == "" {
 		o.Connect = "qemu:///system"
 	}
@@ -43,11 +44,11 @@ func NewDomain(o DomainOptions) Source {
 	return &domainSource{o: o}
 }
 
-type domainSource struct{ o DomainOptions }
+type domainSource struct{ o Options }
 
-// countDisks is how many disks a backup of the domain would read.
-func (s *domainSource) countDisks() (int, error) {
-	n, err := DomainDisks(s.o.Connect, s.o.Name, s.o.Disks)
+// CountDisks is how many disks a backup of the domain would read.
+func (s *domainSource) CountDisks() (int, error) {
+	n, err := Disks(s.o.Connect, s.o.Name, s.o.Disks)
 	if err == nil && n == 0 {
 		err = errors.New("no disk to back up")
 	}
@@ -58,14 +59,14 @@ func (s *domainSource) Name() string { return s.o.Name }
 
 func (s *domainSource) Validate() error {
 	if err := repo.ValidName("domain", s.o.Name); err != nil {
-		return invalidf("%w", err)
+		return mover.Invalidf("%w", err)
 	}
 	for _, d := range s.o.Disks {
 		if err := repo.ValidName("disk", d); err != nil {
-			return invalidf("%w", err)
+			return mover.Invalidf("%w", err)
 		}
 	}
-	if err := CheckDir(s.o.ScratchDir); err != nil {
+	if err := mover.CheckDir(s.o.ScratchDir); err != nil {
 		return fmt.Errorf("scratch directory: %w", err)
 	}
 	return nil
@@ -77,23 +78,23 @@ var testHookLegacyNames bool
 
 // domainSession is a running pull-mode backup job of a domain.
 type domainSession struct {
-	o     DomainOptions
-	req   StartRequest
+	o     Options
+	req   mover.StartRequest
 	log   *slog.Logger
 	conn  *libvirt.Connect
 	dom   *libvirt.Domain
 	def   *libvirtxml.Domain
 	plan  *domainPlan
-	info  SessionInfo
+	info  mover.SessionInfo
 	dirs  []string // the job's run and scratch directories
 	sock  string
-	disks []SourceDisk
+	disks []mover.SourceDisk
 	pools []*nbdclient.Pool
 }
 
-func (s *domainSource) Start(ctx context.Context, req StartRequest) (_ Session, err error) {
+func (s *domainSource) Start(ctx context.Context, req mover.StartRequest) (_ mover.Session, err error) {
 	ds := &domainSession{o: s.o, req: req, log: req.Log.With("domain", s.o.Name),
-		info: SessionInfo{Source: "libvirt"}}
+		info: mover.SessionInfo{Source: "libvirt"}}
 	defer func() {
 		if err != nil {
 			ds.End(context.WithoutCancel(ctx), false)
@@ -188,7 +189,7 @@ func (ds *domainSession) begin(ctx context.Context) error {
 
 	plan := ds.plan
 	consistency, err := beginBackup(ds.dom, ds.o, ds.req.RunDir, ds.log, plan, ds.sock, scratchDir)
-	if err != nil && len(plan.incr) > 0 && ds.req.Mode == ModeAuto && bitmapRefused(err) {
+	if err != nil && len(plan.incr) > 0 && ds.req.Mode == mover.ModeAuto && bitmapRefused(err) {
 		// libvirt refuses an incremental whose bitmaps are missing or
 		// broken: start over as a full backup from a fresh chain.
 		ds.log.Warn("incremental backup refused, taking a full one", "error", err)
@@ -232,13 +233,13 @@ func (ds *domainSession) dialExports(ctx context.Context) error {
 			return fmt.Errorf("disk %s: %w", d.name, err)
 		}
 		ds.pools = append(ds.pools, pool)
-		ds.disks = append(ds.disks, SourceDisk{Name: d.name, Disk: pool, Incremental: incr, Bitmap: cfg.Bitmap})
+		ds.disks = append(ds.disks, mover.SourceDisk{Name: d.name, Disk: pool, Incremental: incr, Bitmap: cfg.Bitmap})
 	}
 	return nil
 }
 
-func (ds *domainSession) Disks() []SourceDisk { return ds.disks }
-func (ds *domainSession) Info() SessionInfo   { return ds.info }
+func (ds *domainSession) Disks() []mover.SourceDisk { return ds.disks }
+func (ds *domainSession) Info() mover.SessionInfo   { return ds.info }
 
 // Files returns the domain's definition (without secrets) and the new
 // checkpoint's, for redefining it later.
@@ -322,7 +323,7 @@ func (p *domainPlan) hasBitmaps() bool {
 // libvirt's newest; this repository's checkpoints that are not it (left
 // by runs that did not commit) are deleted first, which merges their
 // changes into it. Other repositories' checkpoints are left alone.
-func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, name string, log *slog.Logger, disks []domainDisk) (*domainPlan, error) {
+func planDomain(ctx context.Context, req mover.StartRequest, dom *libvirt.Domain, name string, log *slog.Logger, disks []domainDisk) (*domainPlan, error) {
 	plan := &domainPlan{disks: disks, incr: map[string]bool{}}
 	last := req.Last
 	keep := ""
@@ -330,11 +331,11 @@ func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, name
 		keep = last.Checkpoint
 	}
 	pruneCheckpoints(ctx, req.Repo, dom, name, keep, log)
-	if req.Mode == ModeFull {
+	if req.Mode == mover.ModeFull {
 		return plan, nil
 	}
 	if last == nil {
-		if req.Mode == ModeIncremental {
+		if req.Mode == mover.ModeIncremental {
 			return nil, errors.New("cannot take an incremental: no committed backup in the repository")
 		}
 		return plan, nil
@@ -343,7 +344,7 @@ func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, name
 	if err != nil || reason == "" {
 		return plan, err
 	}
-	if req.Mode == ModeIncremental {
+	if req.Mode == mover.ModeIncremental {
 		return nil, fmt.Errorf("cannot take an incremental: %s", reason)
 	}
 	log.Info("taking a full backup", "reason", reason)
@@ -354,7 +355,7 @@ func planDomain(ctx context.Context, req StartRequest, dom *libvirt.Domain, name
 
 // incrementalDisks marks the disks that can go incremental from the last
 // backup's checkpoint, or says why none can.
-func incrementalDisks(ctx context.Context, req StartRequest, dom *libvirt.Domain, log *slog.Logger, plan *domainPlan) (string, error) {
+func incrementalDisks(ctx context.Context, req mover.StartRequest, dom *libvirt.Domain, log *slog.Logger, plan *domainPlan) (string, error) {
 	last := req.Last
 	if last.Checkpoint == "" {
 		return fmt.Sprintf("the last backup (%s) has no checkpoint", last.ID), nil
@@ -383,7 +384,7 @@ func incrementalDisks(ctx context.Context, req StartRequest, dom *libvirt.Domain
 			notIncr = append(notIncr, d.name)
 		}
 	}
-	if len(notIncr) > 0 && req.Mode == ModeIncremental {
+	if len(notIncr) > 0 && req.Mode == mover.ModeIncremental {
 		return "", fmt.Errorf("cannot take an incremental of disks %s (new, or not in checkpoint %s); "+
 			"leave them out with --disk or use --mode auto", strings.Join(notIncr, ", "), last.Checkpoint)
 	}
@@ -451,7 +452,7 @@ func ourJob(b *libvirtxml.DomainBackup, runDir, domain string) bool {
 // jobDir makes a directory private to root and QEMU (mode 0700, owned by
 // QEMU's user when it is not root) for the job's socket or scratch files.
 func jobDir(parent, domain, id string, uid, gid int) (string, error) {
-	if err := traversableDir(parent); err != nil {
+	if err := mover.TraversableDir(parent); err != nil {
 		return "", err
 	}
 	dir := filepath.Join(parent, jobDirName(domain, id))
@@ -471,7 +472,7 @@ func jobDir(parent, domain, id string, uid, gid int) (string, error) {
 // around it when asked (with a marker in runDir while frozen, so that a
 // run killed before the thaw is undone). It returns the consistency the
 // backup will have.
-func beginBackup(dom *libvirt.Domain, o DomainOptions, runDir string, log *slog.Logger, plan *domainPlan, sock, scratchDir string) (string, error) {
+func beginBackup(dom *libvirt.Domain, o Options, runDir string, log *slog.Logger, plan *domainPlan, sock, scratchDir string) (string, error) {
 	backupXML, checkpointXML, err := jobXML(plan, sock, scratchDir)
 	if err != nil {
 		return "", err

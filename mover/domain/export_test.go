@@ -1,4 +1,4 @@
-package mover
+package domain
 
 import "libvirt.org/go/libvirtxml"
 

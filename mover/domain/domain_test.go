@@ -1,4 +1,4 @@
-package mover_test
+package domain_test
 
 import (
 	"context"
@@ -18,6 +18,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink"
@@ -27,7 +28,7 @@ import (
 // helperSpec is a backup for the helper process to run.
 type helperSpec struct {
 	Options mover.Options
-	Domain  mover.DomainOptions
+	Domain  domain.Options
 }
 
 // TestMain doubles as a helper process: with NBDMOVER_HELPER_BACKUP set to
@@ -41,7 +42,7 @@ func TestMain(m *testing.M) {
 			os.Exit(2)
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-		_, err := mover.Backup(ctx, mover.NewDomain(o.Domain), o.Options)
+		_, err := mover.Backup(ctx, domain.New(o.Domain), o.Options)
 		stop()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -61,17 +62,17 @@ func threeDisks() []qemutest.DiskSpec {
 }
 
 // backupDomain backs the domain up.
-func backupDomain(t *testing.T, ro repo.Options, o mover.DomainOptions, mode string) (*mover.BackupResult, error) {
+func backupDomain(t *testing.T, ro repo.Options, o domain.Options, mode string) (*mover.BackupResult, error) {
 	t.Helper()
 	if o.ScratchDir == "" {
 		o.ScratchDir = filepath.Join(t.TempDir(), "scratch")
 	}
-	return mover.Backup(t.Context(), mover.NewDomain(o), mover.Options{Repo: ro, Init: true, Mode: mode, Log: testLog(t)})
+	return mover.Backup(t.Context(), domain.New(o), mover.Options{Repo: ro, Init: true, Mode: mode, Log: testLog(t)})
 }
 
 func domainBackup(t *testing.T, ro repo.Options, dom *qemutest.Domain, mode string) *mover.BackupResult {
 	t.Helper()
-	res, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, mode)
+	res, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, mode)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +183,7 @@ func TestDomainInterrupted(t *testing.T) {
 	// re-read) so that it is surely killed mid-way.
 	slow := helperSpec{Options: mover.Options{Repo: ro, Init: true, Mode: "full", Compression: "zstd:4",
 		Tuning: pipeline.Tuning{Readers: 1, Workers: 1, Uploads: 1}},
-		Domain: mover.DomainOptions{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
+		Domain: domain.Options{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
 
 	t.Run("SIGTERM", func(t *testing.T) {
 		cmd := runHelper(t, slow, dom)
@@ -247,7 +248,7 @@ func TestDomainBitmapRemoved(t *testing.T) {
 	qemutest.Virsh(t, "start", dom.Name)
 	dom.Write("vda", "write -P 0x43 24M 1M")
 	refs := dom.Snapshot()
-	if _, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "incremental"); err == nil {
+	if _, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, "incremental"); err == nil {
 		t.Fatal("a forced incremental without its bitmap succeeded")
 	}
 	checkNoLeftovers(t, dom)
@@ -266,7 +267,7 @@ func TestDomainBitmapRemoved(t *testing.T) {
 func TestDomainOutcomes(t *testing.T) {
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	scratch := filepath.Join(t.TempDir(), "scratch")
-	backup := func(o mover.DomainOptions, mode string) (*mover.BackupResult, error) {
+	backup := func(o domain.Options, mode string) (*mover.BackupResult, error) {
 		o.ScratchDir = scratch
 		return backupDomain(t, ro, o, mode)
 	}
@@ -285,17 +286,17 @@ func TestDomainOutcomes(t *testing.T) {
 	qemutest.NeedLibvirt(t)
 
 	t.Run("unknown domain", func(t *testing.T) {
-		_, err := backup(mover.DomainOptions{Name: "no-such-domain-x"}, "")
+		_, err := backup(domain.Options{Name: "no-such-domain-x"}, "")
 		expect(t, err, "no-such-domain-x", "not found")
 	})
 	t.Run("invalid name", func(t *testing.T) {
-		_, err := backup(mover.DomainOptions{Name: "../etc"}, "")
+		_, err := backup(domain.Options{Name: "../etc"}, "")
 		expect(t, err, "../etc")
 	})
 	t.Run("shut off", func(t *testing.T) {
 		dom := qemutest.NewDomain(t, true, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 8 * MiB})
 		qemutest.Virsh(t, "destroy", dom.Name)
-		_, err := backup(mover.DomainOptions{Name: dom.Name}, "")
+		_, err := backup(domain.Options{Name: dom.Name}, "")
 		expect(t, err, dom.Name, "shut off", "--nbd")
 	})
 	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "raw", Size: 8 * MiB},
@@ -303,7 +304,7 @@ func TestDomainOutcomes(t *testing.T) {
 	dom.Write("vda", "write -P 0x55 1M 1M")
 	t.Run("only raw disks", func(t *testing.T) {
 		for i := range 2 {
-			res, err := backup(mover.DomainOptions{Name: dom.Name}, "")
+			res, err := backup(domain.Options{Name: dom.Name}, "")
 			if err != nil || res.Mode != "full" {
 				t.Fatalf("backup %d: %+v %v", i, res, err)
 			}
@@ -311,25 +312,25 @@ func TestDomainOutcomes(t *testing.T) {
 				t.Fatalf("checkpoints on a raw-only domain: %v", cps)
 			}
 		}
-		_, err := backup(mover.DomainOptions{Name: dom.Name}, "incremental")
+		_, err := backup(domain.Options{Name: dom.Name}, "incremental")
 		expect(t, err, "incremental")
 	})
 	t.Run("unknown disk", func(t *testing.T) {
-		_, err := backup(mover.DomainOptions{Name: dom.Name, Disks: []string{"vdz"}}, "")
+		_, err := backup(domain.Options{Name: dom.Name, Disks: []string{"vdz"}}, "")
 		expect(t, err, "vdz", "vda")
 	})
 	t.Run("quiesce without an agent", func(t *testing.T) {
-		_, err := backup(mover.DomainOptions{Name: dom.Name, Quiesce: true}, "")
+		_, err := backup(domain.Options{Name: dom.Name, Quiesce: true}, "")
 		expect(t, err, "guest agent", "--quiesce-optional")
 		checkNoLeftovers(t, dom)
-		res, err := backup(mover.DomainOptions{Name: dom.Name, QuiesceOptional: true}, "")
+		res, err := backup(domain.Options{Name: dom.Name, QuiesceOptional: true}, "")
 		if err != nil || res.Consistency != "crash-consistent" {
 			t.Fatalf("%+v %v", res, err)
 		}
 	})
 	t.Run("unreachable repository", func(t *testing.T) {
 		_, err := backupDomain(t, repo.Options{Location: "s3://bkt", S3Endpoint: "http://127.0.0.1:9", Retry: quickRetry},
-			mover.DomainOptions{Name: dom.Name, ScratchDir: scratch}, "")
+			domain.Options{Name: dom.Name, ScratchDir: scratch}, "")
 		expect(t, err, "127.0.0.1:9")
 		checkNoLeftovers(t, dom)
 	})
@@ -353,7 +354,7 @@ func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error
 func TestLegacyCheckpointNames(t *testing.T) {
 	legacyBackup := func(t *testing.T, ro repo.Options, dom *qemutest.Domain, mode string) *mover.BackupResult {
 		t.Helper()
-		res, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, mode)
+		res, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, mode)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -363,7 +364,7 @@ func TestLegacyCheckpointNames(t *testing.T) {
 	dom.Write("vda", "write -P 0x11 0 4M")
 	a := repo.Options{Location: filepath.Join(t.TempDir(), "a")}
 	b := repo.Options{Location: filepath.Join(t.TempDir(), "b")}
-	restore := mover.NameCheckpointsAsBefore()
+	restore := domain.NameCheckpointsAsBefore()
 	fullA := legacyBackup(t, a, dom, "full")
 	dom.Write("vda", "write -P 0x12 4M 1M")
 	fullB := legacyBackup(t, b, dom, "full")

@@ -1,9 +1,10 @@
-package mover
+package domain
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/mover"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -20,7 +21,7 @@ type CleanupOptions struct {
 	Repo       repo.Options
 	Connect    string // libvirt URI (default qemu:///system)
 	Domain     string // only this domain ("" = every domain)
-	RunDir     string // default DefaultRunDir
+	RunDir     string // default mover.DefaultRunDir
 	ScratchDir string // default DefaultScratchDir
 	// TempAge: store temporary files older than this are removed
 	// (default one hour); SkipStoreTemp leaves them (the walk of a large
@@ -77,18 +78,18 @@ func Cleanup(ctx context.Context, o CleanupOptions) (*CleanupReport, error) {
 	o = o.withDefaults()
 	if o.Domain != "" {
 		if err := repo.ValidName("domain", o.Domain); err != nil {
-			return nil, invalidf("%w", err)
+			return nil, mover.Invalidf("%w", err)
 		}
 	}
 	if f := o.ForgetRepository; f != "" && (len(f) < 12 || strings.Trim(f, "0123456789abcdef") != "") {
-		return nil, invalidf("repository id %q: want its id (nbdmover list shows it) or its first 12 hex digits, as checkpoint names hold them", f)
+		return nil, mover.Invalidf("repository id %q: want its id (nbdmover list shows it) or its first 12 hex digits, as checkpoint names hold them", f)
 	}
 	r, err := o.Repo.Open(ctx)
 	if err != nil && !errors.Is(err, repo.ErrNoRepository) {
 		return nil, err
 	}
 	if f := o.ForgetRepository; f != "" && r != nil && strings.HasPrefix(r.Config().ID, f[:12]) {
-		return nil, invalidf("--forget-repository %s is the repository of --repo %s: forgetting it would drop the checkpoint its next backup starts from "+
+		return nil, mover.Invalidf("--forget-repository %s is the repository of --repo %s: forgetting it would drop the checkpoint its next backup starts from "+
 			"(give another repository's id; to retire this one, run the cleanup with another --repo)", f, r.Location())
 	}
 	conn, err := connectLibvirt(o.Connect)
@@ -122,7 +123,7 @@ func (o CleanupOptions) withDefaults() CleanupOptions {
 		o.Connect = "qemu:///system"
 	}
 	if o.RunDir == "" {
-		o.RunDir = DefaultRunDir
+		o.RunDir = mover.DefaultRunDir
 	}
 	if o.ScratchDir == "" {
 		o.ScratchDir = DefaultScratchDir
@@ -181,7 +182,7 @@ func leftoverNames(runDir, scratchDir string) []string {
 // cleanupDomain tidies one domain while holding its lock.
 func cleanupDomain(ctx context.Context, conn *libvirt.Connect, r *repo.Repo, name string, o CleanupOptions) DomainCleanup {
 	d := DomainCleanup{Domain: name}
-	lock, err := lockName(o.RunDir, name)
+	lock, err := mover.LockName(o.RunDir, name)
 	if err != nil {
 		d.Skipped = err.Error()
 		return d
@@ -238,7 +239,7 @@ func deleteUncommitted(ctx context.Context, r *repo.Repo, dom *libvirt.Domain, n
 	}
 	keep := ""
 	if o.ForgetRepository == "" {
-		last, _, err := lastBackup(ctx, r, name, log)
+		last, _, err := mover.LastBackup(ctx, r, name, log)
 		if err != nil {
 			d.Problems = append(d.Problems, "checkpoints left alone: "+err.Error())
 			return

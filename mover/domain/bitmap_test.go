@@ -1,4 +1,4 @@
-package mover_test
+package domain_test
 
 import (
 	"path/filepath"
@@ -8,6 +8,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/repo"
 	"libvirt.org/go/libvirtxml"
 )
@@ -16,27 +17,15 @@ import (
 // the result is a correct backup (auto) or a clear failure (incremental),
 // never a wrong restore.
 
-// exportBackup backs up an image served by qemu-nbd -B b0 as name.
-func exportBackup(t *testing.T, ro repo.Options, img, name, mode string) (*mover.BackupResult, error) {
-	t.Helper()
-	return exportBackupWith(t, ro, img, name, mode, "")
-}
-
-// exportBackupWith is exportBackup compressing new chunks as compression
-// says ("" for the repository's default).
-func exportBackupWith(t *testing.T, ro repo.Options, img, name, mode, compression string) (*mover.BackupResult, error) {
-	t.Helper()
-	srv := qemutest.Serve(t, img, "-r", "-B", "b0")
-	defer srv.Kill()
-	return mover.Backup(t.Context(), mover.NewNBDExport(mover.NBDOptions{URI: srv.URI, Name: name, Bitmap: "b0", Disk: "vda"}),
-		mover.Options{Repo: ro, Init: true, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: testLog(t)})
-}
-
 // checkRestore restores the newest backup of name and compares it with img.
 func checkRestore(t *testing.T, ro repo.Options, name, img string) {
 	t.Helper()
 	backuptest.CheckRestores(t, ro, name, []backuptest.Point{{ID: latestID(t, ro, name), Refs: map[string]string{"vda": qemutest.RawCopy(t, img)}}})
 }
+
+const MiB = backuptest.MiB
+
+var testLog = backuptest.Log
 
 func latestID(t *testing.T, ro repo.Options, name string) string {
 	t.Helper()
@@ -67,7 +56,7 @@ func expectLie(t *testing.T, err error, says ...string) {
 func TestBitmapRecreatedEmpty(t *testing.T) {
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	img := backuptest.Image(t, 24*MiB)
-	if res, err := exportBackup(t, ro, img, "vm", "auto"); err != nil || res.Disks[0].DirtyBytes == 0 {
+	if res, err := backuptest.ExportBackup(t, ro, img, "vm", "auto", ""); err != nil || res.Disks[0].DirtyBytes == 0 {
 		t.Fatalf("full: %+v %v", res, err)
 	}
 	qemutest.IO(t, img, "write -P 0x71 1M 2M")
@@ -75,9 +64,9 @@ func TestBitmapRecreatedEmpty(t *testing.T) {
 	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
 	qemutest.IO(t, img, "write -P 0x72 20M 256k")
 
-	_, err := exportBackup(t, ro, img, "vm", "incremental")
+	_, err := backuptest.ExportBackup(t, ro, img, "vm", "incremental", "")
 	expectLie(t, err, "vda", "cleared or re-created", "nothing was committed")
-	res, err := exportBackup(t, ro, img, "vm", "auto")
+	res, err := backuptest.ExportBackup(t, ro, img, "vm", "auto", "")
 	if err != nil || res.Mode != "full" || !strings.Contains(res.Fallback, "cleared or re-created") ||
 		res.Verification == nil || res.Verification.Outcome != "mismatch" {
 		t.Fatalf("auto over a re-created bitmap: %+v %v", res, err)
@@ -85,7 +74,7 @@ func TestBitmapRecreatedEmpty(t *testing.T) {
 	checkRestore(t, ro, "vm", img)
 	// The next incremental trusts the new bitmap from this full on.
 	qemutest.IO(t, img, "write -P 0x73 5M 64k")
-	if res, err := exportBackup(t, ro, img, "vm", "incremental"); err != nil || res.Verification.Outcome != "passed" {
+	if res, err := backuptest.ExportBackup(t, ro, img, "vm", "incremental", ""); err != nil || res.Verification.Outcome != "passed" {
 		t.Fatalf("after the full: %+v %v", res, err)
 	}
 	checkRestore(t, ro, "vm", img)
@@ -103,12 +92,12 @@ func TestBitmapExportSwapped(t *testing.T) {
 	qemutest.IO(t, b, "write -P 0x22 0 4M")
 	qemutest.Run(t, "qemu-img", "bitmap", "--add", b, "b0")
 	qemutest.IO(t, b, "write -P 0x23 8M 6M")
-	if _, err := exportBackup(t, ro, a, "vm", "auto"); err != nil {
+	if _, err := backuptest.ExportBackup(t, ro, a, "vm", "auto", ""); err != nil {
 		t.Fatal(err)
 	}
-	_, err := exportBackup(t, ro, b, "vm", "incremental")
+	_, err := backuptest.ExportBackup(t, ro, b, "vm", "incremental", "")
 	expectLie(t, err, "disk vda", "chunk", "missed a change")
-	res, err := exportBackup(t, ro, b, "vm", "auto")
+	res, err := backuptest.ExportBackup(t, ro, b, "vm", "auto", "")
 	if err != nil || res.Mode != "full" || !strings.Contains(res.Fallback, "missed a change") {
 		t.Fatalf("auto over a swapped export: %+v %v", res, err)
 	}
@@ -124,13 +113,13 @@ func TestBitmapMissedDiscard(t *testing.T) {
 	img := qemutest.NewImage(t, t.TempDir(), 16*MiB)
 	qemutest.IO(t, img, "write -P 0x61 0 8M") // before the bitmap: clean
 	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
-	if _, err := exportBackup(t, ro, img, "vm", "auto"); err != nil {
+	if _, err := backuptest.ExportBackup(t, ro, img, "vm", "auto", ""); err != nil {
 		t.Fatal(err)
 	}
 	qemutest.Run(t, "qemu-img", "bitmap", "--disable", img, "b0")
 	qemutest.IO(t, img, "discard 1M 1M")
 	qemutest.Run(t, "qemu-img", "bitmap", "--enable", img, "b0")
-	res, err := exportBackup(t, ro, img, "vm", "incremental")
+	res, err := backuptest.ExportBackup(t, ro, img, "vm", "incremental", "")
 	if err != nil || res.Mode != "incremental" || res.Disks[0].ZeroedChunks != 4 || res.Verification.Outcome != "passed" {
 		t.Fatalf("incremental over a missed discard: %+v %v", res, err)
 	}
@@ -150,13 +139,13 @@ func TestBitmapNotExported(t *testing.T) {
 	dom.Write("vda", "write -P 0x43 2M 1M")
 	dom.Write("vdb", "write -P 0x44 0 64k")
 	refs := dom.Snapshot()
-	defer mover.SetExportsHook(func(ex map[string]libvirtxml.DomainBackupPullDisk) {
+	defer domain.SetExportsHook(func(ex map[string]libvirtxml.DomainBackupPullDisk) {
 		d := ex["vda"]
 		d.ExportBitmap = ""
 		ex["vda"] = d
 	})()
 
-	_, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "incremental")
+	_, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, "incremental")
 	expectLie(t, err, "vda", "without a dirty bitmap")
 	checkNoLeftovers(t, dom)
 	res := domainBackup(t, ro, dom, "auto")
@@ -185,7 +174,7 @@ func TestBitmapLiesInRunningDomain(t *testing.T) {
 	dom.Write("vda", "write -P 0x53 8M 64k") // seen
 	refs := dom.Snapshot()
 
-	_, err := backupDomain(t, ro, mover.DomainOptions{Name: dom.Name}, "incremental")
+	_, err := backupDomain(t, ro, domain.Options{Name: dom.Name}, "incremental")
 	expectLie(t, err, "disk vda", "missed a change")
 	checkNoLeftovers(t, dom)
 	res := domainBackup(t, ro, dom, "auto")

@@ -1,4 +1,4 @@
-package mover_test
+package domain_test
 
 import (
 	"fmt"
@@ -12,6 +12,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 )
@@ -30,7 +31,7 @@ func TestCleanupAfterKill(t *testing.T) {
 	full := domainBackup(t, ro, dom, "full")
 	slow := helperSpec{Options: mover.Options{Repo: ro, Init: true, Mode: "full", Compression: "zstd:4",
 		Tuning: pipeline.Tuning{Readers: 1, Workers: 1, Uploads: 1}},
-		Domain: mover.DomainOptions{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
+		Domain: domain.Options{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}}
 	cmd := runHelper(t, slow, dom)
 	cmd.Process.Kill()
 	cmd.Wait()
@@ -42,7 +43,7 @@ func TestCleanupAfterKill(t *testing.T) {
 	os.WriteFile(fresh, []byte("x"), 0o600)
 	os.Chtimes(old, time.Now().Add(-2*time.Hour), time.Now().Add(-2*time.Hour))
 
-	rep, err := mover.Cleanup(t.Context(), mover.CleanupOptions{Repo: ro, Domain: dom.Name,
+	rep, err := domain.Cleanup(t.Context(), domain.CleanupOptions{Repo: ro, Domain: dom.Name,
 		ScratchDir: slow.Domain.ScratchDir, Log: testLog(t)})
 	if err != nil || len(rep.Domains) != 1 {
 		t.Fatalf("cleanup: %+v %v", rep, err)
@@ -63,7 +64,7 @@ func TestCleanupAfterKill(t *testing.T) {
 		t.Error("a fresh temporary file (a write in progress) was removed")
 	}
 	// Nothing left: a second run does nothing.
-	if rep, err := mover.Cleanup(t.Context(), mover.CleanupOptions{Repo: ro, Domain: dom.Name}); err != nil || len(rep.Domains) != 0 {
+	if rep, err := domain.Cleanup(t.Context(), domain.CleanupOptions{Repo: ro, Domain: dom.Name}); err != nil || len(rep.Domains) != 0 {
 		t.Fatalf("second cleanup: %+v %v", rep, err)
 	}
 
@@ -71,7 +72,7 @@ func TestCleanupAfterKill(t *testing.T) {
 	cmd = runHelper(t, slow, dom)
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	rep, err = mover.Cleanup(t.Context(), mover.CleanupOptions{Repo: ro, Domain: dom.Name})
+	rep, err = domain.Cleanup(t.Context(), domain.CleanupOptions{Repo: ro, Domain: dom.Name})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +99,7 @@ func TestCleanupFreezeMarker(t *testing.T) {
 	marker := filepath.Join(mover.DefaultRunDir, "frozen", dom.Name)
 	os.MkdirAll(filepath.Dir(marker), 0o700)
 	os.WriteFile(marker, []byte("pid 1\n"), 0o600)
-	rep, err := mover.Cleanup(t.Context(), mover.CleanupOptions{Repo: ro, Domain: dom.Name})
+	rep, err := domain.Cleanup(t.Context(), domain.CleanupOptions{Repo: ro, Domain: dom.Name})
 	if err != nil || len(rep.Domains) > 0 && len(rep.Domains[0].Problems) > 0 {
 		t.Fatalf("cleanup: %+v %v", rep, err)
 	}

@@ -1,16 +1,17 @@
-package mover
+package nbd
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/mover"
 
 	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
-// NBDOptions say which NBD export to back up.
-type NBDOptions struct {
+// Options say which NBD export to back up.
+type Options struct {
 	URI  string // NBD URI of the export
 	Name string // the name the backups are stored and restored by
 	// Disk names the export's one disk in the backup (default "nbd").
@@ -22,43 +23,43 @@ type NBDOptions struct {
 	Bitmap string
 }
 
-// NewNBDExport returns the source that backs up one NBD export, e.g. a
+// New returns the source that backs up one NBD export, e.g. a
 // stopped domain's disk served by qemu-nbd.
-func NewNBDExport(o NBDOptions) Source {
+func New(o Options) mover.Source {
 	if o.Disk == "" {
 		o.Disk = "nbd"
 	}
 	return &nbdSource{o: o}
 }
 
-type nbdSource struct{ o NBDOptions }
+type nbdSource struct{ o Options }
 
 func (s *nbdSource) Name() string { return s.o.Name }
 
 func (s *nbdSource) Validate() error {
 	if s.o.URI == "" {
-		return invalidf("backup --nbd: no NBD URI given")
+		return mover.Invalidf("backup --nbd: no NBD URI given")
 	}
 	if s.o.Name == "" {
-		return invalidf("backup --nbd: --name NAME is required (the name the backup is listed and restored by)")
+		return mover.Invalidf("backup --nbd: --name NAME is required (the name the backup is listed and restored by)")
 	}
 	if err := repo.ValidName("backup", s.o.Name); err != nil {
-		return invalidf("%w", err)
+		return mover.Invalidf("%w", err)
 	}
 	if err := repo.ValidName("disk", s.o.Disk); err != nil {
-		return invalidf("%w", err)
+		return mover.Invalidf("%w", err)
 	}
 	return nil
 }
 
-func (s *nbdSource) Start(ctx context.Context, req StartRequest) (Session, error) {
-	info := SessionInfo{Source: "nbd", Consistency: "crash-consistent", Checkpoint: s.o.Bitmap}
+func (s *nbdSource) Start(ctx context.Context, req mover.StartRequest) (mover.Session, error) {
+	info := mover.SessionInfo{Source: "nbd", Consistency: "crash-consistent", Checkpoint: s.o.Bitmap}
 	incremental := false
 	switch reason := s.incrementalBlocker(req.Last); {
-	case req.Mode == ModeFull:
+	case req.Mode == mover.ModeFull:
 	case reason == "":
 		incremental = true
-	case req.Mode == ModeIncremental:
+	case req.Mode == mover.ModeIncremental:
 		return nil, fmt.Errorf("backup %s: cannot take an incremental: %s", s.o.Name, reason)
 	case req.Last == nil: // the first backup is full; nothing fell back
 	default:
@@ -76,7 +77,7 @@ func (s *nbdSource) Start(ctx context.Context, req StartRequest) (Session, error
 	if err != nil {
 		return nil, fmt.Errorf("backup %s disk %s: %w", s.o.Name, s.o.Disk, err)
 	}
-	disk := SourceDisk{Name: s.o.Disk, Disk: pool, Incremental: incremental, Bitmap: s.o.Bitmap, CumulativeBitmap: true}
+	disk := mover.SourceDisk{Name: s.o.Disk, Disk: pool, Incremental: incremental, Bitmap: s.o.Bitmap, CumulativeBitmap: true}
 	return &nbdSession{pool: pool, disk: disk, info: info}, nil
 }
 
@@ -99,11 +100,11 @@ func (s *nbdSource) incrementalBlocker(last *repo.Manifest) string {
 
 type nbdSession struct {
 	pool *nbdclient.Pool
-	disk SourceDisk
-	info SessionInfo
+	disk mover.SourceDisk
+	info mover.SessionInfo
 }
 
-func (s *nbdSession) Disks() []SourceDisk                              { return []SourceDisk{s.disk} }
-func (s *nbdSession) Info() SessionInfo                                { return s.info }
+func (s *nbdSession) Disks() []mover.SourceDisk                        { return []mover.SourceDisk{s.disk} }
+func (s *nbdSession) Info() mover.SessionInfo                          { return s.info }
 func (s *nbdSession) Files(context.Context) (map[string][]byte, error) { return nil, nil }
 func (s *nbdSession) End(context.Context, bool) error                  { return s.pool.Close() }
