@@ -53,7 +53,7 @@ func (p *Putter) Put(ctx context.Context, d chunker.Digest, blob []byte, heal bo
 	case heal:
 		return false, p.r.store.Put(ctx, key, blob)
 	case p.askFirst():
-		held, err := p.r.HasChunk(ctx, d)
+		held, err := p.r.hasChunk(ctx, d)
 		if err != nil {
 			return false, err
 		}

@@ -43,7 +43,7 @@ func FuzzConfig(f *testing.F) {
 }
 
 func FuzzKeyObject(f *testing.F) {
-	o := KeyObject{Version: FormatVersion, ID: "0123456789abcdef", Kind: "password", KDF: KDF{Name: kdfArgon2id, Time: 1, MemoryKiB: 8 << 10, Threads: 1, Salt: make([]byte, 16)}}
+	o := keyObject{Version: FormatVersion, ID: "0123456789abcdef", Kind: "password", KDF: KDF{Name: kdfArgon2id, Time: 1, MemoryKiB: 8 << 10, Threads: 1, Salt: make([]byte, 16)}}
 	good, _ := json.Marshal(o)
 	f.Add(good)
 	f.Add([]byte(`{"version":2,"id":"0123456789abcdef","kind":"key-file","kdf":{"name":"hkdf-sha256","salt":"AAAAAAAAAAAAAAAAAAAAAA=="}}`))

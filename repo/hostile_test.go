@@ -204,7 +204,7 @@ func TestLockWaitsHaveDeadlines(t *testing.T) {
 // Argon2id cost, wrapping nothing that opens.
 func plantKey(t *testing.T, r *Repo, cost Cost, created time.Time) string {
 	t.Helper()
-	o := &KeyObject{Version: FormatVersion, ID: newKeyID(), Repository: r.cfg.ID, Kind: "password", Created: created,
+	o := &keyObject{Version: FormatVersion, ID: newKeyID(), Repository: r.cfg.ID, Kind: "password", Created: created,
 		KDF:   KDF{Name: kdfArgon2id, Time: cost.Time, MemoryKiB: cost.MemoryKiB, Threads: cost.Threads, Salt: make([]byte, 16)},
 		Check: make([]byte, 16), Nonce: make([]byte, 12), Wrapped: make([]byte, masterLen+16)}
 	if err := putKeyObject(t.Context(), r.store, o); err != nil {
@@ -324,7 +324,7 @@ func TestConfigCostAndKeyFileKDF(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var o KeyObject
+	var o keyObject
 	raw, _ := s2.Get(ctx, keyObjectKey(info.ID), nil, maxSmallObject)
 	json.Unmarshal(raw, &o)
 	o.KDF = KDF{Name: kdfArgon2id, Time: 100, MemoryKiB: 64 << 10, Threads: 1, Salt: o.KDF.Salt}

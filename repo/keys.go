@@ -117,7 +117,7 @@ func passwordCap(cfg Config) Cost {
 
 // aboveCap says why a password key object asks more than the cap allows
 // ("" when it does not).
-func aboveCap(o *KeyObject, limit Cost) string {
+func aboveCap(o *keyObject, limit Cost) string {
 	k := o.KDF
 	if k.Time <= limit.Time && k.MemoryKiB <= limit.MemoryKiB && k.Threads <= limit.Threads {
 		return ""
@@ -136,9 +136,9 @@ type KDF struct {
 	Salt      []byte `json:"salt"`                 // 16 random bytes
 }
 
-// KeyObject is the JSON stored under keys/<id>. Only Wrapped is secret,
+// keyObject is the JSON stored under keys/<id>. Only Wrapped is secret,
 // and it is sealed.
-type KeyObject struct {
+type keyObject struct {
 	Version    int       `json:"version"`
 	ID         string    `json:"id"`         // 16 hex digits, also in the key
 	Repository string    `json:"repository"` // the config's id
@@ -307,7 +307,7 @@ func gcm(key []byte) cipher.AEAD {
 }
 
 // sealKey makes the key object that wraps master under credential.
-func sealKey(repository, kind, label string, kdf KDF, credential, master []byte) (*KeyObject, error) {
+func sealKey(repository, kind, label string, kdf KDF, credential, master []byte) (*keyObject, error) {
 	kdf.Salt = make([]byte, 16)
 	rand.Read(kdf.Salt)
 	wrap, check, err := derive(kdf, credential)
@@ -315,7 +315,7 @@ func sealKey(repository, kind, label string, kdf KDF, credential, master []byte)
 		return nil, err
 	}
 	defer clear(wrap)
-	o := &KeyObject{Version: FormatVersion, ID: newKeyID(), Repository: repository, Kind: kind, Label: label,
+	o := &keyObject{Version: FormatVersion, ID: newKeyID(), Repository: repository, Kind: kind, Label: label,
 		Created: time.Now().UTC(), KDF: kdf, Check: check, Nonce: make([]byte, 12)}
 	rand.Read(o.Nonce)
 	o.Wrapped = gcm(wrap).Seal(nil, o.Nonce, master, wrapAAD(repository, o.ID))
@@ -325,7 +325,7 @@ func sealKey(repository, kind, label string, kdf KDF, credential, master []byte)
 // openKey unwraps o with credential. A wrong credential is
 // ErrWrongPassword; a right one whose object does not authenticate is
 // a damage naming the object.
-func openKey(o *KeyObject, credential []byte) ([]byte, error) {
+func openKey(o *keyObject, credential []byte) ([]byte, error) {
 	wrap, check, err := derive(o.KDF, credential)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", keyObjectKey(o.ID), err)
@@ -357,12 +357,12 @@ func kindWord(kind string) string {
 }
 
 // readKeyObject reads and decodes keys/<id>.
-func readKeyObject(ctx context.Context, store sink.Store, key string) (*KeyObject, error) {
+func readKeyObject(ctx context.Context, store sink.Store, key string) (*keyObject, error) {
 	b, err := store.Get(ctx, key, nil, maxSmallObject)
 	if err != nil {
 		return nil, err
 	}
-	var o KeyObject
+	var o keyObject
 	if err := strictUnmarshal(b, &o); err != nil {
 		return nil, fmt.Errorf("key object %s is damaged: %v", key, err)
 	}
@@ -375,7 +375,7 @@ func readKeyObject(ctx context.Context, store sink.Store, key string) (*KeyObjec
 
 // keyObjects lists and reads every key object; those that cannot be
 // read come back as problems.
-func keyObjects(ctx context.Context, store sink.Store) ([]*KeyObject, []Problem, error) {
+func keyObjects(ctx context.Context, store sink.Store) ([]*keyObject, []Problem, error) {
 	var keys []string
 	errEnough := errors.New("enough")
 	err := store.List(ctx, keyPrefix, func(info sink.ObjectInfo) error {
@@ -394,7 +394,7 @@ func keyObjects(ctx context.Context, store sink.Store) ([]*KeyObject, []Problem,
 	if err != nil {
 		return nil, nil, err
 	}
-	var objs []*KeyObject
+	var objs []*keyObject
 	var probs []Problem
 	for _, k := range keys {
 		o, err := readKeyObject(ctx, store, k)
@@ -462,7 +462,7 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte
 		}
 		return master, o.ID, err
 	}
-	var objs []*KeyObject
+	var objs []*keyObject
 	var probs []Problem
 	var err error
 	if k.keyID != "" { // one read, however many key objects there are
@@ -473,7 +473,7 @@ func (k *Keys) unwrap(ctx context.Context, store sink.Store, cfg Config) ([]byte
 		case rerr != nil:
 			return nil, "", fmt.Errorf("%s: --key-id %s: %w", store.Location(), k.keyID, rerr)
 		}
-		objs = []*KeyObject{o}
+		objs = []*keyObject{o}
 	} else if objs, probs, err = keyObjects(ctx, store); err != nil {
 		return nil, "", err
 	}
@@ -534,9 +534,9 @@ const KeyIDEnv = "NBDMOVER_KEY_ID"
 // passwordCandidates returns the password key objects of the repository
 // whose config is cfg that an open may try, cheapest first (only id, when
 // given), and why the others above the cost cap are not tried.
-func passwordCandidates(objs []*KeyObject, cfg Config, id string) ([]*KeyObject, []string) {
+func passwordCandidates(objs []*keyObject, cfg Config, id string) ([]*keyObject, []string) {
 	limit := passwordCap(cfg)
-	var out []*KeyObject
+	var out []*keyObject
 	var skipped []string
 	for _, o := range objs {
 		if o.Kind != "password" || o.Repository != cfg.ID || id != "" && o.ID != id {
@@ -548,7 +548,7 @@ func passwordCandidates(objs []*KeyObject, cfg Config, id string) ([]*KeyObject,
 		}
 		out = append(out, o)
 	}
-	slices.SortStableFunc(out, func(a, b *KeyObject) int {
+	slices.SortStableFunc(out, func(a, b *keyObject) int {
 		return cmp.Or(cmp.Compare(uint64(a.KDF.Time)*uint64(a.KDF.MemoryKiB), uint64(b.KDF.Time)*uint64(b.KDF.MemoryKiB)),
 			a.Created.Compare(b.Created), strings.Compare(a.ID, b.ID))
 	})
@@ -574,14 +574,14 @@ func newMaster(raw []byte) []byte {
 }
 
 // putKeyObject stores o, refusing to replace one.
-func putKeyObject(ctx context.Context, store sink.Store, o *KeyObject) error {
+func putKeyObject(ctx context.Context, store sink.Store, o *keyObject) error {
 	b, _ := json.MarshalIndent(o, "", "  ")
 	return store.Create(ctx, keyObjectKey(o.ID), append(b, '\n'))
 }
 
 // firstKey wraps a new repository's master key set for k: a password key
 // (a key file can only be added to a repository that exists).
-func (k *Keys) firstKey(repository string, master []byte) (*KeyObject, error) {
+func (k *Keys) firstKey(repository string, master []byte) (*keyObject, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if k.keyFile != nil {

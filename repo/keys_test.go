@@ -44,7 +44,7 @@ func initEncrypted(t *testing.T, s sink.Store, pw string) *Repo {
 
 func openWith(t *testing.T, s sink.Store, k *Keys) (*Repo, error) {
 	t.Helper()
-	return OpenKeys(t.Context(), s, k)
+	return openKeys(t.Context(), s, k)
 }
 
 var storeKinds = []struct {
@@ -376,7 +376,7 @@ func TestEncryptedTampering(t *testing.T) {
 			keys, _ := r.Keys(ctx)
 			kkey := keyObjectKey(keys[0].ID)
 			undo = tamper(kkey, func(b []byte) {
-				var o KeyObject
+				var o keyObject
 				json.Unmarshal(b, &o)
 				o.Wrapped[3] ^= 1
 				nb, _ := json.Marshal(o)
@@ -424,7 +424,7 @@ func TestKeyObjectFormat(t *testing.T) {
 		t.Fatalf("keys: %v", matches)
 	}
 	b, _ := os.ReadFile(matches[0])
-	var o KeyObject
+	var o keyObject
 	if err := strictUnmarshal(b, &o); err != nil || o.KDF.Name != "argon2id" || len(o.KDF.Salt) != 16 || len(o.Nonce) != 12 || len(o.Wrapped) != masterLen+16 {
 		t.Fatalf("key object: %v %s", err, b)
 	}

@@ -213,8 +213,8 @@ type noDisk struct{ error }
 
 func (noDisk) Is(target error) bool { return target == ErrNoDisk }
 
-// UnmarshalManifest decodes and checks a manifest's JSON.
-func UnmarshalManifest(b []byte) (*Manifest, error) {
+// unmarshalManifest decodes and checks a manifest's JSON.
+func unmarshalManifest(b []byte) (*Manifest, error) {
 	var version struct {
 		Version int `json:"version"`
 	}
@@ -288,7 +288,7 @@ func (r *Repo) loadManifest(ctx context.Context, key string) (*Manifest, error) 
 	if err != nil {
 		return nil, fmt.Errorf("%s: damaged manifest: %w", key, err)
 	}
-	m, err := UnmarshalManifest(b)
+	m, err := unmarshalManifest(b)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", key, err)
 	}

@@ -32,7 +32,7 @@ func (o Options) Open(ctx context.Context) (*Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return OpenKeys(ctx, s, o.Keys)
+	return openKeys(ctx, s, o.Keys)
 }
 
 // Init creates the repository; it refuses to overwrite one.

@@ -97,7 +97,7 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	// lost the race (or crashed) names another repository id, and is
 	// never tried.
 	var master []byte
-	var key *KeyObject
+	var key *keyObject
 	if o.Keys != nil {
 		master = newMaster(b)
 		var err error
@@ -168,14 +168,14 @@ func readConfigRaw(ctx context.Context, store sink.Store) (Config, []byte, error
 
 // Open opens the repository in store, which must not be encrypted.
 func Open(ctx context.Context, store sink.Store) (*Repo, error) {
-	return OpenKeys(ctx, store, nil)
+	return openKeys(ctx, store, nil)
 }
 
-// OpenKeys opens the repository in store; an encrypted one with keys,
+// openKeys opens the repository in store; an encrypted one with keys,
 // which must be nil for one that is not (a password given for a
 // repository found unencrypted is refused: its config may have been
 // replaced to make this host write in the clear).
-func OpenKeys(ctx context.Context, store sink.Store, keys *Keys) (*Repo, error) {
+func openKeys(ctx context.Context, store sink.Store, keys *Keys) (*Repo, error) {
 	cfg, raw, err := readConfigRaw(ctx, store)
 	if errors.Is(err, ErrNoRepository) {
 		return nil, fmt.Errorf("%w: run nbdmover init (or back up with --init) to create one here", err)
@@ -227,7 +227,7 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 // nbdmover init --encryption, so that a mistyped location does not start
 // a new repository under a password nobody wrote down.
 func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, bool, error) {
-	r, err := OpenKeys(ctx, store, o.Keys)
+	r, err := openKeys(ctx, store, o.Keys)
 	if errors.Is(err, ErrNoRepository) && o.Keys != nil {
 		return nil, false, fmt.Errorf("%w; an encrypted repository is created by nbdmover init --encryption", err)
 	}
@@ -312,8 +312,8 @@ func ChunkKey(d chunker.Digest) string {
 	return "chunks/" + h[:2] + "/" + h
 }
 
-// HasChunk reports whether the chunk is stored.
-func (r *Repo) HasChunk(ctx context.Context, d chunker.Digest) (bool, error) {
+// hasChunk reports whether the chunk is stored.
+func (r *Repo) hasChunk(ctx context.Context, d chunker.Digest) (bool, error) {
 	_, err := r.store.Stat(ctx, ChunkKey(d))
 	if errors.Is(err, sink.ErrNotFound) {
 		return false, nil

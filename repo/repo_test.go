@@ -260,7 +260,7 @@ func FuzzUnmarshalManifest(f *testing.F) {
 	f.Add([]byte(`{"version":2}`))
 	f.Add([]byte(`{"version":1,"id":"x"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		m, err := UnmarshalManifest(b)
+		m, err := unmarshalManifest(b)
 		if err != nil {
 			return
 		}
