@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"slices"
@@ -143,7 +144,7 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
 		writeError(w, status, fmt.Errorf("request body: %w", err))
 		return false
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		writeError(w, http.StatusBadRequest, errors.New("request body: trailing data after the JSON object"))
 		return false
 	}

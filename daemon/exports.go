@@ -83,18 +83,27 @@ func (x *exports) start(ctx context.Context, req ExportRequest) (ExportView, err
 	rand.Read(b)
 	id := hex.EncodeToString(b)
 	x.mu.Lock()
-	if len(x.live) >= x.o.max {
+	switch {
+	case x.ctx.Err() != nil:
+		x.mu.Unlock()
+		return ExportView{}, ErrShuttingDown
+	case len(x.live) >= x.o.max:
 		x.mu.Unlock()
 		return ExportView{}, refuse(ErrUnavailable, "%d exports are open, the most this daemon serves at once (--max-exports): delete one first", x.o.max)
 	}
 	x.live[id] = reserved
+	x.wg.Add(1) // from the reservation: the daemon's end waits for a start in progress
 	x.mu.Unlock()
+	ctx, cancel := context.WithCancel(ctx)
+	defer context.AfterFunc(x.ctx, cancel)() // the daemon ending stops a start in progress
+	defer cancel()
 	e, err := export.Start(ctx, export.Options{Repository: x.o.repo, Domain: req.Domain, Backup: req.Backup, Disks: req.Disks,
 		Listen: "unix://" + filepath.Join(x.o.dir, id+".sock"), CacheBytes: x.o.cacheBytes, Log: x.log.With("export", id)})
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	if err != nil {
 		delete(x.live, id)
+		x.wg.Done()
 		if errors.Is(err, export.ErrInvalid) {
 			return ExportView{}, refuse(ErrInvalid, "%v", err)
 		}
@@ -104,7 +113,6 @@ func (x *exports) start(ctx context.Context, req ExportRequest) (ExportView, err
 		return ExportView{}, err
 	}
 	x.live[id] = e
-	x.wg.Add(1)
 	go func() { // an export that ends by itself (its lock lost) goes
 		defer x.wg.Done()
 		select {

@@ -78,6 +78,7 @@ func TestDaemonExports(t *testing.T) {
 				`{"domain": "nope"}`:                                 404,
 				`{"domain": "vm", "disks": ["vdz"]}`:                 404,
 				`{"domain": "vm", "listen": "unix:///etc/x.sock"}`:   400, // no path from a request
+				`{"domain": "vm"}}`:                                  400, // trailing data
 			} {
 				var e map[string]string
 				if code := d.do("POST", "/v1/exports", body, &e); code != want || e["error"] == "" {
@@ -136,5 +137,30 @@ func TestDaemonOpensTheRepositoryOnce(t *testing.T) {
 	var h map[string]any
 	if code := d.do("GET", "/healthz", "", &h); code != 503 {
 		t.Fatalf("/healthz without the config on disk: %d %v", code, h)
+	}
+}
+
+// A repository replaced under a running daemon (removed and created
+// again elsewhere's way: a new id) is not written into: backups, exports
+// and maintenance fail, naming it, until the daemon restarts.
+func TestDaemonRefusesAReplacedRepository(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	d := startDaemon(t, ro, 1)
+	if err := os.RemoveAll(ro.Location); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ro.Init(t.Context(), repo.InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var e map[string]string
+	if code := d.do("POST", "/v1/exports", `{"domain": "vm"}`, &e); code < 400 || !strings.Contains(e["error"], "replaced") {
+		t.Fatalf("an export of a replaced repository: %d %v", code, e)
+	}
+	id, code, _ := d.submit(`{"kind": "gc"}`)
+	if code != 202 {
+		t.Fatalf("submit gc: %d", code)
+	}
+	if v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobFailed || !strings.Contains(v.Error, "replaced") {
+		t.Fatalf("gc of a replaced repository: %+v", v)
 	}
 }

@@ -454,8 +454,8 @@ func (r *Runner) chunkSize(ctx context.Context) (int64, error) {
 // with it the store's limit on requests in flight), or, for a runner
 // given none, the repository opened anew.
 func (r *Runner) repository(ctx context.Context) (*repo.Repo, error) {
-	if r.o.Backup.Repository != nil {
-		return r.o.Backup.Repository, nil
+	if rp := r.o.Backup.Repository; rp != nil {
+		return rp, rp.Recheck(ctx) // removed or replaced since the start: fail, do not write into it
 	}
 	return r.o.Backup.Repo.Open(ctx)
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/repo"
@@ -138,6 +139,13 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	runDir := ro.Backup.RunDir
 	if runDir == "" {
 		runDir = mover.DefaultRunDir
+	}
+	// Sockets and bind leftovers of exports of a daemon that died (its
+	// API socket is ours now: no other daemon uses this run directory).
+	if n, err := listen.Sweep(filepath.Join(runDir, "exports")); err != nil {
+		o.Log.Warn("cannot sweep the exports' directory", "error", err)
+	} else if n > 0 {
+		o.Log.Info("removed what exports of an earlier run left", "entries", n)
 	}
 	xctx, stopExports := context.WithCancel(ctx)
 	x := newExports(xctx, exportsOptions{repo: r, dir: filepath.Join(runDir, "exports"), max: o.MaxExports,

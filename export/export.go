@@ -143,9 +143,12 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 
 	r := o.Repository
 	if r == nil {
-		if r, err = o.Repo.Open(ctx); err != nil {
-			return nil, err
-		}
+		r, err = o.Repo.Open(ctx)
+	} else {
+		err = r.Recheck(ctx) // kept open: still the repository it was?
+	}
+	if err != nil {
+		return nil, err
 	}
 	e := &Export{Domain: o.Domain, log: o.Log, r: r, done: make(chan struct{}), Started: time.Now()}
 	// The export outlives ctx (a daemon's request), which only bounds
@@ -219,6 +222,9 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 	}
 	go func() {
 		err := e.srv.Serve(ctx, e.l)
+		if err == nil && ctx.Err() != nil {
+			err = context.Cause(ctx) // the lock lost, or Close (context.Canceled: no error)
+		}
 		e.stop(err)
 	}()
 	if e.lock != nil { // lost: a gc may delete what is served

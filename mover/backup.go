@@ -286,6 +286,8 @@ func openForBackup(ctx context.Context, o Options, init repo.InitOptions) (*repo
 	var err error
 	if r == nil {
 		r, err = o.Repo.Open(ctx)
+	} else {
+		err = r.Recheck(ctx) // kept open: still the repository it was?
 	}
 	if errors.Is(err, repo.ErrNoRepository) && o.Init {
 		return nil, nil

@@ -166,6 +166,22 @@ func readConfigRaw(ctx context.Context, store sink.Store) (Config, []byte, error
 	return cfg, b, nil
 }
 
+// Recheck reads the config again and fails unless it is still this
+// repository's (the same id and encryption): for a process that keeps a
+// repository open (the daemon) to check before each job that it was not
+// removed or replaced meanwhile. ErrNoRepository when it is gone.
+func (r *Repo) Recheck(ctx context.Context) error {
+	cfg, _, err := readConfigRaw(ctx, r.store)
+	if err != nil {
+		return err
+	}
+	if cfg.ID != r.cfg.ID || (cfg.Encryption == nil) != (r.cfg.Encryption == nil) || cfg.ChunkSize != r.cfg.ChunkSize {
+		return fmt.Errorf("%s: the repository was replaced since it was opened (id %s, was %s): restart nbdmover to use the new one",
+			r.Location(), cfg.ID, r.cfg.ID)
+	}
+	return nil
+}
+
 // Open opens the repository in store, which must not be encrypted.
 func Open(ctx context.Context, store sink.Store) (*Repo, error) {
 	return openKeys(ctx, store, nil)

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nbdmover/nbdmover/internal/safedir"
 	"golang.org/x/sys/unix"
@@ -115,6 +116,20 @@ func Unix(path string) (net.Listener, error) {
 		return nil, invalidf("the socket's directory: %w", err)
 	}
 	dfd := int(dir.Fd())
+	// Whoever holds .<name>.lock owns the name: two processes starting on
+	// one path cannot both take a stale socket's place, nor remove each
+	// other's socket.
+	lock, err := lockName(dfd, name)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Unlinkat(dfd, "."+name+".lock", 0)
+			lock.Close()
+		}
+	}()
 	var st unix.Stat_t
 	if err := unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err == nil {
 		if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
@@ -128,14 +143,14 @@ func Unix(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("%s: another process is listening there (or may be: %v); stop it or listen elsewhere", path, err)
 		}
 		// A stale socket of a process that died: the directory is ours
-		// alone, so the name cannot change under us.
+		// alone and the lock is held, so the name cannot change under us.
 		if err := unix.Unlinkat(dfd, name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
 			return nil, fmt.Errorf("remove the stale socket %s: %w", path, err)
 		}
 	}
 	// Bound in a private directory, made 0600, then renamed to its name:
 	// never connectable by others, whatever the umask.
-	tmp, err := os.MkdirTemp(dirPath, "."+name+".")
+	tmp, err := os.MkdirTemp(dirPath, ".l") // short: a socket's path is at most 107 bytes
 	if err != nil {
 		return nil, err
 	}
@@ -152,7 +167,13 @@ func Unix(path string) (net.Listener, error) {
 		os.Remove(tmpSock)
 		return nil, err
 	}
-	if err := unix.Renameat2(unix.AT_FDCWD, tmpSock, dfd, name, unix.RENAME_NOREPLACE); err != nil {
+	err = unix.Renameat2(unix.AT_FDCWD, tmpSock, dfd, name, unix.RENAME_NOREPLACE)
+	if errors.Is(err, unix.EINVAL) { // a filesystem without RENAME_NOREPLACE: a link never replaces either
+		if err = unix.Linkat(unix.AT_FDCWD, tmpSock, dfd, name, 0); err == nil {
+			os.Remove(tmpSock)
+		}
+	}
+	if err != nil {
 		l.Close()
 		os.Remove(tmpSock)
 		if errors.Is(err, unix.EEXIST) {
@@ -165,7 +186,26 @@ func Unix(path string) (net.Listener, error) {
 		l.Close()
 		return nil, err
 	}
-	return &unixListener{UnixListener: ul, path: path, dev: mine.Dev, ino: mine.Ino}, nil
+	ok = true
+	return &unixListener{UnixListener: ul, path: path, dev: mine.Dev, ino: mine.Ino, lock: lock}, nil
+}
+
+// lockName takes the lock of a socket's name: an exclusive flock of
+// .<name>.lock in the directory dfd, without waiting.
+func lockName(dfd int, name string) (*os.File, error) {
+	fd, err := unix.Openat(dfd, "."+name+".lock", unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "."+name+".lock")
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, errors.New("another process is listening there, or starting to; stop it or listen elsewhere")
+		}
+		return nil, err
+	}
+	return f, nil
 }
 
 // unixListener removes its socket when closed (its name, not the temporary
@@ -175,6 +215,7 @@ type unixListener struct {
 	*net.UnixListener
 	path     string
 	dev, ino uint64
+	lock     *os.File // the name's lock, held for the listener's life
 	once     sync.Once
 }
 
@@ -185,9 +226,63 @@ func (l *unixListener) Close() error {
 		if unix.Lstat(l.path, &st) == nil && st.Dev == l.dev && st.Ino == l.ino {
 			os.Remove(l.path)
 		}
+		// The lock file goes with it (a process that opened it meanwhile
+		// locks a file no longer named: it then finds the name free,
+		// which it is).
+		os.Remove(filepath.Join(filepath.Dir(l.path), "."+filepath.Base(l.path)+".lock"))
+		l.lock.Close()
 	})
 	return err
 }
 
 // Addr is the socket's name.
 func (l *unixListener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
+
+// Sweep removes from dir what listeners that died left there: sockets
+// whose name's lock no one holds (with their lock files), and temporary
+// directories of binds that never finished. It touches nothing in a
+// directory another user could change, and nothing a live listener
+// holds. It returns how many entries it removed.
+func Sweep(dirPath string) (int, error) {
+	dir, err := safedir.Open(dirPath, safedir.Options{Chain: true})
+	if errors.Is(err, unix.ENOENT) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer dir.Close()
+	if err := safedir.Private(dir); err != nil {
+		return 0, err
+	}
+	names, err := dir.Readdirnames(-1)
+	if err != nil {
+		return 0, err
+	}
+	dfd, n := int(dir.Fd()), 0
+	for _, name := range names {
+		var st unix.Stat_t
+		if unix.Fstatat(dfd, name, &st, unix.AT_SYMLINK_NOFOLLOW) != nil {
+			continue
+		}
+		switch {
+		case st.Mode&unix.S_IFMT == unix.S_IFDIR && strings.HasPrefix(name, ".l") &&
+			time.Since(time.Unix(st.Mtim.Unix())) > time.Minute: // not a bind in progress
+			unix.Unlinkat(dfd, name+"/s", 0) // its socket, if bound
+			if unix.Unlinkat(dfd, name, unix.AT_REMOVEDIR) == nil {
+				n++
+			}
+		case st.Mode&unix.S_IFMT == unix.S_IFSOCK:
+			lock, err := lockName(dfd, name)
+			if err != nil {
+				continue // a live listener's
+			}
+			if unix.Unlinkat(dfd, name, 0) == nil {
+				n++
+			}
+			unix.Unlinkat(dfd, "."+name+".lock", 0)
+			lock.Close()
+		}
+	}
+	return n, nil
+}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 // A socket is 0600 from birth; a stale one is replaced, a live one, a
@@ -70,5 +71,76 @@ func TestUnix(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, ".*")); len(left) != 0 {
 		t.Fatalf("temporary directories left: %v", left)
+	}
+}
+
+// Two processes (here two listeners) starting on one path at once: one
+// gets the name, the other an error; never both, never neither's socket
+// removed by the other.
+func TestUnixRace(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "s.sock")
+	for range 200 {
+		type result struct {
+			l   net.Listener
+			err error
+		}
+		out := make(chan result, 2)
+		for range 2 {
+			go func() { l, err := Unix(path); out <- result{l, err} }()
+		}
+		a, b := <-out, <-out
+		if (a.err == nil) == (b.err == nil) {
+			t.Fatalf("two listeners at once: %v, %v", a.err, b.err)
+		}
+		l := a.l
+		if l == nil {
+			l = b.l
+		}
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatalf("the winner's socket: %v", err)
+		}
+		c.Close()
+		l.Close()
+	}
+}
+
+// Sweep removes the sockets of dead listeners (and their locks) and old
+// bind leftovers, and leaves a live listener's socket and everything
+// else.
+func TestSweep(t *testing.T) {
+	dir := t.TempDir()
+	live, err := Unix(filepath.Join(dir, "live.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	dead, err := net.Listen("unix", filepath.Join(dir, "dead.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead.(*net.UnixListener).SetUnlinkOnClose(false)
+	dead.Close()
+	os.WriteFile(filepath.Join(dir, ".dead.sock.lock"), nil, 0o600)
+	os.Mkdir(filepath.Join(dir, ".l123"), 0o700)
+	old := time.Now().Add(-time.Hour)
+	os.Chtimes(filepath.Join(dir, ".l123"), old, old)
+	os.Mkdir(filepath.Join(dir, ".l456"), 0o700) // a bind in progress
+	os.WriteFile(filepath.Join(dir, "other"), []byte("x"), 0o600)
+	n, err := Sweep(dir)
+	if err != nil || n != 2 {
+		t.Fatalf("Sweep: %d %v, want 2 removed", n, err)
+	}
+	for name, want := range map[string]bool{"live.sock": true, ".live.sock.lock": true, "dead.sock": false, ".dead.sock.lock": false,
+		".l123": false, ".l456": true, "other": true} {
+		if _, err := os.Lstat(filepath.Join(dir, name)); (err == nil) != want {
+			t.Errorf("%s: present %v, want %v", name, err == nil, want)
+		}
+	}
+	if c, err := net.Dial("unix", filepath.Join(dir, "live.sock")); err != nil {
+		t.Fatalf("the live socket after a sweep: %v", err)
+	} else {
+		c.Close()
 	}
 }
