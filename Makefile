@@ -2,7 +2,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build install test demo bench bench-export bench-large fuzz clean
+.PHONY: all build install test demo bench bench-export bench-instant bench-large fuzz clean
 
 all: build
 
@@ -36,6 +36,11 @@ bench:
 # random reads (bench/export.sh; docs/performance.md).
 bench-export:
 	bench/export.sh
+
+# Instant restore next to restore: time to a running domain, the copy home
+# while the guest works, a resumed copy (bench/instant.sh; docs/performance.md).
+bench-instant:
+	bench/instant.sh
 
 # Memory and metadata on a 16 TiB sparse and a 64 GiB allocated disk.
 bench-large:

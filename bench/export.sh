@@ -44,18 +44,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-scripts/minio.sh start "$work/minio"
-set -a
-. "$work/minio/minio.env"
-set +a
-go build -o "$work/wanproxy" ./bench/wanproxy
+minio_wan "$work"
+pids+=("$WAN_PID")
 go build -o "$work/nbdrand" ./bench/nbdrand
-"$work/wanproxy" -to "${NBDMOVER_TEST_S3_ENDPOINT#http://}" -rtt 50ms -rate 1000 -ready "$work/wan.addr" >/dev/null &
-pids+=($!)
-for _ in $(seq 50); do [ -s "$work/wan.addr" ] && break; sleep 0.1; done
-[ -s "$work/wan.addr" ] || die "the WAN proxy did not start"
-wan=(--s3-endpoint "http://$(cat "$work/wan.addr")")
-direct=(--s3-endpoint "$NBDMOVER_TEST_S3_ENDPOINT")
 local_repo=(--repo "$work/repo")
 s3_repo=(--repo "s3://bench-export/r")
 

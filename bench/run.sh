@@ -86,16 +86,8 @@ fresh_domains() {
 		start_domain "$d" "$work/$d.qcow2"
 	done
 }
-scripts/minio.sh start "$work/minio"
-set -a
-. "$work/minio/minio.env"
-set +a
-go build -o "$work/wanproxy" ./bench/wanproxy
-"$work/wanproxy" -to "${NBDMOVER_TEST_S3_ENDPOINT#http://}" -rtt 50ms -rate 1000 -ready "$work/wan.addr" >/dev/null &
-wanpid=$!
-for _ in $(seq 50); do [ -s "$work/wan.addr" ] && break; sleep 0.1; done
-[ -s "$work/wan.addr" ] || die "the WAN proxy did not start"
-wan=(--s3-endpoint "http://$(cat "$work/wan.addr")")
+minio_wan "$work"
+wanpid=$WAN_PID
 disk_bytes=$(qemu-img info --output=json "$base" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
 data_bytes=$(qemu-img map --output=json "$base" | grep '"data": true' |
 	sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)

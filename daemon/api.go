@@ -41,6 +41,7 @@ func newAPI(r *Runner, x *exports, ro repo.Options, opened *repo.Repo, token str
 	mux.HandleFunc("GET /v1/jobs/{id}", a.get)
 	mux.HandleFunc("DELETE /v1/jobs/{id}", a.cancel)
 	mux.HandleFunc("GET /v1/backups", a.backups)
+	mux.HandleFunc("POST /v1/restores", a.submitRestore)
 	mux.HandleFunc("POST /v1/exports", a.startExport)
 	mux.HandleFunc("GET /v1/exports", a.listExports)
 	mux.HandleFunc("GET /v1/exports/{id}", a.getExport)
@@ -157,6 +158,20 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	v, err := a.runner.Submit(r.Context(), req)
+	if err != nil {
+		writeRunnerError(w, err)
+		return
+	}
+	w.Header().Set("Location", "/v1/jobs/"+v.ID)
+	writeJSON(w, http.StatusAccepted, map[string]string{"id": v.ID, "state": v.State})
+}
+
+func (a *api) submitRestore(w http.ResponseWriter, r *http.Request) {
+	var req RestoreRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	v, err := a.runner.SubmitRestore(req)
 	if err != nil {
 		writeRunnerError(w, err)
 		return

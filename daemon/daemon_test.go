@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -34,6 +35,7 @@ type testDaemon struct {
 	client *http.Client
 	base   string
 	token  string
+	stop   func() // stops it (once), as SIGTERM would
 }
 
 func unixClient(sock string) *http.Client {
@@ -121,17 +123,21 @@ func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy,
 	case err := <-done:
 		t.Fatalf("serve: %v", err)
 	}
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	})
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("serve: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
 	st, err := os.Stat(sock)
 	if err != nil || st.Mode().Perm() != 0o600 || st.Mode()&os.ModeSocket == 0 {
 		t.Fatalf("the socket must be mode 0600: %v %v", st.Mode(), err)
 	}
-	return &testDaemon{t: t, client: unixClient(sock), base: "http://nbdmover"}
+	return &testDaemon{t: t, client: unixClient(sock), base: "http://nbdmover", stop: stop}
 }
 
 // do sends a request and decodes the JSON answer into out (if not nil).

@@ -9,11 +9,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
+	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
@@ -162,5 +164,101 @@ func TestDaemonRefusesAReplacedRepository(t *testing.T) {
 	}
 	if v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobFailed || !strings.Contains(v.Error, "replaced") {
 		t.Fatalf("gc of a replaced repository: %+v", v)
+	}
+}
+
+// An instant restore through the API: POST /v1/restores answers at once,
+// the job shows the copy's progress by disk, a second restore as the same
+// name is a conflict while it runs, bad requests (a path the daemon was
+// not given among them) are 4xx; the daemon stopped mid-copy resumes it
+// when it starts again, and when that job has succeeded the new domain
+// runs from its own image, which holds the backup.
+func TestDaemonInstantRestore(t *testing.T) {
+	qemutest.NeedLibvirt(t)
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	src := qemutest.NewDomain(t, true, qemutest.DiskSpec{Dev: "vda", Format: "raw", Size: 16 * backuptest.MiB})
+	src.Write("vda", "write -P 0x44 1M 3M")
+	if _, err := mover.Backup(t.Context(), domain.New(domain.Options{Name: src.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}),
+		mover.Options{Repo: ro, Init: true, Mode: "full", RunDir: runDir, Log: backuptest.Log(t)}); err != nil {
+		t.Fatal(err)
+	}
+	ref := src.Snapshot()["vda"]
+	images := t.TempDir()
+	os.Chmod(images, 0o755)
+	withImages := func(o *daemon.RunnerOptions) { o.RestoreImageDirs = []string{images} }
+	d := startDaemonWith(t, ro, 1, nil, withImages)
+	as := src.Name + "-r"
+	for body, want := range map[string]int{
+		fmt.Sprintf(`{"domain": %q, "as": %q}`, src.Name, as):                                    422, // not live
+		fmt.Sprintf(`{"live": true, "domain": %q}`, src.Name):                                    422,
+		fmt.Sprintf(`{"live": true, "domain": %q, "as": %q, "image_dir": "/etc"}`, src.Name, as): 422,
+		fmt.Sprintf(`{"live": true, "domain": %q, "as": "../x"}`, src.Name):                      422,
+		fmt.Sprintf(`{"live": true, "resume": %q, "image_dir": %q}`, as, images):                 422,
+		fmt.Sprintf(`{"live": true, "domain": %q, "as": %q, "format": "vmdk"}`, src.Name, as):    422,
+		`{"live": true, "nope": 1}`: 400,
+	} {
+		if code := d.do("POST", "/v1/restores", body, nil); code != want {
+			t.Errorf("POST /v1/restores %s: %d, want %d", body, code, want)
+		}
+	}
+	var sub struct{ ID, State string }
+	body := fmt.Sprintf(`{"live": true, "domain": %q, "as": %q, "image_dir": %q, "bandwidth_bytes": %d}`, src.Name, as, images, backuptest.MiB)
+	if code := d.do("POST", "/v1/restores", body, &sub); code != 202 {
+		t.Fatalf("POST /v1/restores: %d", code)
+	}
+	dst := qemutest.Attach(t, as, qemutest.DiskSpec{Dev: "vda", Format: "qcow2"})
+	if code := d.do("POST", "/v1/restores", body, nil); code != 409 {
+		t.Errorf("a second restore as %s: %d, want 409", as, code)
+	}
+	var seen daemon.JobView
+	waitFor(t, "a quarter of the copy", func() bool {
+		d.do("GET", "/v1/jobs/"+sub.ID, "", &seen)
+		return seen.BytesDone*4 > seen.BytesTotal && len(seen.Disks) == 1 || seen.State != daemon.JobRunning
+	})
+	if seen.Kind != daemon.KindInstantRestore || seen.Domain != as || seen.Disks[0].Name != "vda" || seen.BytesTotal != 16*backuptest.MiB {
+		t.Fatalf("the job while copying: %+v", seen)
+	}
+	d.stop() // mid-copy: the export ends, the domain runs on
+	if st := qemutest.Virsh(t, "domstate", as); !strings.Contains(st, "running") {
+		t.Fatalf("%s is %s after the daemon stopped", as, st)
+	}
+
+	d = startDaemonWith(t, ro, 1, nil, withImages)
+	var list struct{ Jobs []daemon.JobView }
+	if code := d.do("GET", "/v1/jobs", "", &list); code != 200 || len(list.Jobs) != 1 || list.Jobs[0].Kind != daemon.KindInstantRestore ||
+		list.Jobs[0].Request.Restore == nil || list.Jobs[0].Request.Restore.Resume != as {
+		t.Fatalf("after a restart, the daemon did not resume the restore: %d %+v", code, list)
+	}
+	v := d.wait(list.Jobs[0].ID, daemon.JobSucceeded, daemon.JobFailed)
+	if v.State != daemon.JobSucceeded || v.BytesDone != v.BytesTotal {
+		t.Fatalf("the resumed job: %+v", v)
+	}
+	img := filepath.Join(images, as+"-vda.qcow2")
+	if got := dst.Read("vda"); !sameBytes(t, got, ref) {
+		t.Fatal("the restored domain does not read the backup")
+	}
+	dst.Write("vda")
+	qemutest.Run(t, "qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", img, ref)
+	if x := qemutest.Virsh(t, "dumpxml", "--inactive", as); strings.Contains(x, "protocol='nbd'") {
+		t.Fatalf("the definition still uses the export:\n%s", x)
+	}
+}
+
+func sameBytes(t *testing.T, a, b string) bool {
+	x, err1 := os.ReadFile(a)
+	y, err2 := os.ReadFile(b)
+	if err1 != nil || err2 != nil {
+		t.Fatal(err1, err2)
+	}
+	return bytes.Equal(x, y)
+}
+
+// waitFor polls cond for up to a minute.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); !cond(); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited a minute for %s", what)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/instant"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
@@ -60,6 +61,9 @@ type JobRequest struct {
 	ReadData        bool         `json:"read_data,omitempty"`
 	ReadDataPercent int          `json:"read_data_percent,omitempty"`
 	DryRun          bool         `json:"dry_run,omitempty"`
+	// Restore is an instant restore's request (kind instant-restore;
+	// POST /v1/restores).
+	Restore *RestoreRequest `json:"restore,omitempty"`
 }
 
 // The runner's refusals; the HTTP layer maps them to statuses.
@@ -142,6 +146,7 @@ type job struct {
 	stats      []*pipeline.Stats
 	result     *mover.BackupResult
 	report     any
+	restore    *instant.Progress // an instant restore's copy, last seen
 	retained   *repo.ForgetResult
 	err        error
 }
@@ -174,6 +179,12 @@ func (j *job) view() JobView {
 	}
 	if v.Seconds > 0 {
 		v.RateMBps = float64(read) / v.Seconds / 1e6
+	}
+	if p := j.restore; p != nil {
+		for _, d := range p.Disks {
+			v.Disks = append(v.Disks, JobDisk{Name: d.Name, BytesDone: d.Done, BytesTotal: d.Total})
+		}
+		v.BytesDone, v.BytesTotal, v.RateMBps = p.Done, p.Total, p.Rate/1e6
 	}
 	if j.result != nil {
 		v.BackupID = j.result.ID
@@ -217,6 +228,15 @@ type RunnerOptions struct {
 	// stored). A tick when another maintenance job runs is skipped.
 	VerifyEvery       time.Duration
 	VerifyReadPercent int
+	// RestoreCacheBytes is the cache of an instant restore's export
+	// (default export.DefaultCacheBytes).
+	RestoreCacheBytes int64
+	// MaxRestores bounds the instant restores running at once (default
+	// 2); RestoreImageDirs are the directories they may make images in
+	// (default /var/lib/libvirt/images): a request chooses among them,
+	// never a path of its own.
+	MaxRestores      int
+	RestoreImageDirs []string
 }
 
 // Runner queues and runs backup jobs: one per domain at a time, at most
@@ -254,6 +274,12 @@ func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
 	o.Backup.MaxMemory = o.MaxMemory
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.MaxRestores <= 0 {
+		o.MaxRestores = 2
+	}
+	if len(o.RestoreImageDirs) == 0 {
+		o.RestoreImageDirs = []string{DefaultRestoreImageDir}
 	}
 	rctx, end := context.WithCancelCause(ctx)
 	r := &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs), mem: semaphore.NewWeighted(o.MaxMemory),
@@ -294,6 +320,12 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 	if req.Kind == "" {
 		req.Kind = KindBackup
 	}
+	if req.Kind == KindInstantRestore {
+		if req.Restore == nil {
+			return JobView{}, refuse(ErrInvalid, "an instant-restore job needs restore: {...} (or POST /v1/restores)")
+		}
+		return r.SubmitRestore(*req.Restore)
+	}
 	if req.Kind != KindBackup {
 		return r.submitMaintenance(req)
 	}
@@ -313,13 +345,9 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.closed {
-		return JobView{}, ErrShuttingDown
+	if err := r.admit(req.Domain); err != nil {
+		return JobView{}, err
 	}
-	if cur := r.byDomain[req.Domain]; cur != nil {
-		return JobView{}, refuse(ErrConflict, "domain %s already has job %s (%s)", req.Domain, cur.id, cur.view().State)
-	}
-	r.prune()
 	jctx, cancel := context.WithCancelCause(r.ctx)
 	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: JobQueued, memory: memory}
 	r.jobs[j.id] = j
@@ -327,6 +355,19 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 	r.wg.Add(1)
 	go r.run(jctx, j)
 	return j.view(), nil
+}
+
+// admit refuses a new job of domain while the runner is closed or the
+// domain has one, and drops old finished jobs; r.mu is held.
+func (r *Runner) admit(domain string) error {
+	if r.closed {
+		return ErrShuttingDown
+	}
+	if cur := r.byDomain[domain]; cur != nil {
+		return refuse(ErrConflict, "domain %s already has job %s (%s)", domain, cur.id, cur.view().State)
+	}
+	r.prune()
+	return nil
 }
 
 // errCancelled is the cause of a job cancelled through the API.

@@ -122,6 +122,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	// removed or re-keyed elsewhere shows.
 	ro.Backup.Repository = r
 	ro.Observe = m.observe
+	ro.RestoreCacheBytes = o.ExportCacheBytes
 	if ro.DomainDisks == nil {
 		uri := ro.Domain.Connect
 		ro.DomainDisks = func(ctx context.Context, name string, only []string) (int, error) {
@@ -130,6 +131,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	}
 	startupCleanup(ctx, ro, o.Log)
 	runner := NewRunner(context.WithoutCancel(ctx), ro)
+	runner.ResumeRestores(ctx)
 	// The store's temporary files in the background: a large local store
 	// takes a while to walk, and no job needs them gone.
 	cleaned := make(chan struct{})

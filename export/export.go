@@ -33,7 +33,10 @@ type Options struct {
 	// Listen is unix:///absolute/path (a 0600 socket) or host:port. TCP
 	// off loopback needs TLS.
 	Listen string
-	TLS    listen.TLS
+	// SocketOwner, when set, is given the unix socket (QEMU's user, for
+	// a domain whose disks are backed by the export).
+	SocketOwner *listen.Owner
+	TLS         listen.TLS
 	// CacheBytes bounds the decoded chunks kept, for all disks together
 	// (default 512 MiB).
 	CacheBytes int64
@@ -206,7 +209,7 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 	e.srv = nbdserver.New(nbdserver.Options{Exports: exports, TLS: tlsConfig, RequireTLS: tlsConfig != nil,
 		OnRead: e.onRead, Log: o.Log.With("export", m.Domain+"/"+m.ID)})
 	if path != "" {
-		e.l, err = listen.Unix(path)
+		e.l, err = listen.UnixFor(path, o.SocketOwner)
 	} else {
 		e.l, err = net.Listen("tcp", addr)
 	}

@@ -24,8 +24,11 @@ work=$(mktemp -d /var/tmp/nbdmover-demo.XXXXXX)
 chmod 755 "$work"
 dom="nbdmover-demo-$(basename "$work" | cut -d. -f2 | tr 'A-Z' 'a-z')"
 repo="$work/repo"
+inst="$dom-instant"
 cleanup() {
 	virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
+	virsh -q -c qemu:///system destroy "$inst" >/dev/null 2>&1 || true
+	virsh -q -c qemu:///system undefine "$inst" >/dev/null 2>&1 || true
 	rm -rf "$work"
 	if [ "$started" = started ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
 }
@@ -71,5 +74,16 @@ for pair in "1 $1" "2 $2"; do
 	"$nbdmover" restore --repo "$repo" --domain "$dom" --backup "$2" --disk vda --output "$work/restored$1.qcow2" --format qcow2 >/dev/null
 	done_ "$(qemu-img compare -f raw -F qcow2 "$work/ref$1.raw" "$work/restored$1.qcow2")"
 done
+step "instant restore of backup 2 as $inst"
+mkdir -m 755 "$work/instant"
+"$nbdmover" --log-level warn instant-restore --repo "$repo" --domain "$dom" --as "$inst" \
+	--image-dir "$work/instant" --json >"$work/instant.json"
+running=$(sed -n 's/.*"event":"running".*"running_after_seconds":\([0-9.]*\).*/\1/p' "$work/instant.json")
+copied=$(sed -n 's/.*"event":"done".*"copy_seconds":\([0-9.]*\).*/\1/p' "$work/instant.json")
+done_ "running after ${running:0:4}s, disks home after ${copied:0:4}s more"
+step "comparing $inst's own image (it still runs)"
+virsh -q -c qemu:///system qemu-monitor-command "$inst" --hmp "qemu-io -d $qemu_io_dev \"flush\"" >/dev/null
+virsh -q -c qemu:///system domstate "$inst" | grep -q running || die "$inst is not running"
+done_ "$(qemu-img compare -U -f raw -F qcow2 "$work/ref2.raw" "$work/instant/$inst-vda.qcow2")"
 step "verifying every chunk"; done_ "$("$nbdmover" verify --repo "$repo" --read-data)"
 say "demo done: everything it created is being removed"

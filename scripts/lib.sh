@@ -56,3 +56,22 @@ qemu_io_lines() {
 		printf 'qemu-monitor-command %s --hmp "qemu-io -d %s \\"%s\\""\n' "$dom" "$qemu_io_dev" "$c"
 	done
 }
+
+# minio_wan DIR: a throwaway MinIO in DIR/minio (its environment exported;
+# scripts/minio.sh stop DIR/minio ends it) and bench/wanproxy in front of
+# it (50 ms round trip, 1 Gbit/s). Sets WAN_PID and the arrays wan and
+# direct: the --s3-endpoint through the proxy and straight to MinIO.
+minio_wan() {
+	local dir=$1
+	scripts/minio.sh start "$dir/minio"
+	set -a
+	. "$dir/minio/minio.env"
+	set +a
+	go build -o "$dir/wanproxy" ./bench/wanproxy
+	"$dir/wanproxy" -to "${NBDMOVER_TEST_S3_ENDPOINT#http://}" -rtt 50ms -rate 1000 -ready "$dir/wan.addr" >/dev/null &
+	WAN_PID=$!
+	for _ in $(seq 50); do [ -s "$dir/wan.addr" ] && break; sleep 0.1; done
+	[ -s "$dir/wan.addr" ] || die "the WAN proxy did not start"
+	wan=(--s3-endpoint "http://$(cat "$dir/wan.addr")")
+	direct=(--s3-endpoint "$NBDMOVER_TEST_S3_ENDPOINT")
+}

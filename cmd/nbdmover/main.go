@@ -19,6 +19,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/export"
+	"github.com/nbdmover/nbdmover/instant"
 	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
@@ -90,7 +91,7 @@ func exitStatus(err error, sig os.Signal) (int, string) {
 	case sig == syscall.SIGTERM:
 		return exitTerminated, "terminated"
 	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid),
-		errors.Is(err, export.ErrInvalid), errors.Is(err, listen.ErrInvalid):
+		errors.Is(err, export.ErrInvalid), errors.Is(err, listen.ErrInvalid), errors.Is(err, instant.ErrInvalid):
 		return exitUsage, "usage"
 	case errors.Is(err, repo.ErrNoRepository):
 		return exitNoRepository, "no-repository"
@@ -177,7 +178,7 @@ func newApp() *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), exportCommand(), verifyCommand(), forgetCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), exportCommand(), instantRestoreCommand(), verifyCommand(), forgetCommand(),
 			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
 			keyCommand(),
 		},
@@ -225,16 +226,9 @@ const jsonVersion = 1
 // "version" first.
 func printJSON(w io.Writer, v any) error {
 	printedJSON.Store(true)
-	b, err := json.Marshal(v)
+	b, err := versioned(v)
 	if err != nil {
 		return err
-	}
-	if len(b) >= 2 && b[0] == '{' && !bytes.HasPrefix(b, []byte(`{"version":`)) {
-		head := fmt.Sprintf(`{"version":%d`, jsonVersion)
-		if string(b) != "{}" {
-			head += ","
-		}
-		b = append([]byte(head), b[1:]...)
 	}
 	var out bytes.Buffer
 	if err := json.Indent(&out, b, "", "  "); err != nil {
@@ -243,6 +237,34 @@ func printJSON(w io.Writer, v any) error {
 	out.WriteByte('\n')
 	_, err = w.Write(out.Bytes())
 	return err
+}
+
+// printJSONLine prints v, an object, as one line of a command that emits
+// a JSON document per event (its last is the result, or the error
+// document).
+func printJSONLine(w io.Writer, v any) error {
+	b, err := versioned(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// versioned is v, an object, in JSON with "version" first.
+func versioned(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) >= 2 && b[0] == '{' && !bytes.HasPrefix(b, []byte(`{"version":`)) {
+		head := fmt.Sprintf(`{"version":%d`, jsonVersion)
+		if string(b) != "{}" {
+			head += ","
+		}
+		b = append([]byte(head), b[1:]...)
+	}
+	return b, nil
 }
 
 func isTerminal(f *os.File) bool {

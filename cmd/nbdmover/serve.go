@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -28,6 +29,9 @@ func serveCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-connections", Value: 64, Usage: "connections served at once"},
 			connectFlag(),
 			&cli.IntFlag{Name: "max-exports", Value: 4, Usage: "NBD exports (POST /v1/exports) served at once"},
+			&cli.IntFlag{Name: "max-restores", Value: 2, Usage: "instant restores (POST /v1/restores) running at once"},
+			&cli.StringSliceFlag{Name: "restore-image-dir", Usage: "directory instant restores may make images in (repeatable; a request chooses among them, the first by default)",
+				DefaultText: "/var/lib/libvirt/images"},
 			&cli.StringFlag{Name: "export-cache-size", Value: "256MiB", Usage: "decoded chunks each export keeps in memory"},
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
@@ -77,6 +81,14 @@ func serveCommand() *cli.Command {
 			if err != nil || exportCache < 16<<20 {
 				return usagef("--export-cache-size %s: want at least 16MiB", c.String("export-cache-size"))
 			}
+			if n := c.Int("max-restores"); n < 1 || n > 64 {
+				return usagef("--max-restores %d: want 1 to 64", n)
+			}
+			for _, d := range c.StringSlice("restore-image-dir") {
+				if !filepath.IsAbs(d) {
+					return usagef("--restore-image-dir %s: an absolute path", d)
+				}
+			}
 			if n := c.Int("max-exports"); n < 1 || n > 256 {
 				return usagef("--max-exports %d: want 1 to 256", n)
 			}
@@ -96,6 +108,7 @@ func serveCommand() *cli.Command {
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
+					MaxRestores: c.Int("max-restores"), RestoreImageDirs: c.StringSlice("restore-image-dir"),
 					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
 					Domain: domain.Options{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},

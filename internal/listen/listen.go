@@ -105,7 +105,14 @@ func Loopback(spec string) bool {
 // no other user can change (reached through such directories), so the
 // name stays ours; a stale socket there (no one listening) is replaced,
 // anything else is an error. Closing the listener removes the socket.
-func Unix(path string) (net.Listener, error) {
+func Unix(path string) (net.Listener, error) { return UnixFor(path, nil) }
+
+// Owner is a user given a socket (QEMU's, which runs as its own user).
+type Owner struct{ UID, GID int }
+
+// UnixFor is Unix with the socket given to owner (when not nil): mode 0600
+// owned by that user, so only it and root can connect.
+func UnixFor(path string, owner *Owner) (net.Listener, error) {
 	dirPath, name := filepath.Split(path)
 	dir, err := safedir.Open(dirPath, safedir.Options{Create: true, Perm: 0o711, Chain: true})
 	if err != nil {
@@ -162,7 +169,11 @@ func Unix(path string) (net.Listener, error) {
 	}
 	ul := l.(*net.UnixListener)
 	ul.SetUnlinkOnClose(false)
-	if err := os.Chmod(tmpSock, 0o600); err != nil {
+	err = os.Chmod(tmpSock, 0o600)
+	if err == nil && owner != nil {
+		err = os.Lchown(tmpSock, owner.UID, owner.GID)
+	}
+	if err != nil {
 		l.Close()
 		os.Remove(tmpSock)
 		return nil, err

@@ -5,8 +5,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // A socket is 0600 from birth; a stale one is replaced, a live one, a
@@ -142,5 +145,54 @@ func TestSweep(t *testing.T) {
 		t.Fatalf("the live socket after a sweep: %v", err)
 	} else {
 		c.Close()
+	}
+}
+
+// UnixFor gives the socket to its owner (QEMU's user): mode 0600, owned
+// by that user, who can connect, and nobody else but root.
+func TestUnixFor(t *testing.T) {
+	dir := t.TempDir()
+	os.Chmod(dir, 0o711)
+	os.Chmod(filepath.Dir(dir), 0o711)
+	path := filepath.Join(dir, "s.sock")
+	l, err := UnixFor(path, &Owner{UID: 65534, GID: 65534})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil || st.Uid != 65534 || st.Gid != 65534 || st.Mode&0o777 != 0o600 {
+		t.Fatalf("socket uid %d gid %d mode %o: %v", st.Uid, st.Gid, st.Mode&0o777, err)
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	// The check is the file's permissions against the connecting
+	// thread's filesystem ids: set them on one locked thread.
+	connectAs := func(id int) error {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		unix.Setfsgid(id)
+		unix.Setfsuid(id)
+		defer unix.Setfsgid(0)
+		defer unix.Setfsuid(0)
+		fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Connect(fd, &unix.SockaddrUnix{Name: path})
+	}
+	if err := connectAs(65534); err != nil {
+		t.Errorf("its owner cannot connect: %v", err)
+	}
+	if err := connectAs(1); !errors.Is(err, unix.EACCES) {
+		t.Errorf("another user connecting: %v", err)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // NeedLibvirt fails the test (or skips it, when the run does not require
@@ -48,6 +49,9 @@ type Domain struct {
 	Dir   string
 	Disks []DiskSpec
 	tb    testing.TB
+
+	nbdDir string // QEMU's NBD server's socket directory, once started
+	reads  int
 }
 
 // Path is the image file of a disk.
@@ -111,7 +115,9 @@ func (d *Domain) remove() {
 }
 
 // Write runs qemu-io commands on a disk through QEMU's block layer, so the
-// dirty bitmaps see them, and flushes.
+// dirty bitmaps see them, and flushes. qemu-io's output goes to QEMU's
+// standard output, which libvirt keeps in the domain's log: a command
+// that failed there fails the test.
 func (d *Domain) Write(dev string, cmds ...string) {
 	d.tb.Helper()
 	idx := -1
@@ -120,13 +126,73 @@ func (d *Domain) Write(dev string, cmds ...string) {
 			idx = i
 		}
 	}
+	logPath := "/var/log/libvirt/qemu/" + d.Name + ".log"
 	for _, c := range append(cmds, "flush") {
+		var from int64
+		if st, err := os.Stat(logPath); err == nil {
+			from = st.Size()
+		}
 		out := Virsh(d.tb, "qemu-monitor-command", d.Name, "--hmp",
 			fmt.Sprintf(`qemu-io -d /machine/peripheral/ua-disk%d/virtio-backend "%s"`, idx, c))
 		if strings.Contains(out, "rror") || strings.Contains(out, "failed") {
 			d.tb.Fatalf("qemu-io %s on %s: %s", c, dev, out)
 		}
+		if c != "flush" {
+			d.ioResult(logPath, from, c, dev)
+		}
 	}
+}
+
+// ioResult waits for qemu-io's report of a command in the domain's log
+// ("wrote 65536/65536 bytes at offset 0", or the error).
+func (d *Domain) ioResult(logPath string, from int64, c, dev string) {
+	d.tb.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, _ := os.ReadFile(logPath)
+		if int64(len(b)) > from {
+			out := string(b[from:])
+			if strings.Contains(out, "failed") || strings.Contains(out, "rror") {
+				d.tb.Fatalf("qemu-io %s on %s: %s", c, dev, out)
+			}
+			if strings.Contains(out, "bytes at offset") { // wrote, read, discard
+
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			d.tb.Fatalf("qemu-io %s on %s: no report in %s", c, dev, logPath)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Attach is a domain defined elsewhere (one the code under test made),
+// with these disks in the order of their ua-disk aliases; it is destroyed
+// and undefined when the test ends.
+func Attach(tb testing.TB, name string, disks ...DiskSpec) *Domain {
+	d := &Domain{Name: name, Disks: disks, tb: tb}
+	tb.Cleanup(d.remove)
+	return d
+}
+
+// Read copies what the guest sees of a disk now to a raw file, through
+// QEMU's own NBD server exporting the disk's node.
+func (d *Domain) Read(dev string) string {
+	d.tb.Helper()
+	if d.nbdDir == "" {
+		d.nbdDir = d.tb.TempDir()
+		os.Chmod(d.nbdDir, 0o777)
+		d.QMP(fmt.Sprintf(`{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":%q}}}}`,
+			filepath.Join(d.nbdDir, "s")))
+	}
+	d.reads++
+	id := fmt.Sprintf("r%d", d.reads)
+	d.QMP(fmt.Sprintf(`{"execute":"block-export-add","arguments":{"type":"nbd","id":%q,"node-name":%q,"name":%q}}`, id, d.NodeName(dev), id))
+	defer d.QMP(fmt.Sprintf(`{"execute":"block-export-del","arguments":{"id":%q}}`, id))
+	out := filepath.Join(d.tb.TempDir(), dev+".raw")
+	Run(d.tb, "qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///"+id+"?socket="+filepath.Join(d.nbdDir, "s"), out)
+	return out
 }
 
 // Snapshot returns raw reference copies of every disk as they are now,

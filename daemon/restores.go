@@ -1,0 +1,180 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nbdmover/nbdmover/instant"
+	"github.com/nbdmover/nbdmover/repo"
+)
+
+// KindInstantRestore is the kind of the jobs POST /v1/restores makes.
+const KindInstantRestore = "instant-restore"
+
+// DefaultRestoreImageDir is where instant restores make images unless
+// the daemon is given others.
+const DefaultRestoreImageDir = "/var/lib/libvirt/images"
+
+// RestoreRequest is an instant restore (POST /v1/restores): the domain As
+// runs from Domain's backup at once, and its disks are copied home into
+// ImageDir while it runs. Resume, instead, continues the copy of the
+// instant restore of that domain (after the daemon restarted, say). Live
+// must be true: the daemon restores only this way (whole images:
+// nbdmover restore).
+type RestoreRequest struct {
+	Live        bool   `json:"live"`
+	Domain      string `json:"domain,omitempty"`
+	Backup      string `json:"backup,omitempty"` // id or latest (default)
+	As          string `json:"as,omitempty"`
+	ImageDir    string `json:"image_dir,omitempty"` // one of the daemon's --restore-image-dir (default: the first)
+	Format      string `json:"format,omitempty"`    // qcow2 (default) or raw
+	KeepNetwork bool   `json:"keep_network,omitempty"`
+	// BandwidthBytes limits each disk's copy, bytes per second (0: none).
+	BandwidthBytes int64  `json:"bandwidth_bytes,omitempty"`
+	Resume         string `json:"resume,omitempty"`
+}
+
+// restoreOptions checks a request and maps it onto instant's options.
+func (r *Runner) restoreOptions(req *RestoreRequest) (instant.Options, error) {
+	o := instant.Options{Repository: r.o.Backup.Repository, Repo: r.o.Backup.Repo, Domain: req.Domain, Backup: req.Backup,
+		As: req.As, ImageDir: req.ImageDir, Format: req.Format, KeepNetwork: req.KeepNetwork, Bandwidth: req.BandwidthBytes,
+		Connect: r.o.Domain.Connect, RunDir: r.o.Backup.RunDir, CacheBytes: r.o.RestoreCacheBytes}
+	switch {
+	case !req.Live:
+		return o, refuse(ErrInvalid, `only live restores are served ("live": true): nbdmover restore writes whole images`)
+	case req.Resume != "":
+		if req.Domain != "" || req.As != "" || req.ImageDir != "" || req.Format != "" || req.Backup != "" || req.KeepNetwork {
+			return o, refuse(ErrInvalid, "resume continues what the restore started: give only resume (and bandwidth_bytes)")
+		}
+		if err := repo.ValidName("domain", req.Resume); err != nil {
+			return o, &refusal{kind: ErrInvalid, err: fmt.Errorf("resume: %w", err)}
+		}
+		o.As = req.Resume
+	case req.Domain == "" || req.As == "":
+		return o, refuse(ErrInvalid, "an instant restore needs domain and as")
+	case req.ImageDir == "":
+		o.ImageDir = r.o.RestoreImageDirs[0]
+	case !slices.Contains(r.o.RestoreImageDirs, req.ImageDir):
+		return o, refuse(ErrInvalid, "image_dir %q: not one of the daemon's image directories (%s; serve --restore-image-dir)",
+			req.ImageDir, strings.Join(r.o.RestoreImageDirs, ", "))
+	}
+	if req.BandwidthBytes < 0 {
+		return o, refuse(ErrInvalid, "bandwidth_bytes must not be negative")
+	}
+	if req.Resume == "" {
+		if err := o.Validate(); err != nil {
+			return o, &refusal{kind: ErrInvalid, err: err}
+		}
+	}
+	return o, nil
+}
+
+// SubmitRestore starts an instant restore as a job of the new domain's
+// name (no backup of it runs meanwhile). It does not wait for a job slot:
+// it reads the repository, and its export's cache is outside the jobs'
+// memory budget, like the exports'.
+func (r *Runner) SubmitRestore(req RestoreRequest) (JobView, error) {
+	o, err := r.restoreOptions(&req)
+	if err != nil {
+		return JobView{}, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.admit(o.As); err != nil {
+		return JobView{}, err
+	}
+	if n := r.restores(); n >= r.o.MaxRestores {
+		return JobView{}, refuse(ErrUnavailable, "%d instant restores are running, the most this daemon runs at once (serve --max-restores)", n)
+	}
+	jctx, cancel := context.WithCancelCause(r.ctx)
+	j := &job{id: newJobID(), req: JobRequest{Kind: KindInstantRestore, Domain: o.As, Restore: &req}, created: time.Now().UTC(),
+		cancel: cancel, state: JobRunning}
+	j.started = j.created
+	r.jobs[j.id] = j
+	r.byDomain[o.As] = j
+	r.wg.Add(1)
+	go r.runRestore(jctx, j, o)
+	return j.view(), nil
+}
+
+// restores counts the running instant restores; r.mu is held.
+func (r *Runner) restores() int {
+	n := 0
+	for _, j := range r.byDomain {
+		if j.req.Kind == KindInstantRestore {
+			n++
+		}
+	}
+	return n
+}
+
+// ResumeRestores resumes the instant restores from this daemon's
+// repository that a stop left unfinished (their domains run on what
+// their overlays hold: a read of the rest pauses them until then).
+func (r *Runner) ResumeRestores(ctx context.Context) {
+	rp, err := r.repository(ctx)
+	if err != nil {
+		return
+	}
+	pending, err := instant.Pending(r.o.Domain.Connect)
+	if err != nil {
+		r.o.Log.Warn("cannot look for instant restores to resume", "error", err)
+		return
+	}
+	for name, repoID := range pending {
+		if repoID != rp.Config().ID {
+			r.o.Log.Info("an unfinished instant restore from another repository is left alone", "domain", name)
+			continue
+		}
+		v, err := r.SubmitRestore(RestoreRequest{Live: true, Resume: name})
+		if err != nil {
+			r.o.Log.Warn("cannot resume an unfinished instant restore", "domain", name, "error", err)
+			continue
+		}
+		r.o.Log.Info("resuming an unfinished instant restore", "domain", name, "job", v.ID)
+	}
+}
+
+func (r *Runner) runRestore(ctx context.Context, j *job, o instant.Options) {
+	defer r.wg.Done()
+	log := r.o.Log.With("job", j.id, "kind", KindInstantRestore, "domain", o.As)
+	o.Log = log
+	o.Progress = func(p instant.Progress) {
+		j.mu.Lock()
+		j.restore = &p
+		j.mu.Unlock()
+	}
+	o.Running = func(res instant.Result) {
+		log.Info("the restored domain runs", "from", res.From, "after_seconds", res.RunningAfter)
+		j.mu.Lock()
+		j.report = res
+		j.mu.Unlock()
+	}
+	log.Info("job started")
+	var res *instant.Result
+	var err error
+	if o.Domain == "" {
+		res, err = instant.Resume(ctx, o)
+	} else {
+		res, err = instant.Run(ctx, o)
+	}
+	if res != nil {
+		j.mu.Lock()
+		j.report = *res
+		j.mu.Unlock()
+	}
+	switch {
+	case err == nil:
+		r.finish(j, JobSucceeded, nil, log)
+	case ctx.Err() != nil:
+		r.finish(j, JobCancelled, err, log)
+	case errors.Is(err, instant.ErrInvalid):
+		r.finish(j, JobFailed, &refusal{kind: ErrInvalid, err: err}, log)
+	default:
+		r.finish(j, JobFailed, err, log)
+	}
+}
