@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -33,6 +34,9 @@ type RestoreRequest struct {
 	ImageDir    string `json:"image_dir,omitempty"` // one of the daemon's --restore-image-dir (default: the first)
 	Format      string `json:"format,omitempty"`    // qcow2 (default) or raw
 	KeepNetwork bool   `json:"keep_network,omitempty"`
+	// NoStart defines the domain without starting it (a resume: does not
+	// start one that is off) and copies while it is off.
+	NoStart bool `json:"no_start,omitempty"`
 	// BandwidthBytes limits each disk's copy, bytes per second (0: none).
 	BandwidthBytes int64  `json:"bandwidth_bytes,omitempty"`
 	Resume         string `json:"resume,omitempty"`
@@ -41,14 +45,15 @@ type RestoreRequest struct {
 // restoreOptions checks a request and maps it onto instant's options.
 func (r *Runner) restoreOptions(req *RestoreRequest) (instant.Options, error) {
 	o := instant.Options{Repository: r.o.Backup.Repository, Repo: r.o.Backup.Repo, Domain: req.Domain, Backup: req.Backup,
-		As: req.As, ImageDir: req.ImageDir, Format: req.Format, KeepNetwork: req.KeepNetwork, Bandwidth: req.BandwidthBytes,
-		Connect: r.o.Domain.Connect, RunDir: r.o.Backup.RunDir, CacheBytes: r.o.RestoreCacheBytes}
+		As: req.As, ImageDir: filepath.Clean(req.ImageDir), Format: req.Format, KeepNetwork: req.KeepNetwork, NoStart: req.NoStart,
+		Bandwidth: req.BandwidthBytes,
+		Connect:   r.o.Domain.Connect, RunDir: r.o.Backup.RunDir, CacheBytes: r.o.RestoreCacheBytes}
 	switch {
 	case !req.Live:
 		return o, refuse(ErrInvalid, `only live restores are served ("live": true): nbdmover restore writes whole images`)
 	case req.Resume != "":
 		if req.Domain != "" || req.As != "" || req.ImageDir != "" || req.Format != "" || req.Backup != "" || req.KeepNetwork {
-			return o, refuse(ErrInvalid, "resume continues what the restore started: give only resume (and bandwidth_bytes)")
+			return o, refuse(ErrInvalid, "resume continues what the restore started: give only resume (and bandwidth_bytes, no_start)")
 		}
 		if err := repo.ValidName("domain", req.Resume); err != nil {
 			return o, &refusal{kind: ErrInvalid, err: fmt.Errorf("resume: %w", err)}
@@ -58,7 +63,7 @@ func (r *Runner) restoreOptions(req *RestoreRequest) (instant.Options, error) {
 		return o, refuse(ErrInvalid, "an instant restore needs domain and as")
 	case req.ImageDir == "":
 		o.ImageDir = r.o.RestoreImageDirs[0]
-	case !slices.Contains(r.o.RestoreImageDirs, req.ImageDir):
+	case !slices.Contains(r.o.RestoreImageDirs, o.ImageDir):
 		return o, refuse(ErrInvalid, "image_dir %q: not one of the daemon's image directories (%s; serve --restore-image-dir)",
 			req.ImageDir, strings.Join(r.o.RestoreImageDirs, ", "))
 	}
@@ -101,6 +106,19 @@ func (r *Runner) SubmitRestore(req RestoreRequest) (JobView, error) {
 	return j.view(), nil
 }
 
+// An instant restore that stopped is resumed after restoreRetry, then
+// after twice as long each time, up to maxRestoreRetry.
+var restoreRetry, maxRestoreRetry = 10 * time.Second, 10 * time.Minute
+
+// restoreOnce runs (or resumes, when o has no source domain) an instant
+// restore once.
+func (r *Runner) restoreOnce(ctx context.Context, o instant.Options) (*instant.Result, error) {
+	if o.Domain == "" {
+		return instant.Resume(ctx, o)
+	}
+	return instant.Run(ctx, o)
+}
+
 // restores counts the running instant restores; r.mu is held.
 func (r *Runner) restores() int {
 	n := 0
@@ -118,6 +136,7 @@ func (r *Runner) restores() int {
 func (r *Runner) ResumeRestores(ctx context.Context) {
 	rp, err := r.repository(ctx)
 	if err != nil {
+		r.o.Log.Warn("cannot look for instant restores to resume", "error", err)
 		return
 	}
 	pending, err := instant.Pending(r.o.Domain.Connect)
@@ -125,12 +144,13 @@ func (r *Runner) ResumeRestores(ctx context.Context) {
 		r.o.Log.Warn("cannot look for instant restores to resume", "error", err)
 		return
 	}
-	for name, repoID := range pending {
-		if repoID != rp.Config().ID {
+	for name, p := range pending {
+		if p.RepoID != rp.Config().ID {
 			r.o.Log.Info("an unfinished instant restore from another repository is left alone", "domain", name)
 			continue
 		}
-		v, err := r.SubmitRestore(RestoreRequest{Live: true, Resume: name})
+		// One the operator left off is copied while off, not started.
+		v, err := r.SubmitRestore(RestoreRequest{Live: true, Resume: name, NoStart: !p.Active})
 		if err != nil {
 			r.o.Log.Warn("cannot resume an unfinished instant restore", "domain", name, "error", err)
 			continue
@@ -155,12 +175,19 @@ func (r *Runner) runRestore(ctx context.Context, j *job, o instant.Options) {
 		j.mu.Unlock()
 	}
 	log.Info("job started")
-	var res *instant.Result
-	var err error
-	if o.Domain == "" {
-		res, err = instant.Resume(ctx, o)
-	} else {
-		res, err = instant.Run(ctx, o)
+	res, err := r.restoreOnce(ctx, o)
+	// The domain runs by now and needs its copy finished: what failed
+	// (libvirt restarted, the repository unreachable a while) is retried
+	// from its state, with a growing pause. What can never work is not.
+	for delay := restoreRetry; err != nil && res == nil && ctx.Err() == nil && !errors.Is(err, instant.ErrInvalid) &&
+		delay <= maxRestoreRetry; delay *= 2 {
+		log.Warn("the instant restore stopped; resuming it", "error", err, "in", delay)
+		select {
+		case <-ctx.Done():
+		case <-time.After(delay):
+			o.Domain = "" // a resume from now on
+			res, err = r.restoreOnce(ctx, o)
+		}
 	}
 	if res != nil {
 		j.mu.Lock()

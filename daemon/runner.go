@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -280,6 +281,9 @@ func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
 	}
 	if len(o.RestoreImageDirs) == 0 {
 		o.RestoreImageDirs = []string{DefaultRestoreImageDir}
+	}
+	for i, d := range o.RestoreImageDirs {
+		o.RestoreImageDirs[i] = filepath.Clean(d)
 	}
 	rctx, end := context.WithCancelCause(ctx)
 	r := &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs), mem: semaphore.NewWeighted(o.MaxMemory),

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/internal/childenv"
-	"github.com/nbdmover/nbdmover/repo"
 	"libvirt.org/go/libvirt"
 	"libvirt.org/go/libvirtxml"
 )
@@ -37,9 +36,12 @@ func (rs *restore) copyHome(ctx context.Context) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	if active {
+	switch {
+	case rs.e == nil: // every disk home already (Resume)
+	case active:
 		err = rs.copyLive(ctx)
-	} else {
+	default:
+		rs.offline = true
 		err = rs.copyOffline(ctx)
 	}
 	if err != nil {
@@ -197,8 +199,16 @@ func (rs *restore) step(def *libvirtxml.Domain, j *diskJob) error {
 }
 
 // startCopy starts the block copy of a self-contained overlay to the raw
-// image (made by libvirt; a partial one of an earlier try is removed).
+// image (made by libvirt; a partial one of an earlier try is removed,
+// once the disk is seen on its overlay again just before).
 func (rs *restore) startCopy(ds *diskState) error {
+	def, err := rs.current(0)
+	if err != nil {
+		return err
+	}
+	if d := findDisk(def, ds.Name); d == nil || diskSource(d) != ds.Overlay {
+		return fmt.Errorf("its source changed meanwhile")
+	}
 	if err := os.Remove(ds.Image); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
@@ -262,7 +272,7 @@ func (rs *restore) copyOffline(ctx context.Context) error {
 			return fmt.Errorf("disk %s is %s now, neither its overlay nor its image: changed by someone else; nothing more is done", ds.Name, src)
 		}
 		if rs.o.Progress != nil {
-			rs.o.Progress(Progress{Total: ds.Size, Disks: []DiskProgress{{Name: ds.Name, Phase: "pull", Total: ds.Size}}})
+			rs.o.Progress(rs.offlineProgress(i))
 		}
 		backed, err := hasBacking(ctx, ds.Overlay)
 		if err != nil {
@@ -290,6 +300,25 @@ func (rs *restore) copyOffline(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// offlineProgress is the progress of an offline copy working on disk i
+// (qemu-img reports none within a disk).
+func (rs *restore) offlineProgress(i int) Progress {
+	var p Progress
+	for k, ds := range rs.st.Disks {
+		dp := DiskProgress{Name: ds.Name, Phase: "waiting", Total: ds.Size}
+		switch {
+		case k < i:
+			dp.Phase, dp.Done = "done", ds.Size
+		case k == i:
+			dp.Phase = "pull"
+		}
+		p.Disks = append(p.Disks, dp)
+		p.Done += dp.Done
+		p.Total += dp.Total
+	}
+	return p
 }
 
 func diskSource(d *libvirtxml.DomainDisk) string {
@@ -320,6 +349,9 @@ func hasBacking(ctx context.Context, img string) (bool, error) {
 // restore's state, removes the overlays a raw copy left and ends the
 // export. Done again after a crash, it changes nothing more.
 func (rs *restore) finish(ctx context.Context) error {
+	if active, err := rs.dom.IsActive(); rs.offline && (err != nil || active) {
+		return fmt.Errorf("%s was started during its offline copy: nothing more is done while it is off (--resume continues live)", rs.o.As)
+	}
 	def, err := rs.current(libvirt.DOMAIN_XML_INACTIVE)
 	if err != nil {
 		return err
@@ -341,9 +373,9 @@ func (rs *restore) finish(ctx context.Context) error {
 		return fmt.Errorf("redefine %s with its disks home: %v", rs.o.As, libvirtMessage(err))
 	}
 	dom.Free()
-	if rs.st.Protected {
-		if err := rs.r.Protect(context.WithoutCancel(ctx), rs.st.Domain, rs.st.Backup, false); err != nil && !errors.Is(err, repo.ErrNoBackup) {
-			rs.log.Warn("the backup stays protected: unprotect it by hand", "backup", rs.st.Domain+"/"+rs.st.Backup, "err", err)
+	if rs.st.Holder != "" {
+		if err := rs.r.Hold(context.WithoutCancel(ctx), rs.st.Domain, rs.st.Backup, rs.st.Holder, false); err != nil {
+			return fmt.Errorf("release the hold on backup %s/%s: %w", rs.st.Domain, rs.st.Backup, err)
 		}
 	}
 	flags := libvirt.DOMAIN_AFFECT_CONFIG
@@ -358,7 +390,9 @@ func (rs *restore) finish(ctx context.Context) error {
 			os.Remove(ds.Overlay) // no definition names it now
 		}
 	}
-	rs.e.Close()
+	if rs.e != nil {
+		rs.e.Close()
+	}
 	return nil
 }
 
@@ -381,6 +415,25 @@ func (rs *restore) current(flags libvirt.DomainXMLFlags) (*libvirtxml.Domain, er
 func hasBackingStore(d *libvirtxml.DomainDisk) bool {
 	b := d.BackingStore
 	return b != nil && b.Source != nil && (b.Source.File != nil || b.Source.Block != nil || b.Source.Network != nil)
+}
+
+// allHome says whether every disk's persistent source is its final
+// image with no backing.
+func (rs *restore) allHome() (bool, error) {
+	def, err := rs.current(libvirt.DOMAIN_XML_INACTIVE)
+	if err != nil {
+		return false, err
+	}
+	for _, ds := range rs.st.Disks {
+		d := findDisk(def, ds.Name)
+		if d == nil {
+			return false, fmt.Errorf("the domain has no disk %s any more", ds.Name)
+		}
+		if diskSource(d) != ds.Image || hasBackingStore(d) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 func findDisk(def *libvirtxml.Domain, dev string) *libvirtxml.DomainDisk {

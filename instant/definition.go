@@ -4,6 +4,7 @@ import (
 	"encoding/xml"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -49,12 +50,26 @@ func (rs *restore) definition(saved []byte) (*libvirtxml.Domain, error) {
 		Description: fmt.Sprintf("instant restore of backup %s/%s", rs.st.Domain, rs.st.Backup),
 		Memory:      old.Memory, CurrentMemory: old.CurrentMemory, MaximumMemory: old.MaximumMemory,
 		VCPU: old.VCPU, VCPUs: old.VCPUs, IOThreads: old.IOThreads, IOThreadIDs: old.IOThreadIDs,
-		CPU: old.CPU, Features: old.Features, Clock: old.Clock, PM: old.PM,
+		CPU: old.CPU, Features: old.Features, PM: old.PM,
 		OnPoweroff: old.OnPoweroff, OnReboot: old.OnReboot, OnCrash: old.OnCrash,
 		Devices: &libvirtxml.DomainDeviceList{},
 	}
 	if old.GenID != nil {
 		def.GenID = &libvirtxml.DomainGenID{} // a new one: the guest sees it was restored
+	}
+	if c := old.Clock; c != nil {
+		clock := *c
+		if clock.Offset == "timezone" || clock.TimeZone != "" {
+			// QEMU gets the zone as TZ, which names a file.
+			drop("the clock's time zone %q (UTC now)", clock.TimeZone)
+			clock.Offset, clock.TimeZone = "utc", ""
+		}
+		def.Clock = &clock
+	}
+	if strings.HasPrefix(def.OnCrash, "coredump") {
+		// A guest that crashes at every boot would fill the host's disk.
+		drop("on_crash %s (destroy now)", def.OnCrash)
+		def.OnCrash = "destroy"
 	}
 	for what, present := range map[string]bool{
 		"seclabel": len(old.SecLabel) > 0, "sysinfo": len(old.SysInfo) > 0, "emulator": old.Devices.Emulator != "",
@@ -83,9 +98,12 @@ func (rs *restore) definition(saved []byte) (*libvirtxml.Domain, error) {
 		switch ds := want[target]; {
 		case ds != nil:
 			delete(want, target)
+			if d.IOTune != nil {
+				drop("the I/O limits of disk %s", target)
+			}
 			dev.Disks = append(dev.Disks, rs.overlayDisk(d, ds))
 		case d.Device == "cdrom" || d.Device == "floppy":
-			if d.Source != nil {
+			if d.Source != nil && (d.Source.File != nil || d.Source.Block != nil || d.Source.Network != nil || d.Source.Volume != nil) {
 				drop("the media in %s %s (ejected)", d.Device, target)
 			}
 			dev.Disks = append(dev.Disks, libvirtxml.DomainDisk{Device: d.Device, Target: d.Target, ReadOnly: d.ReadOnly,
@@ -140,6 +158,10 @@ func (rs *restore) definition(saved []byte) (*libvirtxml.Domain, error) {
 		}
 	}
 	for _, t := range old.Devices.TPMs {
+		if _, err := exec.LookPath("swtpm"); err != nil && t.Backend != nil && t.Backend.Emulator != nil {
+			drop("the emulated TPM (swtpm is not installed here)")
+			continue
+		}
 		if t.Backend != nil && t.Backend.Emulator != nil {
 			// New state (under the new UUID): the original's is not in
 			// the backup.
@@ -150,12 +172,14 @@ func (rs *restore) definition(saved []byte) (*libvirtxml.Domain, error) {
 		}
 	}
 	for _, g := range old.Devices.Graphics {
-		loopback := []libvirtxml.DomainGraphicListener{{Address: &libvirtxml.DomainGraphicListenerAddress{Address: "127.0.0.1"}}}
+		// A unix socket libvirt makes (root's; virsh domdisplay names it),
+		// never a port every local user could reach without a password.
+		local := []libvirtxml.DomainGraphicListener{{Socket: &libvirtxml.DomainGraphicListenerSocket{}}}
 		switch {
 		case g.VNC != nil:
-			dev.Graphics = append(dev.Graphics, libvirtxml.DomainGraphic{VNC: &libvirtxml.DomainGraphicVNC{AutoPort: "yes", Keymap: g.VNC.Keymap, Listeners: loopback}})
+			dev.Graphics = append(dev.Graphics, libvirtxml.DomainGraphic{VNC: &libvirtxml.DomainGraphicVNC{Keymap: keymap(g.VNC.Keymap, drop), Listeners: local}})
 		case g.Spice != nil:
-			dev.Graphics = append(dev.Graphics, libvirtxml.DomainGraphic{Spice: &libvirtxml.DomainGraphicSpice{AutoPort: "yes", Keymap: g.Spice.Keymap, Listeners: loopback}})
+			dev.Graphics = append(dev.Graphics, libvirtxml.DomainGraphic{Spice: &libvirtxml.DomainGraphicSpice{Keymap: keymap(g.Spice.Keymap, drop), Listeners: local}})
 		default:
 			drop("graphics other than VNC or SPICE")
 		}
@@ -176,7 +200,14 @@ func (rs *restore) definition(saved []byte) (*libvirtxml.Domain, error) {
 		dev.MemBalloon = &libvirtxml.DomainMemBalloon{Model: b.Model, AutoDeflate: b.AutoDeflate,
 			FreePageReporting: b.FreePageReporting, Stats: b.Stats, Alias: b.Alias, Address: b.Address}
 	}
-	dev.Watchdogs, dev.Panics, dev.IOMMUs, dev.Hubs = old.Devices.Watchdogs, old.Devices.Panics, old.Devices.IOMMUs, old.Devices.Hubs
+	dev.Panics, dev.IOMMUs, dev.Hubs = old.Devices.Panics, old.Devices.IOMMUs, old.Devices.Hubs
+	for _, w := range old.Devices.Watchdogs {
+		if w.Action == "dump" {
+			drop("the watchdog's dump action (reset now)")
+			w.Action = "reset"
+		}
+		dev.Watchdogs = append(dev.Watchdogs, w)
+	}
 	if v := old.Devices.VSock; v != nil {
 		dev.VSock = &libvirtxml.DomainVSock{Model: v.Model, CID: &libvirtxml.DomainVSockCID{Auto: "yes"}, Alias: v.Alias, Address: v.Address}
 	}
@@ -230,6 +261,8 @@ func osDefinition(old *libvirtxml.DomainOS, drop func(string, ...any)) *libvirtx
 	}
 	if l := old.Loader; l != nil {
 		switch {
+		case old.Firmware != "":
+			// Autoselection (libvirt 9.0 refuses a loader beside it).
 		case firmwarePath(l.Path):
 			os.Loader = &libvirtxml.DomainLoader{Path: l.Path, Readonly: l.Readonly, Secure: l.Secure, Type: l.Type, Format: l.Format}
 		case l.Type == "pflash" || old.Firmware == "efi":
@@ -242,7 +275,7 @@ func osDefinition(old *libvirtxml.DomainOS, drop func(string, ...any)) *libvirtx
 			drop("the loader %s", l.Path)
 		}
 	}
-	if n := old.NVRam; n != nil && os.Loader != nil {
+	if n := old.NVRam; n != nil && os.Loader != nil && os.Firmware == "" {
 		// Its own, from the template: never the original's file.
 		os.NVRam = &libvirtxml.DomainNVRam{Format: n.Format, TemplateFormat: n.TemplateFormat}
 		if firmwarePath(n.Template) {
@@ -263,7 +296,7 @@ func (rs *restore) interfaceDefinition(n libvirtxml.DomainInterface, drop func(s
 	switch {
 	case src != nil && src.Network != nil:
 		if rs.networkExists == nil || !rs.networkExists(src.Network.Network) {
-			drop("an interface on network %q (no such network here)", src.Network.Network)
+			drop("an interface on network %q (no such active network here)", src.Network.Network)
 			return ni, false
 		}
 		ni.Source = &libvirtxml.DomainInterfaceSource{Network: &libvirtxml.DomainInterfaceSourceNetwork{Network: src.Network.Network, PortGroup: src.Network.PortGroup}}
@@ -279,12 +312,40 @@ func (rs *restore) interfaceDefinition(n libvirtxml.DomainInterface, drop func(s
 		drop("an interface that is not on a network, a bridge or user networking")
 		return ni, false
 	}
-	if !rs.o.KeepNetwork {
+	guarded := n.FilterRef != nil || n.VLan != nil
+	if guarded {
+		drop("the nwfilter and VLAN of an interface on %s (its link stays down)", interfaceSource(ni))
+	}
+	if n.Bandwidth != nil {
+		drop("the bandwidth limits of an interface on %s", interfaceSource(ni))
+	}
+	if !rs.o.KeepNetwork || guarded {
 		ni.Link = &libvirtxml.DomainInterfaceLink{State: "down"}
 	} else {
 		ni.Link = n.Link
 	}
 	return ni, true
+}
+
+func interfaceSource(n libvirtxml.DomainInterface) string {
+	switch s := n.Source; {
+	case s.Network != nil:
+		return "network " + s.Network.Network
+	case s.Bridge != nil:
+		return "bridge " + s.Bridge.Bridge
+	}
+	return "user networking"
+}
+
+var keymapName = regexp.MustCompile(`^[a-z]{2,3}(-[a-z]{2,})?$`)
+
+// keymap keeps a keymap name (QEMU takes a path too: never that).
+func keymap(k string, drop func(string, ...any)) string {
+	if k == "" || keymapName.MatchString(k) {
+		return k
+	}
+	drop("the keymap %q", k)
+	return ""
 }
 
 func port(t *libvirtxml.DomainSerialTarget) string {

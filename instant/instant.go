@@ -142,10 +142,9 @@ type state struct {
 	Socket   string      `json:"socket"`
 	Format   string      `json:"format"`
 	Disks    []diskState `json:"disks"`
-	// Protected: the restore protected the backup (it was not), so that
-	// no retention forgets it before the copy is done; the end removes
-	// the mark.
-	Protected bool `json:"protected,omitempty"`
+	// Holder names the restore's hold on the backup (repo.Hold), which
+	// keeps every retention from forgetting it until the disks are home.
+	Holder string `json:"holder,omitempty"`
 }
 
 type diskState struct {
@@ -160,16 +159,18 @@ type diskState struct {
 
 // restore is one restore being carried out.
 type restore struct {
-	o    Options
-	log  *slog.Logger
-	conn *libvirt.Connect
-	r    *repo.Repo
-	st   state
-	e    *export.Export
-	res  Result
-	def  *libvirtxml.Domain // the new domain's, until defined
-	dom  *libvirt.Domain
-	// networkExists says whether this host has a libvirt network.
+	o       Options
+	log     *slog.Logger
+	conn    *libvirt.Connect
+	r       *repo.Repo
+	st      state
+	e       *export.Export
+	res     Result
+	def     *libvirtxml.Domain // the new domain's, until defined
+	dom     *libvirt.Domain
+	offline bool // the disks were copied while the domain was off
+	// networkExists says whether this host has a libvirt network, and
+	// it is active (a domain on an inactive one does not start).
 	networkExists func(name string) bool
 }
 
@@ -243,8 +244,14 @@ func Resume(ctx context.Context, o Options) (*Result, error) {
 	for _, d := range rs.st.Disks {
 		rs.res.Disks = append(rs.res.Disks, DiskResult{Name: d.Name, Size: d.Size, Image: d.Image, Format: rs.st.Format})
 	}
-	if err := rs.startExport(ctx); err != nil {
+	// Disks home already (a stop between the definition's rewrite and
+	// the state's removal) need no export: the backup may be gone.
+	if home, err := rs.allHome(); err != nil {
 		return nil, err
+	} else if !home {
+		if err := rs.startExport(ctx); err != nil {
+			return nil, err
+		}
 	}
 	ok = true
 	defer rs.close()
@@ -285,10 +292,16 @@ func (o *Options) defaults() {
 	}
 }
 
+// PendingRestore is a domain carrying an unfinished instant restore's
+// state.
+type PendingRestore struct {
+	RepoID string // the repository it is from
+	Active bool   // the domain runs
+}
+
 // Pending lists the domains libvirt at uri knows that carry an
-// unfinished instant restore's state, with the id of the repository it
-// is from.
-func Pending(uri string) (map[string]string, error) {
+// unfinished instant restore's state.
+func Pending(uri string) (map[string]PendingRestore, error) {
 	if uri == "" {
 		uri = "qemu:///system"
 	}
@@ -301,12 +314,14 @@ func Pending(uri string) (map[string]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := map[string]string{}
+	out := map[string]PendingRestore{}
 	for _, d := range doms {
 		if meta, err := d.GetMetadata(libvirt.DOMAIN_METADATA_ELEMENT, XMLNS, libvirt.DOMAIN_AFFECT_CONFIG); err == nil {
 			if st, err := parseState(meta); err == nil {
-				if name, err := d.GetName(); err == nil {
-					out[name] = st.RepoID
+				name, err := d.GetName()
+				active, aerr := d.IsActive()
+				if err == nil && aerr == nil {
+					out[name] = PendingRestore{RepoID: st.RepoID, Active: active}
 				}
 			}
 		}
@@ -440,8 +455,9 @@ func prepare(ctx context.Context, o Options) (_ *restore, err error) {
 		if err != nil {
 			return false
 		}
-		n.Free()
-		return true
+		defer n.Free()
+		active, err := n.IsActive()
+		return err == nil && active
 	}
 	rs.res = Result{Domain: o.As, From: m.Domain + "/" + m.ID, Socket: rs.st.Socket}
 	for _, d := range rs.st.Disks {
@@ -451,6 +467,20 @@ func prepare(ctx context.Context, o Options) (_ *restore, err error) {
 		return nil, err
 	}
 	return rs, nil
+}
+
+// holderName is the restore's hold on its backup: this host's name and
+// the new domain's, within a name's 128 characters.
+func holderName(as string) string {
+	host, _ := os.Hostname()
+	b := []byte("instant." + host)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_') {
+			b[i] = '-'
+		}
+	}
+	h := string(b[:min(len(b), 127-len(as))])
+	return h + "." + as
 }
 
 // socketPath is the export's socket in <run dir>/instant: named after the
@@ -546,8 +576,8 @@ func (rs *restore) create(ctx context.Context) (err error) {
 				rs.dom.Free()
 				rs.dom = nil
 			}
-			if rs.st.Protected {
-				rs.r.Protect(context.WithoutCancel(ctx), rs.st.Domain, rs.st.Backup, false)
+			if rs.st.Holder != "" {
+				rs.r.Hold(context.WithoutCancel(ctx), rs.st.Domain, rs.st.Backup, rs.st.Holder, false)
 			}
 			for _, p := range made {
 				os.Remove(p)
@@ -565,18 +595,13 @@ func (rs *restore) create(ctx context.Context) (err error) {
 			return fmt.Errorf("disk %s: the overlay: %w", d.Name, err)
 		}
 	}
-	// Until its disks are home the new domain needs the backup: protect
-	// it from retention (unless it is protected already).
-	prot, err := rs.r.Protected(ctx, rs.st.Domain)
-	if err != nil {
-		return err
+	// Until its disks are home the new domain needs the backup: a hold
+	// of its own keeps retention from forgetting it.
+	holder := holderName(rs.o.As)
+	if err := rs.r.Hold(ctx, rs.st.Domain, rs.st.Backup, holder, true); err != nil {
+		return fmt.Errorf("hold backup %s/%s while the restore needs it: %w", rs.st.Domain, rs.st.Backup, err)
 	}
-	if !prot[rs.st.Backup] {
-		if err := rs.r.Protect(ctx, rs.st.Domain, rs.st.Backup, true); err != nil {
-			return fmt.Errorf("protect backup %s/%s while the restore needs it: %w", rs.st.Domain, rs.st.Backup, err)
-		}
-		rs.st.Protected = true
-	}
+	rs.st.Holder = holder
 	x, err := rs.def.Marshal()
 	if err != nil {
 		return err

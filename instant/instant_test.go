@@ -240,6 +240,21 @@ func TestInstantRestoreResume(t *testing.T) {
 	if st := qemutest.Virsh(t, "domstate", as); !strings.Contains(st, "running") {
 		t.Fatalf("%s is %s after the export ended", as, st)
 	}
+	held := func() bool {
+		t.Helper()
+		r, err := ro.Open(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := r.Protected(t.Context(), src.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(p) == 1
+	}
+	if !held() {
+		t.Fatal("the backup is not held while the restore needs it")
+	}
 	dst.Write("vda", "write -P 0x55 1M 64k") // into what the overlay holds or not: a write needs no export
 	want := withWrites(t, refs["vda"], "write -P 0x55 1M 64k")
 
@@ -256,6 +271,9 @@ func TestInstantRestoreResume(t *testing.T) {
 	sameFile(t, "vdb after the resume", dst.Read("vdb"), refs["vdb"])
 	dst.Write("vda") // flush
 	qemutest.Run(t, "qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", res.Disks[0].Image, want)
+	if held() {
+		t.Fatal("the backup is still held after the restore")
+	}
 	if _, err := Resume(t.Context(), o); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("a second resume after the copy finished: %v", err)
 	}
@@ -405,7 +423,7 @@ func TestDefinition(t *testing.T) {
 <sysinfo type='smbios'><system><entry name='uuid'>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</entry><entry name='serial'>SN-ORIG</entry></system></sysinfo>
 <os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>/etc/evil_CODE.fd</loader>
 <nvram template='/etc/shadow'>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram><kernel>/boot/evil</kernel><boot dev='hd'/></os>
-<features><acpi/><apic/></features>
+<features><acpi/><apic/></features><clock offset='timezone' timezone='../../etc/shadow'/><on_crash>coredump-restart</on_crash>
 <devices><emulator>/tmp/evil-qemu</emulator>
 <disk type='block' device='disk'><driver name='qemu' type='raw' error_policy='report' cache='none'/><source dev='/dev/vg/web'/><target dev='vda' bus='virtio'/><boot order='1'/><serial>DISK-1</serial><transient/><shareable/></disk>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/web-data.qcow2'/><target dev='vdb' bus='virtio'/></disk>
@@ -414,6 +432,8 @@ func TestDefinition(t *testing.T) {
 <hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source></hostdev>
 <memory model='nvdimm'><source><path>/dev/sda</path></source><target><size unit='MiB'>128</size></target></memory>
 <interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/><model type='virtio'/></interface>
+<interface type='network'><source network='default'/><vlan><tag id='42'/></vlan><filterref filter='clean-traffic'/></interface>
+<watchdog model='i6300esb' action='dump'/>
 <interface type='network'><source network='elsewhere'/><model type='virtio'/></interface>
 <interface type='direct'><source dev='eth0' mode='bridge'/></interface>
 <interface type='ethernet'><target dev='tap9'/><script path='/tmp/evil.sh'/></interface>
@@ -422,14 +442,14 @@ func TestDefinition(t *testing.T) {
 <channel type='unix'><source mode='bind' path='/etc/evil.sock'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
 <channel type='pty'><target type='virtio' name='com.evil'/></channel>
 <input type='evdev'><source dev='/dev/input/event0'/></input><input type='tablet' bus='usb'/>
-<graphics type='vnc' port='5900' listen='0.0.0.0' passwd='x'/>
+<graphics type='vnc' port='5900' listen='0.0.0.0' passwd='x' keymap='/etc/passwd'/>
 <tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>
 <rng model='virtio'><backend model='random'>/dev/sda</backend></rng>
 <video><model type='virtio' heads='1'><acceleration accel3d='yes' rendernode='/dev/dri/card0'/></model></video>
 </devices>
 <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
 <qemu:commandline><qemu:arg value='-evil'/></qemu:commandline></domain>`
-	rs := &restore{o: Options{As: "web-r", Log: backuptest.Log(t)}, log: backuptest.Log(t),
+	rs := &restore{o: Options{As: "web-r", KeepNetwork: true, Log: backuptest.Log(t)}, log: backuptest.Log(t),
 		networkExists: func(n string) bool { return n == "default" },
 		st: state{Domain: "web", Backup: "b1", Socket: "/run/nbdmover/instant/x.sock",
 			Disks: []diskState{{Name: "vda", Size: MiB, Overlay: "/img/web-r-vda.qcow2", Image: "/img/web-r-vda.qcow2"}}}}
@@ -441,14 +461,14 @@ func TestDefinition(t *testing.T) {
 	for _, bad := range []string{"4dea22b3", "43dc0cf8", "52:54:00:12:34:56", "web_VARS", "/dev/vg/web", "web-data", "/etc/", "/boot/evil",
 		"/tmp/evil", "/dev/sda", "/dev/input", "/dev/tpm0", "/dev/dri", "0.0.0.0", "passwd", "seclabel", "-evil", "commandline",
 		"sysinfo", "SN-ORIG", "hostdev", "filesystem", "nvdimm", "elsewhere", "eth0", "tap9", "com.evil", "transient", "shareable",
-		"<name>web</name>", "emulator"} {
+		"<name>web</name>", "emulator", "timezone", "coredump", `action="dump"`, "keymap", "vlan", "clean-traffic"} {
 		if strings.Contains(x, bad) {
 			t.Errorf("the new definition keeps %s:\n%s", bad, x)
 		}
 	}
-	for _, good := range []string{"<name>web-r</name>", `state="down"`, "/img/web-r-vda.qcow2", `rerror_policy="stop"`, `protocol="nbd"`,
+	for _, good := range []string{"<name>web-r</name>", `state="down"`, `<clock offset="utc">`, "<on_crash>destroy</on_crash>", `action="reset"`, "/img/web-r-vda.qcow2", `rerror_policy="stop"`, `protocol="nbd"`,
 		`socket="/run/nbdmover/instant/x.sock"`, `<boot order="1">`, `firmware="efi"`, `<serial>DISK-1</serial>`, `cache="none"`,
-		`network="default"`, `<source mode="bind">`, `address="127.0.0.1"`, "/dev/urandom", `device="cdrom"`, `type="tablet"`,
+		`network="default"`, `<source mode="bind">`, `<listen type="socket">`, "/dev/urandom", `device="cdrom"`, `type="tablet"`,
 		`<memory unit="MiB">512</memory>`, "<genid></genid>"} {
 		if !strings.Contains(x, good) {
 			t.Errorf("the new definition lacks %s:\n%s", good, x)
@@ -456,13 +476,31 @@ func TestDefinition(t *testing.T) {
 	}
 	dropped := strings.Join(rs.res.Dropped, "\n")
 	for _, named := range []string{"<seclabel>", "<qemu:commandline>", "<sysinfo>", "hostdev", "filesystem", "memory device",
-		"disk vdb", "sdc", "elsewhere", "serial port 0", "evil_CODE.fd", "direct kernel boot", "input evdev", "TPM"} {
+		"disk vdb", "sdc", "elsewhere", "serial port 0", "evil_CODE.fd", "direct kernel boot", "input evdev", "TPM", "time zone",
+		"on_crash", "dump action", "keymap", "nwfilter and VLAN"} {
 		if !strings.Contains(dropped, named) {
 			t.Errorf("dropped does not name %s:\n%s", named, dropped)
 		}
 	}
 	if rs.st.Disks[0].ErrorPolicy != "report" {
 		t.Errorf("the original error policy was not kept: %+v", rs.st.Disks[0])
+	}
+	// With --keep-network, the interface without a filter is up, the one
+	// whose filter and VLAN were left out stays down.
+	if n := strings.Count(x, `state="down"`); n != 1 {
+		t.Errorf("%d links down, want the filtered interface's alone:\n%s", n, x)
+	}
+	// Firmware autoselection keeps no loader (libvirt 9.0 refuses one
+	// beside it).
+	auto := strings.Replace(saved, "<os>", "<os firmware='efi'>", 1)
+	auto = strings.Replace(auto, "/etc/evil_CODE.fd", "/usr/share/OVMF/OVMF_CODE_4M.fd", 1)
+	rs.res.Dropped = nil
+	def, err = rs.definition([]byte(auto))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x, _ := def.Marshal(); !strings.Contains(x, `firmware="efi"`) || strings.Contains(x, "<loader") || strings.Contains(x, "template") {
+		t.Errorf("firmware autoselection with a loader:\n%s", x)
 	}
 	if _, err := rs.definition([]byte(strings.Replace(saved, "'vda'", "'sda'", 1))); err == nil {
 		t.Error("a definition without the backup's disk was taken")

@@ -266,7 +266,7 @@ func (r *Repo) forgetOne(ctx context.Context, lock *Lock, domain, id string) err
 	protected := func() (bool, error) {
 		_, err := r.store.Stat(ctx, protectKey(domain, id))
 		if isNotFound(err) {
-			return false, nil
+			return r.held(ctx, domain, id)
 		}
 		return err == nil, err
 	}
@@ -329,13 +329,58 @@ func (r *Repo) Protect(ctx context.Context, domain, id string, on bool) error {
 	if !on {
 		return r.store.Delete(ctx, key)
 	}
-	if err := r.putMeta(ctx, key, protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()}); err != nil {
+	return r.mark(ctx, domain, id, key, protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()})
+}
+
+// Holds: holds/<domain>/<rank>-<id>/<holder>, a meta blob of JSON, one
+// object per holder. A held backup is kept by every policy, as a
+// protected one is, while something needs it (an instant restore, until
+// its disks are home); holders never share an object, so one's release
+// never drops another's hold, and an operator's protection is never
+// touched.
+func holdPrefix(domain, id string) string {
+	return "holds/" + strings.TrimPrefix(ManifestKey(domain, id), "manifests/") + "/"
+}
+
+type holdMarker struct {
+	protection
+	Holder string `json:"holder"`
+}
+
+// Hold holds a committed backup for holder (a name: letters, digits, '.',
+// '_', '-'), or with on false releases that hold (releasing one that is
+// not there is no error).
+func (r *Repo) Hold(ctx context.Context, domain, id, holder string, on bool) error {
+	if err := ValidName("holder", holder); err != nil {
+		return err
+	}
+	if err := ValidBackupID(id); err != nil {
+		return err
+	}
+	key := holdPrefix(domain, id) + holder
+	if !on {
+		err := r.store.Delete(ctx, key)
+		if isNotFound(err) {
+			return nil
+		}
+		return err
+	}
+	if _, err := r.Backup(ctx, domain, id); err != nil {
+		return err
+	}
+	return r.mark(ctx, domain, id, key, holdMarker{protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()}, holder})
+}
+
+// mark writes a protection marker or a hold at key and checks the backup
+// is still there.
+func (r *Repo) mark(ctx context.Context, domain, id, key string, v any) error {
+	if err := r.putMeta(ctx, key, v); err != nil {
 		return err
 	}
 	// A forget may have deleted the manifest between the check and the
 	// mark: then the mark protects nothing, and saying so is the truth
 	// (a forget that sees the mark after its deletion puts the manifest
-	// back: then protect fails and the backup stays, unprotected).
+	// back: then this fails and the backup stays, unprotected).
 	if _, err := r.store.Stat(ctx, ManifestKey(domain, id)); err != nil {
 		r.store.Delete(ctx, key)
 		if isNotFound(err) {
@@ -346,29 +391,53 @@ func (r *Repo) Protect(ctx context.Context, domain, id string, on bool) error {
 	return nil
 }
 
-// protectedIDs returns the protected backup ids of domain (every domain
-// when ""), by domain.
-func (r *Repo) protectedIDs(ctx context.Context, domain string) (map[string]map[string]bool, error) {
-	prefix := "protected/"
-	if domain != "" {
-		prefix += domain + "/"
-	}
-	out := map[string]map[string]bool{}
-	err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
-		d, id, ok := parseManifestKey("manifests/" + strings.TrimPrefix(o.Key, "protected/"))
-		if ok {
-			if out[d] == nil {
-				out[d] = map[string]bool{}
-			}
-			out[d][id] = true
-		}
-		return nil
+// held says whether a backup has a hold.
+func (r *Repo) held(ctx context.Context, domain, id string) (bool, error) {
+	found := false
+	err := r.store.List(ctx, holdPrefix(domain, id), func(sink.ObjectInfo) error {
+		found = true
+		return errStopList
 	})
-	return out, err
+	if errors.Is(err, errStopList) {
+		err = nil
+	}
+	return found, err
 }
 
-// Protected returns the protected backups of domain (every domain when
-// ""), as "domain/id".
+var errStopList = errors.New("stop listing")
+
+// protectedIDs returns the protected or held backup ids of domain
+// (every domain when ""), by domain.
+func (r *Repo) protectedIDs(ctx context.Context, domain string) (map[string]map[string]bool, error) {
+	out := map[string]map[string]bool{}
+	for _, kind := range []string{"protected/", "holds/"} {
+		prefix := kind
+		if domain != "" {
+			prefix += domain + "/"
+		}
+		err := r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+			rest := strings.TrimPrefix(o.Key, kind)
+			if kind == "holds/" {
+				rest = rest[:max(0, strings.LastIndexByte(rest, '/'))]
+			}
+			d, id, ok := parseManifestKey("manifests/" + rest)
+			if ok {
+				if out[d] == nil {
+					out[d] = map[string]bool{}
+				}
+				out[d][id] = true
+			}
+			return nil
+		})
+		if err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// Protected returns the protected or held backups of domain (every
+// domain when ""), as "domain/id".
 func (r *Repo) Protected(ctx context.Context, domain string) (map[string]bool, error) {
 	ids, err := r.protectedIDs(ctx, domain)
 	out := map[string]bool{}

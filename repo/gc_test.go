@@ -300,6 +300,68 @@ func TestProtect(t *testing.T) {
 	}
 }
 
+// Holds keep a backup from every policy while any holder has one: two
+// holders, each releasing only its own, and an operator's protection
+// neither touches.
+func TestHolds(t *testing.T) {
+	ctx := t.Context()
+	r := initTestRepo(t, localStore(t))
+	ds := putChunks(t, r, 1)
+	old := commitChunks(t, r, "vm1", time.Now().Add(-time.Hour), ds)
+	commitChunks(t, r, "vm1", time.Now(), ds)
+	forget := func() ForgetResult {
+		t.Helper()
+		res, err := r.Forget(ctx, "vm1", Policy{KeepLast: intp(1)}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res[0]
+	}
+	for _, bad := range []string{"", "../x", "a/b"} {
+		if err := r.Hold(ctx, "vm1", old.ID, bad, true); err == nil {
+			t.Errorf("holder %q was taken", bad)
+		}
+	}
+	if err := r.Hold(ctx, "vm1", "20990101T000000.000Z", "a", true); !errors.Is(err, ErrNoBackup) {
+		t.Fatalf("holding a missing backup: %v", err)
+	}
+	for _, h := range []string{"restore-a", "restore-b"} {
+		if err := r.Hold(ctx, "vm1", old.ID, h, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p, err := r.Protected(ctx, "vm1"); err != nil || !p["vm1/"+old.ID] || len(p) != 1 {
+		t.Fatalf("Protected with two holds: %v %v", p, err)
+	}
+	if res := forget(); res.Forgotten != 0 {
+		t.Fatalf("a held backup was forgotten: %+v", res)
+	}
+	if err := r.Hold(ctx, "vm1", old.ID, "restore-a", false); err != nil {
+		t.Fatal(err)
+	}
+	if res := forget(); res.Forgotten != 0 {
+		t.Fatalf("a backup still held by restore-b was forgotten: %+v", res)
+	}
+	if err := r.Protect(ctx, "vm1", old.ID, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Hold(ctx, "vm1", old.ID, "restore-b", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Hold(ctx, "vm1", old.ID, "restore-b", false); err != nil {
+		t.Fatalf("releasing a released hold: %v", err)
+	}
+	if res := forget(); res.Forgotten != 0 {
+		t.Fatalf("releasing the holds dropped the operator's protection: %+v", res)
+	}
+	if err := r.Protect(ctx, "vm1", old.ID, false); err != nil {
+		t.Fatal(err)
+	}
+	if res := forget(); res.Forgotten != 1 {
+		t.Fatalf("forget with no hold and no protection: %+v", res)
+	}
+}
+
 // shortLocks shortens the lock timing for a test.
 func shortLocks(t *testing.T, refresh, stale, margin time.Duration) {
 	saved := lockTiming
@@ -431,33 +493,40 @@ func TestLockRemovedIsLost(t *testing.T) {
 // produce, which no real peer produces on demand.
 type protectDuringForget struct {
 	sink.Store
-	r *Repo
+	mark func(domain, id string) string // the key of the marker to write
 }
 
 func (p protectDuringForget) Delete(ctx context.Context, key string) error {
 	err := p.Store.Delete(ctx, key)
 	if d, id, ok := parseManifestKey(key); ok {
-		p.Store.Put(ctx, protectKey(d, id), []byte("marker"))
+		p.Store.Put(ctx, p.mark(d, id), []byte("marker"))
 	}
 	return err
 }
 
-// A backup protected while forget deletes it is put back, whole.
+// A backup protected or held while forget deletes it is put back, whole.
 func TestForgetRacingProtect(t *testing.T) {
-	ctx := t.Context()
-	r := initTestRepo(t, localStore(t))
-	m := commitChunks(t, r, "vm1", time.Now(), putChunks(t, r, 1))
-	v := *r
-	v.store = protectDuringForget{Store: r.store}
-	res, err := v.Forget(ctx, "vm1", Policy{KeepLast: intp(0)}, false)
-	if err != nil || res[0].Forgotten != 0 || res[0].Kept != 1 || res[0].Decisions[0].Reason != "protected" {
-		t.Fatalf("forget racing protect: %+v %v", res, err)
-	}
-	if _, err := r.LoadIndex(ctx, m, "vda"); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := r.Backup(ctx, "vm1", m.ID); err != nil || got.ID != m.ID {
-		t.Fatalf("the protected backup: %v %v", got, err)
+	for name, mark := range map[string]func(d, id string) string{
+		"protect": protectKey,
+		"hold":    func(d, id string) string { return holdPrefix(d, id) + "restore-a" },
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx := t.Context()
+			r := initTestRepo(t, localStore(t))
+			m := commitChunks(t, r, "vm1", time.Now(), putChunks(t, r, 1))
+			v := *r
+			v.store = protectDuringForget{Store: r.store, mark: mark}
+			res, err := v.Forget(ctx, "vm1", Policy{KeepLast: intp(0)}, false)
+			if err != nil || res[0].Forgotten != 0 || res[0].Kept != 1 || res[0].Decisions[0].Reason != "protected" {
+				t.Fatalf("forget racing %s: %+v %v", name, res, err)
+			}
+			if _, err := r.LoadIndex(ctx, m, "vda"); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := r.Backup(ctx, "vm1", m.ID); err != nil || got.ID != m.ID {
+				t.Fatalf("the protected backup: %v %v", got, err)
+			}
+		})
 	}
 }
 

@@ -26,7 +26,7 @@ func instantRestoreCommand() *cli.Command {
 			&cli.StringFlag{Name: "image-dir", Usage: "existing directory, only root can change, for the new domain's images: AS-DISK.qcow2 (and AS-DISK.raw)"},
 			&cli.StringFlag{Name: "format", Value: "qcow2", Usage: "of the final images: qcow2 (the overlay, pulled full) or raw (a block copy and a pivot)"},
 			&cli.BoolFlag{Name: "no-start", Usage: "define the domain without starting it; copy its disks home while it is off"},
-			&cli.BoolFlag{Name: "keep-network", Usage: "leave its interfaces connected (default: link down, to keep it off the original's network)"},
+			&cli.BoolFlag{Name: "keep-network", Usage: "leave its interfaces connected (else their links are down, to keep it off the original's network)"},
 			&cli.StringFlag{Name: "xml", Usage: "domain definition to use instead of the backup's (a backup of an NBD export has none)"},
 			&cli.StringFlag{Name: "resume", Usage: "continue the copy of the instant restore NAME (the export is started again)"},
 			&cli.StringFlag{Name: "bandwidth", Usage: "most each disk's copy reads per second, e.g. 100MiB (default: no limit)"},

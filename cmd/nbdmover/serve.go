@@ -30,7 +30,7 @@ func serveCommand() *cli.Command {
 			connectFlag(),
 			&cli.IntFlag{Name: "max-exports", Value: 4, Usage: "NBD exports (POST /v1/exports) served at once"},
 			&cli.IntFlag{Name: "max-restores", Value: 2, Usage: "instant restores (POST /v1/restores) running at once"},
-			&cli.StringSliceFlag{Name: "restore-image-dir", Usage: "directory instant restores may make images in (repeatable; a request chooses among them, the first by default)",
+			&cli.StringSliceFlag{Name: "restore-image-dir", Usage: "directory instant restores may make images in (repeatable; a request chooses among them, the first when it names none)",
 				DefaultText: "/var/lib/libvirt/images"},
 			&cli.StringFlag{Name: "export-cache-size", Value: "256MiB", Usage: "decoded chunks each export keeps in memory"},
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
