@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,7 +53,7 @@ func TestDaemonMaintenance(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lock, _, err := r.Lock(t.Context(), repo.LockShared, "backup elsewhere", nil)
+	held, _, err := r.Lock(t.Context(), lock.Shared, "backup elsewhere", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +68,7 @@ func TestDaemonMaintenance(t *testing.T) {
 	if v := d.wait(gcID, daemon.JobRunning, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobRunning {
 		t.Fatalf("gc did not wait for the shared lock: %+v", v)
 	}
-	lock.Release()
+	held.Release()
 	v := d.wait(gcID, daemon.JobSucceeded, daemon.JobFailed)
 	var g repo.GCResult
 	b, _ := json.Marshal(v.Report)

@@ -152,7 +152,7 @@ func TestViewFetchesOnceAndAhead(t *testing.T) {
 	_, m, raw := backup(t, ro)
 	store, _ := ro.Store()
 	c := &getCounter{Store: store, gets: map[string]int{}}
-	r, err := repo.Open(t.Context(), c)
+	r, err := repo.Options{Opened: c}.Open(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,7 +307,7 @@ func TestFetchesOutliveTheirReaderAndPrefetchesYield(t *testing.T) {
 	_, m, raw := backup(t, ro)
 	store, _ := ro.Store()
 	const delay = 300 * time.Millisecond
-	r, err := repo.Open(t.Context(), &slowStore{Store: store, delay: delay})
+	r, err := repo.Options{Opened: &slowStore{Store: store, delay: delay}}.Open(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"log/slog"
 	"net"
 	"net/url"
@@ -93,7 +94,7 @@ type Export struct {
 	views  []*diskview.View
 	srv    *nbdserver.Server
 	l      net.Listener
-	lock   *repo.Lock
+	lock   *lock.Lock
 	cancel context.CancelCauseFunc
 	once   sync.Once
 	done   chan struct{}
@@ -174,11 +175,11 @@ func Start(ctx context.Context, o Options) (*Export, error) {
 	// The shared lock keeps a gc from deleting what is served (should the
 	// backup be forgotten meanwhile); its loss ends the export.
 	if !o.NoLock {
-		lock, lctx, err := r.Lock(ctx, repo.LockShared, repo.ExportPurpose(m.Domain, m.ID), o.Log)
+		held, lctx, err := r.Lock(ctx, lock.Shared, lock.ExportPurpose(m.Domain, m.ID), o.Log)
 		if err != nil {
-			return nil, repo.NoLockHint(err)
+			return nil, lock.NoLockHint(err)
 		}
-		e.lock = lock
+		e.lock = held
 		ctx = lctx
 	}
 	disks := m.Disks

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"log/slog"
 	"runtime"
 	"slices"
@@ -238,15 +239,15 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 			return nil, err
 		}
 	}
-	lock, err := LockName(o.RunDir, src.Name())
+	nameLock, err := LockName(o.RunDir, src.Name())
 	if err != nil {
 		return nil, err
 	}
-	defer lock.Close()
+	defer nameLock.Close()
 	// The shared lock keeps gc from deleting what this backup will
 	// reference (chunks it finds stored, its parent's chunks and index
 	// objects) until it has committed; ctx ends if the lock is lost.
-	rlock, ctx, err := r.Lock(ctx, repo.LockShared, "backup "+src.Name(), o.Log)
+	rlock, ctx, err := r.Lock(ctx, lock.Shared, "backup "+src.Name(), o.Log)
 	if err != nil {
 		return nil, err
 	}
@@ -360,7 +361,7 @@ func LastBackup(ctx context.Context, r *repo.Repo, name string, log *slog.Logger
 type backup struct {
 	o       Options
 	r       *repo.Repo
-	lock    *repo.Lock
+	lock    *lock.Lock
 	m       *repo.Manifest
 	last    *repo.Manifest
 	sess    Session
@@ -621,7 +622,7 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 	if err != nil {
 		return nil, fmt.Errorf("backup %s/%s not committed: %w", m.Domain, m.ID, err)
 	}
-	cctx, cancel := repo.WithDeadline(ctx, deadline)
+	cctx, cancel := lock.WithDeadline(ctx, deadline)
 	defer cancel()
 	if err := b.r.Commit(cctx, m, dds, files); err != nil {
 		return nil, fmt.Errorf("commit backup %s/%s: %w", m.Domain, m.ID, err)

@@ -109,7 +109,7 @@ func digestOf(p []byte) chunker.Digest {
 const cs = 256 << 10 // chunk size of the test repositories
 
 func testRepo(t testing.TB) *repo.Repo {
-	r, err := repo.Init(context.Background(), sink.NewNull(), repo.InitOptions{ChunkSize: cs})
+	r, err := repo.Options{Opened: sink.NewNull()}.Init(context.Background(), repo.InitOptions{ChunkSize: cs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -463,7 +463,7 @@ func TestHealPlans(t *testing.T) {
 // uploaded twice.
 func TestStoreAsksWhileItPays(t *testing.T) {
 	c := &sinktest.Counting{Store: sinktest.NewS3(t, "")}
-	r, err := repo.Init(t.Context(), c, repo.InitOptions{ChunkSize: cs})
+	r, err := repo.Options{Opened: c}.Init(t.Context(), repo.InitOptions{ChunkSize: cs})
 	if err != nil {
 		t.Fatal(err)
 	}

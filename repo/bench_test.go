@@ -28,7 +28,7 @@ func BenchmarkList10k(b *testing.B) {
 		fmt.Sscan(v, &n)
 	}
 	s := sinktest.NewS3(b, "bench/")
-	r, err := Init(b.Context(), s, InitOptions{})
+	r, err := initStore(b.Context(), s, InitOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -56,7 +56,7 @@ func BenchmarkList10k(b *testing.B) {
 	}
 	b.Logf("committed %d backups in %v", n, time.Since(start))
 	c := &sinktest.Counting{Store: s}
-	rc, _ := Open(b.Context(), c)
+	rc, _ := openStore(b.Context(), c)
 	for b.Loop() {
 		c.Lists.Store(0)
 		c.Gets.Store(0)
@@ -105,7 +105,7 @@ func BenchmarkVerifyReadData(b *testing.B) {
 	} {
 		b.Run(st.name, func(b *testing.B) {
 			s := st.store()
-			r, err := Init(b.Context(), s, InitOptions{})
+			r, err := initStore(b.Context(), s, InitOptions{})
 			if err != nil {
 				b.Fatal(err)
 			}

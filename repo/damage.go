@@ -157,7 +157,7 @@ func (r *Repo) Damage(ctx context.Context) ([]*DamageRecord, map[string]bool, er
 // does not forget the others').
 func (r *Repo) recordDamage(ctx context.Context, obj, problem, quarantined string, backups []string, now time.Time) error {
 	key := damageKey(obj)
-	rec := &DamageRecord{Version: FormatVersion, Object: obj, Problem: problem, Found: now, Checked: now, Quarantined: quarantined}
+	rec := &DamageRecord{Version: formatVersion, Object: obj, Problem: problem, Found: now, Checked: now, Quarantined: quarantined}
 	old, err := r.readRecord(ctx, key)
 	switch {
 	case err == nil:

@@ -91,7 +91,7 @@ func TestSampledVerify(t *testing.T) {
 			const n = 1200
 			ds := commitDistinct(t, r, n)
 			rs := &readsStore{Store: base, reads: map[string]int{}}
-			rr, err := Open(ctx, rs)
+			rr, err := openStore(ctx, rs)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -226,7 +226,7 @@ func TestVerifyFailsLate(t *testing.T) {
 		}
 		return nil
 	}}
-	rf, err := Open(ctx, f)
+	rf, err := openStore(ctx, f)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,7 @@
 //
 //   - config: the repository's parameters (format version, id, chunk size,
 //     digest, compression, encryption and its password cost), written once
-//     by Init; keys/ holds the wrapped keys of an encrypted repository.
+//     by Options.Init; keys/ holds the wrapped keys of an encrypted repository.
 //   - chunk: a blob under chunks/<2 hex>/<64 hex>, named by the SHA-256
 //     of its plaintext (encrypted: its HMAC-SHA256 under the naming key).
 //     Chunks are shared by every backup that holds the same data; all-zero
@@ -26,9 +26,17 @@
 //     source's (--name).
 //   - lock: a shared or exclusive lock object under locks/; backups,
 //     restores, exports, verify and forget hold shared ones, gc the
-//     exclusive one while it deletes.
+//     exclusive one while it deletes. The protocol is package lock's
+//     (repo/lock); when gc may take its lock and what it deletes under it
+//     is gc.go's.
+//   - hold: a backup some holder (an instant restore) needs for a while,
+//     under holds/; forget keeps it, as it keeps a protected one.
 //   - damage record: what verify (or a reader) found damaged, under
 //     state/damage/; backups heal what it names.
+//
+// A repository is opened with Options.Open and created with Options.Init
+// (Options.OpenOrInit: created on first use); Options.Opened gives a store
+// already open (a wrapped one) instead of a location.
 //
 // Every object read is bounded by its kind (bounds.go) before it is read,
 // so a repository someone else wrote cannot make nbdmover read without

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"sort"
 	"strings"
 	"time"
@@ -190,14 +191,14 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 	if err := p.Validate(); err != nil {
 		return nil, err
 	}
-	var lock *Lock
+	var held *lock.Lock
 	if !dryRun {
-		l, lctx, err := r.Lock(ctx, LockShared, "forget", nil)
+		l, lctx, err := r.Lock(ctx, lock.Shared, "forget", nil)
 		if err != nil {
 			return nil, err
 		}
 		defer l.Release()
-		lock, ctx = l, lctx
+		held, ctx = l, lctx
 	}
 	ms, skipped, err := r.Backups(ctx, domain)
 	if err != nil {
@@ -239,7 +240,7 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 				continue
 			}
 			if !dryRun {
-				if err := r.forgetOne(ctx, lock, d, dec.ID); err != nil {
+				if err := r.forgetOne(ctx, held, d, dec.ID); err != nil {
 					if errors.Is(err, errProtected) {
 						res.Decisions[i].Keep, res.Decisions[i].Reason = true, "protected"
 						res.Kept++
@@ -262,7 +263,7 @@ var errProtected = errors.New("protected")
 // second look after the deletion, and the manifest is put back, byte for
 // byte: under forget's shared lock (checked first, like a commit) no gc
 // has swept meanwhile.
-func (r *Repo) forgetOne(ctx context.Context, lock *Lock, domain, id string) error {
+func (r *Repo) forgetOne(ctx context.Context, held *lock.Lock, domain, id string) error {
 	protected := func() (bool, error) {
 		_, err := r.store.Stat(ctx, protectKey(domain, id))
 		if isNotFound(err) {
@@ -291,9 +292,9 @@ func (r *Repo) forgetOne(ctx context.Context, lock *Lock, domain, id string) err
 	if !p && err == nil {
 		return nil
 	}
-	deadline, cerr := lock.Check(ctx)
+	deadline, cerr := held.Check(ctx)
 	if cerr == nil {
-		cctx, cancel := WithDeadline(ctx, deadline)
+		cctx, cancel := lock.WithDeadline(ctx, deadline)
 		cerr = r.store.Create(cctx, key, blob)
 		cancel()
 	}
@@ -329,7 +330,7 @@ func (r *Repo) Protect(ctx context.Context, domain, id string, on bool) error {
 	if !on {
 		return r.store.Delete(ctx, key)
 	}
-	return r.mark(ctx, domain, id, key, protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()})
+	return r.mark(ctx, domain, id, key, protection{Version: formatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()})
 }
 
 // Holds: holds/<domain>/<rank>-<id>/<holder>, a meta blob of JSON, one
@@ -351,11 +352,10 @@ type holdMarker struct {
 // '_', '-'), or with on false releases that hold (releasing one that is
 // not there is no error).
 func (r *Repo) Hold(ctx context.Context, domain, id, holder string, on bool) error {
-	if err := ValidName("holder", holder); err != nil {
-		return err
-	}
-	if err := ValidBackupID(id); err != nil {
-		return err
+	for _, err := range []error{ValidName("domain", domain), ValidName("holder", holder), ValidBackupID(id)} {
+		if err != nil {
+			return err
+		}
 	}
 	key := holdPrefix(domain, id) + holder
 	if !on {
@@ -368,7 +368,7 @@ func (r *Repo) Hold(ctx context.Context, domain, id, holder string, on bool) err
 	if _, err := r.Backup(ctx, domain, id); err != nil {
 		return err
 	}
-	return r.mark(ctx, domain, id, key, holdMarker{protection{Version: FormatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()}, holder})
+	return r.mark(ctx, domain, id, key, holdMarker{protection{Version: formatVersion, Domain: domain, ID: id, Protected: time.Now().UTC()}, holder})
 }
 
 // mark writes a protection marker or a hold at key and checks the backup

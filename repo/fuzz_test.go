@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"testing"
-	"time"
 
 	"github.com/nbdmover/nbdmover/sink"
 )
@@ -17,7 +16,7 @@ import (
 
 // fuzzRepo is a repository in memory whose config is sound.
 func fuzzRepo(t *testing.T) *Repo {
-	r, err := Init(context.Background(), sink.NewNull(), InitOptions{ChunkSize: 256 << 10})
+	r, err := initStore(context.Background(), sink.NewNull(), InitOptions{ChunkSize: 256 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,25 +24,25 @@ func fuzzRepo(t *testing.T) *Repo {
 }
 
 func FuzzConfig(f *testing.F) {
-	good, _ := json.Marshal(Config{Version: FormatVersion, ID: "0123456789abcdef0123456789abcdef", ChunkSize: 1 << 20, Digest: "sha256", Compression: "zstd"})
+	good, _ := json.Marshal(Config{Version: formatVersion, ID: "0123456789abcdef0123456789abcdef", ChunkSize: 1 << 20, Digest: "sha256", Compression: "zstd"})
 	f.Add(good)
 	f.Add([]byte(`{"version":2,"chunk_size":1048576,"digest":"hmac-sha256","compression":"zstd","encryption":{"cipher":"aes-256-gcm","names":"hmac-sha256","password_cost":{"time":1,"memory_kib":8192,"threads":1}}}`))
 	f.Add([]byte(`{"version":1}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		s := sink.NewNull()
 		s.Put(context.Background(), configKey, b)
-		r, err := Open(context.Background(), s)
+		r, err := openStore(context.Background(), s)
 		if err != nil {
 			return
 		}
-		if c := r.Config(); c.Version != FormatVersion || c.ChunkSize < 256<<10 || c.ChunkSize > 16<<20 || c.Encryption != nil {
+		if c := r.Config(); c.Version != formatVersion || c.ChunkSize < 256<<10 || c.ChunkSize > 16<<20 || c.Encryption != nil {
 			t.Fatalf("opened %+v", c)
 		}
 	})
 }
 
 func FuzzKeyObject(f *testing.F) {
-	o := keyObject{Version: FormatVersion, ID: "0123456789abcdef", Kind: "password", KDF: KDF{Name: kdfArgon2id, Time: 1, MemoryKiB: 8 << 10, Threads: 1, Salt: make([]byte, 16)}}
+	o := keyObject{Version: formatVersion, ID: "0123456789abcdef", Kind: "password", KDF: KDF{Name: kdfArgon2id, Time: 1, MemoryKiB: 8 << 10, Threads: 1, Salt: make([]byte, 16)}}
 	good, _ := json.Marshal(o)
 	f.Add(good)
 	f.Add([]byte(`{"version":2,"id":"0123456789abcdef","kind":"key-file","kdf":{"name":"hkdf-sha256","salt":"AAAAAAAAAAAAAAAAAAAAAA=="}}`))
@@ -61,27 +60,6 @@ func FuzzKeyObject(f *testing.F) {
 		// Deriving from it is bounded: the cap refuses what costs more.
 		if aboveCap(o, passwordCap(Config{})) == "" && (o.KDF.Time > 20 || o.KDF.MemoryKiB > 256<<10) {
 			t.Fatalf("a key object of cost %+v passes the cap", o.KDF)
-		}
-	})
-}
-
-func FuzzLock(f *testing.F) {
-	good, _ := json.Marshal(LockInfo{Version: FormatVersion, Kind: LockShared, ID: "0123456789abcdef", Host: "h", PID: 1, Heartbeat: time.Now()})
-	f.Add(good, true)
-	f.Add([]byte("garbage"), false)
-	f.Fuzz(func(t *testing.T, b []byte, asBlob bool) {
-		r := fuzzRepo(t)
-		key := lockKey(LockShared, "0123456789abcdef")
-		if asBlob {
-			b = r.encodeMeta(key, b)
-		}
-		r.store.Put(context.Background(), key, b)
-		l, err := r.readLock(context.Background(), sink.ObjectInfo{Key: key, Modified: time.Now()})
-		if err != nil {
-			t.Fatal(err) // an unreadable lock is a damaged lock, never an error
-		}
-		if l.Kind != LockShared || l.ID != "0123456789abcdef" {
-			t.Fatalf("accepted %+v", l)
 		}
 	})
 }
@@ -119,7 +97,7 @@ func FuzzDamageRecord(f *testing.F) {
 }
 
 func FuzzVerifiedState(f *testing.F) {
-	good, _ := json.Marshal(verifiedState{Version: FormatVersion, Parts: sampleParts, Read: make([]int64, sampleParts)})
+	good, _ := json.Marshal(verifiedState{Version: formatVersion, Parts: sampleParts, Read: make([]int64, sampleParts)})
 	f.Add(good)
 	f.Add([]byte(`{"version":2,"parts":4096,"read":[1,2]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {

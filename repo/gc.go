@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/nbdmover/nbdmover/repo/index"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"io"
 	"log/slog"
 	"os"
@@ -126,18 +127,18 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	defer spill.Close()
 	hold.At("gc-candidates")
 
-	var lock *Lock
+	var held *lock.Lock
 	if !o.DryRun {
 		if err := g.awaitQuiet(ctx); err != nil {
 			return nil, err
 		}
 		o.Log.Info("gc: taking the exclusive lock for the sweep")
 		var lctx context.Context
-		lock, lctx, err = r.Lock(ctx, LockExclusive, "gc", o.Log)
+		held, lctx, err = r.Lock(ctx, lock.Exclusive, "gc", o.Log)
 		if err != nil {
 			return nil, err
 		}
-		defer lock.Release()
+		defer held.Release()
 		ctx = lctx
 	}
 	hold.At("gc-locked")
@@ -152,13 +153,13 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	}
 	g.res.Backups = g.backups()
 	g.res.Late = g.res.Backups - before
-	if err := g.sweep(ctx, spill, lock); err != nil {
+	if err := g.sweep(ctx, spill, held); err != nil {
 		return g.res, err
 	}
-	if err := g.catalogs(ctx, keys, lock); err != nil {
+	if err := g.catalogs(ctx, keys, held); err != nil {
 		return g.res, err
 	}
-	if err := g.damage(ctx, lock); err != nil {
+	if err := g.damage(ctx, held); err != nil {
 		return g.res, err
 	}
 	if !o.DryRun {
@@ -184,13 +185,13 @@ func (g *gc) awaitQuiet(ctx context.Context) error {
 			return err
 		}
 		busy := 0
-		var export *LockInfo
+		var export *lock.Info
 		for _, l := range locks {
-			if l.Kind == LockShared && l.Stale(time.Now()) == "" {
+			if l.Kind == lock.Shared && l.Stale(time.Now()) == "" {
 				if l.Damaged != "" {
-					return damagedShared(g.r, l)
+					return g.r.locks.DamagedShared(l)
 				}
-				if _, ok := ExportedBackup(l.Purpose); ok && export == nil {
+				if _, ok := lock.ExportedBackup(l.Purpose); ok && export == nil {
 					export = l
 				}
 				busy++
@@ -204,7 +205,7 @@ func (g *gc) awaitQuiet(ctx context.Context) error {
 				// An export may serve for days: the exclusive lock would
 				// wait for it while new backups wait behind it.
 				return fmt.Errorf("%w: %s serves a backup (an NBD export): stop it, or run gc when no export is running",
-					ErrLocked, export.Holder())
+					lock.ErrLocked, export.Holder())
 			}
 			return nil
 		}
@@ -213,8 +214,10 @@ func (g *gc) awaitQuiet(ctx context.Context) error {
 				"running", busy, "patience", g.o.Patience)
 			logged = true
 		}
-		if err := sleep(ctx, lockTiming.Poll); err != nil {
-			return err
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(lock.Timing.Poll):
 		}
 	}
 }
@@ -483,7 +486,7 @@ func (g *gc) referenced(kind byte, key string, d chunker.Digest) bool {
 
 // sweep deletes the candidates no backup references now, in batches,
 // checking before each that the exclusive lock still holds.
-func (g *gc) sweep(ctx context.Context, spill *os.File, lock *Lock) error {
+func (g *gc) sweep(ctx context.Context, spill *os.File, held *lock.Lock) error {
 	rd := bufio.NewReaderSize(spill, 1<<20)
 	var rec [candRecord]byte
 	const batch = 8192
@@ -494,12 +497,12 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, lock *Lock) error {
 		if len(keys) == 0 {
 			return nil
 		}
-		if lock != nil {
-			deadline, err := lock.Check(ctx)
+		if held != nil {
+			deadline, err := held.Check(ctx)
 			if err != nil {
 				return err
 			}
-			dctx, cancel := WithDeadline(ctx, deadline)
+			dctx, cancel := lock.WithDeadline(ctx, deadline)
 			err = sink.DeleteMany(dctx, g.r.store, keys, g.o.Parallel, nil)
 			cancel()
 			if err != nil {
@@ -549,7 +552,7 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, lock *Lock) error {
 
 // catalogs deletes the catalogs of domains that have no backup left
 // (keys: every manifest).
-func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, lock *Lock) error {
+func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, held *lock.Lock) error {
 	domains := map[string]bool{}
 	for _, k := range keys {
 		if d, _, ok := parseManifestKey(k.Key); ok {
@@ -566,10 +569,10 @@ func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, lock *Lock) e
 		return err
 	}
 	g.res.Catalogs = len(dead)
-	if lock == nil || len(dead) == 0 {
+	if held == nil || len(dead) == 0 {
 		return nil
 	}
-	if _, err := lock.Check(ctx); err != nil {
+	if _, err := held.Check(ctx); err != nil {
 		return err
 	}
 	return sink.DeleteMany(ctx, g.r.store, dead, g.o.Parallel, nil)
@@ -582,7 +585,7 @@ func (g *gc) catalogs(ctx context.Context, keys []sink.ObjectInfo, lock *Lock) e
 // references it: without it a later backup would deduplicate against the
 // damaged copy. (A dry run, which deleted nothing, counts only the records
 // of objects gone already.)
-func (g *gc) damage(ctx context.Context, lock *Lock) error {
+func (g *gc) damage(ctx context.Context, held *lock.Lock) error {
 	recs, err := g.r.damageRecords(ctx)
 	if err != nil {
 		return err
@@ -629,10 +632,10 @@ func (g *gc) damage(ctx context.Context, lock *Lock) error {
 		return err
 	}
 	g.res.Quarantine = len(copies)
-	if lock == nil || len(dead)+len(copies) == 0 {
+	if held == nil || len(dead)+len(copies) == 0 {
 		return nil
 	}
-	if _, err := lock.Check(ctx); err != nil {
+	if _, err := held.Check(ctx); err != nil {
 		return err
 	}
 	return sink.DeleteMany(ctx, g.r.store, append(dead, copies...), g.o.Parallel, nil)

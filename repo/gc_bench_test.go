@@ -77,7 +77,7 @@ func BenchmarkGCTenMillionChunks(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	r, err := Init(ctx, local, InitOptions{})
+	r, err := initStore(ctx, local, InitOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -97,7 +97,7 @@ func BenchmarkGCTenMillionChunks(b *testing.B) {
 		}
 		ref.Objects = append(ref.Objects, key)
 	}
-	m := &Manifest{Version: FormatVersion, ID: NewBackupID(time.Now(), ""), Domain: "big", Mode: "full", Source: "nbd",
+	m := &Manifest{Version: formatVersion, ID: NewBackupID(time.Now(), ""), Domain: "big", Mode: "full", Source: "nbd",
 		Consistency: "crash-consistent", ChunkSize: cs, Compression: "zstd",
 		Disks: []DiskManifest{{Name: "vda", Size: size, Mode: "full", Index: []IndexRef{ref}, Chunks: int64(n)}}}
 	js, _ := json.Marshal(m)
@@ -142,7 +142,7 @@ func TestGCHelper(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := Open(t.Context(), &synthChunks{Store: local, n: n + n/10})
+	r, err := openStore(t.Context(), &synthChunks{Store: local, n: n + n/10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +189,7 @@ func BenchmarkGCDelete(b *testing.B) {
 				if where == "s3-per-key" {
 					s = hideBatch{s} // one DELETE request per key, 8 in flight
 				}
-				r, err := Init(b.Context(), s, InitOptions{})
+				r, err := initStore(b.Context(), s, InitOptions{})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -248,7 +248,7 @@ func BenchmarkGCRepository(b *testing.B) {
 				s = s3
 				location = "s3://" + strings.SplitN(strings.TrimPrefix(s3.Location(), "s3://"), "/", 2)[0]
 			}
-			r, err := Init(ctx, sink.Retry(sink.Limit(s, 32), sink.DefaultRetry), InitOptions{ChunkSize: 256 << 10})
+			r, err := initStore(ctx, sink.Retry(sink.Limit(s, 32), sink.DefaultRetry), InitOptions{ChunkSize: 256 << 10})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -325,7 +325,7 @@ func gcReal(t *testing.T, location string) {
 		t.Fatal(err)
 	}
 	c := &sinktest.Counting{Store: store}
-	r, err := Open(t.Context(), c)
+	r, err := openStore(t.Context(), c)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,10 +2,13 @@ package repo
 
 import (
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/nbdmover/nbdmover/internal/liveness"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -362,17 +365,25 @@ func TestHolds(t *testing.T) {
 	}
 }
 
+func lockKey(kind, id string) string { return "locks/" + kind + "-" + id }
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	crand.Read(b)
+	return hex.EncodeToString(b)
+}
+
 // shortLocks shortens the lock timing for a test.
 func shortLocks(t *testing.T, refresh, stale, margin time.Duration) {
-	saved := lockTiming
-	lockTiming.Refresh, lockTiming.Stale, lockTiming.Margin, lockTiming.Poll = refresh, stale, margin, 20*time.Millisecond
-	t.Cleanup(func() { lockTiming = saved })
+	saved := lock.Timing
+	lock.Timing.Refresh, lock.Timing.Stale, lock.Timing.Margin, lock.Timing.Poll = refresh, stale, margin, 20*time.Millisecond
+	t.Cleanup(func() { lock.Timing = saved })
 }
 
 // putLock writes a lock object as another process would.
-func putLock(t *testing.T, r *Repo, l LockInfo) {
+func putLock(t *testing.T, r *Repo, l lock.Info) (id string) {
 	t.Helper()
-	l.Version = FormatVersion
+	l.Version = formatVersion
 	if l.ID == "" {
 		l.ID = randomHex(8)
 	}
@@ -380,6 +391,7 @@ func putLock(t *testing.T, r *Repo, l LockInfo) {
 	if err := r.Store().Put(t.Context(), lockKey(l.Kind, l.ID), r.encodeMeta(lockKey(l.Kind, l.ID), b)); err != nil {
 		t.Fatal(err)
 	}
+	return l.ID
 }
 
 // Who blocks whom, and when a lock is stale: a live lock of another host
@@ -393,31 +405,32 @@ func TestLockStaleness(t *testing.T) {
 
 	dead := exec.Command("true")
 	dead.Run()
-	putLock(t, r, LockInfo{Kind: LockShared, Purpose: "backup crashed", Host: host, Machine: liveness.MachineID(), PID: dead.Process.Pid,
+	putLock(t, r, lock.Info{Kind: lock.Shared, Purpose: "backup crashed", Host: host, Machine: liveness.MachineID(), PID: dead.Process.Pid,
 		Started: time.Now(), Heartbeat: time.Now()})
-	l, _, err := r.Lock(ctx, LockExclusive, "gc", nil)
+	l, _, err := r.Lock(ctx, lock.Exclusive, "gc", nil)
 	if err != nil {
 		t.Fatalf("a dead process's lock blocks: %v", err)
 	}
 	l.Release()
 
-	putLock(t, r, LockInfo{Kind: LockShared, Purpose: "backup elsewhere", Host: "other-host", PID: 1,
+	elsewhere := putLock(t, r, lock.Info{Kind: lock.Shared, Purpose: "backup elsewhere", Host: "other-host", PID: 1,
 		Started: time.Now(), Heartbeat: time.Now()})
 	tctx, cancel := context.WithTimeout(ctx, 150*time.Millisecond)
-	if _, _, err := r.Lock(tctx, LockExclusive, "gc", nil); err == nil {
+	if _, _, err := r.Lock(tctx, lock.Exclusive, "gc", nil); err == nil {
 		t.Fatal("gc went past a live lock of another host")
 	}
 	cancel()
 	// Once its heartbeat is old it is stale, and gc records it as broken.
 	start := time.Now()
-	l, _, err = r.Lock(ctx, LockExclusive, "gc", nil)
-	if err != nil || time.Since(start) < 100*time.Millisecond || len(l.broken) != 2 {
-		t.Fatalf("gc past a stale lock: %v after %v, broken %v", err, time.Since(start), l.broken)
+	l, _, err = r.Lock(ctx, lock.Exclusive, "gc", nil)
+	_, serr := r.store.Stat(ctx, "locks/broken-"+elsewhere)
+	if err != nil || time.Since(start) < 100*time.Millisecond || serr != nil {
+		t.Fatalf("gc past a stale lock: %v after %v; its tombstone: %v", err, time.Since(start), serr)
 	}
 	// A shared locker waits while the exclusive lock is held.
 	got := make(chan error, 1)
 	go func() {
-		s, _, err := r.Lock(ctx, LockShared, "backup", nil)
+		s, _, err := r.Lock(ctx, lock.Shared, "backup", nil)
 		if err == nil {
 			s.Release()
 		}
@@ -435,7 +448,7 @@ func TestLockStaleness(t *testing.T) {
 	r.Unlock(ctx, true)
 
 	// A holder that a gc took for stale finds out before committing.
-	s, _, err := r.Lock(ctx, LockShared, "backup", nil)
+	s, _, err := r.Lock(ctx, lock.Shared, "backup", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,10 +457,10 @@ func TestLockStaleness(t *testing.T) {
 		t.Fatal(err)
 	}
 	// ... also once that gc is gone.
-	if err := r.breakLock(ctx, &s.info, "test", "a gc elsewhere"); err != nil {
+	if err := r.putMeta(ctx, "locks/broken-"+s.Info().ID, map[string]string{"why": "test", "by": "a gc elsewhere"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Check(ctx); !errors.Is(err, ErrLockLost) {
+	if _, err := s.Check(ctx); !errors.Is(err, lock.ErrLost) {
 		t.Fatalf("check of a broken lock: %v", err)
 	}
 }
@@ -458,7 +471,7 @@ func TestLockRemovedIsLost(t *testing.T) {
 	shortLocks(t, 20*time.Millisecond, time.Second, 200*time.Millisecond)
 	ctx := t.Context()
 	r := initTestRepo(t, localStore(t))
-	l, lctx, err := r.Lock(ctx, LockShared, "backup", nil)
+	l, lctx, err := r.Lock(ctx, lock.Shared, "backup", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -472,7 +485,7 @@ func TestLockRemovedIsLost(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the lock's context did not end")
 	}
-	if !errors.Is(context.Cause(lctx), ErrLockLost) {
+	if !errors.Is(context.Cause(lctx), lock.ErrLost) {
 		t.Fatalf("cause: %v", context.Cause(lctx))
 	}
 	l.Release()
@@ -480,7 +493,7 @@ func TestLockRemovedIsLost(t *testing.T) {
 		t.Fatalf("the removed lock came back: %v", locks)
 	}
 	// A damaged lock object is stale by its modification time.
-	r.Store().Put(ctx, lockKey(LockExclusive, randomHex(8)), []byte("garbage"))
+	r.Store().Put(ctx, lockKey(lock.Exclusive, randomHex(8)), []byte("garbage"))
 	locks, err := r.Locks(ctx)
 	if err != nil || len(locks) != 1 || locks[0].Damaged == "" || locks[0].Stale(time.Now()) != "" ||
 		locks[0].Stale(time.Now().Add(2*time.Second)) == "" {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"strings"
 	"testing"
 	"time"
@@ -84,7 +85,7 @@ func TestObjectsOverTheirBound(t *testing.T) {
 			}
 			verify(obj)
 			// An oversized lock is a damaged lock, not a failure of Locks.
-			lk := lockKey(LockShared, randomHex(8))
+			lk := lockKey(lock.Shared, randomHex(8))
 			if err := s.Put(ctx, lk, make([]byte, maxSmallObject+blobOverhead+1)); err != nil {
 				t.Fatal(err)
 			}
@@ -96,7 +97,7 @@ func TestObjectsOverTheirBound(t *testing.T) {
 			if err := s.Put(ctx, configKey, make([]byte, maxSmallObject+1)); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := Open(ctx, s); !errors.Is(err, sink.ErrDamaged) || !strings.Contains(err.Error(), "config") {
+			if _, err := openStore(ctx, s); !errors.Is(err, sink.ErrDamaged) || !strings.Contains(err.Error(), "config") {
 				t.Fatalf("open with an oversized config: %v", err)
 			}
 		})
@@ -108,7 +109,7 @@ func TestObjectsOverTheirBound(t *testing.T) {
 func TestMetaBlobBoundedPlaintext(t *testing.T) {
 	r := initTestRepo(t, localStore(t))
 	plain := bytes.Repeat([]byte{'{'}, maxSmallObject*4)
-	key := lockKey(LockShared, randomHex(8))
+	key := lockKey(lock.Shared, randomHex(8))
 	blob := r.meta.Encode(nil, plain, key)
 	if len(blob) > maxSmallObject {
 		t.Fatalf("the bomb is %d bytes", len(blob))
@@ -120,13 +121,13 @@ func TestMetaBlobBoundedPlaintext(t *testing.T) {
 
 // A lock that cannot be read holds the repository only briefly, even when
 // its writer keeps touching it: a damaged exclusive lock is gone past
-// (tombstoned) after lockTiming.Damaged; a damaged shared lock makes gc
+// (tombstoned) after lock.Timing.Damaged; a damaged shared lock makes gc
 // fail at once, naming it, rather than wait with every backup queued
 // behind it (or go past what may be a live backup's lock); unlock removes
 // both. A heartbeat from the future counts from when it was first seen.
 func TestDamagedLockCannotHoldRepository(t *testing.T) {
 	shortLocks(t, 50*time.Millisecond, 2*time.Second, 10*time.Millisecond)
-	lockTiming.Damaged = 300 * time.Millisecond
+	lock.Timing.Damaged = 300 * time.Millisecond
 	for _, st := range hostileStores {
 		t.Run(st.name, func(t *testing.T) {
 			ctx := t.Context()
@@ -145,23 +146,24 @@ func TestDamagedLockCannotHoldRepository(t *testing.T) {
 				time.Sleep(50 * time.Millisecond)
 				return key, cancel
 			}
-			key, stop := garbage(LockExclusive)
+			key, stop := garbage(lock.Exclusive)
 			start := time.Now()
-			l, _, err := r.Lock(ctx, LockShared, "backup", nil)
-			if err != nil || time.Since(start) > 5*time.Second || !l.broken[key[strings.LastIndex(key, "-")+1:]] {
+			l, _, err := r.Lock(ctx, lock.Shared, "backup", nil)
+			_, serr := s.Stat(ctx, "locks/broken-"+key[strings.LastIndex(key, "-")+1:]) // its tombstone
+			if err != nil || time.Since(start) > 5*time.Second || serr != nil {
 				t.Fatalf("a shared lock beside a garbage exclusive lock: %v after %v", err, time.Since(start))
 			}
 			l.Release()
 			stop()
 			r.Unlock(ctx, true)
 
-			key, stop = garbage(LockShared)
+			key, stop = garbage(lock.Shared)
 			start = time.Now()
-			_, _, err = r.Lock(ctx, LockExclusive, "gc", nil)
-			if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), key) || !strings.Contains(err.Error(), "nbdmover unlock") || time.Since(start) > 5*time.Second {
+			_, _, err = r.Lock(ctx, lock.Exclusive, "gc", nil)
+			if !errors.Is(err, lock.ErrLocked) || !strings.Contains(err.Error(), key) || !strings.Contains(err.Error(), "nbdmover unlock") || time.Since(start) > 5*time.Second {
 				t.Fatalf("gc's lock beside a garbage shared lock: %v after %v", err, time.Since(start))
 			}
-			if _, err := r.GC(ctx, GCOptions{Grace: time.Nanosecond}); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), key) {
+			if _, err := r.GC(ctx, GCOptions{Grace: time.Nanosecond}); !errors.Is(err, lock.ErrLocked) || !strings.Contains(err.Error(), key) {
 				t.Fatalf("gc beside a garbage shared lock: %v", err)
 			}
 			stop()
@@ -170,11 +172,11 @@ func TestDamagedLockCannotHoldRepository(t *testing.T) {
 			}
 
 			// A readable lock whose heartbeat is years ahead.
-			putLock(t, r, LockInfo{Kind: LockExclusive, Purpose: "gc from the future", Host: "other-host", PID: 1,
+			putLock(t, r, lock.Info{Kind: lock.Exclusive, Purpose: "gc from the future", Host: "other-host", PID: 1,
 				Started: time.Now(), Heartbeat: time.Now().AddDate(10, 0, 0)})
 			start = time.Now()
-			l, _, err = r.Lock(ctx, LockShared, "backup", nil)
-			if err != nil || time.Since(start) < lockTiming.Stale || time.Since(start) > 10*time.Second {
+			l, _, err = r.Lock(ctx, lock.Shared, "backup", nil)
+			if err != nil || time.Since(start) < lock.Timing.Stale || time.Since(start) > 10*time.Second {
 				t.Fatalf("a shared lock beside a lock from the future: %v after %v", err, time.Since(start))
 			}
 			l.Release()
@@ -183,17 +185,17 @@ func TestDamagedLockCannotHoldRepository(t *testing.T) {
 }
 
 // Every wait for a lock ends: a shared locker behind a live exclusive lock,
-// and an exclusive locker behind a live shared lock, fail with ErrLocked
-// naming the holder once lockTiming.Wait has passed.
+// and an exclusive locker behind a live shared lock, fail with lock.ErrLocked
+// naming the holder once lock.Timing.Wait has passed.
 func TestLockWaitsHaveDeadlines(t *testing.T) {
 	shortLocks(t, 50*time.Millisecond, time.Hour, 10*time.Millisecond)
-	lockTiming.Wait = 400 * time.Millisecond
+	lock.Timing.Wait = 400 * time.Millisecond
 	ctx := t.Context()
 	r := initTestRepo(t, localStore(t))
-	for _, c := range []struct{ held, want string }{{LockExclusive, LockShared}, {LockShared, LockExclusive}} {
-		putLock(t, r, LockInfo{Kind: c.held, Purpose: "work elsewhere", Host: "other-host", PID: 1, Started: time.Now(), Heartbeat: time.Now()})
+	for _, c := range []struct{ held, want string }{{lock.Exclusive, lock.Shared}, {lock.Shared, lock.Exclusive}} {
+		putLock(t, r, lock.Info{Kind: c.held, Purpose: "work elsewhere", Host: "other-host", PID: 1, Started: time.Now(), Heartbeat: time.Now()})
 		_, _, err := r.Lock(ctx, c.want, "test", nil)
-		if !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "work elsewhere") || !strings.Contains(err.Error(), "other-host") {
+		if !errors.Is(err, lock.ErrLocked) || !strings.Contains(err.Error(), "work elsewhere") || !strings.Contains(err.Error(), "other-host") {
 			t.Fatalf("%s lock behind a live %s lock: %v", c.want, c.held, err)
 		}
 		r.Unlock(ctx, true)
@@ -204,7 +206,7 @@ func TestLockWaitsHaveDeadlines(t *testing.T) {
 // Argon2id cost, wrapping nothing that opens.
 func plantKey(t *testing.T, r *Repo, cost Cost, created time.Time) string {
 	t.Helper()
-	o := &keyObject{Version: FormatVersion, ID: newKeyID(), Repository: r.cfg.ID, Kind: "password", Created: created,
+	o := &keyObject{Version: formatVersion, ID: newKeyID(), Repository: r.cfg.ID, Kind: "password", Created: created,
 		KDF:   KDF{Name: kdfArgon2id, Time: cost.Time, MemoryKiB: cost.MemoryKiB, Threads: cost.Threads, Salt: make([]byte, 16)},
 		Check: make([]byte, 16), Nonce: make([]byte, 12), Wrapped: make([]byte, masterLen+16)}
 	if err := putKeyObject(t.Context(), r.store, o); err != nil {

@@ -315,7 +315,7 @@ func sealKey(repository, kind, label string, kdf KDF, credential, master []byte)
 		return nil, err
 	}
 	defer clear(wrap)
-	o := &keyObject{Version: FormatVersion, ID: newKeyID(), Repository: repository, Kind: kind, Label: label,
+	o := &keyObject{Version: formatVersion, ID: newKeyID(), Repository: repository, Kind: kind, Label: label,
 		Created: time.Now().UTC(), KDF: kdf, Check: check, Nonce: make([]byte, 12)}
 	rand.Read(o.Nonce)
 	o.Wrapped = gcm(wrap).Seal(nil, o.Nonce, master, wrapAAD(repository, o.ID))
@@ -367,7 +367,7 @@ func readKeyObject(ctx context.Context, store sink.Store, key string) (*keyObjec
 		return nil, fmt.Errorf("key object %s is damaged: %v", key, err)
 	}
 	kdf := map[string]string{"password": kdfArgon2id, "key-file": kdfHKDF}[o.Kind]
-	if o.Version != FormatVersion || keyObjectKey(o.ID) != key || kdf == "" || o.KDF.Name != kdf {
+	if o.Version != formatVersion || keyObjectKey(o.ID) != key || kdf == "" || o.KDF.Name != kdf {
 		return nil, fmt.Errorf("key object %s is damaged: version %d, id %q, kind %q, derivation %q", key, o.Version, o.ID, o.Kind, o.KDF.Name)
 	}
 	return &o, nil

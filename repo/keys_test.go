@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"hash/crc32"
 	"os"
 	"path/filepath"
@@ -35,7 +36,7 @@ func passwordKeys(t *testing.T, pw string) *Keys {
 
 func initEncrypted(t *testing.T, s sink.Store, pw string) *Repo {
 	t.Helper()
-	r, err := Init(t.Context(), s, InitOptions{ChunkSize: 256 << 10, Keys: passwordKeys(t, pw)})
+	r, err := initStore(t.Context(), s, InitOptions{ChunkSize: 256 << 10, Keys: passwordKeys(t, pw)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +115,7 @@ func TestEncryptedRepository(t *testing.T) {
 				t.Fatalf("verify: %+v %v", rep, err)
 			}
 			// Locks are encrypted like everything else.
-			l, _, err := r2.Lock(ctx, LockShared, "verify", nil)
+			l, _, err := r2.Lock(ctx, lock.Shared, "verify", nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -134,7 +135,7 @@ func TestEncryptedRepository(t *testing.T) {
 				t.Fatalf("plain repository opened with a password: %v", err)
 			}
 			// OpenOrInit with keys never creates a repository.
-			if _, _, err := OpenOrInit(ctx, localStore(t), InitOptions{Keys: passwordKeys(t, "x")}); !errors.Is(err, ErrNoRepository) {
+			if _, _, err := openOrInitStore(ctx, localStore(t), InitOptions{Keys: passwordKeys(t, "x")}); !errors.Is(err, ErrNoRepository) {
 				t.Fatalf("OpenOrInit with keys on an empty store: %v", err)
 			}
 		})

@@ -189,7 +189,7 @@ func (r *Repo) loadCatalog(ctx context.Context, key, domain string) (*catalog, e
 	if err := r.getMeta(ctx, key, &c); err != nil {
 		return nil, err
 	}
-	if c.Version != FormatVersion || c.Domain != domain {
+	if c.Version != formatVersion || c.Domain != domain {
 		return nil, fmt.Errorf("%s: catalog of format %d for %s", key, c.Version, c.Domain)
 	}
 	for k, m := range c.Manifests {
@@ -281,7 +281,7 @@ func (r *Repo) UpdateCatalog(ctx context.Context, domain string) error {
 	for _, o := range keys {
 		sizes[o.Key] = o.Size
 	}
-	c := catalog{Version: FormatVersion, Domain: domain, Manifests: map[string]*Manifest{}, Sizes: map[string]int64{}}
+	c := catalog{Version: formatVersion, Domain: domain, Manifests: map[string]*Manifest{}, Sizes: map[string]int64{}}
 	for _, m := range ms {
 		c.Manifests[m.Key()], c.Sizes[m.Key()] = m, sizes[m.Key()]
 	}

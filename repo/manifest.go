@@ -142,7 +142,7 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 	if err := ValidBackupID(m.ID); err != nil {
 		return err
 	}
-	m.Version = FormatVersion
+	m.Version = formatVersion
 	m.ChunkSize = r.cfg.ChunkSize
 	m.Files = map[string]string{}
 	for name, data := range files {
@@ -218,8 +218,8 @@ func unmarshalManifest(b []byte) (*Manifest, error) {
 	var version struct {
 		Version int `json:"version"`
 	}
-	if err := json.Unmarshal(b, &version); err == nil && version.Version != FormatVersion {
-		return nil, fmt.Errorf("manifest format %d; this nbdmover reads format %d", version.Version, FormatVersion)
+	if err := json.Unmarshal(b, &version); err == nil && version.Version != formatVersion {
+		return nil, fmt.Errorf("manifest format %d; this nbdmover reads format %d", version.Version, formatVersion)
 	}
 	var m Manifest
 	if err := strictUnmarshal(b, &m); err != nil {
@@ -234,8 +234,8 @@ func unmarshalManifest(b []byte) (*Manifest, error) {
 // check checks what a manifest says of itself: its version, names, index
 // chains and file keys.
 func (m *Manifest) check() error {
-	if m.Version != FormatVersion {
-		return fmt.Errorf("manifest format %d; this nbdmover reads format %d", m.Version, FormatVersion)
+	if m.Version != formatVersion {
+		return fmt.Errorf("manifest format %d; this nbdmover reads format %d", m.Version, formatVersion)
 	}
 	if err := ValidName("domain", m.Domain); err != nil {
 		return fmt.Errorf("damaged manifest: %w", err)

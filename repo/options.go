@@ -18,10 +18,16 @@ type Options struct {
 	// Keys open an encrypted repository (nil: it must not be encrypted).
 	// One Keys derives once: every Open after the first reuses the key.
 	Keys *Keys
+	// Opened, when set, is the store to use instead of opening Location
+	// (a store wrapped for a test or a benchmark).
+	Opened sink.Store
 }
 
 // Store opens the store the repository lives in (without contacting it).
 func (o Options) Store() (sink.Store, error) {
+	if o.Opened != nil {
+		return o.Opened, nil
+	}
 	return sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region,
 		S3PathStyle: o.S3PathStyle, Retry: o.Retry})
 }
@@ -44,7 +50,7 @@ func (o Options) Init(ctx context.Context, io InitOptions) (*Repo, error) {
 	if io.Keys == nil {
 		io.Keys = o.Keys
 	}
-	return Init(ctx, s, io)
+	return initStore(ctx, s, io)
 }
 
 // OpenOrInit opens the repository, creating it with io on first use, and
@@ -55,5 +61,5 @@ func (o Options) OpenOrInit(ctx context.Context, io InitOptions) (*Repo, bool, e
 		return nil, false, err
 	}
 	io.Keys = o.Keys
-	return OpenOrInit(ctx, s, io)
+	return openOrInitStore(ctx, s, io)
 }

@@ -8,16 +8,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"github.com/nbdmover/nbdmover/sink"
 )
 
-// FormatVersion is the repository format this code reads and writes
+// formatVersion is the repository format this code reads and writes
 // (Migrate converts format 1).
-const FormatVersion = 2
+const formatVersion = 2
 
 const configKey = "config"
 
@@ -44,8 +44,8 @@ type InitOptions struct {
 // ErrNoRepository: the store holds no repository config.
 var ErrNoRepository = errors.New("no nbdmover repository here")
 
-// ErrFormat1: the repository is of format 1, which Migrate converts.
-var ErrFormat1 = errors.New("the repository is of format 1, this nbdmover reads format 2")
+// errFormat1: the repository is of format 1, which Migrate converts.
+var errFormat1 = errors.New("the repository is of format 1, this nbdmover reads format 2")
 
 // ErrExists: Init found a repository already.
 var ErrExists = errors.New("a repository already exists here")
@@ -57,19 +57,14 @@ type Repo struct {
 	codec *chunker.Codec // chunks
 	meta  *chunker.Codec // indexes, manifests, catalogs, files, locks
 	keys  *unlocked      // an encrypted repository's master keys; nil when not encrypted
-	seen  *seenLocks     // damaged locks: when this process first saw each (shared by views)
+	locks *lock.Locks    // shared by views (which keep store and meta)
 }
 
-type seenLocks struct {
-	mu sync.Mutex
-	at map[string]time.Time
-}
-
-// Init creates a repository in store (and its bucket, for S3). It refuses
+// initStore creates a repository in store (and its bucket, for S3). It refuses
 // to touch a store that already has a config: the config is created with
 // a conditional write (sink.Store.Create), so of two hosts initialising
 // one store at once, one wins and the other gets ErrExists.
-func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
+func initStore(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	if o.ChunkSize == 0 {
 		o.ChunkSize = chunker.DefaultChunkSize
 	}
@@ -84,7 +79,7 @@ func Init(ctx context.Context, store sink.Store, o InitOptions) (*Repo, error) {
 	}
 	id := make([]byte, 16)
 	rand.Read(id)
-	cfg := Config{Version: FormatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
+	cfg := Config{Version: formatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
 		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String()}
 	if o.Keys != nil {
 		cfg.Digest, cfg.Encryption = namesHMAC, &Encryption{Cipher: cipherName, Names: namesHMAC,
@@ -182,8 +177,8 @@ func (r *Repo) Recheck(ctx context.Context) error {
 	return nil
 }
 
-// Open opens the repository in store, which must not be encrypted.
-func Open(ctx context.Context, store sink.Store) (*Repo, error) {
+// openStore opens the repository in store, which must not be encrypted.
+func openStore(ctx context.Context, store sink.Store) (*Repo, error) {
 	return openKeys(ctx, store, nil)
 }
 
@@ -205,10 +200,10 @@ func openKeys(ctx context.Context, store sink.Store, keys *Keys) (*Repo, error) 
 // openConfig opens the repository whose config, read as raw, is cfg.
 func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, raw []byte) (*Repo, error) {
 	if cfg.Version == 1 {
-		return nil, fmt.Errorf("%s: %w: run nbdmover migrate --repo ... once (safe to interrupt and to run again)", store.Location(), ErrFormat1)
+		return nil, fmt.Errorf("%s: %w: run nbdmover migrate --repo ... once (safe to interrupt and to run again)", store.Location(), errFormat1)
 	}
-	if cfg.Version != FormatVersion {
-		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads format %d", store.Location(), cfg.Version, FormatVersion)
+	if cfg.Version != formatVersion {
+		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads format %d", store.Location(), cfg.Version, formatVersion)
 	}
 	r, err := newRepo(store, cfg)
 	if err != nil {
@@ -234,7 +229,7 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 	return r, nil
 }
 
-// OpenOrInit opens the repository, creating it (and its bucket) with o
+// openOrInitStore opens the repository, creating it (and its bucket) with o
 // when the store has none, and says whether it created it: Open finds no
 // repository where the bucket is missing, and Init creates the bucket, so
 // an existing repository costs one read.
@@ -242,7 +237,7 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 // With keys (o.Keys) it never creates: an encrypted repository is made by
 // nbdmover init --encryption, so that a mistyped location does not start
 // a new repository under a password nobody wrote down.
-func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, bool, error) {
+func openOrInitStore(ctx context.Context, store sink.Store, o InitOptions) (*Repo, bool, error) {
 	r, err := openKeys(ctx, store, o.Keys)
 	if errors.Is(err, ErrNoRepository) && o.Keys != nil {
 		return nil, false, fmt.Errorf("%w; an encrypted repository is created by nbdmover init --encryption", err)
@@ -250,9 +245,9 @@ func OpenOrInit(ctx context.Context, store sink.Store, o InitOptions) (*Repo, bo
 	if !errors.Is(err, ErrNoRepository) {
 		return r, false, err
 	}
-	r, err = Init(ctx, store, o)
+	r, err = initStore(ctx, store, o)
 	if errors.Is(err, ErrExists) { // created concurrently
-		r, err = Open(ctx, store)
+		r, err = openStore(ctx, store)
 		return r, false, err
 	}
 	return r, err == nil, err
@@ -276,7 +271,9 @@ func newRepo(store sink.Store, cfg Config) (*Repo, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Repo{store: store, cfg: cfg, codec: codec, meta: chunker.NewMetaCodec(), seen: &seenLocks{at: map[string]time.Time{}}}, nil
+	r := &Repo{store: store, cfg: cfg, codec: codec, meta: chunker.NewMetaCodec()}
+	r.locks = newLocks(r)
+	return r, nil
 }
 
 func strictUnmarshal(b []byte, v any) error {

@@ -25,7 +25,7 @@ import (
 
 func initTestRepo(t *testing.T, store sink.Store) *Repo {
 	t.Helper()
-	r, err := Init(t.Context(), store, InitOptions{ChunkSize: 256 << 10})
+	r, err := initStore(t.Context(), store, InitOptions{ChunkSize: 256 << 10})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,30 +71,30 @@ func TestBackupIDs(t *testing.T) {
 func TestInitAndOpen(t *testing.T) {
 	s := localStore(t)
 	ctx := t.Context()
-	if _, err := Open(ctx, s); !errors.Is(err, ErrNoRepository) || !strings.Contains(err.Error(), "nbdmover init") {
+	if _, err := openStore(ctx, s); !errors.Is(err, ErrNoRepository) || !strings.Contains(err.Error(), "nbdmover init") {
 		t.Fatalf("open of an empty store: %v", err)
 	}
 	r := initTestRepo(t, s)
-	if _, err := Init(ctx, s, InitOptions{}); !errors.Is(err, ErrExists) {
+	if _, err := initStore(ctx, s, InitOptions{}); !errors.Is(err, ErrExists) {
 		t.Fatalf("second init: %v", err)
 	}
-	r2, err := Open(ctx, s)
+	r2, err := openStore(ctx, s)
 	if err != nil || r2.Config() != r.Config() || r2.Config().ChunkSize != 256<<10 {
 		t.Fatalf("reopen: %v %+v", err, r2)
 	}
-	if _, err := Init(ctx, localStore(t), InitOptions{ChunkSize: 100 << 10}); err == nil {
+	if _, err := initStore(ctx, localStore(t), InitOptions{ChunkSize: 100 << 10}); err == nil {
 		t.Fatal("bad chunk size accepted")
 	}
 	s.Put(ctx, "config", []byte(`{"version": 3}`))
-	if _, err := Open(ctx, s); err == nil || !strings.Contains(err.Error(), "format 3") {
+	if _, err := openStore(ctx, s); err == nil || !strings.Contains(err.Error(), "format 3") {
 		t.Fatalf("future format: %v", err)
 	}
 	s.Put(ctx, "config", []byte(`{"version": 1, "chunk_size": 262144, "digest": "sha256", "compression": "zstd"}`))
-	if _, err := Open(ctx, s); !errors.Is(err, ErrFormat1) || !strings.Contains(err.Error(), "nbdmover migrate") {
+	if _, err := openStore(ctx, s); !errors.Is(err, errFormat1) || !strings.Contains(err.Error(), "nbdmover migrate") {
 		t.Fatalf("format 1: %v", err)
 	}
 	s.Put(ctx, "config", []byte(`{"version": 2, "chunk_`))
-	if _, err := Open(ctx, s); err == nil || !strings.Contains(err.Error(), "damaged") {
+	if _, err := openStore(ctx, s); err == nil || !strings.Contains(err.Error(), "damaged") {
 		t.Fatalf("truncated config: %v", err)
 	}
 }
@@ -165,7 +165,7 @@ func TestCommitIsAtomic(t *testing.T) {
 		}
 		return nil
 	}}
-	rf, _ := Open(t.Context(), f)
+	rf, _ := openStore(t.Context(), f)
 	ctx := t.Context()
 	ix := index.New(r.Config().ChunkSize, 256<<10)
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd",
@@ -222,7 +222,7 @@ func TestVerifyAndRestoreFaults(t *testing.T) {
 		}
 		return 0
 	}}
-	rf, _ := Open(ctx, f)
+	rf, _ := openStore(ctx, f)
 	err := readDisk(ctx, rf, m, "vda", discard{})
 	var ce *ChunkError
 	if !errors.As(err, &ce) || ce.Key != key || !errors.Is(err, chunker.ErrCorrupt) {
@@ -244,7 +244,7 @@ func TestVerifyAndRestoreFaults(t *testing.T) {
 		}
 		return nil
 	}}
-	rb, _ := Open(ctx, broken)
+	rb, _ := openStore(ctx, broken)
 	if _, err := rb.Verify(ctx, VerifyOptions{ReadData: true}, func(Problem) {}); err == nil {
 		t.Fatal("verify hid a store failure")
 	}
@@ -309,9 +309,9 @@ func TestConcurrentInit(t *testing.T) {
 						var err error
 						o := InitOptions{ChunkSize: int64(256<<10) * int64(1+i%3)}
 						if openOrInit {
-							r, _, err = OpenOrInit(t.Context(), store(), o)
+							r, _, err = openOrInitStore(t.Context(), store(), o)
 						} else {
-							r, err = Init(t.Context(), store(), o)
+							r, err = initStore(t.Context(), store(), o)
 						}
 						if err == nil {
 							ids[i] = r.Config().ID + fmt.Sprint(r.Config().ChunkSize)
@@ -320,7 +320,7 @@ func TestConcurrentInit(t *testing.T) {
 					}()
 				}
 				wg.Wait()
-				r, err := Open(t.Context(), store())
+				r, err := openStore(t.Context(), store())
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -381,7 +381,7 @@ func TestVerifyParallel(t *testing.T) {
 	}
 	for _, tt := range []struct{ parallel, want int }{{2, 2}, {0, 16}} {
 		c := &countingStore{Store: s}
-		rc, _ := Open(ctx, c)
+		rc, _ := openStore(ctx, c)
 		if _, err := rc.Verify(ctx, VerifyOptions{ReadData: true, Parallel: tt.parallel}, func(p Problem) { t.Error(p) }); err != nil {
 			t.Fatal(err)
 		}
@@ -450,7 +450,7 @@ func TestMigrateFormat1(t *testing.T) {
 			t.Fatal(err)
 		}
 		s, _ := sink.NewLocal(dir)
-		if _, err := Open(t.Context(), s); !errors.Is(err, ErrFormat1) {
+		if _, err := openStore(t.Context(), s); !errors.Is(err, errFormat1) {
 			t.Fatalf("open of format 1: %v", err)
 		}
 		ops := 0
@@ -470,7 +470,7 @@ func TestMigrateFormat1(t *testing.T) {
 				t.Fatalf("rerun after a failure at write %d: %v", failAt, err)
 			}
 		}
-		r, err := Open(t.Context(), s)
+		r, err := openStore(t.Context(), s)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -664,7 +664,7 @@ func (l landThenFail) Create(ctx context.Context, key string, data []byte) error
 func TestCommitRetriedCreate(t *testing.T) {
 	s := localStore(t)
 	initTestRepo(t, s)
-	r, _ := Open(t.Context(), sink.Retry(landThenFail{s}, sink.RetryPolicy{Attempts: 3, Base: time.Millisecond, Cap: time.Millisecond}))
+	r, _ := openStore(t.Context(), sink.Retry(landThenFail{s}, sink.RetryPolicy{Attempts: 3, Base: time.Millisecond, Cap: time.Millisecond}))
 	ix := index.New(r.Config().ChunkSize, 1<<20)
 	m := &Manifest{ID: NewBackupID(time.Now(), ""), Domain: "vm1", Mode: "full", Source: "nbd", Disks: []DiskManifest{{Name: "vda", Size: ix.Size}}}
 	if err := r.Commit(t.Context(), m, map[string]DiskData{"vda": {Full: ix}}, nil); err != nil {
@@ -718,7 +718,7 @@ func TestMigrateLateAndDamaged(t *testing.T) {
 	if !strings.Contains(strings.Join(lines, "\n"), "cannot migrate") {
 		t.Errorf("the damaged backup was not reported: %q", lines)
 	}
-	r, _ := Open(t.Context(), s)
+	r, _ := openStore(t.Context(), s)
 	m, err := r.Backup(t.Context(), "old-vm", late)
 	if err != nil || restoreSHA256(t, r, m, "vda") != want[4] {
 		t.Fatalf("the late backup: %v", err)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/nbdmover/nbdmover/repo/index"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
@@ -121,11 +122,11 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	// Under a shared lock, so that no gc deletes what a backup forgotten
 	// meanwhile referenced: verify reports only what is really wrong.
 	if !o.NoLock {
-		lock, lctx, err := r.Lock(ctx, LockShared, "verify", o.Log)
+		held, lctx, err := r.Lock(ctx, lock.Shared, "verify", o.Log)
 		if err != nil {
-			return v.stats, NoLockHint(err)
+			return v.stats, lock.NoLockHint(err)
 		}
-		defer lock.Release()
+		defer held.Release()
 		ctx = lctx
 	}
 	var err error
@@ -587,7 +588,7 @@ func (v *verify) sample(ctx context.Context) (*sampleState, error) {
 // loadVerified reads state/verified; one that is missing or cannot be
 // read is a repository never verified (with a warning).
 func (r *Repo) loadVerified(ctx context.Context, log *slog.Logger) (verifiedState, error) {
-	fresh := verifiedState{Version: FormatVersion, Parts: sampleParts, Read: make([]int64, sampleParts)}
+	fresh := verifiedState{Version: formatVersion, Parts: sampleParts, Read: make([]int64, sampleParts)}
 	var st verifiedState
 	err := r.getMeta(ctx, verifiedKey, &st)
 	switch {

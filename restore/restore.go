@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -95,11 +96,11 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	// The shared lock keeps a gc from deleting the backup's objects while
 	// they are read (should it be forgotten meanwhile).
 	if !o.NoLock {
-		lock, lctx, err := r.Lock(ctx, repo.LockShared, "restore "+o.Domain, o.Log)
+		held, lctx, err := r.Lock(ctx, lock.Shared, "restore "+o.Domain, o.Log)
 		if err != nil {
-			return nil, nil, repo.NoLockHint(err)
+			return nil, nil, lock.NoLockHint(err)
 		}
-		defer lock.Release()
+		defer held.Release()
 		ctx = lctx
 	}
 	m, err := r.Backup(ctx, o.Domain, o.Backup)

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"io"
 	"log/slog"
 	"os"
@@ -95,7 +96,7 @@ func exitStatus(err error, sig os.Signal) (int, string) {
 		return exitUsage, "usage"
 	case errors.Is(err, repo.ErrNoRepository):
 		return exitNoRepository, "no-repository"
-	case errors.Is(err, repo.ErrLocked), errors.Is(err, mover.ErrBusy):
+	case errors.Is(err, lock.ErrLocked), errors.Is(err, mover.ErrBusy):
 		return exitLocked, "locked"
 	case errors.Is(err, repo.ErrWrongPassword), errors.Is(err, repo.ErrKeyNeeded), errors.Is(err, repo.ErrNotEncrypted), errors.Is(err, repo.ErrKeyMismatch):
 		return exitKey, "key"

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"time"
 
 	"github.com/nbdmover/nbdmover/repo"
@@ -249,7 +250,7 @@ func unlockCommand() *cli.Command {
 	}
 }
 
-func staleWhy(l *repo.LockInfo, now time.Time) string {
+func staleWhy(l *lock.Info, now time.Time) string {
 	if why := l.Stale(now); why != "" {
 		return why
 	}
@@ -257,7 +258,7 @@ func staleWhy(l *repo.LockInfo, now time.Time) string {
 }
 
 // lockViews is the JSON of locks.
-func lockViews(ls []*repo.LockInfo) []map[string]any {
+func lockViews(ls []*lock.Info) []map[string]any {
 	out := []map[string]any{}
 	now := time.Now()
 	for _, l := range ls {

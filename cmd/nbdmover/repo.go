@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"io"
 	"strconv"
 	"strings"
@@ -203,7 +204,7 @@ func exportedBackups(ctx context.Context, r *repo.Repo) (map[string][]string, er
 	locks, err := r.Locks(ctx)
 	out := map[string][]string{}
 	for _, l := range locks {
-		if b, ok := repo.ExportedBackup(l.Purpose); ok && l.Damaged == "" && l.Stale(time.Now()) == "" {
+		if b, ok := lock.ExportedBackup(l.Purpose); ok && l.Damaged == "" && l.Stale(time.Now()) == "" {
 			out[b] = append(out[b], l.Holder())
 		}
 	}

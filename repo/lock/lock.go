@@ -1,4 +1,4 @@
-package repo
+package lock
 
 import (
 	"context"
@@ -14,19 +14,15 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nbdmover/nbdmover/sink"
 )
 
-// Repository locks (locks/<kind>-<id>, meta blobs of JSON). Backups,
-// restores, verify and forget hold a shared lock; gc holds the exclusive
-// lock while it deletes, and only then. A lock taken for stale (by a gc
-// or nbdmover unlock) gets a tombstone, locks/broken-<id>: its holder, if
-// alive after all, must not commit. The protocol and why it keeps every committed
-// backup whole is in docs/design.md ("Deleting from a repository").
+// Kinds of lock.
 const (
-	LockShared    = "shared"
-	LockExclusive = "exclusive"
+	Shared    = "shared"
+	Exclusive = "exclusive"
 )
 
 // ExportPurpose is the purpose of the shared lock of an NBD export of
@@ -39,27 +35,79 @@ func ExportPurpose(domain, id string) string { return "export " + domain + "/" +
 // exports, if it is an export's.
 func ExportedBackup(purpose string) (string, bool) { return strings.CutPrefix(purpose, "export ") }
 
-// lockTiming: how often a holder refreshes its lock's heartbeat, when a
+// Config is where the locks live and how their objects are written.
+type Config struct {
+	Store    sink.Store
+	Location string // the repository's, for messages
+	Version  int    // the format version written into lock objects
+	// Encode seals the plaintext of the object at key (a meta blob);
+	// Decode opens one read from key.
+	Encode func(key string, plain []byte) []byte
+	Decode func(key string, blob []byte) ([]byte, error)
+	// MaxObject is the largest lock or tombstone object read; Fits
+	// refuses to write a plaintext of n bytes at key that a reader would
+	// refuse.
+	MaxObject int64
+	Fits      func(key string, n int) error
+}
+
+// Locks are a repository's locks. Copies of a repository (its views) share
+// one Locks. It is safe for concurrent use.
+type Locks struct {
+	c    Config
+	seen struct {
+		mu sync.Mutex
+		at map[string]time.Time // damaged locks: when this process first saw each
+	}
+}
+
+// New returns the locks of the repository c describes.
+func New(c Config) *Locks {
+	s := &Locks{c: c}
+	s.seen.at = map[string]time.Time{}
+	return s
+}
+
+// get reads the lock or tombstone object at key, refusing one larger than
+// MaxObject.
+func (s *Locks) get(ctx context.Context, key string) ([]byte, error) {
+	return s.c.Store.Get(ctx, key, nil, s.c.MaxObject)
+}
+
+// putMeta stores v, as JSON, as the meta blob under key.
+func (s *Locks) putMeta(ctx context.Context, key string, v any) error {
+	b, err := json.Marshal(v)
+	if err == nil {
+		err = s.c.Fits(key, len(b))
+	}
+	if err != nil {
+		return err
+	}
+	return s.c.Store.Put(ctx, key, s.c.Encode(key, b))
+}
+
+// Timing: how often a holder refreshes its lock's heartbeat, when a
 // lock without a heartbeat is stale, how long before that a holder gives
 // up its lock (and fails) rather than risk being thought dead, and how
-// often a waiter looks again. Tests shorten them.
+// often a waiter looks again. Only tests may change them (to shorten
+// them); the protocol's safety rests on every process using the same.
 // Wait bounds every wait for a lock (a backup for a gc's sweep, a gc for
 // running backups); Damaged is how long a lock object that cannot be read
 // counts as held (a live holder rewrites its lock every minute).
-var lockTiming = struct{ Refresh, Stale, Margin, Poll, Wait, Damaged time.Duration }{
+var Timing = struct{ Refresh, Stale, Margin, Poll, Wait, Damaged time.Duration }{
 	time.Minute, 30 * time.Minute, 5 * time.Minute, 2 * time.Second, 2 * time.Hour, 2 * time.Minute}
 
 // ErrLocked: the lock cannot be had (another gc holds the exclusive lock).
 var ErrLocked = errors.New("the repository is locked")
 
-// ErrLockLost: a holder's lock was removed, broken by a gc, or not
+// ErrLost: a holder's lock was removed, broken by a gc, or not
 // refreshed in time; what it was doing must not commit.
-var ErrLockLost = errors.New("the repository lock was lost")
+var ErrLost = errors.New("the repository lock was lost")
 
-// LockInfo is the content of a lock object.
-type LockInfo struct {
+// Info is the content of a lock object.
+type Info struct {
 	Version   int       `json:"version"`
-	Kind      string    `json:"kind"` // LockShared or LockExclusive
+	Kind      string    `json:"kind"` // Shared or Exclusive
 	ID        string    `json:"id"`   // 16 hex digits, also in the key
 	Purpose   string    `json:"purpose"`
 	Host      string    `json:"host"`
@@ -75,19 +123,19 @@ type LockInfo struct {
 	seen time.Time
 }
 
-func lockKey(kind, id string) string { return "locks/" + kind + "-" + id }
+func key(kind, id string) string { return "locks/" + kind + "-" + id }
 
 // tombstoneKey marks lock id as taken for stale.
 func tombstoneKey(id string) string { return "locks/broken-" + id }
 
-// parseLockKey returns the kind and id a lock key names.
-func parseLockKey(key string) (kind, id string, ok bool) {
+// parseKey returns the kind and id a lock key names.
+func parseKey(key string) (kind, id string, ok bool) {
 	rest, found := strings.CutPrefix(key, "locks/")
 	if !found {
 		return "", "", false
 	}
 	kind, id, found = strings.Cut(rest, "-")
-	if !found || (kind != LockShared && kind != LockExclusive) || len(id) != 16 {
+	if !found || (kind != Shared && kind != Exclusive) || len(id) != 16 {
 		return "", "", false
 	}
 	if _, err := hex.DecodeString(id); err != nil {
@@ -97,31 +145,31 @@ func parseLockKey(key string) (kind, id string, ok bool) {
 }
 
 // Stale says why the lock is no longer held by a live process ("" when it
-// may be): no heartbeat for lockTiming.Stale, or, on this machine (same
+// may be): no heartbeat for Timing.Stale, or, on this machine (same
 // host name and machine id), its process is provably gone. When /proc
 // cannot tell, the process counts as alive. A heartbeat further ahead of
-// this clock than clocks may differ (lockTiming.Margin) proves nothing:
+// this clock than clocks may differ (Timing.Margin) proves nothing:
 // such a lock ages from when this process first saw it.
 //
 // A lock object that cannot be read (Damaged) is no lock a live holder
 // keeps, as one rewrites its lock every minute, but one damaged under a
 // live holder cannot be told from a planted one. A damaged exclusive lock
-// is stale lockTiming.Damaged after it was written or first seen,
+// is stale Timing.Damaged after it was written or first seen,
 // whichever came first (its writer can keep touching it; going past a
 // live gc is safe, as its tombstone stops it). A damaged shared lock goes
 // stale only as any other does: gc never goes past a backup that may be
 // live, and refuses to wait for one instead (damagedShared).
-func (l *LockInfo) Stale(now time.Time) string {
+func (l *Info) Stale(now time.Time) string {
 	hb := l.Heartbeat
-	if hb.Round(0).Sub(now.Round(0)) > lockTiming.Margin && !l.seen.IsZero() {
+	if hb.Round(0).Sub(now.Round(0)) > Timing.Margin && !l.seen.IsZero() {
 		hb = l.seen
 	}
-	if age := now.Round(0).Sub(hb.Round(0)); age > lockTiming.Stale {
+	if age := now.Round(0).Sub(hb.Round(0)); age > Timing.Stale {
 		return fmt.Sprintf("no heartbeat for %s", age.Round(time.Second))
 	}
-	if l.Damaged != "" && l.Kind == LockExclusive {
-		if a := max(now.Round(0).Sub(l.Heartbeat.Round(0)), now.Sub(l.seen)); a > lockTiming.Damaged {
-			return fmt.Sprintf("unreadable for over %s", lockTiming.Damaged)
+	if l.Damaged != "" && l.Kind == Exclusive {
+		if a := max(now.Round(0).Sub(l.Heartbeat.Round(0)), now.Sub(l.seen)); a > Timing.Damaged {
+			return fmt.Sprintf("unreadable for over %s", Timing.Damaged)
 		}
 	}
 	host, _ := os.Hostname()
@@ -132,7 +180,7 @@ func (l *LockInfo) Stale(now time.Time) string {
 }
 
 // Holder names who holds the lock, for messages.
-func (l *LockInfo) Holder() string {
+func (l *Info) Holder() string {
 	if l.Damaged != "" {
 		return fmt.Sprintf("%s lock %s (unreadable: %s; written %s)", l.Kind, l.Key, l.Damaged, l.Heartbeat.UTC().Format(time.RFC3339))
 	}
@@ -140,22 +188,22 @@ func (l *LockInfo) Holder() string {
 		l.Started.UTC().Format(time.RFC3339), l.Heartbeat.UTC().Format(time.RFC3339))
 }
 
-// Locks returns every lock object in the repository.
-func (r *Repo) Locks(ctx context.Context) ([]*LockInfo, error) {
+// List returns every lock object in the repository.
+func (s *Locks) List(ctx context.Context) ([]*Info, error) {
 	var objs []sink.ObjectInfo
-	if err := r.store.List(ctx, "locks/", func(o sink.ObjectInfo) error {
-		if _, _, ok := parseLockKey(o.Key); ok {
+	if err := s.c.Store.List(ctx, "locks/", func(o sink.ObjectInfo) error {
+		if _, _, ok := parseKey(o.Key); ok {
 			objs = append(objs, o)
 		}
 		return nil
 	}); err != nil {
 		return nil, err
 	}
-	var out []*LockInfo
+	var out []*Info
 	listed := map[string]bool{}
 	for _, o := range objs {
-		l, err := r.readLock(ctx, o)
-		if isNotFound(err) {
+		l, err := s.readLock(ctx, o)
+		if errors.Is(err, sink.ErrNotFound) {
 			continue // released meanwhile
 		}
 		if err != nil {
@@ -164,23 +212,23 @@ func (r *Repo) Locks(ctx context.Context) ([]*LockInfo, error) {
 		out = append(out, l)
 		listed[o.Key] = true
 	}
-	r.forgetUnseen(listed)
+	s.forgetUnseen(listed)
 	return out, nil
 }
 
 // readLock reads a lock object. One that cannot be read or decoded (but
 // is there, and the store answers) is returned as Damaged, its heartbeat
 // the object's modification time.
-func (r *Repo) readLock(ctx context.Context, o sink.ObjectInfo) (*LockInfo, error) {
-	kind, id, _ := parseLockKey(o.Key)
-	blob, err := r.get(ctx, o.Key, nil)
-	if isNotFound(err) || sink.IsTransient(err) || ctx.Err() != nil {
+func (s *Locks) readLock(ctx context.Context, o sink.ObjectInfo) (*Info, error) {
+	kind, id, _ := parseKey(o.Key)
+	blob, err := s.get(ctx, o.Key)
+	if errors.Is(err, sink.ErrNotFound) || sink.IsTransient(err) || ctx.Err() != nil {
 		return nil, err
 	}
-	var l LockInfo
+	var l Info
 	var b []byte
 	if err == nil {
-		b, err = r.decodeMeta(o.Key, blob)
+		b, err = s.c.Decode(o.Key, blob)
 	}
 	if err == nil {
 		err = json.Unmarshal(b, &l) // fields a later nbdmover adds are fine
@@ -189,32 +237,32 @@ func (r *Repo) readLock(ctx context.Context, o sink.ObjectInfo) (*LockInfo, erro
 		err = fmt.Errorf("names lock %s-%s", l.Kind, l.ID)
 	}
 	if err != nil {
-		return &LockInfo{Kind: kind, ID: id, Key: o.Key, Heartbeat: o.Modified, Damaged: err.Error(), seen: r.firstSeen(o.Key)}, nil
+		return &Info{Kind: kind, ID: id, Key: o.Key, Heartbeat: o.Modified, Damaged: err.Error(), seen: s.firstSeen(o.Key)}, nil
 	}
-	l.Key, l.seen = o.Key, r.firstSeen(o.Key)
+	l.Key, l.seen = o.Key, s.firstSeen(o.Key)
 	return &l, nil
 }
 
 // forgetUnseen drops, of the times locks were first seen, those of locks
 // no longer listed.
-func (r *Repo) forgetUnseen(listed map[string]bool) {
-	r.seen.mu.Lock()
-	defer r.seen.mu.Unlock()
-	for k := range r.seen.at {
+func (s *Locks) forgetUnseen(listed map[string]bool) {
+	s.seen.mu.Lock()
+	defer s.seen.mu.Unlock()
+	for k := range s.seen.at {
 		if !listed[k] {
-			delete(r.seen.at, k)
+			delete(s.seen.at, k)
 		}
 	}
 }
 
 // firstSeen is when this process first saw the lock at key.
-func (r *Repo) firstSeen(key string) time.Time {
-	r.seen.mu.Lock()
-	defer r.seen.mu.Unlock()
-	t, ok := r.seen.at[key]
+func (s *Locks) firstSeen(key string) time.Time {
+	s.seen.mu.Lock()
+	defer s.seen.mu.Unlock()
+	t, ok := s.seen.at[key]
 	if !ok {
 		t = time.Now()
-		r.seen.at[key] = t
+		s.seen.at[key] = t
 	}
 	return t
 }
@@ -232,16 +280,34 @@ func NoLockHint(err error) error {
 
 // Lock is a held repository lock.
 type Lock struct {
-	r      *Repo
+	s      *Locks
 	log    *slog.Logger
 	cancel context.CancelCauseFunc
 	done   chan struct{}
 
 	mu     sync.Mutex
-	info   LockInfo
+	info   Info
 	lastOK time.Time // when the last successful write of the lock began
 	lost   error
 	broken map[string]bool // exclusive: the shared locks it tombstoned
+}
+
+// Info is what the lock's object says now.
+func (l *Lock) Info() Info {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.info
+}
+
+// shorten cuts s to at most n bytes (on a rune boundary), marking the cut.
+func shorten(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }
 
 // age is how long ago t was, by the monotonic clock or the wall clock,
@@ -256,9 +322,9 @@ func age(t time.Time) time.Duration {
 // exclusive lock fails with ErrLocked when another live exclusive lock
 // exists, and otherwise waits until no live shared lock does (stale ones
 // it tombstones). Waiting is logged with who is waited for. The
-// returned context is cancelled, with cause ErrLockLost, when the lock is
+// returned context is cancelled, with cause ErrLost, when the lock is
 // lost; work done under the lock uses it. Release the lock when done.
-func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger) (*Lock, context.Context, error) {
+func (s *Locks) Take(ctx context.Context, kind, purpose string, log *slog.Logger) (*Lock, context.Context, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -266,10 +332,10 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 	pid := os.Getpid()
 	began := time.Now()
 	for attempt := 0; ; attempt++ {
-		l := &Lock{r: r, log: log, done: make(chan struct{}), broken: map[string]bool{}, info: LockInfo{Version: FormatVersion,
+		l := &Lock{s: s, log: log, done: make(chan struct{}), broken: map[string]bool{}, info: Info{Version: s.c.Version,
 			Kind: kind, ID: randomHex(8), Purpose: purpose, Host: host, Machine: liveness.MachineID(), PID: pid,
 			Process: liveness.Identity(pid), Started: time.Now().UTC()}}
-		l.info.Key = lockKey(kind, l.info.ID)
+		l.info.Key = key(kind, l.info.ID)
 		// A shared locker looks before it writes, so that while gc holds
 		// the exclusive lock, waiting backups do not keep adding locks;
 		// it looks again after writing, for a gc that came meanwhile.
@@ -285,7 +351,7 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 			return nil, nil, err
 		}
 		if blocker == nil {
-			if kind == LockExclusive {
+			if kind == Exclusive {
 				if err := l.waitShared(ctx); err != nil {
 					l.remove()
 					return nil, nil, err
@@ -296,34 +362,34 @@ func (r *Repo) Lock(ctx context.Context, kind, purpose string, log *slog.Logger)
 			go l.heartbeat(lctx)
 			return l, lctx, nil
 		}
-		if kind == LockExclusive && attempt >= 2 {
+		if kind == Exclusive && attempt >= 2 {
 			return nil, nil, fmt.Errorf("%s: %w by another gc: %s (if that process is dead, nbdmover unlock removes its lock once it is stale)",
-				r.Location(), ErrLocked, blocker.Holder())
+				s.c.Location, ErrLocked, blocker.Holder())
 		}
-		if time.Since(began) > lockTiming.Wait {
+		if time.Since(began) > Timing.Wait {
 			return nil, nil, fmt.Errorf("%s: %w: waited %s for the %s (if that process is dead, nbdmover unlock removes its lock once it is stale)",
-				r.Location(), ErrLocked, lockTiming.Wait, blocker.Holder())
+				s.c.Location, ErrLocked, Timing.Wait, blocker.Holder())
 		}
 		if attempt == 0 {
-			log.Info("waiting for the repository's exclusive lock to be released", "holder", blocker.Holder(), "at most", lockTiming.Wait)
+			log.Info("waiting for the repository's exclusive lock to be released", "holder", blocker.Holder(), "at most", Timing.Wait)
 		}
 		// Back off with jitter: two exclusive lockers that saw each other
 		// do not meet again.
-		if err := sleep(ctx, lockTiming.Poll/2+mrand.N(lockTiming.Poll)); err != nil {
+		if err := sleep(ctx, Timing.Poll/2+mrand.N(Timing.Poll)); err != nil {
 			return nil, nil, err
 		}
 	}
 }
 
 // blocker returns a live exclusive lock other than l, or nil.
-func (l *Lock) blocker(ctx context.Context) (*LockInfo, error) {
-	locks, err := l.r.Locks(ctx)
+func (l *Lock) blocker(ctx context.Context) (*Info, error) {
+	locks, err := l.s.List(ctx)
 	if err != nil {
 		return nil, err
 	}
 	now := time.Now()
 	for _, o := range locks {
-		if o.Kind != LockExclusive || o.Key == l.info.Key || l.broken[o.ID] {
+		if o.Kind != Exclusive || o.Key == l.info.Key || l.broken[o.ID] {
 			continue
 		}
 		why := o.Stale(now)
@@ -332,7 +398,7 @@ func (l *Lock) blocker(ctx context.Context) (*LockInfo, error) {
 		}
 		// Going past a stale gc: its tombstone stops it, should it wake
 		// up (a machine back from sleep) and try to delete more.
-		if err := l.r.breakLock(ctx, o, why, l.info.Purpose+" "+l.info.ID); err != nil {
+		if err := l.s.breakLock(ctx, o, why, l.info.Purpose+" "+l.info.ID); err != nil {
 			return nil, err
 		}
 		l.broken[o.ID] = true
@@ -346,7 +412,7 @@ func (l *Lock) blocker(ctx context.Context) (*LockInfo, error) {
 // they be alive after all, refuse to commit.
 func (l *Lock) waitShared(ctx context.Context) error {
 	logged := ""
-	deadline := time.Now().Add(lockTiming.Wait)
+	deadline := time.Now().Add(Timing.Wait)
 	for {
 		live, err := l.sharedHolders(ctx)
 		if err != nil {
@@ -361,13 +427,13 @@ func (l *Lock) waitShared(ctx context.Context) error {
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s: %w: waited %s for the backups, restores, verifies and forgets that hold it to finish: %s",
-				l.r.Location(), ErrLocked, lockTiming.Wait, strings.Join(names, "; "))
+				l.s.c.Location, ErrLocked, Timing.Wait, strings.Join(names, "; "))
 		}
 		if s := strings.Join(names, "; "); s != logged {
 			l.log.Info("waiting for the backups, restores, verifies and forgets that hold the repository to finish", "holders", s, "at most", time.Until(deadline).Round(time.Second))
 			logged = s
 		}
-		if err := sleep(ctx, lockTiming.Poll); err != nil {
+		if err := sleep(ctx, Timing.Poll); err != nil {
 			return err
 		}
 		if err := l.refreshIfDue(ctx); err != nil {
@@ -378,26 +444,26 @@ func (l *Lock) waitShared(ctx context.Context) error {
 
 // sharedHolders returns the live shared locks, after writing a tombstone
 // for each stale one it has not tombstoned yet.
-func (l *Lock) sharedHolders(ctx context.Context) ([]*LockInfo, error) {
-	locks, err := l.r.Locks(ctx)
+func (l *Lock) sharedHolders(ctx context.Context) ([]*Info, error) {
+	locks, err := l.s.List(ctx)
 	if err != nil {
 		return nil, err
 	}
 	now := time.Now()
-	var live []*LockInfo
+	var live []*Info
 	for _, o := range locks {
-		if o.Kind != LockShared || l.broken[o.ID] {
+		if o.Kind != Shared || l.broken[o.ID] {
 			continue
 		}
 		why := o.Stale(now)
 		if why == "" && o.Damaged != "" {
-			return nil, damagedShared(l.r, o)
+			return nil, l.s.DamagedShared(o)
 		}
 		if why == "" {
 			live = append(live, o)
 			continue
 		}
-		if err := l.r.breakLock(ctx, o, why, l.info.Purpose+" "+l.info.ID); err != nil {
+		if err := l.s.breakLock(ctx, o, why, l.info.Purpose+" "+l.info.ID); err != nil {
 			return nil, err
 		}
 		l.broken[o.ID] = true
@@ -406,12 +472,12 @@ func (l *Lock) sharedHolders(ctx context.Context) ([]*LockInfo, error) {
 	return live, nil
 }
 
-// damagedShared is gc's refusal of a shared lock it cannot read: it may be
+// DamagedShared is gc's refusal of a shared lock it cannot read: it may be
 // a live backup's, whose chunks gc must not delete, and waiting for it
 // would hold up every backup behind gc's exclusive lock.
-func damagedShared(r *Repo, o *LockInfo) error {
+func (s *Locks) DamagedShared(o *Info) error {
 	return fmt.Errorf("%s: %w: %s cannot be read (%s), so gc cannot tell whether a backup holds it; "+
-		"if no nbdmover uses the repository now, nbdmover unlock removes it", r.Location(), ErrLocked, o.Key, o.Damaged)
+		"if no nbdmover uses the repository now, nbdmover unlock removes it", s.c.Location, ErrLocked, o.Key, o.Damaged)
 }
 
 // tombstone is the content of locks/broken-<id>.
@@ -425,19 +491,21 @@ type tombstone struct {
 }
 
 // breakLock writes lock o's tombstone.
-func (r *Repo) breakLock(ctx context.Context, o *LockInfo, why, by string) error {
+func (s *Locks) breakLock(ctx context.Context, o *Info, why, by string) error {
 	host, _ := os.Hostname()
-	return r.putMeta(ctx, tombstoneKey(o.ID), tombstone{Version: FormatVersion, Lock: o.Key, Holder: o.Holder(), Why: why,
+	// The holder's words come from a lock anyone may have written:
+	// shortened, so that its tombstone always fits.
+	return s.putMeta(ctx, tombstoneKey(o.ID), tombstone{Version: s.c.Version, Lock: o.Key, Holder: shorten(o.Holder(), 1024), Why: why,
 		By: fmt.Sprintf("%s (pid %d on %s)", by, os.Getpid(), host), Broken: time.Now().UTC()})
 }
 
 // tombstoned reports whether lock id has a tombstone.
-func (r *Repo) tombstoned(ctx context.Context, id string) error {
-	_, err := r.store.Stat(ctx, tombstoneKey(id))
+func (s *Locks) tombstoned(ctx context.Context, id string) error {
+	_, err := s.c.Store.Stat(ctx, tombstoneKey(id))
 	switch {
 	case err == nil:
-		return fmt.Errorf("%w: lock %s was taken for stale (by a gc or nbdmover unlock; %s says why)", ErrLockLost, id, tombstoneKey(id))
-	case isNotFound(err):
+		return fmt.Errorf("%w: lock %s was taken for stale (by a gc or nbdmover unlock; %s says why)", ErrLost, id, tombstoneKey(id))
+	case errors.Is(err, sink.ErrNotFound):
 		return nil
 	}
 	return err
@@ -455,9 +523,9 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 	if err != nil {
 		return err
 	}
-	blob := l.r.encodeMeta(l.info.Key, b)
+	blob := l.s.c.Encode(l.info.Key, b)
 	if create {
-		err = l.r.store.Create(ctx, l.info.Key, blob)
+		err = l.s.c.Store.Create(ctx, l.info.Key, blob)
 		if errors.Is(err, sink.ErrExists) {
 			err = nil // the name is random: an earlier attempt landed, its answer did not
 		} else if err != nil {
@@ -467,20 +535,20 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 		l.mu.Lock()
 		last := l.lastOK
 		l.mu.Unlock()
-		if a := age(last); a >= lockTiming.Stale-lockTiming.Margin {
+		if a := age(last); a >= Timing.Stale-Timing.Margin {
 			// Others may take it for stale by now (this machine slept, or
 			// the store was out of reach): refreshing is too late.
-			return fmt.Errorf("%w: %s was last refreshed %s ago", ErrLockLost, l.info.Key, a.Round(time.Second))
+			return fmt.Errorf("%w: %s was last refreshed %s ago", ErrLost, l.info.Key, a.Round(time.Second))
 		}
-		_, err = l.r.store.Stat(ctx, l.info.Key)
-		if isNotFound(err) {
-			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLockLost, l.info.Key)
-		}
-		if err == nil {
-			err = l.r.tombstoned(ctx, l.info.ID)
+		_, err = l.s.c.Store.Stat(ctx, l.info.Key)
+		if errors.Is(err, sink.ErrNotFound) {
+			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLost, l.info.Key)
 		}
 		if err == nil {
-			err = l.r.store.Put(ctx, l.info.Key, blob)
+			err = l.s.tombstoned(ctx, l.info.ID)
+		}
+		if err == nil {
+			err = l.s.c.Store.Put(ctx, l.info.Key, blob)
 		}
 	}
 	if err != nil {
@@ -494,7 +562,7 @@ func (l *Lock) write(ctx context.Context, create bool) error {
 
 func (l *Lock) refreshIfDue(ctx context.Context) error {
 	l.mu.Lock()
-	due := age(l.lastOK) >= lockTiming.Refresh
+	due := age(l.lastOK) >= Timing.Refresh
 	l.mu.Unlock()
 	if !due {
 		return nil
@@ -504,16 +572,16 @@ func (l *Lock) refreshIfDue(ctx context.Context) error {
 
 // heartbeat refreshes the lock until it is released, and gives it up
 // (cancelling its context) once it has not been refreshed for
-// lockTiming.Stale - lockTiming.Margin: before anyone may call it stale.
+// Timing.Stale - Timing.Margin: before anyone may call it stale.
 func (l *Lock) heartbeat(ctx context.Context) {
 	defer close(l.done)
 	for {
 		l.mu.Lock()
-		left := lockTiming.Stale - lockTiming.Margin - age(l.lastOK)
+		left := Timing.Stale - Timing.Margin - age(l.lastOK)
 		l.mu.Unlock()
-		wait := min(lockTiming.Refresh, left)
+		wait := min(Timing.Refresh, left)
 		if wait <= 0 {
-			l.lose(fmt.Errorf("%w: %s could not be refreshed for %s", ErrLockLost, l.info.Key, lockTiming.Stale-lockTiming.Margin))
+			l.lose(fmt.Errorf("%w: %s could not be refreshed for %s", ErrLost, l.info.Key, Timing.Stale-Timing.Margin))
 			return
 		}
 		if sleep(ctx, wait) != nil {
@@ -521,7 +589,7 @@ func (l *Lock) heartbeat(ctx context.Context) {
 		}
 		err := l.write(ctx, false)
 		switch {
-		case errors.Is(err, ErrLockLost):
+		case errors.Is(err, ErrLost):
 			l.lose(err)
 			return
 		case err != nil && ctx.Err() == nil:
@@ -552,21 +620,21 @@ func (l *Lock) Check(ctx context.Context) (time.Time, error) {
 	if lost != nil {
 		return time.Time{}, lost
 	}
-	left := lockTiming.Stale - lockTiming.Margin - age(lastOK)
+	left := Timing.Stale - Timing.Margin - age(lastOK)
 	if left <= 0 {
-		return time.Time{}, fmt.Errorf("%w: %s not refreshed since %s", ErrLockLost, l.info.Key, lastOK.Format(time.RFC3339))
+		return time.Time{}, fmt.Errorf("%w: %s not refreshed since %s", ErrLost, l.info.Key, lastOK.Format(time.RFC3339))
 	}
-	deadline := time.Now().Add(left + lockTiming.Margin/2)
-	if _, err := l.r.store.Stat(ctx, l.info.Key); err != nil {
-		if isNotFound(err) {
-			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLockLost, l.info.Key)
+	deadline := time.Now().Add(left + Timing.Margin/2)
+	if _, err := l.s.c.Store.Stat(ctx, l.info.Key); err != nil {
+		if errors.Is(err, sink.ErrNotFound) {
+			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLost, l.info.Key)
 		}
 		return time.Time{}, err
 	}
-	if err := l.r.tombstoned(ctx, l.info.ID); err != nil {
+	if err := l.s.tombstoned(ctx, l.info.ID); err != nil {
 		return time.Time{}, err
 	}
-	if l.info.Kind == LockShared {
+	if l.info.Kind == Shared {
 		return deadline, nil
 	}
 	// A shared locker that finds the exclusive lock removes its own at
@@ -578,9 +646,9 @@ func (l *Lock) Check(ctx context.Context) (time.Time, error) {
 		}
 		if tries == 3 {
 			return time.Time{}, fmt.Errorf("%w: %s appeared while %s was held (was %s removed by nbdmover unlock?)",
-				ErrLockLost, live[0].Holder(), l.info.Key, l.info.Key)
+				ErrLost, live[0].Holder(), l.info.Key, l.info.Key)
 		}
-		if err := sleep(ctx, lockTiming.Poll); err != nil {
+		if err := sleep(ctx, Timing.Poll); err != nil {
 			return time.Time{}, err
 		}
 	}
@@ -596,7 +664,7 @@ func (l *Lock) Release() {
 func (l *Lock) remove() {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := l.r.store.Delete(ctx, l.info.Key); err != nil {
+	if err := l.s.c.Store.Delete(ctx, l.info.Key); err != nil {
 		l.log.Warn("could not remove the repository lock (it goes stale; nbdmover unlock removes it)", "lock", l.info.Key, "error", err)
 	}
 }
@@ -604,10 +672,10 @@ func (l *Lock) remove() {
 // Unlock removes the stale locks (and every lock when all, which is only
 // safe when no nbdmover uses the repository), each after writing its
 // tombstone, and returns the removed ones and the live ones it left. It
-// also removes tombstones older than lockTiming.Stale whose lock is gone
+// also removes tombstones older than Timing.Stale whose lock is gone
 // (its holder has noticed, or is dead).
-func (r *Repo) Unlock(ctx context.Context, all bool) (removed, live []*LockInfo, err error) {
-	locks, err := r.Locks(ctx)
+func (s *Locks) Unlock(ctx context.Context, all bool) (removed, live []*Info, err error) {
+	locks, err := s.List(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -624,26 +692,26 @@ func (r *Repo) Unlock(ctx context.Context, all bool) (removed, live []*LockInfo,
 		if why == "" {
 			why = "removed with --remove-all"
 		}
-		if err := r.breakLock(ctx, l, why, "nbdmover unlock"); err != nil {
+		if err := s.breakLock(ctx, l, why, "nbdmover unlock"); err != nil {
 			return removed, live, err
 		}
-		if err := r.store.Delete(ctx, l.Key); err != nil {
+		if err := s.c.Store.Delete(ctx, l.Key); err != nil {
 			return removed, live, err
 		}
 		removed = append(removed, l)
 	}
-	return removed, live, r.pruneTombstones(ctx)
+	return removed, live, s.pruneTombstones(ctx)
 }
 
-// pruneTombstones removes the tombstones older than lockTiming.Stale
+// pruneTombstones removes the tombstones older than Timing.Stale
 // whose lock object no longer exists.
-func (r *Repo) pruneTombstones(ctx context.Context) error {
+func (s *Locks) pruneTombstones(ctx context.Context) error {
 	held := map[string]bool{}
 	var old []string
-	err := r.store.List(ctx, "locks/", func(o sink.ObjectInfo) error {
-		if _, id, ok := parseLockKey(o.Key); ok {
+	err := s.c.Store.List(ctx, "locks/", func(o sink.ObjectInfo) error {
+		if _, id, ok := parseKey(o.Key); ok {
 			held[id] = true
-		} else if id, ok := strings.CutPrefix(o.Key, "locks/broken-"); ok && !o.Modified.IsZero() && age(o.Modified) > lockTiming.Stale {
+		} else if id, ok := strings.CutPrefix(o.Key, "locks/broken-"); ok && !o.Modified.IsZero() && age(o.Modified) > Timing.Stale {
 			old = append(old, id)
 		}
 		return nil
@@ -653,7 +721,7 @@ func (r *Repo) pruneTombstones(ctx context.Context) error {
 	}
 	for _, id := range old {
 		if !held[id] {
-			if err := r.store.Delete(ctx, tombstoneKey(id)); err != nil {
+			if err := s.c.Store.Delete(ctx, tombstoneKey(id)); err != nil {
 				return err
 			}
 		}
