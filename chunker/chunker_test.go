@@ -102,7 +102,7 @@ func TestBlobRoundTrip(t *testing.T) {
 		"short odd":      randomBytes(4097, 2),
 		"max size":       randomBytes(MaxChunkSize, 3),
 	}
-	for _, comp := range []string{"zstd", "zstd:4", "s2", "none"} {
+	for _, comp := range []string{"zstd", "zstd:2", "zstd:3", "zstd:4", "s2", "none"} {
 		c, _ := ParseCompression(comp)
 		codec, err := NewCodec(c)
 		if err != nil {
@@ -120,7 +120,7 @@ func TestBlobRoundTrip(t *testing.T) {
 					t.Errorf("%s/%s: want raw storage, got codec %d, %d bytes", comp, name, blob[5], len(blob))
 				}
 			case name == "compressible":
-				if want := map[string]byte{"zstd": codecZstd, "zstd:4": codecZstd, "s2": codecS2}[comp]; blob[5] != want || len(blob) > len(plain)/10 {
+				if want := map[string]byte{"zstd": codecZstd, "zstd:2": codecZstd, "zstd:3": codecZstd, "zstd:4": codecZstd, "s2": codecS2}[comp]; blob[5] != want || len(blob) > len(plain)/10 {
 					t.Errorf("%s/%s: want zstd, got codec %d, %d bytes", comp, name, blob[5], len(blob))
 				}
 			}

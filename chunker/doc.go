@@ -16,6 +16,12 @@
 //     (or the AEAD tag), the plaintext length and the digest, never makes
 //     more than the caller's limit, and says which check failed.
 //
+// zstd frames are encoded by the C library (github.com/DataDog/zstd,
+// through cgo: about 1.5 times klauspost/compress's encoder per core here,
+// at the same levels) and decoded by klauspost/compress's Go decoder
+// (bounded in window, memory and output, and fuzzed). The format is
+// zstd's either way: blobs of either encoder decode alike.
+//
 // Everything here is safe for concurrent use; the Codec pools its zstd
 // encoders and decoders.
 package chunker
