@@ -255,17 +255,13 @@ func progress(jobs []*diskJob, elapsed time.Duration) Progress {
 // the guest) is not touched; overlays are removed only by finish, once
 // the definition no longer names them.
 func (rs *restore) copyOffline(ctx context.Context) error {
-	def, err := rs.current(libvirt.DOMAIN_XML_INACTIVE)
+	_, disks, err := rs.persistentDisks()
 	if err != nil {
 		return err
 	}
 	for i := range rs.st.Disks {
 		ds := &rs.st.Disks[i]
-		d := findDisk(def, ds.Name)
-		if d == nil {
-			return fmt.Errorf("the domain has no disk %s any more", ds.Name)
-		}
-		switch src := diskSource(d); {
+		switch src := diskSource(disks[i]); {
 		case src == ds.Image && ds.Image != ds.Overlay:
 			continue // home, and perhaps written to since
 		case src != ds.Overlay:
@@ -352,17 +348,12 @@ func (rs *restore) finish(ctx context.Context) error {
 	if active, err := rs.dom.IsActive(); rs.offline && (err != nil || active) {
 		return fmt.Errorf("%s was started during its offline copy: nothing more is done while it is off (--resume continues live)", rs.o.As)
 	}
-	def, err := rs.current(libvirt.DOMAIN_XML_INACTIVE)
+	def, disks, err := rs.persistentDisks()
 	if err != nil {
 		return err
 	}
 	for i := range rs.st.Disks {
-		ds := &rs.st.Disks[i]
-		d := findDisk(def, ds.Name)
-		if d == nil {
-			return fmt.Errorf("the domain's definition has no disk %s any more", ds.Name)
-		}
-		finalDisk(d, ds, rs.st.Format)
+		finalDisk(disks[i], &rs.st.Disks[i], rs.st.Format)
 	}
 	x, err := def.Marshal()
 	if err != nil {
@@ -420,20 +411,32 @@ func hasBackingStore(d *libvirtxml.DomainDisk) bool {
 // allHome says whether every disk's persistent source is its final
 // image with no backing.
 func (rs *restore) allHome() (bool, error) {
-	def, err := rs.current(libvirt.DOMAIN_XML_INACTIVE)
+	_, disks, err := rs.persistentDisks()
 	if err != nil {
 		return false, err
 	}
-	for _, ds := range rs.st.Disks {
-		d := findDisk(def, ds.Name)
-		if d == nil {
-			return false, fmt.Errorf("the domain has no disk %s any more", ds.Name)
-		}
-		if diskSource(d) != ds.Image || hasBackingStore(d) {
+	for i, ds := range rs.st.Disks {
+		if diskSource(disks[i]) != ds.Image || hasBackingStore(disks[i]) {
 			return false, nil
 		}
 	}
 	return true, nil
+}
+
+// persistentDisks is the domain's persistent definition and, in the
+// state's order, each restored disk in it.
+func (rs *restore) persistentDisks() (*libvirtxml.Domain, []*libvirtxml.DomainDisk, error) {
+	def, err := rs.current(libvirt.DOMAIN_XML_INACTIVE)
+	if err != nil {
+		return nil, nil, err
+	}
+	disks := make([]*libvirtxml.DomainDisk, len(rs.st.Disks))
+	for i, ds := range rs.st.Disks {
+		if disks[i] = findDisk(def, ds.Name); disks[i] == nil {
+			return nil, nil, fmt.Errorf("the domain's definition has no disk %s any more", ds.Name)
+		}
+	}
+	return def, disks, nil
 }
 
 func findDisk(def *libvirtxml.Domain, dev string) *libvirtxml.DomainDisk {

@@ -217,20 +217,7 @@ func TestInstantRestoreResume(t *testing.T) {
 	as := src.Name + "-r"
 	ctx, cancel := context.WithCancel(t.Context())
 	o := Options{Repo: ro, Domain: src.Name, As: as, ImageDir: dir, RunDir: run, Bandwidth: MiB, Log: backuptest.Log(t)}
-	half := make(chan struct{})
-	var once sync.Once
-	o.Progress = func(p Progress) {
-		if p.Done > 0 && p.Done*3 > p.Total {
-			once.Do(func() { close(half) })
-		}
-	}
-	done := make(chan error, 1)
-	go func() { _, err := Run(ctx, o); done <- err }()
-	select {
-	case <-half:
-	case err := <-done:
-		t.Fatalf("ended before a third was copied: %v", err)
-	}
+	done := runUntil(t, ctx, &o, "a third was copied", func(p Progress) bool { return p.Done > 0 && p.Done*3 > p.Total })
 	dst := qemutest.Attach(t, as, qemutest.DiskSpec{Dev: "vda", Format: "qcow2"}, qemutest.DiskSpec{Dev: "vdb", Format: "qcow2"})
 	cancel() // the export ends with the command
 	err := <-done
@@ -279,6 +266,27 @@ func TestInstantRestoreResume(t *testing.T) {
 	}
 }
 
+// runUntil runs the restore o in the background until its progress meets
+// cond; the returned channel has Run's error.
+func runUntil(t *testing.T, ctx context.Context, o *Options, what string, cond func(Progress) bool) <-chan error {
+	t.Helper()
+	met := make(chan struct{})
+	var once sync.Once
+	o.Progress = func(p Progress) {
+		if cond(p) {
+			once.Do(func() { close(met) })
+		}
+	}
+	done := make(chan error, 1)
+	go func() { _, err := Run(ctx, *o); done <- err }()
+	select {
+	case <-met:
+	case err := <-done:
+		t.Fatalf("ended before %s: %v", what, err)
+	}
+	return done
+}
+
 // A raw restore stopped with one disk home (pivoted to its raw image,
 // then written to) and the other not: resumed while the domain is off,
 // the disk at home is left as it is (its overlay is older than it), the
@@ -290,23 +298,10 @@ func TestInstantRestoreResumeOffline(t *testing.T) {
 	dir, run := reachableDir(t), reachableDir(t)
 	as := src.Name + "-r"
 	ctx, cancel := context.WithCancel(t.Context())
-	home := make(chan struct{})
-	var once sync.Once
 	testHookStart = func(disk, job string) bool { return disk == "vdb" } // vda waits
 	defer func() { testHookStart = nil }()
 	o := Options{Repo: ro, Domain: src.Name, As: as, ImageDir: dir, RunDir: run, Format: "raw", Log: backuptest.Log(t)}
-	o.Progress = func(p Progress) {
-		if p.Disks[1].Phase == "done" {
-			once.Do(func() { close(home) })
-		}
-	}
-	done := make(chan error, 1)
-	go func() { _, err := Run(ctx, o); done <- err }()
-	select {
-	case <-home:
-	case err := <-done:
-		t.Fatalf("ended before vdb was home: %v", err)
-	}
+	done := runUntil(t, ctx, &o, "vdb was home", func(p Progress) bool { return p.Disks[1].Phase == "done" })
 	cancel()
 	<-done
 	dst := qemutest.Attach(t, as, qemutest.DiskSpec{Dev: "vda", Format: "qcow2"}, qemutest.DiskSpec{Dev: "vdb", Format: "raw"})
