@@ -105,6 +105,13 @@ func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
 // startDaemonWith is startDaemon with retention policy p, and the runner's
 // options changed by opts.
 func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy, opts ...func(*daemon.RunnerOptions)) *testDaemon {
+	return startDaemonServe(t, ro, maxJobs, p, nil, opts...)
+}
+
+// startDaemonServe is startDaemonWith with the daemon's options changed by
+// serve (when not nil).
+func startDaemonServe(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy, serve func(*daemon.ServeOptions),
+	opts ...func(*daemon.RunnerOptions)) *testDaemon {
 	sock := filepath.Join(t.TempDir(), "nbdmover.sock")
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -114,10 +121,12 @@ func startDaemonWith(t testing.TB, ro repo.Options, maxJobs int, p *repo.Policy,
 	for _, o := range opts {
 		o(&ropts)
 	}
-	go func() {
-		done <- daemon.Serve(ctx, daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t), Init: true,
-			Ready: func(string) { close(ready) }, Runner: ropts})
-	}()
+	so := daemon.ServeOptions{Listen: "unix://" + sock, Log: backuptest.Log(t), Init: true,
+		Ready: func(string) { close(ready) }, Runner: ropts}
+	if serve != nil {
+		serve(&so)
+	}
+	go func() { done <- daemon.Serve(ctx, so) }()
 	select {
 	case <-ready:
 	case err := <-done:

@@ -52,6 +52,10 @@ type exportsOptions struct {
 	dir        string // the sockets' directory
 	max        int
 	cacheBytes int64
+	// idle ends an export no client has been connected to for that long
+	// (0: never), so that one a scheduler forgot to DELETE does not hold
+	// its lock (and every gc's exit 11) for ever.
+	idle time.Duration
 }
 
 func newExports(ctx context.Context, o exportsOptions, log *slog.Logger) *exports {
@@ -122,11 +126,45 @@ func (x *exports) start(ctx context.Context, req ExportRequest) (ExportView, err
 			}
 		case <-x.ctx.Done():
 			e.Close()
+		case <-x.idleFor(e):
+			x.log.Info("export ended: no client was connected for the idle timeout", "export", id, "idle_timeout", x.o.idle)
+			e.Close()
 		}
 		x.remove(id, e)
 	}()
 	x.log.Info("export started", "export", id, "domain", e.Domain, "backup", e.Backup, "socket", e.Address)
 	return view(id, e), nil
+}
+
+// idleFor is closed once no client has been connected to e for the idle
+// timeout (never when there is none); it looks every tenth of it, at most
+// every 30 s, until e ends.
+func (x *exports) idleFor(e *export.Export) <-chan struct{} {
+	idle := make(chan struct{})
+	if x.o.idle <= 0 {
+		return idle
+	}
+	go func() {
+		t := time.NewTicker(min(x.o.idle/10, 30*time.Second))
+		defer t.Stop()
+		since := time.Now()
+		for {
+			select {
+			case <-e.Done():
+				return
+			case <-x.ctx.Done():
+				return
+			case now := <-t.C:
+				if e.Stats().Clients > 0 {
+					since = now
+				} else if now.Sub(since) >= x.o.idle {
+					close(idle)
+					return
+				}
+			}
+		}
+	}()
+	return idle
 }
 
 func view(id string, e *export.Export) ExportView {

@@ -17,6 +17,7 @@ import (
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/mover/nbd"
+	"github.com/nbdmover/nbdmover/nbdclient"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -164,6 +165,38 @@ func TestDaemonRefusesAReplacedRepository(t *testing.T) {
 	}
 	if v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobFailed || !strings.Contains(v.Error, "replaced") {
 		t.Fatalf("gc of a replaced repository: %+v", v)
+	}
+}
+
+// An export no client is connected to ends after the idle timeout; one
+// a client holds open does not.
+func TestDaemonExportIdleTimeout(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	if _, err := backuptest.ExportBackup(t, ro, backuptest.Image(t, 24*backuptest.MiB), "vm", "full", ""); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemonServe(t, ro, 1, nil, func(o *daemon.ServeOptions) { o.ExportIdleTimeout = 500 * time.Millisecond })
+	open := func() int {
+		var list struct{ Exports []daemon.ExportView }
+		d.do("GET", "/v1/exports", "", &list)
+		return len(list.Exports)
+	}
+	var v daemon.ExportView
+	if code := d.do("POST", "/v1/exports", `{"domain": "vm"}`, &v); code != 201 {
+		t.Fatalf("POST /v1/exports: %d", code)
+	}
+	c, err := nbdclient.Dial(t.Context(), nbdclient.Config{URI: v.Disks[0].URI})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // three timeouts with a client connected
+	if open() != 1 {
+		t.Fatal("an export with a client connected ended")
+	}
+	c.Close()
+	waitFor(t, "the idle export to end", func() bool { return open() == 0 })
+	if m := d.metrics(); !strings.Contains(m, "nbdmover_exports_open 0\n") {
+		t.Errorf("metrics after the idle export ended:\n%s", grepLines(m, "exports_open"))
 	}
 }
 

@@ -40,6 +40,9 @@ type ServeOptions struct {
 	// 256 MiB).
 	MaxExports       int
 	ExportCacheBytes int64
+	// ExportIdleTimeout ends an export no client has been connected to
+	// for that long (default 1h; negative: never).
+	ExportIdleTimeout time.Duration
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
 	Init bool
@@ -69,6 +72,9 @@ func (o ServeOptions) withDefaults() ServeOptions {
 	}
 	if o.ExportCacheBytes <= 0 {
 		o.ExportCacheBytes = 256 << 20
+	}
+	if o.ExportIdleTimeout == 0 {
+		o.ExportIdleTimeout = time.Hour
 	}
 	for _, d := range []struct {
 		t   *time.Duration
@@ -151,7 +157,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	}
 	xctx, stopExports := context.WithCancel(ctx)
 	x := newExports(xctx, exportsOptions{repo: r, dir: filepath.Join(runDir, "exports"), max: o.MaxExports,
-		cacheBytes: o.ExportCacheBytes}, o.Log)
+		cacheBytes: o.ExportCacheBytes, idle: o.ExportIdleTimeout}, o.Log)
 	defer x.wait()
 	defer stopExports()
 	m.exports = x

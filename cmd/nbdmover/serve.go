@@ -33,6 +33,7 @@ func serveCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "restore-image-dir", Usage: "directory instant restores may make images in (repeatable; a request chooses among them, the first when it names none)",
 				DefaultText: "/var/lib/libvirt/images"},
 			&cli.StringFlag{Name: "export-cache-size", Value: "256MiB", Usage: "decoded chunks each export keeps in memory"},
+			&cli.StringFlag{Name: "export-idle-timeout", Value: "1h", Usage: "end an export no client has been connected to for this long (0: never)"},
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk of a job that does not ask for a number (4, not backup's 8: jobs share the host and its memory budget)"},
@@ -81,6 +82,13 @@ func serveCommand() *cli.Command {
 			if err != nil || exportCache < 16<<20 {
 				return usagef("--export-cache-size %s: want at least 16MiB", c.String("export-cache-size"))
 			}
+			exportIdle, err := parseDuration(c.String("export-idle-timeout"))
+			if err != nil || exportIdle < 0 {
+				return usagef("--export-idle-timeout %q: a duration like 1h, or 0 for never", c.String("export-idle-timeout"))
+			}
+			if exportIdle == 0 {
+				exportIdle = -1 // never
+			}
 			if n := c.Int("max-restores"); n < 1 || n > 64 {
 				return usagef("--max-restores %d: want 1 to 64", n)
 			}
@@ -103,7 +111,7 @@ func serveCommand() *cli.Command {
 				Listen: c.String("listen"), Token: token, Log: log,
 				TLS:            daemon.TLSOptions{Cert: c.String("tls-cert"), Key: c.String("tls-key"), ClientCA: c.String("tls-client-ca")},
 				MaxConnections: c.Int("max-connections"), ShutdownTimeout: flagDuration(c, "shutdown-timeout"),
-				MaxExports: c.Int("max-exports"), ExportCacheBytes: exportCache,
+				MaxExports: c.Int("max-exports"), ExportCacheBytes: exportCache, ExportIdleTimeout: exportIdle,
 				Init: c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
