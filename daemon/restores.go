@@ -168,18 +168,29 @@ func (r *Runner) runRestore(ctx context.Context, j *job, o instant.Options) {
 		j.restore = &p
 		j.mu.Unlock()
 	}
+	// made: the domain exists (a resume, or a restore that got it
+	// running), so a failure leaves a copy to finish.
+	made := o.Domain == ""
 	o.Running = func(res instant.Result) {
 		log.Info("the restored domain runs", "from", res.From, "after_seconds", res.RunningAfter)
 		j.mu.Lock()
 		j.report = res
+		made = true
 		j.mu.Unlock()
 	}
 	log.Info("job started")
 	res, err := r.restoreOnce(ctx, o)
-	// The domain runs by now and needs its copy finished: what failed
-	// (libvirt restarted, the repository unreachable a while) is retried
-	// from its state, with a growing pause. What can never work is not.
-	for delay := restoreRetry; err != nil && res == nil && ctx.Err() == nil && !errors.Is(err, instant.ErrInvalid) &&
+	// What failed after the domain was made (libvirt restarted, the
+	// repository unreachable a while) is retried from its state, with a
+	// growing pause: the domain needs its copy finished. What can never
+	// work is not, nor a restore that failed before its domain was made
+	// (it undid everything; its error says why).
+	retry := func() bool {
+		j.mu.Lock()
+		defer j.mu.Unlock()
+		return made
+	}
+	for delay := restoreRetry; err != nil && res == nil && ctx.Err() == nil && !errors.Is(err, instant.ErrInvalid) && retry() &&
 		delay <= maxRestoreRetry; delay *= 2 {
 		log.Warn("the instant restore stopped; resuming it", "error", err, "in", delay)
 		select {
