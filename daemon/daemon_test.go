@@ -86,17 +86,6 @@ func TestMain(m *testing.M) {
 // runDir is the run directory of the tests' daemons.
 var runDir string
 
-// list lists the committed backups of domain.
-func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error) {
-	t.Helper()
-	r, err := ro.Open(t.Context())
-	if err != nil {
-		return nil, err
-	}
-	ms, _, err := r.Backups(t.Context(), domain)
-	return ms, err
-}
-
 // startDaemon runs Serve in-process on a unix socket until the test ends.
 func startDaemon(t testing.TB, ro repo.Options, maxJobs int) *testDaemon {
 	return startDaemonWith(t, ro, maxJobs, nil)
@@ -316,7 +305,7 @@ func TestDaemonConcurrencyAndCancel(t *testing.T) {
 	if cps := slow.Checkpoints(); len(cps) != 0 {
 		t.Fatalf("a cancelled first backup left checkpoints %v", cps)
 	}
-	if ms, err := list(t, ro, slow.Name); err != nil || len(ms) != 0 {
+	if ms, err := backuptest.List(t, ro, slow.Name); err != nil || len(ms) != 0 {
 		t.Fatalf("a cancelled job committed: %v %v", ms, err)
 	}
 	if v := d.wait(b, daemon.JobSucceeded, daemon.JobFailed); v.State != daemon.JobSucceeded {
@@ -447,7 +436,7 @@ func TestDaemonSIGTERM(t *testing.T) {
 		t.Fatalf("the daemon did not exit within 60s of SIGTERM: %s", stderr.String())
 	}
 	backuptest.CheckNoLeftovers(t, dom, runDir)
-	if ms, err := list(t, ro, dom.Name); err != nil || len(ms) != 0 {
+	if ms, err := backuptest.List(t, ro, dom.Name); err != nil || len(ms) != 0 {
 		t.Fatalf("an interrupted job committed: %v %v", ms, err)
 	}
 	if _, err := os.Stat(sock); err == nil {

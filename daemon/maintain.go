@@ -102,12 +102,8 @@ func (r *Runner) submitMaintenance(req JobRequest) (JobView, error) {
 		return JobView{}, refuse(ErrConflict, "the repository has maintenance job %s (%s, %s) already", cur.id, cur.req.Kind, cur.view().State)
 	}
 	r.prune()
-	jctx, cancel := context.WithCancelCause(r.ctx)
-	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: JobRunning}
-	j.started = j.created
-	r.jobs[j.id] = j
+	j, jctx := r.newJob(req, JobRunning)
 	r.maint = j
-	r.wg.Add(1)
 	go r.runMaintenance(jctx, j)
 	return j.view(), nil
 }

@@ -42,7 +42,7 @@ func TestDaemonMaintenance(t *testing.T) {
 	if last.Retention == nil || last.Retention.Kept != 2 || last.Retention.Forgotten != 1 || last.Kind != "backup" {
 		t.Fatalf("retention after the third backup: %+v", last.Retention)
 	}
-	if ms, err := list(t, ro, dom.Name); err != nil || len(ms) != 2 || ms[0].ID != points[1].ID {
+	if ms, err := backuptest.List(t, ro, dom.Name); err != nil || len(ms) != 2 || ms[0].ID != points[1].ID {
 		t.Fatalf("backups after retention: %v %v", ms, err)
 	}
 	time.Sleep(10 * time.Millisecond)

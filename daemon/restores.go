@@ -95,13 +95,8 @@ func (r *Runner) SubmitRestore(req RestoreRequest) (JobView, error) {
 	if n := r.restores(); n >= r.o.MaxRestores {
 		return JobView{}, refuse(ErrUnavailable, "%d instant restores are running, the most this daemon runs at once (serve --max-restores)", n)
 	}
-	jctx, cancel := context.WithCancelCause(r.ctx)
-	j := &job{id: newJobID(), req: JobRequest{Kind: KindInstantRestore, Domain: o.As, Restore: &req}, created: time.Now().UTC(),
-		cancel: cancel, state: JobRunning}
-	j.started = j.created
-	r.jobs[j.id] = j
+	j, jctx := r.newJob(JobRequest{Kind: KindInstantRestore, Domain: o.As, Restore: &req}, JobRunning)
 	r.byDomain[o.As] = j
-	r.wg.Add(1)
 	go r.runRestore(jctx, j, o)
 	return j.view(), nil
 }

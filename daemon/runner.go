@@ -352,13 +352,25 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 	if err := r.admit(req.Domain); err != nil {
 		return JobView{}, err
 	}
-	jctx, cancel := context.WithCancelCause(r.ctx)
-	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: JobQueued, memory: memory}
-	r.jobs[j.id] = j
+	j, jctx := r.newJob(req, JobQueued)
+	j.memory = memory
 	r.byDomain[req.Domain] = j
-	r.wg.Add(1)
 	go r.run(jctx, j)
 	return j.view(), nil
+}
+
+// newJob registers a new job of req, queued or (JobRunning) started now,
+// with its own context; r.mu is held. The caller starts its goroutine,
+// which ends with r.wg.Done.
+func (r *Runner) newJob(req JobRequest, state string) (*job, context.Context) {
+	jctx, cancel := context.WithCancelCause(r.ctx)
+	j := &job{id: newJobID(), req: req, created: time.Now().UTC(), cancel: cancel, state: state}
+	if state == JobRunning {
+		j.started = j.created
+	}
+	r.jobs[j.id] = j
+	r.wg.Add(1)
+	return j, jctx
 }
 
 // admit refuses a new job of domain while the runner is closed or the

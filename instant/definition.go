@@ -405,5 +405,3 @@ func xmlEscape(s string) string {
 	xml.EscapeText(&b, []byte(s))
 	return b.String()
 }
-
-func xmlUnmarshal(s string, v any) error { return xml.Unmarshal([]byte(s), v) }

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -157,6 +158,16 @@ type diskState struct {
 	RErrorPolicy string `json:"rerror_policy,omitempty"`
 }
 
+// result is what a restore in state st restores as the domain as, before
+// it is done.
+func (st *state) result(as string) Result {
+	res := Result{Domain: as, From: st.Domain + "/" + st.Backup, Socket: st.Socket}
+	for _, d := range st.Disks {
+		res.Disks = append(res.Disks, DiskResult{Name: d.Name, Size: d.Size, Image: d.Image, Format: st.Format})
+	}
+	return res
+}
+
 // restore is one restore being carried out.
 type restore struct {
 	o       Options
@@ -168,7 +179,8 @@ type restore struct {
 	res     Result
 	def     *libvirtxml.Domain // the new domain's, until defined
 	dom     *libvirt.Domain
-	offline bool // the disks were copied while the domain was off
+	offline bool          // the disks were copied while the domain was off
+	qemu    *listen.Owner // QEMU's user, given the export's socket
 	// networkExists says whether this host has a libvirt network, and
 	// it is active (a domain on an inactive one does not start).
 	networkExists func(name string) bool
@@ -240,10 +252,8 @@ func Resume(ctx context.Context, o Options) (*Result, error) {
 		return nil, invalidf("domain %s was restored from repository %s (at %s), not %s: give that one with --repo",
 			o.As, rs.st.RepoID, rs.st.Location, id)
 	}
-	rs.res = Result{Domain: o.As, From: rs.st.Domain + "/" + rs.st.Backup, Started: time.Now(), Socket: rs.st.Socket}
-	for _, d := range rs.st.Disks {
-		rs.res.Disks = append(rs.res.Disks, DiskResult{Name: d.Name, Size: d.Size, Image: d.Image, Format: rs.st.Format})
-	}
+	rs.res = rs.st.result(o.As)
+	rs.res.Started = time.Now()
 	// Disks home already (a stop between the definition's rewrite and
 	// the state's removal) need no export: the backup may be gone.
 	if home, err := rs.allHome(); err != nil {
@@ -438,6 +448,7 @@ func prepare(ctx context.Context, o Options) (_ *restore, err error) {
 	if err != nil {
 		return nil, err
 	}
+	rs.qemu = qemu
 	if err := reachable(o.ImageDir, qemu); err != nil {
 		return nil, invalidf("--image-dir %s: %v: QEMU runs as uid %d and must reach its images", o.ImageDir, err, qemu.UID)
 	}
@@ -459,10 +470,7 @@ func prepare(ctx context.Context, o Options) (_ *restore, err error) {
 		active, err := n.IsActive()
 		return err == nil && active
 	}
-	rs.res = Result{Domain: o.As, From: m.Domain + "/" + m.ID, Socket: rs.st.Socket}
-	for _, d := range rs.st.Disks {
-		rs.res.Disks = append(rs.res.Disks, DiskResult{Name: d.Name, Size: d.Size, Image: d.Image, Format: o.Format})
-	}
+	rs.res = rs.st.result(o.As)
 	if rs.def, err = rs.definition(saved); err != nil {
 		return nil, err
 	}
@@ -545,16 +553,18 @@ func knownPolicy(p string) bool {
 // startExport serves the backup's disks on the state's socket, given to
 // QEMU's user.
 func (rs *restore) startExport(ctx context.Context) error {
-	qemu, err := qemuUser(rs.o.QEMUUser)
-	if err != nil {
-		return err
+	var err error
+	if rs.qemu == nil { // a resume: prepare did not look it up
+		if rs.qemu, err = qemuUser(rs.o.QEMUUser); err != nil {
+			return err
+		}
 	}
 	var names []string
 	for _, d := range rs.st.Disks {
 		names = append(names, d.Name)
 	}
 	rs.e, err = export.Start(ctx, export.Options{Repository: rs.r, Domain: rs.st.Domain, Backup: rs.st.Backup, Disks: names,
-		Listen: "unix://" + rs.st.Socket, SocketOwner: qemu, CacheBytes: rs.o.CacheBytes, Log: rs.log})
+		Listen: "unix://" + rs.st.Socket, SocketOwner: rs.qemu, CacheBytes: rs.o.CacheBytes, Log: rs.log})
 	return err
 }
 
@@ -719,7 +729,7 @@ func parseState(meta string) (state, error) {
 	var x struct {
 		Body string `xml:",chardata"`
 	}
-	if err := xmlUnmarshal(meta, &x); err != nil {
+	if err := xml.Unmarshal([]byte(meta), &x); err != nil {
 		return st, fmt.Errorf("its instant restore state: %w", err)
 	}
 	if err := json.Unmarshal([]byte(x.Body), &st); err != nil {

@@ -29,7 +29,7 @@ var testLog = backuptest.Log
 
 func latestID(t *testing.T, ro repo.Options, name string) string {
 	t.Helper()
-	ms, err := list(t, ro, name)
+	ms, err := backuptest.List(t, ro, name)
 	if err != nil || len(ms) == 0 {
 		t.Fatalf("no backups of %s: %v", name, err)
 	}

@@ -207,7 +207,7 @@ func TestDomainInterrupted(t *testing.T) {
 			t.Fatalf("expected a killed run to leave its job and checkpoint behind (job %v, checkpoints %v)", dom.JobActive(), dom.Checkpoints())
 		}
 	})
-	ms, err := list(t, ro, dom.Name)
+	ms, err := backuptest.List(t, ro, dom.Name)
 	if err != nil || len(ms) != 1 {
 		t.Fatalf("interrupted backups were committed: %d backups, %v", len(ms), err)
 	}
@@ -334,17 +334,6 @@ func TestDomainOutcomes(t *testing.T) {
 		expect(t, err, "127.0.0.1:9")
 		checkNoLeftovers(t, dom)
 	})
-}
-
-// list lists the committed backups of domain.
-func list(t testing.TB, ro repo.Options, domain string) ([]*repo.Manifest, error) {
-	t.Helper()
-	r, err := ro.Open(t.Context())
-	if err != nil {
-		return nil, err
-	}
-	ms, _, err := r.Backups(t.Context(), domain)
-	return ms, err
 }
 
 // Checkpoints named before checkpoints named their repository

@@ -136,7 +136,7 @@ func TestParentChunkSizeDiffers(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "chunk") || !strings.Contains(err.Error(), "524288") {
 		t.Fatalf("incremental over a parent with other chunks: %v", err)
 	}
-	if ms, _ := list(t, ro, "vm"); len(ms) != 1 {
+	if ms, _ := backuptest.List(t, ro, "vm"); len(ms) != 1 {
 		t.Fatalf("%d backups committed", len(ms))
 	}
 }
