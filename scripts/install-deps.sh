@@ -9,6 +9,8 @@ pkgs=(
 	libvirt-dev libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 	qemu-system-x86 qemu-utils e2fsprogs
 	virtnbdbackup hyperfine time bc strace
+	# files: the libguestfs appliance (supermin builds it from a kernel in /boot)
+	libguestfs-tools libguestfs-dev libguestfs-xfs linux-image-amd64
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -40,6 +40,9 @@ type DiskSpec struct {
 	// Backing, when set, is the URI of a raw backing image (an NBD
 	// export): the disk is a qcow2 overlay of it, of its size.
 	Backing string
+	// From, when set, is a raw image whose content the disk starts with
+	// (and whose size it has).
+	From string
 }
 
 // Domain is a throwaway running libvirt domain with no guest OS (the BIOS
@@ -82,9 +85,12 @@ func NewDomain(tb testing.TB, persistent bool, disks ...DiskSpec) *Domain {
 	var devs strings.Builder
 	for i, s := range disks {
 		img := filepath.Join(dir, s.Dev+"."+s.Format)
-		if s.Backing != "" {
+		switch {
+		case s.Backing != "":
 			Run(tb, "qemu-img", "create", "-q", "-f", "qcow2", "-b", s.Backing, "-F", "raw", img)
-		} else {
+		case s.From != "":
+			Run(tb, "qemu-img", "convert", "-q", "-f", "raw", "-O", s.Format, s.From, img)
+		default:
 			Run(tb, "qemu-img", "create", "-q", "-f", s.Format, img, strconv.FormatInt(s.Size, 10))
 		}
 		fmt.Fprintf(&devs, `<disk type='file' device='disk'><driver name='qemu' type='%s'/><source file='%s'/><target dev='%s' bus='virtio'/><alias name='ua-disk%d'/></disk>`,

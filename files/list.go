@@ -1,0 +1,294 @@
+package files
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/nbdmover/nbdmover/guestfs"
+)
+
+// Entry is one file of a backup.
+type Entry struct {
+	Name string `json:"name"`
+	// NameBase64 is the name's bytes in base64 when they are not UTF-8
+	// (JSON cannot carry them; Name then has U+FFFD in their place).
+	NameBase64 []byte    `json:"name_base64,omitempty"`
+	Path       string    `json:"-"`
+	Type       string    `json:"type"` // file, dir, symlink, fifo, socket, block, char
+	Size       int64     `json:"size"`
+	Mode       string    `json:"mode"` // permission bits in octal, with setuid, setgid, sticky (e.g. "4755")
+	UID        int64     `json:"uid"`
+	GID        int64     `json:"gid"`
+	Nlink      int64     `json:"nlink"`
+	Mtime      time.Time `json:"mtime"`
+	Target     string    `json:"target,omitempty"` // a symlink's, as stored (never followed)
+
+	stat guestfs.Stat
+}
+
+// batch is how many names one lstat or readlink round trip carries
+// (libguestfs's messages are bounded).
+const batch = 1000
+
+func typeOf(mode uint32) string {
+	switch mode & 0o170000 {
+	case 0o100000:
+		return "file"
+	case 0o040000:
+		return "dir"
+	case 0o120000:
+		return "symlink"
+	case 0o010000:
+		return "fifo"
+	case 0o140000:
+		return "socket"
+	case 0o060000:
+		return "block"
+	case 0o020000:
+		return "char"
+	}
+	return "unknown"
+}
+
+func entry(dir, name string, st guestfs.Stat) Entry {
+	e := Entry{Name: name, Path: path.Join(dir, name), Type: typeOf(st.Mode), Size: st.Size,
+		Mode: fmt.Sprintf("%04o", st.Mode&0o7777), UID: st.UID, GID: st.GID, Nlink: st.Nlink, Mtime: st.Mtime.UTC(), stat: st}
+	if !utf8.ValidString(name) {
+		e.NameBase64 = []byte(name)
+	}
+	return e
+}
+
+// notFound turns libguestfs's ENOENT into ErrNotFound, naming the path.
+func notFound(p string, err error) error {
+	var ge *guestfs.Error
+	if errors.As(err, &ge) && ge.NotFound() {
+		return fmt.Errorf("%w: %s", ErrNotFound, printable(p))
+	}
+	return err
+}
+
+// Stat is one path's entry (a final symlink is not followed).
+func (s *Session) Stat(p string) (Entry, error) {
+	s.touch()
+	p, err := cleanPath(p)
+	if err != nil {
+		return Entry{}, err
+	}
+	st, err := s.h.Lstat(p)
+	if err != nil {
+		return Entry{}, notFound(p, err)
+	}
+	e := entry(path.Dir(p), path.Base(p), st)
+	if e.Type == "symlink" {
+		l, err := s.h.ReadlinkList(path.Dir(p), []string{path.Base(p)})
+		if err != nil {
+			return Entry{}, err
+		}
+		e.Target = l[0]
+	}
+	return e, nil
+}
+
+// names returns a directory's names, sorted bytewise, checked.
+func (s *Session) names(dir string) ([]string, error) {
+	des, err := s.h.Readdir(dir)
+	if err != nil {
+		return nil, notFound(dir, err)
+	}
+	out := make([]string, 0, len(des))
+	for _, d := range des {
+		if d.Name == "." || d.Name == ".." {
+			continue
+		}
+		if d.Name == "" || strings.ContainsAny(d.Name, "/\x00") {
+			return nil, fmt.Errorf("directory %s: the appliance returned an impossible name %q", printable(dir), d.Name)
+		}
+		out = append(out, d.Name)
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// entries stats names of dir, in batches.
+func (s *Session) entries(dir string, names []string) ([]Entry, error) {
+	out := make([]Entry, 0, len(names))
+	for len(names) > 0 {
+		n := names[:min(len(names), batch)]
+		names = names[len(n):]
+		sts, err := s.h.LstatList(dir, n)
+		if err != nil {
+			return nil, err
+		}
+		var links []int
+		for i, st := range sts {
+			out = append(out, entry(dir, n[i], st))
+			if out[len(out)-1].Type == "symlink" {
+				links = append(links, len(out)-1)
+			}
+		}
+		if len(links) > 0 {
+			ln := make([]string, len(links))
+			for i, j := range links {
+				ln[i] = out[j].Name
+			}
+			ts, err := s.h.ReadlinkList(dir, ln)
+			if err != nil {
+				return nil, err
+			}
+			for i, j := range links {
+				out[j].Target = ts[i]
+			}
+		}
+	}
+	return out, nil
+}
+
+// List lists a directory (or one non-directory) a page at a time: the
+// entries whose names sort after after, at most limit of them (0: 1000),
+// and whether more follow. Memory: the directory's names, and one page.
+func (s *Session) List(ctx context.Context, p, after string, limit int) ([]Entry, bool, error) {
+	s.touch()
+	if limit <= 0 {
+		limit = 1000
+	}
+	e, err := s.Stat(p)
+	if err != nil {
+		return nil, false, err
+	}
+	if e.Type != "dir" {
+		return []Entry{e}, false, nil
+	}
+	names, err := s.names(e.Path)
+	if err != nil {
+		return nil, false, err
+	}
+	i, _ := slices.BinarySearch(names, after)
+	if after != "" && i < len(names) && names[i] == after {
+		i++
+	}
+	names = names[i:]
+	more := len(names) > limit
+	names = names[:min(len(names), limit)]
+	if err := ctx.Err(); err != nil {
+		return nil, false, err
+	}
+	out, err := s.entries(e.Path, names)
+	return out, more, err
+}
+
+// Walk calls fn for p and, if it is a directory, everything beneath it,
+// depth first, names in bytewise order; fn's error ends the walk (SkipDir
+// for a directory skips its contents). Symlinks are never followed.
+func (s *Session) Walk(ctx context.Context, p string, fn func(Entry) error) error {
+	e, err := s.Stat(p)
+	if err != nil {
+		return err
+	}
+	return s.walk(ctx, e, fn)
+}
+
+// SkipDir, returned by a Walk function for a directory, skips its contents.
+var SkipDir = errors.New("skip this directory")
+
+func (s *Session) walk(ctx context.Context, e Entry, fn func(Entry) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	err := fn(e)
+	if err == SkipDir {
+		return nil
+	}
+	if err != nil || e.Type != "dir" {
+		return err
+	}
+	names, err := s.names(e.Path)
+	if err != nil {
+		return err
+	}
+	for len(names) > 0 {
+		n := names[:min(len(names), batch)]
+		names = names[len(n):]
+		es, err := s.entries(e.Path, n)
+		if err != nil {
+			return err
+		}
+		for _, c := range es {
+			if err := s.walk(ctx, c, fn); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Read writes a regular file's bytes to w, checking their count against
+// its size; it returns the count.
+func (s *Session) Read(ctx context.Context, p string, w io.Writer) (int64, error) {
+	e, err := s.Stat(p)
+	if err != nil {
+		return 0, err
+	}
+	if e.Type != "file" {
+		return 0, fmt.Errorf("%s is a %s, not a file", printable(e.Path), e.Type)
+	}
+	return s.read(ctx, e, w)
+}
+
+// read streams e's bytes through a pipe that libguestfs writes
+// (/dev/fd/N): no temporary file, no whole file in memory.
+func (s *Session) read(ctx context.Context, e Entry, w io.Writer) (int64, error) {
+	s.touch()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	done := make(chan error, 1)
+	go func() {
+		err := s.h.Download(e.Path, fmt.Sprintf("/dev/fd/%d", pw.Fd()))
+		pw.Close()
+		done <- err
+	}()
+	n, cerr := io.Copy(w, ctxReader{ctx, pr})
+	if cerr != nil {
+		// Unblock libguestfs's writes so the download ends (with EPIPE).
+		pr.Close()
+		<-done
+		return n, cerr
+	}
+	pr.Close()
+	if err := <-done; err != nil {
+		return n, fmt.Errorf("read %s: %w", printable(e.Path), notFound(e.Path, err))
+	}
+	if n != e.Size {
+		return n, fmt.Errorf("read %s: %d bytes, but its size is %d", printable(e.Path), n, e.Size)
+	}
+	return n, nil
+}
+
+// ctxReader ends a read at the context's end.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+// Checksum is a regular file's SHA-256, computed in the appliance.
+func (s *Session) Checksum(p string) (string, error) {
+	s.touch()
+	return s.h.Checksum("sha256", p)
+}
