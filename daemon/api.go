@@ -22,6 +22,7 @@ import (
 type api struct {
 	runner  *Runner
 	exports *exports
+	files   *fileSessions
 	repo    repo.Options // for /healthz, which opens it anew
 	opened  *repo.Repo   // for everything else
 	token   []byte
@@ -33,8 +34,8 @@ type api struct {
 	healthErr error
 }
 
-func newAPI(r *Runner, x *exports, ro repo.Options, opened *repo.Repo, token string, m *metrics, log *slog.Logger) http.Handler {
-	a := &api{runner: r, exports: x, repo: ro, opened: opened, token: []byte(token), m: m, log: log}
+func newAPI(r *Runner, x *exports, fs *fileSessions, ro repo.Options, opened *repo.Repo, token string, m *metrics, log *slog.Logger) http.Handler {
+	a := &api{runner: r, exports: x, files: fs, repo: ro, opened: opened, token: []byte(token), m: m, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/jobs", a.submit)
 	mux.HandleFunc("GET /v1/jobs", a.list)
@@ -46,6 +47,10 @@ func newAPI(r *Runner, x *exports, ro repo.Options, opened *repo.Repo, token str
 	mux.HandleFunc("GET /v1/exports", a.listExports)
 	mux.HandleFunc("GET /v1/exports/{id}", a.getExport)
 	mux.HandleFunc("DELETE /v1/exports/{id}", a.stopExport)
+	mux.HandleFunc("GET /v1/backups/{domain}/{id}/filesystems", a.filesystems)
+	mux.HandleFunc("GET /v1/backups/{domain}/{id}/files", a.listFiles)
+	mux.HandleFunc("GET /v1/backups/{domain}/{id}/files/content", a.fileContent)
+	mux.HandleFunc("GET /v1/backups/{domain}/{id}/files/tar", a.fileTar)
 	mux.HandleFunc("GET /healthz", a.health)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	return a.auth(jsonErrors(mux))

@@ -16,6 +16,7 @@ import (
 type metrics struct {
 	reg      *prometheus.Registry
 	runner   *Runner
+	files    *fileSessions
 	finished *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
@@ -82,6 +83,14 @@ func newMetrics() *metrics {
 		}
 	}
 	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_file_sessions_open",
+			Help: "File-level restore sessions (libguestfs appliances) open or opening."},
+			func() float64 {
+				if m.files == nil {
+					return 0
+				}
+				return float64(m.files.count())
+			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_exports_open", Help: "NBD exports being served."},
 			func() float64 {
 				if m.exports == nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/files"
 	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
@@ -43,6 +44,14 @@ type ServeOptions struct {
 	// ExportIdleTimeout ends an export no client has been connected to
 	// for that long (default 1h; negative: never).
 	ExportIdleTimeout time.Duration
+	// Files: file-level restore sessions (GET .../files). Each appliance
+	// has FilesMemoryMiB (default 512); all together at most
+	// FilesMemoryBudgetMiB (default 2048); a session no request used for
+	// FilesIdleTimeout (default 60s) is closed. FilesAccel is auto, kvm
+	// or tcg (files.Options).
+	FilesMemoryMiB, FilesMemoryBudgetMiB int
+	FilesIdleTimeout                     time.Duration
+	FilesAccel                           string
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
 	Init bool
@@ -72,6 +81,15 @@ func (o ServeOptions) withDefaults() ServeOptions {
 	}
 	if o.ExportCacheBytes <= 0 {
 		o.ExportCacheBytes = 256 << 20
+	}
+	if o.FilesMemoryMiB <= 0 {
+		o.FilesMemoryMiB = files.DefaultMemoryMiB
+	}
+	if o.FilesMemoryBudgetMiB <= 0 {
+		o.FilesMemoryBudgetMiB = 2048
+	}
+	if o.FilesIdleTimeout <= 0 {
+		o.FilesIdleTimeout = time.Minute
 	}
 	if o.ExportIdleTimeout == 0 {
 		o.ExportIdleTimeout = time.Hour
@@ -161,7 +179,11 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	defer x.wait()
 	defer stopExports()
 	m.exports = x
-	srv := &http.Server{Handler: newAPI(runner, x, ro.Backup.Repo, r, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
+	fs := newFileSessions(xctx, fileSessionsOptions{repo: r, runDir: filepath.Join(runDir, "files"), memoryMiB: o.FilesMemoryMiB,
+		budgetMiB: o.FilesMemoryBudgetMiB, cacheBytes: o.ExportCacheBytes, idle: o.FilesIdleTimeout, accel: o.FilesAccel}, o.Log)
+	defer fs.wait()
+	m.files = fs
+	srv := &http.Server{Handler: newAPI(runner, x, fs, ro.Backup.Repo, r, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
 		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
 		ErrorLog:    slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }}

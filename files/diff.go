@@ -1,6 +1,10 @@
 package files
 
-import "context"
+import (
+	"context"
+	"errors"
+	"fmt"
+)
 
 // Change is one difference between two backups.
 type Change struct {
@@ -28,8 +32,12 @@ func Diff(ctx context.Context, from, to *Session, p string, content bool, fn fun
 	a, aerr := from.Stat(p)
 	b, berr := to.Stat(p)
 	switch {
-	case aerr != nil && berr != nil:
+	case aerr != nil && !errors.Is(aerr, ErrNotFound):
 		return aerr
+	case berr != nil && !errors.Is(berr, ErrNotFound):
+		return berr
+	case aerr != nil && berr != nil:
+		return fmt.Errorf("%w (in neither backup)", aerr)
 	case aerr != nil:
 		return reportAll(ctx, to, b, "added", fn)
 	case berr != nil:

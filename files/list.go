@@ -185,6 +185,28 @@ func (s *Session) List(ctx context.Context, p, after string, limit int) ([]Entry
 	return out, more, err
 }
 
+// Each calls fn for each entry of directory p in name order (for p
+// itself when it is not a directory), a batch at a time: memory is the
+// directory's names and one batch, whatever its size.
+func (s *Session) Each(ctx context.Context, p string, fn func(Entry) error) error {
+	top, err := s.Stat(p)
+	if err != nil {
+		return err
+	}
+	if top.Type != "dir" {
+		return fn(top)
+	}
+	return s.walk(ctx, top, func(e Entry) error {
+		if e.Path == top.Path {
+			return nil
+		}
+		if err := fn(e); err != nil {
+			return err
+		}
+		return SkipDir
+	})
+}
+
 // Walk calls fn for p and, if it is a directory, everything beneath it,
 // depth first, names in bytewise order; fn's error ends the walk (SkipDir
 // for a directory skips its contents). Symlinks are never followed.

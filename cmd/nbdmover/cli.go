@@ -148,7 +148,39 @@ func normalizeArgs(args []string) []string {
 			rest = append(rest, a)
 		}
 	}
+	if len(rest) > 2 && rest[0] == "files" && !strings.HasPrefix(rest[1], "-") {
+		rest = append(rest[:2:2], flagsFirst(rest[2:], filesBoolFlags)...)
+	}
 	return append(append([]string{args[0]}, globals...), rest...)
+}
+
+// flagsFirst puts a command's flags (with their values) before its
+// arguments, which follow a "--": urfave/cli stops at the first argument,
+// and "files get /etc/hosts --output DIR" is how people write it. bools
+// are the flags that take no value.
+func flagsFirst(args, bools []string) []string {
+	var flags, plain []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			plain = append(plain, args[i+1:]...)
+			break
+		}
+		name, hasValue := flagName(a)
+		switch {
+		case name == "":
+			plain = append(plain, a)
+		case hasValue || slices.Contains(bools, name) || i+1 == len(args):
+			flags = append(flags, a)
+		default:
+			flags = append(flags, a, args[i+1])
+			i++
+		}
+	}
+	if len(plain) == 0 {
+		return flags
+	}
+	return append(append(flags, "--"), plain...)
 }
 
 // flagName returns the name of a flag argument ("" if a is none) and

@@ -20,6 +20,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/export"
+	"github.com/nbdmover/nbdmover/files"
 	"github.com/nbdmover/nbdmover/instant"
 	"github.com/nbdmover/nbdmover/internal/listen"
 	"github.com/nbdmover/nbdmover/mover"
@@ -92,7 +93,8 @@ func exitStatus(err error, sig os.Signal) (int, string) {
 	case sig == syscall.SIGTERM:
 		return exitTerminated, "terminated"
 	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid),
-		errors.Is(err, export.ErrInvalid), errors.Is(err, listen.ErrInvalid), errors.Is(err, instant.ErrInvalid):
+		errors.Is(err, export.ErrInvalid), errors.Is(err, listen.ErrInvalid), errors.Is(err, instant.ErrInvalid),
+		errors.Is(err, files.ErrInvalid):
 		return exitUsage, "usage"
 	case errors.Is(err, repo.ErrNoRepository):
 		return exitNoRepository, "no-repository"
@@ -181,7 +183,7 @@ func newApp() *cli.App {
 		Commands: []*cli.Command{
 			initCommand(), backupCommand(), listCommand(), restoreCommand(), exportCommand(), instantRestoreCommand(), verifyCommand(), forgetCommand(),
 			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
-			keyCommand(),
+			keyCommand(), filesCommand(),
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error { return usageErrorOf(c, err) },
 		ExitErrHandler: func(*cli.Context, error) {

@@ -53,6 +53,11 @@ func checkFlags(c *cli.Context) error {
 	if err := noArgs(c); err != nil {
 		return err
 	}
+	return checkOptions(c)
+}
+
+// checkOptions is checkFlags for a command that takes arguments.
+func checkOptions(c *cli.Context) error {
 	for _, f := range []struct{ flag, kind string }{{"domain", "domain"}, {"name", "backup"}, {"disk", "disk"}} {
 		if !c.IsSet(f.flag) {
 			continue

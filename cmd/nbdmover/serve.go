@@ -34,6 +34,10 @@ func serveCommand() *cli.Command {
 				DefaultText: "/var/lib/libvirt/images"},
 			&cli.StringFlag{Name: "export-cache-size", Value: "256MiB", Usage: "decoded chunks each export keeps in memory"},
 			&cli.StringFlag{Name: "export-idle-timeout", Value: "1h", Usage: "end an export no client has been connected to for this long (0: never)"},
+			&cli.StringFlag{Name: "files-idle-timeout", Value: "60s", Usage: "close a file-level restore session (its appliance) no request used for this long"},
+			&cli.StringFlag{Name: "files-memory", Value: "512MiB", Usage: "memory of each file-level restore appliance (at least 256MiB)"},
+			&cli.StringFlag{Name: "files-memory-budget", Value: "2GiB", Usage: "memory of all file-level restore appliances together (sessions beyond it close idle ones or wait)"},
+			&cli.StringFlag{Name: "files-accel", Value: "auto", Usage: "file-level restore appliances' accelerator: auto (KVM, falling back to TCG), kvm or tcg"},
 			&cli.IntFlag{Name: "max-jobs", Value: 2, Usage: "backup jobs running at once on this host; more queue"},
 			&cli.StringFlag{Name: "max-memory", Value: "1GiB", Usage: "buffers of all running jobs together; a job that would exceed it queues"},
 			&cli.IntFlag{Name: "readers", Value: 4, Usage: "NBD connections per disk of a job that does not ask for a number (4, not backup's 8: jobs share the host and its memory budget)"},
@@ -100,6 +104,23 @@ func serveCommand() *cli.Command {
 			if n := c.Int("max-exports"); n < 1 || n > 256 {
 				return usagef("--max-exports %d: want 1 to 256", n)
 			}
+			filesIdle, err := parseDuration(c.String("files-idle-timeout"))
+			if err != nil || filesIdle < time.Second {
+				return usagef("--files-idle-timeout %q: a duration of at least 1s, like 60s", c.String("files-idle-timeout"))
+			}
+			filesMem, err := parseSize(c.String("files-memory"))
+			if err != nil || filesMem < 256<<20 {
+				return usagef("--files-memory %q: want at least 256MiB", c.String("files-memory"))
+			}
+			filesBudget, err := parseSize(c.String("files-memory-budget"))
+			if err != nil || filesBudget < filesMem {
+				return usagef("--files-memory-budget %q: want at least --files-memory (%s)", c.String("files-memory-budget"), c.String("files-memory"))
+			}
+			switch c.String("files-accel") {
+			case "auto", "kvm", "tcg":
+			default:
+				return usagef("--files-accel %q: want auto, kvm or tcg", c.String("files-accel"))
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -112,7 +133,9 @@ func serveCommand() *cli.Command {
 				TLS:            daemon.TLSOptions{Cert: c.String("tls-cert"), Key: c.String("tls-key"), ClientCA: c.String("tls-client-ca")},
 				MaxConnections: c.Int("max-connections"), ShutdownTimeout: flagDuration(c, "shutdown-timeout"),
 				MaxExports: c.Int("max-exports"), ExportCacheBytes: exportCache, ExportIdleTimeout: exportIdle,
-				Init: c.Bool("init") || !c.IsSet("repo"),
+				FilesIdleTimeout: filesIdle, FilesMemoryMiB: int(filesMem >> 20), FilesMemoryBudgetMiB: int(filesBudget >> 20),
+				FilesAccel: c.String("files-accel"),
+				Init:       c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
