@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"mime"
 	"net/http"
@@ -156,7 +157,8 @@ func (f *fileSessions) makeRoom() error {
 	if f.ctx.Err() != nil {
 		return ErrShuttingDown
 	}
-	for (len(f.live)+1)*f.o.memoryMiB > f.o.budgetMiB {
+	each := f.o.memoryMiB + int(f.o.cacheBytes>>20) // an appliance, and its export's cache
+	for (len(f.live)+1)*each > f.o.budgetMiB {
 		var lru *fileSession
 		for _, e := range f.live {
 			if e.users == 0 && e.s != nil && (lru == nil || e.last.Before(lru.last)) {
@@ -164,8 +166,8 @@ func (f *fileSessions) makeRoom() error {
 			}
 		}
 		if lru == nil {
-			return refuse(ErrUnavailable, "%d file sessions are in use, all the appliance memory budget (%d MiB, --files-memory-budget) holds: "+
-				"try again when one ends", len(f.live), f.o.budgetMiB)
+			return refuse(ErrUnavailable, "%d file sessions are in use, all the memory budget (%d MiB, --files-memory-budget; each takes %d MiB) holds: "+
+				"try again when one ends", len(f.live), f.o.budgetMiB, each)
 		}
 		f.closeLocked(lru, "to make room for another")
 	}
@@ -265,14 +267,26 @@ func writeFilesError(w http.ResponseWriter, err error) {
 	}
 }
 
+// filesystems lists a backup's filesystems. It mounts the guest as it
+// runs, which fills in the mount points; when that cannot be (several
+// operating systems, or none and several filesystems), "mount_error"
+// says why, and the list is what to choose ?fs= from.
 func (a *api) filesystems(w http.ResponseWriter, r *http.Request) {
-	s, opened, release := a.fileSession(w, r)
-	if s == nil {
+	s, opened, release, err := a.files.get(r.Context(), r.PathValue("domain"), r.PathValue("id"), r.URL.Query()["disk"])
+	if err != nil {
+		writeRunnerError(w, err)
 		return
 	}
-	release()
-	writeJSON(w, http.StatusOK, map[string]any{"domain": s.Domain, "id": s.Backup, "accel": s.Accel, "os": s.OS,
-		"opened": opened, "launch_seconds": s.Launch.Seconds(), "filesystems": s.Filesystems()})
+	defer release()
+	v := map[string]any{"domain": s.Domain, "id": s.Backup, "accel": s.Accel, "os": s.OS,
+		"opened": opened, "launch_seconds": s.Launch.Seconds()}
+	if unmount, err := s.Use(""); err != nil {
+		v["mount_error"] = err.Error()
+	} else {
+		unmount()
+	}
+	v["filesystems"] = s.Filesystems()
+	writeJSON(w, http.StatusOK, v)
 }
 
 // listFiles answers with a page of a directory: ?after= is the previous
@@ -334,8 +348,7 @@ func (a *api) fileContent(w http.ResponseWriter, r *http.Request) {
 	h.Set("Content-Length", strconv.FormatInt(e.Size, 10))
 	h.Set("Last-Modified", e.Mtime.UTC().Format(http.TimeFormat))
 	h.Set("Content-Disposition", mime.FormatMediaType("attachment", map[string]string{"filename": e.Name}))
-	streamed(w)
-	if _, err := s.Read(r.Context(), e.Path, w); err != nil {
+	if _, err := s.Read(r.Context(), e.Path, streamed(w)); err != nil {
 		a.log.Warn("file content ended early", "path", e.Path, "error", err)
 		panic(http.ErrAbortHandler) // the client sees a cut response, not a short file
 	}
@@ -352,22 +365,34 @@ func (a *api) fileTar(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer release()
-	for _, p := range paths { // what does not exist is a 404, before the stream starts
-		if _, err := s.Stat(p); err != nil {
-			writeFilesError(w, err)
-			return
-		}
+	if _, err := s.CheckPaths(paths); err != nil { // what does not exist is a 404, before the stream starts
+		writeFilesError(w, err)
+		return
 	}
 	w.Header().Set("Content-Type", "application/x-tar")
-	streamed(w)
-	if _, err := s.Tar(r.Context(), paths, w); err != nil {
+	if _, err := s.Tar(r.Context(), paths, streamed(w)); err != nil {
 		a.log.Warn("tar stream ended early", "paths", paths, "error", err)
 		panic(http.ErrAbortHandler)
 	}
 }
 
-// streamed lifts the server's write timeout for a response as long as
-// the file it carries (the client's going away still ends it).
-func streamed(w http.ResponseWriter) {
-	http.NewResponseController(w).SetWriteDeadline(time.Time{})
+// streamTimeout bounds each write of a streamed file: a client that
+// stops reading loses its response then, and the appliance it held is
+// free for the others.
+const streamTimeout = time.Minute
+
+// streamed is w for a response as long as the file it carries: the
+// server's write timeout is replaced by one per write.
+func streamed(w http.ResponseWriter) io.Writer {
+	return deadlineWriter{w, http.NewResponseController(w)}
+}
+
+type deadlineWriter struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (d deadlineWriter) Write(p []byte) (int, error) {
+	d.rc.SetWriteDeadline(time.Now().Add(streamTimeout))
+	return d.w.Write(p)
 }

@@ -60,6 +60,10 @@ type ServeOptions struct {
 	Ready func(addr string) `json:"-"`
 }
 
+// filesCacheBytes is each file session's cache of decoded chunks: the
+// appliance's own page cache keeps what it reads again.
+const filesCacheBytes = 64 << 20
+
 // maxBody is the largest request body the API reads.
 const maxBody = 64 << 10
 
@@ -176,13 +180,13 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	xctx, stopExports := context.WithCancel(ctx)
 	x := newExports(xctx, exportsOptions{repo: r, dir: filepath.Join(runDir, "exports"), max: o.MaxExports,
 		cacheBytes: o.ExportCacheBytes, idle: o.ExportIdleTimeout}, o.Log)
-	defer x.wait()
-	defer stopExports()
-	m.exports = x
 	fs := newFileSessions(xctx, fileSessionsOptions{repo: r, runDir: filepath.Join(runDir, "files"), memoryMiB: o.FilesMemoryMiB,
-		budgetMiB: o.FilesMemoryBudgetMiB, cacheBytes: o.ExportCacheBytes, idle: o.FilesIdleTimeout, accel: o.FilesAccel}, o.Log)
+		budgetMiB: o.FilesMemoryBudgetMiB, cacheBytes: filesCacheBytes, idle: o.FilesIdleTimeout, accel: o.FilesAccel}, o.Log)
+	// Stop (the context) before waiting, whichever way Serve returns.
+	defer x.wait()
 	defer fs.wait()
-	m.files = fs
+	defer stopExports()
+	m.exports, m.files = x, fs
 	srv := &http.Server{Handler: newAPI(runner, x, fs, ro.Backup.Repo, r, o.Token, m, o.Log), ReadHeaderTimeout: o.ReadHeaderTimeout,
 		ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout, IdleTimeout: o.IdleTimeout, MaxHeaderBytes: 64 << 10,
 		ErrorLog:    slog.NewLogLogger(o.Log.Handler(), slog.LevelDebug),

@@ -174,7 +174,7 @@ func (d *differ) dirs(a, b Entry) error {
 
 // list is a directory's entries, sorted by name.
 func (d *differ) list(s *Session, dir string) ([]Entry, error) {
-	names, err := s.names(dir)
+	names, err := s.names(d.ctx, dir)
 	if err != nil {
 		return nil, err
 	}

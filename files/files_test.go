@@ -364,3 +364,68 @@ func checkOutside(t *testing.T, parent, sentinel string, also ...string) {
 		t.Errorf("extraction wrote into the sentinel directory: %v", des)
 	}
 }
+
+// TestFilesDiff backs up two versions of a tree through --nbd's source and
+// compares them: additions, removals, a file turned into a directory (and
+// what is beneath it), changed size, mtime, mode and link target, and
+// with content a change that keeps size and mtime.
+func TestFilesDiff(t *testing.T) {
+	im := build(t)
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	idA, idB := nbdBackup(t, ro, im.a, "web"), nbdBackup(t, ro, im.b, "web")
+	// Both appliances boot at once, as files diff does.
+	var a *files.Session
+	var aerr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a, aerr = files.Open(t.Context(), files.Options{Repo: ro, Domain: "web", Backup: idA, RunDir: t.TempDir(), Log: backuptest.Log(t)})
+	}()
+	b := open(t, ro, "web", idB)
+	<-done
+	if aerr != nil {
+		t.Fatal(aerr)
+	}
+	t.Cleanup(a.Close)
+	use(t, a, "")
+	use(t, b, "")
+	diff := func(content bool) []string {
+		var out []string
+		err := files.Diff(t.Context(), a, b, "/", content, func(c files.Change) error {
+			out = append(out, c.Op+" "+c.Path+" "+strings.Join(c.What, ","))
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	want := []string{
+		"removed /etc/gone ",
+		"changed /etc/kind type",
+		"added /etc/kind/inside ",
+		"changed /etc/link target",
+		"changed /etc/mode mode",
+		"changed /etc/mtime mtime",
+		"added /etc/new ",
+		"changed /etc/size size",
+		"removed /old ",
+		"removed /old/x ",
+	}
+	if got := diff(false); !slices.Equal(got, want) {
+		t.Errorf("diff:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	want = slices.Insert(want, 0, "changed /etc/content content")
+	if got := diff(true); !slices.Equal(got, want) {
+		t.Errorf("diff with content:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	// A path in one backup only is all added (or removed); in neither, not found.
+	var got []string
+	if err := files.Diff(t.Context(), a, b, "/old", false, func(c files.Change) error { got = append(got, c.Op+" "+c.Path); return nil }); err != nil ||
+		!slices.Equal(got, []string{"removed /old", "removed /old/x"}) {
+		t.Errorf("diff /old: %q %v", got, err)
+	}
+	if err := files.Diff(t.Context(), a, b, "/nowhere", false, func(files.Change) error { return nil }); !errors.Is(err, files.ErrNotFound) {
+		t.Errorf("diff /nowhere: %v", err)
+	}
+}

@@ -1,6 +1,7 @@
 package files
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -58,9 +59,21 @@ func typeOf(mode uint32) string {
 	return "unknown"
 }
 
+// jsonTime is t within the years JSON's time format has (0 to 9999): a
+// guest's filesystem may hold any.
+func jsonTime(t time.Time) time.Time {
+	if lo := time.Date(0, 1, 1, 0, 0, 0, 0, time.UTC); t.Before(lo) {
+		return lo
+	}
+	if hi := time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC); t.After(hi) {
+		return hi
+	}
+	return t.UTC()
+}
+
 func entry(dir, name string, st guestfs.Stat) Entry {
 	e := Entry{Name: name, Path: path.Join(dir, name), Type: typeOf(st.Mode), Size: st.Size,
-		Mode: fmt.Sprintf("%04o", st.Mode&0o7777), UID: st.UID, GID: st.GID, Nlink: st.Nlink, Mtime: st.Mtime.UTC(), stat: st}
+		Mode: fmt.Sprintf("%04o", st.Mode&0o7777), UID: st.UID, GID: st.GID, Nlink: st.Nlink, Mtime: jsonTime(st.Mtime), stat: st}
 	if !utf8.ValidString(name) {
 		e.NameBase64 = []byte(name)
 	}
@@ -83,6 +96,9 @@ func (s *Session) Stat(p string) (Entry, error) {
 	if err != nil {
 		return Entry{}, err
 	}
+	if err := s.mounted(p); err != nil {
+		return Entry{}, err
+	}
 	st, err := s.h.Lstat(p)
 	if err != nil {
 		return Entry{}, notFound(p, err)
@@ -98,24 +114,54 @@ func (s *Session) Stat(p string) (Entry, error) {
 	return e, nil
 }
 
-// names returns a directory's names, sorted bytewise, checked.
-func (s *Session) names(dir string) ([]string, error) {
-	des, err := s.h.Readdir(dir)
+// names returns a directory's names, sorted bytewise, checked. The last
+// directories listed are kept (a backup never changes): the pages of a
+// huge directory list it once.
+func (s *Session) names(ctx context.Context, dir string) ([]string, error) {
+	key := s.current + "\x00" + dir
+	s.cacheMu.Lock()
+	for _, c := range s.dirCache {
+		if c.key == key {
+			s.cacheMu.Unlock()
+			return c.names, nil
+		}
+	}
+	s.cacheMu.Unlock()
+	var out []string
+	err := s.stream(ctx, func(local string) error { return s.h.Ls0(dir, local) }, func(r io.Reader) error {
+		br := bufio.NewReaderSize(r, 64<<10)
+		for {
+			name, err := br.ReadString(0)
+			if err == io.EOF && name == "" {
+				return nil
+			}
+			if err != nil {
+				return fmt.Errorf("directory %s: %w", printable(dir), err)
+			}
+			name = name[:len(name)-1]
+			if name == "" || name == "." || name == ".." || strings.IndexByte(name, '/') >= 0 {
+				return fmt.Errorf("directory %s: the appliance returned an impossible name %q", printable(dir), name)
+			}
+			out = append(out, name)
+		}
+	})
 	if err != nil {
 		return nil, notFound(dir, err)
 	}
-	out := make([]string, 0, len(des))
-	for _, d := range des {
-		if d.Name == "." || d.Name == ".." {
-			continue
-		}
-		if d.Name == "" || strings.ContainsAny(d.Name, "/\x00") {
-			return nil, fmt.Errorf("directory %s: the appliance returned an impossible name %q", printable(dir), d.Name)
-		}
-		out = append(out, d.Name)
-	}
 	slices.Sort(out)
+	s.cacheMu.Lock()
+	s.dirCache = append(s.dirCache, dirNames{key, out})
+	if len(s.dirCache) > 4 {
+		s.dirCache = s.dirCache[1:]
+	}
+	s.cacheMu.Unlock()
 	return out, nil
+}
+
+// dirNames is a directory listing kept for the next page.
+type dirNames struct {
+	key   string // the mount, and the directory
+	names []string
 }
 
 // entries stats names of dir, in batches.
@@ -130,6 +176,16 @@ func (s *Session) entries(dir string, names []string) ([]Entry, error) {
 		}
 		var links []int
 		for i, st := range sts {
+			if st.Ino == -1 {
+				// libguestfs's answer for a name whose lstat failed: the
+				// error, asked for alone, rather than a file that
+				// silently is not there.
+				_, err := s.h.Lstat(path.Join(dir, n[i]))
+				if err == nil {
+					err = errors.New("lstat failed")
+				}
+				return nil, fmt.Errorf("%s: %w", printable(path.Join(dir, n[i])), err)
+			}
 			out = append(out, entry(dir, n[i], st))
 			if out[len(out)-1].Type == "symlink" {
 				links = append(links, len(out)-1)
@@ -167,7 +223,7 @@ func (s *Session) List(ctx context.Context, p, after string, limit int) ([]Entry
 	if e.Type != "dir" {
 		return []Entry{e}, false, nil
 	}
-	names, err := s.names(e.Path)
+	names, err := s.names(ctx, e.Path)
 	if err != nil {
 		return nil, false, err
 	}
@@ -232,7 +288,7 @@ func (s *Session) walk(ctx context.Context, e Entry, fn func(Entry) error) error
 	if err != nil || e.Type != "dir" {
 		return err
 	}
-	names, err := s.names(e.Path)
+	names, err := s.names(ctx, e.Path)
 	if err != nil {
 		return err
 	}
@@ -268,32 +324,52 @@ func (s *Session) Read(ctx context.Context, p string, w io.Writer) (int64, error
 // read streams e's bytes through a pipe that libguestfs writes
 // (/dev/fd/N): no temporary file, no whole file in memory.
 func (s *Session) read(ctx context.Context, e Entry, w io.Writer) (int64, error) {
-	s.touch()
-	pr, pw, err := os.Pipe()
+	var n int64
+	err := s.stream(ctx, func(local string) error { return s.h.Download(e.Path, local) }, func(r io.Reader) error {
+		var err error
+		n, err = io.Copy(w, r)
+		return err
+	})
 	if err != nil {
-		return 0, err
-	}
-	done := make(chan error, 1)
-	go func() {
-		err := s.h.Download(e.Path, fmt.Sprintf("/dev/fd/%d", pw.Fd()))
-		pw.Close()
-		done <- err
-	}()
-	n, cerr := io.Copy(w, ctxReader{ctx, pr})
-	if cerr != nil {
-		// Unblock libguestfs's writes so the download ends (with EPIPE).
-		pr.Close()
-		<-done
-		return n, cerr
-	}
-	pr.Close()
-	if err := <-done; err != nil {
 		return n, fmt.Errorf("read %s: %w", printable(e.Path), notFound(e.Path, err))
 	}
 	if n != e.Size {
 		return n, fmt.Errorf("read %s: %d bytes, but its size is %d", printable(e.Path), n, e.Size)
 	}
 	return n, nil
+}
+
+// stream runs a libguestfs call that writes to a local file on the
+// writing end of a pipe (/dev/fd/N), and consume on its reading end. When
+// consume fails or the context ends, the reading end is closed: the
+// call's writes fail (EPIPE) and it ends.
+func (s *Session) stream(ctx context.Context, call func(local string) error, consume func(io.Reader) error) error {
+	s.touch()
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	go func() {
+		err := call(fmt.Sprintf("/dev/fd/%d", pw.Fd()))
+		pw.Close()
+		done <- err
+	}()
+	stop := context.AfterFunc(ctx, func() { pr.Close() })
+	err = consume(ctxReader{ctx, pr})
+	if err == nil {
+		_, err = io.Copy(io.Discard, ctxReader{ctx, pr}) // what is left (a tar's padding)
+	}
+	stop()
+	pr.Close()
+	cerr := <-done
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return err
+	}
+	return cerr
 }
 
 // ctxReader ends a read at the context's end.

@@ -54,7 +54,7 @@ type Options struct {
 	// Accel is "auto" (KVM, falling back to TCG when its launch fails),
 	// "kvm" or "tcg".
 	Accel      string
-	CacheBytes int64 // the export's chunk cache (default 256 MiB)
+	CacheBytes int64 // the export's chunk cache (default 64 MiB: the appliance caches too)
 	NoLock     bool
 	Log        *slog.Logger
 }
@@ -104,6 +104,13 @@ type Session struct {
 	current string       // what Use last mounted
 	fss     []Filesystem
 	roots   []string // inspected operating systems' roots
+	// missing are the guest's mount points not mounted (their device is
+	// not among the disks, or its mount failed), with why: a path beneath
+	// one would read as an empty directory.
+	missing map[string]string
+
+	cacheMu  sync.Mutex
+	dirCache []dirNames // the last directories listed, newest last
 
 	log  *slog.Logger
 	e    *export.Export
@@ -113,8 +120,12 @@ type Session struct {
 }
 
 // kvmFailed remembers, for the process, that a KVM launch failed here:
-// later sessions go straight to TCG instead of paying for it again.
+// later sessions go straight to TCG instead of paying for it again. The
+// file kvmFailedFile in the run directory (a tmpfs: until the next boot)
+// remembers it for later processes.
 var kvmFailed atomic.Bool
+
+const kvmFailedFile = "files-kvm-failed"
 
 // Open serves the backup and launches an appliance on it, then inspects
 // and mounts. It takes as long as an appliance's boot (seconds with KVM,
@@ -137,7 +148,7 @@ func Open(ctx context.Context, o Options) (_ *Session, err error) {
 		return nil, invalidf("appliance memory %d MiB: at least 256 MiB", o.MemoryMiB)
 	}
 	if o.CacheBytes == 0 {
-		o.CacheBytes = 256 << 20
+		o.CacheBytes = 64 << 20
 	}
 	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
 		return nil, fmt.Errorf("run directory: %w", err)
@@ -182,11 +193,18 @@ func Open(ctx context.Context, o Options) (_ *Session, err error) {
 // (unless told otherwise), under TCG when that fails.
 func (s *Session) launch(ctx context.Context, o Options) error {
 	try := []string{"kvm", "tcg"}
+	marker := filepath.Join(o.RunDir, kvmFailedFile)
 	switch {
 	case o.Accel == "tcg", o.Accel == "auto" && (kvmFailed.Load() || !kvmUsable()):
 		try = []string{"tcg"}
 	case o.Accel == "kvm":
 		try = []string{"kvm"}
+	default:
+		if why, err := os.ReadFile(marker); err == nil {
+			try = []string{"tcg"}
+			o.Log.Info("the file appliance runs under TCG: its KVM launch failed earlier on this boot (--accel kvm tries again)",
+				"reason", printable(strings.TrimSpace(string(why))))
+		}
 	}
 	var errs []error
 	for _, accel := range try {
@@ -196,12 +214,16 @@ func (s *Session) launch(ctx context.Context, o Options) error {
 		h, err := s.start(accel, o)
 		if err == nil {
 			s.h, s.Accel = h, accel
+			if accel == "kvm" {
+				os.Remove(marker)
+			}
 			return nil
 		}
 		errs = append(errs, fmt.Errorf("%s: %w", accel, err))
 		if accel == "kvm" && o.Accel == "auto" {
 			kvmFailed.Store(true)
 			o.Log.Warn("the file appliance failed to launch with KVM; using TCG (slower)", "reason", lastLine(err))
+			os.WriteFile(marker, []byte(lastLine(err)+"\n"), 0o644)
 		}
 	}
 	return launchError(errors.Join(errs...))
@@ -280,10 +302,11 @@ func lastLines(s string, n int) string {
 	return strings.Join(out, "\n")
 }
 
-// printable quotes a string that has control characters or is not UTF-8.
+// printable quotes a string that has control characters (C0 or C1) or
+// is not UTF-8.
 func printable(s string) string {
 	for _, r := range s {
-		if r < 0x20 || r == 0x7f || r == '\uFFFD' {
+		if r < 0x20 || r >= 0x7f && r < 0xa0 || r == '\uFFFD' {
 			q := strconv.Quote(s)
 			return q[1 : len(q)-1]
 		}
@@ -342,6 +365,22 @@ func (s *Session) discover() error {
 		}
 		s.fss = append(s.fss, x)
 	}
+	// A btrfs subvolume is named after its filesystem's disk, found by
+	// the filesystem's UUID: libguestfs names the device in a subvolume's
+	// mountable as the appliance's kernel does, which is not always the
+	// order the disks were given in (SCSI scanning).
+	for i, f := range s.fss {
+		_, sub, ok := strings.Cut(f.Name, ":") // a disk's name has no ":"
+		if !strings.HasPrefix(f.Device, "btrfsvol:") || !ok || f.UUID == "" {
+			continue
+		}
+		for _, g := range s.fss {
+			if g.Type == "btrfs" && g.UUID == f.UUID && !strings.HasPrefix(g.Device, "btrfsvol:") {
+				s.fss[i].Name = g.Name + ":" + sub
+				break
+			}
+		}
+	}
 	if s.roots, err = s.h.InspectOS(); err != nil {
 		return err
 	}
@@ -363,6 +402,9 @@ func (s *Session) Use(fs string) (release func(), err error) {
 			return s.mu.RUnlock, nil
 		}
 		s.mu.RUnlock()
+		if fs != "" && !slices.ContainsFunc(s.fss, func(f Filesystem) bool { return f.Name == fs || f.Device == fs }) {
+			return nil, invalidf("filesystem %s: not among those of %s/%s (%s)", printable(fs), s.Domain, s.Backup, s.fsNames())
+		}
 		s.mu.Lock()
 		if s.current != fs {
 			s.current = "\x00" // nothing usable mounted, until this works
@@ -390,6 +432,7 @@ func (s *Session) Filesystems() []Filesystem {
 // mount mounts the guest's operating system, or its one filesystem, or
 // fs at "/" (under the write lock).
 func (s *Session) mount(fs string) error {
+	s.missing = nil
 	for i := range s.fss {
 		s.fss[i].Mounted = false
 		if s.fss[i].Note != "" && strings.HasPrefix(s.fss[i].Note, "not mounted") {
@@ -454,18 +497,40 @@ func (s *Session) mountOS(root string) error {
 		return err
 	}
 	slices.SortFunc(mps, func(a, b [2]string) int { return cmp.Compare(len(a[0]), len(b[0])) })
+	s.missing = map[string]string{}
 	for _, mp := range mps {
-		i := slices.IndexFunc(s.fss, func(f Filesystem) bool { return f.Device == mp[1] })
-		if i < 0 {
+		at := mp[0]
+		if at != path.Clean(at) || !path.IsAbs(at) || slices.Contains(strings.Split(at, "/"), "..") {
+			s.log.Warn("guest mount point skipped: not a clean absolute path", "at", printable(at))
 			continue
 		}
-		s.fss[i].Mountpoint = mp[0]
-		if err := s.mountAt(i, mp[0]); err != nil {
-			if mp[0] == "/" {
+		i := slices.IndexFunc(s.fss, func(f Filesystem) bool { return f.Device == mp[1] })
+		if i < 0 {
+			s.missing[at] = "its filesystem " + printable(mp[1]) + " is not on the disks read (see --disk)"
+			continue
+		}
+		s.fss[i].Mountpoint = at
+		if err := s.mountAt(i, at); err != nil {
+			if at == "/" {
 				return err
 			}
 			s.fss[i].Note = "not mounted: " + lastLine(err)
-			s.log.Warn("guest filesystem not mounted", "fs", s.fss[i].Name, "at", mp[0], "err", err)
+			s.missing[at] = s.fss[i].Note
+			s.log.Warn("guest filesystem not mounted", "fs", s.fss[i].Name, "at", at, "err", err)
+		}
+	}
+	if _, ok := s.missing["/"]; ok {
+		return fmt.Errorf("%w: the guest's root filesystem: %s", ErrNoFilesystem, s.missing["/"])
+	}
+	return nil
+}
+
+// mounted says why p cannot be read when it is at or beneath a mount
+// point of the guest that is not mounted.
+func (s *Session) mounted(p string) error {
+	for at, why := range s.missing {
+		if p == at || strings.HasPrefix(p, at+"/") {
+			return fmt.Errorf("%w: %s is on the filesystem the guest mounts at %s, which cannot be read: %s", ErrNoFilesystem, printable(p), printable(at), why)
 		}
 	}
 	return nil

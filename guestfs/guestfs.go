@@ -115,6 +115,12 @@ static int gfs_device_index(guestfs_h *g, const char *d, char **err) { return gf
 static int gfs_download(guestfs_h *g, const char *remote, const char *local, char **err) {
 	return gfs_int(g, guestfs_download(g, remote, local), err);
 }
+static int gfs_ls0(guestfs_h *g, const char *dir, const char *local, char **err) {
+	return gfs_int(g, guestfs_ls0(g, dir, local), err);
+}
+static int gfs_tar_out(guestfs_h *g, const char *dir, const char *local, char **err) {
+	return gfs_int(g, guestfs_tar_out_opts(g, dir, local, GUESTFS_TAR_OUT_OPTS_NUMERICOWNER, 1, GUESTFS_TAR_OUT_OPTS_XATTRS, 1, -1), err);
+}
 static int64_t gfs_getsize(guestfs_h *g, const char *d, char **err) {
 	int64_t r = guestfs_blockdev_getsize64(g, d);
 	if (r == -1) *err = gfs_err(g);
@@ -127,11 +133,6 @@ static char *gfs_product(guestfs_h *g, const char *root, char **err) { return gf
 static char *gfs_label(guestfs_h *g, const char *d, char **err) { return gfs_str(g, guestfs_vfs_label(g, d), err); }
 static char *gfs_uuid(guestfs_h *g, const char *d, char **err) { return gfs_str(g, guestfs_vfs_uuid(g, d), err); }
 static char *gfs_checksum(guestfs_h *g, const char *t, const char *p, char **err) { return gfs_str(g, guestfs_checksum(g, t, p), err); }
-static struct guestfs_dirent_list *gfs_readdir(guestfs_h *g, const char *d, char **err) {
-	struct guestfs_dirent_list *r = guestfs_readdir(g, d);
-	if (!r) *err = gfs_err(g);
-	return r;
-}
 static struct guestfs_statns_list *gfs_lstatnslist(guestfs_h *g, const char *d, char **names, char **err) {
 	struct guestfs_statns_list *r = guestfs_lstatnslist(g, d, names);
 	if (!r) *err = gfs_err(g);
@@ -145,7 +146,6 @@ static struct guestfs_statns *gfs_lstatns(guestfs_h *g, const char *p, char **er
 static char **gfs_readlinklist(guestfs_h *g, const char *d, char **names, char **err) {
 	return gfs_strs(g, guestfs_readlinklist(g, d, names), err);
 }
-static struct guestfs_dirent *dirent_at(struct guestfs_dirent_list *l, int i) { return &l->val[i]; }
 static struct guestfs_statns *statns_at(struct guestfs_statns_list *l, int i) { return &l->val[i]; }
 static void free_strings(char **s) { if (!s) return; for (char **p = s; *p; p++) free(*p); free(s); }
 */
@@ -441,9 +441,10 @@ func (h *Handle) Size(dev string) (int64, error) {
 	return int64(n), err
 }
 
-// MountRO mounts a filesystem read-only at mountpoint (in the appliance)
-// with extra options (e.g. "nouuid"; "" for none), never replaying a
-// journal onto the read-only drive ("ro" plus, for ext*, "noload").
+// MountRO mounts a filesystem at mountpoint (in the appliance) with the
+// options given (e.g. "ro,nouuid"). The drives are read-only to QEMU: a
+// journal replayed at mount goes to the appliance's throwaway overlay,
+// never to the backup.
 func (h *Handle) MountRO(options, mountable, mountpoint string) error {
 	o := C.CString(options)
 	m := C.CString(mountable)
@@ -459,33 +460,16 @@ func (h *Handle) UmountAll() error {
 	return h.call("umount_all", func(e **C.char) C.int { return C.gfs_umount_all(h.g, e) })
 }
 
-// Dirent is one name in a directory.
-type Dirent struct {
-	Ino  int64
-	Type byte // libguestfs's: r regular, d dir, l symlink, b, c, f fifo, s socket, u unknown
-	Name string
-}
-
-// Readdir lists a directory, "." and ".." included (as libguestfs does).
-func (h *Handle) Readdir(dir string) ([]Dirent, error) {
+// Ls0 writes the names in the guest directory dir, each ended by a NUL
+// ("." and ".." left out), to the local file (a /dev/fd/N pipe, say):
+// unlike readdir, whose reply is bounded (4 MiB: some 100,000 names), it
+// streams any number.
+func (h *Handle) Ls0(dir, local string) error {
 	d := C.CString(dir)
+	l := C.CString(local)
 	defer C.free(unsafe.Pointer(d))
-	var out []Dirent
-	err := h.with(func(g *C.guestfs_h) error {
-		var e *C.char
-		l := C.gfs_readdir(g, d, &e)
-		if l == nil {
-			return takeErr("readdir "+strconv.Quote(dir), e)
-		}
-		defer C.guestfs_free_dirent_list(l)
-		out = make([]Dirent, int(l.len))
-		for i := range out {
-			de := C.dirent_at(l, C.int(i))
-			out[i] = Dirent{Ino: int64(de.ino), Type: byte(de.ftyp), Name: C.GoString(de.name)}
-		}
-		return nil
-	})
-	return out, err
+	defer C.free(unsafe.Pointer(l))
+	return h.call("ls0 "+strconv.Quote(dir), func(e **C.char) C.int { return C.gfs_ls0(h.g, d, l, e) })
 }
 
 // Stat is what lstat says of a guest file.
@@ -623,4 +607,16 @@ func (h *Handle) Download(remote, local string) error {
 	defer C.free(unsafe.Pointer(r))
 	defer C.free(unsafe.Pointer(l))
 	return h.call("download "+strconv.Quote(remote), func(e **C.char) C.int { return C.gfs_download(h.g, r, l, e) })
+}
+
+// TarOut writes the tree beneath the guest directory dir to the local
+// file (a /dev/fd/N pipe, say) as a tar stream made by GNU tar in the
+// appliance: numeric owners, and xattrs, which make it POSIX (PAX) format
+// with nanosecond times. Names are "./" and "./a/b", relative to dir.
+func (h *Handle) TarOut(dir, local string) error {
+	d := C.CString(dir)
+	l := C.CString(local)
+	defer C.free(unsafe.Pointer(d))
+	defer C.free(unsafe.Pointer(l))
+	return h.call("tar-out "+strconv.Quote(dir), func(e **C.char) C.int { return C.gfs_tar_out(h.g, d, l, e) })
 }

@@ -3,7 +3,8 @@
 # throwaway domain whose disk holds real files (an ext4 filesystem made from
 # /usr/include), takes a full backup into a local repository, writes through
 # QEMU's block layer, takes an incremental, restores both points and checks
-# each is exact. Prints what it did and how long each step took, and
+# each is exact, lists and fetches files of the last (a libguestfs
+# appliance reads them) and compares them with their source. Prints what it did and how long each step took, and
 # removes everything it created (also when interrupted).
 . "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
@@ -74,6 +75,15 @@ for pair in "1 $1" "2 $2"; do
 	"$nbdmover" restore --repo "$repo" --domain "$dom" --backup "$2" --disk vda --output "$work/restored$1.qcow2" --format qcow2 >/dev/null
 	done_ "$(qemu-img compare -f raw -F qcow2 "$work/ref$1.raw" "$work/restored$1.qcow2")"
 done
+step "files: listing /linux of backup 2 (in a libguestfs VM)"
+n=$("$nbdmover" --log-level warn files ls --repo "$repo" --domain "$dom" /linux | wc -l)
+done_ "$n entries"
+step "files: fetching /stdio.h and /linux, comparing"
+"$nbdmover" --log-level warn files get --repo "$repo" --domain "$dom" /stdio.h /linux --output "$work/files" >/dev/null
+cmp -s /usr/include/stdio.h "$work/files/stdio.h" || die "files get: stdio.h differs"
+diff -r --no-dereference /usr/include/linux "$work/files/linux" >/dev/null || die "files get: /linux differs"
+[ "$n" = "$(ls -A /usr/include/linux | wc -l)" ] || die "files ls: $n entries, /usr/include/linux has $(ls -A /usr/include/linux | wc -l)"
+done_ "identical ($(du -sh "$work/files" | cut -f1))"
 step "instant restore of backup 2 as $inst"
 mkdir -m 755 "$work/instant"
 "$nbdmover" --log-level warn instant-restore --repo "$repo" --domain "$dom" --as "$inst" \

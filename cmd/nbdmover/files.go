@@ -64,7 +64,7 @@ func filesFlags(backup, fs bool) []cli.Flag {
 		&cli.StringSliceFlag{Name: "disk", Usage: "give the appliance only this disk (repeatable)", DefaultText: "every disk"},
 		&cli.StringFlag{Name: "appliance-memory", Value: "512MiB", Usage: "the libguestfs appliance's memory (at least 256MiB)"},
 		&cli.StringFlag{Name: "accel", Value: "auto", Usage: "the appliance's accelerator: auto (KVM, falling back to TCG when its launch fails), kvm or tcg"},
-		&cli.StringFlag{Name: "cache-size", Value: "256MiB", Usage: "decoded chunks kept in memory for the appliance's reads"},
+		&cli.StringFlag{Name: "cache-size", Value: "64MiB", Usage: "decoded chunks kept in memory for the appliance's reads"},
 		&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the backup's private NBD socket"},
 		noLockFlag(), jsonFlag())
 	if backup {
@@ -290,8 +290,12 @@ func filesGet(c *cli.Context) error {
 		return err
 	}
 	var tw io.Writer
+	done := false
 	report := c.App.Writer
 	if tarTo == "-" {
+		if c.Bool("json") {
+			return usagef("--tar - writes the tar to stdout: --json has no place there (the summary goes to stderr)")
+		}
 		if isTerminal(os.Stdout) {
 			return usagef("--tar -: stdout is a terminal; redirect it or give a file")
 		}
@@ -301,7 +305,11 @@ func filesGet(c *cli.Context) error {
 		if err != nil {
 			return fmt.Errorf("--tar: %w (give a new file)", err)
 		}
-		defer f.Close()
+		defer func() {
+			if f.Close() != nil || !done {
+				os.Remove(tarTo) // no partial tar left to be taken for a whole one
+			}
+		}()
 		tw = f
 	}
 	s, err := files.Open(c.Context, o)
@@ -327,6 +335,7 @@ func filesGet(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	done = true
 	took := time.Since(start)
 	if c.Bool("json") {
 		return printJSON(report, map[string]any{"domain": s.Domain, "id": s.Backup, "output": out, "tar": tarTo, "files": res.Files,

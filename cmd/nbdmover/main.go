@@ -15,8 +15,11 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
+	"unicode/utf8"
 
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/export"
@@ -55,7 +58,7 @@ func main() {
 	}
 	sig, _ := got.Load().(os.Signal)
 	code, kind := exitStatus(err, sig)
-	fmt.Fprintln(os.Stderr, "nbdmover:", err)
+	fmt.Fprintln(os.Stderr, "nbdmover:", terminalSafe(err.Error()))
 	if wantsJSON(args) && !printedJSON.Load() { // a result already printed (verify's) says it all
 		printJSON(os.Stdout, struct {
 			Version int    `json:"version"`
@@ -106,6 +109,20 @@ func exitStatus(err error, sig os.Signal) (int, string) {
 		return exitUnchecked, "could-not-check"
 	}
 	return exitFailure, "failure"
+}
+
+// terminalSafe escapes, line by line, what a terminal would act on: an
+// error may carry a name from a guest's filesystem or a repository
+// written by someone else.
+func terminalSafe(s string) string {
+	lines := strings.Split(s, "\n")
+	for i, l := range lines {
+		if !utf8.ValidString(l) || strings.ContainsFunc(l, func(r rune) bool { return r < 0x20 && r != '\t' || r >= 0x7f && r < 0xa0 }) {
+			q := strconv.Quote(l)
+			lines[i] = q[1 : len(q)-1]
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 // wantsJSON reports whether the command line asks for --json.
