@@ -1,20 +1,25 @@
 package daemon
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/nbdmover/nbdmover/files"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -364,4 +369,176 @@ func (a *api) listBackups(ctx context.Context, domain string) ([]*repo.Manifest,
 		a.log.Warn("the backups verify found damaged are not marked: the damage records cannot be read", "error", err)
 	}
 	return ms, skipped, damaged, nil
+}
+
+// The API's file-level restore: GET /v1/backups/{domain}/{id}/filesystems,
+// .../files (a directory's entries, a page at a time), .../files/content
+// (a file's bytes) and .../files/tar (a tar stream of paths). Query
+// parameters: disk (repeatable: the disks to give the appliance), fs (a
+// filesystem at /, instead of the guest as it mounts them), path.
+
+// maxFilesPage bounds a listing's page (?limit=).
+const maxFilesPage = 10000
+
+// fileSession answers with an error and returns nil when the request's
+// session cannot be had; otherwise the session, mounted as ?fs= asks,
+// and the function that ends the request's use of it.
+func (a *api) fileSession(w http.ResponseWriter, r *http.Request) (*files.Session, time.Time, func()) {
+	q := r.URL.Query()
+	s, opened, release, err := a.files.get(r.Context(), r.PathValue("domain"), r.PathValue("id"), q["disk"])
+	if err != nil {
+		writeRunnerError(w, err)
+		return nil, time.Time{}, nil
+	}
+	unmount, err := s.Use(q.Get("fs"))
+	if err != nil {
+		release()
+		writeFilesError(w, err)
+		return nil, time.Time{}, nil
+	}
+	return s, opened, func() { unmount(); release() }
+}
+
+// writeFilesError answers with the status that fits a files error.
+func writeFilesError(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, files.ErrInvalid):
+		writeError(w, http.StatusUnprocessableEntity, err)
+	case errors.Is(err, files.ErrNotFound):
+		writeError(w, http.StatusNotFound, err)
+	case errors.Is(err, files.ErrNoFilesystem):
+		writeError(w, http.StatusConflict, err)
+	default:
+		writeRunnerError(w, err)
+	}
+}
+
+// filesystems lists a backup's filesystems. It mounts the guest as it
+// runs, which fills in the mount points; when that cannot be (several
+// operating systems, or none and several filesystems), "mount_error"
+// says why, and the list is what to choose ?fs= from.
+func (a *api) filesystems(w http.ResponseWriter, r *http.Request) {
+	s, opened, release, err := a.files.get(r.Context(), r.PathValue("domain"), r.PathValue("id"), r.URL.Query()["disk"])
+	if err != nil {
+		writeRunnerError(w, err)
+		return
+	}
+	defer release()
+	v := map[string]any{"domain": s.Domain, "id": s.Backup, "accel": s.Accel, "os": s.OS,
+		"opened": opened, "launch_seconds": s.Launch.Seconds()}
+	if unmount, err := s.Use(""); err != nil {
+		v["mount_error"] = err.Error()
+	} else {
+		unmount()
+	}
+	v["filesystems"] = s.Filesystems()
+	writeJSON(w, http.StatusOK, v)
+}
+
+// listFiles answers with a page of a directory: ?after= is the previous
+// page's "next" (a cursor: the last name's bytes in base64url), ?limit=
+// the page's size (default 1000, at most 10000).
+func (a *api) listFiles(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	limit := 1000
+	if l := q.Get("limit"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 1 || n > maxFilesPage {
+			writeError(w, http.StatusUnprocessableEntity, fmt.Errorf("limit %q: want 1 to %d", l, maxFilesPage))
+			return
+		}
+		limit = n
+	}
+	after, err := base64.RawURLEncoding.DecodeString(q.Get("after"))
+	if err != nil {
+		writeError(w, http.StatusUnprocessableEntity, fmt.Errorf("after %q: not a cursor from a listing's next", q.Get("after")))
+		return
+	}
+	p := cmp.Or(q.Get("path"), "/")
+	s, _, release := a.fileSession(w, r)
+	if s == nil {
+		return
+	}
+	defer release()
+	es, more, err := s.List(r.Context(), p, string(after), limit)
+	if err != nil {
+		writeFilesError(w, err)
+		return
+	}
+	v := map[string]any{"domain": s.Domain, "id": s.Backup, "path": p, "entries": es}
+	if more {
+		v["next"] = base64.RawURLEncoding.EncodeToString([]byte(es[len(es)-1].Name))
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+// fileContent streams a regular file's bytes.
+func (a *api) fileContent(w http.ResponseWriter, r *http.Request) {
+	p := r.URL.Query().Get("path")
+	s, _, release := a.fileSession(w, r)
+	if s == nil {
+		return
+	}
+	defer release()
+	e, err := s.Stat(p)
+	if err != nil {
+		writeFilesError(w, err)
+		return
+	}
+	if e.Type != "file" {
+		writeError(w, http.StatusUnprocessableEntity, fmt.Errorf("%s is a %s, not a file (a directory comes as files/tar)", e.Path, e.Type))
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("Content-Length", strconv.FormatInt(e.Size, 10))
+	h.Set("Last-Modified", e.Mtime.UTC().Format(http.TimeFormat))
+	h.Set("Content-Disposition", mime.FormatMediaType("attachment", map[string]string{"filename": e.Name}))
+	if _, err := s.Read(r.Context(), e.Path, streamed(w)); err != nil {
+		a.log.Warn("file content ended early", "path", e.Path, "error", err)
+		panic(http.ErrAbortHandler) // the client sees a cut response, not a short file
+	}
+}
+
+// fileTar streams ?path= (repeatable; default /) as a tar stream.
+func (a *api) fileTar(w http.ResponseWriter, r *http.Request) {
+	paths := r.URL.Query()["path"]
+	if len(paths) == 0 {
+		paths = []string{"/"}
+	}
+	s, _, release := a.fileSession(w, r)
+	if s == nil {
+		return
+	}
+	defer release()
+	if _, err := s.CheckPaths(paths); err != nil { // what does not exist is a 404, before the stream starts
+		writeFilesError(w, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-tar")
+	if _, err := s.Tar(r.Context(), paths, streamed(w)); err != nil {
+		a.log.Warn("tar stream ended early", "paths", paths, "error", err)
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// streamTimeout bounds each write of a streamed file: a client that
+// stops reading loses its response then, and the appliance it held is
+// free for the others.
+const streamTimeout = time.Minute
+
+// streamed is w for a response as long as the file it carries: the
+// server's write timeout is replaced by one per write.
+func streamed(w http.ResponseWriter) io.Writer {
+	return deadlineWriter{w, http.NewResponseController(w)}
+}
+
+type deadlineWriter struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (d deadlineWriter) Write(p []byte) (int, error) {
+	d.rc.SetWriteDeadline(time.Now().Add(streamTimeout))
+	return d.w.Write(p)
 }
