@@ -105,9 +105,19 @@ done
 restored_bytes=$(qemu-img map --output=json "$work/big.qcow2" | grep '"data": true' | sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)
 
 say "the CLI listing 100,000 files"
-/usr/bin/time -f %M -o "$work/ls.rss" "$nbdmover" --log-level warn files ls "${local_repo[@]}" "${run_dir[@]}" --domain many --long /many >"$work/ls.out"
+# nbdmover's own peak RSS (VmHWM), read until it exits: /usr/bin/time
+# would report the appliance's QEMU, its child, when that is larger.
+"$nbdmover" --log-level warn files ls "${local_repo[@]}" "${run_dir[@]}" --domain many --long /many >"$work/ls.out" &
+ls_pid=$!
+ls_rss=0
+while kill -0 "$ls_pid" 2>/dev/null; do
+	r=$(sed -n 's/VmHWM:[^0-9]*\([0-9]*\).*/\1/p' "/proc/$ls_pid/status" 2>/dev/null || true)
+	[ -n "$r" ] && [ "$r" -gt "$ls_rss" ] && ls_rss=$r
+	sleep 0.2
+done
+wait "$ls_pid"
+ls_rss=$((ls_rss / 1024))
 listed=$(wc -l <"$work/ls.out")
-ls_rss=$(($(cat "$work/ls.rss") / 1024))
 
 say "the daemon: later listings, and paging through 100,000 files"
 sock="$work/api.sock"
@@ -125,10 +135,10 @@ for _ in 1 2 3 4 5; do
 	api "/v1/backups/big/latest/files?path=/include" >/dev/null
 	later="$later $(since "$s")"
 done
-pages=0 after="" n=0
+pages=0 after="" names=0
 while :; do
 	api "/v1/backups/many/latest/files?path=/many&limit=1000&after=$after" >"$work/page.json"
-	n=$((n + $(grep -c '"name"' "$work/page.json")))
+	names=$((names + $(grep -c '"name"' "$work/page.json")))
 	pages=$((pages + 1))
 	after=$(sed -n 's/.*"next": "\(.*\)".*/\1/p' "$work/page.json")
 	[ -n "$after" ] || break
@@ -160,5 +170,5 @@ kvm="no /dev/kvm"
 	restore_rate=$(echo "$restored_bytes / $(med restore) / 1000000" | bc)
 	echo "- files get of the 1 GiB file: ${get_rate} MB/s with the appliance's boot, bit-exact; restore of the disk: ${restore_rate} MB/s of its $restored_bytes data bytes;" \
 		"ratio $(echo "scale=2; $get_rate / $restore_rate" | bc)x (goal >= 0.5)"
-	echo "- 100,000 files: files ls --long listed $listed with a peak RSS of ${ls_rss} MiB; the daemon paged them in $pages pages ($n names), its peak RSS ${serve_rss} MiB (goal <= 200)"
+	echo "- 100,000 files: files ls --long listed $listed with a peak RSS of ${ls_rss} MiB; the daemon paged them in $pages pages ($names names), its peak RSS ${serve_rss} MiB (goal <= 200)"
 } | tee "$OUT/files.md"

@@ -516,9 +516,13 @@ func (a *api) fileTar(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-tar")
-	if _, err := s.Tar(r.Context(), paths, streamed(w)); err != nil {
+	res, err := s.Tar(r.Context(), paths, streamed(w))
+	if err != nil {
 		a.log.Warn("tar stream ended early", "paths", paths, "error", err)
 		panic(http.ErrAbortHandler)
+	}
+	if len(res.Skipped) > 0 {
+		a.log.Info("tar stream: entries left out", "domain", s.Domain, "id", s.Backup, "skipped", res.Skipped)
 	}
 }
 

@@ -18,8 +18,6 @@ import (
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
-	"github.com/nbdmover/nbdmover/mover"
-	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
@@ -33,16 +31,7 @@ func fsBackup(t *testing.T, ro repo.Options, dir, name string) string {
 		t.Fatal(err)
 	}
 	qemutest.Run(t, "mkfs.btrfs", "-q", "--rootdir", dir, img)
-	q := img + ".qcow2"
-	qemutest.Run(t, "qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", img, q)
-	srv := qemutest.Serve(t, q, "-r")
-	defer srv.Kill()
-	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: name, Disk: "vda"}),
-		mover.Options{Repo: ro, Init: true, RunDir: t.TempDir(), Log: backuptest.Log(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return res.ID
+	return backuptest.RawBackup(t, ro, img, name)
 }
 
 // fileSessionsOpen reads the metric of open file sessions.
@@ -93,8 +82,8 @@ func TestDaemonFiles(t *testing.T) {
 		accel = "auto"
 	}
 	d := startDaemonServe(t, ro, 1, nil, func(o *daemon.ServeOptions) {
-		// One session's appliance and cache (64 MiB) fit the budget, not two.
-		o.FilesIdleTimeout, o.FilesMemoryMiB, o.FilesMemoryBudgetMiB, o.FilesAccel = 3*time.Second, 384, 448, accel
+		// One session's appliance and cache (32 MiB) fit the budget, not two.
+		o.FilesIdleTimeout, o.FilesMemoryMiB, o.FilesMemoryBudgetMiB, o.FilesAccel = 3*time.Second, 384, 416, accel
 	})
 	type fsView struct {
 		Domain, ID, Accel string

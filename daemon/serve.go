@@ -62,7 +62,7 @@ type ServeOptions struct {
 
 // filesCacheBytes is each file session's cache of decoded chunks: the
 // appliance's own page cache keeps what it reads again.
-const filesCacheBytes = 64 << 20
+const filesCacheBytes = 32 << 20
 
 // maxBody is the largest request body the API reads.
 const maxBody = 64 << 10

@@ -42,7 +42,7 @@ type item struct {
 // before children. A directory comes as one tar stream that GNU tar makes
 // in the appliance (one call for the whole tree: reading files one call
 // each costs a round trip each, about 150 ms under TCG); anything else
-// from its lstat and, for a file, a download. fn must not use the
+// from its lstat and, for a file, its bytes (pread). fn must not use the
 // session (the stream holds the appliance).
 func (s *Session) tree(ctx context.Context, p string, fn func(item) error) error {
 	p, err := cleanPath(p)
@@ -235,6 +235,7 @@ func (s *Session) Extract(ctx context.Context, paths []string, dir string) (Resu
 			}
 		}
 		x.dirs = x.dirs[:0]
+		res.Skipped = append(res.Skipped, s.unreadableBeneath(p)...)
 		if err := s.tree(ctx, p, x.make); err != nil {
 			return res, err
 		}
@@ -440,6 +441,7 @@ func (s *Session) Tar(ctx context.Context, paths []string, w io.Writer) (Result,
 	}
 	tw := tar.NewWriter(w)
 	for _, p := range paths {
+		res.Skipped = append(res.Skipped, s.unreadableBeneath(p)...)
 		err := s.tree(ctx, p, func(it item) error {
 			name := rel(it.path)
 			if name == "." {

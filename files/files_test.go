@@ -18,7 +18,6 @@ import (
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
-	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
@@ -53,21 +52,6 @@ func read(t *testing.T, s *files.Session, p string) []byte {
 	return b.Bytes()
 }
 
-// nbdBackup backs up a raw image served by qemu-nbd as name's disk vda.
-func nbdBackup(t *testing.T, ro repo.Options, img, name string) string {
-	t.Helper()
-	q := filepath.Join(t.TempDir(), "d.qcow2")
-	qemutest.Run(t, "qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", img, q)
-	srv := qemutest.Serve(t, q, "-r")
-	defer srv.Kill()
-	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: name, Disk: "vda"}),
-		mover.Options{Repo: ro, Init: true, RunDir: t.TempDir(), Log: backuptest.Log(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return res.ID
-}
-
 // TestFilesDomain backs up a running domain whose four disks hold GPT,
 // MBR, LVM (a Linux root with /srv on another LV, in a VG named like a
 // host's), ext4, vfat, xfs and btrfs with a subvolume, then reads it all
@@ -81,7 +65,8 @@ func TestFilesDomain(t *testing.T) {
 		qemutest.DiskSpec{Dev: "vda", Format: "qcow2", From: im.gpt},
 		qemutest.DiskSpec{Dev: "vdb", Format: "raw", From: im.os},
 		qemutest.DiskSpec{Dev: "vdc", Format: "qcow2", From: im.xfs},
-		qemutest.DiskSpec{Dev: "vdd", Format: "qcow2", From: im.btrfs})
+		qemutest.DiskSpec{Dev: "vdd", Format: "qcow2", From: im.btrfs},
+		qemutest.DiskSpec{Dev: "vde", Format: "raw", From: im.swap})
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
 	res, err := mover.Backup(t.Context(), domain.New(domain.Options{Name: dom.Name, ScratchDir: filepath.Join(t.TempDir(), "scratch")}),
 		mover.Options{Repo: ro, Init: true, Log: backuptest.Log(t)})
@@ -96,7 +81,7 @@ func TestFilesDomain(t *testing.T) {
 		t.Errorf("OS %q", s.OS)
 	}
 	want := map[string]string{"vda1": "ext4", "vda2": "vfat", "debian-vg/root": "ext4", "debian-vg/data": "ext4",
-		"vdc1": "xfs", "vdd": "btrfs", "vdd:/home": "btrfs"}
+		"vdc1": "xfs", "vdd": "btrfs", "vdd:/home": "btrfs", "vde": "swap"}
 	got := map[string]string{}
 	for _, f := range s.Filesystems() {
 		got[f.Name] = f.Type
@@ -132,6 +117,10 @@ func TestFilesDomain(t *testing.T) {
 	}
 	if _, err := s.Use("vdz9"); !errors.Is(err, files.ErrInvalid) {
 		t.Errorf("Use(vdz9): %v, want ErrInvalid", err)
+	}
+	// A filesystem it cannot read says why.
+	if _, err := s.Use("vde"); !errors.Is(err, files.ErrNoFilesystem) || !strings.Contains(err.Error(), "vde: swap") {
+		t.Errorf("Use(vde), a swap area: %v", err)
 	}
 
 	use(t, s, "vda1")
@@ -372,7 +361,7 @@ func checkOutside(t *testing.T, parent, sentinel string, also ...string) {
 func TestFilesDiff(t *testing.T) {
 	im := build(t)
 	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
-	idA, idB := nbdBackup(t, ro, im.a, "web"), nbdBackup(t, ro, im.b, "web")
+	idA, idB := backuptest.RawBackup(t, ro, im.a, "web"), backuptest.RawBackup(t, ro, im.b, "web")
 	// Both appliances boot at once, as files diff does.
 	var a *files.Session
 	var aerr error

@@ -126,8 +126,8 @@ type images struct {
 	// fstab) and data (mounted at /srv by that fstab).
 	// xfs: MBR, xfs (a small tree). btrfs: the whole disk, a subvolume
 	// "home". a, b: ext4 on the whole disk, b a changed copy of a.
-	// blank: no filesystem at all.
-	gpt, os, xfs, btrfs, a, b, blank string
+	// swap: a swap area (listed, never mounted).
+	gpt, os, xfs, btrfs, a, b, swap string
 	ref                              tree // what gpt's ext4 holds
 	refA, refB                       tree
 }
@@ -154,7 +154,7 @@ func build(t *testing.T) *images {
 			name string
 			size int64
 		}{{&im.gpt, "gpt", 256}, {&im.os, "os", 160}, {&im.xfs, "xfs", 320}, {&im.btrfs, "btrfs", 160},
-			{&im.a, "a", 64}, {&im.b, "b", 64}, {&im.blank, "blank", 16}} {
+			{&im.a, "a", 64}, {&im.b, "b", 64}, {&im.swap, "swap", 16}} {
 			*x.p = filepath.Join(dir, x.name+".img")
 			f, err := os.Create(*x.p)
 			if err == nil {
@@ -224,9 +224,10 @@ mkfs ext4 /dev/sdf
 mount /dev/sdf /
 tar-in %[1]s/b.tar /
 umount /
+mkswap /dev/sdg
 `, dir, im.ref["hostile/sparse"].mtime.Unix())
 		args := []string{"--format=raw"}
-		for _, p := range []string{im.gpt, im.os, im.xfs, im.btrfs, im.a, im.b, im.blank} {
+		for _, p := range []string{im.gpt, im.os, im.xfs, im.btrfs, im.a, im.b, im.swap} {
 			args = append(args, "-a", p)
 		}
 		cmd := exec.Command("guestfish", args...)

@@ -321,22 +321,30 @@ func (s *Session) Read(ctx context.Context, p string, w io.Writer) (int64, error
 	return s.read(ctx, e, w)
 }
 
-// read streams e's bytes through a pipe that libguestfs writes
-// (/dev/fd/N): no temporary file, no whole file in memory.
+// read writes e's bytes to w, 2 MiB a round trip (pread: about twice
+// the rate of libguestfs's download, whose 8 KiB messages cost the
+// appliance more than the bytes), checking their count against its size.
 func (s *Session) read(ctx context.Context, e Entry, w io.Writer) (int64, error) {
-	var n int64
-	err := s.stream(ctx, func(local string) error { return s.h.Download(e.Path, local) }, func(r io.Reader) error {
-		var err error
-		n, err = io.Copy(w, r)
-		return err
-	})
-	if err != nil {
-		return n, fmt.Errorf("read %s: %w", printable(e.Path), notFound(e.Path, err))
+	s.touch()
+	buf := make([]byte, min(e.Size, guestfs.MaxPread))
+	var off int64
+	for off < e.Size {
+		if err := ctx.Err(); err != nil {
+			return off, err
+		}
+		n, err := s.h.Pread(e.Path, buf, off)
+		if err != nil {
+			return off, fmt.Errorf("read %s: %w", printable(e.Path), notFound(e.Path, err))
+		}
+		if n == 0 {
+			return off, fmt.Errorf("read %s: %d bytes, but its size is %d", printable(e.Path), off, e.Size)
+		}
+		if _, err := w.Write(buf[:n]); err != nil {
+			return off, err
+		}
+		off += int64(n)
 	}
-	if n != e.Size {
-		return n, fmt.Errorf("read %s: %d bytes, but its size is %d", printable(e.Path), n, e.Size)
-	}
-	return n, nil
+	return off, nil
 }
 
 // stream runs a libguestfs call that writes to a local file on the

@@ -54,7 +54,7 @@ type Options struct {
 	// Accel is "auto" (KVM, falling back to TCG when its launch fails),
 	// "kvm" or "tcg".
 	Accel      string
-	CacheBytes int64 // the export's chunk cache (default 64 MiB: the appliance caches too)
+	CacheBytes int64 // the export's chunk cache (default 32 MiB: the appliance caches too)
 	NoLock     bool
 	Log        *slog.Logger
 }
@@ -148,7 +148,7 @@ func Open(ctx context.Context, o Options) (_ *Session, err error) {
 		return nil, invalidf("appliance memory %d MiB: at least 256 MiB", o.MemoryMiB)
 	}
 	if o.CacheBytes == 0 {
-		o.CacheBytes = 64 << 20
+		o.CacheBytes = 32 << 20
 	}
 	if err := os.MkdirAll(o.RunDir, 0o755); err != nil {
 		return nil, fmt.Errorf("run directory: %w", err)
@@ -523,6 +523,19 @@ func (s *Session) mountOS(root string) error {
 		return fmt.Errorf("%w: the guest's root filesystem: %s", ErrNoFilesystem, s.missing["/"])
 	}
 	return nil
+}
+
+// unreadableBeneath names the guest's mount points beneath p that are
+// not mounted, with why: a copy of p holds them as empty directories.
+func (s *Session) unreadableBeneath(p string) []string {
+	var out []string
+	for at, why := range s.missing {
+		if p == "/" && at != "/" || strings.HasPrefix(at, p+"/") {
+			out = append(out, at+" (the guest mounts a filesystem here that cannot be read: "+why+"; copied as an empty directory)")
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // mounted says why p cannot be read when it is at or beneath a mount

@@ -1,8 +1,8 @@
 // Package guestfs is a thin cgo binding of the few libguestfs calls that
 // read a guest's filesystems: drives (read-only, over NBD or from files),
 // launch, inspection, mounting read-only, directory listing, stat,
-// symlink targets, checksums and downloads. It has no call that writes to
-// a guest filesystem. No Go module of libguestfs can be fetched here, so
+// symlink targets, checksums, file contents (pread) and tar streams. It
+// has no call that writes to a guest filesystem. No Go module of libguestfs can be fetched here, so
 // this is our own, like nbdclient's over libnbd.
 //
 // A Handle is one appliance (a small VM whose kernel parses the guest's
@@ -112,8 +112,8 @@ static int gfs_mount_ro(guestfs_h *g, const char *opts, const char *dev, const c
 }
 static int gfs_umount_all(guestfs_h *g, char **err) { return gfs_int(g, guestfs_umount_all(g), err); }
 static int gfs_device_index(guestfs_h *g, const char *d, char **err) { return gfs_int(g, guestfs_device_index(g, d), err); }
-static int gfs_download(guestfs_h *g, const char *remote, const char *local, char **err) {
-	return gfs_int(g, guestfs_download(g, remote, local), err);
+static char *gfs_pread(guestfs_h *g, const char *path, int count, int64_t off, size_t *n, char **err) {
+	return gfs_str(g, guestfs_pread(g, path, count, off, n), err);
 }
 static int gfs_ls0(guestfs_h *g, const char *dir, const char *local, char **err) {
 	return gfs_int(g, guestfs_ls0(g, dir, local), err);
@@ -227,19 +227,13 @@ func takeErr(op string, e *C.char) error {
 
 // call runs fn (which returns -1 and sets *err on failure) under the lock.
 func (h *Handle) call(op string, fn func(err **C.char) C.int) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.g == nil {
-		return ErrClosed
-	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	C.gfs_quiet(h.g)
-	var e *C.char
-	if fn(&e) == -1 {
-		return takeErr(op, e)
-	}
-	return nil
+	return h.with(func(*C.guestfs_h) error {
+		var e *C.char
+		if fn(&e) == -1 {
+			return takeErr(op, e)
+		}
+		return nil
+	})
 }
 
 // with runs fn under the lock on an open handle.
@@ -599,16 +593,6 @@ func (h *Handle) Checksum(kind, path string) (string, error) {
 	return h.str("checksum "+strconv.Quote(path), func(g *C.guestfs_h, e **C.char) *C.char { return C.gfs_checksum(g, k, p, e) })
 }
 
-// Download copies a guest file to local, a host path libguestfs opens
-// (a /dev/fd/N of a pipe streams it).
-func (h *Handle) Download(remote, local string) error {
-	r := C.CString(remote)
-	l := C.CString(local)
-	defer C.free(unsafe.Pointer(r))
-	defer C.free(unsafe.Pointer(l))
-	return h.call("download "+strconv.Quote(remote), func(e **C.char) C.int { return C.gfs_download(h.g, r, l, e) })
-}
-
 // TarOut writes the tree beneath the guest directory dir to the local
 // file (a /dev/fd/N pipe, say) as a tar stream made by GNU tar in the
 // appliance: numeric owners, and xattrs, which make it POSIX (PAX) format
@@ -619,4 +603,28 @@ func (h *Handle) TarOut(dir, local string) error {
 	defer C.free(unsafe.Pointer(d))
 	defer C.free(unsafe.Pointer(l))
 	return h.call("tar-out "+strconv.Quote(dir), func(e **C.char) C.int { return C.gfs_tar_out(h.g, d, l, e) })
+}
+
+// MaxPread is the most one Pread returns (libguestfs's messages are
+// bounded at 4 MiB).
+const MaxPread = 2 << 20
+
+// Pread reads up to len(buf) (at most MaxPread) bytes of the guest file
+// at off into buf, in one round trip; it returns the count (0 at the end).
+func (h *Handle) Pread(path string, buf []byte, off int64) (int, error) {
+	p := C.CString(path)
+	defer C.free(unsafe.Pointer(p))
+	var n int
+	err := h.with(func(g *C.guestfs_h) error {
+		var e *C.char
+		var sz C.size_t
+		r := C.gfs_pread(g, p, C.int(min(len(buf), MaxPread)), C.int64_t(off), &sz, &e)
+		if r == nil {
+			return takeErr("pread "+strconv.Quote(path), e)
+		}
+		defer C.free(unsafe.Pointer(r))
+		n = copy(buf, unsafe.Slice((*byte)(unsafe.Pointer(r)), int(sz)))
+		return nil
+	})
+	return n, err
 }

@@ -64,7 +64,7 @@ func filesFlags(backup, fs bool) []cli.Flag {
 		&cli.StringSliceFlag{Name: "disk", Usage: "give the appliance only this disk (repeatable)", DefaultText: "every disk"},
 		&cli.StringFlag{Name: "appliance-memory", Value: "512MiB", Usage: "the libguestfs appliance's memory (at least 256MiB)"},
 		&cli.StringFlag{Name: "accel", Value: "auto", Usage: "the appliance's accelerator: auto (KVM, falling back to TCG when its launch fails), kvm or tcg"},
-		&cli.StringFlag{Name: "cache-size", Value: "64MiB", Usage: "decoded chunks kept in memory for the appliance's reads"},
+		&cli.StringFlag{Name: "cache-size", Value: "32MiB", Usage: "decoded chunks kept in memory for the appliance's reads"},
 		&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the backup's private NBD socket"},
 		noLockFlag(), jsonFlag())
 	if backup {
@@ -114,6 +114,22 @@ func filesOptions(c *cli.Context, backup string) (files.Options, error) {
 	return files.Options{Repo: repoOptions(c), Domain: c.String("domain"), Backup: backup, Disks: c.StringSlice("disk"),
 		RunDir: c.String("run-dir"), MemoryMiB: int(mem >> 20), Accel: c.String("accel"), CacheBytes: cache,
 		NoLock: c.Bool("no-lock"), Log: log}, nil
+}
+
+// openMounted opens a session with --fs (or the guest as it runs)
+// mounted; Close ends both.
+func openMounted(c *cli.Context, o files.Options) (*files.Session, error) {
+	s, err := files.Open(c.Context, o)
+	if err != nil {
+		return nil, err
+	}
+	release, err := s.Use(c.String("fs"))
+	if err != nil {
+		s.Close()
+		return nil, err
+	}
+	release() // the CLI is the session's only user: the mount stays
+	return s, nil
 }
 
 // guestPath is a command's one PATH argument (default /).
@@ -190,16 +206,11 @@ func filesLs(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	s, err := files.Open(c.Context, o)
+	s, err := openMounted(c, o)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	release, err := s.Use(c.String("fs"))
-	if err != nil {
-		return err
-	}
-	defer release()
 	w := c.App.Writer
 	if c.Bool("json") {
 		js := newJSONStream(w, map[string]any{"domain": s.Domain, "id": s.Backup, "path": p, "fs": c.String("fs")}, "entries")
@@ -312,16 +323,11 @@ func filesGet(c *cli.Context) error {
 		}()
 		tw = f
 	}
-	s, err := files.Open(c.Context, o)
+	s, err := openMounted(c, o)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	release, err := s.Use(c.String("fs"))
-	if err != nil {
-		return err
-	}
-	defer release()
 	start := time.Now()
 	var res files.Result
 	if tw != nil {
@@ -350,7 +356,7 @@ func filesGet(c *cli.Context) error {
 		count(res.Symlinks, "symlink"), count(res.Hardlinks, "hard link"), humanBytes(res.Bytes), s.Domain, s.Backup, where,
 		took.Round(100*time.Millisecond))
 	for _, sk := range res.Skipped {
-		fmt.Fprintf(report, "skipped %s (not made from a backup)\n", quoteName(sk))
+		fmt.Fprintf(report, "skipped %s\n", quoteName(sk))
 	}
 	return nil
 }

@@ -146,6 +146,22 @@ func ExportBackup(t *testing.T, ro repo.Options, img, name, mode, compression st
 		mover.Options{Repo: ro, Init: true, Mode: mode, ChunkSize: 256 << 10, Compression: compression, RunDir: t.TempDir(), Log: Log(t)})
 }
 
+// RawBackup backs up a raw image, converted to qcow2 and served by
+// qemu-nbd, as name's disk vda; it returns the backup's id.
+func RawBackup(t *testing.T, ro repo.Options, img, name string) string {
+	t.Helper()
+	q := filepath.Join(t.TempDir(), "d.qcow2")
+	qemutest.Run(t, "qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", img, q)
+	srv := qemutest.Serve(t, q, "-r")
+	defer srv.Kill()
+	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: name, Disk: "vda"}),
+		mover.Options{Repo: ro, Init: true, RunDir: t.TempDir(), Log: Log(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.ID
+}
+
 // List lists the committed backups of name.
 func List(t testing.TB, ro repo.Options, name string) ([]*repo.Manifest, error) {
 	t.Helper()
