@@ -128,8 +128,8 @@ type images struct {
 	// "home". a, b: ext4 on the whole disk, b a changed copy of a.
 	// swap: a swap area (listed, never mounted).
 	gpt, os, xfs, btrfs, a, b, swap string
-	ref                              tree // what gpt's ext4 holds
-	refA, refB                       tree
+	ref                             tree // what gpt's ext4 holds
+	refA, refB                      tree
 }
 
 var (
