@@ -107,6 +107,9 @@ func filesOptions(c *cli.Context, backup string) (files.Options, error) {
 	if err != nil || cache < 16<<20 {
 		return files.Options{}, usagef("--cache-size %q: want a size of at least 16MiB", c.String("cache-size"))
 	}
+	if err := mover.CheckDir(c.String("run-dir")); err != nil {
+		return files.Options{}, usagef("--run-dir: %v", err)
+	}
 	log, err := newLogger(c)
 	if err != nil {
 		return files.Options{}, err
