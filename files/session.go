@@ -202,7 +202,7 @@ func (s *Session) launch(ctx context.Context, o Options) error {
 	default:
 		if why, err := os.ReadFile(marker); err == nil {
 			try = []string{"tcg"}
-			o.Log.Info("the file appliance runs under TCG: its KVM launch failed earlier on this boot (--accel kvm tries again)",
+			o.Log.Warn("the file appliance runs under TCG (slower): its KVM launch failed earlier on this boot (--accel kvm tries again)",
 				"reason", printable(strings.TrimSpace(string(why))))
 		}
 	}
