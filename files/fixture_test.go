@@ -126,8 +126,9 @@ type images struct {
 	// fstab) and data (mounted at /srv by that fstab).
 	// xfs: MBR, xfs (a small tree). btrfs: the whole disk, a subvolume
 	// "home". a, b: ext4 on the whole disk, b a changed copy of a.
-	// swap: a swap area (listed, never mounted).
-	gpt, os, xfs, btrfs, a, b, swap string
+	// swap: a swap area (listed, never mounted). luks: a LUKS2 volume
+	// (made by cryptsetup on the host; never opened).
+	gpt, os, xfs, btrfs, a, b, swap, luks string
 	ref                             tree // what gpt's ext4 holds
 	refA, refB                      tree
 }
@@ -141,7 +142,7 @@ var (
 // build makes the images (or fails every test that needs them).
 func build(t *testing.T) *images {
 	t.Helper()
-	qemutest.Need(t, "guestfish", "qemu-img", "qemu-nbd")
+	qemutest.Need(t, "guestfish", "qemu-img", "qemu-nbd", "cryptsetup")
 	fixtureOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "nbdmover-files-")
 		if err != nil {
@@ -239,6 +240,18 @@ mkswap /dev/sdg
 		start := time.Now()
 		if out, err := cmd.CombinedOutput(); err != nil {
 			fixtureErr = fmt.Sprintf("guestfish: %v: %s", err, out)
+			return
+		}
+		im.luks = filepath.Join(dir, "luks.img")
+		key := filepath.Join(dir, "luks.key")
+		os.WriteFile(key, []byte("not a real secret"), 0o600)
+		if err := os.WriteFile(im.luks, nil, 0o644); err == nil {
+			err = os.Truncate(im.luks, 32*MiB)
+		}
+		luks := exec.Command("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+			"--pbkdf-force-iterations", "1000", im.luks, key)
+		if out, err := luks.CombinedOutput(); err != nil {
+			fixtureErr = fmt.Sprintf("cryptsetup: %v: %s", err, out)
 			return
 		}
 		t.Logf("images built by guestfish in %v", time.Since(start).Round(time.Millisecond))

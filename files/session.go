@@ -365,6 +365,21 @@ func (s *Session) discover() error {
 		}
 		s.fss = append(s.fss, x)
 	}
+	// Encrypted volumes, which list_filesystems leaves out: listed, with
+	// why they are not read.
+	devs, err := s.h.Devices()
+	if err != nil {
+		return err
+	}
+	for _, d := range devs {
+		if slices.ContainsFunc(s.fss, func(f Filesystem) bool { return f.Device == d }) {
+			continue
+		}
+		if typ, err := s.h.VfsType(d); err == nil && (typ == "crypto_LUKS" || typ == "BitLocker") {
+			size, _ := s.h.Size(d)
+			s.fss = append(s.fss, Filesystem{Name: s.name(d), Device: d, Type: typ, Size: size, Note: unreadable(typ)})
+		}
+	}
 	// A btrfs subvolume is named after its filesystem's disk, found by
 	// the filesystem's UUID: libguestfs names the device in a subvolume's
 	// mountable as the appliance's kernel does, which is not always the

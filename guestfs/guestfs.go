@@ -129,6 +129,10 @@ static int64_t gfs_getsize(guestfs_h *g, const char *d, char **err) {
 static char **gfs_inspect_os(guestfs_h *g, char **err) { return gfs_strs(g, guestfs_inspect_os(g), err); }
 static char **gfs_mountpoints(guestfs_h *g, const char *root, char **err) { return gfs_strs(g, guestfs_inspect_get_mountpoints(g, root), err); }
 static char **gfs_list_filesystems(guestfs_h *g, char **err) { return gfs_strs(g, guestfs_list_filesystems(g), err); }
+static char **gfs_list_devices(guestfs_h *g, char **err) { return gfs_strs(g, guestfs_list_devices(g), err); }
+static char **gfs_list_partitions(guestfs_h *g, char **err) { return gfs_strs(g, guestfs_list_partitions(g), err); }
+static char **gfs_lvs(guestfs_h *g, char **err) { return gfs_strs(g, guestfs_lvs(g), err); }
+static char *gfs_vfs_type(guestfs_h *g, const char *d, char **err) { return gfs_str(g, guestfs_vfs_type(g, d), err); }
 static char *gfs_product(guestfs_h *g, const char *root, char **err) { return gfs_str(g, guestfs_inspect_get_product_name(g, root), err); }
 static char *gfs_label(guestfs_h *g, const char *d, char **err) { return gfs_str(g, guestfs_vfs_label(g, d), err); }
 static char *gfs_uuid(guestfs_h *g, const char *d, char **err) { return gfs_str(g, guestfs_vfs_uuid(g, d), err); }
@@ -372,6 +376,33 @@ func pairs(l []string) [][2]string {
 // InspectOS returns the root filesystems of the operating systems found.
 func (h *Handle) InspectOS() ([]string, error) {
 	return h.strList("inspect_os", func(g *C.guestfs_h, e **C.char) **C.char { return C.gfs_inspect_os(g, e) })
+}
+
+// Devices lists the whole block devices, the partitions and the LVM
+// logical volumes (list_filesystems leaves out what it cannot mount,
+// such as LUKS volumes: these are where to look for them).
+func (h *Handle) Devices() ([]string, error) {
+	var all []string
+	for _, f := range []struct {
+		op string
+		fn func(*C.guestfs_h, **C.char) **C.char
+	}{{"list_devices", func(g *C.guestfs_h, e **C.char) **C.char { return C.gfs_list_devices(g, e) }},
+		{"list_partitions", func(g *C.guestfs_h, e **C.char) **C.char { return C.gfs_list_partitions(g, e) }},
+		{"lvs", func(g *C.guestfs_h, e **C.char) **C.char { return C.gfs_lvs(g, e) }}} {
+		l, err := h.strList(f.op, f.fn)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, l...)
+	}
+	return all, nil
+}
+
+// VfsType is the type of what a device holds, as blkid says ("" if none).
+func (h *Handle) VfsType(dev string) (string, error) {
+	d := C.CString(dev)
+	defer C.free(unsafe.Pointer(d))
+	return h.str("vfs_type", func(g *C.guestfs_h, e **C.char) *C.char { return C.gfs_vfs_type(g, d, e) })
 }
 
 // Mountpoints returns an inspected root's mount points and their

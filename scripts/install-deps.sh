@@ -10,7 +10,7 @@ pkgs=(
 	qemu-system-x86 qemu-utils e2fsprogs
 	virtnbdbackup hyperfine time bc strace
 	# files: the libguestfs appliance (supermin builds it from a kernel in /boot)
-	libguestfs-tools libguestfs-dev libguestfs-xfs linux-image-amd64 btrfs-progs
+	libguestfs-tools libguestfs-dev libguestfs-xfs linux-image-amd64 btrfs-progs cryptsetup-bin
 )
 missing=()
 for p in "${pkgs[@]}"; do
