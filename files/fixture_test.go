@@ -129,8 +129,8 @@ type images struct {
 	// swap: a swap area (listed, never mounted). luks: a LUKS2 volume
 	// (made by cryptsetup on the host; never opened).
 	gpt, os, xfs, btrfs, a, b, swap, luks string
-	ref                             tree // what gpt's ext4 holds
-	refA, refB                      tree
+	ref                                   tree // what gpt's ext4 holds
+	refA, refB                            tree
 }
 
 var (
