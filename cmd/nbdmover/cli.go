@@ -170,7 +170,11 @@ func flagsFirst(args, bools []string) []string {
 		switch {
 		case name == "":
 			plain = append(plain, a)
-		case hasValue || slices.Contains(bools, name) || i+1 == len(args):
+		case i+1 == len(args) && !hasValue && !slices.Contains(bools, name):
+			// A flag without its value, last: alone, so that urfave/cli
+			// says so (after "--" it would take that as the value).
+			return append(flags, a)
+		case hasValue || slices.Contains(bools, name):
 			flags = append(flags, a)
 		default:
 			flags = append(flags, a, args[i+1])
@@ -238,7 +242,13 @@ func usageErrorOf(c *cli.Context, err error) error {
 	where := "nbdmover"
 	flags := c.App.Flags
 	if c.Command != nil && c.Command.Name != "" && c.Command.Name != c.App.Name {
-		flags, where = c.Command.Flags, "nbdmover "+c.Command.FullName()
+		flags, where = c.Command.Flags, "nbdmover "+c.Command.Name
+		for _, l := range c.Lineage()[1:] { // a subcommand's parent (files ls)
+			if l.Command != nil && l.Command.Name != "" && l.Command.Name != "nbdmover" && l.Command != c.Command {
+				where = "nbdmover " + l.Command.Name + " " + c.Command.Name
+				break
+			}
+		}
 	}
 	if m := flagNoValue.FindStringSubmatch(err.Error()); m != nil {
 		return usagef("--%s needs a value (%s --help says what it takes)", m[1], where)
@@ -256,6 +266,20 @@ func usageErrorOf(c *cli.Context, err error) error {
 		hint = fmt.Sprintf(": did you mean --%s?", s)
 	}
 	return usagef("unknown option --%s%s (%s --help lists them)", m[1], hint, where)
+}
+
+// unknownSubcommand is the error for a subcommand of parent that does
+// not exist.
+func unknownSubcommand(parent *cli.Command, name string) error {
+	var names []string
+	for _, c := range parent.Subcommands {
+		names = append(names, c.Names()...)
+	}
+	where := "nbdmover " + parent.Name
+	if s := closest(name, names); s != "" {
+		return usagef("unknown command %q: did you mean %s %s? (%s --help lists them)", name, where, s, where)
+	}
+	return usagef("unknown command %q (%s --help lists them)", name, where)
 }
 
 // unknownCommand is the error for a command that does not exist.

@@ -212,6 +212,15 @@ func newApp() *cli.App {
 		for _, sub := range c.Subcommands {
 			sub.OnUsageError = app.OnUsageError
 		}
+		if len(c.Subcommands) > 0 && c.Action == nil {
+			parent := c
+			c.Action = func(ctx *cli.Context) error { // no subcommand matched
+				if ctx.Args().Len() == 0 {
+					return cli.ShowSubcommandHelp(ctx)
+				}
+				return unknownSubcommand(parent, ctx.Args().First())
+			}
+		}
 	}
 	cli.VersionPrinter = func(c *cli.Context) { fmt.Fprintf(c.App.Writer, "nbdmover %s\n", c.App.Version) }
 	return app

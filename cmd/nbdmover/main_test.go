@@ -101,6 +101,20 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"key", "remove", "not-an-id"},
 		{"key", "add", "--new-key-file", "/etc/hostname"},
 		{"key", "passwd"},
+		{"key", "lst"},
+		// File-level restore: checked before an appliance starts.
+		{"files", "lss"},
+		{"files", "ls", "--domain", "vm1", "--bogus", "/"},
+		{"files", "get", "--domain", "vm1", "/etc", "--output"},
+		{"files", "get", "--domain", "vm1", "/etc"},
+		{"files", "get", "--domain", "vm1", "/etc", "--output", "/tmp/x", "--tar", "-"},
+		{"files", "ls", "--domain", "vm1", "--appliance-memory", "100MiB", "/"},
+		{"files", "ls", "--domain", "vm1", "--run-dir", "/tmp", "/"},
+		{"files", "diff", "--domain", "vm1", "--from", "yesterday", "/"},
+		{"files", "fs", "--domain", "vm1", "/etc"},
+		{"serve", "--files-memory", "100MiB"},
+		{"serve", "--files-idle-timeout", "0"},
+		{"serve", "--files-accel", "fast"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {
