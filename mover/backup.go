@@ -179,7 +179,13 @@ type BackupResult struct {
 	BytesWritten int64   `json:"bytes_written"`
 	BytesDedup   int64   `json:"bytes_dedup"`
 	BytesZero    int64   `json:"bytes_zero"`
-	RateMBps     float64 `json:"rate_mb_per_s"` // disk bytes covered per second
+	// Rates over the backup's time: bytes read from the disks and bytes
+	// stored, per second (MB = 10^6 bytes). RateMBps is ReadMBps (it was
+	// the disks' size over the time, which made an incremental look
+	// thousands of times faster than what it moved).
+	ReadMBps    float64 `json:"read_mb_per_s"`
+	WrittenMBps float64 `json:"written_mb_per_s"`
+	RateMBps    float64 `json:"rate_mb_per_s"`
 	// Healed counts the chunks verify had found damaged that this backup
 	// built from the disks and stored again.
 	Healed int `json:"healed_chunks,omitempty"`
@@ -195,6 +201,9 @@ type DiskResult struct {
 	BytesDedup   int64   `json:"bytes_dedup"`
 	BytesZero    int64   `json:"bytes_zero"`
 	Seconds      float64 `json:"seconds"`
+	// Rates over the disk's time, as the backup's.
+	ReadMBps    float64 `json:"read_mb_per_s"`
+	WrittenMBps float64 `json:"written_mb_per_s"`
 	// The dirty bitmap's check: bytes it marked, clean chunks read and
 	// found unchanged (and their bytes), clean chunks found unallocated.
 	DirtyBytes     int64 `json:"dirty_bytes,omitempty"`
@@ -601,10 +610,10 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 	res := &BackupResult{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Parent: m.Parent, Fallback: m.Fallback,
 		Consistency: m.Consistency, Repository: b.r.Location(), RepositoryID: b.r.Config().ID, Checkpoint: m.Checkpoint,
 		CreatedRepository: b.created, Disks: results, Verification: m.Verification}
-	var covered int64
 	for i, d := range disks {
 		dds[d.Name] = data[i]
 		dr := results[i]
+		results[i].ReadMBps, results[i].WrittenMBps = mbps(dr.BytesRead, dr.Seconds), mbps(dr.BytesWritten, dr.Seconds)
 		m.Disks = append(m.Disks, repo.DiskManifest{Name: d.Name, Size: dr.Size, Mode: dr.Mode,
 			BytesRead: dr.BytesRead, BytesWritten: dr.BytesWritten, BytesDedup: dr.BytesDedup, BytesZero: dr.BytesZero,
 			DirtyBytes: dr.DirtyBytes, VerifiedChunks: dr.VerifiedChunks, VerifiedBytes: dr.VerifiedBytes, ZeroedChunks: dr.ZeroedChunks})
@@ -612,7 +621,6 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 		res.BytesWritten += dr.BytesWritten
 		res.BytesDedup += dr.BytesDedup
 		res.BytesZero += dr.BytesZero
-		covered += dr.Size
 	}
 	m.Completed = time.Now().UTC()
 	hold.At("backup-commit")
@@ -641,8 +649,15 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 			"domain", m.Domain, "error", err)
 	}
 	res.Seconds = time.Since(b.start).Seconds()
-	if res.Seconds > 0 {
-		res.RateMBps = float64(covered) / res.Seconds / 1e6
-	}
+	res.ReadMBps, res.WrittenMBps = mbps(res.BytesRead, res.Seconds), mbps(res.BytesWritten, res.Seconds)
+	res.RateMBps = res.ReadMBps
 	return res, nil
+}
+
+// mbps is n bytes over secs seconds in MB/s (0 for no time).
+func mbps(n int64, secs float64) float64 {
+	if secs <= 0 {
+		return 0
+	}
+	return float64(n) / secs / 1e6
 }

@@ -2,6 +2,7 @@ package mover_test
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -107,6 +108,17 @@ func roundTrip(t *testing.T, ro repo.Options, compression string) {
 	// far less than the disk, and nothing stored twice.
 	if inc2.BytesRead-inc2.Disks[0].VerifiedBytes >= full.BytesRead+4*MiB || inc2.BytesWritten > 64<<10 {
 		t.Errorf("third backup read %d (full read %d), stored %d", inc2.BytesRead, full.BytesRead, inc2.BytesWritten)
+	}
+	// Its rates are what it moved over its time, not the disk's size.
+	near := func(rate float64, n int64, secs float64) bool {
+		return math.Abs(rate*secs*1e6-float64(n)) <= 1+float64(n)*1e-9
+	}
+	d := inc2.Disks[0]
+	if !near(inc2.RateMBps, inc2.BytesRead, inc2.Seconds) || !near(inc2.ReadMBps, inc2.BytesRead, inc2.Seconds) ||
+		!near(inc2.WrittenMBps, inc2.BytesWritten, inc2.Seconds) || !near(d.ReadMBps, d.BytesRead, d.Seconds) ||
+		!near(d.WrittenMBps, d.BytesWritten, d.Seconds) || inc2.ReadMBps == 0 {
+		t.Errorf("rates of an incremental that read %d and stored %d bytes in %.3fs: rate %.1f, read %.1f, stored %.1f MB/s; disk %+v",
+			inc2.BytesRead, inc2.BytesWritten, inc2.Seconds, inc2.RateMBps, inc2.ReadMBps, inc2.WrittenMBps, d)
 	}
 	checkRestores(t, ro, points)
 

@@ -73,9 +73,15 @@ func runBackup(c *cli.Context) error {
 	if res.CreatedRepository {
 		fmt.Fprintf(w, "created repository %s (id %s)\n", res.Repository, res.RepositoryID)
 	}
-	fmt.Fprintf(w, "committed %s backup %s/%s in %.1fs: read %s, stored %s, deduplicated %s, zero %s\n",
-		res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), humanBytes(res.BytesWritten),
+	fmt.Fprintf(w, "committed %s backup %s/%s in %.1fs: read %s (%.0f MB/s), stored %s (%.0f MB/s), deduplicated %s, zero %s\n",
+		res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), res.ReadMBps, humanBytes(res.BytesWritten), res.WrittenMBps,
 		humanBytes(res.BytesDedup), humanBytes(res.BytesZero))
+	if len(res.Disks) > 1 {
+		for _, d := range res.Disks {
+			fmt.Fprintf(w, "  %s: %s in %.1fs: read %s (%.0f MB/s), stored %s (%.0f MB/s)\n", d.Name, d.Mode, d.Seconds,
+				humanBytes(d.BytesRead), d.ReadMBps, humanBytes(d.BytesWritten), d.WrittenMBps)
+		}
+	}
 	if v := res.Verification; v != nil {
 		fmt.Fprintf(w, "dirty bitmaps checked: %s (%d clean chunks, %s read)\n", v.Outcome, v.Chunks, humanBytes(v.Bytes))
 	}
