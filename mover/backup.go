@@ -72,6 +72,8 @@ type Options struct {
 	// to check its dirty bitmap: nil for pipeline.SampleSize (16 plus 0.1%
 	// of the chunks holding data, at most 256), 0 for none.
 	VerifySample *int
+	// Hooks run before and after the backup (hooks.go).
+	Hooks Hooks
 
 	Log *slog.Logger `json:"-"`
 	// Progress, if set, is called as each disk starts with the counters
@@ -175,10 +177,10 @@ type BackupResult struct {
 	Seconds      float64            `json:"seconds"`
 	Disks        []DiskResult       `json:"disks"`
 	// Totals over the disks.
-	BytesRead    int64   `json:"bytes_read"`
-	BytesWritten int64   `json:"bytes_written"`
-	BytesDedup   int64   `json:"bytes_dedup"`
-	BytesZero    int64   `json:"bytes_zero"`
+	BytesRead    int64 `json:"bytes_read"`
+	BytesWritten int64 `json:"bytes_written"`
+	BytesDedup   int64 `json:"bytes_dedup"`
+	BytesZero    int64 `json:"bytes_zero"`
 	// Rates over the backup's time: bytes read from the disks and bytes
 	// stored, per second (MB = 10^6 bytes). RateMBps is ReadMBps (it was
 	// the disks' size over the time, which made an incremental look
@@ -189,6 +191,8 @@ type BackupResult struct {
 	// Healed counts the chunks verify had found damaged that this backup
 	// built from the disks and stored again.
 	Healed int `json:"healed_chunks,omitempty"`
+	// PostHookError is why the post-hook failed (the backup stands).
+	PostHookError string `json:"post_hook_error,omitempty"`
 }
 
 // DiskResult is what the backup did for one disk.
@@ -236,6 +240,46 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 	if err := o.checkSource(src, r, init); err != nil {
 		return nil, err
 	}
+	nameLock, err := LockName(o.RunDir, src.Name())
+	if err != nil {
+		return nil, err
+	}
+	defer nameLock.Close()
+	if o.Hooks.Pre == "" && o.Hooks.Post == "" {
+		return backupLocked(ctx, src, o, r, init, start)
+	}
+	location := o.Repo.Location
+	if r != nil {
+		location = r.Location()
+	}
+	env := func() map[string]string {
+		return map[string]string{"NBDMOVER_DOMAIN": src.Name(), "NBDMOVER_MODE": o.Mode, "NBDMOVER_REPOSITORY": location}
+	}
+	if o.Hooks.Pre != "" {
+		err = runHook(ctx, o, "pre", o.Hooks.Pre, env())
+		start = time.Now() // the backup's point in time is after its pre-hook
+	}
+	var res *BackupResult
+	if err == nil {
+		res, err = backupLocked(ctx, src, o, r, init, start)
+	}
+	if o.Hooks.Post != "" {
+		if perr := postHook(ctx, o, env(), res, err); perr != nil {
+			if err != nil {
+				err = fmt.Errorf("%w; and then %v", err, perr)
+			} else {
+				res.PostHookError = perr.Error()
+				o.Log.Error("the backup is committed, but its post-hook failed", "name", src.Name(), "id", res.ID, "error", perr)
+			}
+		}
+	}
+	return res, err
+}
+
+// backupLocked is Backup once its checks have passed and its name's lock
+// is held (and its pre-hook has run).
+func backupLocked(ctx context.Context, src Source, o Options, r *repo.Repo, init repo.InitOptions, start time.Time) (*BackupResult, error) {
+	var err error
 	created := false
 	if r == nil {
 		if r, created, err = o.Repo.OpenOrInit(ctx, init); err != nil {
@@ -248,11 +292,6 @@ func Backup(ctx context.Context, src Source, o Options) (*BackupResult, error) {
 			return nil, err
 		}
 	}
-	nameLock, err := LockName(o.RunDir, src.Name())
-	if err != nil {
-		return nil, err
-	}
-	defer nameLock.Close()
 	// The shared lock keeps gc from deleting what this backup will
 	// reference (chunks it finds stored, its parent's chunks and index
 	// objects) until it has committed; ctx ends if the lock is lost.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
+	"time"
 
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
@@ -16,7 +18,7 @@ func backupCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "backup",
 		Usage: "back up a running libvirt domain (--domain) or any NBD export (--nbd with --name)",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "libvirt domain to back up"},
 			connectFlag(),
 			&cli.StringFlag{Name: "nbd", Usage: "NBD URI of an export to back up instead of a domain"},
@@ -35,7 +37,7 @@ func backupCommand() *cli.Command {
 				DefaultText: "16 + 0.1% of the chunks holding data, at most 256"},
 			&cli.BoolFlag{Name: "init", Usage: "create the repository if there is none (without it, one is created on first use only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			jsonFlag(),
-		),
+		), hookFlags()...),
 		Action: runBackup,
 	}
 }
@@ -82,6 +84,9 @@ func runBackup(c *cli.Context) error {
 				humanBytes(d.BytesRead), d.ReadMBps, humanBytes(d.BytesWritten), d.WrittenMBps)
 		}
 	}
+	if res.PostHookError != "" {
+		fmt.Fprintf(w, "warning: the backup is committed, but its %s\n", res.PostHookError)
+	}
 	if v := res.Verification; v != nil {
 		fmt.Fprintf(w, "dirty bitmaps checked: %s (%d clean chunks, %s read)\n", v.Outcome, v.Chunks, humanBytes(v.Bytes))
 	}
@@ -117,7 +122,36 @@ func backupOptions(c *cli.Context) (mover.Options, error) {
 		n := c.Int("verify-sample")
 		o.VerifySample = &n
 	}
+	if o.Hooks, err = hookOptions(c); err != nil {
+		return mover.Options{}, err
+	}
 	return o, nil
+}
+
+// hookFlags are the hooks of backup, and of serve for all its backups.
+func hookFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "pre-hook", Usage: "shell command run before the backup, once its checks pass (its failure fails the backup before anything starts; " +
+			"environment: NBDMOVER_DOMAIN, NBDMOVER_MODE, NBDMOVER_REPOSITORY; README, \"Hooks\")"},
+		&cli.StringFlag{Name: "post-hook", Usage: "shell command run after the backup, whatever became of it (NBDMOVER_RESULT success or failure, " +
+			"NBDMOVER_BACKUP_ID, NBDMOVER_RESULT_FILE, NBDMOVER_ERROR); its failure is reported, the backup stands"},
+		&cli.StringFlag{Name: "hook-timeout", Value: "10m", Usage: "kill a hook (and what it started) after this long"},
+	}
+}
+
+// hookOptions are the hooks the flags give.
+func hookOptions(c *cli.Context) (mover.Hooks, error) {
+	timeout, err := parseDuration(c.String("hook-timeout"))
+	if err != nil || timeout < time.Second {
+		return mover.Hooks{}, usagef("--hook-timeout %q: a duration of at least 1s, like 10m", c.String("hook-timeout"))
+	}
+	h := mover.Hooks{Pre: c.String("pre-hook"), Post: c.String("post-hook"), Timeout: timeout}
+	for _, f := range []struct{ name, cmd string }{{"--pre-hook", h.Pre}, {"--post-hook", h.Post}} {
+		if c.IsSet(f.name[2:]) && strings.TrimSpace(f.cmd) == "" {
+			return mover.Hooks{}, usagef("%s: an empty command", f.name)
+		}
+	}
+	return h, nil
 }
 
 // backupSource is the domain or NBD export the flags name.

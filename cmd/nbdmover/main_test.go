@@ -115,6 +115,9 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"serve", "--files-memory", "100MiB"},
 		{"serve", "--files-idle-timeout", "0"},
 		{"serve", "--files-accel", "fast"},
+		{"backup", "--domain", "vm1", "--hook-timeout", "0"},
+		{"backup", "--domain", "vm1", "--pre-hook", " "},
+		{"serve", "--hook-timeout", "soon"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {

@@ -49,7 +49,7 @@ func serveCommand() *cli.Command {
 			durationFlag("verify-every", 0, "run a verify job of the whole repository this often (e.g. 1d)", "never"),
 			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, one is created only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
-		), retentionFlags()...),
+		), append(retentionFlags(), hookFlags()...)...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
@@ -121,6 +121,10 @@ func serveCommand() *cli.Command {
 			default:
 				return usagef("--files-accel %q: want auto, kvm or tcg", c.String("files-accel"))
 			}
+			hooks, err := hookOptions(c)
+			if err != nil {
+				return err
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -140,7 +144,8 @@ func serveCommand() *cli.Command {
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
 					MaxRestores: c.Int("max-restores"), RestoreImageDirs: c.StringSlice("restore-image-dir"),
-					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")}},
+					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")},
+						Hooks: hooks},
 					Domain: domain.Options{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
 			})

@@ -176,3 +176,28 @@ func TestUnreadableManifestSkipped(t *testing.T) {
 		os.Remove(filepath.Join(dir, filepath.FromSlash(repo.ManifestKey("vm", res.ID))))
 	}
 }
+
+// A pre-hook that fails stops the backup of a running domain before
+// libvirt is asked for anything: no checkpoint, no job, no scratch; the
+// next backup is a full one as if nothing had happened.
+func TestPreHookFailsBeforeTheJob(t *testing.T) {
+	ro := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", Size: 16 * MiB})
+	dom.Write("vda", "write -P 0x41 0 4M")
+	scratch := filepath.Join(t.TempDir(), "scratch")
+	_, err := mover.Backup(t.Context(), domain.New(domain.Options{Name: dom.Name, ScratchDir: scratch}),
+		mover.Options{Repo: ro, Init: true, Hooks: mover.Hooks{Pre: "exit 3"}, Log: testLog(t)})
+	if err == nil || !strings.Contains(err.Error(), "pre-hook failed") {
+		t.Fatalf("a failing pre-hook: %v", err)
+	}
+	checkNoLeftovers(t, dom)
+	if cps := dom.Checkpoints(); len(cps) != 0 {
+		t.Fatalf("checkpoints after a failed pre-hook: %v", cps)
+	}
+	if left, _ := os.ReadDir(scratch); len(left) != 0 {
+		t.Fatalf("scratch files after a failed pre-hook: %v", left)
+	}
+	if full := domainBackup(t, ro, dom, "auto"); full.Mode != "full" {
+		t.Fatalf("the backup after: %+v", full)
+	}
+}
