@@ -17,6 +17,7 @@ type metrics struct {
 	reg      *prometheus.Registry
 	runner   *Runner
 	files    *fileSessions
+	limits   [2]*sink.Rate // upload, download (nil: none)
 	finished *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
@@ -83,6 +84,12 @@ func newMetrics() *metrics {
 		}
 	}
 	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_limit_upload_bytes_per_second",
+			Help: "The limit on what the daemon stores into the repository, all jobs together (0: none; --limit-upload)."},
+			func() float64 { return float64(m.limits[0].BytesPerSecond()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_limit_download_bytes_per_second",
+			Help: "The limit on what the daemon reads from the repository, all jobs together (0: none; --limit-download)."},
+			func() float64 { return float64(m.limits[1].BytesPerSecond()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_file_sessions_open",
 			Help: "File-level restore sessions (libguestfs appliances) open or opening."},
 			func() float64 {

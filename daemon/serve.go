@@ -15,6 +15,7 @@ import (
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
 )
 
 // DefaultListen is where the daemon listens unless told otherwise.
@@ -137,6 +138,7 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		return err
 	}
 	m := newMetrics()
+	m.limits = [2]*sink.Rate{o.Runner.Backup.Repo.Upload, o.Runner.Backup.Repo.Download}
 	if ms, _, err := r.Backups(ctx, ""); err == nil {
 		m.seedLastSuccess(ms)
 	} else {

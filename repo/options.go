@@ -15,6 +15,8 @@ type Options struct {
 	S3PathStyle bool
 	// Retry is the store's retry policy (zero: sink.DefaultRetry).
 	Retry sink.RetryPolicy
+	// Upload and Download pace what is stored and read (nil: no limit).
+	Upload, Download *sink.Rate
 	// Keys open an encrypted repository (nil: it must not be encrypted).
 	// One Keys derives once: every Open after the first reuses the key.
 	Keys *Keys
@@ -29,7 +31,7 @@ func (o Options) Store() (sink.Store, error) {
 		return o.Opened, nil
 	}
 	return sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region,
-		S3PathStyle: o.S3PathStyle, Retry: o.Retry})
+		S3PathStyle: o.S3PathStyle, Retry: o.Retry, Upload: o.Upload, Download: o.Download})
 }
 
 // Open opens the repository; ErrNoRepository when there is none.

@@ -17,6 +17,9 @@ type Options struct {
 	MaxConcurrent int
 	// Retry is the retry policy (default DefaultRetry).
 	Retry RetryPolicy
+	// Upload and Download, when set, pace what is stored and read
+	// (Throttle); one Rate may be shared by several stores.
+	Upload, Download *Rate
 }
 
 // Open returns the store at location, wrapped with Limit and Retry:
@@ -52,7 +55,9 @@ func Open(location string, o Options) (Store, error) {
 	if o.Retry.Attempts == 0 {
 		o.Retry = DefaultRetry
 	}
-	return Retry(Limit(base, o.MaxConcurrent), o.Retry), nil
+	// Paced outside the limit on operations in flight: a transfer waiting
+	// for its turn holds no slot that a listing or a stat could use.
+	return Retry(Throttle(Limit(base, o.MaxConcurrent), o.Upload, o.Download), o.Retry), nil
 }
 
 func openS3(location string, o Options) (*S3, error) {

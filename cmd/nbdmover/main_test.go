@@ -118,6 +118,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"backup", "--domain", "vm1", "--hook-timeout", "0"},
 		{"backup", "--domain", "vm1", "--pre-hook", " "},
 		{"serve", "--hook-timeout", "soon"},
+		{"backup", "--domain", "vm1", "--limit-upload", "fast"},
+		{"list", "--limit-download", "1KiB"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {

@@ -13,6 +13,7 @@ import (
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/restore"
+	"github.com/nbdmover/nbdmover/sink"
 	"github.com/urfave/cli/v2"
 )
 
@@ -26,6 +27,10 @@ func repoFlags() []cli.Flag {
 			Usage: "S3 endpoint URL for s3:// repositories (credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"},
 		&cli.StringFlag{Name: "s3-region", EnvVars: []string{"AWS_REGION"}, Usage: "S3 region"},
 		&cli.BoolFlag{Name: "s3-path-style", Usage: "force path-style S3 requests"},
+		&cli.StringFlag{Name: "limit-upload", EnvVars: []string{"NBDMOVER_LIMIT_UPLOAD"},
+			Usage: "store at most this much per second into the repository (e.g. 20MiB; the daemon's is shared by all its jobs)", DefaultText: "no limit"},
+		&cli.StringFlag{Name: "limit-download", EnvVars: []string{"NBDMOVER_LIMIT_DOWNLOAD"},
+			Usage: "read at most this much per second from the repository", DefaultText: "no limit"},
 	}, keyFlags()...)
 }
 
@@ -77,6 +82,20 @@ func checkOptions(c *cli.Context) error {
 			return usagef("--backup: %v", err)
 		}
 	}
+	rates := map[string]*sink.Rate{}
+	for _, f := range []string{"limit-upload", "limit-download"} {
+		if v := c.String(f); v != "" {
+			n, err := parseSize(v)
+			if err != nil || n < 64<<10 {
+				return usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", f, v)
+			}
+			rates[f] = sink.NewRate(n)
+		}
+	}
+	if c.App.Metadata == nil {
+		c.App.Metadata = map[string]any{}
+	}
+	c.App.Metadata["rates"] = rates
 	if _, err := repoOptions(c).Store(); err != nil {
 		return usagef("--repo: %v", err)
 	}
@@ -88,8 +107,10 @@ func checkOptions(c *cli.Context) error {
 // that open it.
 func repoOptions(c *cli.Context) repo.Options {
 	keys, _ := c.App.Metadata["keys"].(*repo.Keys)
+	rates, _ := c.App.Metadata["rates"].(map[string]*sink.Rate) // one of each for the process
 	return repo.Options{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
-		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style"), Keys: keys}
+		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style"), Keys: keys,
+		Upload: rates["limit-upload"], Download: rates["limit-download"]}
 }
 
 func initCommand() *cli.Command {
