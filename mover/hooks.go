@@ -30,6 +30,8 @@ import (
 //	NBDMOVER_RESULT_FILE  a file holding the result as backup --json prints it (on success)
 //	NBDMOVER_ERROR        why it failed, one line (on failure)
 //
+// A hook past its timeout is killed with its process group; one that
+// exits in time may leave processes running (they are its business).
 // The pre-hook runs once the backup's checks have passed and its name's
 // lock is held, before anything is made (no repository created, no
 // libvirt job): one that fails, or outlasts Timeout, fails the backup.
@@ -70,17 +72,23 @@ func runHook(ctx context.Context, o Options, which, command string, env map[stri
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Stdin = nil
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.WaitDelay = time.Second // output pipes a background child holds open do not hold the backup
+	// A background child that keeps the hook's output open does not hold
+	// the backup: a second after the hook exits, its output is cut.
+	cmd.WaitDelay = time.Second
 	start := time.Now()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("%s-hook: %w", which, err)
 	}
-	// The whole process group goes at the timeout or the backup's end:
-	// a hook's children must not outlive it.
+	// At the timeout or the backup's end the hook's whole process group is
+	// killed. A hook that exits in time may leave a process running on
+	// purpose (a database session its post-hook ends): it is left alone.
 	stop := context.AfterFunc(ctx, func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 	err := cmd.Wait()
 	stop()
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // what it left running in the background
+	if errors.Is(err, exec.ErrWaitDelay) && ctx.Err() == nil {
+		o.Log.Warn(which+"-hook exited, leaving a process that holds its output open (its output is cut)", "name", env["NBDMOVER_DOMAIN"])
+		err = nil
+	}
 	took := time.Since(start).Round(time.Millisecond)
 	printed := strings.TrimSpace(out.String())
 	switch {

@@ -104,6 +104,20 @@ func TestHooks(t *testing.T) {
 		t.Errorf("after a failing post-hook: %d backups", len(ms))
 	}
 
+	// A hook that exits in time may leave a process running, even one
+	// that holds its output: the backup goes on, the process is left be.
+	bg := filepath.Join(dir, "bg.pid")
+	if _, err := hookBackup(t, ro, img, mover.Hooks{Pre: "sleep 30 & echo $! > " + bg}); err != nil {
+		t.Fatalf("a pre-hook that leaves a process running: %v", err)
+	}
+	if b, _ := os.ReadFile(bg); len(b) > 0 {
+		pid := strings.TrimSpace(string(b))
+		if _, err := os.Stat("/proc/" + pid); err != nil {
+			t.Errorf("the process the hook left (%s) was killed", pid)
+		}
+		qemutest.Run(t, "kill", pid)
+	}
+
 	// A hook that outlasts its timeout is killed, and what it started.
 	pidFile := filepath.Join(dir, "child.pid")
 	start := time.Now()

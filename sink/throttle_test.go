@@ -1,6 +1,7 @@
 package sink_test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -185,5 +186,57 @@ func TestThrottleDownloadLocal(t *testing.T) {
 	// waits its turn.
 	if min := time.Duration(float64(objects*object-object) / rate * float64(time.Second)); took < min {
 		t.Errorf("%d bytes read at %d bytes/s in %v: faster than the limit allows (%v)", objects*object, rate, took, min)
+	}
+}
+
+// A local store's chunks are put deferred (sink.PutDeferred): paced as
+// any put. A lock's heartbeat is not: it never queues behind the chunks.
+// A cancelled wait gives its time back.
+func TestThrottleLocalUploads(t *testing.T) {
+	const rate, object, objects = 2 << 20, 256 << 10, 16
+	s, err := sink.Open(t.TempDir(), sink.Options{Upload: sink.NewRate(rate)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, object)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := w; i < objects; i += 4 {
+				if err := sink.PutDeferred(t.Context(), s, fmt.Sprintf("chunks/o%02d", i), data); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond) // the puts have queued up a second and more
+	hb := time.Now()
+	if err := s.Put(t.Context(), "locks/shared-test", []byte("heartbeat")); err != nil {
+		t.Fatal(err)
+	}
+	heartbeat := time.Since(hb)
+	wg.Wait()
+	took := time.Since(start)
+	if min := time.Duration(float64(objects*object-object) / rate * float64(time.Second)); took < min {
+		t.Errorf("%d bytes put deferred at %d bytes/s in %v: faster than the limit allows (%v)", objects*object, rate, took, min)
+	}
+	if heartbeat > time.Second {
+		t.Errorf("a lock's put waited %v behind the chunks", heartbeat)
+	}
+
+	// Cancelled waits give their time back: a put after them does not
+	// wait for bytes that never went.
+	r := sink.NewRate(64 << 10)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	for range 8 {
+		if err := r.Wait(ctx, 1<<20); err == nil {
+			t.Fatal("a wait on a cancelled context went")
+		}
+	}
+	w := time.Now()
+	if err := r.Wait(t.Context(), 1024); err != nil || time.Since(w) > 2*time.Second {
+		t.Errorf("a 1 KiB wait after cancelled ones took %v (%v)", time.Since(w), err)
 	}
 }

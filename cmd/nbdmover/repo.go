@@ -82,20 +82,22 @@ func checkOptions(c *cli.Context) error {
 			return usagef("--backup: %v", err)
 		}
 	}
-	rates := map[string]*sink.Rate{}
-	for _, f := range []string{"limit-upload", "limit-download"} {
-		if v := c.String(f); v != "" {
-			n, err := parseSize(v)
-			if err != nil || n < 64<<10 {
-				return usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", f, v)
+	if _, made := c.App.Metadata["rates"]; !made { // one of each per process (files diff checks twice)
+		rates := map[string]*sink.Rate{}
+		for _, f := range []string{"limit-upload", "limit-download"} {
+			if v := c.String(f); v != "" {
+				n, err := parseSize(v)
+				if err != nil || n < 64<<10 {
+					return usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", f, v)
+				}
+				rates[f] = sink.NewRate(n)
 			}
-			rates[f] = sink.NewRate(n)
 		}
+		if c.App.Metadata == nil {
+			c.App.Metadata = map[string]any{}
+		}
+		c.App.Metadata["rates"] = rates
 	}
-	if c.App.Metadata == nil {
-		c.App.Metadata = map[string]any{}
-	}
-	c.App.Metadata["rates"] = rates
 	if _, err := repoOptions(c).Store(); err != nil {
 		return usagef("--repo: %v", err)
 	}
