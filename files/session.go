@@ -89,6 +89,8 @@ type Filesystem struct {
 	Mountpoint string `json:"mountpoint,omitempty"` // where the guest mounts it (inspection), or "/" for --fs
 	Mounted    bool   `json:"mounted"`
 	Note       string `json:"note,omitempty"` // why it is not readable, when not
+
+	subvol string // a btrfs subvolume's path
 }
 
 // Session is an open backup: its export, its appliance, its mounts. Its
@@ -316,16 +318,9 @@ func printable(s string) string {
 
 var sdRe = regexp.MustCompile(`^/dev/sd([a-z]+)([0-9]*)$`)
 
-// name is how a filesystem is shown: vda1, vg0/root, vda2:/home.
+// name is how a device is shown: vda1, vg0/root (a btrfs subvolume's,
+// vda2:/home, is made in discover).
 func (s *Session) name(dev string) string {
-	if rest, ok := strings.CutPrefix(dev, "btrfsvol:"); ok {
-		i := strings.Index(rest[min(len(rest), 5):], "/") // after "/dev/"
-		if i < 0 {
-			return rest
-		}
-		i += 5
-		return s.name(rest[:i]) + ":" + rest[i:]
-	}
 	if m := sdRe.FindStringSubmatch(dev); m != nil {
 		if i, err := s.h.DeviceIndex("/dev/sd" + m[1]); err == nil && i >= 0 && i < len(s.e.Disks) {
 			return s.e.Disks[i].Name + m[2]
@@ -355,15 +350,35 @@ func (s *Session) discover() error {
 		return err
 	}
 	for _, f := range found {
-		x := Filesystem{Name: s.name(f[0]), Device: f[0], Type: f[1], Note: unreadable(f[1])}
-		if !strings.HasPrefix(f[0], "btrfsvol:") {
-			x.Size, _ = s.h.Size(f[0])
+		if strings.HasPrefix(f[0], "btrfsvol:") {
+			continue // listed below, from their filesystem
 		}
+		x := Filesystem{Name: s.name(f[0]), Device: f[0], Type: f[1], Note: unreadable(f[1])}
+		x.Size, _ = s.h.Size(f[0])
 		if x.Note == "" {
 			x.Label, _ = s.h.Label(f[0])
 			x.UUID, _ = s.h.UUID(f[0])
 		}
 		s.fss = append(s.fss, x)
+	}
+	// A btrfs filesystem's subvolumes are listed from it, named after it
+	// (vdd:/home). libguestfs's own list names a subvolume's device as the
+	// appliance's kernel enumerated the disks, which is not always the
+	// order they were given in (SCSI scanning), so "btrfsvol:/dev/sdc/home"
+	// can be a subvolume of sdd's filesystem.
+	for _, f := range slices.Clone(s.fss) {
+		if f.Type != "btrfs" {
+			continue
+		}
+		subs, err := s.h.BtrfsSubvolumes(f.Device)
+		if err != nil {
+			s.log.Warn("the btrfs filesystem's subvolumes are not listed", "fs", f.Name, "error", err)
+			continue
+		}
+		for _, p := range subs {
+			s.fss = append(s.fss, Filesystem{Name: f.Name + ":/" + p, Device: "btrfsvol:" + f.Device + "/" + p, Type: "btrfs",
+				Label: f.Label, UUID: f.UUID, subvol: p})
+		}
 	}
 	// Encrypted volumes, which list_filesystems leaves out: listed, with
 	// why they are not read.
@@ -378,22 +393,6 @@ func (s *Session) discover() error {
 		if typ, err := s.h.VfsType(d); err == nil && (typ == "crypto_LUKS" || typ == "BitLocker") {
 			size, _ := s.h.Size(d)
 			s.fss = append(s.fss, Filesystem{Name: s.name(d), Device: d, Type: typ, Size: size, Note: unreadable(typ)})
-		}
-	}
-	// A btrfs subvolume is named after its filesystem's disk, found by
-	// the filesystem's UUID: libguestfs names the device in a subvolume's
-	// mountable as the appliance's kernel does, which is not always the
-	// order the disks were given in (SCSI scanning).
-	for i, f := range s.fss {
-		_, sub, ok := strings.Cut(f.Name, ":") // a disk's name has no ":"
-		if !strings.HasPrefix(f.Device, "btrfsvol:") || !ok || f.UUID == "" {
-			continue
-		}
-		for _, g := range s.fss {
-			if g.Type == "btrfs" && g.UUID == f.UUID && !strings.HasPrefix(g.Device, "btrfsvol:") {
-				s.fss[i].Name = g.Name + ":" + sub
-				break
-			}
 		}
 	}
 	if s.roots, err = s.h.InspectOS(); err != nil {
@@ -519,7 +518,7 @@ func (s *Session) mountOS(root string) error {
 			s.log.Warn("guest mount point skipped: not a clean absolute path", "at", printable(at))
 			continue
 		}
-		i := slices.IndexFunc(s.fss, func(f Filesystem) bool { return f.Device == mp[1] })
+		i := s.mountable(mp[1])
 		if i < 0 {
 			s.missing[at] = "its filesystem " + printable(mp[1]) + " is not on the disks read (see --disk)"
 			continue
@@ -551,6 +550,26 @@ func (s *Session) unreadableBeneath(p string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// mountable is the index of the filesystem inspection names dev (-1 if
+// none). A btrfs subvolume's name from libguestfs may carry another
+// disk's device (see discover): it is matched by its subvolume path when
+// one subvolume has it.
+func (s *Session) mountable(dev string) int {
+	if i := slices.IndexFunc(s.fss, func(f Filesystem) bool { return f.Device == dev }); i >= 0 || !strings.HasPrefix(dev, "btrfsvol:") {
+		return i
+	}
+	found := -1
+	for i, f := range s.fss {
+		if f.subvol != "" && strings.HasSuffix(dev, "/"+f.subvol) {
+			if found >= 0 {
+				return -1 // two candidates: no guess
+			}
+			found = i
+		}
+	}
+	return found
 }
 
 // mounted says why p cannot be read when it is at or beneath a mount

@@ -115,6 +115,12 @@ static int gfs_device_index(guestfs_h *g, const char *d, char **err) { return gf
 static char *gfs_pread(guestfs_h *g, const char *path, int count, int64_t off, size_t *n, char **err) {
 	return gfs_str(g, guestfs_pread(g, path, count, off, n), err);
 }
+static struct guestfs_btrfssubvolume_list *gfs_btrfs_subvols(guestfs_h *g, const char *fs, char **err) {
+	struct guestfs_btrfssubvolume_list *r = guestfs_btrfs_subvolume_list(g, fs);
+	if (!r) *err = gfs_err(g);
+	return r;
+}
+static char *subvol_path(struct guestfs_btrfssubvolume_list *l, int i) { return l->val[i].btrfssubvolume_path; }
 static int gfs_ls0(guestfs_h *g, const char *dir, const char *local, char **err) {
 	return gfs_int(g, guestfs_ls0(g, dir, local), err);
 }
@@ -658,4 +664,25 @@ func (h *Handle) Pread(path string, buf []byte, off int64) (int, error) {
 		return nil
 	})
 	return n, err
+}
+
+// BtrfsSubvolumes lists the subvolumes of the btrfs filesystem on dev
+// (their paths, relative to its top).
+func (h *Handle) BtrfsSubvolumes(dev string) ([]string, error) {
+	d := C.CString(dev)
+	defer C.free(unsafe.Pointer(d))
+	var out []string
+	err := h.with(func(g *C.guestfs_h) error {
+		var e *C.char
+		l := C.gfs_btrfs_subvols(g, d, &e)
+		if l == nil {
+			return takeErr("btrfs_subvolume_list "+strconv.Quote(dev), e)
+		}
+		defer C.guestfs_free_btrfssubvolume_list(l)
+		for i := 0; i < int(l.len); i++ {
+			out = append(out, C.GoString(C.subvol_path(l, C.int(i))))
+		}
+		return nil
+	})
+	return out, err
 }
