@@ -12,7 +12,9 @@ import (
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/nbd"
+	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
 )
 
 // hookBackup backs up img (served by qemu-nbd) as "hooked" with hooks.
@@ -132,5 +134,28 @@ func TestHooks(t *testing.T) {
 		if st, _ := os.ReadFile("/proc/" + pid + "/stat"); !strings.Contains(string(st), ") Z ") {
 			t.Errorf("the hook's child %s outlived it", pid)
 		}
+	}
+}
+
+// --limit-read paces the reads from the NBD server: a backup that reads
+// 6 MiB at 2 MiB/s takes at least what the limit allows (a lower bound:
+// a slow machine cannot fail this).
+func TestLimitRead(t *testing.T) {
+	dir := t.TempDir()
+	img := qemutest.NewImage(t, dir, 16*MiB)
+	qemutest.IO(t, img, "write -P 0x42 0 6M")
+	srv := qemutest.Serve(t, img, "-r")
+	defer srv.Kill()
+	const rate = 2 << 20
+	start := time.Now()
+	res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "paced", Disk: "vda"}),
+		mover.Options{Repo: repo.Options{Location: filepath.Join(dir, "repo")}, Init: true, RunDir: t.TempDir(),
+			Tuning: pipeline.Tuning{ReadRate: sink.NewRate(rate)}, Log: backuptest.Log(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	if min := time.Duration(float64(res.BytesRead-MiB) / rate * float64(time.Second)); res.BytesRead < 6*MiB || took < min {
+		t.Errorf("read %d bytes at %d bytes/s in %v: faster than the limit allows (%v)", res.BytesRead, rate, took, min)
 	}
 }

@@ -73,6 +73,14 @@ type Tuning struct {
 	Readers int // NBD connections and reader goroutines per disk
 	Workers int // digest/compress goroutines per disk (default: the CPUs)
 	Uploads int // put goroutines per disk; default: 32 MiB of chunks, at least 8
+	// ReadRate, when set, paces the reads from the NBD server (bytes
+	// requested): --limit-read, shared by every disk and job that has it.
+	ReadRate Pacer `json:"-"`
+}
+
+// Pacer waits until n more bytes may go (sink.Rate is one).
+type Pacer interface {
+	Wait(ctx context.Context, n int) error
 }
 
 // uploadBytes is what the default number of uploads keeps in flight: with
@@ -409,6 +417,11 @@ func (r *run) read(ctx context.Context, p chunkPlan, buf []byte) error {
 		pos = s.off + s.n
 	}
 	clear(buf[pos:])
+	if r.Tuning.ReadRate != nil {
+		if err := r.Tuning.ReadRate.Wait(ctx, int(p.readBytes())); err != nil {
+			return err
+		}
+	}
 	if err := r.Disk.ReadSegments(ctx, buf, segs); err != nil {
 		return fmt.Errorf("disk %s: %w", r.Name, err)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/pipeline"
+	"github.com/nbdmover/nbdmover/sink"
 	"github.com/urfave/cli/v2"
 )
 
@@ -125,6 +126,9 @@ func backupOptions(c *cli.Context) (mover.Options, error) {
 	if o.Hooks, err = hookOptions(c); err != nil {
 		return mover.Options{}, err
 	}
+	if o.Tuning.ReadRate, err = readRate(c); err != nil {
+		return mover.Options{}, err
+	}
 	return o, nil
 }
 
@@ -136,7 +140,23 @@ func hookFlags() []cli.Flag {
 		&cli.StringFlag{Name: "post-hook", Usage: "shell command run after the backup, whatever became of it (NBDMOVER_RESULT success or failure, " +
 			"NBDMOVER_BACKUP_ID, NBDMOVER_RESULT_FILE, NBDMOVER_ERROR); its failure is reported, the backup stands"},
 		&cli.StringFlag{Name: "hook-timeout", Value: "10m", Usage: "kill a hook (and what it started) after this long"},
+		&cli.StringFlag{Name: "limit-read", EnvVars: []string{"NBDMOVER_LIMIT_READ"},
+			Usage:       "read at most this much per second from the VMs' disks (e.g. 50MiB: the guest keeps its own I/O; serve's holds for all its jobs together)",
+			DefaultText: "no limit"},
 	}
+}
+
+// readRate is --limit-read's pacer (nil: none).
+func readRate(c *cli.Context) (pipeline.Pacer, error) {
+	v := c.String("limit-read")
+	if v == "" {
+		return nil, nil
+	}
+	n, err := parseSize(v)
+	if err != nil || n < 64<<10 {
+		return nil, usagef("--limit-read %q: a size per second of at least 64KiB, like 50MiB", v)
+	}
+	return sink.NewRate(n), nil
 }
 
 // hookOptions are the hooks the flags give.

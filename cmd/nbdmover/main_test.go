@@ -120,6 +120,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"serve", "--hook-timeout", "soon"},
 		{"backup", "--domain", "vm1", "--limit-upload", "fast"},
 		{"list", "--limit-download", "1KiB"},
+		{"backup", "--domain", "vm1", "--limit-read", "1"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {

@@ -125,6 +125,10 @@ func serveCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			limitRead, err := readRate(c)
+			if err != nil {
+				return err
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -144,7 +148,7 @@ func serveCommand() *cli.Command {
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
 					MaxRestores: c.Int("max-restores"), RestoreImageDirs: c.StringSlice("restore-image-dir"),
-					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers")},
+					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers"), ReadRate: limitRead},
 						Hooks: hooks},
 					Domain: domain.Options{Connect: c.String("connect"), ScratchDir: c.String("scratch-dir")},
 				},
