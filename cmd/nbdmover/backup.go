@@ -38,7 +38,7 @@ func backupCommand() *cli.Command {
 				DefaultText: "16 + 0.1% of the chunks holding data, at most 256"},
 			&cli.BoolFlag{Name: "init", Usage: "create the repository if there is none (without it, one is created on first use only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			jsonFlag(),
-		), hookFlags()...),
+		), jobFlags()...),
 		Action: runBackup,
 	}
 }
@@ -132,8 +132,9 @@ func backupOptions(c *cli.Context) (mover.Options, error) {
 	return o, nil
 }
 
-// hookFlags are the hooks of backup, and of serve for all its backups.
-func hookFlags() []cli.Flag {
+// jobFlags are what backup and serve (for all its backups) share: the
+// hooks and the limit on reads from the disks.
+func jobFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "pre-hook", Usage: "shell command run before the backup, once its checks pass (its failure fails the backup before anything starts; " +
 			"environment: NBDMOVER_DOMAIN, NBDMOVER_MODE, NBDMOVER_REPOSITORY; README, \"Hooks\")"},

@@ -49,7 +49,7 @@ func serveCommand() *cli.Command {
 			durationFlag("verify-every", 0, "run a verify job of the whole repository this often (e.g. 1d)", "never"),
 			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, one is created only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
-		), append(retentionFlags(), hookFlags()...)...),
+		), append(retentionFlags(), jobFlags()...)...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
