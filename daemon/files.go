@@ -75,26 +75,35 @@ func (f *fileSessions) get(ctx context.Context, domain, backup string, disks []s
 		}
 	}
 	disks = slices.Compact(slices.Sorted(slices.Values(disks)))
-	// "latest" is resolved first: a newer backup gets its own session.
-	m, err := f.o.repo.Backup(ctx, domain, backup)
-	if err != nil {
-		if errors.Is(err, repo.ErrNoBackup) {
-			return nil, time.Time{}, nil, refuse(ErrNotFound, "%v", err)
-		}
-		return nil, time.Time{}, nil, err
-	}
-	key := domain + "/" + m.ID + "/" + strings.Join(disks, ",")
+	key := func(id string) string { return domain + "/" + id + "/" + strings.Join(disks, ",") }
+	id := backup
 	f.mu.Lock()
-	e, ok := f.live[key]
+	e, ok := f.live[key(id)]
+	f.mu.Unlock()
+	if !ok || backup == "latest" {
+		// Looked up in the repository when no session has it (a bad id is
+		// a 404 before it takes a place in the budget), and "latest"
+		// always: a newer backup gets its own session.
+		m, err := f.o.repo.Backup(ctx, domain, backup)
+		if err != nil {
+			if errors.Is(err, repo.ErrNoBackup) {
+				return nil, time.Time{}, nil, refuse(ErrNotFound, "%v", err)
+			}
+			return nil, time.Time{}, nil, err
+		}
+		id = m.ID
+	}
+	f.mu.Lock()
+	e, ok = f.live[key(id)]
 	if !ok {
 		if err := f.makeRoom(); err != nil {
 			f.mu.Unlock()
 			return nil, time.Time{}, nil, err
 		}
-		e = &fileSession{key: key, ready: make(chan struct{})}
-		f.live[key] = e
+		e = &fileSession{key: key(id), ready: make(chan struct{})}
+		f.live[e.key] = e
 		f.wg.Add(1)
-		go f.open(e, domain, m.ID, disks)
+		go f.open(e, domain, id, disks)
 	}
 	e.users++
 	f.mu.Unlock()

@@ -416,7 +416,7 @@ func (s *Session) Use(fs string) (release func(), err error) {
 			return s.mu.RUnlock, nil
 		}
 		s.mu.RUnlock()
-		if fs != "" && !slices.ContainsFunc(s.fss, func(f Filesystem) bool { return f.Name == fs || f.Device == fs }) {
+		if fs != "" && s.fsIndex(fs) < 0 {
 			return nil, invalidf("filesystem %s: not among those of %s/%s (%s)", printable(fs), s.Domain, s.Backup, s.fsNames())
 		}
 		s.mu.Lock()
@@ -436,6 +436,12 @@ func (s *Session) Use(fs string) (release func(), err error) {
 	}
 }
 
+// fsIndex is the index of the filesystem named (or with the device) fs,
+// -1 if none.
+func (s *Session) fsIndex(fs string) int {
+	return slices.IndexFunc(s.fss, func(f Filesystem) bool { return f.Name == fs || f.Device == fs })
+}
+
 // Filesystems lists the filesystems found, and what is mounted now.
 func (s *Session) Filesystems() []Filesystem {
 	s.mu.RLock()
@@ -449,15 +455,12 @@ func (s *Session) mount(fs string) error {
 	s.missing = nil
 	for i := range s.fss {
 		s.fss[i].Mounted = false
-		if s.fss[i].Note != "" && strings.HasPrefix(s.fss[i].Note, "not mounted") {
+		if strings.HasPrefix(s.fss[i].Note, "not mounted") {
 			s.fss[i].Note = ""
 		}
 	}
 	if fs != "" {
-		i := slices.IndexFunc(s.fss, func(f Filesystem) bool { return f.Name == fs || f.Device == fs })
-		if i < 0 {
-			return invalidf("filesystem %s: not among those of %s/%s (%s)", fs, s.Domain, s.Backup, s.fsNames())
-		}
+		i := s.fsIndex(fs) // one of them: Use checked
 		if n := s.fss[i].Note; n != "" {
 			return fmt.Errorf("%w: filesystem %s: %s", ErrNoFilesystem, fs, n)
 		}

@@ -69,8 +69,7 @@ func runHook(ctx context.Context, o Options, which, command string, env map[stri
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
 	out := &tail{max: hookOutput}
-	cmd.Stdout, cmd.Stderr = out, out
-	cmd.Stdin = nil
+	cmd.Stdout, cmd.Stderr = out, out // stdin: /dev/null
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	// A background child that keeps the hook's output open does not hold
 	// the backup: a second after the hook exits, its output is cut.
