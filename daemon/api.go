@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/files"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -45,6 +46,7 @@ func newAPI(r *Runner, x *exports, fs *fileSessions, ro repo.Options, opened *re
 	mux.HandleFunc("POST /v1/jobs", a.submit)
 	mux.HandleFunc("GET /v1/jobs", a.list)
 	mux.HandleFunc("GET /v1/jobs/{id}", a.get)
+	mux.HandleFunc("GET /v1/jobs/{id}/events", a.events)
 	mux.HandleFunc("DELETE /v1/jobs/{id}", a.cancel)
 	mux.HandleFunc("GET /v1/backups", a.backups)
 	mux.HandleFunc("POST /v1/restores", a.submitRestore)
@@ -242,6 +244,48 @@ func (a *api) get(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, v)
+}
+
+// events streams a job's progress events as JSON lines, every interval
+// (?interval=, 100ms to 30s, default 1s) until the job ends, then its
+// summary; a job that ended answers with its last events and summary.
+func (a *api) events(w http.ResponseWriter, r *http.Request) {
+	every := time.Second
+	if q := r.URL.Query().Get("interval"); q != "" {
+		d, err := time.ParseDuration(q)
+		if err != nil || d < 100*time.Millisecond || d > 30*time.Second {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("interval %q: want a duration from 100ms to 30s, like 2s", q))
+			return
+		}
+		every = d
+	}
+	id := r.PathValue("id")
+	if _, _, ok := a.runner.Events(id); !ok {
+		writeError(w, http.StatusNotFound, fmt.Errorf("no job %s", id))
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	out, rc := streamed(w), http.NewResponseController(w)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		events, summary, ok := a.runner.Events(id)
+		if !ok { // pruned meanwhile
+			return
+		}
+		if summary != nil {
+			events = append(events, *summary)
+		}
+		if progress.WriteJSON(out, events...) != nil || rc.Flush() != nil || summary != nil {
+			return
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 func (a *api) cancel(w http.ResponseWriter, r *http.Request) {

@@ -207,7 +207,8 @@ func daemonBackupAndRestore(t *testing.T, ro repo.Options) {
 		t.Fatalf("submit: %d %s", code, msg)
 	}
 	v := d.wait(id, daemon.JobSucceeded, daemon.JobFailed)
-	if v.State != daemon.JobSucceeded || v.BackupID == "" || v.BytesDone != v.BytesTotal || v.BytesTotal != 64*backuptest.MiB {
+	if v.State != daemon.JobSucceeded || v.BackupID == "" || v.BytesDone != v.BytesTotal || v.BytesTotal != 20*backuptest.MiB ||
+		v.Progress == nil || v.Progress.Phase != "commit" || len(v.Disks) != 1 || v.Disks[0].Phase != "done" {
 		t.Fatalf("job: %+v", v)
 	}
 	refs := dom.Snapshot()

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo"
 )
 
@@ -112,7 +113,12 @@ func (r *Runner) runMaintenance(ctx context.Context, j *job) {
 	defer r.wg.Done()
 	log := r.o.Log.With("job", j.id, "kind", j.req.Kind)
 	log.Info("job started")
-	report, err := r.maintain(ctx, j.req, log)
+	var c *progress.Counter
+	if j.req.Kind == KindVerify {
+		c = progress.NewCounter("", "check", -1)
+		j.counters.Add(c)
+	}
+	report, err := r.maintain(ctx, j.req, log, c)
 	j.mu.Lock()
 	j.report = report
 	j.mu.Unlock()
@@ -126,7 +132,8 @@ func (r *Runner) runMaintenance(ctx context.Context, j *job) {
 	}
 }
 
-func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger) (any, error) {
+// maintain runs a maintenance job; c, for verify, counts its progress.
+func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger, c *progress.Counter) (any, error) {
 	rp, err := r.repository(ctx)
 	if err != nil {
 		return nil, err
@@ -144,7 +151,7 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger)
 	}
 	rep := &VerifyReport{Problems: []repo.Problem{}}
 	rep.VerifyStats, err = rp.Verify(ctx, repo.VerifyOptions{Domain: req.Domain, ReadData: req.ReadData,
-		ReadPercent: req.ReadDataPercent, Log: log},
+		ReadPercent: req.ReadDataPercent, Log: log, Progress: c},
 		func(p repo.Problem) { rep.Problems = append(rep.Problems, p) })
 	rep.ReadData, rep.Complete = rep.ReadPercent > 0, err == nil
 	if err == nil && len(rep.Problems) > 0 {

@@ -17,7 +17,7 @@ type metrics struct {
 	reg      *prometheus.Registry
 	runner   *Runner
 	files    *fileSessions
-	limits   [2]*sink.Rate // upload, download (nil: none)
+	limits   [3]*sink.Rate // upload, download, read (nil: none)
 	finished *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
@@ -74,6 +74,12 @@ func newMetrics() *metrics {
 		func() float64 { _, r := m.runner.Counts(); return float64(r) })
 	queued := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_queued", Help: "Backup jobs waiting for a slot."},
 		func() float64 { q, _ := m.runner.Counts(); return float64(q) })
+	inDone := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_bytes_done",
+		Help: "Bytes the running jobs have done (a backup: read from the disks) of nbdmover_jobs_bytes_total."},
+		func() float64 { d, _ := m.runner.InFlight(); return float64(d) })
+	inTotal := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_jobs_bytes_total",
+		Help: "Bytes the running jobs will do (a backup: planned to read from the disks' block status and dirty bitmaps)."},
+		func() float64 { _, t := m.runner.InFlight(); return float64(t) })
 	exportStat := func(f func(s export.Stats) float64) func() float64 {
 		return func() float64 {
 			if m.exports == nil {
@@ -85,11 +91,14 @@ func newMetrics() *metrics {
 	}
 	m.reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_limit_upload_bytes_per_second",
-			Help: "The limit on what the daemon stores into the repository, all jobs together (0: none; --limit-upload)."},
+			Help: "The limit on what the daemon stores into the repository, all jobs together (0: none; --limit-upload and --limit-schedule, as of now)."},
 			func() float64 { return float64(m.limits[0].BytesPerSecond()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_limit_download_bytes_per_second",
-			Help: "The limit on what the daemon reads from the repository, all jobs together (0: none; --limit-download)."},
+			Help: "The limit on what the daemon reads from the repository, all jobs together (0: none; --limit-download and --limit-schedule, as of now)."},
 			func() float64 { return float64(m.limits[1].BytesPerSecond()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_limit_read_bytes_per_second",
+			Help: "The limit on what the daemon's backups read from the VMs' disks, all jobs together (0: none; --limit-read and --limit-schedule, as of now)."},
+			func() float64 { return float64(m.limits[2].BytesPerSecond()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "nbdmover_file_sessions_open",
 			Help: "File-level restore sessions (libguestfs appliances) open or opening."},
 			func() float64 {
@@ -124,7 +133,7 @@ func newMetrics() *metrics {
 			exportStat(func(s export.Stats) float64 { return s.FetchSeconds })),
 	)
 	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot,
-		m.verified, m.damaged, m.verifyLast, m.healed, m.lastSuccess, m.lastResult, jobs, queued,
+		m.verified, m.damaged, m.verifyLast, m.healed, m.lastSuccess, m.lastResult, jobs, queued, inDone, inTotal,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	for _, s := range []string{JobSucceeded, JobFailed, JobCancelled} {
 		m.finished.WithLabelValues(s)

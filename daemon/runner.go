@@ -15,9 +15,9 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/instant"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
-	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
 	"golang.org/x/sync/semaphore"
 )
@@ -98,23 +98,26 @@ func refuse(kind error, format string, args ...any) error {
 
 // JobView is a job as the API shows it.
 type JobView struct {
-	ID         string              `json:"id"`
-	Kind       string              `json:"kind"`
-	Domain     string              `json:"domain,omitempty"`
-	State      string              `json:"state"`
-	Request    JobRequest          `json:"request"`
-	Created    time.Time           `json:"created"`
-	Started    *time.Time          `json:"started,omitempty"`
-	Finished   *time.Time          `json:"finished,omitempty"`
-	Seconds    float64             `json:"seconds"`
-	BytesDone  int64               `json:"bytes_done"`
-	BytesTotal int64               `json:"bytes_total"`
-	RateMBps   float64             `json:"rate_mb_per_s"`
-	Memory     int64               `json:"memory_bytes"` // what the job takes of the memory budget
-	Disks      []JobDisk           `json:"disks"`
-	BackupID   string              `json:"backup_id,omitempty"`
-	Error      string              `json:"error,omitempty"`
-	Result     *mover.BackupResult `json:"result,omitempty"`
+	ID         string     `json:"id"`
+	Kind       string     `json:"kind"`
+	Domain     string     `json:"domain,omitempty"`
+	State      string     `json:"state"`
+	Request    JobRequest `json:"request"`
+	Created    time.Time  `json:"created"`
+	Started    *time.Time `json:"started,omitempty"`
+	Finished   *time.Time `json:"finished,omitempty"`
+	Seconds    float64    `json:"seconds"`
+	BytesDone  int64      `json:"bytes_done"`
+	BytesTotal int64      `json:"bytes_total"`
+	RateMBps   float64    `json:"rate_mb_per_s"`
+	// Progress is the job's latest progress event (docs/api.md,
+	// "Progress events"); Disks its disks'.
+	Progress *progress.Event     `json:"progress,omitempty"`
+	Memory   int64               `json:"memory_bytes"` // what the job takes of the memory budget
+	Disks    []JobDisk           `json:"disks"`
+	BackupID string              `json:"backup_id,omitempty"`
+	Error    string              `json:"error,omitempty"`
+	Result   *mover.BackupResult `json:"result,omitempty"`
 	// Report is a maintenance job's result (repo.ForgetResult list,
 	// repo.GCResult, VerifyReport); Retention is what the daemon's
 	// retention policy forgot after a backup.
@@ -122,13 +125,16 @@ type JobView struct {
 	Retention *repo.ForgetResult `json:"retention,omitempty"`
 }
 
-// JobDisk is one disk's progress.
+// JobDisk is one disk's progress: for a backup, bytes read of the bytes
+// it planned to read (bytes_total -1 while planning).
 type JobDisk struct {
-	Name         string `json:"name"`
-	BytesDone    int64  `json:"bytes_done"`
-	BytesTotal   int64  `json:"bytes_total"`
-	BytesRead    int64  `json:"bytes_read"`
-	BytesWritten int64  `json:"bytes_written"`
+	Name         string   `json:"name"`
+	Phase        string   `json:"phase,omitempty"`
+	BytesDone    int64    `json:"bytes_done"`
+	BytesTotal   int64    `json:"bytes_total"`
+	BytesRead    int64    `json:"bytes_read"`
+	BytesWritten int64    `json:"bytes_written"`
+	ETA          *float64 `json:"eta_seconds,omitempty"`
 }
 
 type job struct {
@@ -138,18 +144,54 @@ type job struct {
 	cancel  context.CancelCauseFunc
 	memory  int64 // of the budget
 
+	tracker  mover.Tracker     // a backup's disks
+	counters progress.Counters // a verify's
+
 	mu         sync.Mutex
 	state      string
 	cancelling bool // DELETE asked it to stop
 	started    time.Time
 	finished   time.Time
-	disks      []string
-	stats      []*pipeline.Stats
 	result     *mover.BackupResult
 	report     any
 	restore    *instant.Progress // an instant restore's copy, last seen
 	retained   *repo.ForgetResult
 	err        error
+}
+
+// events are the job's progress events now (one per disk, then the
+// job's), and its summary once it ended. Under j.mu.
+func (j *job) events() ([]progress.Event, *progress.Event) {
+	op := progress.Operation{Name: j.req.Kind, Domain: j.req.Domain, Start: j.started}
+	if j.started.IsZero() {
+		op.Start = j.created
+	}
+	now := time.Now()
+	if !j.finished.IsZero() {
+		now = j.finished
+	}
+	phase, tasks := j.tracker.Sample()
+	if j.req.Kind == KindVerify {
+		phase, tasks = j.counters.Sample()
+	}
+	if p := j.restore; p != nil {
+		phase, tasks = "copy", nil
+		for _, d := range p.Disks {
+			tasks = append(tasks, progress.Task{Disk: d.Name, Phase: d.Phase, Done: d.Done, Total: d.Total, Written: d.Done})
+		}
+	}
+	if len(tasks) == 0 && j.req.Kind != KindBackup || j.state == JobQueued {
+		phase = j.state
+	}
+	events := op.Events(now, phase, tasks)
+	if j.finished.IsZero() {
+		return events, nil
+	}
+	s := op.Summary(now, tasks, j.err)
+	if j.state == JobCancelled {
+		s.Result = "cancelled"
+	}
+	return events, &s
 }
 
 func (j *job) view() JobView {
@@ -169,24 +211,14 @@ func (j *job) view() JobView {
 		v.Started = &j.started
 		v.Seconds = end.Sub(j.started).Seconds()
 	}
-	var read int64
-	for i, st := range j.stats {
-		d := JobDisk{Name: j.disks[i], BytesDone: st.Done.Load(), BytesTotal: st.Total.Load(),
-			BytesRead: st.BytesRead.Load(), BytesWritten: st.BytesWritten.Load()}
-		v.Disks = append(v.Disks, d)
-		v.BytesDone += d.BytesDone
-		v.BytesTotal += d.BytesTotal
-		read += d.BytesRead
+	events, _ := j.events()
+	for _, e := range events[:len(events)-1] {
+		v.Disks = append(v.Disks, JobDisk{Name: e.Disk, Phase: e.Phase, BytesDone: e.BytesDone, BytesTotal: e.BytesTotal,
+			BytesRead: e.BytesRead, BytesWritten: e.BytesWritten, ETA: e.ETA})
 	}
-	if v.Seconds > 0 {
-		v.RateMBps = float64(read) / v.Seconds / 1e6
-	}
-	if p := j.restore; p != nil {
-		for _, d := range p.Disks {
-			v.Disks = append(v.Disks, JobDisk{Name: d.Name, BytesDone: d.Done, BytesTotal: d.Total})
-		}
-		v.BytesDone, v.BytesTotal, v.RateMBps = p.Done, p.Total, p.Rate/1e6
-	}
+	all := events[len(events)-1]
+	v.Progress = &all
+	v.BytesDone, v.BytesTotal, v.RateMBps = all.BytesDone, all.BytesTotal, all.Rate/1e6
 	if j.result != nil {
 		v.BackupID = j.result.ID
 	}
@@ -417,12 +449,7 @@ func (r *Runner) run(ctx context.Context, j *job) {
 
 	src, o := r.backup(j.req)
 	o.Log = log
-	o.Progress = func(disk string, st *pipeline.Stats) {
-		j.mu.Lock()
-		j.disks = append(j.disks, disk)
-		j.stats = append(j.stats, st)
-		j.mu.Unlock()
-	}
+	o.Progress = j.tracker.Add
 	res, err := mover.Backup(ctx, src, o)
 	switch {
 	case err == nil:
@@ -585,6 +612,21 @@ func (r *Runner) Job(id string) (JobView, bool) {
 	return j.view(), true
 }
 
+// Events returns a job's progress events now and, once it ended, its
+// summary (docs/api.md, "Progress events").
+func (r *Runner) Events(id string) ([]progress.Event, *progress.Event, bool) {
+	r.mu.Lock()
+	j, ok := r.jobs[id]
+	r.mu.Unlock()
+	if !ok {
+		return nil, nil, false
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	events, summary := j.events()
+	return events, summary, true
+}
+
 // Cancel asks a queued or running job to stop: its libvirt job is ended
 // and nothing is committed.
 func (r *Runner) Cancel(id string) (JobView, error) {
@@ -609,6 +651,29 @@ func (r *Runner) Cancel(id string) (JobView, error) {
 
 // Counts returns how many jobs are queued and running (for the metrics
 // and the health check: no views built, none sorted).
+// InFlight is the running jobs' progress: bytes done of their totals
+// (a total not known yet counts as what is done of it).
+func (r *Runner) InFlight() (done, total int64) {
+	r.mu.Lock()
+	jobs := make([]*job, 0, len(r.jobs))
+	for _, j := range r.jobs {
+		jobs = append(jobs, j)
+	}
+	r.mu.Unlock()
+	for _, j := range jobs {
+		j.mu.Lock()
+		if j.state == JobRunning {
+			events, _ := j.events()
+			for _, e := range events[:len(events)-1] {
+				done += e.BytesDone
+				total += max(e.BytesTotal, e.BytesDone)
+			}
+		}
+		j.mu.Unlock()
+	}
+	return done, total
+}
+
 func (r *Runner) Counts() (queued, running int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -53,6 +53,12 @@ type ServeOptions struct {
 	FilesMemoryMiB, FilesMemoryBudgetMiB int
 	FilesIdleTimeout                     time.Duration
 	FilesAccel                           string
+	// LimitSchedule changes the limits all jobs share (the repository's
+	// Upload and Download rates, the backups' ReadRate) by the time of
+	// day and week, over the limits given; LimitScheduleFile holds more
+	// rules, read again whenever it changes (docs/api.md, "Limits").
+	LimitSchedule     sink.Schedule
+	LimitScheduleFile string
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
 	Init bool
@@ -125,6 +131,10 @@ func Serve(ctx context.Context, o ServeOptions) error {
 			return refuse(ErrInvalid, "%s: %v", d.what, err)
 		}
 	}
+	lim, err := newLimiter(&o)
+	if err != nil {
+		return err
+	}
 	l, err := listenAPI(o.Listen, o.Token, o.TLS, o.MaxConnections)
 	if err != nil {
 		return err
@@ -138,7 +148,8 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		return err
 	}
 	m := newMetrics()
-	m.limits = [2]*sink.Rate{o.Runner.Backup.Repo.Upload, o.Runner.Backup.Repo.Download}
+	read, _ := o.Runner.Backup.Tuning.ReadRate.(*sink.Rate)
+	m.limits = [3]*sink.Rate{o.Runner.Backup.Repo.Upload, o.Runner.Backup.Repo.Download, read}
 	if ms, _, err := r.Backups(ctx, ""); err == nil {
 		m.seedLastSuccess(ms)
 	} else {
@@ -168,6 +179,12 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	go func() { removeStoreTemp(runner.ctx, r, o.Log); close(cleaned) }()
 	defer func() { <-cleaned }()
 	m.runner = runner
+	if lim != nil {
+		lctx, stopLimits := context.WithCancel(ctx)
+		limited := make(chan struct{})
+		go func() { lim.run(lctx); close(limited) }()
+		defer func() { stopLimits(); <-limited }()
+	}
 	runDir := ro.Backup.RunDir
 	if runDir == "" {
 		runDir = mover.DefaultRunDir

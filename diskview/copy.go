@@ -25,8 +25,9 @@ const sparseBlock = 64 << 10
 // writers as CPUs, each asking for the chunk ReadAhead places ahead of
 // the one it takes, so fetches stay in flight while chunks are decoded
 // and written. A missing or damaged chunk stops it with an error naming
-// the chunk.
-func (v *View) Copy(ctx context.Context, t Target) error {
+// the chunk. count, if not nil, is told the length of each data chunk
+// written (from any goroutine).
+func (v *View) Copy(ctx context.Context, t Target, count func(n int64)) error {
 	var next atomic.Int64
 	for k := range min(v.o.ReadAhead, v.ix.Len()) {
 		v.Prefetch(v.DataChunk(k))
@@ -50,6 +51,9 @@ func (v *View) Copy(ctx context.Context, t Target) error {
 				off, _ := v.grid.Chunk(i)
 				if err := writeNonZero(ctx, t, data, off); err != nil {
 					return err
+				}
+				if count != nil {
+					count(int64(len(data)))
 				}
 			}
 		})

@@ -616,7 +616,8 @@ func (b *backup) readDisks(ctx context.Context, disks []SourceDisk, parents []*r
 			size := d.Disk.Info().Size
 			results[i] = diskResult(d.Name, size, parents[i] != nil, job.Stats, time.Since(start))
 			b.o.Log.Info("disk done", "disk", d.Name, "mode", results[i].Mode, "size", size,
-				"read", results[i].BytesRead, "written", results[i].BytesWritten, "seconds", results[i].Seconds)
+				"read", results[i].BytesRead, "written", results[i].BytesWritten, "seconds", results[i].Seconds,
+				"plan_seconds", job.Stats.PlanTime.Seconds())
 			return nil
 		})
 	}

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/nbdclient"
@@ -129,25 +130,35 @@ func (t Tuning) Memory(disks int, chunkSize int64) int64 {
 // Stats are what one disk's backup moved. Fields are updated atomically
 // while the backup runs; Done/Total drive progress.
 type Stats struct {
-	Total        atomic.Int64 // disk bytes to account for (the disk size)
-	Done         atomic.Int64 // disk bytes accounted for so far
+	Total atomic.Int64 // disk bytes to account for (the disk size)
+	Done  atomic.Int64 // disk bytes accounted for so far
+	// ToRead is what the run will read from the disk (BytesRead at the
+	// end), planned from the disk's extents before the first read, and
+	// Planned says it is known: a progress's total. Finished is set when
+	// the run ends.
+	ToRead       atomic.Int64
+	Planned      atomic.Bool
+	Finished     atomic.Bool
 	BytesRead    atomic.Int64 // bytes read from the NBD server
 	BytesWritten atomic.Int64 // bytes stored (blobs)
 	BytesDedup   atomic.Int64 // chunk bytes already in the repository
 	BytesZero    atomic.Int64 // bytes of all-zero chunks
 	// Set when the run ends.
-	BytesDirty     int64 // bytes the dirty bitmap marked (0 without one)
-	VerifiedChunks int64 // clean chunks read and found equal to the parent's
-	VerifiedBytes  int64 // bytes read for them
-	ZeroedChunks   int64 // clean chunks unallocated now that held data at the parent
+	BytesDirty     int64         // bytes the dirty bitmap marked (0 without one)
+	VerifiedChunks int64         // clean chunks read and found equal to the parent's
+	VerifiedBytes  int64         // bytes read for them
+	ZeroedChunks   int64         // clean chunks unallocated now that held data at the parent
+	PlanTime       time.Duration // the walk of the extents that planned ToRead
 }
 
 // Reset zeroes the counters, for a new run of the same disk.
 func (s *Stats) Reset() {
-	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero} {
+	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.ToRead, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero} {
 		c.Store(0)
 	}
-	s.BytesDirty, s.VerifiedChunks, s.VerifiedBytes, s.ZeroedChunks = 0, 0, 0, 0
+	s.Planned.Store(false)
+	s.Finished.Store(false)
+	s.BytesDirty, s.VerifiedChunks, s.VerifiedBytes, s.ZeroedChunks, s.PlanTime = 0, 0, 0, 0, 0
 }
 
 // BitmapError says that a disk's dirty bitmap missed a change: a chunk it
@@ -221,6 +232,8 @@ type run struct {
 	*Job
 	resized *index.Index            // the parent's index resized to the disk; nil on a full run
 	known   map[chunker.Digest]bool // digests the parent references: stored, no upload or check
+	stale   map[int64]bool          // chunks whose length changed with a resize
+	seed    uint64                  // of the sample's choice
 	mu      sync.Mutex
 	built   index.Builder    // the digests of the chunks built, under mu
 	healed  []chunker.Digest // damaged chunks stored again, under mu
@@ -244,15 +257,20 @@ func (j *Job) Run(ctx context.Context) (Result, error) {
 	chunkSize := j.Repo.Config().ChunkSize
 	r := &run{Job: j, putter: j.Repo.NewPutter()}
 	j.Stats.Total.Store(size)
-	p := &planner{grid: chunker.Grid{ChunkSize: chunkSize, Size: size}, build: r.plan, zero: r.zero, skip: r.skip,
-		lie: r.recordLie, lied: func() bool { return r.lie.Load() != nil }}
+	defer j.Stats.Finished.Store(true)
+	grid := chunker.Grid{ChunkSize: chunkSize, Size: size}
 	if j.Parent != nil {
 		if j.Parent.ChunkSize != chunkSize {
 			return Result{}, fmt.Errorf("disk %s: the parent's index has %d-byte chunks, the repository %d-byte ones",
 				j.Name, j.Parent.ChunkSize, chunkSize)
 		}
-		r.parentState(p, size)
+		r.parentState(size)
 	}
+	if err := r.count(ctx, grid); err != nil {
+		return Result{}, err
+	}
+	p := r.planner(grid, r.plan, r.zero, r.skip)
+	p.lie, p.lied = r.recordLie, func() bool { return r.lie.Load() != nil }
 	if err := r.pipe(ctx, p); err != nil {
 		return Result{}, err
 	}
@@ -274,8 +292,8 @@ func (j *Job) Run(ctx context.Context) (Result, error) {
 }
 
 // parentState sets up an incremental run: the parent resized to the disk,
-// its digests, and the planner's rules.
-func (r *run) parentState(p *planner, size int64) {
+// its digests, the stale chunks and the sample's seed.
+func (r *run) parentState(size int64) {
 	var stale []int64
 	r.resized, stale = r.Parent.Resized(size)
 	r.known = make(map[chunker.Digest]bool, r.Parent.Len())
@@ -284,25 +302,51 @@ func (r *run) parentState(p *planner, size int64) {
 			r.known[d] = true
 		}
 	}
+	r.stale = map[int64]bool{}
+	for _, i := range stale {
+		r.stale[i] = true
+	}
+	r.seed = r.Seed
+	if r.seed == 0 {
+		r.seed = rand.Uint64()
+	}
+}
+
+// planner is a planner of the run with the given outcomes: two planners
+// of one run decide alike, sample included (given the same extents).
+func (r *run) planner(grid chunker.Grid, build func(chunkPlan) error, zero func(i, n int64), skip func(first, count, bytes int64)) *planner {
+	p := &planner{grid: grid, build: build, zero: zero, skip: skip,
+		lie: func(*BitmapError) {}, lied: func() bool { return false }}
+	if r.Parent == nil {
+		return p
+	}
 	if len(r.Damaged) > 0 {
 		p.heal = func(i int64) bool { return r.Damaged[r.resized.Digest(i)] }
 	}
-	p.parent = r.resized
-	p.stale = map[int64]bool{}
-	for _, i := range stale {
-		p.stale[i] = true
-	}
-	p.grown = r.Parent.Count()
+	p.parent, p.stale, p.grown = r.resized, r.stale, r.Parent.Count()
 	p.sample = r.Sample
 	if p.sample < 0 {
 		p.sample = SampleSize(r.Parent)
 	}
-	seed := r.Seed
-	if seed == 0 {
-		seed = rand.Uint64()
-	}
-	p.rng = rand.New(rand.NewPCG(seed, uint64(len(r.Name))))
+	p.rng = rand.New(rand.NewPCG(r.seed, uint64(len(r.Name))))
 	p.minDirty = r.MinDirty
+	return p
+}
+
+// count plans the run without reading to learn what it will read, for
+// progress: one walk of the disk's block status (and dirty bitmap), a few
+// requests per GiB that holds data and far fewer where none does.
+func (r *run) count(ctx context.Context, grid chunker.Grid) error {
+	start := time.Now()
+	defer func() { r.Stats.PlanTime = time.Since(start) }()
+	var n int64
+	p := r.planner(grid, func(c chunkPlan) error { n += c.readBytes(); return nil }, func(int64, int64) {}, func(int64, int64, int64) {})
+	if err := p.run(ctx, r.Disk.Extents(ctx, 0, grid.Size)); err != nil {
+		return fmt.Errorf("disk %s: %w", r.Name, err)
+	}
+	r.Stats.ToRead.Store(n)
+	r.Stats.Planned.Store(true)
+	return nil
 }
 
 // set records a built chunk's digest. A zero chunk where the parent has

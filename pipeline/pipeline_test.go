@@ -261,6 +261,9 @@ func TestPlanTable(t *testing.T) {
 			if st.Done.Load() != tt.size {
 				t.Fatalf("done %d of %d", st.Done.Load(), tt.size)
 			}
+			if !st.Planned.Load() || !st.Finished.Load() || st.ToRead.Load() != st.BytesRead.Load() {
+				t.Fatalf("planned %v to read %d, finished %v; read %d", st.Planned.Load(), st.ToRead.Load(), st.Finished.Load(), st.BytesRead.Load())
+			}
 		})
 	}
 }
@@ -411,6 +414,10 @@ func FuzzPlan(f *testing.F) {
 		if d.reads != want || st.BytesRead.Load() != want || st.Done.Load() != size || st.VerifiedChunks != verified {
 			t.Fatalf("read %d bytes (stats %d), want %d; done %d of %d; verified %d chunks, want %d",
 				d.reads, st.BytesRead.Load(), want, st.Done.Load(), size, st.VerifiedChunks, verified)
+		}
+		// progress's total, planned before the first read, sample included
+		if st.ToRead.Load() != want {
+			t.Fatalf("planned to read %d bytes, read %d", st.ToRead.Load(), want)
 		}
 	})
 }

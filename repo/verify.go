@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo/index"
 	"github.com/nbdmover/nbdmover/repo/lock"
 	"log/slog"
@@ -53,6 +54,10 @@ type VerifyOptions struct {
 	// verify reads, which it reports as missing.
 	NoLock bool
 	Log    *slog.Logger
+	// Progress, if not nil, counts the stored bytes of the chunks read of
+	// those to read (known once the backups' indexes are checked: phase
+	// check, then read, then record).
+	Progress *progress.Counter `json:"-"`
 }
 
 // VerifyStats counts what Verify looked at and found.
@@ -145,7 +150,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	if v.records, err = r.damageRecords(ctx); err != nil {
 		return v.stats, err
 	}
-	present, err := v.listedChunks(ctx)
+	present, sizes, err := v.listedChunks(ctx)
 	if err != nil {
 		return v.stats, err
 	}
@@ -153,9 +158,17 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	if err != nil {
 		return v.stats, err
 	}
-	if err := v.readChunks(ctx, v.toRead(present, sample)); err != nil {
+	toRead, total := v.toRead(present, sizes, sample)
+	if c := o.Progress; c != nil {
+		c.Total.Store(total)
+		c.SetPhase("read")
+	}
+	if err := v.readChunks(ctx, toRead); err != nil {
 		v.record(ctx, ms, report) // what was found before, as far as the store still answers
 		return v.stats, err
+	}
+	if o.Progress != nil {
+		o.Progress.SetPhase("record")
 	}
 	if err := v.record(ctx, ms, report); err != nil {
 		return v.stats, err
@@ -284,13 +297,13 @@ func (v *verify) objectDamage(key, problem, backup string) {
 // listedChunks notes the referenced chunks that are missing or too short
 // to be a blob, from one listing instead of a request per chunk, and
 // returns the others in disk order.
-func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, error) {
+func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, []int64, error) {
 	sizes := map[string]int64{}
 	if err := v.r.store.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
 		sizes[o.Key] = o.Size
 		return nil
 	}); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	digests := make([]chunker.Digest, 0, len(v.refs))
 	for dg := range v.refs {
@@ -298,6 +311,7 @@ func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, error) {
 	}
 	sort.Slice(digests, func(i, j int) bool { return v.refs[digests[i]].index < v.refs[digests[j]].index })
 	var present []chunker.Digest
+	var presentSizes []int64
 	for _, dg := range digests {
 		size, ok := sizes[ChunkKey(dg)]
 		switch {
@@ -313,24 +327,27 @@ func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, error) {
 		default:
 			v.stats.Bytes += size
 			present = append(present, dg)
+			presentSizes = append(presentSizes, size)
 		}
 	}
-	return present, nil
+	return present, presentSizes, nil
 }
 
 // toRead is the chunks of present to read: those in the parts sampled
 // (every one without a sample), and those with a damage record.
-func (v *verify) toRead(present []chunker.Digest, sample *sampleState) []chunker.Digest {
+func (v *verify) toRead(present []chunker.Digest, sizes []int64, sample *sampleState) ([]chunker.Digest, int64) {
 	if v.o.ReadPercent >= 100 {
-		return present
+		return present, v.stats.Bytes
 	}
 	var out []chunker.Digest
-	for _, dg := range present {
+	var total int64
+	for i, dg := range present {
 		if sample != nil && sample.picked[bucketOf(dg)] || v.records[damageKey(ChunkKey(dg))] != "" {
 			out = append(out, dg)
+			total += sizes[i]
 		}
 	}
-	return out
+	return out, total
 }
 
 // readChunks fetches, decodes and re-hashes the chunks, Parallel at once,
@@ -356,6 +373,10 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 				blob, err = v.r.get(gctx, key, blob)
 				if isStoreFailure(err) {
 					return err
+				}
+				if c := v.o.Progress; c != nil {
+					c.Done.Add(int64(len(blob)))
+					c.Read.Add(int64(len(blob)))
 				}
 				d := &damage{}
 				switch {

@@ -3,106 +3,14 @@ package sink_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
-
-// countingProxy forwards TCP connections to addr and counts the bytes
-// clients send; it samples the count every 50 ms.
-type countingProxy struct {
-	addr    string
-	sent    atomic.Int64
-	mu      sync.Mutex
-	samples []sample
-}
-
-type sample struct {
-	at    time.Time
-	bytes int64
-}
-
-func newCountingProxy(t *testing.T, to string) *countingProxy {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &countingProxy{addr: l.Addr().String()}
-	done := make(chan struct{})
-	t.Cleanup(func() { close(done); l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				s, err := net.Dial("tcp", to)
-				if err != nil {
-					return
-				}
-				defer s.Close()
-				go func() { io.Copy(c, s); c.Close() }()
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					p.sent.Add(int64(n))
-					if n > 0 {
-						if _, werr := s.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	go func() {
-		tk := time.NewTicker(50 * time.Millisecond)
-		defer tk.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case now := <-tk.C:
-				p.mu.Lock()
-				p.samples = append(p.samples, sample{now, p.sent.Load()})
-				p.mu.Unlock()
-			}
-		}
-	}()
-	return p
-}
-
-// worst is the most bytes sent over any window of at least d, beyond
-// rate x window.
-func (p *countingProxy) worst(d time.Duration, rate float64) (excess float64, window time.Duration) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	excess = -1e18
-	for i := range p.samples {
-		for j := i + 1; j < len(p.samples); j++ {
-			w := p.samples[j].at.Sub(p.samples[i].at)
-			if w < d {
-				continue
-			}
-			if e := float64(p.samples[j].bytes-p.samples[i].bytes) - rate*w.Seconds(); e > excess {
-				excess, window = e, w
-			}
-		}
-	}
-	return excess, window
-}
 
 // Uploads to MinIO with --limit-upload, counted on the wire by a proxy in
 // front of it: over any window of a second or more, no more than the rate
@@ -111,10 +19,10 @@ func (p *countingProxy) worst(d time.Duration, rate float64) (excess float64, wi
 func TestThrottleUploadToMinIO(t *testing.T) {
 	direct := sinktest.NewS3(t, "")
 	ep := sinktest.S3Endpoint(t)
-	proxy := newCountingProxy(t, strings.TrimPrefix(ep, "http://"))
+	proxy := sinktest.NewCountingProxy(t, strings.TrimPrefix(ep, "http://"))
 	const rate, object, objects = 2 << 20, 256 << 10, 24
 	bucket, _, _ := strings.Cut(strings.TrimPrefix(direct.Location(), "s3://"), "/")
-	s, err := sink.Open("s3://"+bucket+"/t", sink.Options{S3Endpoint: "http://" + proxy.addr, Upload: sink.NewRate(rate)})
+	s, err := sink.Open("s3://"+bucket+"/t", sink.Options{S3Endpoint: "http://" + proxy.Addr, Upload: sink.NewRate(rate)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,8 +49,8 @@ func TestThrottleUploadToMinIO(t *testing.T) {
 	}
 	took := time.Since(start)
 	time.Sleep(100 * time.Millisecond) // a last sample
-	total := proxy.sent.Load()
-	excess, window := proxy.worst(time.Second, rate)
+	total := proxy.Sent.Load()
+	excess, window := proxy.Worst(time.Second, rate)
 	headers := float64(objects) * 2048 // each request's HTTP headers, at most
 	t.Logf("%d objects of %d bytes in %v: %d bytes on the wire (%.2f MiB/s); worst window %v: %.0f bytes over the rate",
 		objects, object, took.Round(time.Millisecond), total, float64(total)/took.Seconds()/(1<<20), window.Round(time.Millisecond), excess)

@@ -1,12 +1,11 @@
 package main
 
 import (
-	"context"
 	"fmt"
-	"os"
 	"strings"
 	"time"
 
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/mover/nbd"
@@ -38,7 +37,7 @@ func backupCommand() *cli.Command {
 				DefaultText: "16 + 0.1% of the chunks holding data, at most 256"},
 			&cli.BoolFlag{Name: "init", Usage: "create the repository if there is none (without it, one is created on first use only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
 			jsonFlag(),
-		), jobFlags()...),
+		), append(jobFlags(), progressFlags()...)...),
 		Action: runBackup,
 	}
 }
@@ -58,14 +57,19 @@ func runBackup(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	progress := &Progress{W: os.Stderr, Terminal: isTerminal(os.Stderr)}
-	o.Progress = progress.Add
-	ctx, stopProgress := context.WithCancel(c.Context)
-	done := make(chan struct{})
-	go func() { progress.Run(ctx); close(done) }()
+	tracker := &mover.Tracker{}
+	o.Progress = tracker.Add
+	name := c.String("domain")
+	if name == "" {
+		name = c.String("name")
+	}
+	rep, err := progressReporter(c, "backup", name, tracker.Sample)
+	if err != nil {
+		return err
+	}
+	rep.Start(c.Context)
 	res, err := mover.Backup(c.Context, src, o)
-	stopProgress()
-	<-done
+	rep.Finish(err)
 	if err != nil {
 		return err
 	}
@@ -77,19 +81,19 @@ func runBackup(c *cli.Context) error {
 		fmt.Fprintf(w, "created repository %s (id %s)\n", res.Repository, res.RepositoryID)
 	}
 	fmt.Fprintf(w, "committed %s backup %s/%s in %.1fs: read %s (%.0f MB/s), stored %s (%.0f MB/s), deduplicated %s, zero %s\n",
-		res.Mode, res.Domain, res.ID, res.Seconds, humanBytes(res.BytesRead), res.ReadMBps, humanBytes(res.BytesWritten), res.WrittenMBps,
-		humanBytes(res.BytesDedup), humanBytes(res.BytesZero))
+		res.Mode, res.Domain, res.ID, res.Seconds, progress.Bytes(res.BytesRead), res.ReadMBps, progress.Bytes(res.BytesWritten), res.WrittenMBps,
+		progress.Bytes(res.BytesDedup), progress.Bytes(res.BytesZero))
 	if len(res.Disks) > 1 {
 		for _, d := range res.Disks {
 			fmt.Fprintf(w, "  %s: %s in %.1fs: read %s (%.0f MB/s), stored %s (%.0f MB/s)\n", d.Name, d.Mode, d.Seconds,
-				humanBytes(d.BytesRead), d.ReadMBps, humanBytes(d.BytesWritten), d.WrittenMBps)
+				progress.Bytes(d.BytesRead), d.ReadMBps, progress.Bytes(d.BytesWritten), d.WrittenMBps)
 		}
 	}
 	if res.PostHookError != "" {
 		fmt.Fprintf(w, "warning: the backup is committed, but its %s\n", res.PostHookError)
 	}
 	if v := res.Verification; v != nil {
-		fmt.Fprintf(w, "dirty bitmaps checked: %s (%d clean chunks, %s read)\n", v.Outcome, v.Chunks, humanBytes(v.Bytes))
+		fmt.Fprintf(w, "dirty bitmaps checked: %s (%d clean chunks, %s read)\n", v.Outcome, v.Chunks, progress.Bytes(v.Bytes))
 	}
 	if res.Fallback != "" {
 		fmt.Fprintf(w, "full instead of incremental: %s\n", res.Fallback)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/export"
 	"github.com/nbdmover/nbdmover/internal/listen"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/urfave/cli/v2"
 )
@@ -72,7 +73,7 @@ func exportCommand() *cli.Command {
 				err = printJSON(c.App.Writer, map[string]any{"domain": e.Domain, "id": e.Backup, "address": e.Address, "disks": e.Disks})
 			} else {
 				for _, d := range e.Disks {
-					fmt.Fprintf(c.App.Writer, "serving %s/%s disk %s (%s) at %s\n", e.Domain, e.Backup, d.Name, humanBytes(d.Size), d.URI)
+					fmt.Fprintf(c.App.Writer, "serving %s/%s disk %s (%s) at %s\n", e.Domain, e.Backup, d.Name, progress.Bytes(d.Size), d.URI)
 				}
 				if _, addr, _ := listen.Split(addr); addr != "" && !c.IsSet("tls-cert") {
 					fmt.Fprintln(c.App.Writer, "warning: plain TCP: every user of this host can read these disks")

@@ -12,6 +12,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/nbdmover/nbdmover/files"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/urfave/cli/v2"
@@ -187,7 +188,7 @@ func filesFS(c *cli.Context) error {
 		if f.Mounted {
 			at = f.Mountpoint
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", quoteName(f.Name), quoteName(f.Type), humanBytes(f.Size), quoteName(f.Label),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", quoteName(f.Name), quoteName(f.Type), progress.Bytes(f.Size), quoteName(f.Label),
 			quoteName(at), quoteName(f.Note))
 	}
 	return tw.Flush()
@@ -356,7 +357,7 @@ func filesGet(c *cli.Context) error {
 		where = "tar " + tarTo
 	}
 	fmt.Fprintf(report, "restored %s, %s, %s, %s (%s) from %s/%s to %s in %s\n", count(res.Files, "file"), count(res.Dirs, "directory"),
-		count(res.Symlinks, "symlink"), count(res.Hardlinks, "hard link"), humanBytes(res.Bytes), s.Domain, s.Backup, where,
+		count(res.Symlinks, "symlink"), count(res.Hardlinks, "hard link"), progress.Bytes(res.Bytes), s.Domain, s.Backup, where,
 		took.Round(100*time.Millisecond))
 	for _, sk := range res.Skipped {
 		fmt.Fprintf(report, "skipped %s\n", quoteName(sk))

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/instant"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/mover"
 	"github.com/urfave/cli/v2"
 )
@@ -154,7 +155,7 @@ func progressLine(p instant.Progress) string {
 	if p.Total > 0 {
 		pct = 100 * float64(p.Done) / float64(p.Total)
 	}
-	line := fmt.Sprintf("copying home %s %3.0f%%  %s of %s  %.0f MB/s", bar(pct, 20), pct, humanBytes(p.Done), humanBytes(p.Total), p.Rate/1e6)
+	line := fmt.Sprintf("copying home %s %3.0f%%  %s of %s  %.0f MB/s", progress.Bar(pct, 20), pct, progress.Bytes(p.Done), progress.Bytes(p.Total), p.Rate/1e6)
 	if p.ETASeconds > 0 {
 		line += fmt.Sprintf("  ETA %s", (time.Duration(p.ETASeconds) * time.Second).Round(time.Second))
 	}
@@ -164,6 +165,6 @@ func progressLine(p instant.Progress) string {
 func printInstantResult(w io.Writer, r *instant.Result) {
 	fmt.Fprintf(w, "%s: every disk is home (copied in %.1fs); the export of %s has ended\n", r.Domain, r.CopySeconds, r.From)
 	for _, d := range r.Disks {
-		fmt.Fprintf(w, "  %s  %s  %s (%s)\n", d.Name, humanBytes(d.Size), d.Image, d.Format)
+		fmt.Fprintf(w, "  %s  %s  %s (%s)\n", d.Name, progress.Bytes(d.Size), d.Image, d.Format)
 	}
 }

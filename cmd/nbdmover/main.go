@@ -233,7 +233,11 @@ func newLogger(c *cli.Context) (*slog.Logger, error) {
 		return nil, usagef("--log-level: %v", err)
 	}
 	opts := &slog.HandlerOptions{Level: level}
-	switch c.String("log-format") {
+	format := c.String("log-format")
+	if c.String("progress") == "json" && !c.IsSet("log-format") {
+		format = "json" // every line on stderr a JSON object: events have "type", log records "level"
+	}
+	switch format {
 	case "text":
 		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
 	case "json":

@@ -121,6 +121,9 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"backup", "--domain", "vm1", "--limit-upload", "fast"},
 		{"list", "--limit-download", "1KiB"},
 		{"backup", "--domain", "vm1", "--limit-read", "1"},
+		{"backup", "--domain", "vm1", "--progress", "loud"},
+		{"restore", "--domain", "vm1", "--output", "/tmp/x", "--progress", "json", "--progress-interval", "5ms"},
+		{"verify", "--progress-interval", "soon"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo/lock"
 	"time"
 
@@ -205,8 +206,8 @@ func printGC(c *cli.Context, res *repo.GCResult) {
 		n    repo.GCCount
 	}{{"chunks", res.Chunks}, {"index and file objects", res.Metadata}} {
 		fmt.Fprintf(w, "%s: examined %d (%s), kept %d (%s), younger than %s %d (%s), %s %d (%s)\n", k.name,
-			k.n.Examined, humanBytes(k.n.ExaminedBytes), k.n.Kept, humanBytes(k.n.KeptBytes), res.Grace,
-			k.n.Young, humanBytes(k.n.YoungBytes), verb, k.n.Deleted, humanBytes(k.n.DeletedBytes))
+			k.n.Examined, progress.Bytes(k.n.ExaminedBytes), k.n.Kept, progress.Bytes(k.n.KeptBytes), res.Grace,
+			k.n.Young, progress.Bytes(k.n.YoungBytes), verb, k.n.Deleted, progress.Bytes(k.n.DeletedBytes))
 	}
 	fmt.Fprintf(w, "references of %d committed backups kept (%d committed during gc)", res.Backups, res.Late)
 	if res.Catalogs+res.TempFiles > 0 {

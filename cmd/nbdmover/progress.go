@@ -1,105 +1,43 @@
 package main
 
 import (
-	"context"
-	"fmt"
-	"io"
-	"strings"
-	"sync"
+	"os"
 	"time"
 
-	"github.com/nbdmover/nbdmover/pipeline"
+	"github.com/nbdmover/nbdmover/internal/progress"
+	"github.com/urfave/cli/v2"
 )
 
-// Progress prints the progress of a backup's disks from their counters:
-// one redrawn line on a terminal, a plain line per disk every Interval
-// elsewhere. It is safe for concurrent use.
-type Progress struct {
-	W        io.Writer
-	Terminal bool
-	Interval time.Duration // between plain lines (default 10s)
-
-	mu    sync.Mutex
-	names []string
-	stats []*pipeline.Stats
-	start time.Time
+func progressFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "progress", Value: progress.ModeAuto, EnvVars: []string{"NBDMOVER_PROGRESS"},
+			Usage: "auto (a bar on a terminal, nothing elsewhere), bar, plain (a line per disk), " +
+				"json (JSON lines on stderr, docs/api.md \"Progress events\") or none"},
+		&cli.StringFlag{Name: "progress-interval", EnvVars: []string{"NBDMOVER_PROGRESS_INTERVAL"},
+			Usage: "time between progress reports, 100ms to 1h", DefaultText: "1s for json, 10s for plain"},
+	}
 }
 
-// Add registers a disk; pass it as mover.Options.Progress.
-func (p *Progress) Add(name string, st *pipeline.Stats) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.start.IsZero() {
-		p.start = time.Now()
+// progressReporter is the reporter --progress asks for, writing to
+// stderr; Start it once the operation's counters can be sampled.
+func progressReporter(c *cli.Context, op, domain string, sample func() (string, []progress.Task)) (*progress.Reporter, error) {
+	mode := c.String("progress")
+	if err := progress.CheckMode(mode); err != nil {
+		return nil, usagef("--progress %q: %v", mode, err)
 	}
-	p.names = append(p.names, name)
-	p.stats = append(p.stats, st)
-}
-
-// Run prints until ctx is done, then clears a terminal line.
-func (p *Progress) Run(ctx context.Context) {
-	every := p.Interval
-	if every <= 0 {
-		every = 10 * time.Second
+	var every time.Duration
+	if v := c.String("progress-interval"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 100*time.Millisecond || d > time.Hour {
+			return nil, usagef("--progress-interval %q: a duration from 100ms to 1h, like 5s", v)
+		}
+		every = d
 	}
-	if p.Terminal {
-		every = 250 * time.Millisecond
-	}
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			if p.Terminal {
-				fmt.Fprint(p.W, "\r\033[K")
-			}
-			return
-		case <-t.C:
-			p.print()
+	if mode == progress.ModeAuto {
+		mode = progress.ModeNone
+		if isTerminal(os.Stderr) {
+			mode = progress.ModeBar
 		}
 	}
-}
-
-func (p *Progress) print() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	secs := time.Since(p.start).Seconds()
-	var parts []string
-	for i, st := range p.stats {
-		total, done := st.Total.Load(), st.Done.Load()
-		pct := 0.0
-		if total > 0 {
-			pct = 100 * float64(done) / float64(total)
-		}
-		rate := float64(st.BytesRead.Load()) / max(secs, 1e-9) / 1e6
-		line := fmt.Sprintf("%s %5.1f%% of %s, read %s (%.0f MB/s), stored %s",
-			p.names[i], pct, humanBytes(total), humanBytes(st.BytesRead.Load()), rate, humanBytes(st.BytesWritten.Load()))
-		if p.Terminal {
-			parts = append(parts, fmt.Sprintf("%s %s %3.0f%%", p.names[i], bar(pct, 20), pct))
-		} else {
-			fmt.Fprintln(p.W, line)
-		}
-	}
-	if p.Terminal && len(parts) > 0 {
-		fmt.Fprintf(p.W, "\r\033[K%s  %.0fs", strings.Join(parts, "  "), secs)
-	}
-}
-
-func bar(pct float64, width int) string {
-	n := min(width, max(0, int(pct/100*float64(width))))
-	return "[" + strings.Repeat("#", n) + strings.Repeat(".", width-n) + "]"
-}
-
-// humanBytes formats a byte count with binary units (1.5 GiB).
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for x := n / unit; x >= unit; x /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+	return &progress.Reporter{Mode: mode, W: os.Stderr, Interval: every, Op: progress.Operation{Name: op, Domain: domain}, Sample: sample}, nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo/lock"
 	"io"
 	"strconv"
@@ -284,7 +285,7 @@ func printList(w io.Writer, ms []*repo.Manifest, marks listMarks) error {
 	for _, m := range ms {
 		var disks []string
 		for _, d := range m.Disks {
-			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, humanBytes(d.Size)))
+			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, progress.Bytes(d.Size)))
 		}
 		prot := "-"
 		if marks.protected[m.Domain+"/"+m.ID] {
@@ -314,7 +315,7 @@ func restoreCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "restore",
 		Usage: "write the disks of a backup to new image files",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(), progressFlags()...),
 			&cli.StringFlag{Name: "domain", Usage: "domain (or --nbd backup name) to restore (required)"},
 			&cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"},
 			&cli.StringFlag{Name: "disk", Usage: "restore only this disk, to the file --output"},
@@ -335,10 +336,17 @@ func restoreCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			var counters progress.Counters
+			rep, err := progressReporter(c, "restore", c.String("domain"), counters.Sample)
+			if err != nil {
+				return err
+			}
 			start := time.Now()
+			rep.Start(c.Context)
 			m, disks, err := restore.Restore(c.Context, restore.Options{Repo: repoOptions(c), Domain: c.String("domain"),
 				Backup: c.String("backup"), Disk: c.String("disk"), Output: c.String("output"),
-				Format: c.String("format"), Parallel: c.Int("parallel"), NoLock: c.Bool("no-lock"), Log: log})
+				Format: c.String("format"), Parallel: c.Int("parallel"), NoLock: c.Bool("no-lock"), Log: log, Progress: counters.Add})
+			rep.Finish(err)
 			if err != nil {
 				return err
 			}
@@ -353,7 +361,7 @@ func restoreCommand() *cli.Command {
 			}
 			for _, d := range disks {
 				fmt.Fprintf(c.App.Writer, "restored %s/%s disk %s to %s (%s in %.1fs, %.0f MB/s)\n", m.Domain, m.ID, d.Name, d.Path,
-					humanBytes(d.Size), d.Seconds, float64(d.Size)/1e6/max(d.Seconds, 1e-9))
+					progress.Bytes(d.Size), d.Seconds, float64(d.Size)/1e6/max(d.Seconds, 1e-9))
 			}
 			return nil
 		},
@@ -403,7 +411,7 @@ func verifyCommand() *cli.Command {
 		Name: "verify",
 		Usage: "check that backups are complete (and with --read-data, intact), record what is damaged so that the next backups heal it; " +
 			"exit 1: problems found, 3: could not check",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
 			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
 			&cli.GenericFlag{Name: "read-data", Value: share,
@@ -411,7 +419,7 @@ func verifyCommand() *cli.Command {
 			&cli.Uint64Flag{Name: "seed", Hidden: true, Usage: "seed of the choice among parts verified as long ago (tests)"},
 			noLockFlag(),
 			jsonFlag(),
-		),
+		), progressFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
@@ -423,19 +431,32 @@ func verifyCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			var counters progress.Counters
+			counter := progress.NewCounter("", "check", -1)
+			counters.Add(counter)
+			rep, err := progressReporter(c, "verify", c.String("domain"), counters.Sample)
+			if err != nil {
+				return err
+			}
 			problems := []repo.Problem{}
 			r, err := repoOptions(c).Open(c.Context)
 			if err != nil {
 				return checkError{err}
 			}
+			rep.Start(c.Context)
 			stats, err := r.Verify(c.Context, repo.VerifyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
-				ReadPercent: share.percent, Seed: c.Uint64("seed"), NoLock: c.Bool("no-lock"), Log: log},
+				ReadPercent: share.percent, Seed: c.Uint64("seed"), NoLock: c.Bool("no-lock"), Log: log, Progress: counter},
 				func(p repo.Problem) {
 					problems = append(problems, p)
 					if !c.Bool("json") {
 						fmt.Fprintf(c.App.Writer, "BAD %s: %s (backup %s)\n", p.Object, p.Problem, shortList(p.AllBackups(), 5))
 					}
 				})
+			outcome := err
+			if err == nil && len(problems) > 0 {
+				outcome = fmt.Errorf("verify found %s", count(len(problems), "problem"))
+			}
+			rep.Finish(outcome)
 			if err != nil {
 				return checkError{fmt.Errorf("verify could not finish (%s found before): %w", count(len(problems), "problem"), err)}
 			}
@@ -478,7 +499,7 @@ func printVerify(w io.Writer, st repo.VerifyStats, problems int) {
 	case st.ReadPercent > 0:
 		read = fmt.Sprintf(", read %d of them whole (the %d%% verified least recently, and any recorded damaged)", st.Verified, st.ReadPercent)
 	}
-	fmt.Fprintf(w, "checked %s, %s (%s)%s: %s\n", count(st.Backups, "backup"), count(st.Chunks, "chunk"), humanBytes(st.Bytes), read, count(problems, "problem"))
+	fmt.Fprintf(w, "checked %s, %s (%s)%s: %s\n", count(st.Backups, "backup"), count(st.Chunks, "chunk"), progress.Bytes(st.Bytes), read, count(problems, "problem"))
 	if st.Corrupt+st.Missing > 0 {
 		fmt.Fprintf(w, "damaged: %s (%d quarantined), %d missing, referenced by %s: %s\n",
 			count(st.Corrupt, "corrupt chunk"), st.Quarantined, st.Missing, count(len(st.Damaged), "backup"), shortList(st.Damaged, 20))

@@ -11,6 +11,7 @@ import (
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/pipeline"
 	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
 	"github.com/urfave/cli/v2"
 )
 
@@ -48,6 +49,9 @@ func serveCommand() *cli.Command {
 			durationFlag("shutdown-timeout", 2*time.Minute, "on SIGTERM, wait this long for jobs to end", ""),
 			durationFlag("verify-every", 0, "run a verify job of the whole repository this often (e.g. 1d)", "never"),
 			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, one is created only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
+			&cli.StringSliceFlag{Name: "limit-schedule", Usage: "a weekly timetable of the limits all jobs share, over --limit-upload, --limit-download and --limit-read " +
+				"(repeatable; the last rule that sets a limit wins): 'mon-fri 08:00-18:00 upload=20MiB read=50MiB', 'daily 22:00-06:00 upload=off'; the host's local time"},
+			&cli.StringFlag{Name: "limit-schedule-file", Usage: "a file of --limit-schedule rules, one a line (# comments), read again whenever it changes: no restart"},
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
 		), append(retentionFlags(), jobFlags()...)...),
 		Action: func(c *cli.Context) error {
@@ -129,6 +133,14 @@ func serveCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			var schedule sink.Schedule
+			for _, rule := range c.StringSlice("limit-schedule") {
+				r, err := sink.ParseScheduleRule(rule)
+				if err != nil {
+					return usagef("--limit-schedule: %v", err)
+				}
+				schedule = append(schedule, r)
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -142,8 +154,9 @@ func serveCommand() *cli.Command {
 				MaxConnections: c.Int("max-connections"), ShutdownTimeout: flagDuration(c, "shutdown-timeout"),
 				MaxExports: c.Int("max-exports"), ExportCacheBytes: exportCache, ExportIdleTimeout: exportIdle,
 				FilesIdleTimeout: filesIdle, FilesMemoryMiB: int(filesMem >> 20), FilesMemoryBudgetMiB: int(filesBudget >> 20),
-				FilesAccel: c.String("files-accel"),
-				Init:       c.Bool("init") || !c.IsSet("repo"),
+				FilesAccel:    c.String("files-accel"),
+				LimitSchedule: schedule, LimitScheduleFile: c.String("limit-schedule-file"),
+				Init: c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
