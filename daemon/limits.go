@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -9,14 +10,13 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/sink"
+	"golang.org/x/sys/unix"
 )
 
 // limiter applies the limit timetable to the rates every job shares:
 // each second it computes the limits of the moment (the flags' limits,
 // changed by the schedule's rules and the schedule file's) and sets the
-// rates that differ. The file is read again when its modification time
-// or size changes; one that no longer parses keeps the rules it had (the
-// error is logged, once per change).
+// rates that differ. The file is read again when it changes (readFile).
 type limiter struct {
 	base     sink.Limits
 	schedule sink.Schedule
@@ -55,6 +55,9 @@ func newLimiter(o *ServeOptions) (*limiter, error) {
 	}
 	o.Runner.Backup.Tuning.ReadRate = read
 	if l.file != "" {
+		if _, err := os.Stat(l.file); err != nil {
+			return nil, refuse(ErrInvalid, "--limit-schedule-file: %v", err)
+		}
 		if _, err := l.readFile(); err != nil {
 			return nil, refuse(ErrInvalid, "--limit-schedule-file: %v", err)
 		}
@@ -84,29 +87,40 @@ func (l *limiter) run(ctx context.Context) {
 	}
 }
 
-// readFile reads the schedule file if it changed since the last read.
-// A file that cannot be read or parsed is an error, and is tried again
-// only once it changes.
+// readFile reads the schedule file if it changed since the last read (by
+// its inode, size and times). A file that is gone holds no rules; one
+// that cannot be read or parsed is an error, reported once per change,
+// and keeps the rules read before. It is opened without blocking and read
+// only when it is a regular file (a FIFO put in its place would otherwise
+// hang the daemon), at most maxScheduleFile bytes.
 func (l *limiter) readFile() (bool, error) {
-	f, err := os.Open(l.file)
-	if err != nil {
-		if l.fileStamp == "missing" {
+	fd, err := unix.Open(l.file, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) {
+		if l.fileStamp == "gone" {
 			return false, nil
 		}
-		l.fileStamp = "missing"
-		return false, err
+		had := l.fileStamp != ""
+		l.fileStamp, l.fileRules = "gone", nil
+		if had {
+			l.log.Warn("the limit schedule file is gone: its rules no longer hold", "file", l.file)
+		}
+		return had, nil
 	}
-	defer f.Close()
-	st, err := f.Stat()
 	if err != nil {
-		return false, err
+		return l.failed("open: " + err.Error())
 	}
-	stamp := fmt.Sprintf("%d %d", st.ModTime().UnixNano(), st.Size())
+	f := os.NewFile(uintptr(fd), l.file)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return l.failed("stat: " + err.Error())
+	}
+	stamp := fmt.Sprintf("%d %d %d %d.%d %d.%d", st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec, st.Ctim.Sec, st.Ctim.Nsec)
 	if stamp == l.fileStamp {
 		return false, nil
 	}
 	l.fileStamp = stamp
-	if !st.Mode().IsRegular() {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return false, fmt.Errorf("%s is not a regular file", l.file)
 	}
 	b, err := io.ReadAll(io.LimitReader(f, maxScheduleFile+1))
@@ -124,12 +138,22 @@ func (l *limiter) readFile() (bool, error) {
 	return true, nil
 }
 
+// failed reports an error once until it changes (the file is looked at
+// every second).
+func (l *limiter) failed(msg string) (bool, error) {
+	if l.fileStamp == "error: "+msg {
+		return false, nil
+	}
+	l.fileStamp = "error: " + msg
+	return false, fmt.Errorf("%s: %s", l.file, msg)
+}
+
 // apply sets the rates to the limits of now.
 func (l *limiter) apply() {
 	want := append(l.schedule[:len(l.schedule):len(l.schedule)], l.fileRules...).At(l.now(), l.base)
 	changed := false
 	for i, v := range []int64{want.Upload, want.Download, want.Read} {
-		if l.rates[i].BytesPerSecond() != v {
+		if l.rates[i].BytesPerSecond() != min(v, sink.MaxRate) {
 			l.rates[i].Set(v)
 			changed = true
 		}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -112,11 +113,33 @@ func TestDaemonLimitScheduleFile(t *testing.T) {
 	write("daily 00:00-24:00 read=off\n")
 	waitMetric("nbdmover_limit_read_bytes_per_second 0")
 	waitMetric("nbdmover_limit_download_bytes_per_second 0")
+	write("daily 00:00-24:00 upload=3MiB\n")
+	waitMetric("nbdmover_limit_upload_bytes_per_second 3.145728e+06")
+	os.Remove(file) // gone: its rules no longer hold
+	waitMetric("nbdmover_limit_upload_bytes_per_second 0")
 
 	write("mon-fri nine-to-five upload=1MiB\n")
 	err := daemon.Serve(t.Context(), daemon.ServeOptions{Listen: "unix://" + filepath.Join(t.TempDir(), "s.sock"), LimitScheduleFile: file,
 		Log: backuptest.Log(t), Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir}}})
 	if err == nil || !strings.Contains(err.Error(), "line 1") || !strings.Contains(err.Error(), "time range") {
 		t.Fatalf("a bad schedule file at start: %v", err)
+	}
+	// A FIFO (no writer) is refused at once, not waited on.
+	os.Remove(file)
+	if err := syscall.Mkfifo(file, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- daemon.Serve(t.Context(), daemon.ServeOptions{Listen: "unix://" + filepath.Join(t.TempDir(), "s.sock"), LimitScheduleFile: file,
+			Log: backuptest.Log(t), Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir}}})
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Fatalf("a FIFO as the schedule file: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the daemon hangs on a FIFO as its schedule file")
 	}
 }

@@ -649,8 +649,6 @@ func (r *Runner) Cancel(id string) (JobView, error) {
 	return j.view(), nil
 }
 
-// Counts returns how many jobs are queued and running (for the metrics
-// and the health check: no views built, none sorted).
 // InFlight is the running jobs' progress: bytes done of their totals
 // (a total not known yet counts as what is done of it).
 func (r *Runner) InFlight() (done, total int64) {
@@ -664,16 +662,17 @@ func (r *Runner) InFlight() (done, total int64) {
 		j.mu.Lock()
 		if j.state == JobRunning {
 			events, _ := j.events()
-			for _, e := range events[:len(events)-1] {
-				done += e.BytesDone
-				total += max(e.BytesTotal, e.BytesDone)
-			}
+			all := events[len(events)-1] // the job's: also a verify's, which has no disks
+			done += all.BytesDone
+			total += max(all.BytesTotal, all.BytesDone)
 		}
 		j.mu.Unlock()
 	}
 	return done, total
 }
 
+// Counts returns how many jobs are queued and running (for the metrics
+// and the health check: no views built, none sorted).
 func (r *Runner) Counts() (queued, running int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

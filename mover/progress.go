@@ -2,6 +2,7 @@ package mover
 
 import (
 	"sync"
+	"time"
 
 	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/pipeline"
@@ -36,6 +37,7 @@ func (t *Tracker) Sample() (string, []progress.Task) {
 			Read: st.BytesRead.Load(), Written: st.BytesWritten.Load()}
 		if st.Planned.Load() {
 			task.Phase, task.Total = "read", st.ToRead.Load()
+			task.Start = time.Unix(0, st.Started.Load())
 			phase = "read"
 		}
 		if st.Finished.Load() {

@@ -134,10 +134,12 @@ type Stats struct {
 	Done  atomic.Int64 // disk bytes accounted for so far
 	// ToRead is what the run will read from the disk (BytesRead at the
 	// end), planned from the disk's extents before the first read, and
-	// Planned says it is known: a progress's total. Finished is set when
-	// the run ends.
+	// Planned says it is known: a progress's total. Started is when the
+	// run began reading (unix nanoseconds); Finished is set when it ends
+	// with its result.
 	ToRead       atomic.Int64
 	Planned      atomic.Bool
+	Started      atomic.Int64
 	Finished     atomic.Bool
 	BytesRead    atomic.Int64 // bytes read from the NBD server
 	BytesWritten atomic.Int64 // bytes stored (blobs)
@@ -153,7 +155,7 @@ type Stats struct {
 
 // Reset zeroes the counters, for a new run of the same disk.
 func (s *Stats) Reset() {
-	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.ToRead, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero} {
+	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.ToRead, &s.Started, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero} {
 		c.Store(0)
 	}
 	s.Planned.Store(false)
@@ -257,7 +259,6 @@ func (j *Job) Run(ctx context.Context) (Result, error) {
 	chunkSize := j.Repo.Config().ChunkSize
 	r := &run{Job: j, putter: j.Repo.NewPutter()}
 	j.Stats.Total.Store(size)
-	defer j.Stats.Finished.Store(true)
 	grid := chunker.Grid{ChunkSize: chunkSize, Size: size}
 	if j.Parent != nil {
 		if j.Parent.ChunkSize != chunkSize {
@@ -285,6 +286,7 @@ func (j *Job) Run(ctx context.Context) (Result, error) {
 		return Result{}, fmt.Errorf("disk %s: internal error: planned %d chunks (%d bytes to read), built %d (%d bytes read)",
 			j.Name, r.planned.Load(), r.planReads.Load(), r.done.Load(), j.Stats.BytesRead.Load())
 	}
+	j.Stats.Finished.Store(true)
 	if j.Parent == nil {
 		return Result{Index: r.built.Index(chunkSize, size), Healed: r.healed}, nil
 	}
@@ -345,6 +347,7 @@ func (r *run) count(ctx context.Context, grid chunker.Grid) error {
 		return fmt.Errorf("disk %s: %w", r.Name, err)
 	}
 	r.Stats.ToRead.Store(n)
+	r.Stats.Started.Store(time.Now().UnixNano())
 	r.Stats.Planned.Store(true)
 	return nil
 }

@@ -161,14 +161,15 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	toRead, total := v.toRead(present, sizes, sample)
 	if c := o.Progress; c != nil {
 		c.Total.Store(total)
-		c.SetPhase("read")
+		c.Begin("read")
 	}
 	if err := v.readChunks(ctx, toRead); err != nil {
 		v.record(ctx, ms, report) // what was found before, as far as the store still answers
 		return v.stats, err
 	}
-	if o.Progress != nil {
-		o.Progress.SetPhase("record")
+	if c := o.Progress; c != nil {
+		c.Done.Store(c.Total.Load()) // every chunk examined, also those missing or damaged
+		c.SetPhase("record")
 	}
 	if err := v.record(ctx, ms, report); err != nil {
 		return v.stats, err

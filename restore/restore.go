@@ -149,7 +149,7 @@ func Restore(ctx context.Context, o Options) (*repo.Manifest, []Disk, error) {
 	for i, d := range todo {
 		start := time.Now()
 		c := counters[i]
-		c.SetPhase("write")
+		c.Begin("write")
 		if err := restoreFile(out, d, func(p *place) error { return write(ctx, r, m, d, p, o.Parallel, c) }); err != nil {
 			return m, done, fmt.Errorf("restore %s/%s disk %s to %s: %w", m.Domain, m.ID, d.Name, d.Path, err)
 		}

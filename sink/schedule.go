@@ -72,8 +72,8 @@ func ParseScheduleRule(s string) (ScheduleRule, error) {
 			continue
 		}
 		n, err := units.ParseSize(v)
-		if err != nil || n < 64<<10 {
-			return bad("%s=%q: a size per second of at least 64KiB, like 20MiB, or off", k, v)
+		if err != nil || n < 64<<10 || n > MaxRate {
+			return bad("%s=%q: a size per second from 64KiB to 1TiB, like 20MiB, or off", k, v)
 		}
 		r.set[k] = n
 	}

@@ -50,8 +50,12 @@ func NewVariableRate(bytesPerSec int64) *Rate {
 	return r
 }
 
-// Set changes the rate (0: no limit; else at least 1 KiB/s), for the
-// transfers waiting as for the next ones.
+// MaxRate is the largest rate: 1 TiB/s (as good as none; a float64 holds
+// it exactly, so BytesPerSecond gives back what was set).
+const MaxRate = 1 << 40
+
+// Set changes the rate (0: no limit; else from 1 KiB/s to MaxRate), for
+// the transfers waiting as for the next ones.
 func (r *Rate) Set(bytesPerSec int64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -64,7 +68,7 @@ func (r *Rate) Set(bytesPerSec int64) {
 	r.at = now
 	r.perSec = 0
 	if bytesPerSec > 0 {
-		r.perSec = float64(max(bytesPerSec, 1<<10))
+		r.perSec = float64(min(max(bytesPerSec, 1<<10), MaxRate))
 	}
 	close(r.changed)
 	r.changed = make(chan struct{})

@@ -51,40 +51,88 @@ func resolveKeys(c *cli.Context) (*repo.Keys, error) {
 	if k, ok := c.App.Metadata["keys"].(*repo.Keys); ok {
 		return k, nil
 	}
-	if c.IsSet("key-file") && (c.IsSet("password-file") || c.IsSet("password-command") || os.Getenv(passwordEnv) != "") {
-		return nil, usagef("give either a password (%s, --password-file, --password-command) or --key-file, not both", passwordEnv)
+	s, err := readSecret(c, "", passwordEnv)
+	if err != nil {
+		return nil, err
 	}
-	var keys *repo.Keys
-	if path := c.String("key-file"); path != "" {
-		b, err := readSecretFile(c, "--key-file", path)
-		if err != nil {
-			return nil, err
-		}
-		if keys, err = repo.KeyFileKeys(b); err != nil {
-			return nil, usagef("--key-file %s: %v", path, err)
-		}
-	} else {
-		pw, err := readPassword(c, passwordEnv, "password-file", "password-command")
-		if err == nil && pw == nil && c.String("key-id") != "" {
-			err = usagef("--key-id names the key of a password: give the password too (%s, --password-file or --password-command)", passwordEnv)
-		}
-		if err != nil || pw == nil {
-			return nil, err
-		}
-		if keys, err = repo.PasswordKeys(pw); err != nil {
-			return nil, usagef("%v", err)
-		}
+	keys, err := s.keys()
+	s.wipe()
+	if err != nil {
+		return nil, err
 	}
-	if id := c.String("key-id"); id != "" {
-		if err := keys.OnlyKey(id); err != nil {
-			return nil, usagef("--key-id: %v", err)
-		}
-	}
-	noCoreDumps()
 	if c.App.Metadata == nil {
 		c.App.Metadata = map[string]any{}
 	}
 	c.App.Metadata["keys"] = keys
+	return keys, nil
+}
+
+// secret is what opens an encrypted repository, as given: a password or
+// a key file's bytes, and the key id to try.
+type secret struct {
+	password, keyFile []byte
+	keyFileFlag       string // with its path, for errors
+	keyID             string
+	flag              string // the key id's flag, for errors
+}
+
+// readSecret reads the secret that the flags prefix+password-file,
+// prefix+password-command, prefix+key-file, prefix+key-id and the
+// environment variable env give (nil when none), from exactly one source.
+func readSecret(c *cli.Context, prefix, env string) (*secret, error) {
+	keyFile, pwFile, pwCommand := prefix+"key-file", prefix+"password-file", prefix+"password-command"
+	if c.IsSet(keyFile) && (c.IsSet(pwFile) || c.IsSet(pwCommand) || os.Getenv(env) != "") {
+		return nil, usagef("give either a password (%s, --%s, --%s) or --%s, not both", env, pwFile, pwCommand, keyFile)
+	}
+	s := &secret{keyID: c.String(prefix + "key-id"), flag: "--" + prefix + "key-id"}
+	if path := c.String(keyFile); path != "" {
+		b, err := readSecretFile(c, "--"+keyFile, path)
+		if err != nil {
+			return nil, err
+		}
+		s.keyFile, s.keyFileFlag = b, "--"+keyFile+" "+path
+	} else {
+		pw, err := readPassword(c, env, pwFile, pwCommand)
+		if err == nil && pw == nil && s.keyID != "" {
+			err = usagef("%s names the key of a password: give the password too (%s, --%s or --%s)", s.flag, env, pwFile, pwCommand)
+		}
+		if err != nil || pw == nil {
+			return nil, err
+		}
+		s.password = pw
+	}
+	noCoreDumps()
+	return s, nil
+}
+
+// wipe clears the secret's bytes (what Go lets one clear).
+func (s *secret) wipe() {
+	if s != nil {
+		clear(s.password)
+		clear(s.keyFile)
+	}
+}
+
+// keys makes the keys of the secret (each call its own: keys open one
+// repository); nil for no secret.
+func (s *secret) keys() (*repo.Keys, error) {
+	if s == nil {
+		return nil, nil
+	}
+	var keys *repo.Keys
+	var err error
+	if s.keyFile != nil {
+		if keys, err = repo.KeyFileKeys(s.keyFile); err != nil {
+			return nil, usagef("%s: %v", s.keyFileFlag, err)
+		}
+	} else if keys, err = repo.PasswordKeys(bytes.Clone(s.password)); err != nil {
+		return nil, usagef("%v", err)
+	}
+	if s.keyID != "" {
+		if err := keys.OnlyKey(s.keyID); err != nil {
+			return nil, usagef("%s: %v", s.flag, err)
+		}
+	}
 	return keys, nil
 }
 

@@ -121,9 +121,10 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{"backup", "--domain", "vm1", "--limit-upload", "fast"},
 		{"list", "--limit-download", "1KiB"},
 		{"backup", "--domain", "vm1", "--limit-read", "1"},
-		{"backup", "--domain", "vm1", "--progress", "loud"},
-		{"restore", "--domain", "vm1", "--output", "/tmp/x", "--progress", "json", "--progress-interval", "5ms"},
-		{"verify", "--progress-interval", "soon"},
+		{"backup", "--domain", "vm1", "--repo", "/nonexistent/r", "--progress", "loud"},
+		{"restore", "--domain", "vm1", "--repo", "/nonexistent/r", "--output", "/tmp/x", "--progress", "json", "--progress-interval", "5ms"},
+		{"verify", "--repo", "/nonexistent/r", "--progress-interval", "soon"},
+		{"copy", "--from", "/tmp/a", "--to", "/tmp/b"},
 	} {
 		_, stderr, code := nbdmover(t, args...)
 		if code != 2 || !strings.Contains(stderr, "nbdmover:") && args[0] != "nosuchcommand" {
@@ -216,5 +217,14 @@ func TestVerifyCannotCheckExit3(t *testing.T) {
 	_, stderr, code := nbdmover(t, "verify", "--repo", "s3://bucket", "--s3-endpoint", "http://127.0.0.1:9")
 	if code != 3 || !strings.Contains(stderr, "127.0.0.1:9") {
 		t.Fatalf("verify of an unreachable store: %d %q", code, stderr)
+	}
+}
+
+// A --limit-schedule rule is taken whole: the comma of a day list does
+// not split it (the second, bad, rule is the one refused).
+func TestLimitScheduleFlagKeepsCommas(t *testing.T) {
+	_, stderr, code := nbdmover(t, "serve", "--repo", t.TempDir(), "--limit-schedule", "sat,sun 00:00-24:00 upload=off", "--limit-schedule", "weekends upload=off")
+	if code != 2 || !strings.Contains(stderr, `"weekends upload=off"`) || strings.Contains(stderr, `"sat"`) {
+		t.Fatalf("exit %d: %s", code, stderr)
 	}
 }

@@ -439,11 +439,12 @@ func verifyCommand() *cli.Command {
 				return err
 			}
 			problems := []repo.Problem{}
+			rep.Start(c.Context)
 			r, err := repoOptions(c).Open(c.Context)
 			if err != nil {
+				rep.Finish(err)
 				return checkError{err}
 			}
-			rep.Start(c.Context)
 			stats, err := r.Verify(c.Context, repo.VerifyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
 				ReadPercent: share.percent, Seed: c.Uint64("seed"), NoLock: c.Bool("no-lock"), Log: log, Progress: counter},
 				func(p repo.Problem) {

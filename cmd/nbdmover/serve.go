@@ -49,7 +49,7 @@ func serveCommand() *cli.Command {
 			durationFlag("shutdown-timeout", 2*time.Minute, "on SIGTERM, wait this long for jobs to end", ""),
 			durationFlag("verify-every", 0, "run a verify job of the whole repository this often (e.g. 1d)", "never"),
 			&cli.BoolFlag{Name: "init", Usage: "create the repository at start if there is none (without it, one is created only at /var/lib/nbdmover/repo, when --repo and NBDMOVER_REPO are not set)"},
-			&cli.StringSliceFlag{Name: "limit-schedule", Usage: "a weekly timetable of the limits all jobs share, over --limit-upload, --limit-download and --limit-read " +
+			&cli.GenericFlag{Name: "limit-schedule", Value: &repeated{}, Usage: "a weekly timetable of the limits all jobs share, over --limit-upload, --limit-download and --limit-read " +
 				"(repeatable; the last rule that sets a limit wins): 'mon-fri 08:00-18:00 upload=20MiB read=50MiB', 'daily 22:00-06:00 upload=off'; the host's local time"},
 			&cli.StringFlag{Name: "limit-schedule-file", Usage: "a file of --limit-schedule rules, one a line (# comments), read again whenever it changes: no restart"},
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
@@ -134,7 +134,7 @@ func serveCommand() *cli.Command {
 				return err
 			}
 			var schedule sink.Schedule
-			for _, rule := range c.StringSlice("limit-schedule") {
+			for _, rule := range *c.Generic("limit-schedule").(*repeated) {
 				r, err := sink.ParseScheduleRule(rule)
 				if err != nil {
 					return usagef("--limit-schedule: %v", err)
@@ -169,6 +169,13 @@ func serveCommand() *cli.Command {
 		},
 	}
 }
+
+// repeated is a repeatable flag whose values are taken whole: a
+// StringSliceFlag would split 'sat,sun 00:00-24:00 upload=off' at its comma.
+type repeated []string
+
+func (r *repeated) Set(v string) error { *r = append(*r, v); return nil }
+func (r *repeated) String() string     { return strings.Join(*r, "; ") }
 
 // serveToken reads the bearer token from --token-file, or takes --token
 // (or NBDMOVER_TOKEN).

@@ -46,6 +46,9 @@ type Task struct {
 	// Read and Written: bytes read from the source and written to the
 	// destination (a backup's disk and repository).
 	Read, Written int64
+	// Start is when the task's work began (its rate and ETA count from
+	// it); zero: when the operation began.
+	Start time.Time
 }
 
 // Event is one line of the stream: a task's progress (Disk set), the
@@ -101,6 +104,9 @@ func (o Operation) Events(now time.Time, phase string, tasks []Task) []Event {
 			all.Total += t.Total
 		}
 	}
+	if len(tasks) == 0 {
+		all.Total = -1 // nothing known yet
+	}
 	return append(out, o.event(now, TypeProgress, all))
 }
 
@@ -109,6 +115,7 @@ func (o Operation) Summary(now time.Time, tasks []Task, err error) Event {
 	e := o.Events(now, "", tasks)
 	s := e[len(e)-1]
 	s.Type, s.Result, s.ETA = TypeSummary, "success", nil
+	s.BytesTotal = max(s.BytesTotal, 0)
 	if err != nil {
 		s.Result, s.Error = "failure", err.Error()
 	}
@@ -119,6 +126,9 @@ func (o Operation) event(now time.Time, typ string, t Task) Event {
 	secs := max(now.Sub(o.Start).Seconds(), 0)
 	e := Event{V: Version, Type: typ, Operation: o.Name, Time: now.UTC(), Elapsed: round(secs, 3), Domain: o.Domain,
 		Disk: t.Disk, Phase: t.Phase, BytesDone: t.Done, BytesTotal: t.Total, BytesRead: t.Read, BytesWritten: t.Written}
+	if !t.Start.IsZero() && t.Start.After(o.Start) {
+		secs = max(now.Sub(t.Start).Seconds(), 0) // the task's own time
+	}
 	if secs > 0 {
 		e.Rate = round(float64(t.Done)/secs, 0)
 	}
@@ -181,6 +191,7 @@ type Counter struct {
 	Disk                       string
 	Done, Total, Read, Written atomic.Int64
 	phase                      atomic.Pointer[string]
+	start                      atomic.Int64 // unix nanoseconds; 0: not begun
 }
 
 // NewCounter is a task's counter in phase, with total bytes of work
@@ -195,9 +206,19 @@ func NewCounter(disk, phase string, total int64) *Counter {
 // SetPhase records the task's phase.
 func (c *Counter) SetPhase(p string) { c.phase.Store(&p) }
 
+// Begin records that the task's work begins now, in phase p: its rate and
+// ETA count from here.
+func (c *Counter) Begin(p string) {
+	c.start.Store(time.Now().UnixNano())
+	c.SetPhase(p)
+}
+
 // Task reads the counters.
 func (c *Counter) Task() Task {
 	t := Task{Disk: c.Disk, Done: c.Done.Load(), Total: c.Total.Load(), Read: c.Read.Load(), Written: c.Written.Load()}
+	if ns := c.start.Load(); ns != 0 {
+		t.Start = time.Unix(0, ns)
+	}
 	if p := c.phase.Load(); p != nil {
 		t.Phase = *p
 	}

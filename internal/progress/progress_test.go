@@ -35,6 +35,30 @@ func TestEventSchema(t *testing.T) {
 	}
 }
 
+// Before any task is known the operation's total is not known either,
+// and no ETA is told; a summary without tasks did nothing.
+func TestNoTasks(t *testing.T) {
+	op := Operation{Name: "gc", Start: time.Now()}
+	e := op.Events(time.Now().Add(time.Second), "running", nil)
+	if len(e) != 1 || e[0].BytesTotal != -1 || e[0].ETA != nil {
+		t.Fatalf("events without tasks: %+v", e)
+	}
+	if s := op.Summary(time.Now(), nil, nil); s.BytesTotal != 0 || s.Result != "success" {
+		t.Fatalf("summary without tasks: %+v", s)
+	}
+}
+
+// A task's rate counts from its own start: a second disk restored after
+// a first is not slowed by the first's time.
+func TestTaskRate(t *testing.T) {
+	start := time.Now()
+	op := Operation{Name: "restore", Start: start}
+	e := op.Events(start.Add(10*time.Second), "write", []Task{{Disk: "vdb", Done: 100, Total: 200, Start: start.Add(9 * time.Second)}})
+	if e[0].Rate != 100 || e[0].ETA == nil || *e[0].ETA != 1 {
+		t.Fatalf("a task begun a second ago: %+v", e[0])
+	}
+}
+
 // An ETA falls as the work goes on at a steady rate, and is 0 at the end.
 func TestETA(t *testing.T) {
 	start := time.Now()

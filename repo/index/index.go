@@ -444,3 +444,34 @@ func (l *Link) Entries() int64 { return int64(len(l.full.chunks) + len(l.delta.c
 // Index is the link as a full index (a full link's), Delta as a delta.
 func (l *Link) Index() *Index { return &l.full }
 func (l *Link) Delta() *Delta { return &l.delta }
+
+// Diff returns the delta that makes parent into ix (parent.Apply(Diff)
+// equals ix): the chunks whose digest differs, with ZeroChunk for those
+// that became zero, and the truncation a change of size needs.
+func Diff(parent, ix *Index) *Delta {
+	d := &Delta{ChunkSize: ix.ChunkSize, Size: ix.Size, Trunc: min(parent.Size, ix.Size), Backups: 1}
+	keep := truncCount(parent.ChunkSize, d.Trunc) // the parent's chunks past it are dropped by Apply
+	a, b := 0, 0
+	for a < len(parent.chunks) || b < len(ix.chunks) {
+		switch {
+		case b >= len(ix.chunks) || a < len(parent.chunks) && parent.chunks[a] < ix.chunks[b]:
+			if i := parent.chunks[a]; i < keep { // zero now
+				d.chunks = append(d.chunks, i)
+				d.digests = append(d.digests, chunker.ZeroChunk)
+			}
+			a++
+		case a >= len(parent.chunks) || ix.chunks[b] < parent.chunks[a]:
+			d.chunks = append(d.chunks, ix.chunks[b])
+			d.digests = append(d.digests, ix.digests[b])
+			b++
+		default:
+			if i := ix.chunks[b]; i >= keep || ix.digests[b] != parent.digests[a] {
+				d.chunks = append(d.chunks, i)
+				d.digests = append(d.digests, ix.digests[b])
+			}
+			a++
+			b++
+		}
+	}
+	return d
+}

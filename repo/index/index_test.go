@@ -3,6 +3,7 @@ package index
 import (
 	"bytes"
 	"errors"
+	"math/rand/v2"
 	"slices"
 	"testing"
 
@@ -124,4 +125,35 @@ func FuzzUnmarshalIndexPart(f *testing.F) {
 			t.Fatal("a decoded index part does not encode to the same bytes")
 		}
 	})
+}
+
+// Diff makes a parent into any index: random pairs of indexes of random
+// sizes (grown, shrunk, the same) over a few digests, so that equal
+// digests at one place are common.
+func TestDiff(t *testing.T) {
+	const cs = 4096
+	rng := rand.New(rand.NewPCG(1, 2))
+	random := func() *Index {
+		size := rng.Int64N(20*cs) + 1
+		m := map[int64]chunker.Digest{}
+		for i := range (size + cs - 1) / cs {
+			if n := rng.IntN(4); n > 0 {
+				m[i] = chunker.Sum([]byte{byte(n)})
+			}
+		}
+		return indexOf(cs, size, m)
+	}
+	for range 2000 {
+		parent, ix := random(), random()
+		if rng.IntN(4) == 0 {
+			ix = indexOf(cs, parent.Size, map[int64]chunker.Digest{}) // all zero now
+		}
+		d := Diff(parent, ix)
+		if got := parent.Apply(d); !sameIndex(got, ix) {
+			t.Fatalf("parent %d bytes %v, index %d bytes %v: diff %v %v makes %v", parent.Size, parent.chunks, ix.Size, ix.chunks, d.chunks, d.digests, got.chunks)
+		}
+		if same := Diff(ix, ix); same.Len() != 0 {
+			t.Fatalf("an index against itself: %v", same.chunks)
+		}
+	}
 }

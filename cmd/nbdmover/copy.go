@@ -1,0 +1,187 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/nbdmover/nbdmover/internal/progress"
+	"github.com/nbdmover/nbdmover/repo"
+	"github.com/nbdmover/nbdmover/sink"
+	"github.com/urfave/cli/v2"
+)
+
+// copySides are the two repositories of a copy, and their environment
+// variables for a password of their own.
+var copySides = []struct{ side, env string }{{"from", "NBDMOVER_FROM_PASSWORD"}, {"to", "NBDMOVER_TO_PASSWORD"}}
+
+func copyCommand() *cli.Command {
+	flags := []cli.Flag{
+		&cli.StringFlag{Name: "from", Usage: "the repository to copy from: a path, file:///path or s3://BUCKET[/PREFIX] (required)"},
+		&cli.StringFlag{Name: "to", Usage: "the repository to copy into; it must exist, with the same chunk size (nbdmover init) (required)"},
+		&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
+		&cli.StringFlag{Name: "backup", Usage: "only this backup id (with --domain)"},
+		&cli.BoolFlag{Name: "all", Usage: "every domain's backups (without --domain)"},
+		&cli.BoolFlag{Name: "dry-run", Usage: "list what would be copied; copy nothing"},
+		&cli.IntFlag{Name: "parallel", Usage: "chunks in flight", DefaultText: "8; 32 when either side is S3"},
+		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"NBDMOVER_S3_ENDPOINT"}, Usage: "S3 endpoint of whichever side is s3:// (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"},
+		&cli.StringFlag{Name: "from-s3-endpoint", Usage: "S3 endpoint of --from, when both sides are S3 elsewhere"},
+		&cli.StringFlag{Name: "to-s3-endpoint", Usage: "S3 endpoint of --to"},
+		&cli.StringFlag{Name: "s3-region", EnvVars: []string{"AWS_REGION"}, Usage: "S3 region"},
+		&cli.BoolFlag{Name: "s3-path-style", Usage: "force path-style S3 requests"},
+		&cli.StringFlag{Name: "limit-upload", EnvVars: []string{"NBDMOVER_LIMIT_UPLOAD"}, Usage: "store at most this much per second into --to (e.g. 20MiB)", DefaultText: "no limit"},
+		&cli.StringFlag{Name: "limit-download", EnvVars: []string{"NBDMOVER_LIMIT_DOWNLOAD"}, Usage: "read at most this much per second from --from", DefaultText: "no limit"},
+		jsonFlag(),
+	}
+	flags = append(flags, keyFlags()...) // a secret both sides share
+	for _, s := range copySides {
+		flags = append(flags,
+			&cli.StringFlag{Name: s.side + "-password-file", Usage: "--" + s.side + "'s password, from this file (or set " + s.env + ")"},
+			&cli.StringFlag{Name: s.side + "-password-command", Usage: "--" + s.side + "'s password, the output of this shell command"},
+			&cli.StringFlag{Name: s.side + "-key-file", Usage: "open --" + s.side + " with this key file"},
+			&cli.StringFlag{Name: s.side + "-key-id", Usage: "with --" + s.side + "'s password: try only this key"})
+	}
+	return &cli.Command{
+		Name: "copy",
+		Usage: "copy the backups one repository has and another lacks (3-2-1: a local repository every hour, a copy offsite every night); " +
+			"only chunks the target lacks move, and a killed copy is finished by a rerun",
+		Flags:  append(flags, progressFlags()...),
+		Action: runCopy,
+	}
+}
+
+func runCopy(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
+	if c.String("from") == "" || c.String("to") == "" {
+		return usagef("copy needs --from REPO and --to REPO")
+	}
+	switch {
+	case c.String("backup") != "" && c.String("domain") == "":
+		return usagef("copy --backup needs --domain")
+	case c.Bool("all") && c.String("domain") != "":
+		return usagef("copy: give --domain NAME or --all, not both")
+	case !c.Bool("all") && c.String("domain") == "":
+		return usagef("copy: give --domain NAME (and --backup ID for one backup), or --all for every domain's backups")
+	}
+	if d := c.String("domain"); d != "" {
+		if err := repo.ValidName("domain", d); err != nil {
+			return usagef("--domain: %v", err)
+		}
+	}
+	if b := c.String("backup"); b != "" {
+		if err := repo.ValidBackupID(b); err != nil {
+			return usagef("--backup: %v", err)
+		}
+	}
+	if n := c.Int("parallel"); c.IsSet("parallel") && (n < 1 || n > 256) {
+		return usagef("--parallel %d: want 1 to 256", n)
+	}
+	log, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	shared, err := readSecret(c, "", passwordEnv)
+	if err != nil {
+		return err
+	}
+	defer shared.wipe()
+	var opts [2]repo.Options
+	var sharedKeys [2]bool
+	for k, s := range copySides {
+		if opts[k], sharedKeys[k], err = copySide(c, s.side, s.env, shared); err != nil {
+			return err
+		}
+	}
+	var counters progress.Counters
+	rep, err := progressReporter(c, "copy", c.String("domain"), counters.Sample)
+	if err != nil {
+		return err
+	}
+	rep.Start(c.Context)
+	var rs [2]*repo.Repo
+	for k, o := range opts {
+		r, err := o.Open(c.Context)
+		if errors.Is(err, repo.ErrNotEncrypted) && sharedKeys[k] { // the shared secret is the other side's
+			o.Keys = nil
+			r, err = o.Open(c.Context)
+		}
+		if err != nil {
+			err = fmt.Errorf("--%s: %w", copySides[k].side, err)
+			rep.Finish(err)
+			return err
+		}
+		rs[k] = r
+	}
+	from, to := rs[0], rs[1]
+	res, err := repo.Copy(c.Context, from, to, repo.CopyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
+		DryRun: c.Bool("dry-run"), Parallel: c.Int("parallel"), Log: log, Progress: counters.Add})
+	rep.Finish(err)
+	if err != nil {
+		if res != nil && len(res.Backups) > 0 {
+			err = fmt.Errorf("%w (%s copied before it; a rerun copies the rest)", err, count(len(res.Backups), "backup"))
+		}
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, res)
+	}
+	w := c.App.Writer
+	verb := "copied"
+	if c.Bool("dry-run") {
+		verb = "would copy"
+	}
+	for _, b := range res.Backups {
+		line := fmt.Sprintf("%s %s/%s", verb, b.Domain, b.ID)
+		if b.Base != "" {
+			line += " (on " + b.Base + ")"
+		}
+		if !c.Bool("dry-run") {
+			line += fmt.Sprintf(": %s, %s", count(int(b.Chunks), "chunk"), progress.Bytes(b.Bytes))
+		}
+		fmt.Fprintln(w, line)
+	}
+	fmt.Fprintf(w, "%s %s in %.1fs: stored %s (%s), %s already there, read %s; %d already in the target\n", verb,
+		count(len(res.Backups), "backup"), res.Seconds, count(int(res.Chunks), "chunk"), progress.Bytes(res.Bytes),
+		count(int(res.ChunksHeld), "chunk"), progress.Bytes(res.BytesRead), res.Present)
+	return nil
+}
+
+// copySide is the repository of one side of a copy: its location, its S3
+// endpoint (its own, or the shared one), its secret (its own, or the
+// shared one), and its limit (uploads into --to, downloads from --from).
+func copySide(c *cli.Context, side, env string, shared *secret) (o repo.Options, sharedKeys bool, err error) {
+	o = repo.Options{Location: c.String(side), S3Endpoint: c.String(side + "-s3-endpoint"),
+		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
+	if o.S3Endpoint == "" {
+		o.S3Endpoint = c.String("s3-endpoint")
+	}
+	own, err := readSecret(c, side+"-", env)
+	if err != nil {
+		return o, false, err
+	}
+	defer own.wipe()
+	s := own
+	if s == nil {
+		s, sharedKeys = shared, shared != nil
+	}
+	if o.Keys, err = s.keys(); err != nil {
+		return o, false, err
+	}
+	limit := map[string]string{"from": "limit-download", "to": "limit-upload"}[side]
+	if v := c.String(limit); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 64<<10 {
+			return o, false, usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", limit, v)
+		}
+		if side == "from" {
+			o.Download = sink.NewRate(n)
+		} else {
+			o.Upload = sink.NewRate(n)
+		}
+	}
+	if _, err := o.Store(); err != nil {
+		return o, false, usagef("--%s: %v", side, err)
+	}
+	return o, sharedKeys, nil
+}

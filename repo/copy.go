@@ -1,0 +1,461 @@
+package repo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/internal/hold"
+	"github.com/nbdmover/nbdmover/internal/progress"
+	"github.com/nbdmover/nbdmover/repo/index"
+	"github.com/nbdmover/nbdmover/repo/lock"
+	"golang.org/x/sync/errgroup"
+)
+
+// CopyOptions say what Copy copies.
+type CopyOptions struct {
+	Domain string // "" = every domain
+	Backup string // one backup id (with Domain); "" = every backup the target lacks
+	DryRun bool   // list what would be copied, copy nothing
+	// Parallel is how many chunks are in flight (default 8; 32 when
+	// either repository is remote).
+	Parallel int
+	Log      *slog.Logger
+	// Progress, if set, is given each backup's counter as its copy
+	// starts: bytes of the chunks examined of the chunks it references,
+	// read from the source and written to the target.
+	Progress func(*progress.Counter) `json:"-"`
+}
+
+// CopyResult is what Copy did (or, in a dry run, would do).
+type CopyResult struct {
+	Backups []CopiedBackup `json:"backups"` // copied (or to copy), in order
+	Present int            `json:"present"` // of the selection, backups the target had already
+	// Chunks and Bytes: chunks stored into the target, their bytes as
+	// stored; ChunksHeld: chunks it held already (a rerun after a kill);
+	// BytesRead: chunk bytes read from the source.
+	Chunks     int64   `json:"chunks"`
+	Bytes      int64   `json:"bytes"`
+	ChunksHeld int64   `json:"chunks_held"`
+	BytesRead  int64   `json:"bytes_read"`
+	Reencoded  bool    `json:"reencoded"` // chunks were decoded and encoded again (the repositories' keys differ)
+	Seconds    float64 `json:"seconds"`
+}
+
+// CopiedBackup is one backup of a copy.
+type CopiedBackup struct {
+	Domain string `json:"domain"`
+	ID     string `json:"id"`
+	Base   string `json:"base,omitempty"` // the backup both held that the copy's indexes are relative to
+	Chunks int64  `json:"chunks"`         // chunks stored for it
+	Bytes  int64  `json:"bytes"`
+}
+
+// ErrCopyMismatch is matched by the error for repositories a copy cannot
+// go between (another chunk size, the same repository).
+var ErrCopyMismatch = errors.New("repositories do not fit")
+
+// Copy copies the backups of from that to lacks (Domain, Backup narrow
+// them) into to: each backup's extra files, its indexes and the chunks to
+// lacks, then its manifest, by the commit rule of a backup (under to's
+// shared lock, with every chunk and index durable before the manifest),
+// so that a copy killed at any moment leaves in to only whole backups,
+// and a rerun copies what is missing (chunks already stored are found
+// and not sent again). from is read under its shared lock, as a restore
+// reads it; gc on either side is as safe beside a copy as beside a backup
+// or a restore.
+//
+// Backups are copied oldest first. A backup's indexes in to are a delta
+// against the newest earlier backup of its domain both repositories hold
+// (its base), and its chunks are those of the base where the source's
+// digests are unchanged since the base; only the others are read from
+// from. Where the repositories' chunk keys differ (encryption with other
+// keys, or one side encrypted), those chunks are decoded and encoded for
+// to, under to's names; otherwise each blob is checked (decoded, its
+// digest compared) and stored as it is. The repositories must have the
+// same chunk size.
+func Copy(ctx context.Context, from, to *Repo, o CopyOptions) (*CopyResult, error) {
+	start := time.Now()
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if from.cfg.ID == to.cfg.ID {
+		return nil, fmt.Errorf("%w: %s and %s are the same repository (id %s)", ErrCopyMismatch, from.Location(), to.Location(), to.cfg.ID)
+	}
+	if from.cfg.ChunkSize != to.cfg.ChunkSize {
+		return nil, fmt.Errorf("%w: %s has %d-byte chunks, %s %d-byte ones: a copy needs the same chunk size (init the target with --chunk-size %d)",
+			ErrCopyMismatch, from.Location(), from.cfg.ChunkSize, to.Location(), to.cfg.ChunkSize, from.cfg.ChunkSize)
+	}
+	if o.Backup != "" && o.Domain == "" {
+		return nil, errors.New("copy of one backup: name its domain")
+	}
+	if o.Parallel <= 0 {
+		o.Parallel = 8
+		if from.Remote() || to.Remote() {
+			o.Parallel = 32
+		}
+	}
+	c := &copier{from: from, to: to, o: o, same: sameChunkNames(from, to), res: &CopyResult{Backups: []CopiedBackup{}},
+		done: map[chunker.Digest]chunker.Digest{}}
+	c.res.Reencoded = !c.same
+	if !o.DryRun {
+		held, lctx, err := from.Lock(ctx, lock.Shared, "copy to "+to.Location(), o.Log)
+		if err != nil {
+			return nil, lock.NoLockHint(err)
+		}
+		defer held.Release()
+		tlock, tctx, err := to.Lock(lctx, lock.Shared, "copy from "+from.Location(), o.Log)
+		if err != nil {
+			return nil, lock.NoLockHint(err)
+		}
+		defer tlock.Release()
+		ctx, c.lock = tctx, tlock
+	}
+	err := c.run(ctx)
+	c.res.Seconds = time.Since(start).Seconds()
+	return c.res, err
+}
+
+// sameChunkNames reports whether a chunk has the same name and blob in
+// both repositories: neither is encrypted.
+func sameChunkNames(a, b *Repo) bool { return !a.Encrypted() && !b.Encrypted() }
+
+type copier struct {
+	from, to *Repo
+	o        CopyOptions
+	same     bool
+	lock     *lock.Lock // to's
+	res      *CopyResult
+
+	mu sync.Mutex
+	// done: chunks this run copied or found held, source name -> target
+	// name (at most maxDone: it only spares a question to the target, or a
+	// decode, for a chunk several backups of the run changed).
+	done map[chunker.Digest]chunker.Digest
+}
+
+const maxDone = 1 << 20
+
+func (c *copier) run(ctx context.Context) error {
+	src, skipped, err := c.from.Backups(ctx, c.o.Domain)
+	if err != nil {
+		return err
+	}
+	for _, p := range skipped {
+		c.o.Log.Warn("a backup of the source cannot be read; it is not copied", "object", p.Object, "problem", p.Problem)
+	}
+	dst, _, err := c.to.Backups(ctx, c.o.Domain)
+	if err != nil {
+		return err
+	}
+	in := map[string]*Manifest{} // the target's, by domain/id
+	for _, m := range dst {
+		in[m.Domain+"/"+m.ID] = m
+	}
+	var todo []*Manifest
+	for _, m := range src {
+		if c.o.Backup != "" && m.ID != c.o.Backup {
+			continue
+		}
+		if in[m.Domain+"/"+m.ID] != nil {
+			c.res.Present++
+			continue
+		}
+		todo = append(todo, m)
+	}
+	if c.o.Backup != "" && len(todo) == 0 && c.res.Present == 0 {
+		return fmt.Errorf("%w: %s/%s in %s", ErrNoBackup, c.o.Domain, c.o.Backup, c.from.Location())
+	}
+	slices.SortStableFunc(todo, func(a, b *Manifest) int {
+		if a.Domain != b.Domain {
+			return cmpString(a.Domain, b.Domain)
+		}
+		return cmpString(a.ID, b.ID)
+	})
+	srcByKey := map[string]*Manifest{}
+	for _, m := range src {
+		srcByKey[m.Domain+"/"+m.ID] = m
+	}
+	for _, m := range todo {
+		cb := CopiedBackup{Domain: m.Domain, ID: m.ID}
+		base := c.base(m, src, in)
+		if base != nil {
+			cb.Base = base.ID
+		}
+		if c.o.DryRun {
+			c.res.Backups = append(c.res.Backups, cb)
+			in[m.Domain+"/"+m.ID] = m // the base of the next, once copied
+			continue
+		}
+		if err := c.backup(ctx, m, base, srcByKey, in, &cb); err != nil {
+			return fmt.Errorf("copy %s/%s: %w", m.Domain, m.ID, err)
+		}
+		c.res.Backups = append(c.res.Backups, cb)
+		c.o.Log.Info("backup copied", "domain", m.Domain, "id", m.ID, "base", cb.Base, "chunks", cb.Chunks, "bytes", cb.Bytes)
+	}
+	return nil
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// base is the newest backup of m's domain, older than m, that both
+// repositories hold (the target's manifest of it), or nil.
+func (c *copier) base(m *Manifest, src []*Manifest, in map[string]*Manifest) *Manifest {
+	var best *Manifest
+	for _, s := range src {
+		if s.Domain != m.Domain || s.ID >= m.ID {
+			continue
+		}
+		if t := in[s.Domain+"/"+s.ID]; t != nil && (best == nil || s.ID > best.ID) {
+			best = t
+		}
+	}
+	return best
+}
+
+// sameBackup reports whether two repositories' manifests are of one
+// backup: the same times and disks (a copy of it), not only the same name.
+func sameBackup(a, b *Manifest) bool {
+	if a == nil || b == nil || !a.Created.Equal(b.Created) || !a.Completed.Equal(b.Completed) || len(a.Disks) != len(b.Disks) {
+		return false
+	}
+	for k, d := range a.Disks {
+		e := b.Disks[k]
+		if d.Name != e.Name || d.Size != e.Size || d.Chunks != e.Chunks || d.ZeroChunks != e.ZeroChunks {
+			return false
+		}
+	}
+	return true
+}
+
+// backup copies one backup and commits it in the target.
+func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[string]*Manifest, cb *CopiedBackup) error {
+	counter := progress.NewCounter(m.Domain+"/"+m.ID, "plan", -1)
+	if c.o.Progress != nil {
+		c.o.Progress(counter)
+	}
+	var srcBase *Manifest
+	if base != nil {
+		if srcBase = src[base.Domain+"/"+base.ID]; !sameBackup(srcBase, base) {
+			c.o.Log.Warn("the target's backup of the same name is not a copy of the source's: copying in full", "domain", base.Domain, "id", base.ID)
+			srcBase, base, cb.Base = nil, nil, ""
+		}
+	}
+	type diskWork struct {
+		name     string
+		ix       *index.Index // the source's
+		srcBase  *index.Index // the source's index of the base (nil: none)
+		dstBase  *Chain       // the target's chain of the base
+		todo     []int        // entries of ix to copy (others are the base's)
+		resolved []chunker.Digest
+	}
+	disks := make([]*diskWork, len(m.Disks))
+	var total int64
+	for k, d := range m.Disks {
+		w := &diskWork{name: d.Name}
+		var err error
+		if w.ix, err = c.from.LoadIndex(ctx, m, d.Name); err != nil {
+			return err
+		}
+		if srcBase != nil {
+			if _, err := srcBase.Disk(d.Name); err == nil {
+				if w.srcBase, err = c.from.LoadIndex(ctx, srcBase, d.Name); err != nil {
+					return err
+				}
+				if w.dstBase, err = c.to.LoadChain(ctx, base, d.Name); err != nil {
+					return err
+				}
+			}
+		}
+		w.resolved = make([]chunker.Digest, w.ix.Len())
+		for e := range w.ix.Len() {
+			i, sd := w.ix.At(e)
+			if w.srcBase != nil && w.srcBase.Digest(i) == sd {
+				if td := w.dstBase.Index.Digest(i); !td.IsZeroChunk() {
+					w.resolved[e] = td // unchanged since the base: its chunk in the target
+					continue
+				}
+			}
+			w.todo = append(w.todo, e)
+		}
+		total += int64(len(w.todo)) * c.from.cfg.ChunkSize
+		disks[k] = w
+	}
+	counter.Total.Store(total)
+	counter.Begin("copy")
+
+	// The chunks, Parallel at once.
+	type item struct {
+		w *diskWork
+		e int
+	}
+	items := make(chan item)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		defer close(items)
+		for _, w := range disks {
+			for _, e := range w.todo {
+				select {
+				case items <- item{w, e}:
+				case <-gctx.Done():
+					return gctx.Err()
+				}
+			}
+		}
+		return nil
+	})
+	putter := c.to.NewPutter()
+	for range c.o.Parallel {
+		g.Go(func() error {
+			var plain, blob, out []byte
+			for it := range items {
+				_, sd := it.w.ix.At(it.e)
+				td, err := c.chunk(gctx, putter, sd, &plain, &blob, &out, counter, cb)
+				if err != nil {
+					return err
+				}
+				it.w.resolved[it.e] = td
+				counter.Done.Add(c.from.cfg.ChunkSize)
+				hold.At("copy-chunk")
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+
+	// The indexes, the files, the manifest.
+	counter.SetPhase("commit")
+	dds := map[string]DiskData{}
+	for _, w := range disks {
+		var b index.Builder
+		for e := range w.ix.Len() {
+			i, _ := w.ix.At(e)
+			b.Set(i, w.resolved[e])
+		}
+		ix := b.Index(w.ix.ChunkSize, w.ix.Size)
+		if w.dstBase != nil {
+			dds[w.name] = DiskData{Parent: w.dstBase, Delta: index.Diff(w.dstBase.Index, ix)}
+		} else {
+			dds[w.name] = DiskData{Full: ix}
+		}
+	}
+	files := map[string][]byte{}
+	for name := range m.Files {
+		data, err := c.from.ReadFile(ctx, m, name)
+		if err != nil {
+			return err
+		}
+		files[name] = data
+	}
+	nm := *m
+	nm.Disks = slices.Clone(m.Disks)
+	if !c.same {
+		nm.Compression = c.to.cfg.Compression // the chunks it stored were encoded so
+	}
+	hold.At("copy-commit")
+	deadline, err := c.lock.Check(ctx)
+	if err != nil {
+		return fmt.Errorf("not committed: %w", err)
+	}
+	cctx, cancel := lock.WithDeadline(ctx, deadline)
+	defer cancel()
+	if err := c.to.Commit(cctx, &nm, dds, files); err != nil {
+		return err
+	}
+	in[nm.Domain+"/"+nm.ID] = &nm
+	counter.SetPhase(progress.PhaseDone)
+	return nil
+}
+
+// chunk copies one chunk (unless this run did, or the target holds it)
+// and returns its name in the target.
+func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, plain, blob, out *[]byte,
+	counter *progress.Counter, cb *CopiedBackup) (chunker.Digest, error) {
+	c.mu.Lock()
+	td, seen := c.done[sd]
+	c.mu.Unlock()
+	if seen {
+		return td, nil
+	}
+	if c.same {
+		held, err := c.to.hasChunk(ctx, sd)
+		if err != nil {
+			return sd, err
+		}
+		if held {
+			c.remember(sd, sd, false, 0, cb)
+			return sd, nil
+		}
+	}
+	key := ChunkKey(sd)
+	var err error
+	if *blob, err = c.from.get(ctx, key, *blob); err != nil {
+		return sd, &ChunkError{Key: key, Err: fmt.Errorf("%w (in %s; verify and heal it there)", err, c.from.Location())}
+	}
+	counter.Read.Add(int64(len(*blob)))
+	c.mu.Lock()
+	c.res.BytesRead += int64(len(*blob))
+	c.mu.Unlock()
+	stored := *blob
+	if c.from.Encrypted() { // decoding decrypts in place
+		*out = append((*out)[:0], *blob...)
+		stored = *out
+	}
+	if *plain, err = c.from.codec.DecodeChunk(*plain, stored, key, sd, int(c.from.cfg.ChunkSize)); err != nil {
+		return sd, &ChunkError{Key: key, Err: fmt.Errorf("%w (in %s; verify records it, the next backup heals it)", err, c.from.Location())}
+	}
+	td = sd
+	put := *blob // the blob as stored: the same in the target
+	if !c.same {
+		td = c.to.Sum(*plain)
+		if held, err := c.to.hasChunk(ctx, td); err != nil || held {
+			if held {
+				c.remember(sd, td, false, 0, cb)
+			}
+			return td, err
+		}
+		*out = c.to.EncodeChunk(*out, td, *plain)
+		put = *out
+	}
+	held, err := putter.Put(ctx, td, put, false)
+	if err != nil {
+		return td, err
+	}
+	c.remember(sd, td, !held, int64(len(put)), cb)
+	if !held {
+		counter.Written.Add(int64(len(put)))
+	}
+	return td, nil
+}
+
+// remember notes a chunk handled: stored (n bytes) or found held.
+func (c *copier) remember(sd, td chunker.Digest, stored bool, n int64, cb *CopiedBackup) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.done) < maxDone {
+		c.done[sd] = td
+	}
+	if stored {
+		c.res.Chunks++
+		c.res.Bytes += n
+		cb.Chunks++
+		cb.Bytes += n
+	} else {
+		c.res.ChunksHeld++
+	}
+}
