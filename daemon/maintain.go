@@ -16,6 +16,7 @@ const (
 	KindForget = "forget"
 	KindGC     = "gc"
 	KindVerify = "verify"
+	KindCopy   = "copy"
 )
 
 // VerifyReport is a verify job's result.
@@ -74,6 +75,10 @@ func checkMaintenance(req JobRequest) error {
 				return invalid("grace %q: want a positive duration such as \"24h\"", req.Grace)
 			}
 		}
+	case KindCopy:
+		if req.All || req.Policy != nil || req.Grace != "" || req.ReadData || req.ReadDataPercent != 0 {
+			return invalid("a copy job takes domain and dry_run only (the target is the daemon's --copy-to)")
+		}
 	case KindVerify:
 		if req.All || req.Policy != nil || req.Grace != "" || req.DryRun {
 			return invalid("a verify job takes domain, read_data and read_data_percent only")
@@ -82,7 +87,7 @@ func checkMaintenance(req JobRequest) error {
 			return invalid("read_data_percent %d: want 1 to 100 (the share of the chunks read)", req.ReadDataPercent)
 		}
 	default:
-		return invalid("job kind %q: want backup, forget, gc or verify", req.Kind)
+		return invalid("job kind %q: want backup, forget, gc, verify, copy or instant-restore", req.Kind)
 	}
 	return nil
 }
@@ -93,6 +98,9 @@ func checkMaintenance(req JobRequest) error {
 func (r *Runner) submitMaintenance(req JobRequest) (JobView, error) {
 	if err := checkMaintenance(req); err != nil {
 		return JobView{}, err
+	}
+	if req.Kind == KindCopy && r.o.CopyTo == nil {
+		return JobView{}, refuse(ErrInvalid, "this daemon has no repository to copy to: start it with --copy-to REPO")
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -113,12 +121,7 @@ func (r *Runner) runMaintenance(ctx context.Context, j *job) {
 	defer r.wg.Done()
 	log := r.o.Log.With("job", j.id, "kind", j.req.Kind)
 	log.Info("job started")
-	var c *progress.Counter
-	if j.req.Kind == KindVerify {
-		c = progress.NewCounter("", "check", -1)
-		j.counters.Add(c)
-	}
-	report, err := r.maintain(ctx, j.req, log, c)
+	report, err := r.maintain(ctx, j.req, log, &j.counters)
 	j.mu.Lock()
 	j.report = report
 	j.mu.Unlock()
@@ -132,8 +135,9 @@ func (r *Runner) runMaintenance(ctx context.Context, j *job) {
 	}
 }
 
-// maintain runs a maintenance job; c, for verify, counts its progress.
-func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger, c *progress.Counter) (any, error) {
+// maintain runs a maintenance job; verify and copy count their progress
+// in counters.
+func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger, counters *progress.Counters) (any, error) {
 	rp, err := r.repository(ctx)
 	if err != nil {
 		return nil, err
@@ -141,6 +145,12 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger,
 	switch req.Kind {
 	case KindForget:
 		return rp.Forget(ctx, req.Domain, *req.Policy, req.DryRun)
+	case KindCopy:
+		res, err := repo.Copy(ctx, rp, r.o.CopyTo, repo.CopyOptions{Domain: req.Domain, DryRun: req.DryRun, Log: log, Progress: counters.Add})
+		if res == nil {
+			return nil, err
+		}
+		return res, err
 	case KindGC:
 		grace, _ := time.ParseDuration(req.Grace) // checked; "" is the default
 		res, err := rp.GC(ctx, repo.GCOptions{Grace: grace, DryRun: req.DryRun, Log: log})
@@ -149,6 +159,8 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger,
 		}
 		return res, err
 	}
+	c := progress.NewCounter("", "check", -1)
+	counters.Add(c)
 	rep := &VerifyReport{Problems: []repo.Problem{}}
 	rep.VerifyStats, err = rp.Verify(ctx, repo.VerifyOptions{Domain: req.Domain, ReadData: req.ReadData,
 		ReadPercent: req.ReadDataPercent, Log: log, Progress: c},

@@ -35,6 +35,8 @@ type metrics struct {
 	// backup jobs, per domain: when the last one succeeded (seeded at
 	// start from the repository's newest backups), and whether the last
 	// one did.
+	copied      *prometheus.CounterVec
+	copyLast    prometheus.Gauge
 	lastSuccess *prometheus.GaugeVec
 	lastResult  *prometheus.GaugeVec
 	exports     *exports
@@ -66,6 +68,10 @@ func newMetrics() *metrics {
 		Help: "When the last verify job of the whole repository that ran to its end (with or without problems) ended, in seconds since 1970; 0 before the first."})
 	m.healed = prometheus.NewCounter(prometheus.CounterOpts{Name: "nbdmover_chunks_healed_total",
 		Help: "Damaged chunks that backups built from the disks and stored again."})
+	m.copied = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdmover_copy_total",
+		Help: "What copy jobs did: backups copied, chunks and their bytes stored into the target."}, []string{"kind"})
+	m.copyLast = prometheus.NewGauge(prometheus.GaugeOpts{Name: "nbdmover_copy_last_success_timestamp_seconds",
+		Help: "When the last copy job that was not a dry run succeeded, in seconds since 1970; 0 before the first."})
 	m.lastSuccess = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "nbdmover_backup_last_success_timestamp_seconds",
 		Help: "When the last backup of the domain that succeeded ended, in seconds since 1970 (from the repository's newest backup at start-up)."}, []string{"domain"})
 	m.lastResult = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "nbdmover_backup_last_result",
@@ -132,7 +138,7 @@ func newMetrics() *metrics {
 			Help: "Time the exports' chunk fetches took, added up (divided by nbdmover_export_fetches_total: the mean fetch latency)."},
 			exportStat(func(s export.Stats) float64 { return s.FetchSeconds })),
 	)
-	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot,
+	m.reg.MustRegister(m.finished, m.bytes, m.duration, m.errors, m.lies, m.gcDel, m.gcLast, m.forgot, m.copied, m.copyLast,
 		m.verified, m.damaged, m.verifyLast, m.healed, m.lastSuccess, m.lastResult, jobs, queued, inDone, inTotal,
 		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	for _, s := range []string{JobSucceeded, JobFailed, JobCancelled} {
@@ -188,6 +194,15 @@ func (m *metrics) observe(v JobView, err error) {
 		if rep.Complete && v.Request.Domain == "" { // of the whole repository
 			m.damaged.Set(float64(len(rep.Damaged)))
 			m.verifyLast.SetToCurrentTime()
+		}
+	case *repo.CopyResult:
+		if !v.Request.DryRun {
+			m.copied.WithLabelValues("backups").Add(float64(len(rep.Backups)))
+			m.copied.WithLabelValues("chunks").Add(float64(rep.Chunks))
+			m.copied.WithLabelValues("bytes").Add(float64(rep.Bytes))
+			if err == nil {
+				m.copyLast.SetToCurrentTime()
+			}
 		}
 	case []repo.ForgetResult:
 		for _, d := range rep {

@@ -39,7 +39,7 @@ const (
 // verify). The repository and host settings are the daemon's; a request
 // only chooses what and how.
 type JobRequest struct {
-	Kind            string   `json:"kind,omitempty"` // "backup" (default), "forget", "gc" or "verify"
+	Kind            string   `json:"kind,omitempty"` // "backup" (default), "forget", "gc", "verify", "copy" or "instant-restore"
 	Domain          string   `json:"domain,omitempty"`
 	Mode            string   `json:"mode,omitempty"`
 	Disks           []string `json:"disks,omitempty"`
@@ -171,7 +171,7 @@ func (j *job) events() ([]progress.Event, *progress.Event) {
 		now = j.finished
 	}
 	phase, tasks := j.tracker.Sample()
-	if j.req.Kind == KindVerify {
+	if j.req.Kind == KindVerify || j.req.Kind == KindCopy {
 		phase, tasks = j.counters.Sample()
 	}
 	if p := j.restore; p != nil {
@@ -261,6 +261,12 @@ type RunnerOptions struct {
 	// stored). A tick when another maintenance job runs is skipped.
 	VerifyEvery       time.Duration
 	VerifyReadPercent int
+	// CopyTo, if set, is the repository copy jobs copy into (opened);
+	// CopyEvery, if set, runs a copy job of every domain that often, the
+	// first one CopyEvery after the start (a tick when another
+	// maintenance job runs is skipped).
+	CopyTo    *repo.Repo `json:"-"`
+	CopyEvery time.Duration
 	// RestoreCacheBytes is the cache of an instant restore's export
 	// (default export.DefaultCacheBytes).
 	RestoreCacheBytes int64
@@ -320,6 +326,9 @@ func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
 	rctx, end := context.WithCancelCause(ctx)
 	r := &Runner{o: o, ctx: rctx, end: end, sem: make(chan struct{}, o.MaxJobs), mem: semaphore.NewWeighted(o.MaxMemory),
 		jobs: map[string]*job{}, byDomain: map[string]*job{}}
+	if o.CopyEvery > 0 && o.CopyTo != nil {
+		go r.every(o.CopyEvery, JobRequest{Kind: KindCopy})
+	}
 	if o.VerifyEvery > 0 {
 		go r.verifyEvery()
 	}
@@ -328,7 +337,14 @@ func NewRunner(ctx context.Context, o RunnerOptions) *Runner {
 
 // verifyEvery submits the scheduled verify jobs until the runner ends.
 func (r *Runner) verifyEvery() {
-	t := time.NewTicker(r.o.VerifyEvery)
+	r.every(r.o.VerifyEvery, JobRequest{Kind: KindVerify, ReadDataPercent: r.o.VerifyReadPercent})
+}
+
+// every submits the maintenance job req every period until the runner
+// ends; a tick whose job cannot start (another maintenance job runs) is
+// skipped.
+func (r *Runner) every(period time.Duration, req JobRequest) {
+	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
@@ -336,12 +352,12 @@ func (r *Runner) verifyEvery() {
 			return
 		case <-t.C:
 		}
-		v, err := r.submitMaintenance(JobRequest{Kind: KindVerify, ReadDataPercent: r.o.VerifyReadPercent})
+		v, err := r.submitMaintenance(req)
 		if err != nil {
-			r.o.Log.Warn("the scheduled verify did not start (the next tick tries again)", "error", err)
+			r.o.Log.Warn("the scheduled job did not start (the next tick tries again)", "kind", req.Kind, "error", err)
 			continue
 		}
-		r.o.Log.Info("scheduled verify started", "job", v.ID, "read_data_percent", r.o.VerifyReadPercent)
+		r.o.Log.Info("scheduled job started", "kind", req.Kind, "job", v.ID)
 	}
 }
 

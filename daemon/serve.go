@@ -59,6 +59,12 @@ type ServeOptions struct {
 	// rules, read again whenever it changes (docs/api.md, "Limits").
 	LimitSchedule     sink.Schedule
 	LimitScheduleFile string
+	// CopyTo, if set, is the repository copy jobs copy the daemon's
+	// backups into (opened at start: one that is missing or that its
+	// secret does not open stops the daemon); RunnerOptions.CopyEvery
+	// schedules them.
+	CopyTo *repo.Options
+
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
 	Init bool
@@ -146,6 +152,12 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	if err != nil {
 		l.Close()
 		return err
+	}
+	if o.CopyTo != nil {
+		if o.Runner.CopyTo, err = o.CopyTo.Open(ctx); err != nil {
+			l.Close()
+			return fmt.Errorf("open the repository to copy to (--copy-to %s): %w", o.CopyTo.Location, err)
+		}
 	}
 	m := newMetrics()
 	read, _ := o.Runner.Backup.Tuning.ReadRate.(*sink.Rate)

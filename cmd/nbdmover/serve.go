@@ -52,6 +52,14 @@ func serveCommand() *cli.Command {
 			&cli.GenericFlag{Name: "limit-schedule", Value: &repeated{}, Usage: "a weekly timetable of the limits all jobs share, over --limit-upload, --limit-download and --limit-read " +
 				"(repeatable; the last rule that sets a limit wins): 'mon-fri 08:00-18:00 upload=20MiB read=50MiB', 'daily 22:00-06:00 upload=off'; the host's local time"},
 			&cli.StringFlag{Name: "limit-schedule-file", Usage: "a file of --limit-schedule rules, one a line (# comments), read again whenever it changes: no restart"},
+			&cli.StringFlag{Name: "copy-to", Usage: "a repository copy jobs copy this daemon's backups into (POST /v1/jobs {\"kind\": \"copy\"}; --copy-every); it must exist"},
+			&cli.StringFlag{Name: "copy-to-s3-endpoint", Usage: "S3 endpoint of --copy-to (default: --s3-endpoint)"},
+			&cli.StringFlag{Name: "copy-to-password-file", Usage: "--copy-to's password, from this file (or set NBDMOVER_COPY_TO_PASSWORD)"},
+			&cli.StringFlag{Name: "copy-to-password-command", Usage: "--copy-to's password, the output of this shell command"},
+			&cli.StringFlag{Name: "copy-to-key-file", Usage: "open --copy-to with this key file"},
+			&cli.StringFlag{Name: "copy-to-key-id", Usage: "with --copy-to's password: try only this key"},
+			&cli.StringFlag{Name: "copy-limit-upload", Usage: "store at most this much per second into --copy-to", DefaultText: "no limit"},
+			durationFlag("copy-every", 0, "run a copy job of every domain's backups to --copy-to this often (e.g. 1d)", "never"),
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
 		), append(retentionFlags(), jobFlags()...)...),
 		Action: func(c *cli.Context) error {
@@ -141,6 +149,10 @@ func serveCommand() *cli.Command {
 				}
 				schedule = append(schedule, r)
 			}
+			copyTo, err := copyTarget(c)
+			if err != nil {
+				return err
+			}
 			token, err := serveToken(c)
 			if err != nil {
 				return err
@@ -155,11 +167,12 @@ func serveCommand() *cli.Command {
 				MaxExports: c.Int("max-exports"), ExportCacheBytes: exportCache, ExportIdleTimeout: exportIdle,
 				FilesIdleTimeout: filesIdle, FilesMemoryMiB: int(filesMem >> 20), FilesMemoryBudgetMiB: int(filesBudget >> 20),
 				FilesAccel:    c.String("files-accel"),
-				LimitSchedule: schedule, LimitScheduleFile: c.String("limit-schedule-file"),
+				LimitSchedule: schedule, LimitScheduleFile: c.String("limit-schedule-file"), CopyTo: copyTo,
 				Init: c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
+					CopyEvery:   flagDuration(c, "copy-every"),
 					MaxRestores: c.Int("max-restores"), RestoreImageDirs: c.StringSlice("restore-image-dir"),
 					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers"), ReadRate: limitRead},
 						Hooks: hooks},
@@ -168,6 +181,43 @@ func serveCommand() *cli.Command {
 			})
 		},
 	}
+}
+
+// copyTarget is the repository --copy-to names, with its own endpoint,
+// secret and upload limit (nil: none).
+func copyTarget(c *cli.Context) (*repo.Options, error) {
+	if c.String("copy-to") == "" {
+		for _, f := range []string{"copy-every", "copy-to-s3-endpoint", "copy-to-password-file", "copy-to-password-command", "copy-to-key-file", "copy-limit-upload"} {
+			if c.IsSet(f) {
+				return nil, usagef("--%s goes with --copy-to REPO", f)
+			}
+		}
+		return nil, nil
+	}
+	o := &repo.Options{Location: c.String("copy-to"), S3Endpoint: c.String("copy-to-s3-endpoint"), S3Region: c.String("s3-region"),
+		S3PathStyle: c.Bool("s3-path-style")}
+	if o.S3Endpoint == "" {
+		o.S3Endpoint = c.String("s3-endpoint")
+	}
+	if _, err := o.Store(); err != nil {
+		return nil, usagef("--copy-to: %v", err)
+	}
+	s, err := readSecret(c, "copy-to-", "NBDMOVER_COPY_TO_PASSWORD")
+	if err != nil {
+		return nil, err
+	}
+	defer s.wipe()
+	if o.Keys, err = s.keys(); err != nil {
+		return nil, err
+	}
+	if v := c.String("copy-limit-upload"); v != "" {
+		n, err := parseSize(v)
+		if err != nil || n < 64<<10 {
+			return nil, usagef("--copy-limit-upload %q: a size per second of at least 64KiB, like 20MiB", v)
+		}
+		o.Upload = sink.NewRate(n)
+	}
+	return o, nil
 }
 
 // repeated is a repeatable flag whose values are taken whole: a
