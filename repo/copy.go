@@ -2,6 +2,7 @@ package repo
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -122,8 +123,15 @@ func Copy(ctx context.Context, from, to *Repo, o CopyOptions) (*CopyResult, erro
 }
 
 // sameChunkNames reports whether a chunk has the same name and blob in
-// both repositories: neither is encrypted.
-func sameChunkNames(a, b *Repo) bool { return !a.Encrypted() && !b.Encrypted() }
+// both repositories: neither is encrypted, or both are with the same
+// naming and data keys (init --copy-keys-from).
+func sameChunkNames(a, b *Repo) bool {
+	if !a.Encrypted() || !b.Encrypted() {
+		return !a.Encrypted() && !b.Encrypted()
+	}
+	ka, kb := a.keys.master[masterIDKey:masterConfig], b.keys.master[masterIDKey:masterConfig]
+	return subtle.ConstantTimeCompare(ka, kb) == 1
+}
 
 type copier struct {
 	from, to *Repo
@@ -411,6 +419,12 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 	c.mu.Lock()
 	c.res.BytesRead += int64(len(*blob))
 	c.mu.Unlock()
+	if c.same && c.from.Encrypted() {
+		// Shared keys: the ciphertext moves as it is, never decrypted
+		// here; the target's verify checks it (its tag binds it to its
+		// name).
+		return c.store(ctx, putter, sd, sd, *blob, counter, cb)
+	}
 	stored := *blob
 	if c.from.Encrypted() { // decoding decrypts in place
 		*out = append((*out)[:0], *blob...)
@@ -432,13 +446,18 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 		*out = c.to.EncodeChunk(*out, td, *plain)
 		put = *out
 	}
-	held, err := putter.Put(ctx, td, put, false)
+	return c.store(ctx, putter, sd, td, put, counter, cb)
+}
+
+// store puts the blob of chunk td (sd in the source) into the target.
+func (c *copier) store(ctx context.Context, putter *Putter, sd, td chunker.Digest, blob []byte, counter *progress.Counter, cb *CopiedBackup) (chunker.Digest, error) {
+	held, err := putter.Put(ctx, td, blob, false)
 	if err != nil {
 		return td, err
 	}
-	c.remember(sd, td, !held, int64(len(put)), cb)
+	c.remember(sd, td, !held, int64(len(blob)), cb)
 	if !held {
-		counter.Written.Add(int64(len(put)))
+		counter.Written.Add(int64(len(blob)))
 	}
 	return td, nil
 }

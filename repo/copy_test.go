@@ -1,6 +1,7 @@
 package repo
 
 import (
+	"bytes"
 	"errors"
 	"slices"
 	"strings"
@@ -93,6 +94,29 @@ func TestCopy(t *testing.T) {
 			t.Fatalf("the encrypted copy names a chunk %s as the plain source does", k)
 		}
 	}
+	// Shared keys (init --copy-keys-from): the ciphertext moves as it is.
+	shared, err := initStore(ctx, localStore(t), InitOptions{ChunkSize: 256 << 10, Keys: passwordKeys(t, "other"), KeysFrom: enc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := Copy(ctx, enc, shared, CopyOptions{}); err != nil || len(res.Backups) != 4 || res.Reencoded || res.Chunks != 15 {
+		t.Fatalf("between repositories that share keys: %+v %v", res, err)
+	}
+	check(t, shared, 4)
+	for k := range chunkKeys(t, enc.Store()) {
+		a, _ := enc.Store().Get(ctx, k, nil, 1<<30)
+		b, err := shared.Store().Get(ctx, k, nil, 1<<30)
+		if err != nil || !bytes.Equal(a, b) {
+			t.Fatalf("chunk %s differs between repositories that share keys: %v", k, err)
+		}
+	}
+	if _, err := openWith(t, shared.Store(), passwordKeys(t, "secret")); !errors.Is(err, ErrWrongPassword) {
+		t.Fatalf("the repository that shares keys opened with the other's password: %v", err)
+	}
+	if _, err := initStore(ctx, localStore(t), InitOptions{Keys: passwordKeys(t, "x"), KeysFrom: src}); err == nil {
+		t.Fatal("keys taken from a repository that has none")
+	}
+
 	back := initTestRepo(t, localStore(t))
 	if res, err := Copy(ctx, enc, back, CopyOptions{Domain: "vm", Backup: ms[1].ID}); err != nil || len(res.Backups) != 1 {
 		t.Fatalf("one backup from the encrypted repository: %+v %v", res, err)

@@ -39,6 +39,11 @@ type InitOptions struct {
 	// Keys, when set, make the repository encrypted, its first key
 	// wrapped with their password.
 	Keys *Keys
+	// KeysFrom, an open encrypted repository, gives the new one its
+	// naming and data keys (init --copy-keys-from): a chunk then has the
+	// same name and blob in both, and a copy between them moves
+	// ciphertext. The new repository's own password wraps them.
+	KeysFrom *Repo
 }
 
 // ErrNoRepository: the store holds no repository config.
@@ -93,8 +98,14 @@ func initStore(ctx context.Context, store sink.Store, o InitOptions) (*Repo, err
 	// never tried.
 	var master []byte
 	var key *keyObject
+	if o.KeysFrom != nil && (o.Keys == nil || !o.KeysFrom.Encrypted()) {
+		return nil, errors.New("keys from another repository: both must be encrypted (give the new one's password)")
+	}
 	if o.Keys != nil {
 		master = newMaster(b)
+		if o.KeysFrom != nil {
+			copy(master[masterIDKey:masterConfig], o.KeysFrom.keys.master[masterIDKey:masterConfig])
+		}
 		var err error
 		if key, err = o.Keys.firstKey(cfg.ID, master); err != nil {
 			return nil, err

@@ -186,6 +186,34 @@ func TestCopyCommands(t *testing.T) {
 	}
 	f.restored(t, []string{"--repo", enc2, "--password-file", pw2}, f.ids[1])
 
+	// Shared keys (init --copy-keys-from): the ciphertext moves as it is,
+	// the same object for the same chunk in both buckets.
+	enc3, enc3Store := minioRepo(t)
+	mustRun(t, append(append([]string{"init", "--encryption", "--password-file", pw2, "--copy-keys-from", enc[0], "--from-password-file", pw1,
+		"--repo"}, enc3...), "--chunk-size", "1MiB")...)
+	res = parseCopy(t, mustRun(t, append([]string{"copy", "--to", enc3[0], "--to-password-file", pw2, "--from-password-file", pw1,
+		"--all", "--json", "--from"}, enc...)...))
+	if len(res.Backups) != 2 || res.Reencoded || res.Chunks == 0 {
+		t.Fatalf("between repositories that share keys: %+v", res)
+	}
+	f.restored(t, append([]string{"--password-file", pw2, "--repo"}, enc3...), f.ids...)
+	same := 0
+	encStore.List(t.Context(), "chunks/", func(o sink.ObjectInfo) error {
+		a, _ := encStore.Get(t.Context(), o.Key, nil, 64<<20)
+		b, err := enc3Store.Get(t.Context(), o.Key, nil, 64<<20)
+		if err != nil || !bytes.Equal(a, b) {
+			t.Errorf("chunk %s is not the same object in both buckets: %v", o.Key, err)
+		}
+		same++
+		return nil
+	})
+	if same < 20 {
+		t.Fatalf("%d chunks compared", same)
+	}
+	if _, stderr, code := nbdmover(t, "init", "--encryption", "--password-file", pw2, "--copy-keys-from", src, "--repo", filepath.Join(t.TempDir(), "x")); code != 2 {
+		t.Errorf("keys from an unencrypted repository: exit %d %s", code, stderr)
+	}
+
 	// Bad usage, and repositories a copy cannot go between.
 	small := filepath.Join(t.TempDir(), "small")
 	mustRun(t, "init", "--repo", small, "--chunk-size", "256KiB")

@@ -124,6 +124,13 @@ func initCommand() *cli.Command {
 			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
 			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "compression of new chunks: zstd, zstd:1..4, s2 (fastest, larger) or none"},
 			&cli.BoolFlag{Name: "encryption", Usage: "encrypt everything with a key wrapped by the password (" + passwordEnv + ", --password-file or --password-command)"},
+			&cli.StringFlag{Name: "copy-keys-from", Usage: "with --encryption: take the keys of this encrypted repository (its chunk size too), " +
+				"so that nbdmover copy between the two moves ciphertext; open it with --from-password-file, --from-password-command, --from-key-file or NBDMOVER_FROM_PASSWORD"},
+			&cli.StringFlag{Name: "from-s3-endpoint", Usage: "S3 endpoint of --copy-keys-from (default: --s3-endpoint)"},
+			&cli.StringFlag{Name: "from-password-file", Usage: "--copy-keys-from's password, from this file"},
+			&cli.StringFlag{Name: "from-password-command", Usage: "--copy-keys-from's password, the output of this shell command"},
+			&cli.StringFlag{Name: "from-key-file", Usage: "open --copy-keys-from with this key file"},
+			&cli.StringFlag{Name: "from-key-id", Usage: "with --copy-keys-from's password: try only this key"},
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -157,6 +164,24 @@ func initCommand() *cli.Command {
 			case !c.Bool("encryption") && ro.Keys != nil:
 				return usagef("a password or key file was given: add --encryption to create an encrypted repository")
 			}
+			if from := c.String("copy-keys-from"); from != "" {
+				if !c.Bool("encryption") {
+					return usagef("--copy-keys-from goes with --encryption")
+				}
+				src, err := keysSource(c, from)
+				if err != nil {
+					return err
+				}
+				if !src.Encrypted() {
+					return usagef("--copy-keys-from %s: the repository is not encrypted: it has no keys to share", from)
+				}
+				if !c.IsSet("chunk-size") {
+					io.ChunkSize = src.Config().ChunkSize
+				} else if io.ChunkSize != src.Config().ChunkSize {
+					return usagef("--chunk-size %d: --copy-keys-from %s has %d-byte chunks, and a copy between them needs the same", io.ChunkSize, from, src.Config().ChunkSize)
+				}
+				io.KeysFrom = src
+			}
 			r, err := ro.Init(c.Context, io) // with ro.Keys: encrypted
 			if err != nil {
 				return err
@@ -174,6 +199,31 @@ func initCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// keysSource opens the repository init --copy-keys-from names, with its
+// own secret (--from-password-file, ...).
+func keysSource(c *cli.Context, loc string) (*repo.Repo, error) {
+	o := repo.Options{Location: loc, S3Endpoint: c.String("from-s3-endpoint"), S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
+	if o.S3Endpoint == "" {
+		o.S3Endpoint = c.String("s3-endpoint")
+	}
+	if _, err := o.Store(); err != nil {
+		return nil, usagef("--copy-keys-from: %v", err)
+	}
+	s, err := readSecret(c, "from-", "NBDMOVER_FROM_PASSWORD")
+	if err != nil {
+		return nil, err
+	}
+	defer s.wipe()
+	if o.Keys, err = s.keys(); err != nil {
+		return nil, err
+	}
+	r, err := o.Open(c.Context)
+	if err != nil {
+		return nil, fmt.Errorf("--copy-keys-from %s: %w", loc, err)
+	}
+	return r, nil
 }
 
 func listCommand() *cli.Command {
