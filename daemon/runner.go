@@ -267,6 +267,9 @@ type RunnerOptions struct {
 	// maintenance job runs is skipped).
 	CopyTo    *repo.Repo `json:"-"`
 	CopyEvery time.Duration
+	// HooksFile, if set, gives domains hooks of their own (serve
+	// --hooks-file; daemon/hooks.go), read at each backup job.
+	HooksFile string
 	// RestoreCacheBytes is the cache of an instant restore's export
 	// (default export.DefaultCacheBytes).
 	RestoreCacheBytes int64
@@ -384,7 +387,10 @@ func (r *Runner) Submit(ctx context.Context, req JobRequest) (JobView, error) {
 	if err := checkBackupRequest(req); err != nil {
 		return JobView{}, err
 	}
-	src, o := r.backup(req)
+	src, o, err := r.backup(req)
+	if err != nil {
+		return JobView{}, refuse(ErrUnavailable, "%v", err)
+	}
 	for _, err := range []error{src.Validate(), o.Validate()} {
 		if err != nil {
 			return JobView{}, &refusal{kind: ErrInvalid, err: err}
@@ -463,7 +469,11 @@ func (r *Runner) run(ctx context.Context, j *job) {
 	j.mu.Unlock()
 	log.Info("job started")
 
-	src, o := r.backup(j.req)
+	src, o, err := r.backup(j.req)
+	if err != nil {
+		finish(JobFailed, nil, err) // before anything started
+		return
+	}
 	o.Log = log
 	o.Progress = j.tracker.Add
 	res, err := mover.Backup(ctx, src, o)
@@ -561,7 +571,7 @@ func (r *Runner) repository(ctx context.Context) (*repo.Repo, error) {
 }
 
 // backup is the source and options of a request's backup.
-func (r *Runner) backup(req JobRequest) (mover.Source, mover.Options) {
+func (r *Runner) backup(req JobRequest) (mover.Source, mover.Options, error) {
 	d := r.o.Domain
 	d.Name, d.Disks, d.Quiesce, d.QuiesceOptional = req.Domain, req.Disks, req.Quiesce, req.QuiesceOptional
 	o := r.o.Backup
@@ -575,7 +585,9 @@ func (r *Runner) backup(req JobRequest) (mover.Source, mover.Options) {
 	if req.VerifySample != nil {
 		o.VerifySample = req.VerifySample
 	}
-	return domain.New(d), o
+	var err error
+	o.Hooks, err = r.hooksFor(req.Domain)
+	return domain.New(d), o, err
 }
 
 // prune forgets finished jobs past their retention. Called with r.mu held.

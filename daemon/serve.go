@@ -141,6 +141,11 @@ func Serve(ctx context.Context, o ServeOptions) error {
 	if err != nil {
 		return err
 	}
+	if f := o.Runner.HooksFile; f != "" {
+		if _, err := readHooks(f); err != nil {
+			return refuse(ErrInvalid, "--hooks-file: %v", err)
+		}
+	}
 	l, err := listenAPI(o.Listen, o.Token, o.TLS, o.MaxConnections)
 	if err != nil {
 		return err

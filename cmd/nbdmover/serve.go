@@ -52,6 +52,8 @@ func serveCommand() *cli.Command {
 			&cli.GenericFlag{Name: "limit-schedule", Value: &repeated{}, Usage: "a weekly timetable of the limits all jobs share, over --limit-upload, --limit-download and --limit-read " +
 				"(repeatable; the last rule that sets a limit wins): 'mon-fri 08:00-18:00 upload=20MiB read=50MiB', 'daily 22:00-06:00 upload=off'; the host's local time"},
 			&cli.StringFlag{Name: "limit-schedule-file", Usage: "a file of --limit-schedule rules, one a line (# comments), read again whenever it changes: no restart"},
+			&cli.StringFlag{Name: "hooks-file", Usage: "hooks by domain, JSON: {\"domains\": {\"web1\": {\"pre_hook\": \"...\", \"post_hook\": \"...\", \"hook_timeout\": \"5m\"}}}; " +
+				"a domain's entry replaces --pre-hook/--post-hook for it (\"\" turns one off); read at each backup; root's, not writable by others"},
 			&cli.StringFlag{Name: "copy-to", Usage: "a repository copy jobs copy this daemon's backups into (POST /v1/jobs {\"kind\": \"copy\"}; --copy-every); it must exist"},
 			&cli.StringFlag{Name: "copy-to-s3-endpoint", Usage: "S3 endpoint of --copy-to (default: --s3-endpoint)"},
 			&cli.StringFlag{Name: "copy-to-password-file", Usage: "--copy-to's password, from this file (or set NBDMOVER_COPY_TO_PASSWORD)"},
