@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"time"
+	"sync"
 
 	"github.com/nbdmover/nbdmover/instant"
 	"github.com/nbdmover/nbdmover/internal/progress"
@@ -20,7 +20,7 @@ func instantRestoreCommand() *cli.Command {
 		Name: "instant-restore",
 		Usage: "run a backup as a new domain within seconds, from overlays on an export of it, and copy its disks home while it runs " +
 			"(--resume NAME continues a copy that stopped)",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "domain whose backup to restore"},
 			&cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"},
 			&cli.StringFlag{Name: "as", Usage: "name of the new domain (required; a new UUID and MAC addresses too)"},
@@ -36,12 +36,29 @@ func instantRestoreCommand() *cli.Command {
 			&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the export's socket (in instant/)"},
 			connectFlag(),
 			jsonFlag(),
-		),
+		), progressFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
 			}
 			o, err := instantOptions(c)
+			if err != nil {
+				return err
+			}
+			var mu sync.Mutex
+			var latest *instant.Progress
+			rep, err := progressReporter(c, "instant-restore", c.String("domain"), func() (string, []progress.Task) {
+				mu.Lock()
+				defer mu.Unlock()
+				if latest == nil {
+					return "start", nil
+				}
+				var tasks []progress.Task
+				for _, d := range latest.Disks {
+					tasks = append(tasks, progress.Task{Disk: d.Name, Phase: d.Phase, Done: d.Done, Total: d.Total, Written: d.Done})
+				}
+				return "copy", tasks
+			})
 			if err != nil {
 				return err
 			}
@@ -64,28 +81,22 @@ func instantRestoreCommand() *cli.Command {
 					fmt.Fprintln(w, "note: this libvirt cannot give QEMU a reconnect delay: should the export stop, the guest pauses until it is back")
 				}
 			}
-			terminal := isTerminal(os.Stderr)
-			last := time.Time{}
 			o.Progress = func(p instant.Progress) {
-				switch {
-				case asJSON:
+				mu.Lock()
+				latest = &p
+				mu.Unlock()
+				if asJSON {
 					printJSONLine(w, map[string]any{"event": "progress", "progress": p})
-				case terminal:
-					fmt.Fprintf(os.Stderr, "\r\033[K%s", progressLine(p))
-				case time.Since(last) >= 10*time.Second:
-					last = time.Now()
-					fmt.Fprintln(os.Stderr, progressLine(p))
 				}
 			}
 			var res *instant.Result
+			rep.Start(c.Context)
 			if o.As != "" && c.IsSet("resume") {
 				res, err = instant.Resume(c.Context, o)
 			} else {
 				res, err = instant.Run(c.Context, o)
 			}
-			if terminal && !asJSON {
-				fmt.Fprint(os.Stderr, "\r\033[K")
-			}
+			rep.Finish(err)
 			if err != nil {
 				return err
 			}
@@ -148,18 +159,6 @@ func instantOptions(c *cli.Context) (instant.Options, error) {
 		}
 	}
 	return o, nil
-}
-
-func progressLine(p instant.Progress) string {
-	pct := 0.0
-	if p.Total > 0 {
-		pct = 100 * float64(p.Done) / float64(p.Total)
-	}
-	line := fmt.Sprintf("copying home %s %3.0f%%  %s of %s  %.0f MB/s", progress.Bar(pct, 20), pct, progress.Bytes(p.Done), progress.Bytes(p.Total), p.Rate/1e6)
-	if p.ETASeconds > 0 {
-		line += fmt.Sprintf("  ETA %s", (time.Duration(p.ETASeconds) * time.Second).Round(time.Second))
-	}
-	return line
 }
 
 func printInstantResult(w io.Writer, r *instant.Result) {

@@ -79,9 +79,12 @@ func TestInstantRestoreCommand(t *testing.T) {
 	}
 	dst.Write("vda", "write -P 0x63 21M 64k")
 
-	o, e, code := nbdmover(t, "instant-restore", "--resume", as, "--repo", repoDir, "--run-dir", run, "--json")
+	o, e, code := nbdmover(t, "instant-restore", "--resume", as, "--repo", repoDir, "--run-dir", run, "--json", "--progress", "json")
 	if code != 0 {
 		t.Fatalf("--resume: %d %s", code, e)
+	}
+	if _, sum := parseEvents(t, e); sum.Operation != "instant-restore" || sum.Result != "success" || sum.BytesDone == 0 {
+		t.Fatalf("--resume's progress summary: %+v", sum)
 	}
 	lines := strings.Split(strings.TrimSpace(o), "\n")
 	var last struct {
