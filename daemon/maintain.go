@@ -153,7 +153,9 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger,
 		return res, err
 	case KindGC:
 		grace, _ := time.ParseDuration(req.Grace) // checked; "" is the default
-		res, err := rp.GC(ctx, repo.GCOptions{Grace: grace, DryRun: req.DryRun, Log: log})
+		c := progress.NewCounter("", "list", -1)
+		counters.Add(c)
+		res, err := rp.GC(ctx, repo.GCOptions{Grace: grace, DryRun: req.DryRun, Log: log, Counter: c})
 		if res == nil {
 			return nil, err // not a typed nil in the report
 		}

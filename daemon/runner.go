@@ -171,7 +171,7 @@ func (j *job) events() ([]progress.Event, *progress.Event) {
 		now = j.finished
 	}
 	phase, tasks := j.tracker.Sample()
-	if j.req.Kind == KindVerify || j.req.Kind == KindCopy {
+	if j.req.Kind == KindVerify || j.req.Kind == KindCopy || j.req.Kind == KindGC {
 		phase, tasks = j.counters.Sample()
 	}
 	if p := j.restore; p != nil {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/chunker"
 	"github.com/nbdmover/nbdmover/internal/hold"
+	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/sync/errgroup"
 )
@@ -40,6 +41,11 @@ type GCOptions struct {
 	Log      *slog.Logger
 	// Progress is how often a progress line is logged (default 10 s).
 	Progress time.Duration
+	// Counter, if set, counts the stored bytes of the candidates swept
+	// (deleted, or kept for a backup committed meanwhile) of all the
+	// candidates, known once they are listed: phases list, wait (for the
+	// exclusive lock), sweep.
+	Counter *progress.Counter `json:"-"`
 }
 
 // GCCount counts the objects of one kind gc looked at.
@@ -125,6 +131,10 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		return nil, err
 	}
 	defer spill.Close()
+	if c := o.Counter; c != nil {
+		c.Total.Store(g.candBytes)
+		c.SetPhase("wait")
+	}
 	hold.At("gc-candidates")
 
 	var held *lock.Lock
@@ -153,6 +163,9 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	}
 	g.res.Backups = g.backups()
 	g.res.Late = g.res.Backups - before
+	if c := o.Counter; c != nil {
+		c.Begin("sweep")
+	}
 	if err := g.sweep(ctx, spill, held); err != nil {
 		return g.res, err
 	}
@@ -251,6 +264,8 @@ type gc struct {
 	seen    map[string]bool // manifests read
 	listed  atomic.Int64    // objects listed so far, for progress
 	deleted atomic.Int64
+	// candBytes: the candidates' stored bytes (after candidates).
+	candBytes int64
 }
 
 // progress logs a line every o.Progress until stopped.
@@ -448,6 +463,7 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 				count.Young++
 				count.YoungBytes += o.Size
 			default:
+				g.candBytes += o.Size
 				rec[0] = byte(kind)
 				copy(rec[1:], d[:])
 				binary.LittleEndian.PutUint64(rec[33:], uint64(o.Size))
@@ -512,6 +528,9 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, held *lock.Lock) error {
 		for i, c := range counts {
 			c.Deleted++
 			c.DeletedBytes += sizes[i]
+			if pc := g.o.Counter; pc != nil {
+				pc.Done.Add(sizes[i])
+			}
 		}
 		g.deleted.Add(int64(len(keys)))
 		keys, counts, sizes = keys[:0], counts[:0], sizes[:0]
@@ -535,6 +554,9 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, held *lock.Lock) error {
 			count = &g.res.Metadata
 		}
 		if g.referenced(kind, key, d) { // by a backup committed meanwhile
+			if c := g.o.Counter; c != nil {
+				c.Done.Add(size)
+			}
 			g.res.Rescued++
 			count.Kept++
 			count.KeptBytes += size

@@ -159,13 +159,13 @@ func gcCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "gc",
 		Usage: "delete the chunks and objects no committed backup references (safe beside running backups; new ones wait while it deletes)",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(),
 			durationFlag("grace", repo.DefaultGrace, "only delete objects older than this (e.g. 1d, 36h)", ""),
 			&cli.BoolFlag{Name: "dry-run", Usage: "count what would be deleted, delete nothing"},
 			&cli.IntFlag{Name: "parallel", Value: 8, Usage: "delete requests in flight"},
 			durationFlag("patience", 30*time.Minute, "wait this long for a moment without running backups before making new ones wait for the sweep", ""),
 			jsonFlag(),
-		),
+		), progressFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
@@ -177,12 +177,22 @@ func gcCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			r, err := repoOptions(c).Open(c.Context)
+			var counters progress.Counters
+			counter := progress.NewCounter("", "list", -1)
+			counters.Add(counter)
+			rep, err := progressReporter(c, "gc", "", counters.Sample)
 			if err != nil {
 				return err
 			}
+			rep.Start(c.Context)
+			r, err := repoOptions(c).Open(c.Context)
+			if err != nil {
+				rep.Finish(err)
+				return err
+			}
 			res, err := r.GC(c.Context, repo.GCOptions{Grace: flagDuration(c, "grace"), DryRun: c.Bool("dry-run"),
-				Parallel: c.Int("parallel"), Patience: flagDuration(c, "patience"), Log: log})
+				Parallel: c.Int("parallel"), Patience: flagDuration(c, "patience"), Log: log, Counter: counter})
+			rep.Finish(err)
 			if err != nil {
 				return err
 			}

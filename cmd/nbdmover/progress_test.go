@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nbdmover/nbdmover/internal/qemutest"
 )
@@ -133,6 +134,27 @@ func TestProgressEvents(t *testing.T) {
 			if sum.Result != "success" || sum.Operation != "verify" || last.Disk != "" || last.Phase != "record" ||
 				last.BytesDone != stats.VerifiedBytes || last.BytesTotal != stats.Bytes || stats.Bytes == 0 || stats.Bytes != stats.VerifiedBytes {
 				t.Fatalf("verify's events end with %+v, summary %+v; verify: %s", last, sum, stdout)
+			}
+
+			// gc: the bytes it swept of its candidates' bytes.
+			mustRun(t, append([]string{"forget", "--domain", dom.Name, "--keep-last", "1"}, repo...)...)
+			time.Sleep(1100 * time.Millisecond) // S3's times have whole seconds
+			stdout, stderr, code = nbdmover(t, append([]string{"gc", "--grace", "1ms", "--json", "--progress", "json"}, repo...)...)
+			if code != 0 {
+				t.Fatalf("gc: %s", stderr)
+			}
+			var gc struct {
+				Chunks, Metadata struct {
+					DeletedBytes int64 `json:"deleted_bytes"`
+				}
+			}
+			json.Unmarshal([]byte(stdout), &gc)
+			events, sum = parseEvents(t, stderr)
+			last = events[len(events)-1]
+			deleted := gc.Chunks.DeletedBytes + gc.Metadata.DeletedBytes
+			if sum.Result != "success" || sum.Operation != "gc" || last.Phase != "sweep" || deleted == 0 ||
+				last.BytesDone != deleted || last.BytesTotal != deleted {
+				t.Fatalf("gc's events end with %+v, summary %+v; gc: %s", last, sum, stdout)
 			}
 		})
 	}
