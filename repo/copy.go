@@ -15,6 +15,7 @@ import (
 	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo/index"
 	"github.com/nbdmover/nbdmover/repo/lock"
+	"github.com/nbdmover/nbdmover/sink"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -40,12 +41,22 @@ type CopyResult struct {
 	// Chunks and Bytes: chunks stored into the target, their bytes as
 	// stored; ChunksHeld: chunks it held already (a rerun after a kill);
 	// BytesRead: chunk bytes read from the source.
-	Chunks     int64   `json:"chunks"`
-	Bytes      int64   `json:"bytes"`
-	ChunksHeld int64   `json:"chunks_held"`
-	BytesRead  int64   `json:"bytes_read"`
-	Reencoded  bool    `json:"reencoded"` // chunks were decoded and encoded again (the repositories' keys differ)
-	Seconds    float64 `json:"seconds"`
+	Chunks     int64 `json:"chunks"`
+	Bytes      int64 `json:"bytes"`
+	ChunksHeld int64 `json:"chunks_held"`
+	BytesRead  int64 `json:"bytes_read"`
+	Reencoded  bool  `json:"reencoded"`               // chunks were decoded and encoded again (the repositories' keys differ)
+	Healed     int   `json:"healed_chunks,omitempty"` // chunks the target held damaged, stored again
+	// Failed: backups that could not be copied (the others were).
+	Failed  []CopyFailure `json:"failed,omitempty"`
+	Seconds float64       `json:"seconds"`
+}
+
+// CopyFailure is a backup a copy could not copy, and why.
+type CopyFailure struct {
+	Domain string `json:"domain"`
+	ID     string `json:"id"`
+	Error  string `json:"error"`
 }
 
 // CopiedBackup is one backup of a copy.
@@ -105,21 +116,65 @@ func Copy(ctx context.Context, from, to *Repo, o CopyOptions) (*CopyResult, erro
 		done: map[chunker.Digest]chunker.Digest{}}
 	c.res.Reencoded = !c.same
 	if !o.DryRun {
-		held, lctx, err := from.Lock(ctx, lock.Shared, "copy to "+to.Location(), o.Log)
+		lctx, release, err := c.lockBoth(ctx)
 		if err != nil {
-			return nil, lock.NoLockHint(err)
+			return nil, err
 		}
-		defer held.Release()
-		tlock, tctx, err := to.Lock(lctx, lock.Shared, "copy from "+from.Location(), o.Log)
-		if err != nil {
-			return nil, lock.NoLockHint(err)
+		defer release()
+		ctx = lctx
+		if c.damaged, err = to.DamagedChunks(ctx); err != nil {
+			return nil, err
 		}
-		defer tlock.Release()
-		ctx, c.lock = tctx, tlock
 	}
 	err := c.run(ctx)
 	c.res.Seconds = time.Since(start).Seconds()
 	return c.res, err
+}
+
+// lockWait is how long a copy that holds the source's lock waits for the
+// target's before it lets the source's go and tries again: two copies in
+// opposite directions, each waiting for a gc of the other's target, would
+// otherwise hold each other's gc for hours.
+var lockWait = 30 * time.Second
+
+// lockBoth takes the source's shared lock, then the target's; when the
+// target's does not come within lockWait (a gc holds it), it lets the
+// source's go, waits a while and tries again, for up to two hours.
+func (c *copier) lockBoth(ctx context.Context) (context.Context, func(), error) {
+	deadline := time.Now().Add(2 * time.Hour)
+	for {
+		held, lctx, err := c.from.Lock(ctx, lock.Shared, "copy to "+c.to.Location(), c.o.Log)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", c.from.Location(), err)
+		}
+		wctx, cancel := context.WithCancel(lctx)
+		timer := time.AfterFunc(lockWait, cancel)
+		tlock, tctx, err := c.to.Lock(wctx, lock.Shared, "copy from "+c.from.Location(), c.o.Log)
+		if err == nil && timer.Stop() {
+			c.lock = tlock
+			return tctx, func() { tlock.Release(); cancel(); held.Release() }, nil
+		}
+		if err == nil {
+			tlock.Release()
+		}
+		cancel()
+		held.Release()
+		if ctx.Err() != nil {
+			return nil, nil, context.Cause(ctx)
+		}
+		if !errors.Is(err, context.Canceled) && err != nil && wctx.Err() == nil {
+			return nil, nil, fmt.Errorf("%s: %w", c.to.Location(), err)
+		}
+		if time.Now().After(deadline) {
+			return nil, nil, fmt.Errorf("%s: %w: its lock did not come in two hours (a gc holds it? nbdmover unlock lists the locks)", c.to.Location(), lock.ErrLocked)
+		}
+		c.o.Log.Info("the target is locked (a gc?); the source's lock is let go meanwhile", "target", c.to.Location())
+		select {
+		case <-ctx.Done():
+			return nil, nil, context.Cause(ctx)
+		case <-time.After(lockWait / 3):
+		}
+	}
 }
 
 // sameChunkNames reports whether a chunk has the same name and blob in
@@ -139,6 +194,11 @@ type copier struct {
 	same     bool
 	lock     *lock.Lock // to's
 	res      *CopyResult
+	// damaged: chunks the target holds damaged (verify's records):
+	// never taken as held or from the base, but stored again (healed)
+	// from the source; healed: those this backup stored.
+	damaged map[chunker.Digest]bool
+	healed  []chunker.Digest
 
 	mu sync.Mutex
 	// done: chunks this run copied or found held, source name -> target
@@ -157,7 +217,7 @@ func (c *copier) run(ctx context.Context) error {
 	for _, p := range skipped {
 		c.o.Log.Warn("a backup of the source cannot be read; it is not copied", "object", p.Object, "problem", p.Problem)
 	}
-	dst, _, err := c.to.Backups(ctx, c.o.Domain)
+	dst, unreadable, err := c.to.Backups(ctx, c.o.Domain)
 	if err != nil {
 		return err
 	}
@@ -165,12 +225,22 @@ func (c *copier) run(ctx context.Context) error {
 	for _, m := range dst {
 		in[m.Domain+"/"+m.ID] = m
 	}
+	taken := map[string]bool{} // names the target has a manifest of, readable or not
+	for _, p := range unreadable {
+		taken[p.Backup] = true
+		c.o.Log.Warn("a backup of the target cannot be read; the source's of that name is not copied over it", "object", p.Object, "problem", p.Problem)
+	}
 	var todo []*Manifest
 	for _, m := range src {
+		key := m.Domain + "/" + m.ID
 		if c.o.Backup != "" && m.ID != c.o.Backup {
 			continue
 		}
-		if in[m.Domain+"/"+m.ID] != nil {
+		if t := in[key]; t != nil || taken[key] {
+			if t != nil && !sameBackup(m, t) {
+				c.o.Log.Warn("the target has a backup of this name that is not a copy of the source's (two sites with one domain name?); it is left alone",
+					"domain", m.Domain, "id", m.ID)
+			}
 			c.res.Present++
 			continue
 		}
@@ -189,9 +259,14 @@ func (c *copier) run(ctx context.Context) error {
 	for _, m := range src {
 		srcByKey[m.Domain+"/"+m.ID] = m
 	}
+	var failed []error
 	for _, m := range todo {
 		cb := CopiedBackup{Domain: m.Domain, ID: m.ID}
 		base := c.base(m, src, in)
+		if base != nil && !sameBackup(srcByKey[base.Domain+"/"+base.ID], base) {
+			c.o.Log.Warn("the target's backup of the same name is not a copy of the source's: copying in full", "domain", base.Domain, "id", base.ID)
+			base = nil
+		}
 		if base != nil {
 			cb.Base = base.ID
 		}
@@ -201,12 +276,20 @@ func (c *copier) run(ctx context.Context) error {
 			continue
 		}
 		if err := c.backup(ctx, m, base, srcByKey, in, &cb); err != nil {
-			return fmt.Errorf("copy %s/%s: %w", m.Domain, m.ID, err)
+			if ctx.Err() != nil { // cancelled, or a lock lost: nothing more goes
+				return errors.Join(append(failed, fmt.Errorf("copy %s/%s: %w", m.Domain, m.ID, err))...)
+			}
+			// The others go on: one damaged object must not hold every
+			// later copy back.
+			c.o.Log.Error("a backup was not copied; the others go on", "domain", m.Domain, "id", m.ID, "error", err)
+			failed = append(failed, fmt.Errorf("copy %s/%s: %w", m.Domain, m.ID, err))
+			c.res.Failed = append(c.res.Failed, CopyFailure{Domain: m.Domain, ID: m.ID, Error: err.Error()})
+			continue
 		}
 		c.res.Backups = append(c.res.Backups, cb)
 		c.o.Log.Info("backup copied", "domain", m.Domain, "id", m.ID, "base", cb.Base, "chunks", cb.Chunks, "bytes", cb.Bytes)
 	}
-	return nil
+	return errors.Join(failed...)
 }
 
 func cmpString(a, b string) int {
@@ -255,13 +338,14 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 	if c.o.Progress != nil {
 		c.o.Progress(counter)
 	}
+	if len(m.Disks) > maxCopyDisks || len(m.Files) > maxCopyFiles {
+		return fmt.Errorf("%d disks and %d files: more than a copy takes (%d, %d): a manifest written by someone else?", len(m.Disks), len(m.Files), maxCopyDisks, maxCopyFiles)
+	}
 	var srcBase *Manifest
 	if base != nil {
-		if srcBase = src[base.Domain+"/"+base.ID]; !sameBackup(srcBase, base) {
-			c.o.Log.Warn("the target's backup of the same name is not a copy of the source's: copying in full", "domain", base.Domain, "id", base.ID)
-			srcBase, base, cb.Base = nil, nil, ""
-		}
+		srcBase = src[base.Domain+"/"+base.ID]
 	}
+	c.healed = nil
 	type diskWork struct {
 		name     string
 		ix       *index.Index // the source's
@@ -280,11 +364,13 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		}
 		if srcBase != nil {
 			if _, err := srcBase.Disk(d.Name); err == nil {
-				if w.srcBase, err = c.from.LoadIndex(ctx, srcBase, d.Name); err != nil {
-					return err
+				w.srcBase, err = c.from.LoadIndex(ctx, srcBase, d.Name)
+				if err == nil {
+					w.dstBase, err = c.to.LoadChain(ctx, base, d.Name)
 				}
-				if w.dstBase, err = c.to.LoadChain(ctx, base, d.Name); err != nil {
-					return err
+				if err != nil { // copied in full instead
+					c.o.Log.Warn("the base's index cannot be read; the disk is copied in full", "disk", d.Name, "base", base.ID, "error", err)
+					w.srcBase, w.dstBase = nil, nil
 				}
 			}
 		}
@@ -292,7 +378,7 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		for e := range w.ix.Len() {
 			i, sd := w.ix.At(e)
 			if w.srcBase != nil && w.srcBase.Digest(i) == sd {
-				if td := w.dstBase.Index.Digest(i); !td.IsZeroChunk() {
+				if td := w.dstBase.Index.Digest(i); !td.IsZeroChunk() && !c.damaged[td] {
 					w.resolved[e] = td // unchanged since the base: its chunk in the target
 					continue
 				}
@@ -356,6 +442,7 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 			b.Set(i, w.resolved[e])
 		}
 		ix := b.Index(w.ix.ChunkSize, w.ix.Size)
+		w.ix, w.srcBase, w.resolved = nil, nil, nil // their memory, for the next disks' indexes
 		if w.dstBase != nil {
 			dds[w.name] = DiskData{Parent: w.dstBase, Delta: index.Diff(w.dstBase.Index, ix)}
 		} else {
@@ -363,10 +450,15 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		}
 	}
 	files := map[string][]byte{}
-	for name := range m.Files {
-		data, err := c.from.ReadFile(ctx, m, name)
-		if err != nil {
-			return err
+	byKey := map[string][]byte{} // a file object named twice is read once
+	for name, key := range m.Files {
+		data, ok := byKey[key]
+		if !ok {
+			var err error
+			if data, err = c.from.ReadFile(ctx, m, name); err != nil {
+				return err
+			}
+			byKey[key] = data
 		}
 		files[name] = data
 	}
@@ -386,6 +478,20 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		return err
 	}
 	in[nm.Domain+"/"+nm.ID] = &nm
+	if len(c.healed) > 0 {
+		n, err := c.to.Healed(ctx, c.healed)
+		if err != nil {
+			c.o.Log.Warn("damaged chunks were stored again, but their damage records were not all cleared (verify clears them)", "error", err)
+		}
+		c.res.Healed += n
+		for _, d := range c.healed {
+			delete(c.damaged, d)
+		}
+	}
+	if err := c.to.UpdateCatalog(ctx, nm.Domain); err != nil {
+		c.o.Log.Warn("the target's catalog of backups was not updated (listing it is slower until the next copy or backup updates it)",
+			"domain", nm.Domain, "error", err)
+	}
 	counter.SetPhase(progress.PhaseDone)
 	return nil
 }
@@ -400,12 +506,13 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 	if seen {
 		return td, nil
 	}
-	if c.same {
+	if c.same && !c.isDamaged(sd) {
 		held, err := c.to.hasChunk(ctx, sd)
 		if err != nil {
 			return sd, err
 		}
 		if held {
+			sink.SyncLater(c.to.store, ChunkKey(sd)) // another writer's, perhaps not yet durable: this commit makes it so
 			c.remember(sd, sd, false, 0, cb)
 			return sd, nil
 		}
@@ -437,11 +544,16 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 	put := *blob // the blob as stored: the same in the target
 	if !c.same {
 		td = c.to.Sum(*plain)
-		if held, err := c.to.hasChunk(ctx, td); err != nil || held {
-			if held {
-				c.remember(sd, td, false, 0, cb)
+		if !c.isDamaged(td) {
+			held, err := c.to.hasChunk(ctx, td)
+			if err != nil {
+				return td, err
 			}
-			return td, err
+			if held {
+				sink.SyncLater(c.to.store, ChunkKey(td))
+				c.remember(sd, td, false, 0, cb)
+				return td, nil
+			}
 		}
 		*out = c.to.EncodeChunk(*out, td, *plain)
 		put = *out
@@ -451,9 +563,15 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 
 // store puts the blob of chunk td (sd in the source) into the target.
 func (c *copier) store(ctx context.Context, putter *Putter, sd, td chunker.Digest, blob []byte, counter *progress.Counter, cb *CopiedBackup) (chunker.Digest, error) {
-	held, err := putter.Put(ctx, td, blob, false)
+	heal := c.isDamaged(td)
+	held, err := putter.Put(ctx, td, blob, heal)
 	if err != nil {
 		return td, err
+	}
+	if heal {
+		c.mu.Lock()
+		c.healed = append(c.healed, td)
+		c.mu.Unlock()
 	}
 	c.remember(sd, td, !held, int64(len(blob)), cb)
 	if !held {
@@ -461,6 +579,20 @@ func (c *copier) store(ctx context.Context, putter *Putter, sd, td chunker.Diges
 	}
 	return td, nil
 }
+
+// isDamaged reports whether the target holds chunk d damaged.
+func (c *copier) isDamaged(d chunker.Digest) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.damaged[d]
+}
+
+// maxCopyDisks and maxCopyFiles bound what one copied backup may have:
+// more is a manifest someone else wrote, not one nbdmover makes.
+const (
+	maxCopyDisks = 256
+	maxCopyFiles = 64
+)
 
 // remember notes a chunk handled: stored (n bytes) or found held.
 func (c *copier) remember(sd, td chunker.Digest, stored bool, n int64, cb *CopiedBackup) {

@@ -160,3 +160,66 @@ func TestCopy(t *testing.T) {
 	}
 	var _ sink.Store = faulty
 }
+
+// What a copy meets in repositories that are not whole: a chunk the
+// target holds damaged (verify recorded it) is stored again from the
+// source, also where the base would have given it, and its record
+// cleared; a target manifest that cannot be read keeps the source's of
+// that name out, and the rest is copied; a damaged chunk in one domain of
+// the source fails that backup only.
+func TestCopyDamage(t *testing.T) {
+	ctx := t.Context()
+	src := initTestRepo(t, localStore(t))
+	ds := putChunks(t, src, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32)
+	at := time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC)
+	m1 := commitChunks(t, src, "vm", at, ds[:10])
+	dst := initTestRepo(t, localStore(t))
+	if _, err := Copy(ctx, src, dst, CopyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Damage chunk 3 in the target, and let verify record it.
+	key := ChunkKey(ds[3])
+	blob, _ := dst.Store().Get(ctx, key, nil, 1<<30)
+	blob[len(blob)-1] ^= 0xff
+	dst.Store().Put(ctx, key, blob)
+	if st, _ := dst.Verify(ctx, VerifyOptions{ReadData: true}, func(Problem) {}); st.Corrupt != 1 {
+		t.Fatalf("verify found %d corrupt chunks", st.Corrupt)
+	}
+	// A second backup with chunk 3 unchanged since the first (its base).
+	set := slices.Clone(ds[:10])
+	set[9] = ds[10]
+	m2 := commitChunks(t, src, "vm", at.Add(time.Hour), set)
+	res, err := Copy(ctx, src, dst, CopyOptions{})
+	if err != nil || len(res.Backups) != 1 || res.Healed != 1 {
+		t.Fatalf("a copy over a damaged chunk: %+v %v", res, err)
+	}
+	for _, m := range []*Manifest{m1, m2} {
+		dm, err := dst.Backup(ctx, "vm", m.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := restoreSHA256(t, dst, dm, "vda"), restoreSHA256(t, src, m, "vda"); got != want {
+			t.Fatalf("%s restores to other bytes after the heal", m.ID)
+		}
+	}
+	if damaged, _ := dst.DamagedChunks(ctx); len(damaged) != 0 {
+		t.Fatalf("damage records left: %v", damaged)
+	}
+
+	// An unreadable manifest in the target, and a damaged chunk in one
+	// domain of the source.
+	other := commitChunks(t, src, "other", at.Add(2*time.Hour), ds[11:12])
+	commitChunks(t, src, "bad", at.Add(3*time.Hour), ds[10:11])
+	m3 := commitChunks(t, src, "vm", at.Add(4*time.Hour), ds[:10])
+	dst.Store().Put(ctx, m3.Key(), []byte("garbage"))
+	sblob, _ := src.Store().Get(ctx, ChunkKey(ds[11]), nil, 1<<30)
+	sblob[len(sblob)-1] ^= 0xff
+	src.Store().Put(ctx, ChunkKey(ds[11]), sblob) // "other"'s only chunk
+	res, err = Copy(ctx, src, dst, CopyOptions{})
+	if err == nil || len(res.Failed) != 1 || res.Failed[0].Domain != "other" || len(res.Backups) != 1 || res.Backups[0].Domain != "bad" {
+		t.Fatalf("a copy past a damaged source chunk and an unreadable target manifest: %+v %v", res, err)
+	}
+	if _, err := dst.Backup(ctx, "other", other.ID); err == nil {
+		t.Fatal("a backup with a damaged chunk was copied")
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo"
@@ -22,7 +23,8 @@ func copyCommand() *cli.Command {
 		&cli.StringFlag{Name: "backup", Usage: "only this backup id (with --domain)"},
 		&cli.BoolFlag{Name: "all", Usage: "every domain's backups (without --domain)"},
 		&cli.BoolFlag{Name: "dry-run", Usage: "list what would be copied; copy nothing"},
-		&cli.IntFlag{Name: "parallel", Usage: "chunks in flight", DefaultText: "8; 32 when either side is S3"},
+		&cli.BoolFlag{Name: "allow-plaintext", Usage: "copy an encrypted repository's backups into one that is not (the target then holds them in the clear)"},
+		&cli.IntFlag{Name: "parallel", Usage: "chunks in flight, 1 to 64", DefaultText: "8; 32 when either side is S3"},
 		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"NBDMOVER_S3_ENDPOINT"}, Usage: "S3 endpoint of whichever side is s3:// (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"},
 		&cli.StringFlag{Name: "from-s3-endpoint", Usage: "S3 endpoint of --from, when both sides are S3 elsewhere"},
 		&cli.StringFlag{Name: "to-s3-endpoint", Usage: "S3 endpoint of --to"},
@@ -74,13 +76,30 @@ func runCopy(c *cli.Context) error {
 			return usagef("--backup: %v", err)
 		}
 	}
-	if n := c.Int("parallel"); c.IsSet("parallel") && (n < 1 || n > 256) {
-		return usagef("--parallel %d: want 1 to 256", n)
+	if n := c.Int("parallel"); c.IsSet("parallel") && (n < 1 || n > 64) {
+		return usagef("--parallel %d: want 1 to 64", n)
 	}
 	log, err := newLogger(c)
 	if err != nil {
 		return err
 	}
+	// Every secret variable is read now and taken out of the environment,
+	// before a password command runs.
+	env := map[string]string{}
+	for _, name := range []string{passwordEnv, copySides[0].env, copySides[1].env} {
+		if v, ok := os.LookupEnv(name); ok {
+			env[name] = v
+		}
+	}
+	restoreEnv := func(name string) {
+		if v, ok := env[name]; ok {
+			os.Setenv(name, v)
+		}
+	}
+	for name := range env {
+		os.Unsetenv(name)
+	}
+	restoreEnv(passwordEnv) // readPassword reads and unsets each in turn
 	shared, err := readSecret(c, "", passwordEnv)
 	if err != nil {
 		return err
@@ -89,6 +108,7 @@ func runCopy(c *cli.Context) error {
 	var opts [2]repo.Options
 	var sharedKeys [2]bool
 	for k, s := range copySides {
+		restoreEnv(s.env)
 		if opts[k], sharedKeys[k], err = copySide(c, s.side, s.env, shared); err != nil {
 			return err
 		}
@@ -102,9 +122,11 @@ func runCopy(c *cli.Context) error {
 	var rs [2]*repo.Repo
 	for k, o := range opts {
 		r, err := o.Open(c.Context)
-		if errors.Is(err, repo.ErrNotEncrypted) && sharedKeys[k] { // the shared secret is the other side's
-			o.Keys = nil
-			r, err = o.Open(c.Context)
+		if errors.Is(err, repo.ErrNotEncrypted) && sharedKeys[k] {
+			// Never opened in the clear when a secret was given: a config
+			// swapped for an unencrypted one must not make this copy
+			// write plaintext (or read a forger's).
+			err = fmt.Errorf("%w: the shared password or key file is for an encrypted repository; give each side its own (--%s-password-file, ...)", err, copySides[k].side)
 		}
 		if err != nil {
 			err = fmt.Errorf("--%s: %w", copySides[k].side, err)
@@ -114,6 +136,11 @@ func runCopy(c *cli.Context) error {
 		rs[k] = r
 	}
 	from, to := rs[0], rs[1]
+	if from.Encrypted() && !to.Encrypted() && !c.Bool("allow-plaintext") {
+		err := usagef("--from %s is encrypted and --to %s is not: its backups would be stored in the clear; add --allow-plaintext if that is meant", from.Location(), to.Location())
+		rep.Finish(err)
+		return err
+	}
 	res, err := repo.Copy(c.Context, from, to, repo.CopyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
 		DryRun: c.Bool("dry-run"), Parallel: c.Int("parallel"), Log: log, Progress: counters.Add})
 	rep.Finish(err)

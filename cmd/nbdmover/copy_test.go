@@ -214,6 +214,15 @@ func TestCopyCommands(t *testing.T) {
 		t.Errorf("keys from an unencrypted repository: exit %d %s", code, stderr)
 	}
 
+	// An encrypted source into a plain target needs --allow-plaintext; a
+	// shared password never opens a side in the clear.
+	if _, stderr, code := nbdmover(t, append([]string{"copy", "--to", back, "--from-password-file", pw1, "--all", "--from"}, enc...)...); code != 2 || !strings.Contains(stderr, "--allow-plaintext") {
+		t.Errorf("encrypted into plain: exit %d: %s", code, stderr)
+	}
+	if _, stderr, code := nbdmover(t, append([]string{"copy", "--from", src, "--password-file", pw1, "--all", "--to"}, enc...)...); code != 12 || !strings.Contains(stderr, "--from-password-file") {
+		t.Errorf("a shared password with a plain side: exit %d: %s", code, stderr)
+	}
+
 	// Bad usage, and repositories a copy cannot go between.
 	small := filepath.Join(t.TempDir(), "small")
 	mustRun(t, "init", "--repo", small, "--chunk-size", "256KiB")

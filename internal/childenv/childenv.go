@@ -11,6 +11,7 @@ import (
 
 // Secrets are the variables no child sees.
 var Secrets = []string{"NBDMOVER_PASSWORD", "NBDMOVER_NEW_PASSWORD", "NBDMOVER_TOKEN",
+	"NBDMOVER_FROM_PASSWORD", "NBDMOVER_TO_PASSWORD", "NBDMOVER_COPY_TO_PASSWORD",
 	"AWS_SECRET_ACCESS_KEY", "AWS_SECRET_KEY", "AWS_SESSION_TOKEN"} // minio-go reads AWS_SECRET_KEY too
 
 // Env returns the process's environment without Secrets.
