@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/repo/lock"
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -221,5 +222,42 @@ func TestCopyDamage(t *testing.T) {
 	}
 	if _, err := dst.Backup(ctx, "other", other.ID); err == nil {
 		t.Fatal("a backup with a damaged chunk was copied")
+	}
+}
+
+// A copy whose target is locked by a gc lets the source's lock go while
+// it waits (so the source's gc is not held by it), and copies once the
+// target is free.
+func TestCopyWaitsWithoutHolding(t *testing.T) {
+	ctx := t.Context()
+	was := lockWait
+	lockWait = 300 * time.Millisecond
+	t.Cleanup(func() { lockWait = was })
+	src := initTestRepo(t, localStore(t))
+	commitChunks(t, src, "vm", time.Date(2026, 12, 3, 0, 0, 0, 0, time.UTC), putChunks(t, src, 41, 42))
+	dst := initTestRepo(t, localStore(t))
+	gc, _, err := dst.Lock(ctx, lock.Exclusive, "gc", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := Copy(ctx, src, dst, CopyOptions{}); done <- err }()
+	// The copy takes the source's lock, then lets it go while it waits.
+	for _, want := range []int{1, 0} {
+		n := -1
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && n != want; time.Sleep(10 * time.Millisecond) {
+			locks, _ := src.Locks(ctx)
+			n = len(locks)
+		}
+		if n != want {
+			t.Fatalf("the source has %d locks, want %d: the copy held the source's lock while it waited for the target's", n, want)
+		}
+	}
+	gc.Release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got, _, _ := dst.Backups(ctx, "vm"); len(got) != 1 {
+		t.Fatalf("%d backups copied", len(got))
 	}
 }
