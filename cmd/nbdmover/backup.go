@@ -10,7 +10,6 @@ import (
 	"github.com/nbdmover/nbdmover/mover/domain"
 	"github.com/nbdmover/nbdmover/mover/nbd"
 	"github.com/nbdmover/nbdmover/pipeline"
-	"github.com/nbdmover/nbdmover/sink"
 	"github.com/urfave/cli/v2"
 )
 
@@ -153,15 +152,11 @@ func jobFlags() []cli.Flag {
 
 // readRate is --limit-read's pacer (nil: none).
 func readRate(c *cli.Context) (pipeline.Pacer, error) {
-	v := c.String("limit-read")
-	if v == "" {
-		return nil, nil
+	r, err := rateFlag(c, "limit-read")
+	if r == nil { // not a typed nil in the interface
+		return nil, err
 	}
-	n, err := parseSize(v)
-	if err != nil || n < 64<<10 {
-		return nil, usagef("--limit-read %q: a size per second of at least 64KiB, like 50MiB", v)
-	}
-	return sink.NewRate(n), nil
+	return r, nil
 }
 
 // hookOptions are the hooks the flags give.

@@ -7,7 +7,6 @@ import (
 
 	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo"
-	"github.com/nbdmover/nbdmover/sink"
 	"github.com/urfave/cli/v2"
 )
 
@@ -174,41 +173,26 @@ func runCopy(c *cli.Context) error {
 	return nil
 }
 
-// copySide is the repository of one side of a copy: its location, its S3
-// endpoint (its own, or the shared one), its secret (its own, or the
-// shared one), and its limit (uploads into --to, downloads from --from).
+// copySide is the repository of one side of a copy: sideOptions, with
+// the shared secret when the side has none of its own, and its limit
+// (uploads into --to, downloads from --from).
 func copySide(c *cli.Context, side, env string, shared *secret) (o repo.Options, sharedKeys bool, err error) {
-	o = repo.Options{Location: c.String(side), S3Endpoint: c.String(side + "-s3-endpoint"),
-		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
-	if o.S3Endpoint == "" {
-		o.S3Endpoint = c.String("s3-endpoint")
-	}
-	own, err := readSecret(c, side+"-", env)
+	o, own, err := sideOptions(c, "--"+side, c.String(side), side+"-", env)
 	if err != nil {
 		return o, false, err
 	}
-	defer own.wipe()
-	s := own
-	if s == nil {
-		s, sharedKeys = shared, shared != nil
-	}
-	if o.Keys, err = s.keys(); err != nil {
-		return o, false, err
+	if !own && shared != nil {
+		if o.Keys, err = shared.keys(); err != nil {
+			return o, false, err
+		}
+		sharedKeys = true
 	}
 	limit := map[string]string{"from": "limit-download", "to": "limit-upload"}[side]
-	if v := c.String(limit); v != "" {
-		n, err := parseSize(v)
-		if err != nil || n < 64<<10 {
-			return o, false, usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", limit, v)
-		}
-		if side == "from" {
-			o.Download = sink.NewRate(n)
-		} else {
-			o.Upload = sink.NewRate(n)
-		}
+	rate, err := rateFlag(c, limit)
+	if side == "from" {
+		o.Download = rate
+	} else {
+		o.Upload = rate
 	}
-	if _, err := o.Store(); err != nil {
-		return o, false, usagef("--%s: %v", side, err)
-	}
-	return o, sharedKeys, nil
+	return o, sharedKeys, err
 }

@@ -86,13 +86,11 @@ func checkOptions(c *cli.Context) error {
 	if _, made := c.App.Metadata["rates"]; !made { // one of each per process (files diff checks twice)
 		rates := map[string]*sink.Rate{}
 		for _, f := range []string{"limit-upload", "limit-download"} {
-			if v := c.String(f); v != "" {
-				n, err := parseSize(v)
-				if err != nil || n < 64<<10 {
-					return usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", f, v)
-				}
-				rates[f] = sink.NewRate(n)
+			r, err := rateFlag(c, f)
+			if err != nil {
+				return err
 			}
+			rates[f] = r
 		}
 		if c.App.Metadata == nil {
 			c.App.Metadata = map[string]any{}
@@ -204,19 +202,8 @@ func initCommand() *cli.Command {
 // keysSource opens the repository init --copy-keys-from names, with its
 // own secret (--from-password-file, ...).
 func keysSource(c *cli.Context, loc string) (*repo.Repo, error) {
-	o := repo.Options{Location: loc, S3Endpoint: c.String("from-s3-endpoint"), S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style")}
-	if o.S3Endpoint == "" {
-		o.S3Endpoint = c.String("s3-endpoint")
-	}
-	if _, err := o.Store(); err != nil {
-		return nil, usagef("--copy-keys-from: %v", err)
-	}
-	s, err := readSecret(c, "from-", "NBDMOVER_FROM_PASSWORD")
+	o, _, err := sideOptions(c, "--copy-keys-from", loc, "from-", "NBDMOVER_FROM_PASSWORD")
 	if err != nil {
-		return nil, err
-	}
-	defer s.wipe()
-	if o.Keys, err = s.keys(); err != nil {
 		return nil, err
 	}
 	r, err := o.Open(c.Context)
@@ -224,6 +211,42 @@ func keysSource(c *cli.Context, loc string) (*repo.Repo, error) {
 		return nil, fmt.Errorf("--copy-keys-from %s: %w", loc, err)
 	}
 	return r, nil
+}
+
+// sideOptions are the options of a second repository a command names
+// (flag, at loc): its S3 endpoint (prefix+"s3-endpoint", else the
+// shared --s3-endpoint; region and path style are shared) and its own
+// secret (prefix+"password-file", ..., or the environment variable env),
+// if any (own says whether one was given).
+func sideOptions(c *cli.Context, flag, loc, prefix, env string) (o repo.Options, own bool, err error) {
+	o = repo.Options{Location: loc, S3Endpoint: c.String(prefix + "s3-endpoint"), S3Region: c.String("s3-region"),
+		S3PathStyle: c.Bool("s3-path-style")}
+	if o.S3Endpoint == "" {
+		o.S3Endpoint = c.String("s3-endpoint")
+	}
+	if _, err := o.Store(); err != nil {
+		return o, false, usagef("%s: %v", flag, err)
+	}
+	s, err := readSecret(c, prefix, env)
+	if err != nil {
+		return o, false, err
+	}
+	defer s.wipe()
+	o.Keys, err = s.keys()
+	return o, s != nil, err
+}
+
+// rateFlag is the limit a size-per-second flag gives (nil: none).
+func rateFlag(c *cli.Context, flag string) (*sink.Rate, error) {
+	v := c.String(flag)
+	if v == "" {
+		return nil, nil
+	}
+	n, err := parseSize(v)
+	if err != nil || n < 64<<10 {
+		return nil, usagef("--%s %q: a size per second of at least 64KiB, like 20MiB", flag, v)
+	}
+	return sink.NewRate(n), nil
 }
 
 func listCommand() *cli.Command {

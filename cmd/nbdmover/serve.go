@@ -196,30 +196,14 @@ func copyTarget(c *cli.Context) (*repo.Options, error) {
 		}
 		return nil, nil
 	}
-	o := &repo.Options{Location: c.String("copy-to"), S3Endpoint: c.String("copy-to-s3-endpoint"), S3Region: c.String("s3-region"),
-		S3PathStyle: c.Bool("s3-path-style")}
-	if o.S3Endpoint == "" {
-		o.S3Endpoint = c.String("s3-endpoint")
-	}
-	if _, err := o.Store(); err != nil {
-		return nil, usagef("--copy-to: %v", err)
-	}
-	s, err := readSecret(c, "copy-to-", "NBDMOVER_COPY_TO_PASSWORD")
+	o, _, err := sideOptions(c, "--copy-to", c.String("copy-to"), "copy-to-", "NBDMOVER_COPY_TO_PASSWORD")
 	if err != nil {
 		return nil, err
 	}
-	defer s.wipe()
-	if o.Keys, err = s.keys(); err != nil {
+	if o.Upload, err = rateFlag(c, "copy-limit-upload"); err != nil {
 		return nil, err
 	}
-	if v := c.String("copy-limit-upload"); v != "" {
-		n, err := parseSize(v)
-		if err != nil || n < 64<<10 {
-			return nil, usagef("--copy-limit-upload %q: a size per second of at least 64KiB, like 20MiB", v)
-		}
-		o.Upload = sink.NewRate(n)
-	}
-	return o, nil
+	return &o, nil
 }
 
 // repeated is a repeatable flag whose values are taken whole: a
