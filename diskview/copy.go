@@ -2,10 +2,12 @@ package diskview
 
 import (
 	"context"
+	"fmt"
 	"runtime"
 	"sync/atomic"
 
 	"github.com/nbdmover/nbdmover/chunker"
+	"github.com/nbdmover/nbdmover/repo"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -21,39 +23,47 @@ const sparseBlock = 64 << 10
 
 // Copy writes the disk to t, which must read as zeroes where nothing is
 // written (a new sparse file, a new qcow2 image): zero chunks and zero
-// runs are not written. It reads the data chunks in order, with as many
-// writers as CPUs, each asking for the chunk ReadAhead places ahead of
-// the one it takes, so fetches stay in flight while chunks are decoded
-// and written. A missing or damaged chunk stops it with an error naming
-// the chunk. count, if not nil, is told the length of each data chunk
-// written (from any goroutine).
+// runs are not written. Workers take the data chunks in order, each
+// fetching, decoding and writing one at a time into buffers of its own,
+// reused (not the view's cache: a copy reads each chunk once, and fresh
+// buffers per chunk cost the allocator and the garbage collector what a
+// restore is bound by): from S3, as many workers as the view reads ahead
+// (ReadAhead: 32 MiB of chunks), each waiting a round trip; from a local
+// store two more than CPUs (decoding is the work), at most ReadAhead. A
+// missing or damaged chunk stops it with an error naming the chunk.
+// count, if not nil, is told the length of each data chunk written (from
+// any goroutine).
 func (v *View) Copy(ctx context.Context, t Target, count func(n int64)) error {
 	var next atomic.Int64
-	for k := range min(v.o.ReadAhead, v.ix.Len()) {
-		v.Prefetch(v.DataChunk(k))
-	}
 	g, ctx := errgroup.WithContext(ctx)
-	for range runtime.NumCPU() {
+	workers := min(v.o.ReadAhead, runtime.NumCPU()+2)
+	if v.r.Remote() {
+		workers = v.o.ReadAhead
+	}
+	for range max(workers, 1) {
 		g.Go(func() error {
+			var plain, blob []byte
 			for {
 				k := int(next.Add(1) - 1)
 				if k >= v.ix.Len() {
 					return nil
 				}
-				if a := k + v.o.ReadAhead; a < v.ix.Len() {
-					v.Prefetch(v.DataChunk(a))
+				i, d := v.ix.At(k)
+				var err error
+				if plain, blob, err = v.r.GetChunk(ctx, d, plain, blob); err != nil {
+					return fmt.Errorf("%s: %w", v.name, err)
 				}
-				i := v.DataChunk(k)
-				data, err := v.Chunk(ctx, i)
-				if err != nil {
+				off, n := v.grid.Chunk(i)
+				if int64(len(plain)) != n {
+					return fmt.Errorf("%s: %w", v.name, &repo.ChunkError{Key: repo.ChunkKey(d),
+						Err: fmt.Errorf("%w: %d bytes for chunk %d of %d bytes", chunker.ErrCorrupt, len(plain), i, n)})
+				}
+				if err := writeNonZero(ctx, t, plain, off); err != nil {
 					return err
 				}
-				off, _ := v.grid.Chunk(i)
-				if err := writeNonZero(ctx, t, data, off); err != nil {
-					return err
-				}
+				v.fetches.Add(1)
 				if count != nil {
-					count(int64(len(data)))
+					count(n)
 				}
 			}
 		})
