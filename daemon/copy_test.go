@@ -10,6 +10,7 @@ import (
 	"github.com/nbdmover/nbdmover/daemon"
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
+	"github.com/nbdmover/nbdmover/mover"
 	"github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -81,5 +82,21 @@ func TestDaemonCopy(t *testing.T) {
 	}
 	if _, code, _ := d.submit(`{"kind": "copy", "grace": "1h"}`); code != 422 {
 		t.Fatalf("a copy job with gc's options: %d", code)
+	}
+
+	// Targets refused at start: its own repository, another chunk size.
+	small := repo.Options{Location: filepath.Join(t.TempDir(), "small")}
+	if _, err := small.Init(t.Context(), repo.InitOptions{ChunkSize: 256 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []struct {
+		to   repo.Options
+		want string
+	}{{ro, "own repository"}, {small, "chunk size"}} {
+		err := daemon.Serve(t.Context(), daemon.ServeOptions{Listen: "unix://" + filepath.Join(t.TempDir(), "s.sock"), Log: backuptest.Log(t),
+			CopyTo: &bad.to, Runner: daemon.RunnerOptions{Backup: mover.Options{Repo: ro, RunDir: runDir}}})
+		if err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Fatalf("--copy-to %s: %v", bad.to.Location, err)
+		}
 	}
 }

@@ -3,9 +3,11 @@ package daemon
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -34,30 +36,19 @@ type domainHooks struct {
 const maxHooksFile = 1 << 20
 
 // readHooks reads and checks a hooks file. Its commands run as the
-// daemon (root): the file must be a regular file owned by the daemon's
-// user or root that no one else may write, as must its directory; it is
-// opened without following a link or blocking (a FIFO is refused).
+// daemon (root): the file and every directory above it must be owned by
+// the daemon's user or root and writable by no one else (a sticky
+// directory such as /tmp aside: others cannot replace what is not
+// theirs in it). The path's links are resolved first, then it is walked
+// one directory at a time without following links (a component swapped
+// for a link meanwhile is refused), and the file is opened without
+// blocking (a FIFO is refused).
 func readHooks(path string) (*hooksFile, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
+	f, err := openTrusted(path)
 	if err != nil {
 		return nil, fmt.Errorf("hooks file %s: %w", path, err)
 	}
-	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, fmt.Errorf("hooks file %s: %w", path, err)
-	}
-	if err := trusted(path, st); err != nil {
-		return nil, err
-	}
-	var dir unix.Stat_t
-	if err := unix.Stat(parentDir(path), &dir); err != nil {
-		return nil, fmt.Errorf("hooks file %s: its directory: %w", path, err)
-	}
-	if err := trusted(parentDir(path), dir); err != nil {
-		return nil, err
-	}
 	b, err := io.ReadAll(io.LimitReader(f, maxHooksFile+1))
 	if err != nil {
 		return nil, fmt.Errorf("hooks file %s: %w", path, err)
@@ -68,7 +59,16 @@ func readHooks(path string) (*hooksFile, error) {
 	var h hooksFile
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&h); err != nil {
+	err = dec.Decode(&h)
+	if err == nil && dec.More() {
+		err = errors.New("more after the JSON object")
+	}
+	if err == nil {
+		if _, terr := dec.Token(); terr != io.EOF {
+			err = errors.New("more after the JSON object")
+		}
+	}
+	if err != nil {
 		return nil, fmt.Errorf("hooks file %s: %v (want {\"domains\": {\"web1\": {\"pre_hook\": \"...\", \"post_hook\": \"...\", \"hook_timeout\": \"5m\"}}})", path, err)
 	}
 	for name, d := range h.Domains {
@@ -89,27 +89,77 @@ func readHooks(path string) (*hooksFile, error) {
 	return &h, nil
 }
 
-// trusted refuses a file or directory that someone other than the
-// daemon's user and root may write, or that is not of its kind.
-func trusted(path string, st unix.Stat_t) error {
-	switch {
-	case st.Mode&unix.S_IFMT != unix.S_IFREG && st.Mode&unix.S_IFMT != unix.S_IFDIR:
-		return fmt.Errorf("hooks file %s: not a regular file", path)
-	case st.Uid != 0 && int(st.Uid) != os.Geteuid():
-		return fmt.Errorf("hooks file %s: owned by user %d: its commands run as this daemon, so it must be root's (or the daemon's)", path, st.Uid)
-	case st.Mode&0o022 != 0 && !(st.Mode&unix.S_IFMT == unix.S_IFDIR && st.Mode&unix.S_ISVTX != 0 && st.Mode&0o002 == 0):
-		return fmt.Errorf("hooks file %s: others may write it (mode %o): its commands run as this daemon; chmod go-w", path, st.Mode&0o7777)
+// openTrusted opens path for reading after checking it and every
+// directory above it (readHooks).
+func openTrusted(path string) (*os.File, error) {
+	abs, err := filepath.Abs(path)
+	if err == nil {
+		abs, err = filepath.EvalSymlinks(abs)
 	}
-	return nil
+	if err != nil {
+		return nil, err
+	}
+	dfd, err := unix.Open("/", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	walked := "/"
+	comps := strings.Split(strings.Trim(abs, "/"), "/")
+	for k, comp := range comps {
+		var st unix.Stat_t
+		if err := unix.Fstat(dfd, &st); err != nil {
+			unix.Close(dfd)
+			return nil, err
+		}
+		if err := trusted(walked, st); err != nil {
+			unix.Close(dfd)
+			return nil, err
+		}
+		flags := unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+		if k < len(comps)-1 {
+			flags |= unix.O_DIRECTORY
+		} else {
+			flags |= unix.O_NONBLOCK | unix.O_NOCTTY
+		}
+		fd, err := unix.Openat(dfd, comp, flags, 0)
+		unix.Close(dfd)
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			err = fmt.Errorf("%s became a symbolic link or a file meanwhile", filepath.Join(walked, comp))
+		}
+		if err != nil {
+			return nil, err
+		}
+		dfd, walked = fd, filepath.Join(walked, comp)
+	}
+	f := os.NewFile(uintptr(dfd), abs)
+	var st unix.Stat_t
+	if err := unix.Fstat(dfd, &st); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		f.Close()
+		return nil, errors.New("not a regular file")
+	}
+	if err := trusted(abs, st); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
-func parentDir(path string) string {
-	if i := strings.LastIndexByte(path, '/'); i > 0 {
-		return path[:i]
-	} else if i == 0 {
-		return "/"
+// trusted refuses a file or directory that someone other than the
+// daemon's user and root owns or may write (a sticky directory may be
+// writable by others).
+func trusted(path string, st unix.Stat_t) error {
+	dir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+	switch {
+	case st.Uid != 0 && int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%s is owned by user %d: the hooks' commands run as this daemon, so it must be root's (or the daemon's)", path, st.Uid)
+	case st.Mode&0o022 != 0 && !(dir && st.Mode&unix.S_ISVTX != 0):
+		return fmt.Errorf("%s: others may write it (mode %o): the hooks' commands run as this daemon; chmod go-w", path, st.Mode&0o7777)
 	}
-	return "."
+	return nil
 }
 
 // hooksFor are the hooks of a backup of domain: the flags', changed by

@@ -67,10 +67,19 @@ func TestDaemonHooksFile(t *testing.T) {
 		t.Fatalf("%d backups of a after a failed pre-hook", len(backups.Backups))
 	}
 	// A bad file: jobs are refused, saying why.
-	write(`{"domains": {"../x": {}}}`)
-	if _, code, msg := d.submit(fmt.Sprintf(`{"domain": %q}`, b.Name)); code != 503 || !strings.Contains(msg, "hooks file") {
-		t.Fatalf("a bad hooks file: %d %s", code, msg)
+	for _, bad := range []string{`{"domains": {"../x": {}}}`, `{"domains": {}} {"domains": {"x": {"pre_hook": "true"}}}`} {
+		write(bad)
+		if _, code, msg := d.submit(fmt.Sprintf(`{"domain": %q}`, b.Name)); code != 503 || !strings.Contains(msg, "hooks file") {
+			t.Fatalf("a bad hooks file %s: %d %s", bad, code, msg)
+		}
 	}
+	// A directory above it that others may write, or a link swapped in.
+	write(`{"domains": {}}`)
+	os.Chmod(dir, 0o777)
+	if _, code, msg := d.submit(fmt.Sprintf(`{"domain": %q}`, b.Name)); code != 503 || !strings.Contains(msg, "others may write it") {
+		t.Fatalf("a hooks file in a directory others may write: %d %s", code, msg)
+	}
+	os.Chmod(dir, 0o700)
 
 	// Writable by others: refused at start.
 	write(`{"domains": {}}`)

@@ -146,6 +146,9 @@ func (r *Runner) maintain(ctx context.Context, req JobRequest, log *slog.Logger,
 	case KindForget:
 		return rp.Forget(ctx, req.Domain, *req.Policy, req.DryRun)
 	case KindCopy:
+		if err := r.o.CopyTo.Recheck(ctx); err != nil { // removed, or made anew, since the start
+			return nil, fmt.Errorf("the repository to copy to: %w", err)
+		}
 		res, err := repo.Copy(ctx, rp, r.o.CopyTo, repo.CopyOptions{Domain: req.Domain, DryRun: req.DryRun, Log: log, Progress: counters.Add})
 		if res == nil {
 			return nil, err

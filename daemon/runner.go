@@ -258,13 +258,13 @@ type RunnerOptions struct {
 	// VerifyEvery, if set, runs a verify job of the whole repository
 	// that often (the first one VerifyEvery after the start), reading
 	// VerifyReadPercent of the chunks (0: none, only that every chunk is
-	// stored). A tick when another maintenance job runs is skipped.
+	// stored). A tick when another maintenance job runs is tried again
+	// until it starts (every).
 	VerifyEvery       time.Duration
 	VerifyReadPercent int
 	// CopyTo, if set, is the repository copy jobs copy into (opened);
 	// CopyEvery, if set, runs a copy job of every domain that often, the
-	// first one CopyEvery after the start (a tick when another
-	// maintenance job runs is skipped).
+	// first one CopyEvery after the start.
 	CopyTo    *repo.Repo `json:"-"`
 	CopyEvery time.Duration
 	// HooksFile, if set, gives domains hooks of their own (serve
@@ -344,18 +344,31 @@ func (r *Runner) verifyEvery() {
 }
 
 // every submits the maintenance job req every period until the runner
-// ends; a tick whose job cannot start (another maintenance job runs) is
-// skipped.
+// ends. A tick whose job cannot start because another maintenance job
+// runs is not lost: it is tried again every scheduleRetry until it starts
+// or the next tick comes (so two schedules of one period both run).
 func (r *Runner) every(period time.Duration, req JobRequest) {
 	t := time.NewTicker(period)
 	defer t.Stop()
+	retry := time.NewTicker(scheduleRetry)
+	defer retry.Stop()
+	pending := false
 	for {
 		select {
 		case <-r.ctx.Done():
 			return
 		case <-t.C:
+			pending = true
+		case <-retry.C:
+			if !pending {
+				continue
+			}
 		}
 		v, err := r.submitMaintenance(req)
+		if errors.Is(err, ErrConflict) {
+			continue // pending: tried again
+		}
+		pending = false
 		if err != nil {
 			r.o.Log.Warn("the scheduled job did not start (the next tick tries again)", "kind", req.Kind, "error", err)
 			continue
@@ -363,6 +376,10 @@ func (r *Runner) every(period time.Duration, req JobRequest) {
 		r.o.Log.Info("scheduled job started", "kind", req.Kind, "job", v.ID)
 	}
 }
+
+// scheduleRetry is how often a scheduled job that met another
+// maintenance job is tried again.
+var scheduleRetry = 30 * time.Second
 
 func newJobID() string {
 	b := make([]byte, 8)

@@ -64,6 +64,9 @@ type ServeOptions struct {
 	// secret does not open stops the daemon); RunnerOptions.CopyEvery
 	// schedules them.
 	CopyTo *repo.Options
+	// CopyToPlaintext lets copy jobs copy an encrypted repository into an
+	// unencrypted CopyTo (refused at start otherwise).
+	CopyToPlaintext bool
 
 	// Init creates the repository at start when there is none; without
 	// it, a missing repository stops the daemon (repo.ErrNoRepository).
@@ -162,6 +165,20 @@ func Serve(ctx context.Context, o ServeOptions) error {
 		if o.Runner.CopyTo, err = o.CopyTo.Open(ctx); err != nil {
 			l.Close()
 			return fmt.Errorf("open the repository to copy to (--copy-to %s): %w", o.CopyTo.Location, err)
+		}
+		ct := o.Runner.CopyTo
+		switch {
+		case ct.Config().ID == r.Config().ID:
+			err = refuse(ErrInvalid, "--copy-to %s is this daemon's own repository", o.CopyTo.Location)
+		case ct.Config().ChunkSize != r.Config().ChunkSize:
+			err = refuse(ErrInvalid, "--copy-to %s has %d-byte chunks, this daemon's repository %d-byte ones: a copy needs the same chunk size",
+				o.CopyTo.Location, ct.Config().ChunkSize, r.Config().ChunkSize)
+		case r.Encrypted() && !ct.Encrypted() && !o.CopyToPlaintext:
+			err = refuse(ErrInvalid, "--copy-to %s is not encrypted and this daemon's repository is: its backups would be copied in the clear; add --copy-to-allow-plaintext if that is meant", o.CopyTo.Location)
+		}
+		if err != nil {
+			l.Close()
+			return err
 		}
 	}
 	m := newMetrics()

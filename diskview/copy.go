@@ -29,14 +29,14 @@ const sparseBlock = 64 << 10
 // buffers per chunk cost the allocator and the garbage collector what a
 // restore is bound by): from S3, as many workers as the view reads ahead
 // (ReadAhead: 32 MiB of chunks), each waiting a round trip; from a local
-// store two more than CPUs (decoding is the work), at most ReadAhead. A
+// store two more than CPUs (decoding is the work). A
 // missing or damaged chunk stops it with an error naming the chunk.
 // count, if not nil, is told the length of each data chunk written (from
 // any goroutine).
 func (v *View) Copy(ctx context.Context, t Target, count func(n int64)) error {
 	var next atomic.Int64
 	g, ctx := errgroup.WithContext(ctx)
-	workers := min(v.o.ReadAhead, runtime.NumCPU()+2)
+	workers := runtime.NumCPU() + 2
 	if v.r.Remote() {
 		workers = v.o.ReadAhead
 	}

@@ -44,7 +44,7 @@ func copyCommand() *cli.Command {
 	return &cli.Command{
 		Name: "copy",
 		Usage: "copy the backups one repository has and another lacks (3-2-1: a local repository every hour, a copy offsite every night); " +
-			"only chunks the target lacks move, and a killed copy is finished by a rerun",
+			"only chunks the target lacks are stored there, and a killed copy is finished by a rerun",
 		Flags:  append(flags, progressFlags()...),
 		Action: runCopy,
 	}

@@ -220,6 +220,18 @@ func TestVerifyCannotCheckExit3(t *testing.T) {
 	}
 }
 
+// serve reads --hooks-file at start: one others may write stops it.
+func TestServeHooksFile(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "hooks.json")
+	os.WriteFile(file, []byte(`{"domains": {}}`), 0o666)
+	os.Chmod(file, 0o666)
+	_, stderr, code := nbdmover(t, "serve", "--repo", filepath.Join(t.TempDir(), "r"), "--init", "--listen", "unix://"+filepath.Join(dir, "s.sock"), "--hooks-file", file)
+	if code != 2 || !strings.Contains(stderr, "others may write it") {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+}
+
 // A --limit-schedule rule is taken whole: the comma of a day list does
 // not split it (the second, bad, rule is the one refused).
 func TestLimitScheduleFlagKeepsCommas(t *testing.T) {

@@ -60,6 +60,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "copy-to-password-command", Usage: "--copy-to's password, the output of this shell command"},
 			&cli.StringFlag{Name: "copy-to-key-file", Usage: "open --copy-to with this key file"},
 			&cli.StringFlag{Name: "copy-to-key-id", Usage: "with --copy-to's password: try only this key"},
+			&cli.BoolFlag{Name: "copy-to-allow-plaintext", Usage: "let copy jobs copy this daemon's encrypted repository into an unencrypted --copy-to (in the clear)"},
 			&cli.StringFlag{Name: "copy-limit-upload", Usage: "store at most this much per second into --copy-to", DefaultText: "no limit"},
 			durationFlag("copy-every", 0, "run a copy job of every domain's backups to --copy-to this often (e.g. 1d)", "never"),
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
@@ -92,6 +93,9 @@ func serveCommand() *cli.Command {
 				if verifyShare, err = parsePercent(v); err != nil {
 					return usagef("--verify-read-data: %v", err)
 				}
+			}
+			if c.IsSet("copy-every") && flagDuration(c, "copy-every") < time.Minute {
+				return usagef("--copy-every %s: want at least 1m", formatDuration(flagDuration(c, "copy-every")))
 			}
 			if c.IsSet("verify-every") && flagDuration(c, "verify-every") < time.Minute {
 				return usagef("--verify-every %s: want at least 1m", formatDuration(flagDuration(c, "verify-every")))
@@ -170,11 +174,12 @@ func serveCommand() *cli.Command {
 				FilesIdleTimeout: filesIdle, FilesMemoryMiB: int(filesMem >> 20), FilesMemoryBudgetMiB: int(filesBudget >> 20),
 				FilesAccel:    c.String("files-accel"),
 				LimitSchedule: schedule, LimitScheduleFile: c.String("limit-schedule-file"), CopyTo: copyTo,
-				Init: c.Bool("init") || !c.IsSet("repo"),
+				CopyToPlaintext: c.Bool("copy-to-allow-plaintext"),
+				Init:            c.Bool("init") || !c.IsSet("repo"),
 				Runner: daemon.RunnerOptions{
 					MaxJobs: c.Int("max-jobs"), MaxMemory: mem, KeepFor: flagDuration(c, "keep-for"), KeepMax: c.Int("keep-max"),
 					Retention: retention, VerifyEvery: flagDuration(c, "verify-every"), VerifyReadPercent: verifyShare,
-					CopyEvery:   flagDuration(c, "copy-every"),
+					CopyEvery: flagDuration(c, "copy-every"), HooksFile: c.String("hooks-file"),
 					MaxRestores: c.Int("max-restores"), RestoreImageDirs: c.StringSlice("restore-image-dir"),
 					Backup: mover.Options{Repo: repoOptions(c), RunDir: c.String("run-dir"), Tuning: pipeline.Tuning{Readers: c.Int("readers"), ReadRate: limitRead},
 						Hooks: hooks},
@@ -189,7 +194,8 @@ func serveCommand() *cli.Command {
 // secret and upload limit (nil: none).
 func copyTarget(c *cli.Context) (*repo.Options, error) {
 	if c.String("copy-to") == "" {
-		for _, f := range []string{"copy-every", "copy-to-s3-endpoint", "copy-to-password-file", "copy-to-password-command", "copy-to-key-file", "copy-limit-upload"} {
+		for _, f := range []string{"copy-every", "copy-to-s3-endpoint", "copy-to-password-file", "copy-to-password-command", "copy-to-key-file",
+			"copy-limit-upload", "copy-to-allow-plaintext"} {
 			if c.IsSet(f) {
 				return nil, usagef("--%s goes with --copy-to REPO", f)
 			}
