@@ -2,7 +2,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build install test demo bench bench-export bench-instant bench-files bench-large fuzz clean
+.PHONY: all build install test demo bench bench-export bench-instant bench-files bench-large bench-chunksize fuzz clean
 
 all: build
 
@@ -51,6 +51,11 @@ bench-instant:
 # Memory and metadata on a 16 TiB sparse and a 64 GiB allocated disk.
 bench-large:
 	bench/large.sh
+
+# Issue 29's baseline alternative: 1 MiB against 256 KiB chunks for a full,
+# a scattered incremental and a restore (bench/chunksize.sh).
+bench-chunksize:
+	bench/chunksize.sh
 
 # A short run of every fuzz target.
 fuzz:
