@@ -33,10 +33,12 @@ func TestDaemonLimitSchedule(t *testing.T) {
 	proxy := sinktest.NewCountingProxy(t, strings.TrimPrefix(sinktest.S3Endpoint(t), "http://"))
 	bucket, _, _ := strings.Cut(strings.TrimPrefix(direct.Location(), "s3://"), "/")
 	ro := repo.Options{Location: "s3://" + bucket + "/r", S3Endpoint: "http://" + proxy.Addr, Upload: sink.NewRate(16 << 20)}
-	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", From: backuptest.RandomFile(t, 64<<20, 5)})
+	dom := qemutest.NewDomain(t, false, qemutest.DiskSpec{Dev: "vda", Format: "qcow2", From: backuptest.RandomFile(t, 96<<20, 5)})
 	const slow = 3 << 20
 	now := time.Now()
-	ruleEnd := now.Add(14 * time.Second)
+	// The rule's times have whole seconds: it ends at the second now+14s
+	// falls in (the limiter applies the end within a second after it).
+	ruleEnd := now.Add(14 * time.Second).Truncate(time.Second)
 	rule, err := sink.ParseScheduleRule("daily " + clockRange(now, -time.Second, 14*time.Second) + " upload=3MiB")
 	if err != nil {
 		t.Fatal(err)
@@ -61,8 +63,12 @@ func TestDaemonLimitSchedule(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	excess, window := proxy.WorstBetween(started, ruleEnd, 10*time.Second, slow)
 	during := proxy.SentBetween(started, ruleEnd)
-	after := proxy.SentBetween(ruleEnd.Add(time.Second), ended)
-	afterRate := float64(after) / ended.Sub(ruleEnd.Add(time.Second)).Seconds()
+	afterStart := ruleEnd.Add(1500 * time.Millisecond) // the limiter has applied the end by then
+	if !ended.After(afterStart.Add(time.Second)) {
+		t.Fatalf("the backup ended %v after the rule did: it did not go on under the flag's limit", ended.Sub(ruleEnd))
+	}
+	after := proxy.SentBetween(afterStart, ended)
+	afterRate := float64(after) / ended.Sub(afterStart).Seconds()
 	t.Logf("under the rule: %d bytes in %v; worst 10 s window (%v): %.0f bytes over %d B/s; after it: %d bytes at %.1f MiB/s",
 		during, ruleEnd.Sub(started).Round(time.Millisecond), window.Round(time.Millisecond), excess, slow, after, afterRate/(1<<20))
 	if window < 10*time.Second {
