@@ -143,6 +143,14 @@ func runCopy(c *cli.Context) error {
 	res, err := repo.Copy(c.Context, from, to, repo.CopyOptions{Domain: c.String("domain"), Backup: c.String("backup"),
 		DryRun: c.Bool("dry-run"), Parallel: c.Int("parallel"), Log: log, Progress: counters.Add})
 	rep.Finish(err)
+	if err != nil && res != nil && len(res.Failed) > 0 {
+		// Some backups were not copied, the others were: the result says
+		// which, and the exit status that not all were.
+		if c.Bool("json") {
+			printJSON(c.App.Writer, res)
+		}
+		return fmt.Errorf("%w (%s copied, %d not; a rerun tries those again)", err, count(len(res.Backups), "backup"), len(res.Failed))
+	}
 	if err != nil {
 		if res != nil && len(res.Backups) > 0 {
 			err = fmt.Errorf("%w (%s copied before it; a rerun copies the rest)", err, count(len(res.Backups), "backup"))

@@ -242,6 +242,28 @@ func TestCopyCommands(t *testing.T) {
 	if _, stderr, code := nbdmover(t, "copy", "--from", src, "--to", filepath.Join(t.TempDir(), "none"), "--all"); code != 10 {
 		t.Errorf("a target that does not exist: exit %d: %s", code, stderr)
 	}
+
+	// A damaged chunk in the source: the backups that need it are not
+	// copied, the result says so (JSON too), exit 1.
+	var chunk string
+	filepath.WalkDir(filepath.Join(src, "chunks"), func(p string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && chunk == "" {
+			chunk = p
+		}
+		return nil
+	})
+	b, _ := os.ReadFile(chunk)
+	b[len(b)-1] ^= 0xff
+	os.WriteFile(chunk, b, 0o600)
+	fresh := filepath.Join(t.TempDir(), "fresh")
+	mustRun(t, "init", "--repo", fresh)
+	out, stderr, code = nbdmover(t, "copy", "--from", src, "--to", fresh, "--all", "--json")
+	var partial struct {
+		Failed []struct{ Domain, ID, Error string }
+	}
+	if err := json.Unmarshal([]byte(out), &partial); code != 1 || err != nil || len(partial.Failed) == 0 || !strings.Contains(partial.Failed[0].Error, "chunk") {
+		t.Fatalf("a copy past a damaged chunk: exit %d, %v, %q %s", code, err, out, stderr)
+	}
 }
 
 // A copy SIGKILLed while it stores chunks leaves no backup in the target,
