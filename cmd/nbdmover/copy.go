@@ -25,8 +25,6 @@ func copyCommand() *cli.Command {
 		&cli.BoolFlag{Name: "allow-plaintext", Usage: "copy an encrypted repository's backups into one that is not (the target then holds them in the clear)"},
 		&cli.IntFlag{Name: "parallel", Usage: "chunks in flight, 1 to 64", DefaultText: "8; 32 when either side is S3"},
 		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"NBDMOVER_S3_ENDPOINT"}, Usage: "S3 endpoint of whichever side is s3:// (credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"},
-		&cli.StringFlag{Name: "from-s3-endpoint", Usage: "S3 endpoint of --from, when both sides are S3 elsewhere"},
-		&cli.StringFlag{Name: "to-s3-endpoint", Usage: "S3 endpoint of --to"},
 		&cli.StringFlag{Name: "s3-region", EnvVars: []string{"AWS_REGION"}, Usage: "S3 region"},
 		&cli.BoolFlag{Name: "s3-path-style", Usage: "force path-style S3 requests"},
 		&cli.StringFlag{Name: "limit-upload", EnvVars: []string{"NBDMOVER_LIMIT_UPLOAD"}, Usage: "store at most this much per second into --to (e.g. 20MiB)", DefaultText: "no limit"},
@@ -35,11 +33,7 @@ func copyCommand() *cli.Command {
 	}
 	flags = append(flags, keyFlags()...) // a secret both sides share
 	for _, s := range copySides {
-		flags = append(flags,
-			&cli.StringFlag{Name: s.side + "-password-file", Usage: "--" + s.side + "'s password, from this file (or set " + s.env + ")"},
-			&cli.StringFlag{Name: s.side + "-password-command", Usage: "--" + s.side + "'s password, the output of this shell command"},
-			&cli.StringFlag{Name: s.side + "-key-file", Usage: "open --" + s.side + " with this key file"},
-			&cli.StringFlag{Name: s.side + "-key-id", Usage: "with --" + s.side + "'s password: try only this key"})
+		flags = append(flags, sideFlags(s.side, s.side+"-", s.env)...)
 	}
 	return &cli.Command{
 		Name: "copy",

@@ -118,19 +118,14 @@ func initCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "init",
 		Usage: "create a repository (backup creates one with defaults on first use)",
-		Flags: append(repoFlags(),
+		Flags: append(append(repoFlags(),
 			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
 			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "compression of new chunks: zstd, zstd:1..4, s2 (fastest, larger) or none"},
 			&cli.BoolFlag{Name: "encryption", Usage: "encrypt everything with a key wrapped by the password (" + passwordEnv + ", --password-file or --password-command)"},
 			&cli.StringFlag{Name: "copy-keys-from", Usage: "with --encryption: take the keys of this encrypted repository (its chunk size too), " +
 				"so that nbdmover copy between the two moves ciphertext; open it with --from-password-file, --from-password-command, --from-key-file or NBDMOVER_FROM_PASSWORD"},
-			&cli.StringFlag{Name: "from-s3-endpoint", Usage: "S3 endpoint of --copy-keys-from (default: --s3-endpoint)"},
-			&cli.StringFlag{Name: "from-password-file", Usage: "--copy-keys-from's password, from this file"},
-			&cli.StringFlag{Name: "from-password-command", Usage: "--copy-keys-from's password, the output of this shell command"},
-			&cli.StringFlag{Name: "from-key-file", Usage: "open --copy-keys-from with this key file"},
-			&cli.StringFlag{Name: "from-key-id", Usage: "with --copy-keys-from's password: try only this key"},
 			jsonFlag(),
-		),
+		), sideFlags("copy-keys-from", "from-", "NBDMOVER_FROM_PASSWORD")...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
@@ -211,6 +206,19 @@ func keysSource(c *cli.Context, loc string) (*repo.Repo, error) {
 		return nil, fmt.Errorf("--copy-keys-from %s: %w", loc, err)
 	}
 	return r, nil
+}
+
+// sideFlags are the flags sideOptions reads for the second repository a
+// command names with --flag: its S3 endpoint and its own secret, each
+// named prefix+..., and env for its password.
+func sideFlags(flag, prefix, env string) []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: prefix + "s3-endpoint", Usage: "S3 endpoint of --" + flag + " (default: --s3-endpoint)"},
+		&cli.StringFlag{Name: prefix + "password-file", Usage: "--" + flag + "'s password, from this file (or set " + env + ")"},
+		&cli.StringFlag{Name: prefix + "password-command", Usage: "--" + flag + "'s password, the output of this shell command"},
+		&cli.StringFlag{Name: prefix + "key-file", Usage: "open --" + flag + " with this key file"},
+		&cli.StringFlag{Name: prefix + "key-id", Usage: "with --" + flag + "'s password: try only this key"},
+	}
 }
 
 // sideOptions are the options of a second repository a command names

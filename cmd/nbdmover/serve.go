@@ -55,16 +55,11 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "hooks-file", Usage: "hooks by domain, JSON: {\"domains\": {\"web1\": {\"pre_hook\": \"...\", \"post_hook\": \"...\", \"hook_timeout\": \"5m\"}}}; " +
 				"a domain's entry replaces --pre-hook/--post-hook for it (\"\" turns one off); read at each backup; root's, not writable by others"},
 			&cli.StringFlag{Name: "copy-to", Usage: "a repository copy jobs copy this daemon's backups into (POST /v1/jobs {\"kind\": \"copy\"}; --copy-every); it must exist"},
-			&cli.StringFlag{Name: "copy-to-s3-endpoint", Usage: "S3 endpoint of --copy-to (default: --s3-endpoint)"},
-			&cli.StringFlag{Name: "copy-to-password-file", Usage: "--copy-to's password, from this file (or set NBDMOVER_COPY_TO_PASSWORD)"},
-			&cli.StringFlag{Name: "copy-to-password-command", Usage: "--copy-to's password, the output of this shell command"},
-			&cli.StringFlag{Name: "copy-to-key-file", Usage: "open --copy-to with this key file"},
-			&cli.StringFlag{Name: "copy-to-key-id", Usage: "with --copy-to's password: try only this key"},
 			&cli.BoolFlag{Name: "copy-to-allow-plaintext", Usage: "let copy jobs copy this daemon's encrypted repository into an unencrypted --copy-to (in the clear)"},
 			&cli.StringFlag{Name: "copy-limit-upload", Usage: "store at most this much per second into --copy-to", DefaultText: "no limit"},
 			durationFlag("copy-every", 0, "run a copy job of every domain's backups to --copy-to this often (e.g. 1d)", "never"),
 			&cli.StringFlag{Name: "verify-read-data", Value: "10%", Usage: "share of the chunks a scheduled verify reads, those verified least recently first (10%: all in ten runs; 0: none)"},
-		), append(retentionFlags(), jobFlags()...)...),
+		), append(append(retentionFlags(), jobFlags()...), sideFlags("copy-to", "copy-to-", "NBDMOVER_COPY_TO_PASSWORD")...)...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
 				return err
