@@ -212,7 +212,12 @@ func (s *S3) put(ctx context.Context, op, key string, data []byte, ifAbsent bool
 	if ifAbsent {
 		opts.SetMatchETagExcept("*")
 	}
-	_, err = s.client.PutObject(ctx, s.bucket, k, bytes.NewReader(data), int64(len(data)), opts)
+	// The body is a copy: net/http may go on reading a request's body
+	// after the round trip returned (a 412 to a create answers before the
+	// body is sent), and callers reuse data as soon as Put returns (the
+	// race detector caught verify's next Get into the buffer of its
+	// quarantine Put).
+	_, err = s.client.PutObject(ctx, s.bucket, k, bytes.NewReader(bytes.Clone(data)), int64(len(data)), opts)
 	if err != nil {
 		return s.fail(ctx, op, key, err)
 	}
