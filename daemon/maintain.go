@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -192,6 +193,12 @@ func (r *Runner) retain(ctx context.Context, j *job, log *slog.Logger) {
 	var res []repo.ForgetResult
 	if err == nil {
 		res, err = rp.Forget(ctx, j.req.Domain, *r.o.Retention, false)
+	}
+	if errors.Is(err, repo.ErrInWindow) {
+		// Kept for their S3 Object Lock window: the policy forgets them
+		// after a later backup, once the window has ended.
+		log.Info("retention policy applied; backups inside their Object Lock window were kept", "policy", r.o.Retention.String(), "detail", err)
+		err = nil
 	}
 	if err != nil {
 		log.Warn("the retention policy was not applied (the next backup tries again)", "policy", r.o.Retention.String(), "error", err)

@@ -174,8 +174,10 @@ type BackupResult struct {
 	Checkpoint string `json:"checkpoint,omitempty"`
 	// Verification is what the check of the dirty bitmaps found.
 	Verification *repo.Verification `json:"verification,omitempty"`
-	Seconds      float64            `json:"seconds"`
-	Disks        []DiskResult       `json:"disks"`
+	// ObjectLock is the backup's protection (S3 Object Lock).
+	ObjectLock *repo.BackupLock `json:"object_lock,omitempty"`
+	Seconds    float64          `json:"seconds"`
+	Disks      []DiskResult     `json:"disks"`
 	// Totals over the disks.
 	BytesRead    int64 `json:"bytes_read"`
 	BytesWritten int64 `json:"bytes_written"`
@@ -442,6 +444,9 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := b.protect(ctx, parents); err != nil {
+		return nil, err
+	}
 	if b.damaged, err = b.r.DamagedChunks(ctx); err != nil {
 		return nil, fmt.Errorf("backup %s: %w", b.m.Domain, err)
 	}
@@ -472,6 +477,31 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 		}
 	}
 	return b.commit(ctx, disks, indexes, results, files)
+}
+
+// protect, in a repository with S3 Object Lock, gives the backup its
+// window and extends the locks of what it takes over from its parent
+// when they could end before the window does (repo.ProtectBackup).
+func (b *backup) protect(ctx context.Context, parents []*repo.Chain) error {
+	var parent *repo.Manifest
+	for _, p := range parents {
+		if p != nil {
+			parent = b.last
+		}
+	}
+	bl, warnings, err := b.r.ProtectBackup(ctx, b.m.Created, parent, parents)
+	if err != nil {
+		return fmt.Errorf("backup %s: %w", b.m.Domain, err)
+	}
+	for _, w := range warnings {
+		b.o.Log.Warn(w, "name", b.m.Domain)
+	}
+	if bl != nil && bl.Extended > 0 {
+		b.o.Log.Info("extended the Object Lock of what the backup takes over from its parent", "name", b.m.Domain,
+			"objects", bl.Extended, "locked_until", bl.LockedUntil.UTC().Format(time.RFC3339))
+	}
+	b.m.ObjectLock = bl
+	return nil
 }
 
 // distrust handles a dirty bitmap caught missing a change: an incremental
@@ -649,7 +679,7 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 	dds := map[string]repo.DiskData{}
 	res := &BackupResult{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Parent: m.Parent, Fallback: m.Fallback,
 		Consistency: m.Consistency, Repository: b.r.Location(), RepositoryID: b.r.Config().ID, Checkpoint: m.Checkpoint,
-		CreatedRepository: b.created, Disks: results, Verification: m.Verification}
+		CreatedRepository: b.created, Disks: results, Verification: m.Verification, ObjectLock: m.ObjectLock}
 	for i, d := range disks {
 		dds[d.Name] = data[i]
 		dr := results[i]

@@ -41,6 +41,9 @@ func (r *Repo) NewPutter() *Putter {
 // healed chunk is durable when Put returns, since a verify may read it
 // whole and delete its damage record before this backup commits.
 //
+// With S3 Object Lock, a chunk found held is locked anew for as long as
+// one put now would be (it may be another backup's, locked for less).
+//
 // Asking first (a HEAD) spares the upload of a chunk the store holds, at
 // a round trip for every chunk it lacks. On a remote store, once 16
 // chunks were offered and fewer than a quarter of those offered lately
@@ -61,13 +64,13 @@ func (p *Putter) Put(ctx context.Context, d chunker.Digest, blob []byte, heal bo
 			// Held, perhaps put deferred by another backup that has not
 			// committed: this backup's commit makes its name durable too.
 			sink.SyncLater(p.r.store, key)
-			return true, nil
+			return true, p.r.extendHeld(ctx, d)
 		}
 		return false, sink.PutDeferred(ctx, p.r.store, key, blob)
 	default:
 		err := p.r.store.Create(ctx, key, blob)
 		if p.offered(errors.Is(err, sink.ErrExists)) {
-			return true, nil
+			return true, p.r.extendHeld(ctx, d)
 		}
 		return false, err
 	}

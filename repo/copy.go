@@ -389,6 +389,24 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		disks[k] = w
 	}
 	counter.Total.Store(total)
+	// In a target with S3 Object Lock the copy gets its own window, from
+	// now; what it takes over from the base there is extended as a
+	// backup's would be.
+	var chains []*Chain
+	for _, w := range disks {
+		chains = append(chains, w.dstBase)
+	}
+	var parent *Manifest
+	if slices.ContainsFunc(chains, func(c *Chain) bool { return c != nil }) {
+		parent = base
+	}
+	bl, warnings, err := c.to.ProtectBackup(ctx, time.Now(), parent, chains)
+	if err != nil {
+		return err
+	}
+	for _, w := range warnings {
+		c.o.Log.Warn(w)
+	}
 	counter.Begin("copy")
 
 	// The chunks, Parallel at once.
@@ -464,6 +482,7 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 	}
 	nm := *m
 	nm.Disks = slices.Clone(m.Disks)
+	nm.ObjectLock = bl // the target's, not the source's
 	if !c.same {
 		nm.Compression = c.to.cfg.Compression // the chunks it stored were encoded so
 	}

@@ -188,8 +188,35 @@ type ForgetResult struct {
 // backup is never forgotten (see forgetOne); a real forget holds a shared
 // lock, so that no gc sweeps while it may put a manifest back.
 func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool) ([]ForgetResult, error) {
+	return r.ForgetWith(ctx, domain, p, ForgetOptions{DryRun: dryRun})
+}
+
+// ForgetOptions are Forget's options.
+type ForgetOptions struct {
+	DryRun bool
+	// BypassGovernance forgets backups inside their Object Lock window
+	// too (governance mode; the credentials need the
+	// s3:BypassGovernanceRetention permission), removing every version
+	// of their manifests.
+	BypassGovernance bool
+}
+
+// ForgetWith is Forget with options. In a repository with S3 Object
+// Lock, a backup the policy forgets that is still inside its window is
+// kept (reason "object-lock"), and the error, a *WindowError, names
+// each with its window's end; the others are forgotten.
+func (r *Repo) ForgetWith(ctx context.Context, domain string, p Policy, o ForgetOptions) ([]ForgetResult, error) {
+	dryRun := o.DryRun
 	if err := p.Validate(); err != nil {
 		return nil, err
+	}
+	if o.BypassGovernance {
+		switch lc := r.cfg.ObjectLock; {
+		case lc == nil:
+			return nil, fmt.Errorf("%s: --bypass-governance: the repository has no Object Lock", r.Location())
+		case lc.Mode != "governance":
+			return nil, fmt.Errorf("%s: --bypass-governance: the repository's Object Lock is in %s mode, which nobody can bypass", r.Location(), lc.Mode)
+		}
 	}
 	var held *lock.Lock
 	if !dryRun {
@@ -227,8 +254,16 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 	}
 	sort.Strings(names)
 	var out []ForgetResult
+	windows := &WindowError{}
+	if lc := r.cfg.ObjectLock; lc != nil {
+		windows.Mode = lc.Mode
+	}
 	for _, d := range names {
 		res := ForgetResult{Domain: d, Decisions: p.Apply(byDomain[d], protected[d])}
+		byID := map[string]*Manifest{}
+		for _, m := range byDomain[d] {
+			byID[m.ID] = m
+		}
 		for _, s := range skipped {
 			if strings.HasPrefix(s.Backup, d+"/") {
 				res.Skipped = append(res.Skipped, s)
@@ -239,8 +274,14 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 				res.Kept++
 				continue
 			}
+			if m := byID[dec.ID]; m != nil && r.inWindow(m) && !o.BypassGovernance {
+				res.Decisions[i].Keep, res.Decisions[i].Reason = true, "object-lock"
+				res.Kept++
+				windows.Backups = append(windows.Backups, LockedBackup{Backup: d + "/" + dec.ID, ProtectedUntil: m.ObjectLock.ProtectedUntil})
+				continue
+			}
 			if !dryRun {
-				if err := r.forgetOne(ctx, held, d, dec.ID); err != nil {
+				if err := r.forgetOne(ctx, held, d, dec.ID, o.BypassGovernance); err != nil {
 					if errors.Is(err, errProtected) {
 						res.Decisions[i].Keep, res.Decisions[i].Reason = true, "protected"
 						res.Kept++
@@ -253,6 +294,9 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 		}
 		out = append(out, res)
 	}
+	if len(windows.Backups) > 0 {
+		return out, windows
+	}
 	return out, nil
 }
 
@@ -263,7 +307,12 @@ var errProtected = errors.New("protected")
 // second look after the deletion, and the manifest is put back, byte for
 // byte: under forget's shared lock (checked first, like a commit) no gc
 // has swept meanwhile.
-func (r *Repo) forgetOne(ctx context.Context, held *lock.Lock, domain, id string) error {
+//
+// bypass (a repository with Object Lock in governance mode) removes every
+// version of the manifest, with the governance bypass; otherwise, in a
+// repository with Object Lock, the delete leaves a delete marker and gc
+// removes the versions once their locks end.
+func (r *Repo) forgetOne(ctx context.Context, held *lock.Lock, domain, id string, bypass bool) error {
 	protected := func() (bool, error) {
 		_, err := r.store.Stat(ctx, protectKey(domain, id))
 		if isNotFound(err) {
@@ -285,7 +334,11 @@ func (r *Repo) forgetOne(ctx context.Context, held *lock.Lock, domain, id string
 	if err != nil {
 		return err
 	}
-	if err := r.store.Delete(ctx, key); err != nil {
+	del := r.store.Delete
+	if bypass {
+		del = r.deleteManifestBypass
+	}
+	if err := del(ctx, key); err != nil {
 		return err
 	}
 	p, err := protected()

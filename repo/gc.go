@@ -75,10 +75,13 @@ type GCResult struct {
 	// Damage: damage records of objects that no backup references and
 	// that are gone; Quarantine: quarantined copies of chunks whose
 	// record is gone, older than the grace period.
-	Damage     int     `json:"damage_records_deleted"`
-	Quarantine int     `json:"quarantined_deleted"`
-	TempFiles  int     `json:"temp_files_deleted"`
-	Seconds    float64 `json:"seconds"`
+	Damage     int `json:"damage_records_deleted"`
+	Quarantine int `json:"quarantined_deleted"`
+	TempFiles  int `json:"temp_files_deleted"`
+	// ObjectLock: what gc did to object versions in a repository with S3
+	// Object Lock (nil otherwise).
+	ObjectLock *LockReport `json:"object_lock,omitempty"`
+	Seconds    float64     `json:"seconds"`
 }
 
 // GC deletes what no committed backup references: chunks, index objects
@@ -138,6 +141,7 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 	hold.At("gc-candidates")
 
 	var held *lock.Lock
+	unlocked := ctx // for the purge, after the lock is let go
 	if !o.DryRun {
 		if err := g.awaitQuiet(ctx); err != nil {
 			return nil, err
@@ -148,7 +152,11 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		if err != nil {
 			return nil, err
 		}
-		defer held.Release()
+		defer func() {
+			if held != nil {
+				held.Release()
+			}
+		}()
 		ctx = lctx
 	}
 	hold.At("gc-locked")
@@ -181,6 +189,13 @@ func (r *Repo) GC(ctx context.Context, o GCOptions) (*GCResult, error) {
 		if err != nil {
 			return g.res, err
 		}
+		held.Release()
+		held = nil
+	}
+	// The purge deletes no current version: it needs no lock, and
+	// backups need not wait for it.
+	if err := g.purge(unlocked); err != nil {
+		return g.res, err
 	}
 	g.res.Seconds = time.Since(start).Seconds()
 	return g.res, nil

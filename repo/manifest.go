@@ -38,6 +38,9 @@ type Manifest struct {
 	// Files are extra objects stored with the backup (domain.xml,
 	// checkpoint.xml), by name: the key of each file object.
 	Files map[string]string `json:"files,omitempty"`
+	// ObjectLock is the backup's protection in a repository with S3
+	// Object Lock (nil otherwise).
+	ObjectLock *BackupLock `json:"object_lock,omitempty"`
 }
 
 // DiskManifest describes one disk of a backup.

@@ -2,6 +2,7 @@ package repo
 
 import (
 	"context"
+	"time"
 
 	"github.com/nbdmover/nbdmover/sink"
 )
@@ -23,6 +24,10 @@ type Options struct {
 	// Opened, when set, is the store to use instead of opening Location
 	// (a store wrapped for a test or a benchmark).
 	Opened sink.Store
+	// AsOf, when set, reads the repository as it was then (an S3 bucket
+	// with versioning: sink.AsOf), and writes nothing to it but locks
+	// and state.
+	AsOf time.Time
 }
 
 // Store opens the store the repository lives in (without contacting it).
@@ -30,8 +35,12 @@ func (o Options) Store() (sink.Store, error) {
 	if o.Opened != nil {
 		return o.Opened, nil
 	}
-	return sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region,
+	s, err := sink.Open(o.Location, sink.Options{S3Endpoint: o.S3Endpoint, S3Region: o.S3Region,
 		S3PathStyle: o.S3PathStyle, Retry: o.Retry, Upload: o.Upload, Download: o.Download})
+	if err != nil || o.AsOf.IsZero() {
+		return s, err
+	}
+	return sink.AsOf(s, o.AsOf)
 }
 
 // Open opens the repository; ErrNoRepository when there is none.

@@ -30,6 +30,8 @@ type Config struct {
 	Digest      string      `json:"digest"`      // "sha256", or "hmac-sha256" when encrypted
 	Compression string      `json:"compression"` // default for new chunks: "zstd", "zstd:N", "s2", "none"
 	Encryption  *Encryption `json:"encryption"`  // null: nothing is encrypted
+	// ObjectLock, when set, is the repository's S3 Object Lock policy.
+	ObjectLock *LockConfig `json:"object_lock,omitempty"`
 }
 
 // InitOptions choose a new repository's parameters.
@@ -44,6 +46,10 @@ type InitOptions struct {
 	// same name and blob in both, and a copy between them moves
 	// ciphertext. The new repository's own password wraps them.
 	KeysFrom *Repo
+	// ObjectLock, when set, makes a repository with S3 Object Lock: the
+	// store must be an S3 bucket with Object Lock enabled (created so
+	// when it is missing).
+	ObjectLock *LockConfig
 }
 
 // ErrNoRepository: the store holds no repository config.
@@ -79,13 +85,25 @@ func initStore(ctx context.Context, store sink.Store, o InitOptions) (*Repo, err
 	if o.Compression.Algorithm == "" {
 		o.Compression = chunker.Compression{Algorithm: "zstd", Level: 1}
 	}
-	if err := sink.CreateBucket(ctx, store); err != nil {
+	if err := sink.CreateBucket(ctx, store, o.ObjectLock != nil); err != nil {
 		return nil, err
+	}
+	if o.ObjectLock != nil {
+		s, ok := sink.Versioned(store)
+		if !ok {
+			return nil, fmt.Errorf("%s: Object Lock needs an S3 repository (s3://BUCKET[/PREFIX])", store.Location())
+		}
+		if err := checkBucketLock(ctx, s); err != nil {
+			return nil, err
+		}
+		if err := setupLock(ctx, store, o.ObjectLock); err != nil {
+			return nil, err
+		}
 	}
 	id := make([]byte, 16)
 	rand.Read(id)
 	cfg := Config{Version: formatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
-		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String()}
+		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String(), ObjectLock: o.ObjectLock}
 	if o.Keys != nil {
 		cfg.Digest, cfg.Encryption = namesHMAC, &Encryption{Cipher: cipherName, Names: namesHMAC,
 			PasswordCost: &Cost{Time: argonCost.Time, MemoryKiB: argonCost.MemoryKiB, Threads: argonCost.Threads}}
@@ -219,6 +237,11 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 	r, err := newRepo(store, cfg)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.ObjectLock != nil {
+		if err := setupLock(ctx, store, cfg.ObjectLock); err != nil {
+			return nil, err
+		}
 	}
 	switch {
 	case cfg.Encryption == nil && keys != nil:

@@ -78,9 +78,9 @@ func openS3(location string, o Options) (*S3, error) {
 
 // CreateBucket creates the bucket of an S3 store (looking through
 // wrappers) when it is missing; for other stores it does nothing.
-func CreateBucket(ctx context.Context, s Store) error {
+func CreateBucket(ctx context.Context, s Store, objectLock bool) error {
 	if x, ok := underlying[*S3](s); ok {
-		return x.CreateBucket(ctx)
+		return x.CreateBucket(ctx, objectLock)
 	}
 	return nil
 }

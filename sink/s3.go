@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,9 +39,34 @@ type S3Options struct {
 // -1), so a put is atomic: an object is either absent or whole.
 type S3 struct {
 	client   *minio.Client
+	http     *http.Client // for the server's clock (ServerTime)
 	bucket   string
 	prefix   string
 	location string
+	lock     *ObjectLock   // SetLock's; nil: no Object Lock
+	skew     time.Duration // the server's clock minus the host's
+	clock    atomic.Pointer[serverClock]
+}
+
+// serverClock is the Date header of the last response, and when the host
+// received it.
+type serverClock struct{ server, local time.Time }
+
+// dateTransport notes the Date header of every response (ServerTime
+// reads it, sparing a request).
+type dateTransport struct {
+	http.RoundTripper
+	s *S3
+}
+
+func (d dateTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := d.RoundTripper.RoundTrip(req)
+	if err == nil {
+		if t, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
+			d.s.clock.Store(&serverClock{server: t, local: time.Now()})
+		}
+	}
+	return resp, err
 }
 
 var _ Store = (*S3)(nil)
@@ -91,10 +117,11 @@ func NewS3(o S3Options) (*S3, error) {
 	if o.PathStyle {
 		lookup = minio.BucketLookupPath
 	}
+	s := &S3{http: &http.Client{Transport: tr, Timeout: time.Minute}, bucket: o.Bucket, prefix: o.Prefix, location: location}
 	client, err := minio.New(u.Host, &minio.Options{
 		Creds:        creds,
 		Secure:       secure,
-		Transport:    tr,
+		Transport:    dateTransport{tr, s},
 		Region:       o.Region,
 		BucketLookup: lookup,
 		MaxRetries:   1, // Retry wraps the store: one policy, not two
@@ -102,7 +129,8 @@ func NewS3(o S3Options) (*S3, error) {
 	if err != nil {
 		return nil, fmt.Errorf("S3 %s: %w", location, err)
 	}
-	return &S3{client: client, bucket: o.Bucket, prefix: o.Prefix, location: location}, nil
+	s.client = client
+	return s, nil
 }
 
 // redactURL drops user information from a URL for messages.
@@ -117,11 +145,12 @@ func redactURL(s string) string {
 
 func (s *S3) Location() string { return s.location }
 
-// CreateBucket creates the bucket when it does not exist.
-func (s *S3) CreateBucket(ctx context.Context) error {
+// CreateBucket creates the bucket when it does not exist; with
+// objectLock, with Object Lock enabled (and so versioning).
+func (s *S3) CreateBucket(ctx context.Context, objectLock bool) error {
 	ok, err := s.client.BucketExists(ctx, s.bucket)
 	if err == nil && !ok {
-		err = s.client.MakeBucket(ctx, s.bucket, minio.MakeBucketOptions{})
+		err = s.client.MakeBucket(ctx, s.bucket, minio.MakeBucketOptions{ObjectLocking: objectLock})
 		if minio.ToErrorResponse(err).Code == "BucketAlreadyOwnedByYou" {
 			err = nil
 		}
@@ -142,6 +171,10 @@ func (s *S3) fail(ctx context.Context, op, key string, err error) error {
 		return e // the caller gave up: nothing to retry
 	}
 	resp := minio.ToErrorResponse(err)
+	if lockedError(resp) {
+		e.Err = fmt.Errorf("%w: %s", ErrLocked, resp.Message)
+		return e
+	}
 	switch resp.Code {
 	case "NoSuchKey", "NotFound":
 		e.Err = ErrNotFound
@@ -212,6 +245,9 @@ func (s *S3) put(ctx context.Context, op, key string, data []byte, ifAbsent bool
 	if ifAbsent {
 		opts.SetMatchETagExcept("*")
 	}
+	if s.lock != nil && Immutable(key) {
+		opts.Mode, opts.RetainUntilDate = s.lock.mode(), s.LockTarget()
+	}
 	// The body is a copy: net/http may go on reading a request's body
 	// after the round trip returned (a 412 to a create answers before the
 	// body is sent), and callers reuse data as soon as Put returns (the
@@ -225,11 +261,16 @@ func (s *S3) put(ctx context.Context, op, key string, data []byte, ifAbsent bool
 }
 
 func (s *S3) Get(ctx context.Context, key string, buf []byte, limit int64) ([]byte, error) {
+	return s.get(ctx, key, "", buf, limit)
+}
+
+// get reads a version of key ("": the current one).
+func (s *S3) get(ctx context.Context, key, versionID string, buf []byte, limit int64) ([]byte, error) {
 	k, err := s.key("get", key)
 	if err != nil {
 		return nil, err
 	}
-	obj, err := s.client.GetObject(ctx, s.bucket, k, minio.GetObjectOptions{})
+	obj, err := s.client.GetObject(ctx, s.bucket, k, minio.GetObjectOptions{VersionID: versionID})
 	if err != nil {
 		return nil, s.fail(ctx, "get", key, err)
 	}
@@ -249,11 +290,16 @@ func (s *S3) Get(ctx context.Context, key string, buf []byte, limit int64) ([]by
 }
 
 func (s *S3) Stat(ctx context.Context, key string) (ObjectInfo, error) {
+	return s.stat(ctx, key, "")
+}
+
+// stat is Stat of a version of key ("": the current one).
+func (s *S3) stat(ctx context.Context, key, versionID string) (ObjectInfo, error) {
 	k, err := s.key("stat", key)
 	if err != nil {
 		return ObjectInfo{}, err
 	}
-	st, err := s.client.StatObject(ctx, s.bucket, k, minio.StatObjectOptions{})
+	st, err := s.client.StatObject(ctx, s.bucket, k, minio.StatObjectOptions{VersionID: versionID})
 	if err != nil {
 		return ObjectInfo{}, s.fail(ctx, "stat", key, err)
 	}
@@ -280,6 +326,10 @@ func (s *S3) List(ctx context.Context, prefix string, fn func(ObjectInfo) error)
 	return nil
 }
 
+// Delete removes the object. In a versioned bucket (Object Lock) it
+// leaves a delete marker above the object's versions, which gc removes
+// (repo's purge: at once for a mutable object, once its locks end for an
+// immutable one): one request, as without versioning.
 func (s *S3) Delete(ctx context.Context, key string) error {
 	k, err := s.key("delete", key)
 	if err != nil {

@@ -26,6 +26,7 @@ func exportCommand() *cli.Command {
 			"until interrupted or, with --once, until the last client leaves",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "domain whose backup to serve (required)"},
+			asOfFlag(),
 			&cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"},
 			&cli.StringSliceFlag{Name: "disk", Usage: "serve only this disk (repeatable)", DefaultText: "every disk"},
 			&cli.StringFlag{Name: "listen", Usage: "unix:///path (a 0600 socket) or host:port (TCP: off loopback, TLS with client certificates)",

@@ -67,7 +67,7 @@ func filesFlags(backup, fs bool) []cli.Flag {
 		&cli.StringFlag{Name: "accel", Value: "auto", Usage: "the appliance's accelerator: auto (KVM, falling back to TCG when its launch fails), kvm or tcg"},
 		&cli.StringFlag{Name: "cache-size", Value: "32MiB", Usage: "decoded chunks kept in memory for the appliance's reads"},
 		&cli.StringFlag{Name: "run-dir", Value: mover.DefaultRunDir, Usage: "directory for the backup's private NBD socket"},
-		noLockFlag(), jsonFlag())
+		asOfFlag(), noLockFlag(), jsonFlag())
 	if backup {
 		fl = append(fl, &cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"})
 	}

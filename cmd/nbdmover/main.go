@@ -198,7 +198,7 @@ func newApp() *cli.App {
 			return nil
 		},
 		Commands: []*cli.Command{
-			initCommand(), backupCommand(), listCommand(), restoreCommand(), copyCommand(), exportCommand(), instantRestoreCommand(), verifyCommand(), forgetCommand(),
+			initCommand(), backupCommand(), listCommand(), restoreCommand(), copyCommand(), exportCommand(), instantRestoreCommand(), verifyCommand(), forgetCommand(), recoverCommand(),
 			protectCommand(true), protectCommand(false), gcCommand(), unlockCommand(), cleanupCommand(), migrateCommand(), serveCommand(),
 			keyCommand(), filesCommand(),
 		},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"github.com/nbdmover/nbdmover/internal/progress"
 	"github.com/nbdmover/nbdmover/repo/lock"
@@ -66,6 +67,8 @@ func forgetCommand() *cli.Command {
 			&cli.StringFlag{Name: "domain", Usage: "apply the policy to this domain's backups"},
 			&cli.BoolFlag{Name: "all", Usage: "apply it to every domain's backups"},
 			&cli.BoolFlag{Name: "dry-run", Usage: "print what would be forgotten, forget nothing"},
+			&cli.BoolFlag{Name: "bypass-governance", Usage: "S3 Object Lock in governance mode: forget backups inside their window too, " +
+				"removing their manifests' versions (the credentials need s3:BypassGovernanceRetention)"},
 			jsonFlag()), policyFlags()...),
 		Action: func(c *cli.Context) error {
 			if err := checkFlags(c); err != nil {
@@ -85,9 +88,17 @@ func forgetCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			res, err := r.Forget(c.Context, c.String("domain"), p, c.Bool("dry-run"))
-			if c.Bool("json") && err == nil {
-				return printJSON(c.App.Writer, map[string]any{"dry_run": c.Bool("dry-run"), "policy": p, "domains": res})
+			res, err := r.ForgetWith(c.Context, c.String("domain"), p, repo.ForgetOptions{DryRun: c.Bool("dry-run"), BypassGovernance: c.Bool("bypass-governance")})
+			var win *repo.WindowError
+			if c.Bool("json") && (err == nil || errors.As(err, &win)) {
+				out := map[string]any{"dry_run": c.Bool("dry-run"), "policy": p, "domains": res}
+				if win != nil {
+					out["inside_window"] = win.Backups
+				}
+				if perr := printJSON(c.App.Writer, out); perr != nil {
+					return perr
+				}
+				return err
 			}
 			printForget(c, res, c.Bool("dry-run"))
 			return err

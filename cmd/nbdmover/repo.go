@@ -42,6 +42,32 @@ func noLockFlag() cli.Flag {
 		"a gc running elsewhere meanwhile may delete what is being read"}
 }
 
+// asOfFlag is --as-of, for the commands that read backups: the
+// repository as it was at a past time (an S3 bucket with versioning).
+func asOfFlag() cli.Flag {
+	return &cli.StringFlag{Name: "as-of", Usage: "read the repository as it was at this time (RFC 3339, e.g. 2026-12-01T06:00:00Z; " +
+		"the S3 server's clock): for each object the newest version from then, ignoring later versions and deletions (an S3 bucket with versioning)"}
+}
+
+// parseAsOf reads --as-of (zero when not given).
+func parseAsOf(c *cli.Context) (time.Time, error) {
+	v := c.String("as-of")
+	if v == "" {
+		return time.Time{}, nil
+	}
+	t, err := time.Parse(time.RFC3339, v)
+	if err != nil {
+		return t, usagef("--as-of %q: want a time as RFC 3339, e.g. 2026-12-01T06:00:00Z", v)
+	}
+	if t.After(time.Now().Add(sink.MaxClockSkew)) {
+		return t, usagef("--as-of %s is in the future", v)
+	}
+	if !strings.HasPrefix(c.String("repo"), "s3://") {
+		return t, usagef("--as-of reads object versions, which only an S3 repository (in a bucket with versioning) keeps")
+	}
+	return t, nil
+}
+
 // jsonFlag is --json, which every command that prints a result has.
 func jsonFlag() cli.Flag {
 	return &cli.BoolFlag{Name: "json", Usage: "print one JSON document"}
@@ -97,10 +123,15 @@ func checkOptions(c *cli.Context) error {
 		}
 		c.App.Metadata["rates"] = rates
 	}
+	asOf, err := parseAsOf(c)
+	if err != nil {
+		return err
+	}
+	c.App.Metadata["as-of"] = asOf
 	if _, err := repoOptions(c).Store(); err != nil {
 		return usagef("--repo: %v", err)
 	}
-	_, err := resolveKeys(c)
+	_, err = resolveKeys(c)
 	return err
 }
 
@@ -109,9 +140,10 @@ func checkOptions(c *cli.Context) error {
 func repoOptions(c *cli.Context) repo.Options {
 	keys, _ := c.App.Metadata["keys"].(*repo.Keys)
 	rates, _ := c.App.Metadata["rates"].(map[string]*sink.Rate) // one of each for the process
+	asOf, _ := c.App.Metadata["as-of"].(time.Time)
 	return repo.Options{Location: c.String("repo"), S3Endpoint: c.String("s3-endpoint"),
 		S3Region: c.String("s3-region"), S3PathStyle: c.Bool("s3-path-style"), Keys: keys,
-		Upload: rates["limit-upload"], Download: rates["limit-download"]}
+		Upload: rates["limit-upload"], Download: rates["limit-download"], AsOf: asOf}
 }
 
 func initCommand() *cli.Command {
@@ -122,6 +154,9 @@ func initCommand() *cli.Command {
 			&cli.StringFlag{Name: "chunk-size", Value: "1MiB", Usage: "chunk size, 256KiB to 16MiB, a multiple of 64KiB"},
 			&cli.StringFlag{Name: "compression", Value: "zstd", Usage: "compression of new chunks: zstd, zstd:1..4, s2 (fastest, larger) or none"},
 			&cli.BoolFlag{Name: "encryption", Usage: "encrypt everything with a key wrapped by the password (" + passwordEnv + ", --password-file or --password-command)"},
+			&cli.StringFlag{Name: "object-lock", Usage: "governance or compliance: lock every backup against deletion and overwriting for --lock-period " +
+				"(S3 Object Lock; the bucket must have it enabled, and is created with it when missing)"},
+			durationFlag("lock-period", 0, "with --object-lock: how long each backup is protected (e.g. 30d); back up more often than this", "none"),
 			&cli.StringFlag{Name: "copy-keys-from", Usage: "with --encryption: take the keys of this encrypted repository (its chunk size too), " +
 				"so that nbdmover copy between the two moves ciphertext; open it with --from-password-file, --from-password-command, --from-key-file or NBDMOVER_FROM_PASSWORD"},
 			jsonFlag(),
@@ -142,6 +177,20 @@ func initCommand() *cli.Command {
 				if io.Compression, err = chunker.ParseCompression(s); err != nil {
 					return usagef("--compression: %v", err)
 				}
+			}
+			switch mode, period := c.String("object-lock"), flagDuration(c, "lock-period"); {
+			case mode == "" && period != 0:
+				return usagef("--lock-period goes with --object-lock governance|compliance")
+			case mode != "" && period == 0:
+				return usagef("--object-lock %s needs --lock-period, how long each backup is protected (e.g. 30d)", mode)
+			case mode != "":
+				if err := repo.CheckLock(mode, period); err != nil {
+					return usagef("%v", err)
+				}
+				if !strings.HasPrefix(c.String("repo"), "s3://") {
+					return usagef("--object-lock needs an S3 repository (s3://BUCKET[/PREFIX]): S3 Object Lock keeps what the host's credentials cannot delete")
+				}
+				io.ObjectLock = &repo.LockConfig{Mode: mode, PeriodSeconds: int64(period / time.Second)}
 			}
 			ro := repoOptions(c)
 			if store, err := ro.Store(); err == nil {
@@ -182,11 +231,14 @@ func initCommand() *cli.Command {
 			cfg := r.Config()
 			if c.Bool("json") {
 				return printJSON(c.App.Writer, map[string]any{"repository": r.Location(), "id": cfg.ID, "chunk_size": cfg.ChunkSize,
-					"compression": cfg.Compression, "encrypted": r.Encrypted()})
+					"compression": cfg.Compression, "encrypted": r.Encrypted(), "object_lock": cfg.ObjectLock})
 			}
 			enc := ""
+			if l := cfg.ObjectLock; l != nil {
+				enc += fmt.Sprintf(", S3 Object Lock in %s mode for %s", l.Mode, time.Duration(l.PeriodSeconds)*time.Second)
+			}
 			if r.Encrypted() {
-				enc = ", encrypted with " + cfg.Encryption.Cipher + "; keep the password safe: without it the backups cannot be read"
+				enc += ", encrypted with " + cfg.Encryption.Cipher + "; keep the password safe: without it the backups cannot be read"
 			}
 			fmt.Fprintf(c.App.Writer, "created repository %s (chunk size %d, compression %s%s)\n", c.String("repo"), cfg.ChunkSize, cfg.Compression, enc)
 			return nil
@@ -263,6 +315,7 @@ func listCommand() *cli.Command {
 		Usage: "list committed backups, oldest first",
 		Flags: append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
+			asOfFlag(),
 			jsonFlag(),
 		),
 		Action: func(c *cli.Context) error {
@@ -337,7 +390,9 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, marks listMarks) any 
 		Protected   bool      `json:"protected,omitempty"`
 		Damaged     bool      `json:"damaged,omitempty"`     // references an object verify found damaged
 		ExportedBy  []string  `json:"exported_by,omitempty"` // the NBD exports serving it
-		Disks       []disk    `json:"disks"`
+		// ProtectedUntil: the end of its S3 Object Lock window.
+		ProtectedUntil *time.Time `json:"protected_until,omitempty"`
+		Disks          []disk     `json:"disks"`
 	}
 	out := struct {
 		Backups []backup       `json:"backups"`
@@ -346,6 +401,9 @@ func listJSON(ms []*repo.Manifest, skipped []repo.Problem, marks listMarks) any 
 	for _, m := range ms {
 		b := backup{ID: m.ID, Domain: m.Domain, Mode: m.Mode, Created: m.Created, Parent: m.Parent, Consistency: m.Consistency,
 			Protected: marks.protected[m.Domain+"/"+m.ID], Damaged: marks.damaged[m.Domain+"/"+m.ID], ExportedBy: marks.exported[m.Domain+"/"+m.ID]}
+		if m.ObjectLock != nil {
+			b.ProtectedUntil = &m.ObjectLock.ProtectedUntil
+		}
 		for _, d := range m.Disks {
 			b.Disks = append(b.Disks, disk{d.Name, d.Size})
 		}
@@ -369,8 +427,11 @@ func printList(w io.Writer, ms []*repo.Manifest, marks listMarks) error {
 			disks = append(disks, fmt.Sprintf("%s:%s", d.Name, progress.Bytes(d.Size)))
 		}
 		prot := "-"
-		if marks.protected[m.Domain+"/"+m.ID] {
+		switch {
+		case marks.protected[m.Domain+"/"+m.ID]:
 			prot = "yes"
+		case m.ObjectLock != nil && time.Now().Before(m.ObjectLock.ProtectedUntil):
+			prot = "locked until " + m.ObjectLock.ProtectedUntil.UTC().Format(time.RFC3339)
 		}
 		dmg := "-"
 		if marks.damaged[m.Domain+"/"+m.ID] {
@@ -398,6 +459,7 @@ func restoreCommand() *cli.Command {
 		Usage: "write the disks of a backup to new image files",
 		Flags: append(append(repoFlags(), progressFlags()...),
 			&cli.StringFlag{Name: "domain", Usage: "domain (or --nbd backup name) to restore (required)"},
+			asOfFlag(),
 			&cli.StringFlag{Name: "backup", Value: "latest", Usage: "backup id, or latest"},
 			&cli.StringFlag{Name: "disk", Usage: "restore only this disk, to the file --output"},
 			&cli.StringFlag{Name: "output", Usage: "output file (with --disk) or directory (required)"},
@@ -495,6 +557,7 @@ func verifyCommand() *cli.Command {
 		Flags: append(append(repoFlags(),
 			&cli.StringFlag{Name: "domain", Usage: "only this domain's backups"},
 			&cli.StringFlag{Name: "backup", Usage: "only this backup id (needs --domain)"},
+			asOfFlag(),
 			&cli.GenericFlag{Name: "read-data", Value: share,
 				Usage: "also read, decode and re-hash every chunk; --read-data=10% reads a tenth of them, those verified least recently (ten nightly runs of the whole repository read every chunk; with --domain or --backup the share is read, not recorded)"},
 			&cli.Uint64Flag{Name: "seed", Hidden: true, Usage: "seed of the choice among parts verified as long ago (tests)"},

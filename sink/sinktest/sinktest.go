@@ -42,13 +42,25 @@ func S3Endpoint(t testing.TB) string {
 // NewS3 returns a store in a new, empty bucket of the test MinIO.
 func NewS3(t testing.TB, prefix string) *sink.S3 {
 	t.Helper()
+	return newS3(t, prefix, false)
+}
+
+// NewS3Lock is NewS3 with a bucket made with Object Lock (and so
+// versioning) enabled.
+func NewS3Lock(t testing.TB, prefix string) *sink.S3 {
+	t.Helper()
+	return newS3(t, prefix, true)
+}
+
+func newS3(t testing.TB, prefix string, objectLock bool) *sink.S3 {
+	t.Helper()
 	ep := S3Endpoint(t)
 	bucket := fmt.Sprintf("test-%d-%08x", time.Now().UnixNano()%1e9, rand.Uint32())
 	s, err := sink.NewS3(sink.S3Options{Endpoint: ep, Bucket: bucket, Prefix: prefix})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.CreateBucket(t.Context()); err != nil {
+	if err := s.CreateBucket(t.Context(), objectLock); err != nil {
 		t.Fatal(err)
 	}
 	return s

@@ -1,0 +1,355 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+)
+
+// S3 Object Lock (docs/format.md "Object Lock"): in a bucket with Object
+// Lock (and so versioning), every immutable object (Immutable) is put
+// with a retain-until date in the same request, so that nobody holding
+// the host's credentials can delete or overwrite its version before that
+// date. Mutable objects (locks, state) are put without a lock. Deletes
+// leave delete markers (the versions stay): gc removes the versions and
+// markers of mutable objects, and those of immutable objects once their
+// locks end.
+
+// ObjectLock is a repository's lock policy.
+type ObjectLock struct {
+	Mode   string        // "governance" or "compliance"
+	Period time.Duration // what a backup is protected for
+}
+
+// Renew is how much longer than the period nbdmover locks what it
+// writes or extends: a backup within Renew of the last extension
+// extends nothing (docs/design.md "Object Lock").
+func (l ObjectLock) Renew() time.Duration { return l.Period / 4 }
+
+func (l ObjectLock) mode() minio.RetentionMode {
+	if l.Mode == "compliance" {
+		return minio.Compliance
+	}
+	return minio.Governance
+}
+
+// MaxClockSkew is how far the host's clock may be from the S3 server's
+// for a repository with Object Lock: retain-until dates are the
+// server's, and a host far off it would lock too short or decide on
+// the wrong side of a date.
+const MaxClockSkew = 2 * time.Minute
+
+// ErrLocked is matched by the error of a delete or overwrite the store
+// refused because the object version is locked.
+var ErrLocked = errors.New("the object version is locked (S3 Object Lock)")
+
+// Immutable reports whether nbdmover never changes the object at key
+// once it is written (it may delete it): the config, key objects,
+// chunks, index and file objects, manifests and catalogs. Locks,
+// protection markers, holds and state are mutable.
+func Immutable(key string) bool {
+	if key == "config" {
+		return true
+	}
+	for _, p := range []string{"keys/", "chunks/", "indexes/", "files/", "manifests/", "catalog/"} {
+		if strings.HasPrefix(key, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// Versioned returns the S3 store beneath s (looking through wrappers),
+// for the operations on object versions and locks; ok false for a store
+// that has none, and for an AsOf view (which writes nothing).
+func Versioned(s Store) (*S3, bool) {
+	if IsAsOf(s) {
+		return nil, false
+	}
+	return underlying[*S3](s)
+}
+
+// IsAsOf reports whether s is (or wraps) an AsOf view.
+func IsAsOf(s Store) bool {
+	_, ok := underlying[*asOf](s)
+	return ok
+}
+
+// retried runs f with s's retry policy (when s has the Retry wrapper).
+func retried(ctx context.Context, s Store, f func() error) error {
+	if r, ok := underlying[*retryStore](s); ok {
+		return r.do(ctx, f)
+	}
+	return f()
+}
+
+// Retried runs f, an operation on the S3 store beneath s, with s's retry
+// policy: transient failures are tried again.
+func Retried(ctx context.Context, s Store, f func() error) error { return retried(ctx, s, f) }
+
+// BucketLock is what a bucket says of Object Lock.
+type BucketLock struct {
+	Enabled    bool   // Object Lock is enabled
+	Versioning string // "Enabled", "Suspended" or ""
+	// Default is the bucket's default retention ("GOVERNANCE 30 DAYS"),
+	// "" when it has none.
+	Default string
+}
+
+// BucketLock reads the bucket's Object Lock and versioning settings.
+func (s *S3) BucketLock(ctx context.Context) (BucketLock, error) {
+	var b BucketLock
+	enabled, mode, validity, unit, err := s.client.GetObjectLockConfig(ctx, s.bucket)
+	code := minio.ToErrorResponse(err).Code
+	switch {
+	case err == nil:
+		b.Enabled = enabled == "Enabled"
+		if mode != nil && validity != nil && unit != nil {
+			b.Default = fmt.Sprintf("%s %d %s", *mode, *validity, *unit)
+		}
+	case code == "ObjectLockConfigurationNotFoundError" || code == "ObjectLockConfigurationNotFound":
+	default:
+		return b, s.fail(ctx, "get object lock configuration", "", err)
+	}
+	v, err := s.client.GetBucketVersioning(ctx, s.bucket)
+	if err != nil {
+		return b, s.fail(ctx, "get versioning", "", err)
+	}
+	b.Versioning = v.Status
+	return b, nil
+}
+
+// ServerTime returns the S3 server's clock (its Date header, which has
+// whole seconds: the middle of that second) and the host's clock when it
+// was read: from the last response of the last minute, or else from a
+// HEAD of the bucket.
+func (s *S3) ServerTime(ctx context.Context) (server, local time.Time, err error) {
+	if c := s.clock.Load(); c != nil && time.Since(c.local) < time.Minute {
+		return c.server.Add(500 * time.Millisecond), c.local, nil
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodHead, s.client.EndpointURL().String()+"/"+s.bucket, nil)
+	if err != nil {
+		return server, local, err
+	}
+	resp, err := s.http.Do(req)
+	if err != nil {
+		return server, local, s.fail(ctx, "read the server's clock", "", err)
+	}
+	resp.Body.Close()
+	local = time.Now()
+	server, err = http.ParseTime(resp.Header.Get("Date"))
+	if err != nil {
+		return server, local, fmt.Errorf("%s: the server's Date header %q: %w", s.location, resp.Header.Get("Date"), err)
+	}
+	return server.Add(500 * time.Millisecond), local, nil
+}
+
+// SetLock makes puts of immutable objects lock them (see Lock) and
+// deletes keep versions as the package comment says; skew is the
+// server's clock minus the host's. Call it before the store is used.
+func (s *S3) SetLock(l ObjectLock, skew time.Duration) {
+	s.lock, s.skew = &l, skew
+}
+
+// Lock returns the store's lock policy (nil: none).
+func (s *S3) Lock() *ObjectLock { return s.lock }
+
+// Now is the server's clock, as the host's corrected by the skew SetLock
+// was given.
+func (s *S3) Now() time.Time { return time.Now().Add(s.skew) }
+
+// LockTarget is the retain-until date of what is put or extended now:
+// the server's time plus the period and Renew.
+func (s *S3) LockTarget() time.Time {
+	return s.Now().Add(s.lock.Period + s.lock.Renew()).Truncate(time.Second).Add(time.Second)
+}
+
+// Extend makes the current version of key locked until at least until.
+// A version locked longer already is left as it is (a retention is
+// never shortened: S3 refuses that without a governance bypass).
+func (s *S3) Extend(ctx context.Context, key string, until time.Time) error {
+	k, err := s.key("extend", key)
+	if err != nil {
+		return err
+	}
+	mode := s.lock.mode()
+	err = s.client.PutObjectRetention(ctx, s.bucket, k, minio.PutObjectRetentionOptions{Mode: &mode, RetainUntilDate: &until})
+	if err == nil {
+		return nil
+	}
+	if e := s.fail(ctx, "extend", key, err); !errors.Is(e, ErrLocked) && !errors.Is(e, ErrDenied) {
+		return e
+	}
+	_, have, rerr := s.Retention(ctx, key, "")
+	if rerr != nil {
+		return rerr
+	}
+	if !have.Before(until) {
+		return nil
+	}
+	return s.fail(ctx, "extend", key, err)
+}
+
+// Retention returns a version's lock (the current version's when
+// versionID is ""): its mode and retain-until date, zero when it has
+// none.
+func (s *S3) Retention(ctx context.Context, key, versionID string) (string, time.Time, error) {
+	k, err := s.key("get retention", key)
+	if err != nil {
+		return "", time.Time{}, err
+	}
+	mode, until, err := s.client.GetObjectRetention(ctx, s.bucket, k, versionID)
+	if err != nil {
+		if c := minio.ToErrorResponse(err).Code; c == "NoSuchObjectLockConfiguration" || c == "ObjectLockConfigurationNotFoundError" {
+			return "", time.Time{}, nil
+		}
+		return "", time.Time{}, s.fail(ctx, "get retention", key, err)
+	}
+	var m string
+	if mode != nil {
+		m = strings.ToLower(string(*mode))
+	}
+	if until == nil {
+		return m, time.Time{}, nil
+	}
+	return m, *until, nil
+}
+
+// Version is one version of an object, or a delete marker.
+type Version struct {
+	Key      string
+	ID       string
+	Size     int64
+	Modified time.Time // the server's clock
+	Latest   bool      // the current version (or marker)
+	Marker   bool      // a delete marker
+}
+
+// Versions calls fn for every version and delete marker whose key
+// starts with prefix: in key order, and each key's newest first.
+func (s *S3) Versions(ctx context.Context, prefix string, fn func(Version) error) error {
+	if err := validPrefix(prefix); err != nil {
+		return &Error{Op: "list versions", Key: prefix, Location: s.location, Err: err}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var batch []Version // one key's versions, to order them newest first
+	flush := func() error {
+		sort.SliceStable(batch, func(i, j int) bool {
+			if batch[i].Latest != batch[j].Latest {
+				return batch[i].Latest
+			}
+			return batch[i].Modified.After(batch[j].Modified)
+		})
+		for _, v := range batch {
+			if err := fn(v); err != nil {
+				return err
+			}
+		}
+		batch = batch[:0]
+		return nil
+	}
+	for obj := range s.client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: s.prefix + prefix, Recursive: true, WithVersions: true}) {
+		if obj.Err != nil {
+			return s.fail(ctx, "list versions", prefix, obj.Err)
+		}
+		v := Version{Key: strings.TrimPrefix(obj.Key, s.prefix), ID: obj.VersionID, Size: obj.Size,
+			Modified: obj.LastModified, Latest: obj.IsLatest, Marker: obj.IsDeleteMarker}
+		if len(batch) > 0 && batch[0].Key != v.Key {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		batch = append(batch, v)
+	}
+	if err := ctx.Err(); err != nil {
+		return s.fail(ctx, "list versions", prefix, err)
+	}
+	return flush()
+}
+
+// keyVersions returns the versions of exactly key, newest first.
+func (s *S3) keyVersions(ctx context.Context, key string) ([]Version, error) {
+	var vs []Version
+	err := s.Versions(ctx, key, func(v Version) error {
+		if v.Key == key {
+			vs = append(vs, v)
+		}
+		return nil
+	})
+	return vs, err
+}
+
+// DeleteVersions deletes the versions (and delete markers) given, in
+// batches; bypass sends the governance bypass (which needs the
+// s3:BypassGovernanceRetention permission). It returns how many were
+// deleted, and the first failure.
+func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (int, error) {
+	deleted := 0
+	for len(vs) > 0 {
+		batch := vs[:min(len(vs), 1000)]
+		vs = vs[len(batch):]
+		ch := make(chan minio.ObjectInfo, len(batch))
+		for _, v := range batch {
+			k, err := s.key("delete version", v.Key)
+			if err != nil {
+				return deleted, err
+			}
+			ch <- minio.ObjectInfo{Key: k, VersionID: v.ID}
+		}
+		close(ch)
+		failed := 0
+		var first error
+		for e := range s.client.RemoveObjects(ctx, s.bucket, ch, minio.RemoveObjectsOptions{GovernanceBypass: bypass}) {
+			if minio.ToErrorResponse(e.Err).Code == "NoSuchVersion" || minio.ToErrorResponse(e.Err).Code == "NoSuchKey" {
+				continue
+			}
+			failed++
+			if first == nil {
+				first = s.fail(ctx, "delete version "+e.VersionID+" of", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
+			}
+		}
+		deleted += len(batch) - failed
+		if first != nil {
+			return deleted, first
+		}
+	}
+	return deleted, nil
+}
+
+// GetVersion is Get of one version of key.
+func (s *S3) GetVersion(ctx context.Context, key, versionID string, buf []byte, limit int64) ([]byte, error) {
+	return s.get(ctx, key, versionID, buf, limit)
+}
+
+// Restore makes a copy of a version of key its current version (a
+// server-side copy; locked anew when key is immutable).
+func (s *S3) Restore(ctx context.Context, key, versionID string) error {
+	k, err := s.key("restore", key)
+	if err != nil {
+		return err
+	}
+	dst := minio.CopyDestOptions{Bucket: s.bucket, Object: k}
+	if s.lock != nil && Immutable(key) {
+		dst.Mode, dst.RetainUntilDate = s.lock.mode(), s.LockTarget()
+	}
+	if _, err := s.client.CopyObject(ctx, dst, minio.CopySrcOptions{Bucket: s.bucket, Object: k, VersionID: versionID}); err != nil {
+		return s.fail(ctx, "restore "+versionID+" of", key, err)
+	}
+	return nil
+}
+
+// lockedError says whether a client error is a refusal for a locked
+// version: S3 says AccessDenied, MinIO InvalidRequest, both naming the
+// lock in the message.
+func lockedError(resp minio.ErrorResponse) bool {
+	m := strings.ToLower(resp.Message)
+	return (resp.Code == "AccessDenied" || resp.Code == "InvalidRequest") &&
+		(strings.Contains(m, "worm") || strings.Contains(m, "object lock") || strings.Contains(m, "retention"))
+}
