@@ -11,9 +11,11 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -194,7 +196,7 @@ func attack(t *testing.T, c *minio.Client, bucket string) map[objVersion]bool {
 // verify, a new incremental). Forget refuses backups inside their
 // window (and --bypass-governance needs the permission).
 func TestObjectLockAttack(t *testing.T) {
-	qemutest.Need(t, "qemu-img", "qemu-io", "qemu-nbd")
+	qemutest.Need(t, "qemu-img", "qemu-io", "qemu-nbd", "nbdcopy")
 	ep := sinktest.S3Endpoint(t)
 	for _, mode := range []string{"governance", "compliance"} {
 		t.Run(mode, func(t *testing.T) {
@@ -264,6 +266,16 @@ func TestObjectLockAttack(t *testing.T) {
 			if out, stderr, code := nbdmover(t, append([]string{"verify", "--as-of", at, "--read-data"}, f.repo...)...); code != 0 {
 				t.Fatalf("verify --as-of --read-data: %d %s %s", code, out, stderr)
 			}
+			// An NBD export of the past, read by nbdcopy.
+			sock := filepath.Join(t.TempDir(), "export.sock")
+			p, doc := startExport(t, append([]string{"--domain", "d1", "--backup", b2.ID, "--as-of", at, "--listen", "unix://" + sock}, f.repo...)...)
+			dst := filepath.Join(t.TempDir(), "copy.raw")
+			if out, err := exec.Command("nbdcopy", doc.Disks[0].URI, dst).CombinedOutput(); err != nil {
+				t.Fatalf("nbdcopy of export --as-of: %v\n%s", err, out)
+			}
+			qemutest.Compare(t, f.refs[b2.ID], "raw", dst, "raw")
+			p.cmd.Process.Signal(syscall.SIGINT)
+			p.wait(t)
 
 			var rec struct {
 				DryRun   bool `json:"dry_run"`
@@ -295,6 +307,14 @@ func TestObjectLockAttack(t *testing.T) {
 			}
 			f.restored(t, b4.ID)
 			f.restored(t, b1.ID)
+			if mode == "governance" { // with the bypass permission (the test's root credentials)
+				mustRun(t, append([]string{"forget", "--domain", "d1", "--keep-last", "1", "--bypass-governance"}, f.repo...)...)
+				out = mustRun(t, append([]string{"list", "--domain", "d1", "--json"}, f.repo...)...)
+				if json.Unmarshal([]byte(out), &listed) != nil || len(listed.Backups) != 1 || listed.Backups[0].ID != b4.ID {
+					t.Fatalf("list after forget --bypass-governance: %s", out)
+				}
+				f.restored(t, b4.ID)
+			}
 		})
 	}
 }
