@@ -180,6 +180,10 @@ func Serve(ctx context.Context, o ServeOptions) error {
 			l.Close()
 			return err
 		}
+		if lc := ct.ObjectLock(); lc != nil && o.Runner.CopyEvery > time.Duration(lc.PeriodSeconds)*time.Second {
+			o.Log.Warn("--copy-every is longer than the Object Lock period of --copy-to: a copied backup's chunks are unprotected between the end of its lock and the next copy; copy more often, or init the target with a longer period",
+				"copy_every", o.Runner.CopyEvery.String(), "lock_period", (time.Duration(lc.PeriodSeconds) * time.Second).String())
+		}
 	}
 	m := newMetrics()
 	read, _ := o.Runner.Backup.Tuning.ReadRate.(*sink.Rate)

@@ -623,3 +623,18 @@ func TestObjectLockCopyInto(t *testing.T) {
 	}
 	f.restored(t, append([]string{"--repo"}, to...), f.ids...)
 }
+
+// A backup whose parent is older than the lock period says so, with the
+// numbers: what the parent alone referenced was unprotected for a while.
+func TestObjectLockGapWarning(t *testing.T) {
+	qemutest.Need(t, "qemu-img", "qemu-io", "qemu-nbd")
+	f := newLockFixture(t, sinktest.S3Endpoint(t), "governance", "2s")
+	f.backup(t, "d1")
+	time.Sleep(3 * time.Second)
+	srv := qemutest.Serve(t, f.img, "-r", "-B", "b0")
+	defer srv.Kill()
+	_, stderr, code := nbdmover(t, append([]string{"backup", "--nbd", srv.URI, "--name", "d1", "--bitmap", "b0", "--disk", "vda"}, f.repo...)...)
+	if code != 0 || !strings.Contains(stderr, "more than the lock period 2s") {
+		t.Fatalf("a backup 3s after its parent, lock period 2s: %d %s", code, stderr)
+	}
+}
