@@ -444,12 +444,15 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := b.protect(ctx, parents); err != nil {
-		return nil, err
-	}
 	if b.damaged, err = b.r.DamagedChunks(ctx); err != nil {
 		return nil, fmt.Errorf("backup %s: %w", b.m.Domain, err)
 	}
+	// Object Lock extensions go on while the disks are read (they may
+	// be many requests), and must be done before the commit.
+	pctx, stopProtect := context.WithCancel(ctx)
+	defer stopProtect()
+	protected := make(chan error, 1)
+	go func() { protected <- b.protect(pctx, parents) }()
 	if len(b.damaged) > 0 {
 		b.o.Log.Info("the repository holds damaged chunks: those still on the disks are stored again", "name", b.m.Domain, "damaged", len(b.damaged))
 	}
@@ -462,6 +465,9 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 		indexes, results, err = b.readDisks(ctx, disks, parents)
 	}
 	if err != nil {
+		return nil, err
+	}
+	if err := <-protected; err != nil {
 		return nil, err
 	}
 	files, err := b.sess.Files(ctx)
@@ -489,7 +495,7 @@ func (b *backup) protect(ctx context.Context, parents []*repo.Chain) error {
 			parent = b.last
 		}
 	}
-	bl, warnings, err := b.r.ProtectBackup(ctx, b.m.Created, parent, parents)
+	bl, warnings, err := b.r.ProtectBackup(ctx, b.m.Created, parent, parents, b.damaged)
 	if err != nil {
 		return fmt.Errorf("backup %s: %w", b.m.Domain, err)
 	}

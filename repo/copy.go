@@ -400,12 +400,20 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 	if slices.ContainsFunc(chains, func(c *Chain) bool { return c != nil }) {
 		parent = base
 	}
-	bl, warnings, err := c.to.ProtectBackup(ctx, time.Now(), parent, chains)
+	bl, warnings, err := c.to.ProtectBackup(ctx, time.Now(), parent, chains, c.damaged)
 	if err != nil {
 		return err
 	}
 	for _, w := range warnings {
 		c.o.Log.Warn(w)
+	}
+	if bl != nil {
+		// A chunk an earlier backup of this run stored or found is
+		// locked for that backup's window, which may end before this
+		// one's: it is looked at (and extended) again.
+		c.mu.Lock()
+		clear(c.done)
+		c.mu.Unlock()
 	}
 	counter.Begin("copy")
 
@@ -533,7 +541,7 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 		if held {
 			sink.SyncLater(c.to.store, ChunkKey(sd)) // another writer's, perhaps not yet durable: this commit makes it so
 			c.remember(sd, sd, false, 0, cb)
-			return sd, nil
+			return sd, c.to.extendHeld(ctx, sd) // locked, perhaps for less than this copy's window
 		}
 	}
 	key := ChunkKey(sd)
@@ -571,7 +579,7 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 			if held {
 				sink.SyncLater(c.to.store, ChunkKey(td))
 				c.remember(sd, td, false, 0, cb)
-				return td, nil
+				return td, c.to.extendHeld(ctx, td)
 			}
 		}
 		*out = c.to.EncodeChunk(*out, td, *plain)

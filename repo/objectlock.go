@@ -1,10 +1,13 @@
 package repo
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -111,6 +114,86 @@ func setupLock(ctx context.Context, store sink.Store, lock *LockConfig) error {
 	return nil
 }
 
+// checkConfig checks, on S3, what the versions of the config say: a
+// config with a version before the current one was replaced (an
+// encrypted repository's config is authenticated by its keys; an
+// unencrypted one's is not), and one whose first version had Object Lock
+// and the current one not, or another, is refused: a writer of the
+// bucket would make every host write unlocked from then on. An AsOf
+// view needs a bucket with versioning.
+func checkConfig(ctx context.Context, store sink.Store, cfg Config) error {
+	if sink.IsAsOf(store) {
+		return checkVersioning(ctx, store)
+	}
+	s, ok := sink.Versioned(store)
+	if !ok || cfg.Encryption != nil {
+		return nil
+	}
+	var vs []sink.Version
+	err := sink.Retried(ctx, store, func() (err error) {
+		vs, err = s.KeyVersions(ctx, configKey)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	var first *sink.Version
+	for i := range vs {
+		if !vs[i].Marker {
+			first = &vs[i] // the oldest comes last
+		}
+	}
+	if first == nil || first.Latest {
+		return nil
+	}
+	var b []byte
+	err = sink.Retried(ctx, store, func() (err error) {
+		b, err = s.GetVersion(ctx, configKey, first.ID, nil, maxSmallObject)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	var was Config
+	if err := strictUnmarshal(b, &was); err != nil || was.ObjectLock == nil {
+		return nil // not a repository with Object Lock from the start
+	}
+	if cfg.ObjectLock == nil || *cfg.ObjectLock != *was.ObjectLock {
+		return fmt.Errorf("%s: the repository's config was replaced (%d versions): its first, of %s, has S3 Object Lock (%s, %ds), the current one %s: "+
+			"refused, so that nothing is written unprotected; if the bucket was attacked, see nbdmover recover --as-of (README, \"After an attack\")",
+			store.Location(), len(vs), first.Modified.UTC().Format(time.RFC3339), was.ObjectLock.Mode, was.ObjectLock.PeriodSeconds, describeLock(cfg.ObjectLock))
+	}
+	return nil
+}
+
+func describeLock(l *LockConfig) string {
+	if l == nil {
+		return "none"
+	}
+	return fmt.Sprintf("%s, %ds", l.Mode, l.PeriodSeconds)
+}
+
+// checkVersioning fails unless the store's bucket keeps versions (what
+// --as-of and recover read).
+func checkVersioning(ctx context.Context, store sink.Store) error {
+	s, ok := sink.Bucket(store)
+	if !ok {
+		return fmt.Errorf("%s: --as-of and recover read object versions, which only an S3 bucket with versioning keeps", store.Location())
+	}
+	var b sink.BucketLock
+	err := sink.Retried(ctx, store, func() (err error) {
+		b, err = s.BucketLock(ctx)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if b.Versioning != "Enabled" && b.Versioning != "Suspended" {
+		return fmt.Errorf("%s: the bucket has no versioning: it keeps no object but the current one, so there is no past to read (--as-of, recover)", store.Location())
+	}
+	return nil
+}
+
 // checkBucketLock checks, for init, that the bucket can hold a
 // repository with Object Lock.
 func checkBucketLock(ctx context.Context, s *sink.S3) error {
@@ -132,15 +215,22 @@ func checkBucketLock(ctx context.Context, s *sink.S3) error {
 	return nil
 }
 
-// ProtectBackup is called by a backup that starts at created (the
-// host's clock), before it reads its disks; parent is the backup its
-// incremental disks continue and chains their parent chains (nil for a
-// disk read in full). It returns the backup's BackupLock (nil without
-// Object Lock), having extended, when the parent's objects could be
-// unlocked before the new backup's window ends, the lock of everything
-// the new backup takes over from the parent: the chunks its chains
-// name and their index objects. Warnings are for the log.
-func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Manifest, chains []*Chain) (*BackupLock, []string, error) {
+// ProtectBackup is called by a backup that started at created (the
+// host's clock) with parent, the backup its incremental disks continue,
+// and chains, their parent chains (nil for a disk read in full). It
+// returns the backup's BackupLock (nil without Object Lock), having
+// extended, unless the parent's locks provably outlast the new backup's
+// window, the lock of everything the backup takes over: the chunks its
+// chains name (but those in damaged, which it stores again), their index
+// objects, the config and the key objects. A chunk found missing is
+// recorded as damaged (the next backups store it again) instead of
+// failing the backup. Warnings are for the log.
+//
+// The parent's locked_until is believed only when its manifest was
+// written once: a writer of the bucket can put a new version of a
+// manifest (never remove the first, locked one) claiming locks that
+// do not exist.
+func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Manifest, chains []*Chain, damaged map[chunker.Digest]bool) (*BackupLock, []string, error) {
 	s := r.lockStore()
 	if s == nil {
 		return nil, nil, nil
@@ -149,64 +239,132 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 	start := created.Add(s.Now().Sub(time.Now())).Truncate(time.Second) // the server's clock
 	bl := &BackupLock{ProtectedUntil: start.Add(pol.Period), LockedUntil: start.Add(pol.Period + pol.Renew())}
 	var warnings []string
-	var keys []string
 	if parent != nil {
-		if gap := created.Sub(parent.Created); gap > pol.Period {
-			warnings = append(warnings, fmt.Sprintf("the last backup of %s (%s) is %s old, more than the lock period %s: "+
-				"what it alone referenced was unprotected from %s; back up more often than the period, or init a repository with a longer one",
-				parent.Domain, parent.ID, gap.Round(time.Second), pol.Period, parent.Created.Add(pol.Period+pol.Renew()).UTC().Format(time.RFC3339)))
+		since := parent.Created
+		if pl := parent.ObjectLock; pl != nil {
+			since = pl.ProtectedUntil.Add(-pol.Period) // its start there (a copy's: when it was copied)
 		}
-		if parent.ObjectLock != nil && !parent.ObjectLock.LockedUntil.Before(bl.ProtectedUntil) {
-			bl.LockedUntil = parent.ObjectLock.LockedUntil
-		} else {
-			keys = parentKeys(chains)
+		if gap := start.Sub(since); gap > pol.Period {
+			warnings = append(warnings, fmt.Sprintf("the last backup of %s (%s) started %s before this one, more than the lock period %s: "+
+				"what it alone referenced was unprotected from %s; back up more often than the period, or init a repository with a longer one",
+				parent.Domain, parent.ID, gap.Round(time.Second), pol.Period, since.Add(pol.Period+pol.Renew()).UTC().Format(time.RFC3339)))
+		}
+		trusted, err := r.lockClaim(ctx, s, parent, pol)
+		if err != nil {
+			return nil, warnings, err
+		}
+		if !trusted.Before(bl.ProtectedUntil) {
+			bl.LockedUntil = trusted
+			return bl, warnings, nil
 		}
 	}
-	if len(keys) == 0 {
-		return bl, warnings, nil
+	keys, err := r.takenOver(ctx, chains, damaged)
+	if err != nil {
+		return nil, warnings, err
 	}
 	var n atomic.Int64
+	var mu sync.Mutex
+	var missing []string
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(32)
 	for _, k := range keys {
 		g.Go(func() error {
 			err := sink.Retried(gctx, r.store, func() error { return s.Extend(gctx, k, bl.LockedUntil) })
+			if errors.Is(err, sink.ErrNotFound) && strings.HasPrefix(k, "chunks/") {
+				mu.Lock()
+				missing = append(missing, k)
+				mu.Unlock()
+				return nil
+			}
 			if err != nil {
-				return fmt.Errorf("extend the lock of %s, which this backup takes over from %s/%s: %w", k, parent.Domain, parent.ID, err)
+				return fmt.Errorf("extend the Object Lock of %s, which this backup takes over: %w", k, err)
 			}
 			n.Add(1)
 			return nil
 		})
 	}
-	err := g.Wait()
+	err = g.Wait()
 	bl.Extended = n.Load()
-	return bl, warnings, err
+	if err != nil {
+		return bl, warnings, err
+	}
+	for _, k := range missing {
+		backups := []string{}
+		if parent != nil {
+			backups = append(backups, parent.Domain+"/"+parent.ID)
+		}
+		if err := r.RecordDamage(ctx, k, "missing (found when its Object Lock was extended)", backups); err != nil {
+			return bl, warnings, err
+		}
+		warnings = append(warnings, fmt.Sprintf("chunk %s of the parent backup is missing: recorded as damaged; the next backups store it again where the disks still hold it", k))
+	}
+	return bl, warnings, nil
 }
 
-// parentKeys are the chunks and index objects of chains, once each.
-func parentKeys(chains []*Chain) []string {
-	seen := map[string]bool{}
-	var keys []string
-	add := func(k string) {
-		if !seen[k] {
-			seen[k] = true
-			keys = append(keys, k)
-		}
+// lockClaim returns how long parent's objects are locked at least, as far
+// as it can be believed: its locked_until, when its manifest has one
+// version, no later than that version's time (the server's) plus the
+// period and Renew; otherwise the zero time.
+func (r *Repo) lockClaim(ctx context.Context, s *sink.S3, parent *Manifest, pol sink.ObjectLock) (time.Time, error) {
+	if parent.ObjectLock == nil {
+		return time.Time{}, nil
 	}
+	var vs []sink.Version
+	err := sink.Retried(ctx, r.store, func() (err error) {
+		vs, err = s.KeyVersions(ctx, parent.Key())
+		return err
+	})
+	if err != nil {
+		return time.Time{}, err
+	}
+	if len(vs) != 1 || vs[0].Marker {
+		return time.Time{}, nil // rewritten (or forgotten) since: extend
+	}
+	claim := parent.ObjectLock.LockedUntil
+	if most := vs[0].Modified.Add(pol.Period + pol.Renew() + time.Second); claim.After(most) {
+		return time.Time{}, nil
+	}
+	return claim, nil
+}
+
+// takenOver are the keys whose locks a backup extends: the config, the
+// key objects, and the index objects and chunks of chains (but damaged
+// ones), once each.
+func (r *Repo) takenOver(ctx context.Context, chains []*Chain, damaged map[chunker.Digest]bool) ([]string, error) {
+	keys := []string{configKey}
+	err := r.store.List(ctx, "keys/", func(o sink.ObjectInfo) error {
+		keys = append(keys, o.Key)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	var chunks []chunker.Digest
 	for _, c := range chains {
 		if c == nil {
 			continue
 		}
 		for _, ref := range c.Refs {
 			for _, o := range ref.Objects {
-				add(o)
+				if !seen[o] {
+					seen[o] = true
+					keys = append(keys, o)
+				}
 			}
 		}
 		for _, d := range c.Index.All() {
-			add(ChunkKey(d))
+			if !damaged[d] {
+				chunks = append(chunks, d)
+			}
 		}
 	}
-	return keys
+	slices.SortFunc(chunks, func(a, b chunker.Digest) int { return bytes.Compare(a[:], b[:]) })
+	chunks = slices.Compact(chunks)
+	for _, d := range chunks {
+		keys = append(keys, ChunkKey(d))
+	}
+	return keys, nil
 }
 
 // extendHeld extends the lock of a chunk a backup found stored (and so
@@ -266,17 +424,12 @@ func (r *Repo) inWindow(m *Manifest) bool {
 func (r *Repo) deleteManifestBypass(ctx context.Context, key string) error {
 	s := r.lockStore()
 	var vs []sink.Version
-	err := sink.Retried(ctx, r.store, func() error {
-		vs = vs[:0]
-		return s.Versions(ctx, key, func(v sink.Version) error {
-			if v.Key == key {
-				vs = append(vs, v)
-			}
-			return nil
-		})
+	err := sink.Retried(ctx, r.store, func() (err error) {
+		vs, err = s.KeyVersions(ctx, key)
+		return err
 	})
 	if err == nil {
-		_, err = s.DeleteVersions(ctx, vs, true)
+		_, _, err = s.DeleteVersions(ctx, vs, true)
 	}
 	if err != nil {
 		return fmt.Errorf("forget %s with --bypass-governance: %w (the credentials need the s3:BypassGovernanceRetention permission)", key, err)
@@ -299,6 +452,32 @@ type LockReport struct {
 	RetentionRequests int `json:"retention_requests"`
 }
 
+// repositoryKey reports whether key is one nbdmover writes (of a kind it
+// knows, and valid): purge and recover touch nothing else a bucket holds.
+func repositoryKey(key string) bool {
+	if sink.ValidKey(key) != nil {
+		return false
+	}
+	if sink.Immutable(key) {
+		return true
+	}
+	for _, p := range []string{"locks/", "protected/", "holds/", "state/"} {
+		if strings.HasPrefix(key, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// maxPurgeVersions bounds the versions of one key a purge looks at (and
+// holds in memory); a key with more (planted) is purged a part per gc.
+const maxPurgeVersions = 10000
+
+// purgeMargin: a version is deleted only this long after its lock ended
+// by the server's clock as the host knows it (the Date header has whole
+// seconds).
+const purgeMargin = 5 * time.Second
+
 // purge removes what the versions of a repository with Object Lock keep
 // that nothing needs: every noncurrent version and delete marker of a
 // mutable object; of an immutable one, every noncurrent version whose lock
@@ -306,7 +485,11 @@ type LockReport struct {
 // Current versions are never touched (gc's sweep deletes through delete
 // markers, as forget does), and every delete names a version listed
 // before, so nothing a backup, restore or concurrent put sees changes:
-// it runs after gc let its lock go.
+// it runs after gc let its lock go. Only the repository's own keys are
+// looked at. A version the store refuses to delete (a legal hold, a lock
+// someone else set) is counted in Denied and left; the purge goes on.
+// Deletes go in batches as the listing goes, so memory does not grow
+// with the bucket.
 func (g *gc) purge(ctx context.Context) error {
 	s := g.r.lockStore()
 	if s == nil {
@@ -316,98 +499,98 @@ func (g *gc) purge(ctx context.Context) error {
 	g.res.ObjectLock = rep
 	pol := g.r.cfg.ObjectLock.Policy()
 	now := s.Now()
-	var dead []sink.Version
-	var markers []sink.Version // deletable once the versions beneath them are gone
-	blocked := map[string]bool{}
-	var group []sink.Version
-	decide := func() error {
-		if len(group) == 0 {
+	var dead, free []sink.Version // versions, then the markers above them
+	flush := func(all bool) error {
+		if g.o.DryRun {
+			rep.Purged += len(dead) + len(free)
+			dead, free = dead[:0], free[:0]
 			return nil
 		}
-		key := group[0].Key
-		mutable := !sink.Immutable(key)
-		for i, v := range group {
-			if i == 0 && !v.Marker {
-				continue // the current version
+		if len(dead) >= 1000 || len(free) >= 1000 || all {
+			hold.At("gc-purge")
+			// The versions first, then the markers above them (a marker
+			// removed while a version beneath it is left would bring
+			// that version back): a marker is in free only when every
+			// version beneath it is in dead (or was deleted before).
+			n, refused, err := s.DeleteVersions(ctx, dead, false)
+			rep.Purged += n
+			rep.Denied += refused
+			if err != nil && refused == 0 {
+				return err
 			}
-			switch {
-			case v.Marker:
-				markers = append(markers, v)
-			case mutable:
-				dead = append(dead, v)
-			default:
-				// Locked at least until it was put plus the period and
-				// Renew, as nbdmover puts every immutable object (an
-				// object nbdmover did not put waits as long). Past
-				// that, ask.
-				until := v.Modified.Add(pol.Period + pol.Renew())
-				if !until.After(now) {
-					rep.RetentionRequests++
-					var err error
-					err = sink.Retried(ctx, g.r.store, func() (err error) {
-						_, until, err = s.Retention(ctx, key, v.ID)
-						return err
-					})
-					if err != nil {
-						return err
-					}
-				}
-				if until.After(now) {
-					rep.Locked++
-					blocked[key] = true
-					if rep.LockedUntil == nil || until.Before(*rep.LockedUntil) {
-						rep.LockedUntil = &until
-					}
-					continue
-				}
-				dead = append(dead, v)
-			}
-		}
-		group = group[:0]
-		return nil
-	}
-	err := sink.Retried(ctx, g.r.store, func() error {
-		dead, markers, group, rep.Locked, rep.LockedUntil = nil, nil, nil, 0, nil
-		clear(blocked)
-		return s.Versions(ctx, "", func(v sink.Version) error {
-			if len(group) > 0 && group[0].Key != v.Key {
-				if err := decide(); err != nil {
+			if refused == 0 {
+				n, refused, err = s.DeleteVersions(ctx, free, false)
+				rep.Purged += n
+				rep.Denied += refused
+				if err != nil && refused == 0 {
 					return err
 				}
 			}
-			group = append(group, v)
-			return nil
-		})
-	})
-	if err == nil {
-		err = decide()
-	}
-	if err != nil {
-		return err
-	}
-	var free []sink.Version // markers with nothing left beneath them
-	for _, m := range markers {
-		if !blocked[m.Key] {
-			free = append(free, m)
+			dead, free = dead[:0], free[:0]
 		}
-	}
-	if g.o.DryRun {
-		rep.Purged = len(dead) + len(free)
 		return nil
 	}
-	hold.At("gc-purge")
-	// The versions first, then the markers above them, only once every
-	// version went: a marker removed while a version beneath it is left
-	// would bring that version back.
-	n, err := s.DeleteVersions(ctx, dead, false)
-	if err == nil {
-		var m int
-		m, err = s.DeleteVersions(ctx, free, false)
-		n += m
+	var key string
+	var blocked bool
+	var markers []sink.Version
+	perKey := 0
+	endKey := func() error {
+		if !blocked {
+			free = append(free, markers...)
+		}
+		markers = markers[:0]
+		return flush(false)
 	}
-	rep.Purged = n
-	if errors.Is(err, sink.ErrLocked) || sink.IsDenied(err) {
-		rep.Denied++
+	err := s.Versions(ctx, "", func(v sink.Version) error {
+		if v.Key != key {
+			if err := endKey(); err != nil {
+				return err
+			}
+			key, blocked, perKey = v.Key, false, 0
+		}
+		if perKey++; perKey > maxPurgeVersions || !repositoryKey(v.Key) {
+			blocked = true // the rest of a key's versions wait for the next gc
+			return nil
+		}
+		switch {
+		case v.Latest && !v.Marker:
+			// the current version: never
+		case v.Marker:
+			markers = append(markers, v)
+		case !sink.Immutable(v.Key):
+			dead = append(dead, v)
+		default:
+			// Locked at least until it was put plus the period and
+			// Renew, as nbdmover puts every immutable object (one
+			// nbdmover did not put waits as long). Past that, ask.
+			until := v.Modified.Add(pol.Period + pol.Renew())
+			if !until.Add(purgeMargin).After(now) {
+				rep.RetentionRequests++
+				err := sink.Retried(ctx, g.r.store, func() (err error) {
+					_, until, err = s.Retention(ctx, v.Key, v.ID)
+					return err
+				})
+				if err != nil {
+					return err
+				}
+			}
+			if until.Add(purgeMargin).After(now) {
+				rep.Locked++
+				blocked = true
+				if rep.LockedUntil == nil || until.Before(*rep.LockedUntil) {
+					rep.LockedUntil = &until
+				}
+				return nil
+			}
+			dead = append(dead, v)
+		}
+		return nil
+	})
+	if err == nil {
+		err = endKey()
+	}
+	if err == nil {
+		err = flush(true)
 	}
 	return err
 }
@@ -431,8 +614,10 @@ type RecoverResult struct {
 // Recover makes the repository in store what it was at t, by the S3
 // server's clock: every key's version current at t is made current again
 // (a server-side copy, locked anew), and every key that did not exist at
-// t is deleted (a delete marker, for an immutable key). Locks (locks/)
-// are left as they are. Nothing else may use the repository meanwhile:
+// t is deleted (a delete marker, for an immutable key). Locks and state
+// are left as they are; protection markers and holds are put back, never
+// removed. A key whose current version has the content of then (ETag and
+// size) is left, so a second run changes nothing. Nothing else may use the repository meanwhile:
 // backups committed after t are gone from it afterwards (their versions
 // stay until their locks end, and a later Recover can bring them back).
 func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*RecoverResult, error) {
@@ -440,6 +625,9 @@ func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*
 	s, ok := sink.Versioned(store)
 	if !ok {
 		return nil, fmt.Errorf("%s: recover reads object versions, which only an S3 bucket with versioning keeps", store.Location())
+	}
+	if err := checkVersioning(ctx, store); err != nil {
+		return nil, err
 	}
 	past, err := sink.AsOf(store, t)
 	if err != nil {
@@ -459,47 +647,54 @@ func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*
 		key, version string // version "": remove
 	}
 	var todo []action
-	var group []sink.Version
+	var key string
+	var cur, then *sink.Version
+	n := 0
+	// decide what to do with the key just listed: cur is its current
+	// version (or marker), then the one current at t.
 	decide := func() {
-		if len(group) == 0 || strings.HasPrefix(group[0].Key, "locks/") {
-			group = group[:0]
-			return
-		}
-		key, cur := group[0].Key, group[0]
-		var then *sink.Version
-		for i := range group {
-			if !group[i].Modified.After(t) {
-				then = &group[i]
-				break
-			}
+		defer func() { cur, then, n = nil, nil, 0 }()
+		if cur == nil || !repositoryKey(key) || strings.HasPrefix(key, "locks/") || strings.HasPrefix(key, "state/") {
+			return // locks and state are left as they are
 		}
 		kind, _, _ := strings.Cut(key, "/")
+		had := then != nil && !then.Marker
 		switch {
-		case then != nil && !then.Marker && (cur.Marker || cur.ID != then.ID):
+		case had && (cur.Marker || cur.ETag != then.ETag || cur.Size != then.Size):
 			todo = append(todo, action{key, then.ID})
 			res.Restored[kind]++
 			if len(res.RestoredKeys) < 100 {
 				res.RestoredKeys = append(res.RestoredKeys, key)
 			}
-		case (then == nil || then.Marker) && !cur.Marker:
+		case !had && !cur.Marker && sink.Immutable(key):
+			// Made since (protection markers and holds are never
+			// removed, only put back).
 			todo = append(todo, action{key, ""})
 			res.Removed[kind]++
 			if len(res.RemovedKeys) < 100 {
 				res.RemovedKeys = append(res.RemovedKeys, key)
 			}
 		}
-		group = group[:0]
 	}
 	err = sink.Retried(ctx, store, func() error {
-		todo, group = nil, nil
+		todo, key, cur, then, n = nil, "", nil, nil, 0
 		clear(res.Restored)
 		clear(res.Removed)
 		res.RestoredKeys, res.RemovedKeys = nil, nil
 		return s.Versions(ctx, "", func(v sink.Version) error {
-			if len(group) > 0 && group[0].Key != v.Key {
+			if v.Key != key {
 				decide()
+				key = v.Key
 			}
-			group = append(group, v)
+			if n++; n > maxPurgeVersions {
+				return fmt.Errorf("%s: key %s has more than %d versions (planted?): recover does not choose among them", store.Location(), key, maxPurgeVersions)
+			}
+			if v.Latest {
+				cur = &v
+			}
+			if then == nil && !v.Modified.After(t) {
+				then = &v // the newest of then (versions come newest first)
+			}
 			return nil
 		})
 	})
@@ -508,18 +703,31 @@ func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*
 	}
 	decide()
 	if !dryRun {
+		var failed atomic.Int64
+		var first atomic.Pointer[error]
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(32)
 		for _, a := range todo {
 			g.Go(func() error {
+				var err error
 				if a.version == "" {
-					return store.Delete(gctx, a.key)
+					err = store.Delete(gctx, a.key)
+				} else {
+					err = sink.Retried(gctx, store, func() error { return s.Restore(gctx, a.key, a.version) })
 				}
-				return sink.Retried(gctx, store, func() error { return s.Restore(gctx, a.key, a.version) })
+				if err != nil && gctx.Err() == nil {
+					failed.Add(1)
+					first.CompareAndSwap(nil, &err)
+				}
+				return nil
 			})
 		}
-		if err := g.Wait(); err != nil {
+		g.Wait()
+		if err := ctx.Err(); err != nil {
 			return res, err
+		}
+		if f := failed.Load(); f > 0 {
+			return res, fmt.Errorf("%d of %d keys could not be recovered (the others were; run recover again): the first: %w", f, len(todo), *first.Load())
 		}
 	}
 	res.Seconds = time.Since(start).Seconds()

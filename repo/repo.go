@@ -199,7 +199,8 @@ func (r *Repo) Recheck(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if cfg.ID != r.cfg.ID || (cfg.Encryption == nil) != (r.cfg.Encryption == nil) || cfg.ChunkSize != r.cfg.ChunkSize {
+	sameLock := (cfg.ObjectLock == nil) == (r.cfg.ObjectLock == nil) && (cfg.ObjectLock == nil || *cfg.ObjectLock == *r.cfg.ObjectLock)
+	if cfg.ID != r.cfg.ID || (cfg.Encryption == nil) != (r.cfg.Encryption == nil) || cfg.ChunkSize != r.cfg.ChunkSize || !sameLock {
 		return fmt.Errorf("%s: the repository was replaced since it was opened (id %s, was %s): restart nbdmover to use the new one",
 			r.Location(), cfg.ID, r.cfg.ID)
 	}
@@ -236,6 +237,9 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 	}
 	r, err := newRepo(store, cfg)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkConfig(ctx, store, cfg); err != nil {
 		return nil, err
 	}
 	if cfg.ObjectLock != nil {

@@ -85,11 +85,14 @@ type chunkRef struct {
 
 // verify is the state of one Verify.
 type verify struct {
-	r     *Repo
-	o     VerifyOptions
-	now   time.Time
-	stats VerifyStats
-	refs  map[chunker.Digest]chunkRef // every referenced chunk, with the first place that references it
+	r *Repo
+	o VerifyOptions
+	// readOnly: it records nothing (--no-lock, or a repository read as
+	// of a past time, whose damage is not today's).
+	readOnly bool
+	now      time.Time
+	stats    VerifyStats
+	refs     map[chunker.Digest]chunkRef // every referenced chunk, with the first place that references it
 	// Damage found: chunk problems by digest, index objects' and files'
 	// by key, with the backups that need them.
 	mu       sync.Mutex
@@ -118,7 +121,7 @@ type damage struct {
 // docs/format.md.
 func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)) (VerifyStats, error) {
 	v := &verify{r: r, o: o, now: time.Now().UTC(), chunks: map[chunker.Digest]*damage{}, objects: map[string]*damage{},
-		readOK: map[chunker.Digest]bool{}, loadedOK: map[string]bool{}}
+		readOK: map[chunker.Digest]bool{}, loadedOK: map[string]bool{}, readOnly: o.NoLock || sink.IsAsOf(r.store)}
 	if o.ReadData || o.ReadPercent >= 100 {
 		v.o.ReadPercent = 100
 	}
@@ -174,7 +177,7 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	if err := v.record(ctx, ms, report); err != nil {
 		return v.stats, err
 	}
-	if o.NoLock {
+	if v.readOnly {
 		return v.stats, nil // writes nothing
 	}
 	if err := v.repaired(ctx); err != nil {
@@ -403,8 +406,8 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 						continue
 					}
 					d.problem = derr.Error() // a *chunker.CorruptError
-					if v.o.NoLock {
-						d.problem += " (not quarantined: --no-lock writes nothing)"
+					if v.readOnly {
+						d.problem += " (not quarantined: --no-lock and --as-of write nothing)"
 					} else {
 						d.quarantined, err = v.r.quarantine(gctx, dg, stored)
 					}
@@ -480,7 +483,7 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 		for _, b := range backups {
 			damaged[b] = true
 		}
-		if !v.o.NoLock {
+		if !v.readOnly {
 			g.Go(func() error { return v.r.recordDamage(gctx, key, d.problem, d.quarantined, backups, v.now) })
 		}
 	}

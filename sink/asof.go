@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 )
@@ -13,9 +14,10 @@ import (
 // version last modified at or before t (by the server's clock), and a
 // key whose newest such version is a delete marker, or that had none
 // then, is missing; later versions and delete markers are ignored.
-// Mutable keys (locks, state) are the store's current ones, so that a
-// reader can take the repository's shared lock. Writing an immutable
-// key fails.
+// Mutable keys (locks, state) are read as they are now. Nothing but
+// locks (so that a reader can take the repository's shared lock) is
+// written through it: what a reader of the past would record (damage,
+// verification state) would be about the past.
 func AsOf(s Store, t time.Time) (Store, error) {
 	x, ok := underlying[*S3](s)
 	if !ok {
@@ -170,22 +172,25 @@ func (a *asOf) List(ctx context.Context, prefix string, fn func(ObjectInfo) erro
 	})
 }
 
+// writable: the keys a reader of the past writes, its locks.
+func writable(key string) bool { return strings.HasPrefix(key, "locks/") }
+
 func (a *asOf) Put(ctx context.Context, key string, data []byte) error {
-	if Immutable(key) {
+	if !writable(key) {
 		return a.refuse("put", key)
 	}
 	return a.Store.Put(ctx, key, data)
 }
 
 func (a *asOf) Create(ctx context.Context, key string, data []byte) error {
-	if Immutable(key) {
+	if !writable(key) {
 		return a.refuse("create", key)
 	}
 	return a.Store.Create(ctx, key, data)
 }
 
 func (a *asOf) Delete(ctx context.Context, key string) error {
-	if Immutable(key) {
+	if !writable(key) {
 		return a.refuse("delete", key)
 	}
 	return a.Store.Delete(ctx, key)

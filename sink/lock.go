@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"sort"
 	"strings"
 	"time"
 
@@ -74,6 +73,10 @@ func Versioned(s Store) (*S3, bool) {
 	}
 	return underlying[*S3](s)
 }
+
+// Bucket returns the S3 store beneath s, also beneath an AsOf view (for
+// reading what the bucket says of itself).
+func Bucket(s Store) (*S3, bool) { return underlying[*S3](s) }
 
 // IsAsOf reports whether s is (or wraps) an AsOf view.
 func IsAsOf(s Store) bool {
@@ -160,9 +163,14 @@ func (s *S3) SetLock(l ObjectLock, skew time.Duration) {
 // Lock returns the store's lock policy (nil: none).
 func (s *S3) Lock() *ObjectLock { return s.lock }
 
-// Now is the server's clock, as the host's corrected by the skew SetLock
-// was given.
-func (s *S3) Now() time.Time { return time.Now().Add(s.skew) }
+// Now is the server's clock: the host's, corrected by the skew of the
+// latest response's Date header (or SetLock's, before any).
+func (s *S3) Now() time.Time {
+	if c := s.clock.Load(); c != nil {
+		return time.Now().Add(c.server.Add(500 * time.Millisecond).Sub(c.local))
+	}
+	return time.Now().Add(s.skew)
+}
 
 // LockTarget is the retain-until date of what is put or extended now:
 // the server's time plus the period and Renew.
@@ -229,49 +237,37 @@ type Version struct {
 	Modified time.Time // the server's clock
 	Latest   bool      // the current version (or marker)
 	Marker   bool      // a delete marker
+	ETag     string
 }
 
 // Versions calls fn for every version and delete marker whose key
-// starts with prefix: in key order, and each key's newest first.
+// starts with prefix: in key order, and each key's newest first (as S3
+// lists them; nothing is buffered).
 func (s *S3) Versions(ctx context.Context, prefix string, fn func(Version) error) error {
 	if err := validPrefix(prefix); err != nil {
 		return &Error{Op: "list versions", Key: prefix, Location: s.location, Err: err}
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var batch []Version // one key's versions, to order them newest first
-	flush := func() error {
-		sort.SliceStable(batch, func(i, j int) bool {
-			if batch[i].Latest != batch[j].Latest {
-				return batch[i].Latest
-			}
-			return batch[i].Modified.After(batch[j].Modified)
-		})
-		for _, v := range batch {
-			if err := fn(v); err != nil {
-				return err
-			}
-		}
-		batch = batch[:0]
-		return nil
-	}
 	for obj := range s.client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: s.prefix + prefix, Recursive: true, WithVersions: true}) {
 		if obj.Err != nil {
 			return s.fail(ctx, "list versions", prefix, obj.Err)
 		}
-		v := Version{Key: strings.TrimPrefix(obj.Key, s.prefix), ID: obj.VersionID, Size: obj.Size,
-			Modified: obj.LastModified, Latest: obj.IsLatest, Marker: obj.IsDeleteMarker}
-		if len(batch) > 0 && batch[0].Key != v.Key {
-			if err := flush(); err != nil {
-				return err
-			}
+		err := fn(Version{Key: strings.TrimPrefix(obj.Key, s.prefix), ID: obj.VersionID, Size: obj.Size,
+			Modified: obj.LastModified, Latest: obj.IsLatest, Marker: obj.IsDeleteMarker, ETag: obj.ETag})
+		if err != nil {
+			return err
 		}
-		batch = append(batch, v)
 	}
 	if err := ctx.Err(); err != nil {
 		return s.fail(ctx, "list versions", prefix, err)
 	}
-	return flush()
+	return nil
+}
+
+// KeyVersions returns the versions of exactly key, newest first.
+func (s *S3) KeyVersions(ctx context.Context, key string) ([]Version, error) {
+	return s.keyVersions(ctx, key)
 }
 
 // keyVersions returns the versions of exactly key, newest first.
@@ -287,11 +283,11 @@ func (s *S3) keyVersions(ctx context.Context, key string) ([]Version, error) {
 }
 
 // DeleteVersions deletes the versions (and delete markers) given, in
-// batches; bypass sends the governance bypass (which needs the
-// s3:BypassGovernanceRetention permission). It returns how many were
-// deleted, and the first failure.
-func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (int, error) {
-	deleted := 0
+// batches of 1000; bypass sends the governance bypass (which needs the
+// s3:BypassGovernanceRetention permission). A version the store refuses
+// to delete is counted and skipped; it returns how many were deleted,
+// how many refused, and the first failure.
+func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (deleted, refused int, first error) {
 	for len(vs) > 0 {
 		batch := vs[:min(len(vs), 1000)]
 		vs = vs[len(batch):]
@@ -299,28 +295,31 @@ func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (int
 		for _, v := range batch {
 			k, err := s.key("delete version", v.Key)
 			if err != nil {
-				return deleted, err
+				return deleted, refused, err
 			}
 			ch <- minio.ObjectInfo{Key: k, VersionID: v.ID}
 		}
 		close(ch)
 		failed := 0
-		var first error
 		for e := range s.client.RemoveObjects(ctx, s.bucket, ch, minio.RemoveObjectsOptions{GovernanceBypass: bypass}) {
-			if minio.ToErrorResponse(e.Err).Code == "NoSuchVersion" || minio.ToErrorResponse(e.Err).Code == "NoSuchKey" {
+			if c := minio.ToErrorResponse(e.Err).Code; c == "NoSuchVersion" || c == "NoSuchKey" {
 				continue
 			}
 			failed++
+			err := s.fail(ctx, "delete version "+e.VersionID+" of", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
+			if errors.Is(err, ErrLocked) || errors.Is(err, ErrDenied) {
+				refused++
+			}
 			if first == nil {
-				first = s.fail(ctx, "delete version "+e.VersionID+" of", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
+				first = err
 			}
 		}
 		deleted += len(batch) - failed
-		if first != nil {
-			return deleted, first
+		if ctx.Err() != nil {
+			return deleted, refused, first
 		}
 	}
-	return deleted, nil
+	return deleted, refused, first
 }
 
 // GetVersion is Get of one version of key.
@@ -351,5 +350,5 @@ func (s *S3) Restore(ctx context.Context, key, versionID string) error {
 func lockedError(resp minio.ErrorResponse) bool {
 	m := strings.ToLower(resp.Message)
 	return (resp.Code == "AccessDenied" || resp.Code == "InvalidRequest") &&
-		(strings.Contains(m, "worm") || strings.Contains(m, "object lock") || strings.Contains(m, "retention"))
+		(strings.Contains(m, "worm") || strings.Contains(m, "object lock"))
 }

@@ -64,8 +64,8 @@ func TestObjectLockStore(t *testing.T) {
 	if got, err := s.GetVersion(ctx, chunk, vs[2].ID, nil, 100); err != nil || string(got) != "chunk" {
 		t.Fatalf("first version: %q, %v", got, err)
 	}
-	if n, err := s.DeleteVersions(ctx, vs[1:], false); n != 0 || !errors.Is(err, sink.ErrLocked) {
-		t.Fatalf("deleting locked versions: %d deleted, %v", n, err)
+	if n, refused, err := s.DeleteVersions(ctx, vs[1:], false); n != 0 || refused != 2 || !errors.Is(err, sink.ErrLocked) {
+		t.Fatalf("deleting locked versions: %d deleted, %d refused, %v", n, refused, err)
 	}
 	if err := s.Delete(ctx, "locks/shared-1"); err != nil {
 		t.Fatal(err)
@@ -75,7 +75,7 @@ func TestObjectLockStore(t *testing.T) {
 	if len(left) != 2 || !left[0].Marker {
 		t.Fatalf("a deleted lock's versions: %+v", left)
 	}
-	if n, err := s.DeleteVersions(ctx, left, false); n != 2 || err != nil {
+	if n, _, err := s.DeleteVersions(ctx, left, false); n != 2 || err != nil {
 		t.Fatalf("deleting an unlocked version and its marker: %d, %v", n, err)
 	}
 
@@ -99,7 +99,7 @@ func TestObjectLockStore(t *testing.T) {
 
 	// Once the lock has ended, the versions can go.
 	time.Sleep(time.Until(until.Add(time.Second)))
-	if n, err := s.DeleteVersions(ctx, vs, false); n != 3 || err != nil {
+	if n, _, err := s.DeleteVersions(ctx, vs, false); n != 3 || err != nil {
 		t.Fatalf("deleting expired versions: %d, %v", n, err)
 	}
 }
@@ -145,8 +145,13 @@ func TestAsOf(t *testing.T) {
 	if _, err := a.Get(ctx, "chunks/aa/aa2", nil, 100); !errors.Is(err, sink.ErrNotFound) {
 		t.Fatalf("a key made later: %v", err)
 	}
-	if err := a.Put(ctx, "chunks/aa/aa1", []byte("x")); !errors.Is(err, sink.ErrAsOf) {
-		t.Fatalf("put through as-of: %v", err)
+	for _, k := range []string{"chunks/aa/aa1", "state/verified", "state/damage/chunks/aa/aa1"} {
+		if err := a.Put(ctx, k, []byte("x")); !errors.Is(err, sink.ErrAsOf) {
+			t.Fatalf("put %s through as-of: %v", k, err)
+		}
+	}
+	if err := a.Create(ctx, "locks/shared-0123456789abcdef", []byte("x")); err != nil {
+		t.Fatalf("a reader's lock through as-of: %v", err)
 	}
 	if err := sink.DeleteMany(ctx, a, []string{"manifests/d/1"}, 1, nil); !errors.Is(err, sink.ErrAsOf) {
 		t.Fatalf("DeleteMany through as-of: %v", err)

@@ -176,9 +176,16 @@ func (s *S3) fail(ctx context.Context, op, key string, err error) error {
 		return e
 	}
 	switch resp.Code {
-	case "NoSuchKey", "NotFound":
+	case "NoSuchKey", "NotFound", "NoSuchVersion":
 		e.Err = ErrNotFound
 		return e
+	case "MethodNotAllowed":
+		// What S3 answers a retention request, or a read of a version,
+		// that meets a delete marker: the object is deleted.
+		if op == "extend" || op == "get retention" || op == "get" || op == "stat" {
+			e.Err = ErrNotFound
+			return e
+		}
 	case "PreconditionFailed":
 		e.Err = ErrExists
 		return e

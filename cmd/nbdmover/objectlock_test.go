@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -229,7 +230,7 @@ func TestObjectLockAttack(t *testing.T) {
 				if code != 1 || !strings.Contains(stderr, "s3:BypassGovernanceRetention") {
 					t.Fatalf("forget --bypass-governance without the permission: %d %s", code, stderr)
 				}
-			} else if _, stderr, code := nbdmover(t, append([]string{"forget", "--domain", "d1", "--keep-last", "2", "--bypass-governance"}, f.repo...)...); code != 1 || !strings.Contains(stderr, "compliance") {
+			} else if _, stderr, code := nbdmover(t, append([]string{"forget", "--domain", "d1", "--keep-last", "2", "--bypass-governance"}, f.repo...)...); code != 2 || !strings.Contains(stderr, "compliance") {
 				t.Fatalf("forget --bypass-governance in compliance mode: %d %s", code, stderr)
 			}
 			if out := mustRun(t, append([]string{"list", "--domain", "d1"}, f.repo...)...); strings.Count(out, "locked until") != 3 {
@@ -266,6 +267,10 @@ func TestObjectLockAttack(t *testing.T) {
 			if out, stderr, code := nbdmover(t, append([]string{"verify", "--as-of", at, "--read-data"}, f.repo...)...); code != 0 {
 				t.Fatalf("verify --as-of --read-data: %d %s %s", code, out, stderr)
 			}
+			// Reading the past records nothing of it in the present.
+			for o := range root.ListObjects(context.Background(), f.bucket, minio.ListObjectsOptions{Prefix: "r/state/", Recursive: true}) {
+				t.Errorf("verify --as-of wrote %s", o.Key)
+			}
 			// An NBD export of the past, read by nbdcopy.
 			sock := filepath.Join(t.TempDir(), "export.sock")
 			p, doc := startExport(t, append([]string{"--domain", "d1", "--backup", b2.ID, "--as-of", at, "--listen", "unix://" + sock}, f.repo...)...)
@@ -296,6 +301,11 @@ func TestObjectLockAttack(t *testing.T) {
 			out = mustRun(t, append([]string{"list", "--domain", "d1", "--json"}, f.repo...)...)
 			if json.Unmarshal([]byte(out), &listed) != nil || len(listed.Backups) != 3 {
 				t.Fatalf("list after recover: %s", out)
+			}
+			out = mustRun(t, append([]string{"recover", "--as-of", at, "--dry-run", "--json"}, f.repo...)...)
+			rec.Restored, rec.Removed = nil, nil
+			if json.Unmarshal([]byte(out), &rec) != nil || len(rec.Restored)+len(rec.Removed) != 0 {
+				t.Fatalf("recover after recover would still do: %s", out)
 			}
 			f.restored(t, b3.ID)
 			if out, stderr, code := nbdmover(t, append([]string{"verify", "--read-data"}, f.repo...)...); code != 0 {
@@ -338,17 +348,52 @@ func TestObjectLockExtension(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ctx := context.Background()
+	// The config was extended by the first backup (it was locked once,
+	// at init).
+	if _, until, err := s.Retention(ctx, "config", ""); err != nil || until.Before(b1.ObjectLock.ProtectedUntil) {
+		t.Fatalf("config locked until %v, before b1's window ends (%v): %v", until, b1.ObjectLock.ProtectedUntil, err)
+	}
+	// A manifest with a second version (someone put it again: its
+	// locked_until cannot be believed) is extended from at once.
+	root := rootClient(t, ep)
+	key := "r/manifests/d1/" + strings.TrimPrefix(mustManifestKey(t, root, f.bucket, b2.ID), "r/manifests/d1/")
+	obj, err := root.GetObject(ctx, f.bucket, key, minio.GetObjectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, _ := io.ReadAll(obj)
+	if _, err := root.PutObject(ctx, f.bucket, key, bytes.NewReader(blob), int64(len(blob)), minio.PutObjectOptions{DisableMultipart: true}); err != nil {
+		t.Fatal(err)
+	}
+	if b := f.backup(t, "d1"); b.ObjectLock.Extended < 20 {
+		t.Fatalf("the backup after its parent's manifest was put again extended %d objects", b.ObjectLock.Extended)
+	}
 	var chunks []string
-	s.List(context.Background(), "chunks/", func(o sink.ObjectInfo) error { chunks = append(chunks, o.Key); return nil })
+	s.List(ctx, "chunks/", func(o sink.ObjectInfo) error { chunks = append(chunks, o.Key); return nil })
 	// The period is 40s, Renew 10s: a backup 11s after b1 finds b1's
 	// locks ending before its window.
 	time.Sleep(time.Until(b1.ObjectLock.ProtectedUntil.Add(-40*time.Second + 12*time.Second)))
+	// A chunk of the parent deleted (a marker): the extension finds it
+	// missing, records it, and the next backup stores it again.
+	if err := root.RemoveObject(ctx, f.bucket, "r/"+chunks[5], minio.RemoveObjectOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	b3 := f.backup(t, "d1", "write -P 0x32 2M 64k")
-	if b3.ObjectLock.Extended < int64(len(chunks)) || b3.ObjectLock.LockedUntil.Before(b3.ObjectLock.ProtectedUntil) {
+	if b3.ObjectLock.Extended < int64(len(chunks))-1 || b3.ObjectLock.LockedUntil.Before(b3.ObjectLock.ProtectedUntil) {
 		t.Fatalf("the incremental after Renew extended %d objects (the repository has %d chunks): %+v", b3.ObjectLock.Extended, len(chunks), b3.ObjectLock)
 	}
 	t.Logf("the incremental after Renew extended the locks of %d objects (%d chunks in the repository); the one before, %d", b3.ObjectLock.Extended, len(chunks), b2.ObjectLock.Extended)
-	for _, k := range chunks {
+	var healed struct {
+		Healed int `json:"healed_chunks"`
+	}
+	srv := qemutest.Serve(t, f.img, "-r", "-B", "b0")
+	out := mustRun(t, append([]string{"backup", "--nbd", srv.URI, "--name", "d1", "--bitmap", "b0", "--disk", "vda", "--json"}, f.repo...)...)
+	srv.Kill()
+	if json.Unmarshal([]byte(out), &healed) != nil || healed.Healed != 1 {
+		t.Fatalf("the backup after the one that found a chunk missing: %s", out)
+	}
+	for _, k := range append(chunks, "config") {
 		_, until, err := s.Retention(context.Background(), k, "")
 		if err != nil || until.Before(b3.ObjectLock.ProtectedUntil) {
 			t.Fatalf("chunk %s locked until %v, before b3's window ends (%v): %v", k, until, b3.ObjectLock.ProtectedUntil, err)
@@ -487,6 +532,39 @@ func TestObjectLockGC(t *testing.T) {
 	}
 	// No version is left of a chunk the kept backup does not reference.
 	root := rootClient(t, ep)
+	// Planted: a foreign key, a key nbdmover never writes, and a state
+	// object whose old version is under legal hold. gc goes on, counts
+	// the refusal, and touches nothing foreign.
+	ctx := context.Background()
+	put := func(key string, opts minio.PutObjectOptions) string {
+		t.Helper()
+		opts.DisableMultipart = true
+		info, err := root.PutObject(ctx, f.bucket, key, bytes.NewReader([]byte("x")), 1, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.VersionID
+	}
+	put("foreign/a", minio.PutObjectOptions{})
+	put("foreign/a", minio.PutObjectOptions{})
+	put("r/odd name", minio.PutObjectOptions{})
+	put("r/odd name", minio.PutObjectOptions{})
+	put("r/state/planted", minio.PutObjectOptions{LegalHold: minio.LegalHoldEnabled})
+	put("r/state/planted", minio.PutObjectOptions{})
+	out := mustRun(t, append([]string{"gc", "--grace", "1s", "--json"}, f.repo...)...)
+	var g3 gcOut
+	if json.Unmarshal([]byte(out), &g3) != nil || g3.ObjectLock == nil || g3.ObjectLock.Denied != 1 {
+		t.Fatalf("gc beside planted versions: %s", out)
+	}
+	n := 0
+	for v := range versions(t, root, f.bucket) {
+		if v.key == "foreign/a" || v.key == "r/odd name" {
+			n++
+		}
+	}
+	if n != 4 {
+		t.Fatalf("gc removed versions of keys not its own: %d of 4 left", n)
+	}
 	live := map[string]bool{}
 	for o := range root.ListObjects(context.Background(), f.bucket, minio.ListObjectsOptions{Prefix: "r/chunks/", Recursive: true}) {
 		live[o.Key] = true
@@ -636,5 +714,43 @@ func TestObjectLockGapWarning(t *testing.T) {
 	_, stderr, code := nbdmover(t, append([]string{"backup", "--nbd", srv.URI, "--name", "d1", "--bitmap", "b0", "--disk", "vda"}, f.repo...)...)
 	if code != 0 || !strings.Contains(stderr, "more than the lock period 2s") {
 		t.Fatalf("a backup 3s after its parent, lock period 2s: %d %s", code, stderr)
+	}
+}
+
+// mustManifestKey is the key of backup id's manifest in bucket.
+func mustManifestKey(t *testing.T, c *minio.Client, bucket, id string) string {
+	for o := range c.ListObjects(context.Background(), bucket, minio.ListObjectsOptions{Prefix: "r/manifests/", Recursive: true}) {
+		if strings.HasSuffix(o.Key, "-"+id) {
+			return o.Key
+		}
+	}
+	t.Fatalf("no manifest of %s", id)
+	return ""
+}
+
+// A config put again without Object Lock (a writer of the bucket turning
+// it off for every later backup of an unencrypted repository) is
+// refused, naming what it had.
+func TestObjectLockConfigReplaced(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	bucket := fmt.Sprintf("lockcfg-%d-%08x", time.Now().UnixNano()%1e9, rand.Uint32())
+	repo := []string{"--repo", "s3://" + bucket + "/r", "--s3-endpoint", ep}
+	mustRun(t, append([]string{"init", "--object-lock", "governance", "--lock-period", "1h"}, repo...)...)
+	root := rootClient(t, ep)
+	obj, err := root.GetObject(context.Background(), bucket, "r/config", minio.GetObjectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := json.NewDecoder(obj).Decode(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	delete(cfg, "object_lock")
+	b, _ := json.Marshal(cfg)
+	if _, err := root.PutObject(context.Background(), bucket, "r/config", bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{DisableMultipart: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, code := nbdmover(t, append([]string{"list"}, repo...)...); code != 1 || !strings.Contains(stderr, "config was replaced") {
+		t.Fatalf("list with a replaced config: %d %s", code, stderr)
 	}
 }
