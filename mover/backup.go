@@ -450,9 +450,15 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	// Object Lock extensions go on while the disks are read (they may
 	// be many requests), and must be done before the commit.
 	pctx, stopProtect := context.WithCancel(ctx)
-	defer stopProtect()
 	protected := make(chan error, 1)
-	go func() { protected <- b.protect(pctx, parents) }()
+	go func(parents []*repo.Chain) { protected <- b.protect(pctx, parents) }(parents)
+	joined := false
+	defer func() { // it ends with the backup, whatever becomes of it
+		stopProtect()
+		if !joined {
+			<-protected
+		}
+	}()
 	if len(b.damaged) > 0 {
 		b.o.Log.Info("the repository holds damaged chunks: those still on the disks are stored again", "name", b.m.Domain, "damaged", len(b.damaged))
 	}
@@ -467,6 +473,7 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	joined = true
 	if err := <-protected; err != nil {
 		return nil, err
 	}

@@ -355,7 +355,6 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		resolved []chunker.Digest
 	}
 	disks := make([]*diskWork, len(m.Disks))
-	var total int64
 	for k, d := range m.Disks {
 		w := &diskWork{name: d.Name}
 		var err error
@@ -374,21 +373,8 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 				}
 			}
 		}
-		w.resolved = make([]chunker.Digest, w.ix.Len())
-		for e := range w.ix.Len() {
-			i, sd := w.ix.At(e)
-			if w.srcBase != nil && w.srcBase.Digest(i) == sd {
-				if td := w.dstBase.Index.Digest(i); !td.IsZeroChunk() && !c.damaged[td] {
-					w.resolved[e] = td // unchanged since the base: its chunk in the target
-					continue
-				}
-			}
-			w.todo = append(w.todo, e)
-		}
-		total += int64(len(w.todo)) * c.from.cfg.ChunkSize
 		disks[k] = w
 	}
-	counter.Total.Store(total)
 	// In a target with S3 Object Lock the copy gets its own window, from
 	// now; what it takes over from the base there is extended as a
 	// backup's would be.
@@ -407,6 +393,27 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 	for _, w := range warnings {
 		c.o.Log.Warn(w)
 	}
+	if bl != nil {
+		for _, d := range bl.Missing { // recorded as damaged: copied again below
+			c.damaged[d] = true
+		}
+	}
+	var total int64
+	for _, w := range disks {
+		w.resolved = make([]chunker.Digest, w.ix.Len())
+		for e := range w.ix.Len() {
+			i, sd := w.ix.At(e)
+			if w.srcBase != nil && w.srcBase.Digest(i) == sd {
+				if td := w.dstBase.Index.Digest(i); !td.IsZeroChunk() && !c.damaged[td] {
+					w.resolved[e] = td // unchanged since the base: its chunk in the target
+					continue
+				}
+			}
+			w.todo = append(w.todo, e)
+		}
+		total += int64(len(w.todo)) * c.from.cfg.ChunkSize
+	}
+	counter.Total.Store(total)
 	if bl != nil {
 		// A chunk an earlier backup of this run stored or found is
 		// locked for that backup's window, which may end before this

@@ -193,6 +193,9 @@ func (r *Repo) Commit(ctx context.Context, m *Manifest, disks map[string]DiskDat
 	if err != nil {
 		return fmt.Errorf("commit manifest %s: %w", m.Key(), err)
 	}
+	// Best effort: without the record, the next backup extends what it
+	// takes over instead of believing this one's lock.
+	r.pinBackup(m)
 	return nil
 }
 

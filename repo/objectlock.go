@@ -63,6 +63,9 @@ type BackupLock struct {
 	// Extended is how many objects the backup extended the lock of
 	// before it read the disks (what it took over from its parent).
 	Extended int64 `json:"extended,omitempty"`
+	// Missing: chunks taken over that were found deleted (recorded as
+	// damaged), for the caller to store again if it can.
+	Missing []chunker.Digest `json:"-"`
 }
 
 // ObjectLock returns the repository's lock policy; nil without one.
@@ -271,6 +274,11 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 		g.Go(func() error {
 			err := sink.Retried(gctx, r.store, func() error { return s.Extend(gctx, k, bl.LockedUntil) })
 			if errors.Is(err, sink.ErrNotFound) && strings.HasPrefix(k, "chunks/") {
+				// Deleted: a delete marker may hide the version a
+				// backup references; it stays locked, for recover.
+				if err := r.extendHidden(gctx, s, k, bl.LockedUntil); err != nil {
+					return err
+				}
 				mu.Lock()
 				missing = append(missing, k)
 				mu.Unlock()
@@ -289,6 +297,9 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 		return bl, warnings, err
 	}
 	for _, k := range missing {
+		if d, ok := chunkDigest(k); ok {
+			bl.Missing = append(bl.Missing, d)
+		}
 		backups := []string{}
 		if parent != nil {
 			backups = append(backups, parent.Domain+"/"+parent.ID)
@@ -301,12 +312,32 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 	return bl, warnings, nil
 }
 
+// extendHidden extends the newest version of key beneath a delete
+// marker, if there is one.
+func (r *Repo) extendHidden(ctx context.Context, s *sink.S3, key string, until time.Time) error {
+	var vs []sink.Version
+	err := sink.Retried(ctx, r.store, func() (err error) {
+		vs, err = s.KeyVersions(ctx, key)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	for _, v := range vs {
+		if !v.Marker {
+			return sink.Retried(ctx, r.store, func() error { return s.ExtendVersion(ctx, key, v.ID, until) })
+		}
+	}
+	return nil
+}
+
 // lockClaim returns how long parent's objects are locked at least, as far
-// as it can be believed: its locked_until, when its manifest has one
-// version, no later than that version's time (the server's) plus the
-// period and Renew; otherwise the zero time.
+// as it can be believed: its locked_until, when this host committed it
+// (lockpin.go) and its manifest has one version, no later than that
+// version's time (the server's) plus the period and Renew; otherwise the
+// zero time.
 func (r *Repo) lockClaim(ctx context.Context, s *sink.S3, parent *Manifest, pol sink.ObjectLock) (time.Time, error) {
-	if parent.ObjectLock == nil {
+	if parent.ObjectLock == nil || !r.pinned(parent) {
 		return time.Time{}, nil
 	}
 	var vs []sink.Version
@@ -511,20 +542,24 @@ func (g *gc) purge(ctx context.Context) error {
 			// The versions first, then the markers above them (a marker
 			// removed while a version beneath it is left would bring
 			// that version back): a marker is in free only when every
-			// version beneath it is in dead (or was deleted before).
+			// version beneath it is in dead (or was deleted before), and
+			// it stays when one of those was refused.
 			n, refused, err := s.DeleteVersions(ctx, dead, false)
 			rep.Purged += n
-			rep.Denied += refused
-			if err != nil && refused == 0 {
+			rep.Denied += len(refused)
+			if err != nil && len(refused) == 0 {
 				return err
 			}
-			if refused == 0 {
-				n, refused, err = s.DeleteVersions(ctx, free, false)
-				rep.Purged += n
-				rep.Denied += refused
-				if err != nil && refused == 0 {
-					return err
-				}
+			kept := map[string]bool{}
+			for _, v := range refused {
+				kept[v.Key] = true
+			}
+			free = slices.DeleteFunc(free, func(v sink.Version) bool { return kept[v.Key] })
+			n, refused, err = s.DeleteVersions(ctx, free, false)
+			rep.Purged += n
+			rep.Denied += len(refused)
+			if err != nil && len(refused) == 0 {
+				return err
 			}
 			dead, free = dead[:0], free[:0]
 		}
@@ -570,6 +605,9 @@ func (g *gc) purge(ctx context.Context) error {
 					_, until, err = s.Retention(ctx, v.Key, v.ID)
 					return err
 				})
+				if isNotFound(err) {
+					return nil // gone meanwhile (another gc's purge)
+				}
 				if err != nil {
 					return err
 				}
@@ -649,11 +687,10 @@ func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*
 	var todo []action
 	var key string
 	var cur, then *sink.Version
-	n := 0
 	// decide what to do with the key just listed: cur is its current
 	// version (or marker), then the one current at t.
 	decide := func() {
-		defer func() { cur, then, n = nil, nil, 0 }()
+		defer func() { cur, then = nil, nil }()
 		if cur == nil || !repositoryKey(key) || strings.HasPrefix(key, "locks/") || strings.HasPrefix(key, "state/") {
 			return // locks and state are left as they are
 		}
@@ -677,7 +714,7 @@ func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*
 		}
 	}
 	err = sink.Retried(ctx, store, func() error {
-		todo, key, cur, then, n = nil, "", nil, nil, 0
+		todo, key, cur, then = nil, "", nil, nil
 		clear(res.Restored)
 		clear(res.Removed)
 		res.RestoredKeys, res.RemovedKeys = nil, nil
@@ -685,9 +722,6 @@ func Recover(ctx context.Context, store sink.Store, t time.Time, dryRun bool) (*
 			if v.Key != key {
 				decide()
 				key = v.Key
-			}
-			if n++; n > maxPurgeVersions {
-				return fmt.Errorf("%s: key %s has more than %d versions (planted?): recover does not choose among them", store.Location(), key, maxPurgeVersions)
 			}
 			if v.Latest {
 				cur = &v

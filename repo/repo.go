@@ -242,6 +242,11 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 	if err := checkConfig(ctx, store, cfg); err != nil {
 		return nil, err
 	}
+	if _, ok := sink.Versioned(store); ok {
+		if err := checkPolicyPin(cfg, store.Location()); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.ObjectLock != nil {
 		if err := setupLock(ctx, store, cfg.ObjectLock); err != nil {
 			return nil, err

@@ -204,6 +204,27 @@ func (s *S3) Extend(ctx context.Context, key string, until time.Time) error {
 	return s.fail(ctx, "extend", key, err)
 }
 
+// ExtendVersion is Extend of one version of key (when the current one is
+// a delete marker: what it hides is still a backup's).
+func (s *S3) ExtendVersion(ctx context.Context, key, versionID string, until time.Time) error {
+	k, err := s.key("extend", key)
+	if err != nil {
+		return err
+	}
+	mode := s.lock.mode()
+	err = s.client.PutObjectRetention(ctx, s.bucket, k, minio.PutObjectRetentionOptions{Mode: &mode, RetainUntilDate: &until, VersionID: versionID})
+	if err == nil {
+		return nil
+	}
+	if e := s.fail(ctx, "extend", key, err); !errors.Is(e, ErrLocked) && !errors.Is(e, ErrDenied) {
+		return e
+	}
+	if _, have, rerr := s.Retention(ctx, key, versionID); rerr != nil || have.Before(until) {
+		return s.fail(ctx, "extend", key, err)
+	}
+	return nil
+}
+
 // Retention returns a version's lock (the current version's when
 // versionID is ""): its mode and retain-until date, zero when it has
 // none.
@@ -285,19 +306,21 @@ func (s *S3) keyVersions(ctx context.Context, key string) ([]Version, error) {
 // DeleteVersions deletes the versions (and delete markers) given, in
 // batches of 1000; bypass sends the governance bypass (which needs the
 // s3:BypassGovernanceRetention permission). A version the store refuses
-// to delete is counted and skipped; it returns how many were deleted,
-// how many refused, and the first failure.
-func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (deleted, refused int, first error) {
+// to delete (locked, held, denied) is skipped and returned in refused;
+// first is the first failure of any kind (deleting goes on after one).
+func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (deleted int, refused []Version, first error) {
 	for len(vs) > 0 {
 		batch := vs[:min(len(vs), 1000)]
 		vs = vs[len(batch):]
 		ch := make(chan minio.ObjectInfo, len(batch))
+		byID := map[string]Version{}
 		for _, v := range batch {
 			k, err := s.key("delete version", v.Key)
 			if err != nil {
 				return deleted, refused, err
 			}
 			ch <- minio.ObjectInfo{Key: k, VersionID: v.ID}
+			byID[v.ID] = v
 		}
 		close(ch)
 		failed := 0
@@ -308,7 +331,11 @@ func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (del
 			failed++
 			err := s.fail(ctx, "delete version "+e.VersionID+" of", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
 			if errors.Is(err, ErrLocked) || errors.Is(err, ErrDenied) {
-				refused++
+				v, ok := byID[e.VersionID]
+				if !ok {
+					v = Version{Key: strings.TrimPrefix(e.ObjectName, s.prefix), ID: e.VersionID}
+				}
+				refused = append(refused, v)
 			}
 			if first == nil {
 				first = err

@@ -64,8 +64,8 @@ func TestObjectLockStore(t *testing.T) {
 	if got, err := s.GetVersion(ctx, chunk, vs[2].ID, nil, 100); err != nil || string(got) != "chunk" {
 		t.Fatalf("first version: %q, %v", got, err)
 	}
-	if n, refused, err := s.DeleteVersions(ctx, vs[1:], false); n != 0 || refused != 2 || !errors.Is(err, sink.ErrLocked) {
-		t.Fatalf("deleting locked versions: %d deleted, %d refused, %v", n, refused, err)
+	if n, refused, err := s.DeleteVersions(ctx, vs[1:], false); n != 0 || len(refused) != 2 || refused[0].Key != chunk || !errors.Is(err, sink.ErrLocked) {
+		t.Fatalf("deleting locked versions: %d deleted, %v refused, %v", n, refused, err)
 	}
 	if err := s.Delete(ctx, "locks/shared-1"); err != nil {
 		t.Fatal(err)

@@ -25,6 +25,7 @@ import (
 
 	"github.com/nbdmover/nbdmover/internal/backuptest"
 	"github.com/nbdmover/nbdmover/internal/qemutest"
+	nbdrepo "github.com/nbdmover/nbdmover/repo"
 	"github.com/nbdmover/nbdmover/sink"
 	"github.com/nbdmover/nbdmover/sink/sinktest"
 )
@@ -39,6 +40,7 @@ type lockFixture struct {
 	refs   map[string]string // raw image by backup id
 	env    []string          // credentials the commands run with (nil: the test's)
 	next   []string          // more flags for the next backup
+	id     string            // the repository's id
 }
 
 type lockedBackup struct {
@@ -60,9 +62,11 @@ func newLockFixture(t *testing.T, endpoint, mode, period string) *lockFixture {
 	qemutest.Run(t, "qemu-img", "bitmap", "--add", f.img, "b0")
 	if mode != "" {
 		out := mustRun(t, append([]string{"init", "--object-lock", mode, "--lock-period", period, "--json"}, f.repo...)...)
-		if !strings.Contains(out, `"mode": "`+mode+`"`) {
+		var doc struct{ ID string }
+		if !strings.Contains(out, `"mode": "`+mode+`"`) || json.Unmarshal([]byte(out), &doc) != nil {
 			t.Fatalf("init --json: %s", out)
 		}
+		f.id = doc.ID
 	} else {
 		mustRun(t, append([]string{"init"}, f.repo...)...)
 	}
@@ -369,6 +373,17 @@ func TestObjectLockExtension(t *testing.T) {
 	if b := f.backup(t, "d1"); b.ObjectLock.Extended < 20 {
 		t.Fatalf("the backup after its parent's manifest was put again extended %d objects", b.ObjectLock.Extended)
 	}
+	// A parent this host did not commit (no record of it here: another
+	// host's, or one planted in the bucket) is not believed either.
+	if b := f.backup(t, "d1"); b.ObjectLock.Extended != 0 {
+		t.Fatalf("a backup right after one this host committed extended %d objects", b.ObjectLock.Extended)
+	}
+	if err := os.Remove(filepath.Join(nbdrepo.PinDir, f.id, "domain-d1.json")); err != nil {
+		t.Fatal(err)
+	}
+	if b := f.backup(t, "d1"); b.ObjectLock.Extended < 20 {
+		t.Fatalf("the backup after a parent this host has no record of extended %d objects", b.ObjectLock.Extended)
+	}
 	var chunks []string
 	s.List(ctx, "chunks/", func(o sink.ObjectInfo) error { chunks = append(chunks, o.Key); return nil })
 	// The period is 40s, Renew 10s: a backup 11s after b1 finds b1's
@@ -628,7 +643,7 @@ func TestObjectLockPurgeBesideBackup(t *testing.T) {
 	if r := parseGC(t, mustRun(t, gcArgs...)); r.Chunks.Deleted < 20 {
 		t.Fatalf("gc of the forgotten backup: %+v", r)
 	}
-	time.Sleep(time.Until(b1.ObjectLock.LockedUntil.Add(2 * time.Second))) // every lock of b1's has ended
+	time.Sleep(time.Until(b1.ObjectLock.LockedUntil.Add(8 * time.Second))) // every lock of b1's has ended, and gc's margin of 5s too
 
 	holds := t.TempDir()
 	reached := gate(t, holds, "gc-purge")
@@ -752,5 +767,21 @@ func TestObjectLockConfigReplaced(t *testing.T) {
 	}
 	if _, stderr, code := nbdmover(t, append([]string{"list"}, repo...)...); code != 1 || !strings.Contains(stderr, "config was replaced") {
 		t.Fatalf("list with a replaced config: %d %s", code, stderr)
+	}
+	// Its first version gone too (once its lock ended; here with the
+	// bypass): this host remembers the policy it wrote with.
+	vs := versions(t, root, bucket)
+	for v := range vs {
+		if v.key == "r/config" {
+			if err := root.RemoveObject(context.Background(), bucket, v.key, minio.RemoveObjectOptions{VersionID: v.id, GovernanceBypass: true}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if _, err := root.PutObject(context.Background(), bucket, "r/config", bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{DisableMultipart: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, code := nbdmover(t, append([]string{"list"}, repo...)...); code != 1 || !strings.Contains(stderr, "policy.json") {
+		t.Fatalf("list with a config replaced, its first version gone: %d %s", code, stderr)
 	}
 }
