@@ -109,9 +109,13 @@ func setupLock(ctx context.Context, store sink.Store, lock *LockConfig) error {
 	}
 	skew := server.Sub(local)
 	if skew > sink.MaxClockSkew || skew < -sink.MaxClockSkew {
-		return fmt.Errorf("%s: this host's clock is %s off the S3 server's (its Date header says %s), more than the %s a repository with Object Lock allows: "+
+		how := fmt.Sprintf("%s behind", skew.Round(time.Second))
+		if skew < 0 {
+			how = fmt.Sprintf("%s ahead of", (-skew).Round(time.Second))
+		}
+		return fmt.Errorf("%s: this host's clock is %s the S3 server's (its Date header says %s), more than the %s a repository with Object Lock allows: "+
 			"retain-until dates are the server's; set the host's clock right (NTP) and try again",
-			store.Location(), skew.Round(time.Second), server.UTC().Format(time.RFC3339), sink.MaxClockSkew)
+			store.Location(), how, server.UTC().Format(time.RFC3339), sink.MaxClockSkew)
 	}
 	s.SetLock(lock.Policy(), skew)
 	return nil

@@ -785,3 +785,27 @@ func TestObjectLockConfigReplaced(t *testing.T) {
 		t.Fatalf("list with a config replaced, its first version gone: %d %s", code, stderr)
 	}
 }
+
+// A host whose clock is far from the S3 server's is refused, naming both.
+// No real MinIO can be given another clock here: a proxy in front of it
+// moves the Date header of every answer 10 minutes ahead (the requests
+// still carry the host's time, which MinIO checks).
+func TestObjectLockClockSkew(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	bucket := fmt.Sprintf("lockclock-%d-%08x", time.Now().UnixNano()%1e9, rand.Uint32())
+	mustRun(t, "init", "--repo", "s3://"+bucket+"/r", "--s3-endpoint", ep, "--object-lock", "governance", "--lock-period", "1h")
+	u, _ := url.Parse(ep)
+	rp := httputil.NewSingleHostReverseProxy(u)
+	rp.ModifyResponse = func(r *http.Response) error {
+		if d, err := http.ParseTime(r.Header.Get("Date")); err == nil {
+			r.Header.Set("Date", d.Add(10*time.Minute).UTC().Format(http.TimeFormat))
+		}
+		return nil
+	}
+	srv := httptest.NewServer(rp)
+	defer srv.Close()
+	_, stderr, code := nbdmover(t, "list", "--repo", "s3://"+bucket+"/r", "--s3-endpoint", srv.URL)
+	if code != 1 || !strings.Contains(stderr, "clock is 10m0s behind the S3 server's") {
+		t.Fatalf("list with the server's clock 10 minutes ahead: %d %s", code, stderr)
+	}
+}
