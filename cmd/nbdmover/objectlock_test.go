@@ -381,14 +381,15 @@ func TestObjectLockExtension(t *testing.T) {
 	if err := os.Remove(filepath.Join(nbdrepo.PinDir, f.id, "domain-d1.json")); err != nil {
 		t.Fatal(err)
 	}
-	if b := f.backup(t, "d1"); b.ObjectLock.Extended < 20 {
-		t.Fatalf("the backup after a parent this host has no record of extended %d objects", b.ObjectLock.Extended)
+	last := f.backup(t, "d1")
+	if last.ObjectLock.Extended < 20 {
+		t.Fatalf("the backup after a parent this host has no record of extended %d objects", last.ObjectLock.Extended)
 	}
 	var chunks []string
 	s.List(ctx, "chunks/", func(o sink.ObjectInfo) error { chunks = append(chunks, o.Key); return nil })
-	// The period is 40s, Renew 10s: a backup 11s after b1 finds b1's
-	// locks ending before its window.
-	time.Sleep(time.Until(b1.ObjectLock.ProtectedUntil.Add(-40*time.Second + 12*time.Second)))
+	// The period is 40s, Renew 10s: a backup that starts more than 40s
+	// before its parent's locks end finds them ending before its window.
+	time.Sleep(time.Until(last.ObjectLock.LockedUntil.Add(-40*time.Second + 2*time.Second)))
 	// A chunk of the parent deleted (a marker): the extension finds it
 	// missing, records it, and the next backup stores it again.
 	if err := root.RemoveObject(ctx, f.bucket, "r/"+chunks[5], minio.RemoveObjectOptions{}); err != nil {
@@ -535,7 +536,7 @@ func TestObjectLockGC(t *testing.T) {
 	// the period and a quarter after b1).
 	purged := g1.ObjectLock.Purged
 	for g := g1; g.ObjectLock.Locked > 0; {
-		if time.Since(b1.ObjectLock.LockedUntil) > 10*time.Second {
+		if time.Since(b1.ObjectLock.LockedUntil) > 40*time.Second {
 			t.Fatalf("versions still locked long after b1's locks ended: %+v", g.ObjectLock)
 		}
 		time.Sleep(time.Until(g.ObjectLock.LockedUntil.Add(time.Second)))
@@ -643,7 +644,9 @@ func TestObjectLockPurgeBesideBackup(t *testing.T) {
 	if r := parseGC(t, mustRun(t, gcArgs...)); r.Chunks.Deleted < 20 {
 		t.Fatalf("gc of the forgotten backup: %+v", r)
 	}
-	time.Sleep(time.Until(b1.ObjectLock.LockedUntil.Add(8 * time.Second))) // every lock of b1's has ended, and gc's margin of 5s too
+	// Every lock of b1's has ended (its objects were put up to a few
+	// seconds after its start), and gc's margin of 5s too.
+	time.Sleep(time.Until(b1.ObjectLock.LockedUntil.Add(12 * time.Second)))
 
 	holds := t.TempDir()
 	reached := gate(t, holds, "gc-purge")
