@@ -233,10 +233,11 @@ func checkBucketLock(ctx context.Context, s *sink.S3) error {
 // recorded as damaged (the next backups store it again) instead of
 // failing the backup. Warnings are for the log.
 //
-// The parent's locked_until is believed only when its manifest was
-// written once: a writer of the bucket can put a new version of a
-// manifest (never remove the first, locked one) claiming locks that
-// do not exist.
+// The parent's locked_until is believed only when this host committed
+// the parent and its manifest was written once (lockClaim): a writer of
+// the bucket can put a new version of a manifest (never remove the
+// first, locked one), or a manifest of a backup that never was, claiming
+// locks that do not exist.
 func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Manifest, chains []*Chain, damaged map[chunker.Digest]bool) (*BackupLock, []string, error) {
 	s := r.lockStore()
 	if s == nil {
