@@ -184,11 +184,13 @@ func attack(t *testing.T, c *minio.Client, bucket string) map[objVersion]bool {
 		}
 	}
 	deleted := map[objVersion]bool{}
-	for v := range versions(t, c, bucket) {
+	all := versions(t, c, bucket)
+	for v := range all {
 		if c.RemoveObject(ctx, bucket, v.key, minio.RemoveObjectOptions{VersionID: v.id, GovernanceBypass: true}) == nil {
 			deleted[v] = true
 		}
 	}
+	t.Logf("the attacker overwrote and deleted %d objects, and tried to delete %d versions: %d went (its own garbage and unlocked ones)", len(keys), len(all), len(deleted))
 	return deleted
 }
 
@@ -302,6 +304,7 @@ func TestObjectLockAttack(t *testing.T) {
 			if !strings.Contains(out, "restored") {
 				t.Fatalf("recover: %s", out)
 			}
+			t.Logf("recover: %s", strings.SplitN(out, "\n", 2)[0])
 			out = mustRun(t, append([]string{"list", "--domain", "d1", "--json"}, f.repo...)...)
 			if json.Unmarshal([]byte(out), &listed) != nil || len(listed.Backups) != 3 {
 				t.Fatalf("list after recover: %s", out)
