@@ -91,7 +91,11 @@ wanpid=$WAN_PID
 disk_bytes=$(qemu-img info --output=json "$base" | sed -n 's/.*"virtual-size": \([0-9]*\).*/\1/p')
 data_bytes=$(qemu-img map --output=json "$base" | grep '"data": true' |
 	sed -n 's/.*"length": \([0-9]*\).*/\1/p' | paste -sd+ | bc)
-say "disk: $disk_bytes bytes, $data_bytes allocated; $ROUNDS rounds"
+# The domains run under KVM when /dev/kvm exists (scripts/lib.sh), else
+# under TCG, several times slower (and the peers with them): say which.
+accel="TCG (no /dev/kvm: QEMU and the peers several times slower; no peer ratio is evidence)"
+[ -c /dev/kvm ] && accel="KVM"
+say "disk: $disk_bytes bytes, $data_bytes allocated; $ROUNDS rounds; domains under $accel"
 
 
 # pull_export CMD...: run CMD with $SOCK set while a full pull-mode export of
@@ -218,4 +222,4 @@ done
 
 # --- report ----------------------------------------------------------------
 go run ./bench/report -in "$SAMPLES" -out "$OUT" -data "$data_bytes" \
-	-title "nbdmover benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; disk $SIZE ($data_bytes bytes allocated), $ROUNDS rounds"
+	-title "nbdmover benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; disk $SIZE ($data_bytes bytes allocated), $ROUNDS rounds; domains under $accel"
