@@ -472,7 +472,7 @@ func (r *Repo) deleteManifestBypass(ctx context.Context, key string) error {
 		return err
 	})
 	if err == nil {
-		_, _, err = s.DeleteVersions(ctx, vs, true)
+		_, _, _, err = s.DeleteVersions(ctx, vs, true)
 	}
 	if err != nil {
 		return fmt.Errorf("forget %s with --bypass-governance: %w (the credentials need the s3:BypassGovernanceRetention permission)", key, err)
@@ -556,21 +556,21 @@ func (g *gc) purge(ctx context.Context) error {
 			// that version back): a marker is in free only when every
 			// version beneath it is in dead (or was deleted before), and
 			// it stays when one of those was refused.
-			n, refused, err := s.DeleteVersions(ctx, dead, false)
+			n, failed, refused, err := s.DeleteVersions(ctx, dead, false)
 			rep.Purged += n
-			rep.Denied += len(refused)
-			if err != nil && len(refused) == 0 {
-				return err
+			rep.Denied += refused
+			if err != nil && (len(failed) == 0 || refused < len(failed)) {
+				return err // not only refusals: no marker goes
 			}
 			kept := map[string]bool{}
-			for _, v := range refused {
+			for _, v := range failed {
 				kept[v.Key] = true
 			}
 			free = slices.DeleteFunc(free, func(v sink.Version) bool { return kept[v.Key] })
-			n, refused, err = s.DeleteVersions(ctx, free, false)
+			n, failed, refused, err = s.DeleteVersions(ctx, free, false)
 			rep.Purged += n
-			rep.Denied += len(refused)
-			if err != nil && len(refused) == 0 {
+			rep.Denied += refused
+			if err != nil && (len(failed) == 0 || refused < len(failed)) {
 				return err
 			}
 			dead, free = dead[:0], free[:0]

@@ -305,10 +305,12 @@ func (s *S3) keyVersions(ctx context.Context, key string) ([]Version, error) {
 
 // DeleteVersions deletes the versions (and delete markers) given, in
 // batches of 1000; bypass sends the governance bypass (which needs the
-// s3:BypassGovernanceRetention permission). A version the store refuses
-// to delete (locked, held, denied) is skipped and returned in refused;
-// first is the first failure of any kind (deleting goes on after one).
-func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (deleted int, refused []Version, first error) {
+// s3:BypassGovernanceRetention permission). Deleting goes on past a
+// version that fails: failed are those, refused how many of them the
+// store refused (locked, held, denied), first the first failure of any
+// kind (also one that stopped it: then failed may not list everything
+// left).
+func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (deleted int, failed []Version, refused int, first error) {
 	for len(vs) > 0 {
 		batch := vs[:min(len(vs), 1000)]
 		vs = vs[len(batch):]
@@ -317,36 +319,40 @@ func (s *S3) DeleteVersions(ctx context.Context, vs []Version, bypass bool) (del
 		for _, v := range batch {
 			k, err := s.key("delete version", v.Key)
 			if err != nil {
-				return deleted, refused, err
+				return deleted, failed, refused, err
 			}
 			ch <- minio.ObjectInfo{Key: k, VersionID: v.ID}
 			byID[v.ID] = v
 		}
 		close(ch)
-		failed := 0
+		n := 0
 		for e := range s.client.RemoveObjects(ctx, s.bucket, ch, minio.RemoveObjectsOptions{GovernanceBypass: bypass}) {
 			if c := minio.ToErrorResponse(e.Err).Code; c == "NoSuchVersion" || c == "NoSuchKey" {
 				continue
 			}
-			failed++
-			err := s.fail(ctx, "delete version "+e.VersionID+" of", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
+			n++
+			v, ok := byID[e.VersionID]
+			if !ok {
+				v = Version{Key: strings.TrimPrefix(e.ObjectName, s.prefix), ID: e.VersionID}
+			}
+			failed = append(failed, v)
+			err := s.fail(ctx, "delete version "+e.VersionID+" of", v.Key, e.Err)
 			if errors.Is(err, ErrLocked) || errors.Is(err, ErrDenied) {
-				v, ok := byID[e.VersionID]
-				if !ok {
-					v = Version{Key: strings.TrimPrefix(e.ObjectName, s.prefix), ID: e.VersionID}
-				}
-				refused = append(refused, v)
+				refused++
 			}
 			if first == nil {
 				first = err
 			}
 		}
-		deleted += len(batch) - failed
+		deleted += len(batch) - n
 		if ctx.Err() != nil {
-			return deleted, refused, first
+			if first == nil {
+				first = ctx.Err()
+			}
+			return deleted, failed, refused, first
 		}
 	}
-	return deleted, refused, first
+	return deleted, failed, refused, first
 }
 
 // GetVersion is Get of one version of key.

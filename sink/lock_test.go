@@ -64,8 +64,8 @@ func TestObjectLockStore(t *testing.T) {
 	if got, err := s.GetVersion(ctx, chunk, vs[2].ID, nil, 100); err != nil || string(got) != "chunk" {
 		t.Fatalf("first version: %q, %v", got, err)
 	}
-	if n, refused, err := s.DeleteVersions(ctx, vs[1:], false); n != 0 || len(refused) != 2 || refused[0].Key != chunk || !errors.Is(err, sink.ErrLocked) {
-		t.Fatalf("deleting locked versions: %d deleted, %v refused, %v", n, refused, err)
+	if n, failed, refused, err := s.DeleteVersions(ctx, vs[1:], false); n != 0 || refused != 2 || len(failed) != 2 || failed[0].Key != chunk || !errors.Is(err, sink.ErrLocked) {
+		t.Fatalf("deleting locked versions: %d deleted, %v failed, %d refused, %v", n, failed, refused, err)
 	}
 	if err := s.Delete(ctx, "locks/shared-1"); err != nil {
 		t.Fatal(err)
@@ -75,7 +75,7 @@ func TestObjectLockStore(t *testing.T) {
 	if len(left) != 2 || !left[0].Marker {
 		t.Fatalf("a deleted lock's versions: %+v", left)
 	}
-	if n, _, err := s.DeleteVersions(ctx, left, false); n != 2 || err != nil {
+	if n, _, _, err := s.DeleteVersions(ctx, left, false); n != 2 || err != nil {
 		t.Fatalf("deleting an unlocked version and its marker: %d, %v", n, err)
 	}
 
@@ -99,7 +99,7 @@ func TestObjectLockStore(t *testing.T) {
 
 	// Once the lock has ended, the versions can go.
 	time.Sleep(time.Until(until.Add(time.Second)))
-	if n, _, err := s.DeleteVersions(ctx, vs, false); n != 3 || err != nil {
+	if n, _, _, err := s.DeleteVersions(ctx, vs, false); n != 3 || err != nil {
 		t.Fatalf("deleting expired versions: %d, %v", n, err)
 	}
 }
