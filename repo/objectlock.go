@@ -117,7 +117,7 @@ func setupLock(ctx context.Context, store sink.Store, lock *LockConfig) error {
 			"retain-until dates are the server's; set the host's clock right (NTP) and try again",
 			store.Location(), how, server.UTC().Format(time.RFC3339), sink.MaxClockSkew)
 	}
-	s.SetLock(lock.Policy(), skew)
+	s.SetLock(lock.Policy())
 	return nil
 }
 
@@ -136,11 +136,7 @@ func checkConfig(ctx context.Context, store sink.Store, cfg Config) error {
 	if !ok || cfg.Encryption != nil {
 		return nil
 	}
-	var vs []sink.Version
-	err := sink.Retried(ctx, store, func() (err error) {
-		vs, err = s.KeyVersions(ctx, configKey)
-		return err
-	})
+	vs, err := keyVersions(ctx, store, s, configKey)
 	if err != nil && cfg.ObjectLock == nil && !sink.IsTransient(err) {
 		// A service without version listings, or credentials without
 		// s3:ListBucketVersions: nothing to check, and a repository
@@ -206,6 +202,17 @@ func checkVersioning(ctx context.Context, store sink.Store) error {
 		return fmt.Errorf("%s: the bucket has no versioning: it keeps no object but the current one, so there is no past to read (--as-of, recover)", store.Location())
 	}
 	return nil
+}
+
+// keyVersions lists the versions of exactly key in s, the S3 store
+// beneath store, with store's retry policy.
+func keyVersions(ctx context.Context, store sink.Store, s *sink.S3, key string) ([]sink.Version, error) {
+	var vs []sink.Version
+	err := sink.Retried(ctx, store, func() (err error) {
+		vs, err = s.KeyVersions(ctx, key)
+		return err
+	})
+	return vs, err
 }
 
 // checkBucketLock checks, for init, that the bucket can hold a
@@ -284,7 +291,7 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 	g.SetLimit(32)
 	for _, k := range keys {
 		g.Go(func() error {
-			err := sink.Retried(gctx, r.store, func() error { return s.Extend(gctx, k, bl.LockedUntil) })
+			err := sink.Retried(gctx, r.store, func() error { return s.Extend(gctx, k, "", bl.LockedUntil) })
 			if errors.Is(err, sink.ErrNotFound) && strings.HasPrefix(k, "chunks/") {
 				// Deleted: a delete marker may hide the version a
 				// backup references; it stays locked, for recover.
@@ -327,17 +334,13 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 // extendHidden extends the newest version of key beneath a delete
 // marker, if there is one.
 func (r *Repo) extendHidden(ctx context.Context, s *sink.S3, key string, until time.Time) error {
-	var vs []sink.Version
-	err := sink.Retried(ctx, r.store, func() (err error) {
-		vs, err = s.KeyVersions(ctx, key)
-		return err
-	})
+	vs, err := keyVersions(ctx, r.store, s, key)
 	if err != nil {
 		return err
 	}
 	for _, v := range vs {
 		if !v.Marker {
-			return sink.Retried(ctx, r.store, func() error { return s.ExtendVersion(ctx, key, v.ID, until) })
+			return sink.Retried(ctx, r.store, func() error { return s.Extend(ctx, key, v.ID, until) })
 		}
 	}
 	return nil
@@ -352,11 +355,7 @@ func (r *Repo) lockClaim(ctx context.Context, s *sink.S3, parent *Manifest, pol 
 	if parent.ObjectLock == nil || !r.pinned(parent) {
 		return time.Time{}, nil
 	}
-	var vs []sink.Version
-	err := sink.Retried(ctx, r.store, func() (err error) {
-		vs, err = s.KeyVersions(ctx, parent.Key())
-		return err
-	})
+	vs, err := keyVersions(ctx, r.store, s, parent.Key())
 	if err != nil {
 		return time.Time{}, err
 	}
@@ -418,7 +417,7 @@ func (r *Repo) extendHeld(ctx context.Context, d chunker.Digest) error {
 		return nil
 	}
 	key := ChunkKey(d)
-	return sink.Retried(ctx, r.store, func() error { return s.Extend(ctx, key, s.LockTarget()) })
+	return sink.Retried(ctx, r.store, func() error { return s.Extend(ctx, key, "", s.LockTarget()) })
 }
 
 // LockedBackup is a backup still inside its Object Lock window.
@@ -466,11 +465,7 @@ func (r *Repo) inWindow(m *Manifest) bool {
 // delete markers) with the governance bypass.
 func (r *Repo) deleteManifestBypass(ctx context.Context, key string) error {
 	s := r.lockStore()
-	var vs []sink.Version
-	err := sink.Retried(ctx, r.store, func() (err error) {
-		vs, err = s.KeyVersions(ctx, key)
-		return err
-	})
+	vs, err := keyVersions(ctx, r.store, s, key)
 	if err == nil {
 		_, _, _, err = s.DeleteVersions(ctx, vs, true)
 	}

@@ -77,8 +77,8 @@ func (a *asOf) version(ctx context.Context, op, key string) (Version, error) {
 		return Version{Key: key, ID: id}, nil
 	}
 	var vs []Version
-	err := retried(ctx, a.Store, func() (err error) {
-		vs, err = a.s3.keyVersions(ctx, key)
+	err := Retried(ctx, a.Store, func() (err error) {
+		vs, err = a.s3.KeyVersions(ctx, key)
 		return err
 	})
 	if err != nil {
@@ -101,7 +101,7 @@ func (a *asOf) Get(ctx context.Context, key string, buf []byte, limit int64) ([]
 		return nil, err
 	}
 	var out []byte
-	err = retried(ctx, a.Store, func() (err error) {
+	err = Retried(ctx, a.Store, func() (err error) {
 		out, err = a.s3.get(ctx, key, v.ID, buf, limit)
 		return err
 	})
@@ -117,7 +117,7 @@ func (a *asOf) Stat(ctx context.Context, key string) (ObjectInfo, error) {
 		return ObjectInfo{}, err
 	}
 	var info ObjectInfo
-	err = retried(ctx, a.Store, func() (err error) {
+	err = Retried(ctx, a.Store, func() (err error) {
 		info, err = a.s3.stat(ctx, key, v.ID)
 		return err
 	})

@@ -84,17 +84,15 @@ func IsAsOf(s Store) bool {
 	return ok
 }
 
-// retried runs f with s's retry policy (when s has the Retry wrapper).
-func retried(ctx context.Context, s Store, f func() error) error {
+// Retried runs f, an operation on the S3 store beneath s, with s's retry
+// policy (when s has the Retry wrapper): transient failures are tried
+// again.
+func Retried(ctx context.Context, s Store, f func() error) error {
 	if r, ok := underlying[*retryStore](s); ok {
 		return r.do(ctx, f)
 	}
 	return f()
 }
-
-// Retried runs f, an operation on the S3 store beneath s, with s's retry
-// policy: transient failures are tried again.
-func Retried(ctx context.Context, s Store, f func() error) error { return retried(ctx, s, f) }
 
 // BucketLock is what a bucket says of Object Lock.
 type BucketLock struct {
@@ -128,48 +126,45 @@ func (s *S3) BucketLock(ctx context.Context) (BucketLock, error) {
 	return b, nil
 }
 
-// ServerTime returns the S3 server's clock (its Date header, which has
-// whole seconds: the middle of that second) and the host's clock when it
-// was read: from the last response of the last minute, or else from a
-// HEAD of the bucket.
+// ServerTime returns the S3 server's clock (a response's Date header,
+// which has whole seconds: the middle of that second) and the host's
+// clock when it was read: from a response of the last minute, or else
+// from a HEAD of the bucket.
 func (s *S3) ServerTime(ctx context.Context) (server, local time.Time, err error) {
 	if c := s.clock.Load(); c != nil && time.Since(c.local) < time.Minute {
-		return c.server.Add(500 * time.Millisecond), c.local, nil
+		return c.server, c.local, nil
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodHead, s.client.EndpointURL().String()+"/"+s.bucket, nil)
 	if err != nil {
 		return server, local, err
 	}
-	resp, err := s.http.Do(req)
+	resp, err := s.http.Do(req) // noted by the transport
 	if err != nil {
 		return server, local, s.fail(ctx, "read the server's clock", "", err)
 	}
 	resp.Body.Close()
-	local = time.Now()
-	server, err = http.ParseTime(resp.Header.Get("Date"))
-	if err != nil {
-		return server, local, fmt.Errorf("%s: the server's Date header %q: %w", s.location, resp.Header.Get("Date"), err)
+	c := s.clock.Load()
+	if c == nil || time.Since(c.local) >= time.Minute {
+		return server, local, fmt.Errorf("%s: the server's answer has no Date header (%q)", s.location, resp.Header.Get("Date"))
 	}
-	return server.Add(500 * time.Millisecond), local, nil
+	return c.server, c.local, nil
 }
 
 // SetLock makes puts of immutable objects lock them (see Lock) and
-// deletes keep versions as the package comment says; skew is the
-// server's clock minus the host's. Call it before the store is used.
-func (s *S3) SetLock(l ObjectLock, skew time.Duration) {
-	s.lock, s.skew = &l, skew
-}
+// deletes keep versions as the package comment says. Call it before the
+// store is used.
+func (s *S3) SetLock(l ObjectLock) { s.lock = &l }
 
 // Lock returns the store's lock policy (nil: none).
 func (s *S3) Lock() *ObjectLock { return s.lock }
 
-// Now is the server's clock: the host's, corrected by the skew of the
-// latest response's Date header (or SetLock's, before any).
+// Now is the server's clock: the host's, corrected by how far the latest
+// Date header noted was from it (the host's, before any).
 func (s *S3) Now() time.Time {
 	if c := s.clock.Load(); c != nil {
-		return time.Now().Add(c.server.Add(500 * time.Millisecond).Sub(c.local))
+		return time.Now().Add(c.server.Sub(c.local))
 	}
-	return time.Now().Add(s.skew)
+	return time.Now()
 }
 
 // LockTarget is the retain-until date of what is put or extended now:
@@ -178,35 +173,12 @@ func (s *S3) LockTarget() time.Time {
 	return s.Now().Add(s.lock.Period + s.lock.Renew()).Truncate(time.Second).Add(time.Second)
 }
 
-// Extend makes the current version of key locked until at least until.
-// A version locked longer already is left as it is (a retention is
-// never shortened: S3 refuses that without a governance bypass).
-func (s *S3) Extend(ctx context.Context, key string, until time.Time) error {
-	k, err := s.key("extend", key)
-	if err != nil {
-		return err
-	}
-	mode := s.lock.mode()
-	err = s.client.PutObjectRetention(ctx, s.bucket, k, minio.PutObjectRetentionOptions{Mode: &mode, RetainUntilDate: &until})
-	if err == nil {
-		return nil
-	}
-	if e := s.fail(ctx, "extend", key, err); !errors.Is(e, ErrLocked) && !errors.Is(e, ErrDenied) {
-		return e
-	}
-	_, have, rerr := s.Retention(ctx, key, "")
-	if rerr != nil {
-		return rerr
-	}
-	if !have.Before(until) {
-		return nil
-	}
-	return s.fail(ctx, "extend", key, err)
-}
-
-// ExtendVersion is Extend of one version of key (when the current one is
-// a delete marker: what it hides is still a backup's).
-func (s *S3) ExtendVersion(ctx context.Context, key, versionID string, until time.Time) error {
+// Extend makes a version of key (the current one when versionID is "":
+// another when the current one is a delete marker, since what it hides
+// is still a backup's) locked until at least until. A version locked
+// longer already is left as it is (a retention is never shortened: S3
+// refuses that without a governance bypass).
+func (s *S3) Extend(ctx context.Context, key, versionID string, until time.Time) error {
 	k, err := s.key("extend", key)
 	if err != nil {
 		return err
@@ -219,10 +191,14 @@ func (s *S3) ExtendVersion(ctx context.Context, key, versionID string, until tim
 	if e := s.fail(ctx, "extend", key, err); !errors.Is(e, ErrLocked) && !errors.Is(e, ErrDenied) {
 		return e
 	}
-	if _, have, rerr := s.Retention(ctx, key, versionID); rerr != nil || have.Before(until) {
-		return s.fail(ctx, "extend", key, err)
+	_, have, rerr := s.Retention(ctx, key, versionID)
+	if rerr != nil {
+		return rerr
 	}
-	return nil
+	if !have.Before(until) {
+		return nil
+	}
+	return s.fail(ctx, "extend", key, err)
 }
 
 // Retention returns a version's lock (the current version's when
@@ -288,11 +264,6 @@ func (s *S3) Versions(ctx context.Context, prefix string, fn func(Version) error
 
 // KeyVersions returns the versions of exactly key, newest first.
 func (s *S3) KeyVersions(ctx context.Context, key string) ([]Version, error) {
-	return s.keyVersions(ctx, key)
-}
-
-// keyVersions returns the versions of exactly key, newest first.
-func (s *S3) keyVersions(ctx context.Context, key string) ([]Version, error) {
 	var vs []Version
 	err := s.Versions(ctx, key, func(v Version) error {
 		if v.Key == key {

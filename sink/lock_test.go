@@ -30,7 +30,7 @@ func TestObjectLockStore(t *testing.T) {
 	if err != nil || server.Sub(local).Abs() > 2*time.Second {
 		t.Fatalf("server time %v, local %v: %v", server, local, err)
 	}
-	s.SetLock(sink.ObjectLock{Mode: "governance", Period: 8 * time.Second}, server.Sub(local))
+	s.SetLock(sink.ObjectLock{Mode: "governance", Period: 8 * time.Second})
 
 	chunk := "chunks/ab/ab00"
 	if err := s.Create(ctx, chunk, []byte("chunk")); err != nil {
@@ -84,16 +84,16 @@ func TestObjectLockStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	long := time.Now().Add(time.Minute).Truncate(time.Second)
-	if err := s.Extend(ctx, "indexes/cd/cd00", long); err != nil {
+	if err := s.Extend(ctx, "indexes/cd/cd00", "", long); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Extend(ctx, "indexes/cd/cd00", time.Now().Add(20*time.Second)); err != nil {
+	if err := s.Extend(ctx, "indexes/cd/cd00", "", time.Now().Add(20*time.Second)); err != nil {
 		t.Fatalf("a shorter extension: %v", err)
 	}
 	if _, until, _ := s.Retention(ctx, "indexes/cd/cd00", ""); !until.Equal(long) {
 		t.Fatalf("retention %v, want %v", until, long)
 	}
-	if err := s.Extend(ctx, "indexes/ee/none", long); !errors.Is(err, sink.ErrNotFound) {
+	if err := s.Extend(ctx, "indexes/ee/none", "", long); !errors.Is(err, sink.ErrNotFound) {
 		t.Fatalf("extending a missing object: %v", err)
 	}
 

@@ -43,17 +43,16 @@ type S3 struct {
 	bucket   string
 	prefix   string
 	location string
-	lock     *ObjectLock   // SetLock's; nil: no Object Lock
-	skew     time.Duration // the server's clock minus the host's
+	lock     *ObjectLock // SetLock's; nil: no Object Lock
 	clock    atomic.Pointer[serverClock]
 }
 
-// serverClock is the Date header of the last response, and when the host
-// received it.
+// serverClock is a response's Date header (the middle of its whole
+// second), and when the host received it.
 type serverClock struct{ server, local time.Time }
 
-// dateTransport notes the Date header of every response (ServerTime
-// reads it, sparing a request).
+// dateTransport notes the Date header of a response, at most once a
+// second (ServerTime and Now read it, sparing a request of their own).
 type dateTransport struct {
 	http.RoundTripper
 	s *S3
@@ -62,8 +61,11 @@ type dateTransport struct {
 func (d dateTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := d.RoundTripper.RoundTrip(req)
 	if err == nil {
-		if t, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
-			d.s.clock.Store(&serverClock{server: t, local: time.Now()})
+		now := time.Now()
+		if c := d.s.clock.Load(); c == nil || now.Sub(c.local) >= time.Second {
+			if t, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
+				d.s.clock.Store(&serverClock{server: t.Add(500 * time.Millisecond), local: now})
+			}
 		}
 	}
 	return resp, err
@@ -117,7 +119,8 @@ func NewS3(o S3Options) (*S3, error) {
 	if o.PathStyle {
 		lookup = minio.BucketLookupPath
 	}
-	s := &S3{http: &http.Client{Transport: tr, Timeout: time.Minute}, bucket: o.Bucket, prefix: o.Prefix, location: location}
+	s := &S3{bucket: o.Bucket, prefix: o.Prefix, location: location}
+	s.http = &http.Client{Transport: dateTransport{tr, s}, Timeout: time.Minute}
 	client, err := minio.New(u.Host, &minio.Options{
 		Creds:        creds,
 		Secure:       secure,
