@@ -191,6 +191,10 @@ func (r *Repo) Forget(ctx context.Context, domain string, p Policy, dryRun bool)
 	return r.ForgetWith(ctx, domain, p, ForgetOptions{DryRun: dryRun})
 }
 
+// ErrNoBypass is matched by the error of a forget asked to bypass the
+// governance mode of a repository that has none (bad usage).
+var ErrNoBypass = errors.New("--bypass-governance")
+
 // ForgetOptions are Forget's options.
 type ForgetOptions struct {
 	DryRun bool
@@ -213,9 +217,9 @@ func (r *Repo) ForgetWith(ctx context.Context, domain string, p Policy, o Forget
 	if o.BypassGovernance {
 		switch lc := r.cfg.ObjectLock; {
 		case lc == nil:
-			return nil, fmt.Errorf("%s: --bypass-governance: the repository has no Object Lock", r.Location())
+			return nil, fmt.Errorf("%w: %s has no S3 Object Lock", ErrNoBypass, r.Location())
 		case lc.Mode != "governance":
-			return nil, fmt.Errorf("%s: --bypass-governance: the repository's Object Lock is in %s mode, which nobody can bypass", r.Location(), lc.Mode)
+			return nil, fmt.Errorf("%w: %s has S3 Object Lock in %s mode, which nobody can bypass", ErrNoBypass, r.Location(), lc.Mode)
 		}
 	}
 	var held *lock.Lock

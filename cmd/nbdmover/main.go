@@ -97,7 +97,7 @@ func exitStatus(err error, sig os.Signal) (int, string) {
 		return exitTerminated, "terminated"
 	case errors.As(err, &ue), errors.Is(err, mover.ErrInvalid), errors.Is(err, restore.ErrInvalid), errors.Is(err, daemon.ErrInvalid),
 		errors.Is(err, export.ErrInvalid), errors.Is(err, listen.ErrInvalid), errors.Is(err, instant.ErrInvalid),
-		errors.Is(err, files.ErrInvalid), errors.Is(err, repo.ErrCopyMismatch):
+		errors.Is(err, files.ErrInvalid), errors.Is(err, repo.ErrCopyMismatch), errors.Is(err, repo.ErrNoBypass):
 		return exitUsage, "usage"
 	case errors.Is(err, repo.ErrNoRepository):
 		return exitNoRepository, "no-repository"

@@ -88,14 +88,6 @@ func forgetCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			if c.Bool("bypass-governance") {
-				switch lc := r.ObjectLock(); {
-				case lc == nil:
-					return usagef("--bypass-governance: %s has no S3 Object Lock", r.Location())
-				case lc.Mode != "governance":
-					return usagef("--bypass-governance: %s has S3 Object Lock in %s mode, which nobody can bypass", r.Location(), lc.Mode)
-				}
-			}
 			res, err := r.ForgetWith(c.Context, c.String("domain"), p, repo.ForgetOptions{DryRun: c.Bool("dry-run"), BypassGovernance: c.Bool("bypass-governance")})
 			var win *repo.WindowError
 			if c.Bool("json") && (err == nil || errors.As(err, &win)) {
