@@ -25,9 +25,8 @@ nbdmover=$PWD/bin/nbdmover
 mkdir -p "$OUT"
 base=$(bench/disk.sh 4G)
 work=$(mktemp -d /var/tmp/nbdmover-chunksize.XXXXXX)
-srv=
 cleanup() {
-	[ -n "$srv" ] && kill "$srv" 2>/dev/null
+	[ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -35,16 +34,6 @@ trap 'exit 130' INT TERM
 report="$OUT/chunksize.md"
 printf '| chunk size | command | wall s | CPU s (user+sys) | objects added | bytes added | read | stored |\n|---|---|---:|---:|---:|---:|---:|---:|\n' >"$report"
 
-serve() {
-	qemu-nbd -r -t -f qcow2 -B b0 -k "$work/nbd.sock" "$work/disk.qcow2" &
-	srv=$!
-	wait_for 30 qemu-nbd nbdinfo --size "nbd+unix:///?socket=$work/nbd.sock"
-}
-unserve() {
-	kill "$srv"
-	wait "$srv" 2>/dev/null
-	srv=
-}
 objects() { find "$1" -type f -not -path '*/locks/*' | wc -l; }
 bytes() { du -sb "$1" | cut -f1; }
 # run NAME CMD...: time a command, append a row; $json is its stdout
@@ -78,9 +67,9 @@ for cs in $CHUNKS; do
 	cp "$base" "$work/disk.qcow2"
 	qemu-img bitmap --add "$work/disk.qcow2" b0
 	"$nbdmover" init --repo "$repo" --chunk-size "$cs" >/dev/null
-	serve
+	serve_qcow2 "$work"
 	run full "$repo" "$nbdmover" backup --nbd "nbd+unix:///?socket=$work/nbd.sock" --bitmap b0 --name d --disk vda --repo "$repo" --json --log-level warn
-	unserve
+	unserve_qcow2
 	args=()
 	i=0
 	while read -r k; do
@@ -88,9 +77,9 @@ for cs in $CHUNKS; do
 		i=$((i + 1))
 	done <"$work/offsets"
 	qemu-io -f qcow2 "${args[@]}" "$work/disk.qcow2" >/dev/null
-	serve
+	serve_qcow2 "$work"
 	run "incremental ($SCATTER x 64 KiB)" "$repo" "$nbdmover" backup --nbd "nbd+unix:///?socket=$work/nbd.sock" --bitmap b0 --name d --disk vda --repo "$repo" --json --log-level warn
-	unserve
+	unserve_qcow2
 	rm -f "$work/disk.qcow2"
 	run restore "$repo" "$nbdmover" restore --domain d --disk vda --repo "$repo" --output "$work/out.raw" --json
 	rm -f "$work/out.raw"

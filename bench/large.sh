@@ -24,9 +24,8 @@ make -s build
 nbdmover=$PWD/bin/nbdmover
 mkdir -p "$OUT"
 work=$(mktemp -d /var/tmp/nbdmover-large.XXXXXX)
-srv=
 cleanup() {
-	[ -n "$srv" ] && kill "$srv" 2>/dev/null
+	[ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -34,16 +33,6 @@ trap 'exit 130' INT TERM
 report="$OUT/large.md"
 printf '| case | command | wall s | peak RSS MiB | metadata written |\n|---|---|---:|---:|---:|\n' >"$report"
 
-serve() {
-	qemu-nbd -r -t -f qcow2 -B b0 -k "$work/nbd.sock" "$work/disk.qcow2" &
-	srv=$!
-	wait_for 30 qemu-nbd nbdinfo --size "nbd+unix:///?socket=$work/nbd.sock"
-}
-unserve() {
-	kill "$srv"
-	wait "$srv" 2>/dev/null || true
-	srv=
-}
 meta_bytes() {
 	local d n=0
 	for d in indexes manifests files catalog; do
@@ -95,15 +84,15 @@ for case in $CASES; do
 		;;
 	*) die "unknown case $case" ;;
 	esac
-	serve
+	serve_qcow2 "$work"
 	backup=("$nbdmover" --log-level warn backup --init --repo "$work/repo" --nbd "nbd+unix:///?socket=$work/nbd.sock"
 		--name "$case" --bitmap b0 --disk vda --json)
 	run "$case" "backup full" "${backup[@]}"
-	unserve
+	unserve_qcow2
 	change "$size"
-	serve
+	serve_qcow2 "$work"
 	run "$case" "backup incremental (8 MiB changed)" "${backup[@]}"
-	unserve
+	unserve_qcow2
 	if [ "$case" = sparse16t ]; then
 		run "$case" "restore qcow2" "$nbdmover" restore --repo "$work/repo" --domain "$case" --disk vda --format qcow2 --output "$work/restore.qcow2"
 	else

@@ -22,6 +22,21 @@ wait_for() {
 	die "$what did not come up within ${secs}s"
 }
 
+# serve_qcow2 DIR: serve DIR/disk.qcow2 read-only, with its dirty bitmap
+# b0, on DIR/nbd.sock (qemu-nbd, its pid in $nbd_pid: a script's cleanup
+# kills it); unserve_qcow2 ends it.
+nbd_pid=
+serve_qcow2() {
+	qemu-nbd -r -t -f qcow2 -B b0 -k "$1/nbd.sock" "$1/disk.qcow2" &
+	nbd_pid=$!
+	wait_for 30 qemu-nbd nbdinfo --size "nbd+unix:///?socket=$1/nbd.sock"
+}
+unserve_qcow2() {
+	kill "$nbd_pid"
+	wait "$nbd_pid" 2>/dev/null || true
+	nbd_pid=
+}
+
 # start_domain NAME IMAGE: start a transient, guest-less domain (the BIOS
 # idles, which is all a backup needs) with IMAGE (qcow2) as vda, reachable
 # by qemu_io below. KVM when /dev/kvm exists, TCG otherwise.
