@@ -50,7 +50,7 @@ func (v *View) Copy(ctx context.Context, t Target, count func(n int64)) error {
 				}
 				i, d := v.ix.At(k)
 				var err error
-				if plain, blob, err = v.r.GetChunk(ctx, d, plain, blob); err != nil {
+				if plain, blob, err = v.r.GetEntry(ctx, d, v.ix.Base(i), plain, blob); err != nil {
 					return fmt.Errorf("%s: %w", v.name, err)
 				}
 				off, n := v.grid.Chunk(i)

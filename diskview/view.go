@@ -376,7 +376,7 @@ func (v *View) fetch(ctx context.Context, i int64, f *flight, demand bool) {
 	if slot != nil {
 		d := v.ix.Digest(i)
 		start := time.Now()
-		f.data, _, f.err = v.r.GetChunk(ctx, d, nil, nil)
+		f.data, _, f.err = v.r.GetEntry(ctx, d, v.ix.Base(i), nil, nil)
 		<-slot
 		v.fetches.Add(1)
 		v.fetchTime.Add(int64(time.Since(start)))

@@ -212,7 +212,10 @@ type DiskResult struct {
 	WrittenMBps float64 `json:"written_mb_per_s"`
 	// The dirty bitmap's check: bytes it marked, clean chunks read and
 	// found unchanged (and their bytes), clean chunks found unallocated.
-	DirtyBytes     int64 `json:"dirty_bytes,omitempty"`
+	DirtyBytes int64 `json:"dirty_bytes,omitempty"`
+	// PatchedChunks: dirty chunks stored as patches over their parent's
+	// chunk (docs/format.md, "Patched chunks").
+	PatchedChunks  int64 `json:"patched_chunks,omitempty"`
 	VerifiedChunks int64 `json:"verified_chunks,omitempty"`
 	VerifiedBytes  int64 `json:"verified_bytes,omitempty"`
 	ZeroedChunks   int64 `json:"zeroed_chunks,omitempty"`
@@ -682,7 +685,8 @@ func diskResult(name string, size int64, incremental bool, st *pipeline.Stats, t
 	return DiskResult{Name: name, Size: size, Mode: mode,
 		BytesRead: st.BytesRead.Load(), BytesWritten: st.BytesWritten.Load(),
 		BytesDedup: st.BytesDedup.Load(), BytesZero: st.BytesZero.Load(), Seconds: took.Seconds(),
-		DirtyBytes: st.BytesDirty, VerifiedChunks: st.VerifiedChunks, VerifiedBytes: st.VerifiedBytes, ZeroedChunks: st.ZeroedChunks}
+		DirtyBytes: st.BytesDirty, VerifiedChunks: st.VerifiedChunks, VerifiedBytes: st.VerifiedBytes, ZeroedChunks: st.ZeroedChunks,
+		PatchedChunks: st.Patched.Load()}
 }
 
 // commit writes the backup's indexes, files and manifest.
@@ -699,7 +703,8 @@ func (b *backup) commit(ctx context.Context, disks []SourceDisk, data []repo.Dis
 		results[i].ReadMBps, results[i].WrittenMBps = mbps(dr.BytesRead, dr.Seconds), mbps(dr.BytesWritten, dr.Seconds)
 		m.Disks = append(m.Disks, repo.DiskManifest{Name: d.Name, Size: dr.Size, Mode: dr.Mode,
 			BytesRead: dr.BytesRead, BytesWritten: dr.BytesWritten, BytesDedup: dr.BytesDedup, BytesZero: dr.BytesZero,
-			DirtyBytes: dr.DirtyBytes, VerifiedChunks: dr.VerifiedChunks, VerifiedBytes: dr.VerifiedBytes, ZeroedChunks: dr.ZeroedChunks})
+			DirtyBytes: dr.DirtyBytes, VerifiedChunks: dr.VerifiedChunks, VerifiedBytes: dr.VerifiedBytes, ZeroedChunks: dr.ZeroedChunks,
+			PatchedChunks: dr.PatchedChunks})
 		res.BytesRead += dr.BytesRead
 		res.BytesWritten += dr.BytesWritten
 		res.BytesDedup += dr.BytesDedup

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"iter"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -145,6 +146,7 @@ type Stats struct {
 	BytesWritten atomic.Int64 // bytes stored (blobs)
 	BytesDedup   atomic.Int64 // chunk bytes already in the repository
 	BytesZero    atomic.Int64 // bytes of all-zero chunks
+	Patched      atomic.Int64 // chunks stored as patches (their blobs are in BytesWritten)
 	// Set when the run ends.
 	BytesDirty     int64         // bytes the dirty bitmap marked (0 without one)
 	VerifiedChunks int64         // clean chunks read and found equal to the parent's
@@ -155,7 +157,7 @@ type Stats struct {
 
 // Reset zeroes the counters, for a new run of the same disk.
 func (s *Stats) Reset() {
-	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.ToRead, &s.Started, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero} {
+	for _, c := range []*atomic.Int64{&s.Total, &s.Done, &s.ToRead, &s.Started, &s.BytesRead, &s.BytesWritten, &s.BytesDedup, &s.BytesZero, &s.Patched} {
 		c.Store(0)
 	}
 	s.Planned.Store(false)
@@ -189,7 +191,8 @@ type readChunk struct {
 type upload struct {
 	index  int64
 	digest chunker.Digest
-	plain  int64 // plaintext length, for the dedup count
+	base   chunker.Digest // a patch over base; zero: the chunk whole
+	plain  int64          // plaintext length, for the dedup count
 	blob   []byte
 }
 
@@ -233,15 +236,22 @@ type Result struct {
 type run struct {
 	*Job
 	resized *index.Index            // the parent's index resized to the disk; nil on a full run
-	known   map[chunker.Digest]bool // digests the parent references: stored, no upload or check
-	stale   map[int64]bool          // chunks whose length changed with a resize
-	seed    uint64                  // of the sample's choice
-	mu      sync.Mutex
-	built   index.Builder    // the digests of the chunks built, under mu
-	healed  []chunker.Digest // damaged chunks stored again, under mu
-	// uploading holds the digests this run is uploading or has uploaded.
+	known   map[chunker.Digest]bool // chunks the parent references whole: stored, no upload or check
+	// knownPatch: chunks the parent references as patches, by base.
+	knownPatch map[chunker.Digest]chunker.Digest
+	stale      map[int64]bool // chunks whose length changed with a resize
+	seed       uint64         // of the sample's choice
+	mu         sync.Mutex
+	built      index.Builder    // the digests of the chunks built, under mu
+	healed     []chunker.Digest // damaged chunks stored again, under mu
+	// uploading holds the digests this run is uploading or has
+	// uploaded, each with its base (zero: whole).
 	uploading sync.Map
-	putter    *repo.Putter // stores the chunks (and learns whether asking the store first pays)
+	// parentPatches holds, by chunk, the fetches of the parent's patches
+	// of dirty chunks (*patchFetch); fetching limits them.
+	parentPatches sync.Map
+	fetching      chan struct{}
+	putter        *repo.Putter // stores the chunks (and learns whether asking the store first pays)
 	// planned, planReads: chunks and bytes the planner sent; done: plans
 	// the workers finished.
 	planned, planReads, done atomic.Int64
@@ -257,7 +267,7 @@ type run struct {
 func (j *Job) Run(ctx context.Context) (Result, error) {
 	size := j.Disk.Info().Size
 	chunkSize := j.Repo.Config().ChunkSize
-	r := &run{Job: j, putter: j.Repo.NewPutter()}
+	r := &run{Job: j, putter: j.Repo.NewPutter(), fetching: make(chan struct{}, patchFetches)}
 	j.Stats.Total.Store(size)
 	grid := chunker.Grid{ChunkSize: chunkSize, Size: size}
 	if j.Parent != nil {
@@ -299,9 +309,14 @@ func (r *run) parentState(size int64) {
 	var stale []int64
 	r.resized, stale = r.Parent.Resized(size)
 	r.known = make(map[chunker.Digest]bool, r.Parent.Len())
-	for _, d := range r.Parent.All() {
-		if !r.Damaged[d] {
+	r.knownPatch = map[chunker.Digest]chunker.Digest{}
+	for i, d := range r.Parent.All() {
+		switch base := r.Parent.Base(i); {
+		case r.Damaged[d] || r.Damaged[base]:
+		case base.IsZeroChunk():
 			r.known[d] = true
+		default:
+			r.knownPatch[d] = base
 		}
 	}
 	r.stale = map[int64]bool{}
@@ -323,7 +338,7 @@ func (r *run) planner(grid chunker.Grid, build func(chunkPlan) error, zero func(
 		return p
 	}
 	if len(r.Damaged) > 0 {
-		p.heal = func(i int64) bool { return r.Damaged[r.resized.Digest(i)] }
+		p.heal = func(i int64) bool { return r.Damaged[r.resized.Digest(i)] || r.Damaged[r.resized.Base(i)] }
 	}
 	p.parent, p.stale, p.grown = r.resized, r.stale, r.Parent.Count()
 	p.sample = r.Sample
@@ -352,15 +367,15 @@ func (r *run) count(ctx context.Context, grid chunker.Grid) error {
 	return nil
 }
 
-// set records a built chunk's digest. A zero chunk where the parent has
-// none (or on a full run) changes nothing and is not kept: memory is per
-// chunk that holds data.
-func (r *run) set(i int64, d chunker.Digest) {
+// set records a built chunk's digest (and base, when it is stored as a
+// patch). A zero chunk where the parent has none (or on a full run)
+// changes nothing and is not kept: memory is per chunk that holds data.
+func (r *run) set(i int64, d, base chunker.Digest) {
 	if d.IsZeroChunk() && (r.Parent == nil || r.Parent.Digest(i).IsZeroChunk()) {
 		return
 	}
 	r.mu.Lock()
-	r.built.Set(i, d)
+	r.built.Set(i, d, base)
 	r.mu.Unlock()
 }
 
@@ -399,16 +414,20 @@ func (r *run) pipe(ctx context.Context, p *planner) error {
 // docs/performance.md, 2026-12-03).
 const readStretch = 16
 
-// plan sends a chunk to its reader.
+// plan sends a chunk to its reader, and starts fetching the parent's
+// patch of it when it may be patched again.
 func (r *run) plan(c chunkPlan) error {
 	n := r.planned.Add(1) - 1
 	r.planReads.Add(c.readBytes())
+	if pd, pb, ok := r.patchable(c); ok && !pb.IsZeroChunk() {
+		r.prefetch(c.index, pd, pb)
+	}
 	return send(r.planCtx, r.plans[int(n/int64(readStretch))%len(r.plans)], c)
 }
 
 // zero records a chunk built as the zero chunk without reading it.
 func (r *run) zero(i, n int64) {
-	r.set(i, chunker.ZeroChunk)
+	r.set(i, chunker.ZeroChunk, chunker.Digest{})
 	r.Stats.BytesZero.Add(n)
 	r.Stats.Done.Add(n)
 }
@@ -519,24 +538,122 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 				Detail: fmt.Sprintf("reads as %s, the parent's index says %s (read to rebuild its damaged copy)", digestName(d), digestName(want))})
 		}
 	}
-	r.set(rc.index, d)
-	if d.IsZeroChunk() {
+	var none chunker.Digest
+	switch base, patched := r.knownPatch[d]; {
+	case d.IsZeroChunk():
+		r.set(rc.index, d, none)
 		r.Stats.BytesZero.Add(rc.n)
 		return upload{}, nil
-	}
-	if r.known[d] {
+	case r.known[d]:
+		r.set(rc.index, d, none)
+		r.Stats.BytesDedup.Add(rc.n)
+		return upload{}, nil
+	case patched: // the parent's patch (of this chunk or another)
+		r.set(rc.index, d, base)
 		r.Stats.BytesDedup.Add(rc.n)
 		return upload{}, nil
 	}
-	if _, dup := r.uploading.LoadOrStore(d, true); dup {
+	base, patch, err := r.patch(ctx, rc, d)
+	if err != nil {
+		return upload{}, err
+	}
+	if stored, dup := r.uploading.LoadOrStore(d, base); dup {
+		r.set(rc.index, d, stored.(chunker.Digest))
 		r.Stats.BytesDedup.Add(rc.n)
 		return upload{}, nil
 	}
+	r.set(rc.index, d, base)
 	blob, err := r.Buffers.blob.get(ctx)
 	if err != nil {
 		return upload{}, err
 	}
+	if patch != nil {
+		r.Stats.Patched.Add(1)
+		return upload{index: rc.index, digest: d, base: base, plain: rc.n, blob: r.Repo.EncodePatch(blob, d, base, patch)}, nil
+	}
 	return upload{index: rc.index, digest: d, plain: rc.n, blob: r.Repo.EncodeChunk(blob, d, rc.buf)}, nil
+}
+
+// patchFetches bounds the parent's patches fetched at once (each a round
+// trip to S3, beside the uploads).
+const patchFetches = 16
+
+// patchable says whether a chunk to build may be stored as a patch: an
+// incremental into a repository with patches, a dirty chunk of the
+// length it had, whose parent entry pd (a patch over pb, or whole when
+// pb is zero) is intact. A patch of it is over pd when pd is whole, else
+// over pb (one level).
+func (r *run) patchable(c chunkPlan) (pd, pb chunker.Digest, ok bool) {
+	if r.Parent == nil || !r.Repo.Patches() || c.kind != planBuild || c.dirty == nil || r.stale[c.index] || c.index >= r.Parent.Count() {
+		return pd, pb, false
+	}
+	pd, pb = r.resized.Digest(c.index), r.resized.Base(c.index)
+	return pd, pb, !pd.IsZeroChunk() && !r.Damaged[pd] && !r.Damaged[pb]
+}
+
+// patchFetch is the fetch of a parent's patch: the blocks it holds.
+type patchFetch struct {
+	done   chan struct{}
+	blocks chunker.Blocks
+	err    error
+}
+
+// prefetch starts fetching the parent's patch of chunk i (d over base),
+// which patch takes when the chunk is read.
+func (r *run) prefetch(i int64, d, base chunker.Digest) {
+	f := &patchFetch{done: make(chan struct{})}
+	r.parentPatches.Store(i, f)
+	go func() {
+		defer close(f.done)
+		select {
+		case r.fetching <- struct{}{}:
+		case <-r.planCtx.Done():
+			f.err = context.Cause(r.planCtx)
+			return
+		}
+		defer func() { <-r.fetching }()
+		pt, _, err := r.Repo.GetPatch(r.planCtx, d, base, nil)
+		if err == nil {
+			f.blocks = pt.Blocks
+		}
+		f.err = err
+	}()
+}
+
+// patch decides how chunk rc, named d, is stored: as a patch, returning
+// its base and plaintext, when it is patchable and the blocks it differs
+// from the base in (the dirty ones, with those of the parent's patch
+// when the parent's entry is one) are at most a quarter of it; whole
+// otherwise (a zero base). A parent's patch that cannot be read makes
+// the chunk whole (and the slot's base anew).
+func (r *run) patch(ctx context.Context, rc readChunk, d chunker.Digest) (chunker.Digest, []byte, error) {
+	var none chunker.Digest
+	pd, pb, ok := r.patchable(rc.chunkPlan)
+	if !ok || r.Damaged[d] {
+		return none, nil, nil
+	}
+	set, base := rc.dirty, pd
+	if !pb.IsZeroChunk() {
+		v, _ := r.parentPatches.LoadAndDelete(rc.index)
+		f, _ := v.(*patchFetch)
+		if f == nil {
+			return none, nil, nil
+		}
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return none, nil, context.Cause(ctx)
+		}
+		if f.err != nil || len(f.blocks) != len(set) {
+			return none, nil, nil
+		}
+		set, base = slices.Clone(set), pb
+		set.Union(f.blocks)
+	}
+	if base == d || set.Bytes(rc.n) > chunker.MaxPatchData(rc.n) {
+		return none, nil, nil
+	}
+	return base, chunker.EncodePatch(nil, base, rc.buf, set), nil
 }
 
 // verify checks a sample chunk the bitmap calls clean against the
@@ -585,8 +702,14 @@ func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 // it holds the chunk already (repo.Putter). A damaged chunk is stored
 // whatever the store holds: that heals it.
 func (r *run) store(ctx context.Context, u upload) error {
-	heal := r.Damaged[u.digest]
-	held, err := r.putter.Put(ctx, u.digest, u.blob, heal)
+	heal := r.Damaged[u.digest] && u.base.IsZeroChunk()
+	var held bool
+	var err error
+	if u.base.IsZeroChunk() {
+		held, err = r.putter.Put(ctx, u.digest, u.blob, heal)
+	} else {
+		held, err = r.putter.PutPatch(ctx, u.digest, u.base, u.blob)
+	}
 	if err != nil {
 		return fmt.Errorf("disk %s: store chunk %d: %w", r.Name, u.index, err)
 	}

@@ -129,7 +129,7 @@ func newDense(size int64) *denseIndex {
 func (x *denseIndex) sparse() *index.Index {
 	var b index.Builder
 	for i, d := range x.Digests {
-		b.Set(int64(i), d)
+		b.Set(int64(i), d, chunker.Digest{})
 	}
 	return b.Index(cs, x.Size)
 }
@@ -321,7 +321,7 @@ func TestSampleSize(t *testing.T) {
 	for _, tt := range []struct{ data, want int }{{0, 16}, {1, 17}, {1000, 17}, {1001, 18}, {100000, 116}, {300000, 256}} {
 		var b index.Builder
 		for i := range tt.data {
-			b.Set(int64(i), chunker.Digest{1})
+			b.Set(int64(i), chunker.Digest{1}, chunker.Digest{})
 		}
 		if got := SampleSize(b.Index(cs, int64(tt.data+5)*cs)); got != tt.want {
 			t.Errorf("%d chunks with data: %d, want %d", tt.data, got, tt.want)

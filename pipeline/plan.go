@@ -28,6 +28,9 @@ type chunkPlan struct {
 	off   int64 // disk offset of the chunk
 	n     int64 // chunk length
 	reads []span
+	// dirty: the 64 KiB blocks the dirty bitmap marks (nil when none
+	// is), what a patch of the chunk would hold.
+	dirty chunker.Blocks
 }
 
 // readBytes is how many bytes the plan reads from the disk.
@@ -293,6 +296,10 @@ func (w *walk) extent(e nbdclient.Extent) error {
 		}
 		if e.Flags&nbdclient.Dirty != 0 {
 			w.touched = true
+			if w.cur.dirty == nil {
+				w.cur.dirty = chunker.NewBlocks(w.cur.n)
+			}
+			w.cur.dirty.AddRange(off-w.cur.off, end-off)
 		}
 		off = end
 	}

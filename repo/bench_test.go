@@ -34,7 +34,7 @@ func BenchmarkList10k(b *testing.B) {
 	}
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var ib index.Builder
-	ib.Set(3, chunker.Sum([]byte("x")))
+	ib.Set(3, chunker.Sum([]byte("x")), chunker.Digest{})
 	ix := ib.Index(r.Config().ChunkSize, 16<<30)
 	start := time.Now()
 	for lo := 0; lo < n; lo += catalogEvery {
@@ -117,7 +117,7 @@ func BenchmarkVerifyReadData(b *testing.B) {
 				plain := make([]byte, 1<<20)
 				rng.Read(plain)
 				d := r.Sum(plain)
-				ib.Set(int64(i), d)
+				ib.Set(int64(i), d, chunker.Digest{})
 				g.Go(func() error { return s.Put(ctx, ChunkKey(d), r.EncodeChunk(nil, d, plain)) })
 			}
 			if err := g.Wait(); err != nil {

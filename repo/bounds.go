@@ -31,6 +31,8 @@ func (r *Repo) bound(key string) int64 {
 	switch {
 	case strings.HasPrefix(key, "chunks/"):
 		return r.cfg.ChunkSize
+	case strings.HasPrefix(key, "patches/"):
+		return chunker.MaxPatchLen(r.cfg.ChunkSize)
 	case strings.HasPrefix(key, "manifests/"):
 		return maxManifest
 	case strings.HasPrefix(key, "indexes/"):

@@ -51,12 +51,21 @@ func (r *Repo) NewPutter() *Putter {
 // round trip), and a chunk held costs its upload; it asks again when the
 // share rises.
 func (p *Putter) Put(ctx context.Context, d chunker.Digest, blob []byte, heal bool) (held bool, err error) {
-	key := ChunkKey(d)
+	return p.put(ctx, ChunkKey(d), blob, heal)
+}
+
+// PutPatch stores the blob of the patch of chunk d over base
+// (EncodePatch's) as Put stores a chunk: unless the repository holds it.
+func (p *Putter) PutPatch(ctx context.Context, d, base chunker.Digest, blob []byte) (held bool, err error) {
+	return p.put(ctx, PatchKey(d, base), blob, false)
+}
+
+func (p *Putter) put(ctx context.Context, key string, blob []byte, heal bool) (held bool, err error) {
 	switch {
 	case heal:
 		return false, p.r.store.Put(ctx, key, blob)
 	case p.askFirst():
-		held, err := p.r.hasChunk(ctx, d)
+		held, err := p.r.has(ctx, key)
 		if err != nil {
 			return false, err
 		}
@@ -64,13 +73,13 @@ func (p *Putter) Put(ctx context.Context, d chunker.Digest, blob []byte, heal bo
 			// Held, perhaps put deferred by another backup that has not
 			// committed: this backup's commit makes its name durable too.
 			sink.SyncLater(p.r.store, key)
-			return true, p.r.extendHeld(ctx, d)
+			return true, p.r.extendHeld(ctx, key)
 		}
 		return false, sink.PutDeferred(ctx, p.r.store, key, blob)
 	default:
 		err := p.r.store.Create(ctx, key, blob)
 		if p.offered(errors.Is(err, sink.ErrExists)) {
-			return true, p.r.extendHeld(ctx, d)
+			return true, p.r.extendHeld(ctx, key)
 		}
 		return false, err
 	}

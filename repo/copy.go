@@ -449,8 +449,8 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		g.Go(func() error {
 			var plain, blob, out []byte
 			for it := range items {
-				_, sd := it.w.ix.At(it.e)
-				td, err := c.chunk(gctx, putter, sd, &plain, &blob, &out, counter, cb)
+				i, sd := it.w.ix.At(it.e)
+				td, err := c.chunk(gctx, putter, sd, it.w.ix.Base(i), &plain, &blob, &out, counter, cb)
 				if err != nil {
 					return err
 				}
@@ -472,7 +472,7 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		var b index.Builder
 		for e := range w.ix.Len() {
 			i, _ := w.ix.At(e)
-			b.Set(i, w.resolved[e])
+			b.Set(i, w.resolved[e], chunker.Digest{}) // whole in the target
 		}
 		ix := b.Index(w.ix.ChunkSize, w.ix.Size)
 		w.ix, w.srcBase, w.resolved = nil, nil, nil // their memory, for the next disks' indexes
@@ -531,8 +531,10 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 }
 
 // chunk copies one chunk (unless this run did, or the target holds it)
-// and returns its name in the target.
-func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, plain, blob, out *[]byte,
+// and returns its name in the target. A chunk the source stores as a
+// patch over base is stored whole in the target, which may not hold the
+// base (and a copy stays one chunk per slot).
+func (c *copier) chunk(ctx context.Context, putter *Putter, sd, base chunker.Digest, plain, blob, out *[]byte,
 	counter *progress.Counter, cb *CopiedBackup) (chunker.Digest, error) {
 	c.mu.Lock()
 	td, seen := c.done[sd]
@@ -541,15 +543,18 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 		return td, nil
 	}
 	if c.same && !c.isDamaged(sd) {
-		held, err := c.to.hasChunk(ctx, sd)
+		held, err := c.to.has(ctx, ChunkKey(sd))
 		if err != nil {
 			return sd, err
 		}
 		if held {
 			sink.SyncLater(c.to.store, ChunkKey(sd)) // another writer's, perhaps not yet durable: this commit makes it so
 			c.remember(sd, sd, false, 0, cb)
-			return sd, c.to.extendHeld(ctx, sd) // locked, perhaps for less than this copy's window
+			return sd, c.to.extendHeld(ctx, ChunkKey(sd)) // locked, perhaps for less than this copy's window
 		}
+	}
+	if !base.IsZeroChunk() {
+		return c.patched(ctx, putter, sd, base, plain, blob, out, counter, cb)
 	}
 	key := ChunkKey(sd)
 	var err error
@@ -574,25 +579,46 @@ func (c *copier) chunk(ctx context.Context, putter *Putter, sd chunker.Digest, p
 	if *plain, err = c.from.codec.DecodeChunk(*plain, stored, key, sd, int(c.from.cfg.ChunkSize)); err != nil {
 		return sd, &ChunkError{Key: key, Err: fmt.Errorf("%w (in %s; verify records it, the next backup heals it)", err, c.from.Location())}
 	}
-	td = sd
-	put := *blob // the blob as stored: the same in the target
-	if !c.same {
-		td = c.to.Sum(*plain)
-		if !c.isDamaged(td) {
-			held, err := c.to.hasChunk(ctx, td)
-			if err != nil {
-				return td, err
-			}
-			if held {
-				sink.SyncLater(c.to.store, ChunkKey(td))
-				c.remember(sd, td, false, 0, cb)
-				return td, c.to.extendHeld(ctx, td)
-			}
-		}
-		*out = c.to.EncodeChunk(*out, td, *plain)
-		put = *out
+	if c.same {
+		return c.store(ctx, putter, sd, sd, *blob, counter, cb) // the blob as stored: the same in the target
 	}
-	return c.store(ctx, putter, sd, td, put, counter, cb)
+	return c.encode(ctx, putter, sd, *plain, out, counter, cb)
+}
+
+// patched copies a chunk the source stores as a patch over base: read
+// and applied (GetEntry), stored whole.
+func (c *copier) patched(ctx context.Context, putter *Putter, sd, base chunker.Digest, plain, blob, out *[]byte,
+	counter *progress.Counter, cb *CopiedBackup) (chunker.Digest, error) {
+	var err error
+	if *plain, *blob, err = c.from.GetEntry(ctx, sd, base, *plain, *blob); err != nil {
+		return sd, fmt.Errorf("%w (in %s; verify records it, the next backup heals it)", err, c.from.Location())
+	}
+	n := int64(len(*blob)) // the patch's (or the base's) blob: what was read last
+	counter.Read.Add(n)
+	c.mu.Lock()
+	c.res.BytesRead += n
+	c.mu.Unlock()
+	return c.encode(ctx, putter, sd, *plain, out, counter, cb)
+}
+
+// encode stores a chunk's plaintext (sd in the source) in the target,
+// encoded with its codec, unless the target holds it.
+func (c *copier) encode(ctx context.Context, putter *Putter, sd chunker.Digest, plain []byte, out *[]byte,
+	counter *progress.Counter, cb *CopiedBackup) (chunker.Digest, error) {
+	td := c.to.Sum(plain)
+	if !c.isDamaged(td) {
+		held, err := c.to.has(ctx, ChunkKey(td))
+		if err != nil {
+			return td, err
+		}
+		if held {
+			sink.SyncLater(c.to.store, ChunkKey(td))
+			c.remember(sd, td, false, 0, cb)
+			return td, c.to.extendHeld(ctx, ChunkKey(td))
+		}
+	}
+	*out = c.to.EncodeChunk(*out, td, plain)
+	return c.store(ctx, putter, sd, td, *out, counter, cb)
 }
 
 // store puts the blob of chunk td (sd in the source) into the target.

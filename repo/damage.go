@@ -67,7 +67,7 @@ func (r *Repo) damageRecords(ctx context.Context) (map[string]string, error) {
 	out := map[string]string{}
 	err := r.store.List(ctx, damagePrefix, func(o sink.ObjectInfo) error {
 		obj := strings.TrimPrefix(o.Key, damagePrefix)
-		if _, _, ok := parseObjectKey(obj); ok {
+		if _, _, _, ok := parseObjectKey(obj); ok {
 			out[o.Key] = obj
 		}
 		return nil
@@ -85,7 +85,7 @@ func (r *Repo) DamagedChunks(ctx context.Context) (map[chunker.Digest]bool, erro
 	}
 	out := map[chunker.Digest]bool{}
 	for _, obj := range recs {
-		if d, ok := chunkDigest(obj); ok {
+		if d, ok := storedDigest(obj); ok {
 			out[d] = true
 		}
 	}
@@ -94,8 +94,15 @@ func (r *Repo) DamagedChunks(ctx context.Context) (map[chunker.Digest]bool, erro
 
 // chunkDigest returns the digest a chunk key names.
 func chunkDigest(key string) (chunker.Digest, bool) {
-	kind, d, ok := parseObjectKey(key)
+	kind, d, _, ok := parseObjectKey(key)
 	return d, ok && kind == candChunk
+}
+
+// storedDigest returns the chunk a chunk or patch key stores: one whose
+// object is damaged is built from the disk and stored whole again.
+func storedDigest(key string) (chunker.Digest, bool) {
+	kind, d, _, ok := parseObjectKey(key)
+	return d, ok && (kind == candChunk || kind == candPatch)
 }
 
 // readDamage reads the damage records (16 at once).
@@ -189,15 +196,30 @@ func (r *Repo) quarantine(ctx context.Context, d chunker.Digest, blob []byte) (s
 
 // Healed deletes the damage records of chunks a backup built from its
 // disk and stored again: they are whole now, and so is every backup that
-// referenced them (as far as they go). It returns how many records it
-// deleted.
+// referenced them (as far as they go), with the records of patches of
+// them (readers fall back to the whole chunk). It returns how many
+// chunks it cleared.
 func (r *Repo) Healed(ctx context.Context, ds []chunker.Digest) (int, error) {
 	seen := map[chunker.Digest]bool{}
 	var keys []string
 	for _, d := range ds {
-		if !seen[d] {
-			seen[d] = true
-			keys = append(keys, damageKey(ChunkKey(d)))
+		if seen[d] {
+			continue
+		}
+		seen[d] = true
+		keys = append(keys, damageKey(ChunkKey(d)))
+		if !r.Patches() {
+			continue
+		}
+		// The chunk whole serves every entry that names it as a patch
+		// (readers fall back to it): the patches' records go too.
+		h := d.String()
+		err := r.store.List(ctx, damageKey("patches/"+h[:2]+"/"+h+"."), func(o sink.ObjectInfo) error {
+			keys = append(keys, o.Key)
+			return nil
+		})
+		if err != nil {
+			return 0, err
 		}
 	}
 	if len(keys) == 0 {
@@ -206,7 +228,7 @@ func (r *Repo) Healed(ctx context.Context, ds []chunker.Digest) (int, error) {
 	if err := sink.DeleteMany(ctx, r.store, keys, 8, nil); err != nil {
 		return 0, err
 	}
-	return len(keys), nil
+	return len(seen), nil
 }
 
 // ChunkDamage says whether err, from reading a chunk (GetChunk), means

@@ -58,7 +58,7 @@ func commitDistinct(t *testing.T, r *Repo, n int) []chunker.Digest {
 	for i := range n {
 		binary.LittleEndian.PutUint64(plain, uint64(i+1))
 		d := r.Sum(plain)
-		ib.Set(int64(i), d)
+		ib.Set(int64(i), d, chunker.Digest{})
 		ds = append(ds, d)
 		if err := r.Store().Put(ctx, ChunkKey(d), r.EncodeChunk(nil, d, plain)); err != nil {
 			t.Fatal(err)

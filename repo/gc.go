@@ -348,8 +348,11 @@ func (g *gc) reference(ctx context.Context, keys []sink.ObjectInfo, cache map[st
 				var err error
 				plain, blob, err = g.r.getObjectInto(ectx, key, plain, blob)
 				if err == nil {
-					err = index.WalkPart(plain, &hdr, func(_ int64, d chunker.Digest) {
-						if !d.IsZeroChunk() {
+					err = index.WalkPart(plain, &hdr, func(_ int64, d, base chunker.Digest) {
+						for _, d := range [2]chunker.Digest{d, base} { // a patched chunk's base too
+							if d.IsZeroChunk() {
+								continue
+							}
 							if batch = append(batch, prefix64(d)); len(batch) == cap(batch) {
 								g.addRefs(batch)
 								batch = batch[:0]
@@ -420,26 +423,41 @@ func (g *gc) addRefs(prefixes []uint64) {
 	}
 }
 
-// A candidate, in the spill file: kind, the object's digest, its size.
+// A candidate, in the spill file: kind, the object's digest (a patch's
+// chunk's), a patch's base (zero for the others), its size.
 const (
 	candChunk byte = iota
 	candIndex
 	candFile
-	candRecord = 1 + 32 + 8
+	candPatch
+	candRecord = 1 + 32 + 32 + 8
 )
 
-var candPrefix = [...]string{candChunk: "chunks/", candIndex: "indexes/", candFile: "files/"}
+var candPrefix = [...]string{candChunk: "chunks/", candIndex: "indexes/", candFile: "files/", candPatch: "patches/"}
 
-// parseObjectKey returns the kind (candChunk, candIndex or candFile) and
-// digest of a well-formed chunk, index object or file key.
-func parseObjectKey(key string) (kind byte, d chunker.Digest, ok bool) {
+// parseObjectKey returns the kind (candChunk, candIndex, candFile or
+// candPatch) and digest of a well-formed chunk, index object, file or
+// patch key, and a patch's base.
+func parseObjectKey(key string) (kind byte, d, base chunker.Digest, ok bool) {
+	if d, base, ok := parsePatchKey(key); ok {
+		return candPatch, d, base, true
+	}
 	for k, p := range candPrefix {
-		if isObjectKey(p, key) {
+		if byte(k) != candPatch && isObjectKey(p, key) {
 			d, _ = chunker.ParseDigest(key[len(p)+3:])
-			return byte(k), d, true
+			return byte(k), d, base, true
 		}
 	}
-	return 0, d, false
+	return 0, d, base, false
+}
+
+// objectKey is the key parseObjectKey parses.
+func objectKey(kind byte, d, base chunker.Digest) string {
+	if kind == candPatch {
+		return PatchKey(d, base)
+	}
+	h := d.String()
+	return candPrefix[kind] + h[:2] + "/" + h
 }
 
 // candidates lists chunks, index objects and files, counts them, and
@@ -459,19 +477,19 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 	var rec [candRecord]byte
 	for kind, prefix := range candPrefix {
 		count := &g.res.Chunks
-		if byte(kind) != candChunk {
+		if byte(kind) != candChunk && byte(kind) != candPatch {
 			count = &g.res.Metadata
 		}
 		err := g.r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
 			g.listed.Add(1)
-			if !isObjectKey(prefix, o.Key) {
+			k, d, base, ok := parseObjectKey(o.Key)
+			if !ok || k != byte(kind) {
 				return nil // not ours: left alone
 			}
-			d, _ := chunker.ParseDigest(o.Key[len(prefix)+3:])
 			count.Examined++
 			count.ExaminedBytes += o.Size
 			switch {
-			case g.referenced(byte(kind), o.Key, d):
+			case g.referenced(byte(kind), o.Key, d, base):
 				count.Kept++
 				count.KeptBytes += o.Size
 			case o.Modified.IsZero() || !o.Modified.Before(g.cutoff):
@@ -481,7 +499,8 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 				g.candBytes += o.Size
 				rec[0] = byte(kind)
 				copy(rec[1:], d[:])
-				binary.LittleEndian.PutUint64(rec[33:], uint64(o.Size))
+				copy(rec[33:], base[:])
+				binary.LittleEndian.PutUint64(rec[65:], uint64(o.Size))
 				_, err := w.Write(rec[:])
 				return err
 			}
@@ -506,11 +525,18 @@ func (g *gc) backups() int {
 	return len(g.seen)
 }
 
-func (g *gc) referenced(kind byte, key string, d chunker.Digest) bool {
+// referenced reports whether a backup read so far references the
+// object: a chunk, its digest (as a chunk or as a patch's base); a patch
+// (d over base), both (every index entry that names the patch names
+// both).
+func (g *gc) referenced(kind byte, key string, d, base chunker.Digest) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if kind == candChunk {
+	switch kind {
+	case candChunk:
 		return g.refs.has(d)
+	case candPatch:
+		return g.refs.has(d) && g.refs.has(base)
 	}
 	return g.objects[key]
 }
@@ -559,16 +585,16 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, held *lock.Lock) error {
 			return fmt.Errorf("gc: the list of candidates: %w", err)
 		}
 		kind := rec[0]
-		var d chunker.Digest
+		var d, base chunker.Digest
 		copy(d[:], rec[1:33])
-		size := int64(binary.LittleEndian.Uint64(rec[33:]))
-		h := d.String()
-		key := candPrefix[kind] + h[:2] + "/" + h
+		copy(base[:], rec[33:65])
+		size := int64(binary.LittleEndian.Uint64(rec[65:]))
+		key := objectKey(kind, d, base)
 		count := &g.res.Chunks
-		if kind != candChunk {
+		if kind != candChunk && kind != candPatch {
 			count = &g.res.Metadata
 		}
-		if g.referenced(kind, key, d) { // by a backup committed meanwhile
+		if g.referenced(kind, key, d, base) { // by a backup committed meanwhile
 			if c := g.o.Counter; c != nil {
 				c.Done.Add(size)
 			}
@@ -632,8 +658,8 @@ func (g *gc) damage(ctx context.Context, held *lock.Lock) error {
 	eg, ectx := errgroup.WithContext(ctx)
 	eg.SetLimit(g.o.Parallel)
 	for rec, obj := range recs {
-		kind, d, _ := parseObjectKey(obj) // damageRecords keeps only object keys
-		if g.referenced(kind, obj, d) {
+		kind, d, base, _ := parseObjectKey(obj) // damageRecords keeps only object keys
+		if g.referenced(kind, obj, d, base) {
 			continue
 		}
 		eg.Go(func() error {

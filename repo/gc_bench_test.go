@@ -89,7 +89,7 @@ func BenchmarkGCTenMillionChunks(b *testing.B) {
 		end := min(start+index.PartEntries, n)
 		p := &index.Part{Kind: index.KindFull, ChunkSize: cs, Size: size, Trunc: size}
 		for i := start; i < end; i++ {
-			p.Add(int64(i), digestN(i))
+			p.Add(int64(i), digestN(i), chunker.Digest{})
 		}
 		key, err := r.putObject(ctx, "indexes/", p.Marshal())
 		if err != nil {

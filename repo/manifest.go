@@ -63,6 +63,7 @@ type DiskManifest struct {
 	VerifiedChunks int64 `json:"verified_chunks,omitempty"` // clean chunks read and found unchanged
 	VerifiedBytes  int64 `json:"verified_bytes,omitempty"`  // bytes read for them
 	ZeroedChunks   int64 `json:"zeroed_chunks,omitempty"`   // clean chunks unallocated now that held data before
+	PatchedChunks  int64 `json:"patched_chunks,omitempty"`  // dirty chunks stored as patches
 }
 
 // IndexRef is one link of a disk's index chain: a full index or a delta,

@@ -40,13 +40,13 @@ func Migrate(ctx context.Context, store sink.Store, report func(string)) (Migrat
 		return res, err
 	}
 	switch cfg.Version {
-	case formatVersion:
+	case formatVersion, patchedVersion:
 		res.AlreadyV2 = true // an earlier run switched; finish its removals
 	case 1:
 	default:
 		return res, fmt.Errorf("%s: repository format %d; this nbdmover migrates format 1", store.Location(), cfg.Version)
 	}
-	cfg.Version = formatVersion
+	cfg.Version = max(cfg.Version, formatVersion)
 	r, err := newRepo(store, cfg)
 	if err != nil {
 		return res, err

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -292,7 +293,7 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 	for _, k := range keys {
 		g.Go(func() error {
 			err := sink.Retried(gctx, r.store, func() error { return s.Extend(gctx, k, "", bl.LockedUntil) })
-			if errors.Is(err, sink.ErrNotFound) && strings.HasPrefix(k, "chunks/") {
+			if errors.Is(err, sink.ErrNotFound) && (strings.HasPrefix(k, "chunks/") || strings.HasPrefix(k, "patches/")) {
 				// Deleted: a delete marker may hide the version a
 				// backup references; it stays locked, for recover.
 				if err := r.extendHidden(gctx, s, k, bl.LockedUntil); err != nil {
@@ -316,7 +317,7 @@ func (r *Repo) ProtectBackup(ctx context.Context, created time.Time, parent *Man
 		return bl, warnings, err
 	}
 	for _, k := range missing {
-		if d, ok := chunkDigest(k); ok {
+		if d, ok := storedDigest(k); ok {
 			bl.Missing = append(bl.Missing, d)
 		}
 		backups := []string{}
@@ -383,6 +384,7 @@ func (r *Repo) takenOver(ctx context.Context, chains []*Chain, damaged map[chunk
 	}
 	seen := map[string]bool{}
 	var chunks []chunker.Digest
+	patches := map[string]bool{}
 	for _, c := range chains {
 		if c == nil {
 			continue
@@ -395,9 +397,15 @@ func (r *Repo) takenOver(ctx context.Context, chains []*Chain, damaged map[chunk
 				}
 			}
 		}
-		for _, d := range c.Index.All() {
-			if !damaged[d] {
+		for i, d := range c.Index.All() {
+			base := c.Index.Base(i)
+			switch {
+			case damaged[d] || damaged[base]:
+			case base.IsZeroChunk():
 				chunks = append(chunks, d)
+			default: // a patch, and its base
+				patches[PatchKey(d, base)] = true
+				chunks = append(chunks, base)
 			}
 		}
 	}
@@ -406,17 +414,18 @@ func (r *Repo) takenOver(ctx context.Context, chains []*Chain, damaged map[chunk
 	for _, d := range chunks {
 		keys = append(keys, ChunkKey(d))
 	}
+	keys = append(keys, slices.Sorted(maps.Keys(patches))...)
 	return keys, nil
 }
 
-// extendHeld extends the lock of a chunk a backup found stored (and so
-// did not put): it may be another backup's, locked for less.
-func (r *Repo) extendHeld(ctx context.Context, d chunker.Digest) error {
+// extendHeld extends the lock of a chunk (or patch) a backup found
+// stored (and so did not put): it may be another backup's, locked for
+// less.
+func (r *Repo) extendHeld(ctx context.Context, key string) error {
 	s := r.lockStore()
 	if s == nil {
 		return nil
 	}
-	key := ChunkKey(d)
 	return sink.Retried(ctx, r.store, func() error { return s.Extend(ctx, key, "", s.LockTarget()) })
 }
 

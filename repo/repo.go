@@ -19,6 +19,13 @@ import (
 // (Migrate converts format 1).
 const formatVersion = 2
 
+// patchedVersion is the config version of a repository whose backups
+// may store chunks as patches (docs/format.md, "Patched chunks"): format
+// 2 with version 3 index objects. init creates such repositories; one of
+// version 2 is read and written as before, without patches, so that the
+// nbdmover that made it still reads it.
+const patchedVersion = 3
+
 const configKey = "config"
 
 // Config is the repository's parameters, stored as JSON under "config".
@@ -102,7 +109,7 @@ func initStore(ctx context.Context, store sink.Store, o InitOptions) (*Repo, err
 	}
 	id := make([]byte, 16)
 	rand.Read(id)
-	cfg := Config{Version: formatVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
+	cfg := Config{Version: patchedVersion, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
 		ChunkSize: o.ChunkSize, Digest: "sha256", Compression: o.Compression.String(), ObjectLock: o.ObjectLock}
 	if o.Keys != nil {
 		cfg.Digest, cfg.Encryption = namesHMAC, &Encryption{Cipher: cipherName, Names: namesHMAC,
@@ -232,8 +239,8 @@ func openConfig(ctx context.Context, store sink.Store, keys *Keys, cfg Config, r
 	if cfg.Version == 1 {
 		return nil, fmt.Errorf("%s: %w: run nbdmover migrate --repo ... once (safe to interrupt and to run again)", store.Location(), errFormat1)
 	}
-	if cfg.Version != formatVersion {
-		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads format %d", store.Location(), cfg.Version, formatVersion)
+	if cfg.Version != formatVersion && cfg.Version != patchedVersion {
+		return nil, fmt.Errorf("%s: repository format %d; this nbdmover reads formats %d and %d", store.Location(), cfg.Version, formatVersion, patchedVersion)
 	}
 	r, err := newRepo(store, cfg)
 	if err != nil {
@@ -368,9 +375,9 @@ func ChunkKey(d chunker.Digest) string {
 	return "chunks/" + h[:2] + "/" + h
 }
 
-// hasChunk reports whether the chunk is stored.
-func (r *Repo) hasChunk(ctx context.Context, d chunker.Digest) (bool, error) {
-	_, err := r.store.Stat(ctx, ChunkKey(d))
+// has reports whether the object at key is stored.
+func (r *Repo) has(ctx context.Context, key string) (bool, error) {
+	_, err := r.store.Stat(ctx, key)
 	if errors.Is(err, sink.ErrNotFound) {
 		return false, nil
 	}

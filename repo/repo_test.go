@@ -85,8 +85,11 @@ func TestInitAndOpen(t *testing.T) {
 	if _, err := initStore(ctx, localStore(t), InitOptions{ChunkSize: 100 << 10}); err == nil {
 		t.Fatal("bad chunk size accepted")
 	}
-	s.Put(ctx, "config", []byte(`{"version": 3}`))
-	if _, err := openStore(ctx, s); err == nil || !strings.Contains(err.Error(), "format 3") {
+	if r.Config().Version != patchedVersion || !r.Patches() {
+		t.Fatalf("a new repository is of version %d", r.Config().Version)
+	}
+	s.Put(ctx, "config", []byte(`{"version": 4}`))
+	if _, err := openStore(ctx, s); err == nil || !strings.Contains(err.Error(), "format 4") {
 		t.Fatalf("future format: %v", err)
 	}
 	s.Put(ctx, "config", []byte(`{"version": 1, "chunk_size": 262144, "digest": "sha256", "compression": "zstd"}`))
@@ -104,7 +107,7 @@ func TestInitAndOpen(t *testing.T) {
 func indexOf(chunkSize, size int64, digests map[int64]chunker.Digest) *index.Index {
 	var b index.Builder
 	for i, d := range digests {
-		b.Set(i, d)
+		b.Set(i, d, chunker.Digest{})
 	}
 	return b.Index(chunkSize, size)
 }
@@ -370,7 +373,7 @@ func TestVerifyParallel(t *testing.T) {
 	var ib index.Builder
 	for i := range 40 {
 		plain := bytes.Repeat([]byte{byte(i + 1)}, 256<<10)
-		ib.Set(int64(i), chunker.Sum(plain))
+		ib.Set(int64(i), chunker.Sum(plain), chunker.Digest{})
 		s.Put(ctx, ChunkKey(chunker.Sum(plain)), r.EncodeChunk(nil, chunker.Sum(plain), plain))
 	}
 	ix := ib.Index(r.Config().ChunkSize, 40*(256<<10))
@@ -549,7 +552,7 @@ func TestChainManyIncrementals(t *testing.T) {
 			if _, seen := state[i]; !seen && d.IsZeroChunk() {
 				continue
 			}
-			b.Set(i, d)
+			b.Set(i, d, chunker.Digest{})
 			state[i] = d
 		}
 		newSize := size
@@ -561,7 +564,7 @@ func TestChainManyIncrementals(t *testing.T) {
 				}
 			}
 			last := (newSize - 1) / cs
-			b.Set(last, chunker.Sum([]byte(fmt.Sprint("cut", n))))
+			b.Set(last, chunker.Sum([]byte(fmt.Sprint("cut", n))), chunker.Digest{})
 			state[last] = chunker.Sum([]byte(fmt.Sprint("cut", n)))
 		}
 		size = newSize

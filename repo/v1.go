@@ -156,7 +156,7 @@ func v1UnmarshalIndex(b []byte) (*index.Index, error) {
 		var d chunker.Digest
 		copy(d[:], body[v1IndexHeaderSize+32*i:])
 		if !d.IsZeroChunk() {
-			ib.Set(i, d)
+			ib.Set(i, d, chunker.Digest{})
 		}
 	}
 	return ib.Index(ix.ChunkSize, ix.Size), nil

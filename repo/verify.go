@@ -93,12 +93,18 @@ type verify struct {
 	now      time.Time
 	stats    VerifyStats
 	refs     map[chunker.Digest]chunkRef // every referenced chunk, with the first place that references it
+	// patchRefs: every referenced patch (chunk, base), likewise; one
+	// whose chunk is stored whole as well is checked as that chunk
+	// (readers fall back to it).
+	patchRefs map[patchRef]chunkRef
 	// Damage found: chunk problems by digest, index objects' and files'
 	// by key, with the backups that need them.
 	mu       sync.Mutex
 	chunks   map[chunker.Digest]*damage
+	patches  map[patchRef]*damage
 	objects  map[string]*damage
 	readOK   map[chunker.Digest]bool // chunks read whole
+	patchOK  map[patchRef]bool       // patches read and applied whole
 	loadedOK map[string]bool         // index objects and files read whole
 	records  map[string]string       // damage records before: object key by record key
 }
@@ -107,6 +113,11 @@ type damage struct {
 	problem, quarantined string
 	backups              map[string]bool
 }
+
+// patchRef is a patch: the chunk it makes and its base.
+type patchRef struct{ d, base chunker.Digest }
+
+func (p patchRef) key() string { return PatchKey(p.d, p.base) }
 
 // Verify checks the selected backups: every manifest and index decodes and
 // matches its checksum, and every chunk they reference is stored (and with
@@ -121,7 +132,8 @@ type damage struct {
 // docs/format.md.
 func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)) (VerifyStats, error) {
 	v := &verify{r: r, o: o, now: time.Now().UTC(), chunks: map[chunker.Digest]*damage{}, objects: map[string]*damage{},
-		readOK: map[chunker.Digest]bool{}, loadedOK: map[string]bool{}, readOnly: o.NoLock || sink.IsAsOf(r.store)}
+		patches: map[patchRef]*damage{}, readOK: map[chunker.Digest]bool{}, patchOK: map[patchRef]bool{},
+		loadedOK: map[string]bool{}, readOnly: o.NoLock || sink.IsAsOf(r.store)}
 	if o.ReadData || o.ReadPercent >= 100 {
 		v.o.ReadPercent = 100
 	}
@@ -149,24 +161,34 @@ func (r *Repo) Verify(ctx context.Context, o VerifyOptions, report func(Problem)
 	if err := v.chunkRefs(ctx, ms, report); err != nil {
 		return v.stats, err
 	}
-	v.stats.Chunks = len(v.refs)
 	if v.records, err = r.damageRecords(ctx); err != nil {
 		return v.stats, err
 	}
-	present, sizes, err := v.listedChunks(ctx)
+	present, sizes, patches, err := v.listedChunks(ctx)
 	if err != nil {
 		return v.stats, err
 	}
+	v.stats.Chunks = len(v.refs) + len(v.patchRefs)
 	sample, err := v.sample(ctx)
 	if err != nil {
 		return v.stats, err
 	}
 	toRead, total := v.toRead(present, sizes, sample)
+	var patchesToRead []patchRef
+	for _, p := range patches {
+		if v.o.ReadPercent >= 100 || sample != nil && sample.picked[bucketOf(p.d)] || v.records[damageKey(p.key())] != "" {
+			patchesToRead = append(patchesToRead, p)
+		}
+	}
 	if c := o.Progress; c != nil {
 		c.Total.Store(total)
 		c.Begin("read")
 	}
-	if err := v.readChunks(ctx, toRead); err != nil {
+	err = v.readChunks(ctx, toRead)
+	if err == nil {
+		err = v.readPatches(ctx, patchesToRead)
+	}
+	if err != nil {
 		v.record(ctx, ms, report) // what was found before, as far as the store still answers
 		return v.stats, err
 	}
@@ -229,13 +251,20 @@ func (r *Repo) verifySelection(ctx context.Context, o VerifyOptions, report func
 // chunkRefs checks the backups' indexes and files and collects every
 // chunk they reference, each with the first place that references it.
 func (v *verify) chunkRefs(ctx context.Context, ms []*Manifest, report func(Problem)) error {
-	v.refs = map[chunker.Digest]chunkRef{}
+	v.refs, v.patchRefs = map[chunker.Digest]chunkRef{}, map[patchRef]chunkRef{}
 	for _, m := range ms {
 		name := m.Domain + "/" + m.ID
 		err := v.indexes(ctx, m, func(disk string, ix *index.Index) {
 			for i, dg := range ix.All() {
+				ref := chunkRef{backup: name, disk: disk, index: i}
+				if base := ix.Base(i); !base.IsZeroChunk() {
+					if _, seen := v.patchRefs[patchRef{dg, base}]; !seen {
+						v.patchRefs[patchRef{dg, base}] = ref
+					}
+					dg = base // the base must be stored whole
+				}
 				if _, seen := v.refs[dg]; !seen {
-					v.refs[dg] = chunkRef{backup: name, disk: disk, index: i}
+					v.refs[dg] = ref
 				}
 			}
 		}, report)
@@ -298,16 +327,42 @@ func (v *verify) objectDamage(key, problem, backup string) {
 	d.backups[backup] = true
 }
 
-// listedChunks notes the referenced chunks that are missing or too short
-// to be a blob, from one listing instead of a request per chunk, and
-// returns the others in disk order.
-func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, []int64, error) {
+// listedChunks notes the referenced chunks and patches that are missing
+// or too short to be a blob, from one listing each instead of a request
+// per chunk, and returns the other chunks in disk order and the other
+// patches. A patch whose chunk is stored whole is checked as that chunk.
+func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, []int64, []patchRef, error) {
 	sizes := map[string]int64{}
-	if err := v.r.store.List(ctx, "chunks/", func(o sink.ObjectInfo) error {
-		sizes[o.Key] = o.Size
-		return nil
-	}); err != nil {
-		return nil, nil, err
+	for _, prefix := range []string{"chunks/", "patches/"} {
+		if prefix == "patches/" && len(v.patchRefs) == 0 {
+			break
+		}
+		if err := v.r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
+			sizes[o.Key] = o.Size
+			return nil
+		}); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	var patches []patchRef
+	for p, ref := range v.patchRefs {
+		if _, whole := sizes[ChunkKey(p.d)]; whole {
+			if _, seen := v.refs[p.d]; !seen {
+				v.refs[p.d] = ref
+			}
+			continue
+		}
+		switch size, ok := sizes[p.key()]; {
+		case !ok:
+			v.patches[p] = &damage{problem: "missing"}
+			v.stats.Missing++
+		case size < chunker.HeaderSize || size > chunker.MaxPatchLen(v.r.cfg.ChunkSize)+blobOverhead:
+			v.patches[p] = &damage{problem: fmt.Sprintf("%d bytes, not what a patch of a %d-byte chunk is stored in (planted or damaged; never read)", size, v.r.cfg.ChunkSize)}
+			v.stats.Corrupt++
+		default:
+			v.stats.Bytes += size
+			patches = append(patches, p)
+		}
 	}
 	digests := make([]chunker.Digest, 0, len(v.refs))
 	for dg := range v.refs {
@@ -334,7 +389,55 @@ func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, []int64, e
 			presentSizes = append(presentSizes, size)
 		}
 	}
-	return present, presentSizes, nil
+	return present, presentSizes, patches, nil
+}
+
+// readPatches reads the patches, each applied to its base and checked
+// against its chunk's digest, Parallel at once, and notes each one that
+// is damaged (a base found damaged so is noted as that chunk). A
+// corrupt patch is not quarantined: a backup stores its chunk whole.
+func (v *verify) readPatches(ctx context.Context, patches []patchRef) error {
+	parallel := v.o.Parallel
+	if parallel <= 0 {
+		parallel = 16
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(parallel)
+	for _, p := range patches {
+		g.Go(func() error {
+			_, blob, err := v.r.getPatched(gctx, p.d, p.base, nil, nil)
+			if isStoreFailure(err) {
+				return err
+			}
+			if c := v.o.Progress; c != nil {
+				c.Read.Add(int64(len(blob)))
+			}
+			v.mu.Lock()
+			defer v.mu.Unlock()
+			var ce *ChunkError
+			switch {
+			case err == nil:
+				v.stats.Verified++
+				v.patchOK[p] = true
+			case errors.As(err, &ce) && ce.Key == ChunkKey(p.base):
+				if v.chunks[p.base] == nil {
+					v.chunks[p.base] = &damage{problem: ce.Err.Error()}
+					v.stats.Corrupt++
+				}
+			case errors.Is(err, sink.ErrNotFound):
+				v.patches[p] = &damage{problem: "missing"} // deleted since the listing
+				v.stats.Missing++
+			default:
+				if errors.As(err, &ce) {
+					err = ce.Err
+				}
+				v.patches[p] = &damage{problem: err.Error()}
+				v.stats.Corrupt++
+			}
+			return nil
+		})
+	}
+	return g.Wait()
 }
 
 // toRead is the chunks of present to read: those in the parts sampled
@@ -442,17 +545,27 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 // is reported whatever fails.
 func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem)) error {
 	var passErr error
-	if len(v.chunks) > 0 {
+	if len(v.chunks)+len(v.patches) > 0 {
 		// Only when something is damaged: the first pass keeps one place
 		// per chunk, not every backup (memory).
 		for dg, d := range v.chunks {
 			d.backups = map[string]bool{v.refs[dg].backup: true}
 		}
+		for p, d := range v.patches {
+			d.backups = map[string]bool{v.patchRefs[p].backup: true}
+		}
 		for _, m := range ms {
 			name := m.Domain + "/" + m.ID
 			passErr = v.indexes(ctx, m, func(_ string, ix *index.Index) {
-				for _, dg := range ix.All() {
-					if d := v.chunks[dg]; d != nil {
+				for i, dg := range ix.All() {
+					base := ix.Base(i)
+					if d := v.chunks[dg]; d != nil && base.IsZeroChunk() {
+						d.backups[name] = true
+					}
+					if d := v.chunks[base]; d != nil && !base.IsZeroChunk() {
+						d.backups[name] = true
+					}
+					if d := v.patches[patchRef{dg, base}]; d != nil {
 						d.backups[name] = true
 					}
 				}
@@ -476,6 +589,18 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 		}
 		report(p)
 	}
+	patches := slices.SortedFunc(maps.Keys(v.patches), func(a, b patchRef) int {
+		return cmp.Compare(v.patchRefs[a].index, v.patchRefs[b].index)
+	})
+	for _, pr := range patches {
+		d, ref := v.patches[pr], v.patchRefs[pr]
+		p := Problem{Object: pr.key(), Backup: ref.backup, Disk: ref.disk,
+			Problem: fmt.Sprintf("%s (chunk %d of the disk, stored as a patch)", d.problem, ref.index)}
+		if len(d.backups) > 1 {
+			p.Backups = slices.Sorted(maps.Keys(d.backups))
+		}
+		report(p)
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
 	write := func(key string, d *damage) {
@@ -489,6 +614,9 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 	}
 	for _, dg := range digests {
 		write(ChunkKey(dg), v.chunks[dg])
+	}
+	for _, p := range patches {
+		write(p.key(), v.patches[p])
 	}
 	for _, key := range slices.Sorted(maps.Keys(v.objects)) {
 		write(key, v.objects[key])
@@ -506,7 +634,9 @@ func (v *verify) record(ctx context.Context, ms []*Manifest, report func(Problem
 func (v *verify) repaired(ctx context.Context) error {
 	var keys []string
 	for rec, obj := range v.records {
-		if d, ok := chunkDigest(obj); ok && v.readOK[d] && v.chunks[d] == nil || v.loadedOK[obj] && v.objects[obj] == nil {
+		p, base, patch := parsePatchKey(obj)
+		if d, ok := chunkDigest(obj); ok && v.readOK[d] && v.chunks[d] == nil || v.loadedOK[obj] && v.objects[obj] == nil ||
+			patch && v.patches[patchRef{p, base}] == nil && (v.patchOK[patchRef{p, base}] || v.readOK[p] && v.chunks[p] == nil) {
 			keys = append(keys, rec)
 		}
 	}

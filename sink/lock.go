@@ -50,13 +50,13 @@ var ErrLocked = errors.New("the object version is locked (S3 Object Lock)")
 
 // Immutable reports whether nbdmover never changes the object at key
 // once it is written (it may delete it): the config, key objects,
-// chunks, index and file objects, manifests and catalogs. Locks,
+// chunks, patches, index and file objects, manifests and catalogs. Locks,
 // protection markers, holds and state are mutable.
 func Immutable(key string) bool {
 	if key == "config" {
 		return true
 	}
-	for _, p := range []string{"keys/", "chunks/", "indexes/", "files/", "manifests/", "catalog/"} {
+	for _, p := range []string{"keys/", "chunks/", "patches/", "indexes/", "files/", "manifests/", "catalog/"} {
 		if strings.HasPrefix(key, p) {
 			return true
 		}

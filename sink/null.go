@@ -39,7 +39,7 @@ func (n *Null) write(op, key string, data []byte, replace bool) error {
 	if err := ValidKey(key); err != nil {
 		return &Error{Op: op, Key: key, Location: n.Location(), Err: err}
 	}
-	if strings.HasPrefix(key, "chunks/") {
+	if strings.HasPrefix(key, "chunks/") || strings.HasPrefix(key, "patches/") {
 		n.Discarded.Add(int64(len(data)))
 		return nil
 	}

@@ -19,14 +19,17 @@ import (
 
 // Index lists the chunks of one disk of one backup: the digest of every
 // chunk that is not all zero, in chunk order (a chunk it does not list is
-// a zero chunk). It takes 40 bytes per listed chunk, whatever the disk's
-// size. An Index is not modified once built; it may be read from any
-// number of goroutines.
+// a zero chunk), and for a chunk stored as a patch the digest of its base
+// (docs/format.md, "Patched chunks"). It takes 40 bytes per listed chunk,
+// whatever the disk's size, and about 100 more per patched one. An Index
+// is not modified once built; it may be read from any number of
+// goroutines.
 type Index struct {
 	ChunkSize int64
 	Size      int64 // disk size in bytes
 	chunks    []int64
 	digests   []chunker.Digest
+	bases     map[int64]chunker.Digest // patched chunks' bases; nil when none is
 }
 
 // New returns an index of a disk of size bytes with every chunk zero.
@@ -54,6 +57,13 @@ func (ix *Index) Digest(i int64) chunker.Digest {
 	}
 	return ix.digests[k]
 }
+
+// Base returns the base of chunk i when it is stored as a patch, and the
+// zero digest when it is stored whole (or is zero).
+func (ix *Index) Base(i int64) chunker.Digest { return ix.bases[i] }
+
+// Patched is how many chunks are stored as patches.
+func (ix *Index) Patched() int { return len(ix.bases) }
 
 // All yields the chunks that are not zero, in order.
 func (ix *Index) All() iter.Seq2[int64, chunker.Digest] {
@@ -87,10 +97,26 @@ func (ix *Index) Resized(size int64) (out *Index, stale []int64) {
 		if i < n && !slices.Contains(stale, i) {
 			out.chunks = append(out.chunks, i)
 			out.digests = append(out.digests, ix.digests[k])
+			out.setBase(i, ix.bases[i])
 		}
 	}
 	return out, stale
 }
+
+// setBase records chunk i's base (nothing for the zero digest: stored
+// whole).
+func setBase(m *map[int64]chunker.Digest, i int64, b chunker.Digest) {
+	if b.IsZeroChunk() {
+		return
+	}
+	if *m == nil {
+		*m = map[int64]chunker.Digest{}
+	}
+	(*m)[i] = b
+}
+
+func (ix *Index) setBase(i int64, b chunker.Digest) { setBase(&ix.bases, i, b) }
+func (d *Delta) setBase(i int64, b chunker.Digest)  { setBase(&d.bases, i, b) }
 
 // Builder collects the digests of built chunks into an Index or a Delta.
 type Builder struct {
@@ -100,35 +126,32 @@ type Builder struct {
 type entry struct {
 	chunk  int64
 	digest chunker.Digest
+	base   chunker.Digest
 }
 
-// Set records chunk i's digest (ZeroChunk for a zero chunk). Each chunk
-// is set at most once. Set is not safe for concurrent use: callers hold a
-// lock.
-func (b *Builder) Set(i int64, d chunker.Digest) {
-	b.entries = append(b.entries, entry{i, d})
+// Set records chunk i's digest (ZeroChunk for a zero chunk) and, for a
+// chunk stored as a patch, its base (the zero digest otherwise). Each
+// chunk is set at most once. Set is not safe for concurrent use: callers
+// hold a lock.
+func (b *Builder) Set(i int64, d, base chunker.Digest) {
+	b.entries = append(b.entries, entry{i, d, base})
 }
 
 // sorted returns the entries in chunk order.
-func (b *Builder) sorted() ([]int64, []chunker.Digest) {
+func (b *Builder) sorted() []entry {
 	slices.SortFunc(b.entries, func(x, y entry) int { return cmp.Compare(x.chunk, y.chunk) })
-	chunks := make([]int64, len(b.entries))
-	digests := make([]chunker.Digest, len(b.entries))
-	for k, e := range b.entries {
-		chunks[k], digests[k] = e.chunk, e.digest
-	}
-	return chunks, digests
+	return b.entries
 }
 
 // Index returns the index of a full backup: the chunks set to a digest
 // that is not zero (the others are zero).
 func (b *Builder) Index(chunkSize, size int64) *Index {
 	ix := &Index{ChunkSize: chunkSize, Size: size}
-	chunks, digests := b.sorted()
-	for k, i := range chunks {
-		if !digests[k].IsZeroChunk() {
-			ix.chunks = append(ix.chunks, i)
-			ix.digests = append(ix.digests, digests[k])
+	for _, e := range b.sorted() {
+		if !e.digest.IsZeroChunk() {
+			ix.chunks = append(ix.chunks, e.chunk)
+			ix.digests = append(ix.digests, e.digest)
+			ix.setBase(e.chunk, e.base)
 		}
 	}
 	return ix
@@ -136,23 +159,23 @@ func (b *Builder) Index(chunkSize, size int64) *Index {
 
 // Delta returns what an incremental changed of parent (the disk's index
 // at the parent backup, before any resize) for a disk that now has size
-// bytes: the chunks set to a digest other than parent's. Every chunk whose
+// bytes: the chunks set to a digest or base other than parent's. Every chunk whose
 // length changed with the resize, and every chunk past the old end that is
 // not zero, must have been set.
 func (b *Builder) Delta(parent *Index, size int64) *Delta {
 	d := &Delta{ChunkSize: parent.ChunkSize, Size: size, Trunc: min(parent.Size, size), Backups: 1}
-	chunks, digests := b.sorted()
-	for k, i := range chunks {
-		if digests[k] != parent.Digest(i) {
-			d.chunks = append(d.chunks, i)
-			d.digests = append(d.digests, digests[k])
+	for _, e := range b.sorted() {
+		if e.digest != parent.Digest(e.chunk) || e.base != parent.Base(e.chunk) {
+			d.chunks = append(d.chunks, e.chunk)
+			d.digests = append(d.digests, e.digest)
+			d.setBase(e.chunk, e.base)
 		}
 	}
 	return d
 }
 
 // Delta is what one or more incrementals in a row changed of a disk's
-// index: the chunks whose digest changed (ZeroChunk: it became zero), the
+// index: the chunks whose digest or base changed (ZeroChunk: it became zero), the
 // disk's size after them, and the smallest size the disk had in between
 // (Trunc: chunks past it were dropped from the index the delta applies
 // to).
@@ -162,6 +185,7 @@ type Delta struct {
 	Backups     int // how many incrementals' changes it holds
 	chunks      []int64
 	digests     []chunker.Digest
+	bases       map[int64]chunker.Digest
 }
 
 // Len is the number of chunks the delta lists.
@@ -181,25 +205,26 @@ func (ix *Index) Apply(d *Delta) *Index {
 	a, b := 0, 0
 	for a < len(ix.chunks) || b < len(d.chunks) {
 		var i int64
-		var dg chunker.Digest
+		var dg, base chunker.Digest
 		switch {
 		case b >= len(d.chunks) || a < len(ix.chunks) && ix.chunks[a] < d.chunks[b]:
-			i, dg = ix.chunks[a], ix.digests[a]
+			i, dg, base = ix.chunks[a], ix.digests[a], ix.bases[ix.chunks[a]]
 			a++
 			if i >= keep {
 				continue
 			}
 		case a >= len(ix.chunks) || d.chunks[b] < ix.chunks[a]:
-			i, dg = d.chunks[b], d.digests[b]
+			i, dg, base = d.chunks[b], d.digests[b], d.bases[d.chunks[b]]
 			b++
 		default: // both: the delta wins
-			i, dg = d.chunks[b], d.digests[b]
+			i, dg, base = d.chunks[b], d.digests[b], d.bases[d.chunks[b]]
 			a++
 			b++
 		}
 		if !dg.IsZeroChunk() {
 			out.chunks = append(out.chunks, i)
 			out.digests = append(out.digests, dg)
+			out.setBase(i, base)
 		}
 	}
 	return out
@@ -214,18 +239,23 @@ func Merge(older, newer *Delta) *Delta {
 	for a < len(older.chunks) || b < len(newer.chunks) {
 		switch {
 		case b >= len(newer.chunks) || a < len(older.chunks) && older.chunks[a] < newer.chunks[b]:
-			if older.chunks[a] < keep {
-				out.chunks = append(out.chunks, older.chunks[a])
+			if i := older.chunks[a]; i < keep {
+				out.chunks = append(out.chunks, i)
 				out.digests = append(out.digests, older.digests[a])
+				out.setBase(i, older.bases[i])
 			}
 			a++
 		case a >= len(older.chunks) || newer.chunks[b] < older.chunks[a]:
-			out.chunks = append(out.chunks, newer.chunks[b])
+			i := newer.chunks[b]
+			out.chunks = append(out.chunks, i)
 			out.digests = append(out.digests, newer.digests[b])
+			out.setBase(i, newer.bases[i])
 			b++
 		default:
-			out.chunks = append(out.chunks, newer.chunks[b])
+			i := newer.chunks[b]
+			out.chunks = append(out.chunks, i)
 			out.digests = append(out.digests, newer.digests[b])
+			out.setBase(i, newer.bases[i])
 			a++
 			b++
 		}
@@ -234,9 +264,11 @@ func Merge(older, newer *Delta) *Delta {
 }
 
 // Index objects (format 2; see docs/format.md): the plaintext of a meta
-// blob under indexes/, little endian.
+// blob under indexes/, little endian. A part that lists a patched chunk
+// is of version 3 (magic NBX3), whose entries carry a flag and the base.
 const (
 	indexMagic      = "NBX2"
+	patchedMagic    = "NBX3"
 	indexHeaderSize = 40
 	KindFull        = 1
 	KindDelta       = 2
@@ -261,23 +293,31 @@ type Part struct {
 	Count       uint64 // entries, as the header says (WalkPart)
 	chunks      []int64
 	digests     []chunker.Digest
+	bases       map[int64]chunker.Digest
 }
 
 // Add appends an entry to a part being built by hand (entries in
-// increasing chunk order; the part's header set by the caller).
-func (p *Part) Add(i int64, d chunker.Digest) {
+// increasing chunk order; the part's header set by the caller); base is
+// the zero digest for a chunk stored whole.
+func (p *Part) Add(i int64, d, base chunker.Digest) {
 	p.chunks = append(p.chunks, i)
 	p.digests = append(p.digests, d)
+	setBase(&p.bases, i, base)
 }
 
 // Len is the number of entries the part holds.
 func (p *Part) Len() int { return len(p.chunks) }
 
 // Marshal encodes the part: header, then per entry the gap to the previous
-// chunk (uvarint) and the digest.
+// chunk (uvarint) and the digest; in a part with patched chunks (NBX3)
+// the gap shifted left by one with the low bit set for a patched chunk,
+// whose digest its base's follows.
 func (p *Part) Marshal() []byte {
-	b := make([]byte, indexHeaderSize, indexHeaderSize+34*len(p.chunks))
+	b := make([]byte, indexHeaderSize, indexHeaderSize+34*len(p.chunks)+32*len(p.bases))
 	copy(b, indexMagic)
+	if len(p.bases) > 0 {
+		copy(b, patchedMagic)
+	}
 	b[4] = p.Kind
 	binary.LittleEndian.PutUint32(b[8:], uint32(p.ChunkSize))
 	binary.LittleEndian.PutUint64(b[12:], uint64(p.Size))
@@ -285,8 +325,19 @@ func (p *Part) Marshal() []byte {
 	binary.LittleEndian.PutUint64(b[28:], uint64(len(p.chunks)))
 	prev := int64(-1)
 	for k, i := range p.chunks {
-		b = binary.AppendUvarint(b, uint64(i-prev-1))
+		gap := uint64(i - prev - 1)
+		base, patched := p.bases[i]
+		switch {
+		case patched:
+			gap = gap<<1 | 1
+		case len(p.bases) > 0:
+			gap <<= 1
+		}
+		b = binary.AppendUvarint(b, gap)
 		b = append(b, p.digests[k][:]...)
+		if patched {
+			b = append(b, base[:]...)
+		}
 		prev = i
 	}
 	return b
@@ -295,13 +346,14 @@ func (p *Part) Marshal() []byte {
 // UnmarshalPart decodes and checks an index object's plaintext.
 func UnmarshalPart(b []byte) (*Part, error) {
 	p := &Part{}
-	err := WalkPart(b, p, func(i int64, d chunker.Digest) {
+	err := WalkPart(b, p, func(i int64, d, base chunker.Digest) {
 		if p.chunks == nil {
 			p.chunks = make([]int64, 0, p.Count)
 			p.digests = make([]chunker.Digest, 0, p.Count)
 		}
 		p.chunks = append(p.chunks, i)
 		p.digests = append(p.digests, d)
+		setBase(&p.bases, i, base)
 	})
 	if err != nil {
 		return nil, err
@@ -310,14 +362,16 @@ func UnmarshalPart(b []byte) (*Part, error) {
 }
 
 // WalkPart checks an index object's plaintext, sets p's header
-// fields (not its entries) and calls fn for each entry, without keeping
-// them. Entries are checked as they are walked: fn may have seen some
-// when an error is returned.
-func WalkPart(b []byte, p *Part, fn func(i int64, d chunker.Digest)) error {
+// fields (not its entries) and calls fn for each entry (base: the zero
+// digest unless the chunk is patched), without keeping them. Entries are
+// checked as they are walked: fn may have seen some when an error is
+// returned.
+func WalkPart(b []byte, p *Part, fn func(i int64, d, base chunker.Digest)) error {
 	if len(b) < indexHeaderSize {
 		return badIndex("%d bytes is too short (truncated?)", len(b))
 	}
-	if string(b[:4]) != indexMagic {
+	flagged := string(b[:4]) == patchedMagic
+	if string(b[:4]) != indexMagic && !flagged {
 		return badIndex("bad magic %q", b[:4])
 	}
 	*p = Part{Kind: b[4], ChunkSize: int64(binary.LittleEndian.Uint32(b[8:])),
@@ -336,10 +390,22 @@ func WalkPart(b []byte, p *Part, fn func(i int64, d chunker.Digest)) error {
 		return badIndex("%d entries do not fit %d bytes (truncated?)", p.Count, len(b))
 	}
 	grid := chunker.Grid{ChunkSize: p.ChunkSize, Size: p.Size}
-	rest, prev := b[indexHeaderSize:], int64(-1)
+	rest, prev, patched := b[indexHeaderSize:], int64(-1), 0
 	for k := range p.Count {
 		gap, n := binary.Uvarint(rest)
-		if n <= 0 || n != uvarintLen(gap) || len(rest) < n+32 || gap >= uint64(grid.Count()) {
+		if n <= 0 || n != uvarintLen(gap) {
+			return badIndex("entry %d is damaged (truncated?)", k)
+		}
+		flag := false
+		if flagged {
+			gap, flag = gap>>1, gap&1 == 1
+		}
+		size := n + 32
+		if flag {
+			size += 32
+			patched++
+		}
+		if len(rest) < size || gap >= uint64(grid.Count()) {
 			return badIndex("entry %d is damaged (truncated?)", k)
 		}
 		i := prev + 1 + int64(gap)
@@ -350,33 +416,52 @@ func WalkPart(b []byte, p *Part, fn func(i int64, d chunker.Digest)) error {
 		if d.IsZeroChunk() && p.Kind == KindFull {
 			return badIndex("a full index lists zero chunk %d", i)
 		}
-		fn(i, d)
+		var base chunker.Digest
+		if flag {
+			base = chunker.Digest(rest[n+32 : n+64])
+			if d.IsZeroChunk() || base.IsZeroChunk() || base == d {
+				return badIndex("chunk %d is patched with a zero digest or itself as base", i)
+			}
+		}
+		fn(i, d, base)
 		rest, prev = rest[n+32:], i
+		if flag {
+			rest = rest[32:]
+		}
 	}
 	if len(rest) != 0 {
 		return badIndex("%d bytes after the last entry", len(rest))
+	}
+	if flagged && patched == 0 {
+		return badIndex("a version 3 part lists no patched chunk") // one encoding per part
 	}
 	return nil
 }
 
 // Parts splits the index into its index objects.
 func (ix *Index) Parts() []*Part {
-	return splitParts(KindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests)
+	return splitParts(KindFull, ix.ChunkSize, ix.Size, ix.Size, ix.chunks, ix.digests, ix.bases)
 }
 
 // Parts splits the delta into its index objects.
 func (d *Delta) Parts() []*Part {
-	return splitParts(KindDelta, d.ChunkSize, d.Size, d.Trunc, d.chunks, d.digests)
+	return splitParts(KindDelta, d.ChunkSize, d.Size, d.Trunc, d.chunks, d.digests, d.bases)
 }
 
 // splitParts splits a full index or a delta into index objects of at most
 // PartEntries entries (at least one, also when empty).
-func splitParts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest) []*Part {
+func splitParts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest, bases map[int64]chunker.Digest) []*Part {
 	var out []*Part
 	for lo := 0; lo == 0 || lo < len(chunks); lo += PartEntries {
 		hi := min(lo+PartEntries, len(chunks))
-		out = append(out, &Part{Kind: kind, ChunkSize: chunkSize, Size: size, Trunc: trunc,
-			chunks: chunks[lo:hi], digests: digests[lo:hi]})
+		p := &Part{Kind: kind, ChunkSize: chunkSize, Size: size, Trunc: trunc,
+			chunks: chunks[lo:hi], digests: digests[lo:hi]}
+		if len(bases) > 0 {
+			for _, i := range p.chunks {
+				setBase(&p.bases, i, bases[i])
+			}
+		}
+		out = append(out, p)
 	}
 	return out
 }
@@ -432,8 +517,14 @@ func (l *Link) Add(b []byte) error {
 	l.delta.ChunkSize, l.delta.Size, l.delta.Trunc = l.chunkSize, p.Size, p.Trunc
 	if l.kind == KindFull {
 		l.full.chunks, l.full.digests = append(l.full.chunks, p.chunks...), append(l.full.digests, p.digests...)
+		for i, b := range p.bases {
+			l.full.setBase(i, b)
+		}
 	} else {
 		l.delta.chunks, l.delta.digests = append(l.delta.chunks, p.chunks...), append(l.delta.digests, p.digests...)
+		for i, b := range p.bases {
+			l.delta.setBase(i, b)
+		}
 	}
 	return nil
 }
@@ -446,7 +537,7 @@ func (l *Link) Index() *Index { return &l.full }
 func (l *Link) Delta() *Delta { return &l.delta }
 
 // Diff returns the delta that makes parent into ix (parent.Apply(Diff)
-// equals ix): the chunks whose digest differs, with ZeroChunk for those
+// equals ix): the chunks whose digest or base differs, with ZeroChunk for those
 // that became zero, and the truncation a change of size needs.
 func Diff(parent, ix *Index) *Delta {
 	d := &Delta{ChunkSize: ix.ChunkSize, Size: ix.Size, Trunc: min(parent.Size, ix.Size), Backups: 1}
@@ -461,13 +552,16 @@ func Diff(parent, ix *Index) *Delta {
 			}
 			a++
 		case a >= len(parent.chunks) || ix.chunks[b] < parent.chunks[a]:
-			d.chunks = append(d.chunks, ix.chunks[b])
+			i := ix.chunks[b]
+			d.chunks = append(d.chunks, i)
 			d.digests = append(d.digests, ix.digests[b])
+			d.setBase(i, ix.bases[i])
 			b++
 		default:
-			if i := ix.chunks[b]; i >= keep || ix.digests[b] != parent.digests[a] {
+			if i := ix.chunks[b]; i >= keep || ix.digests[b] != parent.digests[a] || ix.bases[i] != parent.bases[i] {
 				d.chunks = append(d.chunks, i)
 				d.digests = append(d.digests, ix.digests[b])
+				d.setBase(i, ix.bases[i])
 			}
 			a++
 			b++
