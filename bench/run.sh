@@ -17,7 +17,10 @@
 # command.
 #
 # MinIO is also reached through bench/wanproxy (50 ms round trip, 1 Gbit/s
-# per connection and direction): a full backup and a restore each way.
+# per connection and direction): a full backup and a restore each way, and
+# after the full two incrementals through it: 800 scattered 64 KiB writes
+# (distinct random 64 KiB-aligned offsets) and 50 MiB in 1 MiB-aligned
+# writes (stored and dirty bytes recorded from --json).
 #
 # Prints a Markdown table (median, min, max wall seconds; MB/s of the disk's
 # data; CPU seconds of the command and of the domain's QEMU process, host
@@ -75,6 +78,16 @@ for f in $(find /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -name '*.so*' -siz
 	i=$((i + 1))
 done
 [ "$i" -eq 32 ] || die "need 32 shared libraries over 1 MiB for the dirtying writes, found $i"
+# 800 distinct 64 KiB pieces and 50 distinct 1 MiB pieces of real file data
+# for the scattered and aligned writes.
+{ find /usr/lib/x86_64-linux-gnu /usr/bin -type f -size +64k -print0 | sort -z | xargs -0 cat | head -c $((800 * 65536 + 50 * 1048576)) >"$work/pieces"; } 2>/dev/null || true
+[ "$(stat -c %s "$work/pieces")" -eq $((800 * 65536 + 50 * 1048576)) ] || die "not enough file data for the scattered writes"
+head -c $((800 * 65536)) "$work/pieces" >"$work/pieces.64k"
+split -b 64k -a 4 -d "$work/pieces.64k" "$work/qemu/piece."
+tail -c $((50 * 1048576)) "$work/pieces" >"$work/pieces.1m"
+split -b 1M -a 2 -d "$work/pieces.1m" "$work/qemu/mib."
+rm -f "$work/pieces.64k" "$work/pieces.1m"
+rm -f "$work/pieces"
 if id libvirt-qemu >/dev/null 2>&1; then chown -R libvirt-qemu:kvm "$work/qemu"; fi
 # fresh_domains: (re)start every domain on a fresh copy of the test disk,
 # so that every round starts from the same disk and no checkpoints.
@@ -134,17 +147,22 @@ measure() {
 	echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 	local q0
 	q0=$(qemu_cpu "${QDOM:-}")
-	if ! /usr/bin/time -f '%e %U %S %M' -o "$tf" bash -c '"$@"' _ "$@" >"$work/last.log" 2>&1; then
-		cat "$work/last.log" >&2
+	if ! /usr/bin/time -f '%e %U %S %M' -o "$tf" bash -c '"$@"' _ "$@" >"$work/last.log" 2>"$work/last.err"; then
+		cat "$work/last.log" "$work/last.err" >&2
 		die "$name failed"
+	fi
+	local stored=0 dirty=0 # of a backup run with --json
+	if jq -e .bytes_written "$work/last.log" >/dev/null 2>&1; then
+		stored=$(jq '.bytes_written' "$work/last.log")
+		dirty=$(jq '[.disks[].dirty_bytes // 0] | add' "$work/last.log")
 	fi
 	local qemu
 	qemu=$(echo "$(qemu_cpu "${QDOM:-}") $q0" | awk '{printf "%.2f", $1 - $2}')
 	read -r wall user sys rss <"$tf"
 	local size=0
 	[ -n "$output" ] && [ -e "$output" ] && size=$(du -sb "$output" | cut -f1)
-	printf '{"name":"%s","round":%d,"wall":%s,"cpu":%s,"qemu_cpu":%s,"rss_kib":%s,"output_bytes":%s}\n' \
-		"$name" "$round" "$wall" "$(echo "$user $sys" | awk '{printf "%.2f", $1 + $2}')" "$qemu" "$rss" "$size" >>"$SAMPLES"
+	printf '{"name":"%s","round":%d,"wall":%s,"cpu":%s,"qemu_cpu":%s,"rss_kib":%s,"output_bytes":%s,"stored_bytes":%s,"dirty_bytes":%s}\n' \
+		"$name" "$round" "$wall" "$(echo "$user $sys" | awk '{printf "%.2f", $1 + $2}')" "$qemu" "$rss" "$size" "$stored" "$dirty" >>"$SAMPLES"
 	printf '  %-28s %7.2fs  rss %6d MiB  out %s\n' "$name" "$wall" $((rss / 1024)) "$(numfmt --to=iec "$size")" >&2
 }
 
@@ -156,6 +174,26 @@ dirty() {
 	for ((i = 0; i < n; i++)); do
 		cmds+=("write -s $work/qemu/src.$(printf %02d $((i % 32))) $((((RANDOM << 15 | RANDOM) % pages) * 4096)) 1M")
 	done
+	cmds+=(flush)
+	for d in $domains; do qemu_io_lines "$d" "${cmds[@]}"; done | virsh_ >/dev/null
+}
+
+# scatter: 800 writes of 64 KiB at distinct random 64 KiB-aligned offsets,
+# then 50 of 1 MiB at distinct random 1 MiB-aligned offsets when given
+# "aligned"; the same on every domain (a new choice of offsets each call).
+scatter() {
+	local cmds=() k i=0 d
+	if [ "${1:-}" = aligned ]; then
+		for k in $(shuf -i 0-$((disk_bytes / 1048576 - 2)) -n 50); do
+			cmds+=("write -s $work/qemu/mib.$(printf %02d $i) $((k * 1048576)) 1M")
+			i=$((i + 1))
+		done
+	else
+		for k in $(shuf -i 0-$((disk_bytes / 65536 - 2)) -n 800); do
+			cmds+=("write -s $work/qemu/piece.$(printf %04d $i) $((k * 65536)) 64k")
+			i=$((i + 1))
+		done
+	fi
 	cmds+=(flush)
 	for d in $domains; do qemu_io_lines "$d" "${cmds[@]}"; done | virsh_ >/dev/null
 }
@@ -184,6 +222,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
 	QDOM=$dom measure nbdmover-full-null-nocomp "" backup --domain "$dom" --repo null: --mode full --compression none
 	QDOM=$dom measure nbdmover-full-minio "" backup --domain "$dom" --repo "s3://bench/r$round" "${s3[@]}" --mode full
 	QDOM=$dom measure nbdmover-full-minio-wan "" backup --domain "$dom" --repo "s3://bench/r$round-wan" "${wan[@]}" --mode full
+	scatter
+	QDOM=$dom measure nbdmover-inc-scatter-minio-wan "" backup --domain "$dom" --repo "s3://bench/r$round-wan" "${wan[@]}" --mode incremental --json
+	scatter aligned
+	QDOM=$dom measure nbdmover-inc-aligned-minio-wan "" backup --domain "$dom" --repo "s3://bench/r$round-wan" "${wan[@]}" --mode incremental --json
 	measure nbdmover-restore-minio "$r/restore.raw" nbdmover restore --repo "s3://bench/r$round" "${s3[@]}" --domain "$dom" --disk vda --output "$r/restore.raw"
 	rm -f "$r/restore.raw"
 	measure nbdmover-restore-minio-wan "$r/restore.raw" nbdmover restore --repo "s3://bench/r$round" "${wan[@]}" --domain "$dom" --disk vda --output "$r/restore.raw"

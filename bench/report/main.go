@@ -31,6 +31,10 @@ type sample struct {
 	QemuCPU     float64 `json:"qemu_cpu"` // of the domain's QEMU process, when the command reads one
 	RSSKiB      int64   `json:"rss_kib"`
 	OutputBytes int64   `json:"output_bytes"`
+	// Of a backup run with --json: bytes stored, bytes its dirty bitmaps
+	// marked.
+	StoredBytes int64 `json:"stored_bytes"`
+	DirtyBytes  int64 `json:"dirty_bytes"`
 }
 
 // row summarises one command over all rounds.
@@ -44,6 +48,8 @@ type row struct {
 	QemuCPU     float64 `json:"qemu_cpu_s"`
 	RSSMiB      float64 `json:"peak_rss_mib"`
 	OutputBytes int64   `json:"output_bytes"`
+	StoredBytes int64   `json:"stored_bytes,omitempty"`
+	DirtyBytes  int64   `json:"dirty_bytes,omitempty"`
 }
 
 // HostCPU is the median CPU of the command and of the QEMU process it
@@ -143,12 +149,14 @@ func summarise(samples []sample) []row {
 	}
 	for i := range rows {
 		ss := by[rows[i].Name]
-		var walls, cpus, qemus, outs []float64
+		var walls, cpus, qemus, outs, stored, dirty []float64
 		for _, s := range ss {
 			walls = append(walls, s.Wall)
 			cpus = append(cpus, s.CPU)
 			qemus = append(qemus, s.QemuCPU)
 			outs = append(outs, float64(s.OutputBytes))
+			stored = append(stored, float64(s.StoredBytes))
+			dirty = append(dirty, float64(s.DirtyBytes))
 			rows[i].RSSMiB = max(rows[i].RSSMiB, float64(s.RSSKiB)/1024)
 		}
 		rows[i].Rounds = len(ss)
@@ -158,6 +166,8 @@ func summarise(samples []sample) []row {
 		rows[i].CPU = median(cpus)
 		rows[i].QemuCPU = median(qemus)
 		rows[i].OutputBytes = int64(median(outs))
+		rows[i].StoredBytes = int64(median(stored))
+		rows[i].DirtyBytes = int64(median(dirty))
 	}
 	return rows
 }
@@ -257,6 +267,30 @@ func goals(rows []row) []goal {
 	add("encrypted full to the local store (key file) vs unencrypted", "nbdmover-full-local-enc", "nbdmover-full-local", timeRatio, l, m)
 	add("encrypted full to the local store (password, Argon2id included) vs unencrypted", "nbdmover-full-local-enc-pw", "nbdmover-full-local", timeRatio, l, m)
 	add("encrypted restore to raw vs unencrypted", "nbdmover-restore-raw-enc", "nbdmover-restore-raw", timeRatio, l, m)
+	// Incrementals through the 50 ms link: absolute bounds of one row.
+	one := func(what, name string, value func(x row) float64, limit string, met func(float64) bool) {
+		if x, ok := find(rows, name); ok {
+			v := value(x)
+			gs = append(gs, goal{What: what, Value: v, Limit: limit, Met: met(v), From: name})
+		}
+	}
+	wall := func(x row) float64 { return x.Median }
+	cpu := func(x row) float64 { return x.CPU }
+	l, m = atMost(3)
+	one("800 scattered 64 KiB writes: incremental to MinIO through the 50 ms link, wall s", "nbdmover-inc-scatter-minio-wan", wall, l, m)
+	l, m = atMost(1.5)
+	one("the same, nbdmover CPU s", "nbdmover-inc-scatter-minio-wan", cpu, l, m)
+	l, m = atMost(3)
+	one("the same, bytes stored vs bytes the dirty bitmap marked", "nbdmover-inc-scatter-minio-wan", func(x row) float64 {
+		if x.DirtyBytes == 0 {
+			return 0
+		}
+		return float64(x.StoredBytes) / float64(x.DirtyBytes)
+	}, l, m)
+	l, m = atMost(1.5)
+	one("50 MiB in 1 MiB-aligned writes: incremental to MinIO through the 50 ms link, wall s", "nbdmover-inc-aligned-minio-wan", wall, l, m)
+	l, m = atMost(0.5)
+	one("the same, nbdmover CPU s", "nbdmover-inc-aligned-minio-wan", cpu, l, m)
 	var peak float64
 	for _, r := range rows {
 		if strings.HasPrefix(r.Name, "nbdmover-") {

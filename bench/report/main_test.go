@@ -50,6 +50,14 @@ func TestReport(t *testing.T) {
 		add("nbdmover-inc-1pct-nosample", round+1, 0.38*f, 0.1, 90<<10, 900)
 		add("nbdmover-inc-10pct", round+1, 2*f, 0.5, 90<<10, 900)
 		add("virtnbdbackup-inc-10pct", round+1, 1.5*f, 0.5, 90<<10, 900)
+		for _, s := range []sample{
+			{Name: "nbdmover-inc-scatter-minio-wan", Wall: 2.4 * f, CPU: 1.2 * f, StoredBytes: 60e6, DirtyBytes: 52e6},
+			{Name: "nbdmover-inc-aligned-minio-wan", Wall: 1.6 * f, CPU: 0.8 * f, StoredBytes: 50e6, DirtyBytes: 52e6},
+		} {
+			s.Round = round + 1
+			b, _ := json.Marshal(s)
+			lines = append(lines, string(b))
+		}
 	}
 	in := filepath.Join(dir, "samples.jsonl")
 	if err := os.WriteFile(in, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
@@ -81,23 +89,34 @@ func TestReport(t *testing.T) {
 		t.Errorf("row %+v", local)
 	}
 	want := map[string]bool{ // what -> met
-		"full backup to the local store (defaults), time vs virtnbdbackup -l full -z": true,  // 0.5
-		"full backup output size vs virtnbdbackup -z":                                 false, // 0.9
-		"full backup to the local store vs the same to the null store":                true,  // 1.11
-		"full backup to null, no compression, time vs nbdcopy to null:":               true,  // 1.25
-		"host CPU (nbdmover + QEMU) of the default full vs virtnbdbackup -z's":        true,  // 7/14
-		"10%-dirty incremental time vs virtnbdbackup -l inc":                          false, // 1.33
-		"1%-dirty incremental time vs the full":                                       true,  // 0.04
-		"restore to raw: rate vs nbdcopy writing a file":                              false, // 0.6
-		"full backup to MinIO through a 50 ms, 1 Gbit/s link vs direct":               true,  // 1.1
-		"restore from MinIO through a 50 ms, 1 Gbit/s link vs direct":                 false, // 1.5
-		"1%-dirty incremental with the bitmap check vs without":                       true,  // 1.05
-		"peak RSS of any nbdmover command, MiB":                                       false, // 350
+		"full backup to the local store (defaults), time vs virtnbdbackup -l full -z":         true,  // 0.5
+		"full backup output size vs virtnbdbackup -z":                                         false, // 0.9
+		"full backup to the local store vs the same to the null store":                        true,  // 1.11
+		"full backup to null, no compression, time vs nbdcopy to null:":                       true,  // 1.25
+		"host CPU (nbdmover + QEMU) of the default full vs virtnbdbackup -z's":                true,  // 7/14
+		"10%-dirty incremental time vs virtnbdbackup -l inc":                                  false, // 1.33
+		"1%-dirty incremental time vs the full":                                               true,  // 0.04
+		"restore to raw: rate vs nbdcopy writing a file":                                      false, // 0.6
+		"full backup to MinIO through a 50 ms, 1 Gbit/s link vs direct":                       true,  // 1.1
+		"restore from MinIO through a 50 ms, 1 Gbit/s link vs direct":                         false, // 1.5
+		"1%-dirty incremental with the bitmap check vs without":                               true,  // 1.05
+		"peak RSS of any nbdmover command, MiB":                                               false, // 350
+		"800 scattered 64 KiB writes: incremental to MinIO through the 50 ms link, wall s":    true,  // 2.4
+		"the same, nbdmover CPU s":                                                            false, // 1.2 (met) and 0.8 (not): checked below
+		"the same, bytes stored vs bytes the dirty bitmap marked":                             true,  // 1.15
+		"50 MiB in 1 MiB-aligned writes: incremental to MinIO through the 50 ms link, wall s": false, // 1.6
 	}
-	if len(doc.Goals) != len(want) {
-		t.Fatalf("%d goals, want %d: %+v", len(doc.Goals), len(want), doc.Goals)
+	cpuMet := map[string]bool{"nbdmover-inc-scatter-minio-wan": true, "nbdmover-inc-aligned-minio-wan": false}
+	if len(doc.Goals) != len(want)+1 {
+		t.Fatalf("%d goals, want %d: %+v", len(doc.Goals), len(want)+1, doc.Goals)
 	}
 	for _, g := range doc.Goals {
+		if g.What == "the same, nbdmover CPU s" {
+			if g.Met != cpuMet[g.From] {
+				t.Errorf("CPU goal of %s: met=%v value=%v", g.From, g.Met, g.Value)
+			}
+			continue
+		}
 		if met, ok := want[g.What]; !ok || met != g.Met {
 			t.Errorf("goal %q: met=%v value=%v, want met=%v", g.What, g.Met, g.Value, met)
 		}
@@ -122,7 +141,7 @@ func TestReport(t *testing.T) {
 			bars++
 		}
 	}
-	if bars != 1+15 { // background + one bar per row
-		t.Errorf("chart has %d rects, want 16", bars)
+	if bars != 1+17 { // background + one bar per row
+		t.Errorf("chart has %d rects, want 18", bars)
 	}
 }
