@@ -152,10 +152,11 @@ measure() {
 		die "$name failed"
 	fi
 	local stored=0 dirty=0 # of a backup run with --json
-	if jq -e .bytes_written "$work/last.log" >/dev/null 2>&1; then
-		stored=$(jq '.bytes_written' "$work/last.log")
-		dirty=$(jq '[.disks[].dirty_bytes // 0] | add' "$work/last.log")
+	if [ -s "$work/last.log" ] && jq -e .bytes_written "$work/last.log" >/dev/null 2>&1; then
+		stored=$(jq '.bytes_written // 0' "$work/last.log")
+		dirty=$(jq '[.disks[].dirty_bytes // 0] | add // 0' "$work/last.log")
 	fi
+	stored=${stored:-0} dirty=${dirty:-0}
 	local qemu
 	qemu=$(echo "$(qemu_cpu "${QDOM:-}") $q0" | awk '{printf "%.2f", $1 - $2}')
 	read -r wall user sys rss <"$tf"
@@ -263,5 +264,6 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 # --- report ----------------------------------------------------------------
+cp "$SAMPLES" "$OUT/samples.jsonl" # kept: the report can be made again from it
 go run ./bench/report -in "$SAMPLES" -out "$OUT" -data "$data_bytes" \
 	-title "nbdmover benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; disk $SIZE ($data_bytes bytes allocated), $ROUNDS rounds; domains under $accel"

@@ -8,11 +8,16 @@ import (
 	"testing"
 )
 
-// writeRandom writes n random bytes at off of p and records the blocks
-// they touch (what the dirty bitmap marks) in set.
+// writeRandom writes n random bytes at off of p (zeroes, one time in
+// four: a discard or a zeroing write) and records the blocks they touch
+// (what the dirty bitmap marks) in set.
 func writeRandom(rng *rand.Rand, p []byte, set Blocks, off, n int64) {
+	zero := rng.IntN(4) == 0
 	for i := off; i < off+n; i++ {
 		p[i] = byte(rng.Uint32())
+		if zero {
+			p[i] = 0
+		}
 	}
 	set.AddRange(off, n)
 }
@@ -40,9 +45,15 @@ func TestPatchApplyUnion(t *testing.T) {
 			if round%5 == 0 { // the chunk's last byte
 				writeRandom(rng, chunk, first, n-1, 1)
 			}
+			if round%3 == 0 { // a whole block discarded: a zero run
+				off := rng.Int64N(int64(blockCount(n))) * PatchBlock
+				end := min(off+PatchBlock, n)
+				clear(chunk[off:end])
+				first.AddRange(off, end-off)
+			}
 			check := func(what string, set Blocks, want []byte) {
 				t.Helper()
-				if set.Bytes(n) > MaxPatchData(n) {
+				if PatchData(want, set) > MaxPatchData(n) {
 					return // stored whole
 				}
 				p := EncodePatch(nil, bd, want, set)
@@ -111,7 +122,7 @@ func FuzzParsePatch(f *testing.F) {
 			}
 			return
 		}
-		if int64(len(p)) > MaxPatchLen(pt.Len) || pt.Blocks.Bytes(pt.Len) > MaxPatchData(pt.Len) {
+		if int64(len(p)) > MaxPatchLen(pt.Len) || int64(len(pt.data)) > MaxPatchData(pt.Len) {
 			t.Fatalf("accepted a %d-byte patch of a %d-byte chunk", len(p), pt.Len)
 		}
 		got, err := pt.Apply(nil, make([]byte, pt.Len))

@@ -263,3 +263,56 @@ func TestNoPatchesInFormat2(t *testing.T) {
 	}
 	checkPatchRestores(t, ro, points, 2)
 }
+
+// Copies and patches: a copy stores a patched chunk whole in its target,
+// and a copy back into the repository that holds the base backup with
+// patches keeps the base's entries as patches there (not as whole chunks
+// the repository does not have). Every backup restores from both.
+func TestPatchedChunksCopy(t *testing.T) {
+	y := repo.Options{Location: filepath.Join(t.TempDir(), "y")}
+	z := repo.Options{Location: filepath.Join(t.TempDir(), "z")}
+	img := qemutest.NewImage(t, t.TempDir(), 8*MiB)
+	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 8*MiB, 5)+" 0 8M")
+	qemutest.Run(t, "qemu-img", "bitmap", "--add", img, "b0")
+	var points []point
+	take := func(ro repo.Options) *mover.BackupResult {
+		t.Helper()
+		res, err := backuptest.ExportBackup(t, ro, img, "patch-vm", "auto", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		points = append(points, point{res.ID, qemutest.RawCopy(t, img)})
+		return res
+	}
+	open := func(ro repo.Options) *repo.Repo {
+		t.Helper()
+		r, err := ro.Open(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	take(y)
+	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 4096, 6)+" 1M 4k")
+	if x2 := take(y); x2.Disks[0].PatchedChunks != 1 {
+		t.Fatalf("the incremental stored %d patches", x2.Disks[0].PatchedChunks)
+	}
+	if _, err := z.Init(t.Context(), repo.InitOptions{ChunkSize: 256 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := repo.Copy(t.Context(), open(y), open(z), repo.CopyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Backups go on in z (incremental from the copy), then come back to y.
+	qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 4096, 7)+" 5M 4k")
+	w := take(z)
+	if w.Mode != "incremental" {
+		t.Fatalf("backup in the copy: %s", w.Mode)
+	}
+	if _, err := repo.Copy(t.Context(), open(z), open(y), repo.CopyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, ro := range []repo.Options{y, z} {
+		checkPatchRestores(t, ro, points, 3)
+	}
+}

@@ -248,9 +248,11 @@ type run struct {
 	// uploaded, each with its base (zero: whole).
 	uploading sync.Map
 	// parentPatches holds, by chunk, the fetches of the parent's patches
-	// of dirty chunks (*patchFetch); fetching limits them.
+	// of dirty chunks (*patchFetch); fetching limits them, fetches is
+	// their goroutines (Run waits for them).
 	parentPatches sync.Map
 	fetching      chan struct{}
+	fetches       sync.WaitGroup
 	putter        *repo.Putter // stores the chunks (and learns whether asking the store first pays)
 	// planned, planReads: chunks and bytes the planner sent; done: plans
 	// the workers finished.
@@ -282,7 +284,9 @@ func (j *Job) Run(ctx context.Context) (Result, error) {
 	}
 	p := r.planner(grid, r.plan, r.zero, r.skip)
 	p.lie, p.lied = r.recordLie, func() bool { return r.lie.Load() != nil }
-	if err := r.pipe(ctx, p); err != nil {
+	err := r.pipe(ctx, p)
+	r.fetches.Wait() // ended by now: pipe's context is cancelled when it returns
+	if err != nil {
 		return Result{}, err
 	}
 	j.Stats.BytesDirty, j.Stats.ZeroedChunks = p.dirtyBytes, p.zeroedClean
@@ -419,7 +423,7 @@ const readStretch = 16
 func (r *run) plan(c chunkPlan) error {
 	n := r.planned.Add(1) - 1
 	r.planReads.Add(c.readBytes())
-	if pd, pb, ok := r.patchable(c); ok && !pb.IsZeroChunk() {
+	if pd, pb, ok := r.patchable(c); ok && !pb.IsZeroChunk() && c.dirty.Bytes(c.n) <= chunker.MaxPatchData(c.n) {
 		r.prefetch(c.index, pd, pb)
 	}
 	return send(r.planCtx, r.plans[int(n/int64(readStretch))%len(r.plans)], c)
@@ -591,6 +595,20 @@ func (r *run) patchable(c chunkPlan) (pd, pb chunker.Digest, ok bool) {
 	return pd, pb, !pd.IsZeroChunk() && !r.Damaged[pd] && !r.Damaged[pb]
 }
 
+// addUnread adds to set the blocks of c that c does not read whole.
+func addUnread(set chunker.Blocks, c chunkPlan) {
+	pos := int64(0) // every byte before pos is read, or its block is in set
+	for _, s := range c.reads {
+		if s.off > pos {
+			set.AddRange(pos, s.off-pos)
+		}
+		pos = max(pos, s.off+s.n)
+	}
+	if pos < c.n {
+		set.AddRange(pos, c.n-pos)
+	}
+}
+
 // patchFetch is the fetch of a parent's patch: the blocks it holds.
 type patchFetch struct {
 	done   chan struct{}
@@ -603,7 +621,9 @@ type patchFetch struct {
 func (r *run) prefetch(i int64, d, base chunker.Digest) {
 	f := &patchFetch{done: make(chan struct{})}
 	r.parentPatches.Store(i, f)
+	r.fetches.Add(1)
 	go func() {
+		defer r.fetches.Done()
 		defer close(f.done)
 		select {
 		case r.fetching <- struct{}{}:
@@ -621,18 +641,21 @@ func (r *run) prefetch(i int64, d, base chunker.Digest) {
 }
 
 // patch decides how chunk rc, named d, is stored: as a patch, returning
-// its base and plaintext, when it is patchable and the blocks it differs
-// from the base in (the dirty ones, with those of the parent's patch
-// when the parent's entry is one) are at most a quarter of it; whole
-// otherwise (a zero base). A parent's patch that cannot be read makes
-// the chunk whole (and the slot's base anew).
+// its base and plaintext, when it is patchable and the blocks it may
+// differ from the base in hold at most a quarter of it in data (blocks
+// of zeroes cost nothing); whole otherwise (a zero base). Those blocks:
+// the dirty ones; those the chunk has zero extents in (not read: a
+// discard the bitmap missed reads as zeroes where the base has data);
+// and, when the parent's entry is a patch, its blocks. A parent's patch
+// that cannot be read makes the chunk whole (and the slot's base anew).
 func (r *run) patch(ctx context.Context, rc readChunk, d chunker.Digest) (chunker.Digest, []byte, error) {
 	var none chunker.Digest
 	pd, pb, ok := r.patchable(rc.chunkPlan)
 	if !ok || r.Damaged[d] {
 		return none, nil, nil
 	}
-	set, base := rc.dirty, pd
+	set, base := slices.Clone(rc.dirty), pd
+	addUnread(set, rc.chunkPlan)
 	if !pb.IsZeroChunk() {
 		v, _ := r.parentPatches.LoadAndDelete(rc.index)
 		f, _ := v.(*patchFetch)
@@ -647,10 +670,10 @@ func (r *run) patch(ctx context.Context, rc readChunk, d chunker.Digest) (chunke
 		if f.err != nil || len(f.blocks) != len(set) {
 			return none, nil, nil
 		}
-		set, base = slices.Clone(set), pb
+		base = pb
 		set.Union(f.blocks)
 	}
-	if base == d || set.Bytes(rc.n) > chunker.MaxPatchData(rc.n) {
+	if base == d || chunker.PatchData(rc.buf, set) > chunker.MaxPatchData(rc.n) {
 		return none, nil, nil
 	}
 	return base, chunker.EncodePatch(nil, base, rc.buf, set), nil

@@ -1,6 +1,7 @@
 package pipeline
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -498,5 +499,43 @@ func TestStoreAsksWhileItPays(t *testing.T) {
 	st = run()
 	if c.Stats.Load() != n || c.Creates.Load()+c.Puts.Load() != 0 || st.BytesWritten.Load() != 0 || st.BytesDedup.Load() != n*cs {
 		t.Errorf("a stored disk: %d stats, %d creates, %d puts, %d bytes written", c.Stats.Load(), c.Creates.Load(), c.Puts.Load(), st.BytesWritten.Load())
+	}
+}
+
+// A dirty chunk is stored as a patch over the parent's chunk, and the
+// patch covers a block the bitmap calls clean that reads as zeroes now (a
+// discard it missed), where the parent's chunk has data: the patch
+// applied to its base is the chunk. (A fake disk: no NBD server reports a
+// discard its dirty bitmap missed.)
+func TestPatchCoversMissedDiscard(t *testing.T) {
+	r, err := repo.Options{Location: t.TempDir()}.Init(context.Background(), repo.InitOptions{ChunkSize: cs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newFakeDisk(t, 4*cs)
+	d.set(0, 4*cs, 0, 0x10)
+	tuning := Tuning{Readers: 2, Workers: 2, Uploads: 2}
+	run := func(parent *index.Index) *index.Index {
+		t.Helper()
+		j := &Job{Name: "vda", Disk: d, Repo: r, Buffers: NewBuffers(tuning, 1, cs), Tuning: tuning, Stats: &Stats{}, Parent: parent}
+		res, err := j.Run(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if parent == nil {
+			return res.Index
+		}
+		return parent.Apply(res.Delta)
+	}
+	full := run(nil)
+	d.set(cs+8192, 4096, nbdclient.Dirty, 0x99)                           // a write in block 0 of chunk 1
+	d.set(cs+2*chunker.PatchBlock, chunker.PatchBlock, nbdclient.Zero, 0) // block 2 discarded behind the bitmap's back
+	inc := run(full)
+	if inc.Base(1) != full.Digest(1) || inc.Digest(1) != digestOf(d.chunkOf(cs, 1)) {
+		t.Fatalf("chunk 1: %v over %v, want a patch over %v", inc.Digest(1), inc.Base(1), full.Digest(1))
+	}
+	got, _, err := r.GetEntry(context.Background(), inc.Digest(1), inc.Base(1), nil, nil)
+	if err != nil || !bytes.Equal(got, d.chunkOf(cs, 1)) {
+		t.Fatalf("the patch applied to its base: %v", err)
 	}
 }

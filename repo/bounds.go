@@ -18,7 +18,7 @@ import (
 const (
 	maxSmallObject = 64 << 10 // config, key objects, locks, tombstones, protection markers
 	maxManifest    = 16 << 20 // a manifest's JSON
-	maxIndexObject = 16 << 20 // an index object: at most 262,144 entries of at most 42 bytes
+	maxIndexObject = 16 << 20 // an index object: at most 262,144 entries of at most 42 bytes, or 131,072 of at most 74
 	maxFile        = 16 << 20 // an extra file of a backup (domain.xml, checkpoint.xml)
 	maxCatalog     = 64 << 20 // a catalog's JSON (a cache: not written above this)
 	maxState       = 4 << 20  // a damage record (at most 10,000 backups named), state/verified

@@ -353,6 +353,7 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		dstBase  *Chain       // the target's chain of the base
 		todo     []int        // entries of ix to copy (others are the base's)
 		resolved []chunker.Digest
+		bases    map[int]chunker.Digest // of resolved entries that are patches in the target
 	}
 	disks := make([]*diskWork, len(m.Disks))
 	for k, d := range m.Disks {
@@ -400,12 +401,18 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 	}
 	var total int64
 	for _, w := range disks {
-		w.resolved = make([]chunker.Digest, w.ix.Len())
+		w.resolved, w.bases = make([]chunker.Digest, w.ix.Len()), map[int]chunker.Digest{}
 		for e := range w.ix.Len() {
 			i, sd := w.ix.At(e)
 			if w.srcBase != nil && w.srcBase.Digest(i) == sd {
-				if td := w.dstBase.Index.Digest(i); !td.IsZeroChunk() && !c.damaged[td] {
-					w.resolved[e] = td // unchanged since the base: its chunk in the target
+				td, tb := w.dstBase.Index.Digest(i), w.dstBase.Index.Base(i)
+				if !td.IsZeroChunk() && !c.damaged[td] && !c.damaged[tb] {
+					// Unchanged since the base: its entry in the target (a
+					// patch there, when the target's backup stored one).
+					w.resolved[e] = td
+					if !tb.IsZeroChunk() {
+						w.bases[e] = tb
+					}
 					continue
 				}
 			}
@@ -472,10 +479,10 @@ func (c *copier) backup(ctx context.Context, m, base *Manifest, src, in map[stri
 		var b index.Builder
 		for e := range w.ix.Len() {
 			i, _ := w.ix.At(e)
-			b.Set(i, w.resolved[e], chunker.Digest{}) // whole in the target
+			b.Set(i, w.resolved[e], w.bases[e]) // copied chunks are whole in the target
 		}
 		ix := b.Index(w.ix.ChunkSize, w.ix.Size)
-		w.ix, w.srcBase, w.resolved = nil, nil, nil // their memory, for the next disks' indexes
+		w.ix, w.srcBase, w.resolved, w.bases = nil, nil, nil, nil // their memory, for the next disks' indexes
 		if w.dstBase != nil {
 			dds[w.name] = DiskData{Parent: w.dstBase, Delta: index.Diff(w.dstBase.Index, ix)}
 		} else {

@@ -85,7 +85,7 @@ func (r *Repo) DamagedChunks(ctx context.Context) (map[chunker.Digest]bool, erro
 	}
 	out := map[chunker.Digest]bool{}
 	for _, obj := range recs {
-		if d, ok := storedDigest(obj); ok {
+		if d, ok := storedDigest(obj); ok && !d.IsZeroChunk() { // no chunk is named so: a planted record
 			out[d] = true
 		}
 	}
@@ -253,8 +253,8 @@ func ChunkDamage(err error) (key, problem string, ok bool) {
 // store the chunk again rather than deduplicate against it. The chunk's
 // bytes are not quarantined (the next verify --read-data does that).
 func (r *Repo) RecordDamage(ctx context.Context, key, problem string, backups []string) error {
-	if _, ok := chunkDigest(key); !ok {
-		return fmt.Errorf("%s is not a chunk's key", key)
+	if _, ok := storedDigest(key); !ok {
+		return fmt.Errorf("%s is not a chunk's or patch's key", key)
 	}
 	return r.recordDamage(ctx, key, problem, "", backups, time.Now())
 }

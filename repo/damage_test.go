@@ -242,3 +242,25 @@ func TestVerifyFailsLate(t *testing.T) {
 		t.Fatalf("recorded: %v %v", dmg, err)
 	}
 }
+
+// A damage record for the zero digest (no chunk is named so: planted)
+// is not a damaged chunk: it would make every whole entry's zero base
+// look damaged (no dedup, no patches). One for a patch key is recorded
+// and names the patch's chunk.
+func TestDamageRecordKeys(t *testing.T) {
+	ctx := t.Context()
+	r := initTestRepo(t, localStore(t))
+	d, b := chunker.Sum([]byte("d")), chunker.Sum([]byte("b"))
+	for _, key := range []string{ChunkKey(chunker.ZeroChunk), PatchKey(d, b)} {
+		if err := r.RecordDamage(ctx, key, "planted", []string{"vm1/x"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dmg, err := r.DamagedChunks(ctx)
+	if err != nil || len(dmg) != 1 || !dmg[d] {
+		t.Fatalf("damaged chunks: %v %v", dmg, err)
+	}
+	if err := r.RecordDamage(ctx, "patches/xx", "planted", nil); err == nil {
+		t.Fatal("a damage record for a key that is not a chunk's or patch's")
+	}
+}

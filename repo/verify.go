@@ -420,7 +420,10 @@ func (v *verify) readPatches(ctx context.Context, patches []patchRef) error {
 				v.stats.Verified++
 				v.patchOK[p] = true
 			case errors.As(err, &ce) && ce.Key == ChunkKey(p.base):
-				if v.chunks[p.base] == nil {
+				if v.chunks[p.base] == nil && errors.Is(err, sink.ErrNotFound) {
+					v.chunks[p.base] = &damage{problem: "missing"} // deleted since the listing
+					v.stats.Missing++
+				} else if v.chunks[p.base] == nil {
 					v.chunks[p.base] = &damage{problem: ce.Err.Error()}
 					v.stats.Corrupt++
 				}

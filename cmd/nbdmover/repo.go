@@ -230,7 +230,7 @@ func initCommand() *cli.Command {
 			}
 			cfg := r.Config()
 			if c.Bool("json") {
-				return printJSON(c.App.Writer, map[string]any{"repository": r.Location(), "id": cfg.ID, "chunk_size": cfg.ChunkSize,
+				return printJSON(c.App.Writer, map[string]any{"repository": r.Location(), "id": cfg.ID, "format": cfg.Version, "chunk_size": cfg.ChunkSize,
 					"compression": cfg.Compression, "encrypted": r.Encrypted(), "object_lock": cfg.ObjectLock})
 			}
 			enc := ""

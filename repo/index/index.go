@@ -273,7 +273,9 @@ const (
 	KindFull        = 1
 	KindDelta       = 2
 	// PartEntries bounds the entries of one index object, so that its
-	// plaintext stays well under chunker.MaxChunkSize.
+	// plaintext stays well under chunker.MaxChunkSize: 256 Ki entries of
+	// at most 42 bytes, or in a part with patched chunks (entries of up
+	// to 74 bytes) half as many.
 	PartEntries = 256 << 10
 )
 
@@ -452,8 +454,12 @@ func (d *Delta) Parts() []*Part {
 // PartEntries entries (at least one, also when empty).
 func splitParts(kind byte, chunkSize, size, trunc int64, chunks []int64, digests []chunker.Digest, bases map[int64]chunker.Digest) []*Part {
 	var out []*Part
-	for lo := 0; lo == 0 || lo < len(chunks); lo += PartEntries {
-		hi := min(lo+PartEntries, len(chunks))
+	step := PartEntries
+	if len(bases) > 0 {
+		step /= 2
+	}
+	for lo := 0; lo == 0 || lo < len(chunks); lo += step {
+		hi := min(lo+step, len(chunks))
 		p := &Part{Kind: kind, ChunkSize: chunkSize, Size: size, Trunc: trunc,
 			chunks: chunks[lo:hi], digests: digests[lo:hi]}
 		if len(bases) > 0 {

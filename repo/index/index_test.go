@@ -208,3 +208,20 @@ func TestDiff(t *testing.T) {
 		}
 	}
 }
+
+// A part with patched chunks holds half as many entries, so that the
+// largest one stays under what a reader accepts (16 MiB).
+func TestPatchedPartSize(t *testing.T) {
+	const n = PartEntries/2 + 3
+	var b Builder
+	for i := range int64(n) {
+		b.Set(i*1000, chunker.Digest{1, byte(i), byte(i >> 8), byte(i >> 16)}, chunker.Digest{2, byte(i), byte(i >> 8), byte(i >> 16)})
+	}
+	parts := b.Index(256<<10, int64(n)*1000*(256<<10)).Parts()
+	if len(parts) != 2 || parts[0].Len() != PartEntries/2 {
+		t.Fatalf("%d parts, the first of %d entries", len(parts), parts[0].Len())
+	}
+	if size := len(parts[0].Marshal()); size > 16<<20 {
+		t.Fatalf("a part of %d bytes", size)
+	}
+}
