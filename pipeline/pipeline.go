@@ -70,7 +70,9 @@ type Buffers struct {
 // goroutines, but the buffers are shared by the disks of a backup
 // (Memory): Readers x disks + Workers + 2 plaintext buffers and Workers +
 // Uploads + 2 blob buffers, so with several disks the pools, not the
-// goroutines, bound what is in flight.
+// goroutines, bound what is in flight. An incremental's patches (a
+// quarter of a chunk at most) take none of them: at most three times
+// Uploads of them are in flight, in the uploads' channel and uploaders.
 type Tuning struct {
 	Readers int // NBD connections and reader goroutines per disk
 	Workers int // digest/compress goroutines per disk (default: the CPUs)
@@ -194,6 +196,14 @@ type upload struct {
 	base   chunker.Digest // a patch over base; zero: the chunk whole
 	plain  int64          // plaintext length, for the dedup count
 	blob   []byte
+	pooled bool // blob is one of Buffers.blob
+}
+
+// done returns the upload's blob to the pool it came from.
+func (u upload) done(b *Buffers) {
+	if u.pooled {
+		b.blob.put(u.blob)
+	}
 }
 
 // Job is the backup of one disk.
@@ -269,7 +279,11 @@ type run struct {
 func (j *Job) Run(ctx context.Context) (Result, error) {
 	size := j.Disk.Info().Size
 	chunkSize := j.Repo.Config().ChunkSize
-	r := &run{Job: j, putter: j.Repo.NewPutter(), fetching: make(chan struct{}, patchFetches)}
+	fetches := patchFetches
+	if j.Repo.Remote() {
+		fetches = remotePatchFetches
+	}
+	r := &run{Job: j, putter: j.Repo.NewPutter(), fetching: make(chan struct{}, fetches)}
 	j.Stats.Total.Store(size)
 	grid := chunker.Grid{ChunkSize: chunkSize, Size: size}
 	if j.Parent != nil {
@@ -406,7 +420,14 @@ func (r *run) pipe(ctx context.Context, p *planner) error {
 	})
 	stage(g, r.Tuning.Readers, func() { close(reads) }, func(i int) error { return r.readAll(ctx, plans[i], reads) })
 	stage(g, r.Tuning.Workers, func() { close(uploads) }, func(int) error { return r.digestAll(ctx, reads, uploads) })
-	stage(g, r.Tuning.Uploads, func() {}, func(int) error { return r.storeAll(ctx, uploads) })
+	// Twice the uploads on a remote store: the chunks' buffers bound the
+	// chunks in flight, and the others carry patches, small objects whose
+	// cost is the round trip.
+	uploaders := r.Tuning.Uploads
+	if r.Repo.Remote() && r.Parent != nil && r.Repo.Patches() {
+		uploaders *= 2
+	}
+	stage(g, uploaders, func() {}, func(int) error { return r.storeAll(ctx, uploads) })
 	return g.Wait()
 }
 
@@ -519,7 +540,7 @@ func (r *run) digestAll(ctx context.Context, in <-chan readChunk, out chan<- upl
 			continue
 		}
 		if err := send(ctx, out, u); err != nil {
-			r.Buffers.blob.put(u.blob)
+			u.done(r.Buffers)
 			return err
 		}
 	}
@@ -567,20 +588,23 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 		return upload{}, nil
 	}
 	r.set(rc.index, d, base)
+	if patch != nil {
+		// A patch's blob is its own allocation, a quarter of a chunk at
+		// most: patches in flight do not take the chunks' buffers.
+		r.Stats.Patched.Add(1)
+		blob := make([]byte, 0, chunker.MaxBlobLen(len(patch)))
+		return upload{index: rc.index, digest: d, base: base, plain: rc.n, blob: r.Repo.EncodePatch(blob, d, base, patch)}, nil
+	}
 	blob, err := r.Buffers.blob.get(ctx)
 	if err != nil {
 		return upload{}, err
 	}
-	if patch != nil {
-		r.Stats.Patched.Add(1)
-		return upload{index: rc.index, digest: d, base: base, plain: rc.n, blob: r.Repo.EncodePatch(blob, d, base, patch)}, nil
-	}
-	return upload{index: rc.index, digest: d, plain: rc.n, blob: r.Repo.EncodeChunk(blob, d, rc.buf)}, nil
+	return upload{index: rc.index, digest: d, plain: rc.n, blob: r.Repo.EncodeChunk(blob, d, rc.buf), pooled: true}, nil
 }
 
 // patchFetches bounds the parent's patches fetched at once (each a round
-// trip to S3, beside the uploads).
-const patchFetches = 16
+// trip to S3, beside the uploads), on a local store and on a remote one.
+const patchFetches, remotePatchFetches = 16, 64
 
 // patchable says whether a chunk to build may be stored as a patch: an
 // incremental into a repository with patches, a dirty chunk of the
@@ -712,7 +736,7 @@ func digestName(d chunker.Digest) string {
 func (r *run) storeAll(ctx context.Context, in <-chan upload) error {
 	for u := range in {
 		err := r.store(ctx, u)
-		r.Buffers.blob.put(u.blob)
+		u.done(r.Buffers)
 		if err != nil {
 			return err
 		}

@@ -50,7 +50,7 @@ func Open(location string, o Options) (Store, error) {
 		return nil, err
 	}
 	if o.MaxConcurrent <= 0 {
-		o.MaxConcurrent = 32
+		o.MaxConcurrent = 64
 	}
 	if o.Retry.Attempts == 0 {
 		o.Retry = DefaultRetry

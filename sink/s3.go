@@ -280,20 +280,19 @@ func (s *S3) get(ctx context.Context, key, versionID string, buf []byte, limit i
 	if err != nil {
 		return nil, err
 	}
-	obj, err := s.client.GetObject(ctx, s.bucket, k, minio.GetObjectOptions{VersionID: versionID})
+	// One GET, whose headers give the size (the lazy minio.Object would
+	// send a HEAD for it first: a round trip more); the body is read only
+	// when the size is within limit.
+	body, st, _, err := minio.Core{Client: s.client}.GetObject(ctx, s.bucket, k, minio.GetObjectOptions{VersionID: versionID})
 	if err != nil {
 		return nil, s.fail(ctx, "get", key, err)
 	}
-	defer obj.Close()
-	st, err := obj.Stat() // the response's headers: the body is not read yet
-	if err != nil {
-		return nil, s.fail(ctx, "get", key, err)
-	}
+	defer body.Close()
 	if st.Size > limit || st.Size < 0 {
 		return nil, &Error{Op: "get", Key: key, Location: s.location, Err: tooLarge(st.Size, limit)}
 	}
 	buf = append(buf[:0], make([]byte, st.Size)...)
-	if _, err := io.ReadFull(io.LimitReader(obj, st.Size), buf); err != nil {
+	if _, err := io.ReadFull(body, buf); err != nil {
 		return nil, s.fail(ctx, "get", key, err)
 	}
 	return buf, nil
