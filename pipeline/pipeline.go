@@ -64,6 +64,10 @@ func send[T any](ctx context.Context, ch chan<- T, v T) error {
 type Buffers struct {
 	plain bufPool // chunk plaintext: readers and workers
 	blob  bufPool // encoded chunks: workers and uploaders
+	// patches are the tokens of patches in flight (workers and
+	// uploaders), each of its own allocations of at most a quarter of a
+	// chunk, plaintext and blob.
+	patches chan struct{}
 }
 
 // Tuning sizes the pipeline. Each disk runs Readers, Workers and Uploads
@@ -71,8 +75,8 @@ type Buffers struct {
 // (Memory): Readers x disks + Workers + 2 plaintext buffers and Workers +
 // Uploads + 2 blob buffers, so with several disks the pools, not the
 // goroutines, bound what is in flight. An incremental's patches (a
-// quarter of a chunk at most) take none of them: at most three times
-// Uploads of them are in flight, in the uploads' channel and uploaders.
+// quarter of a chunk at most) take none of them but a token each, as
+// many as blob buffers.
 type Tuning struct {
 	Readers int // NBD connections and reader goroutines per disk
 	Workers int // digest/compress goroutines per disk (default: the CPUs)
@@ -112,8 +116,9 @@ func (t Tuning) WithDefaults(cpus int, chunkSize int64) Tuning {
 func NewBuffers(t Tuning, disks int, chunkSize int64) *Buffers {
 	plain, blob := t.buffers(disks)
 	return &Buffers{
-		plain: newBufPool(plain, chunkSize),
-		blob:  newBufPool(blob, int64(chunker.MaxBlobLen(int(chunkSize)))),
+		plain:   newBufPool(plain, chunkSize),
+		blob:    newBufPool(blob, int64(chunker.MaxBlobLen(int(chunkSize)))),
+		patches: make(chan struct{}, blob),
 	}
 }
 
@@ -123,11 +128,14 @@ func (t Tuning) buffers(disks int) (plain, blob int) {
 	return t.Readers*disks + t.Workers + 2, t.Workers + t.Uploads + 2
 }
 
-// Memory is what NewBuffers allocates for a backup of disks disks: the
-// pipeline's memory, whatever the disks' sizes.
+// Memory is what NewBuffers allocates for a backup of disks disks, and
+// what an incremental's patches in flight may take besides (as many as
+// blob buffers, each a quarter of a chunk at most, plaintext and blob):
+// the pipeline's memory, whatever the disks' sizes.
 func (t Tuning) Memory(disks int, chunkSize int64) int64 {
 	plain, blob := t.buffers(disks)
-	return int64(plain)*chunkSize + int64(blob)*int64(chunker.MaxBlobLen(int(chunkSize)))
+	patch := chunker.MaxPatchLen(chunkSize)
+	return int64(plain)*chunkSize + int64(blob)*(int64(chunker.MaxBlobLen(int(chunkSize)))+patch+int64(chunker.MaxBlobLen(int(patch))))
 }
 
 // Stats are what one disk's backup moved. Fields are updated atomically
@@ -197,12 +205,17 @@ type upload struct {
 	plain  int64          // plaintext length, for the dedup count
 	blob   []byte
 	pooled bool // blob is one of Buffers.blob
+	patch  bool // a patch: it holds a token of Buffers.patches
 }
 
-// done returns the upload's blob to the pool it came from.
+// done returns the upload's blob to the pool it came from (or its
+// patch's token).
 func (u upload) done(b *Buffers) {
-	if u.pooled {
+	switch {
+	case u.pooled:
 		b.blob.put(u.blob)
+	case u.patch:
+		<-b.patches
 	}
 }
 
@@ -583,6 +596,9 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 		return upload{}, err
 	}
 	if stored, dup := r.uploading.LoadOrStore(d, base); dup {
+		if patch != nil {
+			<-r.Buffers.patches
+		}
 		r.set(rc.index, d, stored.(chunker.Digest))
 		r.Stats.BytesDedup.Add(rc.n)
 		return upload{}, nil
@@ -593,7 +609,7 @@ func (r *run) digest(ctx context.Context, rc readChunk) (upload, error) {
 		// most: patches in flight do not take the chunks' buffers.
 		r.Stats.Patched.Add(1)
 		blob := make([]byte, 0, chunker.MaxBlobLen(len(patch)))
-		return upload{index: rc.index, digest: d, base: base, plain: rc.n, blob: r.Repo.EncodePatch(blob, d, base, patch)}, nil
+		return upload{index: rc.index, digest: d, base: base, plain: rc.n, blob: r.Repo.EncodePatch(blob, d, base, patch), patch: true}, nil
 	}
 	blob, err := r.Buffers.blob.get(ctx)
 	if err != nil {
@@ -700,7 +716,12 @@ func (r *run) patch(ctx context.Context, rc readChunk, d chunker.Digest) (chunke
 	if base == d || chunker.PatchData(rc.buf, set) > chunker.MaxPatchData(rc.n) {
 		return none, nil, nil
 	}
-	return base, chunker.EncodePatch(nil, base, rc.buf, set), nil
+	select { // a token for the patch's memory, given back when it is stored
+	case r.Buffers.patches <- struct{}{}:
+	case <-ctx.Done():
+		return none, nil, context.Cause(ctx)
+	}
+	return base, chunker.EncodePatch(make([]byte, 0, chunker.MaxPatchLen(rc.n)), base, rc.buf, set), nil
 }
 
 // verify checks a sample chunk the bitmap calls clean against the

@@ -13,7 +13,7 @@ type Options struct {
 	S3Endpoint  string // required for s3:// locations
 	S3Region    string
 	S3PathStyle bool
-	// MaxConcurrent bounds operations in flight (default 32).
+	// MaxConcurrent bounds operations in flight (default 64).
 	MaxConcurrent int
 	// Retry is the retry policy (default DefaultRetry).
 	Retry RetryPolicy

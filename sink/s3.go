@@ -288,7 +288,17 @@ func (s *S3) get(ctx context.Context, key, versionID string, buf []byte, limit i
 		return nil, s.fail(ctx, "get", key, err)
 	}
 	defer body.Close()
-	if st.Size > limit || st.Size < 0 {
+	if st.Size < 0 { // no Content-Length (a chunked answer): read to the bound
+		b, err := io.ReadAll(io.LimitReader(body, limit+1))
+		if err != nil {
+			return nil, s.fail(ctx, "get", key, err)
+		}
+		if int64(len(b)) > limit {
+			return nil, &Error{Op: "get", Key: key, Location: s.location, Err: tooLarge(int64(len(b)), limit)}
+		}
+		return append(buf[:0], b...), nil
+	}
+	if st.Size > limit {
 		return nil, &Error{Op: "get", Key: key, Location: s.location, Err: tooLarge(st.Size, limit)}
 	}
 	buf = append(buf[:0], make([]byte, st.Size)...)

@@ -5,6 +5,10 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -478,5 +482,47 @@ func TestLocalDeferredSyncFails(t *testing.T) {
 	os.Chmod(filepath.Join(dir, "chunks/ef"), 0o700)
 	if err := s.Sync(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// An S3 read is one GET whose Content-Length gives the size; an answer
+// without one (a chunked answer: some S3-compatible servers and proxies
+// send them) is read up to the bound, not taken for a damaged object.
+// MinIO always sends a length: a proxy in front of it drops it.
+func TestS3ChunkedAnswers(t *testing.T) {
+	ep := sinktest.S3Endpoint(t)
+	direct := sinktest.NewS3(t, "")
+	bucket := strings.TrimSuffix(strings.TrimPrefix(strings.Fields(direct.Location())[0], "s3://"), "/")
+	target, err := url.Parse(ep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.ModifyResponse = func(r *http.Response) error {
+		if r.Request.Method == http.MethodGet {
+			r.Header.Del("Content-Length")
+			r.ContentLength = -1
+		}
+		return nil
+	}
+	srv := httptest.NewServer(rp)
+	t.Cleanup(srv.Close)
+	s, err := sink.NewS3(sink.S3Options{Endpoint: srv.URL, Bucket: bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	data := bytes.Repeat([]byte("chunked "), 5000)
+	if err := direct.Put(ctx, "chunks/ab/x", data); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.Get(ctx, "chunks/ab/x", nil, int64(len(data))); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("a chunked answer at the bound: %d bytes, %v", len(got), err)
+	}
+	if _, err := s.Get(ctx, "chunks/ab/x", nil, int64(len(data))-1); !errors.Is(err, sink.ErrDamaged) {
+		t.Fatalf("a chunked answer past the bound: %v", err)
+	}
+	if _, err := s.Get(ctx, "chunks/ab/none", nil, 100); !errors.Is(err, sink.ErrNotFound) {
+		t.Fatalf("a missing object through the proxy: %v", err)
 	}
 }
