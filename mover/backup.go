@@ -443,11 +443,23 @@ func (b *backup) run(ctx context.Context) (*BackupResult, error) {
 	if info.Fallback != "" {
 		b.fallbacks = append(b.fallbacks, info.Fallback)
 	}
+	// The damage records are listed while the parents' indexes load (a
+	// round trip to S3 spared).
+	type damagedChunks struct {
+		d   map[chunker.Digest]bool
+		err error
+	}
+	damagedc := make(chan damagedChunks, 1)
+	go func() {
+		d, err := b.r.DamagedChunks(ctx)
+		damagedc <- damagedChunks{d, err}
+	}()
 	parents, err := b.parents(ctx, disks)
+	dc := <-damagedc
 	if err != nil {
 		return nil, err
 	}
-	if b.damaged, err = b.r.DamagedChunks(ctx); err != nil {
+	if b.damaged, err = dc.d, dc.err; err != nil {
 		return nil, fmt.Errorf("backup %s: %w", b.m.Domain, err)
 	}
 	// Object Lock extensions go on while the disks are read (they may

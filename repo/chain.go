@@ -51,11 +51,12 @@ func (r *Repo) LoadChain(ctx context.Context, m *Manifest, disk string) (*Chain,
 		return nil, fmt.Errorf("backup %s/%s disk %s: %w: %v", m.Domain, m.ID, disk, index.ErrBadIndex, err)
 	}
 	c := &Chain{Refs: d.Index}
-	for k, ref := range d.Index {
-		full, delta, err := r.loadLink(ctx, ref, m.ChunkSize)
-		if err != nil {
-			return nil, fmt.Errorf("backup %s/%s disk %s: %w", m.Domain, m.ID, disk, err)
-		}
+	links, err := r.loadLinks(ctx, d.Index, m.ChunkSize)
+	if err != nil {
+		return nil, fmt.Errorf("backup %s/%s disk %s: %w", m.Domain, m.ID, disk, err)
+	}
+	for k, l := range links {
+		full, delta := l.Index(), l.Delta()
 		if k == 0 {
 			c.Index = full
 			continue
@@ -83,26 +84,89 @@ func (r *Repo) LoadIndex(ctx context.Context, m *Manifest, disk string) (*index.
 	return c.Index, nil
 }
 
-// loadLink reads the index objects of one link (a full index or a delta).
-func (r *Repo) loadLink(ctx context.Context, ref IndexRef, chunkSize int64) (*index.Index, *index.Delta, error) {
-	kind := byte(index.KindFull)
-	if ref.Kind == "delta" {
-		kind = index.KindDelta
-	}
-	l := index.NewLink(kind, chunkSize, ref.Backups)
-	for _, key := range ref.Objects {
-		b, err := r.getObject(ctx, key)
-		if err != nil {
-			return nil, nil, err
+// loadLinks reads the index objects of the links of a chain (a full
+// index, then deltas), each checked against its ref. The objects are
+// fetched ahead of their use, linkObjectsAhead at once: a chain of 13
+// links costs about one round trip to S3, not 13.
+func (r *Repo) loadLinks(ctx context.Context, refs []IndexRef, chunkSize int64) ([]*index.Link, error) {
+	links := make([]*index.Link, len(refs))
+	var keys []string
+	var owner []int // the link of each key
+	for k, ref := range refs {
+		kind := byte(index.KindFull)
+		if ref.Kind == "delta" {
+			kind = index.KindDelta
 		}
-		if err := l.Add(b); err != nil {
-			return nil, nil, &ObjectError{Key: key, Err: err}
+		links[k] = index.NewLink(kind, chunkSize, ref.Backups)
+		for _, key := range ref.Objects {
+			keys, owner = append(keys, key), append(owner, k)
 		}
 	}
-	if n := l.Entries(); n != ref.Entries {
-		return nil, nil, &ObjectError{Key: ref.Objects[0], Err: fmt.Errorf("%w: %d entries, the manifest says %d", index.ErrBadIndex, n, ref.Entries)}
+	err := r.getInOrder(ctx, keys, func(i int, b []byte) error {
+		if err := links[owner[i]].Add(b); err != nil {
+			return &ObjectError{Key: keys[i], Err: err}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	return l.Index(), l.Delta(), nil
+	for k, ref := range refs {
+		if n := links[k].Entries(); n != ref.Entries {
+			return nil, &ObjectError{Key: ref.Objects[0], Err: fmt.Errorf("%w: %d entries, the manifest says %d", index.ErrBadIndex, n, ref.Entries)}
+		}
+	}
+	return links, nil
+}
+
+// linkObjectsAhead bounds the index objects fetched and not yet used
+// (each up to 16 MiB).
+const linkObjectsAhead = 8
+
+// getInOrder fetches the objects at keys (getObject), up to
+// linkObjectsAhead at once, and calls use with each in order; it stops
+// at the first error.
+func (r *Repo) getInOrder(ctx context.Context, keys []string, use func(i int, b []byte) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type got struct {
+		b   []byte
+		err error
+	}
+	slots := make([]chan got, len(keys))
+	for i := range slots {
+		slots[i] = make(chan got, 1)
+	}
+	ahead := make(chan struct{}, linkObjectsAhead)
+	go func() {
+		for i, key := range keys {
+			select {
+			case ahead <- struct{}{}:
+			case <-ctx.Done():
+				return
+			}
+			go func() {
+				b, err := r.getObject(ctx, key)
+				slots[i] <- got{b, err}
+			}()
+		}
+	}()
+	for i := range keys {
+		var g got
+		select {
+		case g = <-slots[i]:
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+		<-ahead
+		if g.err != nil {
+			return g.err
+		}
+		if err := use(i, g.b); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // writeIndex stores the index objects of a disk and returns its chain's

@@ -625,14 +625,20 @@ func (l *Lock) Check(ctx context.Context) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("%w: %s not refreshed since %s", ErrLost, l.info.Key, lastOK.Format(time.RFC3339))
 	}
 	deadline := time.Now().Add(left + Timing.Margin/2)
-	if _, err := l.s.c.Store.Stat(ctx, l.info.Key); err != nil {
+	// The lock and its tombstone are asked at once (one round trip to S3
+	// instead of two): both answers must be in before it holds.
+	tomb := make(chan error, 1)
+	go func() { tomb <- l.s.tombstoned(ctx, l.info.ID) }()
+	_, err := l.s.c.Store.Stat(ctx, l.info.Key)
+	terr := <-tomb
+	if err != nil {
 		if errors.Is(err, sink.ErrNotFound) {
 			err = fmt.Errorf("%w: %s was removed (by nbdmover unlock?)", ErrLost, l.info.Key)
 		}
 		return time.Time{}, err
 	}
-	if err := l.s.tombstoned(ctx, l.info.ID); err != nil {
-		return time.Time{}, err
+	if terr != nil {
+		return time.Time{}, terr
 	}
 	if l.info.Kind == Shared {
 		return deadline, nil
