@@ -242,14 +242,17 @@ func goals(rows []row) []goal {
 	atLeast := func(l float64) (string, func(float64) bool) {
 		return fmt.Sprintf(">= %g", l), func(v float64) bool { return v >= l }
 	}
-	l, m := atMost(0.5)
+	// Issue 29's bounds where it set them (the full's time and host CPU,
+	// the output, no compression, the restore, the link), earlier
+	// issues' for the others.
+	l, m := atMost(0.6)
 	add("full backup to the local store (defaults), time vs virtnbdbackup -l full -z", "nbdmover-full-local", "virtnbdbackup-full-z", timeRatio, l, m)
 	l, m = atMost(0.85)
 	add("full backup output size vs virtnbdbackup -z", "nbdmover-full-local", "virtnbdbackup-full-z",
 		func(x, y row) float64 { return float64(x.OutputBytes) / float64(y.OutputBytes) }, l, m)
 	l, m = atMost(1.15)
 	add("full backup to the local store vs the same to the null store", "nbdmover-full-local", "nbdmover-full-null", timeRatio, l, m)
-	l, m = atMost(1.25)
+	l, m = atMost(1.4)
 	add("full backup to null, no compression, time vs nbdcopy to null:", "nbdmover-full-null-nocomp", "nbdcopy-null", timeRatio, l, m)
 	l, m = atMost(1.0)
 	add("host CPU (nbdmover + QEMU) of the default full vs virtnbdbackup -z's", "nbdmover-full-local", "virtnbdbackup-full-z",
@@ -257,7 +260,7 @@ func goals(rows []row) []goal {
 	add("10%-dirty incremental time vs virtnbdbackup -l inc", "nbdmover-inc-10pct", "virtnbdbackup-inc-10pct", timeRatio, l, m)
 	l, m = atMost(0.05)
 	add("1%-dirty incremental time vs the full", "nbdmover-inc-1pct", "nbdmover-full-local", timeRatio, l, m)
-	l, m = atLeast(1.0)
+	l, m = atLeast(0.8)
 	add("restore to raw: rate vs nbdcopy writing a file", "nbdmover-restore-raw", "nbdcopy-to-file", rateRatio, l, m)
 	l, m = atMost(1.2)
 	add("full backup to MinIO through a 50 ms, 1 Gbit/s link vs direct", "nbdmover-full-minio-wan", "nbdmover-full-minio", timeRatio, l, m)
