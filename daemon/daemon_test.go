@@ -38,8 +38,12 @@ type testDaemon struct {
 	stop   func() // stops it (once), as SIGTERM would
 }
 
+// unixClient is a client of the daemon's socket. Its timeout only stops
+// a hung test: a first file-level request launches a libguestfs
+// appliance, which a fresh machine builds first and may run under TCG
+// (35 s seen: a slow machine must not fail a test).
 func unixClient(sock string) *http.Client {
-	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+	return &http.Client{Timeout: 3 * time.Minute, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
 		}}}

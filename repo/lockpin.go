@@ -51,6 +51,20 @@ func pinDir(repoID string, create bool) (*os.File, error) {
 	if _, err := hex.DecodeString(repoID); err != nil {
 		return nil, fmt.Errorf("repository id %q", repoID)
 	}
+	if create {
+		// The state directory above is shared with the backups' scratch
+		// and run directories, which QEMU (another user) must traverse:
+		// made 0711 as they make it, never 0700 with the records.
+		root := filepath.Dir(PinDir)
+		d, err := safedir.Open(root, safedir.Options{Chain: true})
+		if err != nil { // missing (or not ours: refused again below)
+			if d, err = safedir.Open(root, safedir.Options{Create: true, Perm: 0o711, Chain: true}); err != nil {
+				return nil, err
+			}
+			d.Chmod(0o711) // whatever the umask
+		}
+		d.Close()
+	}
 	return safedir.Open(filepath.Join(PinDir, repoID), safedir.Options{Create: create, Perm: 0o700, Chain: true})
 }
 
