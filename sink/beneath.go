@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -30,11 +31,18 @@ var noOpenat2 atomic.Bool
 const resolveFlags = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS
 
 // openRoot opens the store's root directory (O_PATH); with create, it is
-// made (0700) when missing.
+// made (0700) when missing, and its missing parents 0711: a parent such as
+// /var/lib/nbdmover also holds the backups' scratch directories, which
+// QEMU (another user) must traverse.
 func (l *Local) openRoot(create bool) (int, error) {
 	fd, err := unix.Open(l.root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) && create {
-		if err = os.MkdirAll(l.root, 0o700); err == nil {
+		if err = os.MkdirAll(filepath.Dir(l.root), 0o711); err == nil {
+			if err = os.Mkdir(l.root, 0o700); errors.Is(err, os.ErrExist) {
+				err = nil // made meanwhile
+			}
+		}
+		if err == nil {
 			fd, err = unix.Open(l.root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		}
 	}

@@ -526,3 +526,26 @@ func TestS3ChunkedAnswers(t *testing.T) {
 		t.Fatalf("a missing object through the proxy: %v", err)
 	}
 }
+
+// A local store made where its parents do not exist makes them 0711 and
+// itself 0700: a parent such as /var/lib/nbdmover (the default
+// repository's) also holds the backups' scratch directories, which QEMU
+// must traverse; made 0700, every backup of a domain failed opening its
+// scratch image.
+func TestLocalParentModes(t *testing.T) {
+	base := t.TempDir()
+	root := filepath.Join(base, "state", "repo")
+	s, err := sink.NewLocal(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(t.Context(), "config", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	for dir, want := range map[string]os.FileMode{filepath.Join(base, "state"): 0o711, root: 0o700} {
+		st, err := os.Stat(dir)
+		if err != nil || st.Mode().Perm() != want {
+			t.Errorf("%s: %v, want %v (%v)", dir, st.Mode().Perm(), want, err)
+		}
+	}
+}
