@@ -42,7 +42,7 @@ func patchedChunks(t *testing.T, ro repo.Options) {
 		t.Helper()
 		srv := qemutest.Serve(t, img, "-r", "-B", "b0")
 		defer srv.Kill()
-		res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "patch-vm", Bitmap: "b0", Disk: "vda"}),
+		res, err := mover.Backup(t.Context(), nbd.New(nbd.Options{URI: srv.URI, Name: "offline-vm", Bitmap: "b0", Disk: "vda"}),
 			mover.Options{Repo: ro, Init: true, Mode: mode, ChunkSize: chunk, RunDir: t.TempDir(), Log: testLog(t)})
 		if err != nil {
 			t.Fatal(err)
@@ -58,7 +58,7 @@ func patchedChunks(t *testing.T, ro repo.Options) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		m, err := r.Backup(t.Context(), "patch-vm", id)
+		m, err := r.Backup(t.Context(), "offline-vm", id)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -129,7 +129,7 @@ func patchedChunks(t *testing.T, ro repo.Options) {
 	if !ix3.Base(24).IsZeroChunk() || ix3.Base(19).IsZeroChunk() {
 		t.Fatalf("grown disk: chunk 24 base %v, chunk 19 base %v", ix3.Base(24), ix3.Base(19))
 	}
-	checkPatchRestores(t, ro, points, len(points))
+	checkRestoresOf(t, ro, points, len(points))
 
 	// A corrupt patch: verify finds it and names the backups that need
 	// it; the next backup stores the chunk whole, and they restore.
@@ -155,7 +155,7 @@ func patchedChunks(t *testing.T, ro repo.Options) {
 		t.Fatalf("verify of a corrupt patch: %+v", problems)
 	}
 	out := filepath.Join(t.TempDir(), "vda.raw")
-	if _, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "patch-vm", Backup: inc3.ID, Disk: "vda", Output: out}); err == nil ||
+	if _, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "offline-vm", Backup: inc3.ID, Disk: "vda", Output: out}); err == nil ||
 		!strings.Contains(err.Error(), bad) {
 		t.Fatalf("restore with a corrupt patch: %v", err)
 	}
@@ -164,12 +164,12 @@ func patchedChunks(t *testing.T, ro repo.Options) {
 	if inc4.Healed != 1 || !index(inc4.ID).Base(2).IsZeroChunk() {
 		t.Fatalf("the next backup healed %d chunks", inc4.Healed)
 	}
-	checkPatchRestores(t, ro, points, len(points))
+	checkRestoresOf(t, ro, points, len(points))
 
 	// Forget the full and the first incremental, whose chunks are the
 	// bases, and gc: the bases stay, every later backup restores.
 	keep := 3
-	if res, err := r.Forget(t.Context(), "patch-vm", repo.Policy{KeepLast: &keep}, false); err != nil || res[0].Forgotten != 2 {
+	if res, err := r.Forget(t.Context(), "offline-vm", repo.Policy{KeepLast: &keep}, false); err != nil || res[0].Forgotten != 2 {
 		t.Fatalf("forget: %+v %v", res, err)
 	}
 	time.Sleep(1100 * time.Millisecond) // S3's Last-Modified has whole seconds
@@ -177,25 +177,7 @@ func patchedChunks(t *testing.T, ro repo.Options) {
 	if err != nil || g.Chunks.Deleted == 0 {
 		t.Fatalf("gc: %+v %v", g, err)
 	}
-	checkPatchRestores(t, ro, points[2:], 3)
-}
-
-// checkPatchRestores restores every point (raw) and verifies the
-// repository reading every chunk and patch.
-func checkPatchRestores(t *testing.T, ro repo.Options, points []point, backups int) {
-	t.Helper()
-	for _, p := range points {
-		out := filepath.Join(t.TempDir(), "vda.raw")
-		if _, _, err := restore.Restore(t.Context(), restore.Options{Repo: ro, Domain: "patch-vm", Backup: p.id, Disk: "vda", Output: out}); err != nil {
-			t.Fatalf("restore %s: %v", p.id, err)
-		}
-		qemutest.Compare(t, p.ref, "raw", out, "raw")
-	}
-	var problems []repo.Problem
-	stats, err := verify(t, ro, repo.VerifyOptions{ReadData: true}, func(p repo.Problem) { problems = append(problems, p) })
-	if err != nil || len(problems) > 0 || stats.Backups != backups {
-		t.Fatalf("verify: %v %+v %+v", err, problems, stats)
-	}
+	checkRestoresOf(t, ro, points[2:], 3)
 }
 
 func TestPatchedChunksLocal(t *testing.T) {
@@ -208,16 +190,7 @@ func TestPatchedChunksS3(t *testing.T) {
 }
 
 func TestPatchedChunksEncrypted(t *testing.T) {
-	o := repo.Options{Location: filepath.Join(t.TempDir(), "repo")}
-	keys, err := repo.PasswordKeys([]byte("patch password"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	o.Keys = keys
-	if _, err := o.Init(t.Context(), repo.InitOptions{ChunkSize: 1 << 20}); err != nil {
-		t.Fatal(err)
-	}
-	patchedChunks(t, o)
+	patchedChunks(t, encryptedRepo(t, repo.Options{Location: filepath.Join(t.TempDir(), "repo")})) // 1 MiB chunks
 }
 
 // A repository of config version 2 (made before patches) is written as
@@ -244,7 +217,7 @@ func TestNoPatchesInFormat2(t *testing.T) {
 		if k > 0 {
 			qemutest.IO(t, img, "write -s "+backuptest.RandomFile(t, 4096, 4)+" 3M 4k")
 		}
-		res, err := backuptest.ExportBackup(t, ro, img, "patch-vm", "auto", "")
+		res, err := backuptest.ExportBackup(t, ro, img, "offline-vm", "auto", "")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -261,7 +234,7 @@ func TestNoPatchesInFormat2(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	checkPatchRestores(t, ro, points, 2)
+	checkRestoresOf(t, ro, points, 2)
 }
 
 // Copies and patches: a copy stores a patched chunk whole in its target,
@@ -277,7 +250,7 @@ func TestPatchedChunksCopy(t *testing.T) {
 	var points []point
 	take := func(ro repo.Options) *mover.BackupResult {
 		t.Helper()
-		res, err := backuptest.ExportBackup(t, ro, img, "patch-vm", "auto", "")
+		res, err := backuptest.ExportBackup(t, ro, img, "offline-vm", "auto", "")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -313,6 +286,6 @@ func TestPatchedChunksCopy(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, ro := range []repo.Options{y, z} {
-		checkPatchRestores(t, ro, points, 3)
+		checkRestoresOf(t, ro, points, 3)
 	}
 }

@@ -476,10 +476,7 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 	w := bufio.NewWriterSize(f, 1<<20)
 	var rec [candRecord]byte
 	for kind, prefix := range candPrefix {
-		count := &g.res.Chunks
-		if byte(kind) != candChunk && byte(kind) != candPatch {
-			count = &g.res.Metadata
-		}
+		count := g.count(byte(kind))
 		err := g.r.store.List(ctx, prefix, func(o sink.ObjectInfo) error {
 			g.listed.Add(1)
 			k, d, base, ok := parseObjectKey(o.Key)
@@ -517,6 +514,15 @@ func (g *gc) candidates(ctx context.Context) (*os.File, error) {
 		return fail(err)
 	}
 	return f, nil
+}
+
+// count is the result's count of objects of kind: chunks (and patches),
+// or metadata.
+func (g *gc) count(kind byte) *GCCount {
+	if kind == candChunk || kind == candPatch {
+		return &g.res.Chunks
+	}
+	return &g.res.Metadata
 }
 
 func (g *gc) backups() int {
@@ -590,10 +596,7 @@ func (g *gc) sweep(ctx context.Context, spill *os.File, held *lock.Lock) error {
 		copy(base[:], rec[33:65])
 		size := int64(binary.LittleEndian.Uint64(rec[65:]))
 		key := objectKey(kind, d, base)
-		count := &g.res.Chunks
-		if kind != candChunk && kind != candPatch {
-			count = &g.res.Metadata
-		}
+		count := g.count(kind)
 		if g.referenced(kind, key, d, base) { // by a backup committed meanwhile
 			if c := g.o.Counter; c != nil {
 				c.Done.Add(size)

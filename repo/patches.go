@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/nbdmover/nbdmover/chunker"
 )
@@ -28,20 +29,13 @@ func PatchKey(d, base chunker.Digest) string {
 
 // parsePatchKey returns the digests a well-formed patch key names.
 func parsePatchKey(key string) (d, base chunker.Digest, ok bool) {
-	const prefix = "patches/"
-	if len(key) != len(prefix)+3+64+1+64 || key[:len(prefix)] != prefix || key[len(prefix)+2] != '/' ||
-		key[len(prefix):len(prefix)+2] != key[len(prefix)+3:len(prefix)+5] || key[len(prefix)+3+64] != '.' {
+	head, tail, found := strings.Cut(key, ".")
+	if !found || !isObjectKey("patches/", head) {
 		return d, base, false
 	}
-	d, err := chunker.ParseDigest(key[len(prefix)+3 : len(prefix)+3+64])
-	if err != nil {
-		return d, base, false
-	}
-	base, err = chunker.ParseDigest(key[len(prefix)+3+65:])
-	if err != nil || d.String() != key[len(prefix)+3:len(prefix)+3+64] || base.String() != key[len(prefix)+3+65:] {
-		return d, base, false
-	}
-	return d, base, true
+	d, _ = chunker.ParseDigest(head[len(head)-64:])
+	base, err := chunker.ParseDigest(tail)
+	return d, base, err == nil && PatchKey(d, base) == key // the one spelling PatchKey writes
 }
 
 // EncodePatch appends to dst[:0] the blob of a patch (chunker.EncodePatch's

@@ -397,12 +397,8 @@ func (v *verify) listedChunks(ctx context.Context) ([]chunker.Digest, []int64, [
 // is damaged (a base found damaged so is noted as that chunk). A
 // corrupt patch is not quarantined: a backup stores its chunk whole.
 func (v *verify) readPatches(ctx context.Context, patches []patchRef) error {
-	parallel := v.o.Parallel
-	if parallel <= 0 {
-		parallel = 16
-	}
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(parallel)
+	g.SetLimit(v.parallel())
 	for _, p := range patches {
 		g.Go(func() error {
 			_, blob, err := v.r.getPatched(gctx, p.d, p.base, nil, nil)
@@ -420,22 +416,11 @@ func (v *verify) readPatches(ctx context.Context, patches []patchRef) error {
 				v.stats.Verified++
 				v.patchOK[p] = true
 			case errors.As(err, &ce) && ce.Key == ChunkKey(p.base):
-				if v.chunks[p.base] == nil && errors.Is(err, sink.ErrNotFound) {
-					v.chunks[p.base] = &damage{problem: "missing"} // deleted since the listing
-					v.stats.Missing++
-				} else if v.chunks[p.base] == nil {
-					v.chunks[p.base] = &damage{problem: ce.Err.Error()}
-					v.stats.Corrupt++
+				if v.chunks[p.base] == nil {
+					v.chunks[p.base] = v.damageOf(ce)
 				}
-			case errors.Is(err, sink.ErrNotFound):
-				v.patches[p] = &damage{problem: "missing"} // deleted since the listing
-				v.stats.Missing++
-			default:
-				if errors.As(err, &ce) {
-					err = ce.Err
-				}
-				v.patches[p] = &damage{problem: err.Error()}
-				v.stats.Corrupt++
+			case errors.As(err, &ce):
+				v.patches[p] = v.damageOf(ce)
 			}
 			return nil
 		})
@@ -463,13 +448,9 @@ func (v *verify) toRead(present []chunker.Digest, sizes []int64, sample *sampleS
 // readChunks fetches, decodes and re-hashes the chunks, Parallel at once,
 // notes each one that is damaged, and keeps the bytes of a corrupt one.
 func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error {
-	parallel := v.o.Parallel
-	if parallel <= 0 {
-		parallel = 16
-	}
 	var next atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
-	for range parallel {
+	for range v.parallel() {
 		g.Go(func() error {
 			var plain, blob, raw []byte
 			for {
@@ -539,6 +520,25 @@ func (v *verify) readChunks(ctx context.Context, chunks []chunker.Digest) error 
 		})
 	}
 	return g.Wait()
+}
+
+// parallel is how many objects verify reads at once.
+func (v *verify) parallel() int {
+	if v.o.Parallel <= 0 {
+		return 16
+	}
+	return v.o.Parallel
+}
+
+// damageOf is the damage a read found (missing: deleted since the
+// listing), counted; v.mu is held.
+func (v *verify) damageOf(ce *ChunkError) *damage {
+	if errors.Is(ce.Err, sink.ErrNotFound) {
+		v.stats.Missing++
+		return &damage{problem: "missing"}
+	}
+	v.stats.Corrupt++
+	return &damage{problem: ce.Err.Error()}
 }
 
 // record finds every backup of the selection that references a damaged
